@@ -1,0 +1,1 @@
+"""Window-store drivers, found by URL scheme through the `tokenguard.drivers` entry points."""

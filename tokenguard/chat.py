@@ -1,0 +1,211 @@
+"""Chat-completion requests: strict JSON parsing and validation into a :class:`ChatRequest`.
+
+Everything here runs before the limiter: a body that fails any check is refused with a
+400 naming the field (``param``) and consumes no quota. The JSON reader is stricter than
+Python's default, because a lenient reader is a quota bypass: duplicate keys (we and the
+upstream could read different ``max_tokens``), ``NaN``/``Infinity``, lone surrogates and
+absurd nesting are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+from tokenguard.errors import APIError, invalid
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+MAX_TOKENS_CEILING = 2**31 - 1
+MAX_N = 128  # OpenAI's own cap on `n`
+
+
+@attrs.frozen
+class ChatRequest:
+    """A validated chat-completion request; ``body`` is the parsed JSON, untouched."""
+
+    body: dict[str, Any]
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: int | None  # per choice; None when the request names no limit
+    n: int
+    stream: bool
+    include_usage: bool
+    tools: list[dict[str, Any]] | None
+    functions: list[dict[str, Any]] | None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise invalid(f"duplicate key {key!r} in the JSON body", param=key)
+        obj[key] = value
+    return obj
+
+
+def _no_constants(name: str) -> Any:
+    raise invalid(f"{name} is not valid JSON: numbers must be finite")
+
+
+def parse_json(data: bytes) -> Any:
+    """Parse a request body as strict JSON; raise a 400 :class:`APIError` otherwise."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise invalid(f"the request body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except json.JSONDecodeError as exc:
+        raise invalid(
+            f"We could not parse the JSON body of your request: {exc.msg} at line "
+            f"{exc.lineno} column {exc.colno}."
+        ) from None
+    except RecursionError:
+        raise invalid("the JSON body is nested too deeply") from None
+
+
+def _check_text(value: str, param: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(f"{param} contains a lone surrogate (invalid Unicode)", param) from None
+
+
+def _positive_int(body: dict[str, Any], name: str, ceiling: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"{name} must be an integer, got {json.dumps(value)}", name)
+    if value < 1:
+        raise invalid(f"{name} must be at least 1, got {value}", name)
+    if value > ceiling:
+        raise invalid(f"{name} must be at most {ceiling}, got {value}", name)
+    return value
+
+
+def _check_content(content: Any, param: str, *, required: bool) -> None:
+    if content is None:
+        if required:
+            raise invalid(f"{param} is required", param)
+        return
+    if isinstance(content, str):
+        _check_text(content, param)
+        return
+    if not isinstance(content, list):
+        raise invalid(f"{param} must be a string or an array of content parts", param)
+    for j, part in enumerate(content):
+        where = f"{param}[{j}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise invalid(f"{where} must be an object with a string `type`", where)
+        if part["type"] == "text":
+            if not isinstance(part.get("text"), str):
+                raise invalid(f"{where}.text must be a string", f"{where}.text")
+            _check_text(part["text"], f"{where}.text")
+
+
+def _check_message(i: int, message: Any) -> None:
+    param = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise invalid(f"{param} must be an object", param)
+    role = message.get("role")
+    if not isinstance(role, str):
+        raise invalid(f"{param}.role is required and must be a string", f"{param}.role")
+    if role not in ROLES:
+        raise invalid(
+            f"{param}.role must be one of {', '.join(sorted(ROLES))}; got {role!r}",
+            f"{param}.role",
+        )
+    name = message.get("name")
+    if name is not None:
+        if not isinstance(name, str):
+            raise invalid(f"{param}.name must be a string", f"{param}.name")
+        _check_text(name, f"{param}.name")
+    # Only an assistant turn may have no content (it made tool or function calls).
+    _check_content(message.get("content"), f"{param}.content", required=role != "assistant")
+    tool_calls = message.get("tool_calls")
+    if tool_calls is not None and not isinstance(tool_calls, list):
+        raise invalid(f"{param}.tool_calls must be an array", f"{param}.tool_calls")
+    for j, call in enumerate(tool_calls or []):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            where = f"{param}.tool_calls[{j}]"
+            raise invalid(f"{where}.function.name must be a string", where)
+        if not isinstance(fn.get("arguments", ""), str):
+            where = f"{param}.tool_calls[{j}].function.arguments"
+            raise invalid(f"{where} must be a string", where)
+
+
+def _check_tools(body: dict[str, Any], name: str) -> list[dict[str, Any]] | None:
+    tools = body.get(name)
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise invalid(f"{name} must be an array", name)
+    for j, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise invalid(f"{name}[{j}] must be an object", f"{name}[{j}]")
+        fn = tool.get("function", tool) if name == "tools" else tool
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise invalid(f"{name}[{j}] needs a function name", f"{name}[{j}]")
+        _check_text(json.dumps(fn, ensure_ascii=False), f"{name}[{j}]")
+    return tools
+
+
+def validate_chat(body: Any) -> ChatRequest:
+    """Check a parsed body against the chat-completions schema (the parts we rely on)."""
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    model = body.get("model")
+    if model is None:
+        raise invalid("you must provide a model parameter", "model")
+    if not isinstance(model, str) or not model.strip():
+        raise invalid("model must be a non-empty string", "model")
+    _check_text(model, "model")
+    messages = body.get("messages")
+    if messages is None:
+        raise invalid("messages is required", "messages")
+    if not isinstance(messages, list):
+        raise invalid("messages must be an array of message objects", "messages")
+    if not messages:
+        raise invalid("messages must contain at least one message", "messages")
+    for i, message in enumerate(messages):
+        _check_message(i, message)
+    max_tokens = _positive_int(body, "max_tokens", MAX_TOKENS_CEILING)
+    max_completion = _positive_int(body, "max_completion_tokens", MAX_TOKENS_CEILING)
+    # Both given: reserve the larger, since the upstream may honour either one.
+    named = [v for v in (max_tokens, max_completion) if v is not None]
+    n = _positive_int(body, "n", MAX_N) or 1
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise invalid("stream must be a boolean", "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise invalid("stream_options is only allowed when stream is true", "stream_options")
+        if not isinstance(options, dict):
+            raise invalid("stream_options must be an object", "stream_options")
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise invalid(
+                "stream_options.include_usage must be a boolean", "stream_options.include_usage"
+            )
+    return ChatRequest(
+        body=body,
+        model=model,
+        messages=messages,
+        max_tokens=max(named) if named else None,
+        n=n,
+        stream=stream,
+        include_usage=include_usage,
+        tools=_check_tools(body, "tools"),
+        functions=_check_tools(body, "functions"),
+    )
+
+
+__all__ = ["APIError", "ChatRequest", "parse_json", "validate_chat"]

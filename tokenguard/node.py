@@ -1,0 +1,80 @@
+"""One node: the app, its window store and hypercorn's trio worker, in one trio run.
+
+:func:`serve_node` is a long-running entry point in trio's style: it calls
+``task_status.started(url)`` only once the socket is bound (so ``nursery.start``
+returns the URL, with the real port when asked for port 0) and stops gracefully when
+``shutdown`` is set: no new connections, in-flight requests (streams included) finish
+within ``grace`` seconds, then the rest are cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from tokenguard.app import create_app
+from tokenguard.settings import Settings
+from tokenguard.windows import open_store
+
+log = logging.getLogger("tokenguard.node")
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready socket bound with SO_REUSEPORT, so several nodes share one port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def hypercorn_config(host: str, port: int, *, grace: float, reuse_port: bool = False) -> Config:
+    config = Config()
+    if reuse_port:
+        # hypercorn has no SO_REUSEPORT option, but serves a socket we bound ourselves.
+        config.bind = [f"fd://{reuse_port_socket(host, port).detach()}"]
+    else:
+        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.graceful_timeout = grace
+    config.keep_alive_timeout = 75  # longer than typical client pools keep sockets idle
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+async def serve_node(
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    grace: float = 10.0,
+    reuse_port: bool = False,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve one node until cancelled or until ``shutdown`` is set (then drain and return)."""
+    if shutdown is None:
+        shutdown = trio.Event()
+    async with open_store(settings.store_url) as store:
+        app = create_app(settings, store)
+        config = hypercorn_config(host, port, grace=grace, reuse_port=reuse_port)
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(_serve, app, config, shutdown)
+            url = binds[0]
+            log.info("node %d listening on %s (store %s)", settings.node_id, url, store.url)
+            task_status.started(url)
+
+
+async def _serve(
+    app: object,
+    config: Config,
+    shutdown: trio.Event,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)  # type: ignore[arg-type]

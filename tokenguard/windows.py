@@ -1,0 +1,235 @@
+"""The window-store interface: sliding-window counters, admitted all-or-nothing.
+
+Every limit tokenguard enforces is a :class:`Row`: *scope* (whose counter, e.g. one
+API key), *dimension* (requests, input tokens, output tokens), a sliding window of
+``window`` seconds counted in buckets of ``bucket`` seconds, a ``limit`` and the
+``amount`` a request asks for. An admission is a list of rows that a store checks and
+consumes together, atomically: either every row fits and every amount is added, or
+nothing is added at all. Richer limits (daily quotas, team scopes, per-model rules)
+are more rows of the same call, not a new interface.
+
+The guarantee every driver gives, for each row: within ANY interval of ``window``
+seconds, the amounts admitted never add up to more than ``limit``. An amount is
+remembered from the moment it is admitted until the end of the bucket ``n`` buckets
+later, where ``n = ceil(window / bucket)``; that is between ``window`` and
+``window + bucket``, never less. See :func:`bucket_count`.
+
+Times are the store's own clock, in milliseconds internally (the Redis driver uses the
+Redis server's ``TIME`` so that nodes with skewed clocks agree); the values returned
+here are seconds as floats.
+
+Drivers live outside the core, in the ``drivers`` package or any third-party
+distribution, and are found through the ``tokenguard.drivers`` entry-point group by
+the store URL's scheme (see :func:`store_from_url`). The core never imports a driver
+by name.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from importlib.metadata import entry_points
+from typing import Self
+from urllib.parse import urlsplit
+
+import attrs
+import trio
+
+ENTRY_POINT_GROUP = "tokenguard.drivers"
+
+
+class StoreError(Exception):
+    """The store could not answer (connection lost, timeout, server error).
+
+    Raised by drivers instead of their client library's own exceptions, so the app can
+    answer 503 rather than fail with a 500.
+    """
+
+
+class UnknownStoreScheme(ValueError):
+    """No installed driver handles the store URL's scheme."""
+
+
+@attrs.frozen
+class Row:
+    """One limit to check and consume within an admission.
+
+    ``limit`` is never ``None`` here: an unlimited dimension simply has no row.
+    ``window_ms`` and ``bucket_ms`` are whole milliseconds (settings speak seconds; tests
+    use sub-second windows against a real Redis clock); ``amount`` may be 0 (a row that
+    is checked but not consumed, e.g. to read it).
+    """
+
+    scope: str
+    dimension: str
+    window_ms: int
+    bucket_ms: int
+    limit: int
+    amount: int = 0
+
+    @property
+    def counter(self) -> str:
+        """A name unique to this counter: same scope, dimension and window share it."""
+        return f"{self.scope}:{self.dimension}:{self.window_ms}:{self.bucket_ms}"
+
+    @property
+    def span(self) -> int:
+        """Buckets before the current one that the row sums over: see :func:`bucket_count`."""
+        return bucket_count(self.window_ms, self.bucket_ms)
+
+
+@attrs.frozen
+class RowState:
+    """What one row looks like after an admission (or in a usage snapshot).
+
+    ``used`` counts the amount just admitted when the admission succeeded.
+    ``reset_after`` is the number of seconds until ``used`` falls back to 0 if no
+    other traffic comes. ``retry_after`` is set only for a row that did not fit: the
+    seconds until its amount would fit if no other traffic came, or ``None`` when it can
+    never fit because the amount exceeds the limit itself.
+    """
+
+    row: Row
+    used: int
+    reset_after: float
+    fits: bool = True
+    retry_after: float | None = None
+
+    @property
+    def limit(self) -> int:
+        return self.row.limit
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.row.limit - self.used)
+
+    @property
+    def never_fits(self) -> bool:
+        return not self.fits and self.retry_after is None
+
+
+@attrs.frozen
+class Reservation:
+    """Where an admission put its amounts: one absolute bucket index per row.
+
+    Settlement adds a delta to exactly these buckets, so a refund lands in the bucket
+    that was charged and leaves the window when that bucket does.
+    """
+
+    partition: str
+    rows: tuple[Row, ...]
+    buckets: tuple[int, ...]
+
+
+@attrs.frozen
+class Admission:
+    """The outcome of :meth:`WindowStore.admit`.
+
+    ``states`` has one entry per requested row, in order. ``reservation`` is set if and
+    only if ``admitted``.
+    """
+
+    admitted: bool
+    states: tuple[RowState, ...]
+    reservation: Reservation | None = None
+
+    @property
+    def refusing(self) -> tuple[RowState, ...]:
+        return tuple(s for s in self.states if not s.fits)
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds until every row would fit, or ``None`` if some row never can.
+
+        Each row's own wait only shrinks as time passes, so the request fits once the
+        longest of them has passed. 0.0 for an admitted request.
+        """
+        waits = [s.retry_after for s in self.refusing]
+        if any(w is None for w in waits):
+            return None
+        return max(waits, default=0.0)
+
+
+def bucket_count(window_ms: int, bucket_ms: int) -> int:
+    """How many buckets before the current one a row sums over (``ceil(window/bucket)``).
+
+    With the current bucket ``c`` (``now_ms // bucket_ms``), usage is the sum of buckets
+    ``c-n .. c``. An amount admitted in bucket ``c-n`` at time ``s`` is forgotten only
+    once the clock enters bucket ``c+1``, at least ``n * bucket_ms >= window_ms`` after
+    ``s``; and at most ``window_ms + bucket_ms`` after it.
+    """
+    return -(-window_ms // bucket_ms)
+
+
+class WindowStore(abc.ABC):
+    """Sliding-window counters shared by every node that uses the same store.
+
+    Every method is safe to call from many trio tasks at once. Drivers raise
+    :class:`StoreError` when the backing service fails; they never consume anything
+    when they raise before the admission was applied.
+
+    Lifecycle: a store is used inside :meth:`run` (or :func:`open_store`), which sets up
+    connections and background tasks and calls ``task_status.started()`` once ready.
+    """
+
+    url: str
+
+    @classmethod
+    @abc.abstractmethod
+    def from_url(cls, url: str) -> Self:
+        """Build a store from its URL; raise ``ValueError`` naming what is wrong."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the store until cancelled. The default needs no background work."""
+        task_status.started()
+        await trio.sleep_forever()
+
+    @abc.abstractmethod
+    async def admit(self, partition: str, rows: Sequence[Row]) -> Admission:
+        """Check every row and, only if all fit, add every amount; atomically.
+
+        ``partition`` groups counters that must live together (the Redis driver uses it
+        as the hash tag, so one admission touches one cluster slot): all rows of an
+        admission are stored under it.
+        """
+
+    @abc.abstractmethod
+    async def settle(self, reservation: Reservation, deltas: Sequence[int]) -> None:
+        """Add ``deltas[i]`` (possibly negative) to the bucket where row *i* was reserved.
+
+        A bucket that has already left its window is not touched; a count never goes
+        below zero.
+        """
+
+    @abc.abstractmethod
+    async def usage(self, partition: str, rows: Sequence[Row]) -> tuple[RowState, ...]:
+        """Read the rows' current state without consuming anything (amounts ignored)."""
+
+
+def store_from_url(url: str) -> WindowStore:
+    """Find the driver registered for the URL's scheme and build a store from the URL.
+
+    Raises :class:`UnknownStoreScheme` naming the installed schemes when none matches,
+    and ``ValueError`` from the driver for a malformed URL.
+    """
+    scheme = urlsplit(url).scheme
+    drivers = entry_points(group=ENTRY_POINT_GROUP)
+    for ep in drivers:
+        if ep.name == scheme:
+            return ep.load().from_url(url)
+    known = ", ".join(sorted(f"{ep.name}://" for ep in drivers)) or "none installed"
+    raise UnknownStoreScheme(f"no window-store driver for {url!r}; known schemes: {known}")
+
+
+@asynccontextmanager
+async def open_store(store: WindowStore | str) -> AsyncIterator[WindowStore]:
+    """Run a store (or the store for a URL) for the duration of the ``async with``."""
+    if isinstance(store, str):
+        store = store_from_url(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        try:
+            yield store
+        finally:
+            nursery.cancel_scope.cancel()
