@@ -26,7 +26,7 @@ from tokenguard.windows import (
 
 
 class _Counter:
-    """The buckets of one row: absolute bucket index -> amount."""
+    """The buckets of one row: absolute bucket index -> amount (zeros are not kept)."""
 
     __slots__ = ("buckets", "bucket_ms", "span")
 
@@ -35,38 +35,40 @@ class _Counter:
         self.bucket_ms = row.bucket_ms
         self.span = row.span
 
-    def prune(self, oldest: int) -> None:
-        stale = [b for b in self.buckets if b < oldest]
-        for b in stale:
-            del self.buckets[b]
+    def current(self, now_ms: int) -> tuple[int, int]:
+        """Drop buckets that left the window; return (current bucket, amount in window)."""
+        current = now_ms // self.bucket_ms
+        oldest = current - self.span
+        buckets = self.buckets
+        if buckets and min(buckets) < oldest:
+            for b in [b for b in buckets if b < oldest]:
+                del buckets[b]
+        return current, sum(buckets.values())
 
+    def leaves_at(self, bucket: int) -> int:
+        """The time (ms) at which ``bucket`` leaves the window."""
+        return (bucket + self.span + 1) * self.bucket_ms
 
-def _state(row: Row, counter: _Counter, now_ms: int, amount: int) -> RowState:
-    """The row's state at ``now_ms`` if ``amount`` were asked; pure, consumes nothing."""
-    bucket_ms = row.bucket_ms
-    n = row.span
-    current = now_ms // bucket_ms
-    oldest = current - n
-    live = sorted((b, v) for b, v in counter.buckets.items() if b >= oldest and v > 0)
-    used = sum(v for _, v in live)
-    fits = used + amount <= row.limit
-    retry_ms: int | None = None
-    if not fits and amount <= row.limit:
-        # Bucket b leaves the window when the clock reaches (b + n + 1) * bucket_ms.
-        freed = 0
-        for b, v in live:
-            freed += v
-            if used - freed + amount <= row.limit:
-                retry_ms = (b + n + 1) * bucket_ms - now_ms
-                break
-    reset_ms = (live[-1][0] + n + 1) * bucket_ms - now_ms if live else 0
-    return RowState(
-        row=row,
-        used=used,
-        reset_after=reset_ms / 1000,
-        fits=fits,
-        retry_after=None if retry_ms is None else retry_ms / 1000,
-    )
+    def state(self, row: Row, now_ms: int, used: int, amount: int) -> RowState:
+        """The row's state given its ``used`` amount, if ``amount`` were asked."""
+        fits = used + amount <= row.limit
+        retry_ms: int | None = None
+        if not fits and amount <= row.limit:
+            # The oldest buckets leave first: wait until enough of them have gone.
+            freed = 0
+            for b in sorted(self.buckets):
+                freed += self.buckets[b]
+                if used - freed + amount <= row.limit:
+                    retry_ms = self.leaves_at(b) - now_ms
+                    break
+        reset_ms = self.leaves_at(max(self.buckets)) - now_ms if self.buckets else 0
+        return RowState(
+            row=row,
+            used=used,
+            reset_after=reset_ms / 1000,
+            fits=fits,
+            retry_after=None if retry_ms is None else retry_ms / 1000,
+        )
 
 
 class MemoryStore(WindowStore):
@@ -101,22 +103,22 @@ class MemoryStore(WindowStore):
     async def admit(self, partition: str, rows: Sequence[Row]) -> Admission:
         now_ms = self._now_ms()
         counters = [self._counter(partition, row) for row in rows]
-        states = [
-            _state(row, counter, now_ms, row.amount)
-            for row, counter in zip(rows, counters, strict=True)
-        ]
-        if not all(s.fits for s in states):
-            return Admission(admitted=False, states=tuple(states))
-        buckets = []
+        current = [counter.current(now_ms) for counter in counters]
+        pairs = zip(rows, current, strict=True)
+        if not all(used + row.amount <= row.limit for row, (_, used) in pairs):
+            states = tuple(
+                counter.state(row, now_ms, used, row.amount)
+                for row, counter, (_, used) in zip(rows, counters, current, strict=True)
+            )
+            return Admission(admitted=False, states=states)
         after = []
-        for row, counter in zip(rows, counters, strict=True):
-            current = now_ms // row.bucket_ms
-            counter.prune(current - row.span)
+        for row, counter, (bucket, used) in zip(rows, counters, current, strict=True):
             if row.amount:
-                counter.buckets[current] = counter.buckets.get(current, 0) + row.amount
-            buckets.append(current)
-            after.append(_state(row, counter, now_ms, 0))
-        reservation = Reservation(partition=partition, rows=tuple(rows), buckets=tuple(buckets))
+                counter.buckets[bucket] = counter.buckets.get(bucket, 0) + row.amount
+            after.append(counter.state(row, now_ms, used + row.amount, 0))
+        reservation = Reservation(
+            partition=partition, rows=tuple(rows), buckets=tuple(b for b, _ in current)
+        )
         return Admission(admitted=True, states=tuple(after), reservation=reservation)
 
     async def settle(self, reservation: Reservation, deltas: Sequence[int]) -> None:
@@ -124,18 +126,22 @@ class MemoryStore(WindowStore):
         for row, bucket, delta in zip(reservation.rows, reservation.buckets, deltas, strict=True):
             if not delta:
                 continue
-            oldest = now_ms // row.bucket_ms - row.span
-            if bucket < oldest:
-                continue  # that bucket already left the window: nothing to refund
             counter = self._counter(reservation.partition, row)
-            counter.buckets[bucket] = max(0, counter.buckets.get(bucket, 0) + delta)
+            if bucket < now_ms // row.bucket_ms - row.span:
+                continue  # that bucket already left the window: nothing to refund
+            value = max(0, counter.buckets.get(bucket, 0) + delta)
+            if value:
+                counter.buckets[bucket] = value
+            else:
+                counter.buckets.pop(bucket, None)
 
     async def usage(self, partition: str, rows: Sequence[Row]) -> tuple[RowState, ...]:
         now_ms = self._now_ms()
         states = []
         for row in rows:
             counter = self._counters.get((partition, row.counter)) or _Counter(row)
-            states.append(_state(row, counter, now_ms, 0))
+            _, used = counter.current(now_ms)
+            states.append(counter.state(row, now_ms, used, 0))
         return tuple(states)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -149,7 +155,7 @@ class MemoryStore(WindowStore):
         """Drop stale buckets and empty counters; return how many counters remain."""
         now_ms = self._now_ms()
         for key, counter in list(self._counters.items()):
-            counter.prune(now_ms // counter.bucket_ms - counter.span)
+            counter.current(now_ms)
             if not counter.buckets:
                 del self._counters[key]
         return len(self._counters)

@@ -1,0 +1,411 @@
+"""The HTTP surface through the app: every status, body and header a client relies on."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from drivers.memory import MemoryStore
+from tokenguard.app import create_app
+from tokenguard.mock import FIRST_WORD
+from tokenguard.settings import parse_settings
+from tokenguard.tokens import count_chat_prompt, count_text
+
+CONFIG = {
+    "server": {"max_body_bytes": 4096},
+    "tiers": {"small": {"rpm": 3, "input_tpm": 200, "output_tpm": 100, "default_max_tokens": 20}},
+    "keys": [
+        {"key": "sk-small", "name": "small", "tier": "small"},
+        {"key": "sk-big", "name": "big", "rpm": 1000, "input_tpm": 100000, "output_tpm": 100000},
+        {"key": "sk-open", "name": "open"},
+    ],
+}
+MESSAGES = [{"role": "user", "content": "Say hello to the rate limiter."}]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 2_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def app(clock: FakeClock):  # type: ignore[no-untyped-def]
+    settings = parse_settings(CONFIG, "<test>")
+    return create_app(settings, MemoryStore(clock=clock))
+
+
+@pytest.fixture
+def client(app):  # type: ignore[no-untyped-def]
+    return app.test_client()
+
+
+def auth(key: str = "sk-big") -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def chat(client, key: str = "sk-big", **body: Any):  # type: ignore[no-untyped-def]
+    payload = {"model": "gpt-4o", "messages": MESSAGES, **body}
+    return await client.post("/v1/chat/completions", json=payload, headers=auth(key))
+
+
+async def used(client, key: str) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    response = await client.get("/v1/usage", headers=auth(key))
+    assert response.status_code == 200
+    return (await response.get_json())["dimensions"]
+
+
+async def test_chat_completion_shape_and_usage(client) -> None:  # type: ignore[no-untyped-def]
+    response = await chat(client, max_tokens=30)
+    assert response.status_code == 200
+    body = await response.get_json()
+    assert body["object"] == "chat.completion"
+    assert body["model"] == "gpt-4o"
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"].startswith(FIRST_WORD)
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == count_chat_prompt("gpt-4o", MESSAGES)
+    assert usage["completion_tokens"] == count_text("gpt-4o", choice["message"]["content"])
+    assert usage["completion_tokens"] <= 30
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+async def test_reply_bounded_by_max_tokens_and_settled(client) -> None:  # type: ignore[no-untyped-def]
+    response = await chat(client, max_tokens=3, n=2)
+    body = await response.get_json()
+    assert [c["finish_reason"] for c in body["choices"]] == ["length", "length"]
+    assert body["usage"]["completion_tokens"] == 6
+    dims = await used(client, "sk-big")
+    # Reserved 3 x 2, settled to the 6 produced; input counted exactly.
+    assert dims["output_tokens"]["used"] == 6
+    assert dims["input_tokens"]["used"] == body["usage"]["prompt_tokens"]
+    assert dims["requests"]["used"] == 1
+
+
+async def test_ratelimit_headers_on_success(client) -> None:  # type: ignore[no-untyped-def]
+    response = await chat(client, "sk-small", max_tokens=10)
+    assert response.status_code == 200
+    h = response.headers
+    assert h["x-ratelimit-limit-requests"] == "3"
+    assert h["x-ratelimit-remaining-requests"] == "2"
+    assert h["x-ratelimit-limit-input-tokens"] == "200"
+    prompt = count_chat_prompt("gpt-4o", MESSAGES)
+    assert h["x-ratelimit-remaining-input-tokens"] == str(200 - prompt)
+    assert h["x-ratelimit-limit-output-tokens"] == "100"
+    assert h["x-ratelimit-remaining-output-tokens"] == "90"  # the reservation, before settling
+    assert h["x-ratelimit-limit-tokens"] == "100"  # output (90%) is tighter than input
+    for name in ("requests", "tokens", "input-tokens", "output-tokens"):
+        assert h[f"x-ratelimit-reset-{name}"].endswith("s")
+
+
+async def test_rpm_exhausted_gives_openai_429(client, clock) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(3):
+        assert (await chat(client, "sk-small", max_tokens=1)).status_code == 200
+    clock.now += 7.5
+    response = await chat(client, "sk-small", max_tokens=1)
+    assert response.status_code == 429
+    body = await response.get_json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == "rate_limit_exceeded"
+    assert body["error"]["type"] == "requests"
+    message = body["error"]["message"]
+    assert "requests per min (RPM)" in message
+    assert "Limit 3, Used 3, Requested 1" in message
+    # Admitted at t = 0 (bucket 0, which leaves at 65 s): 57.5 s from now.
+    assert "try again in 57.5s" in message
+    assert response.headers["retry-after"] == "58"
+    assert response.headers["retry-after-ms"] == "57500"
+    assert response.headers["x-ratelimit-remaining-requests"] == "0"
+    clock.now += 57.5
+    assert (await chat(client, "sk-small", max_tokens=1)).status_code == 200
+
+
+async def test_token_limit_429_names_dimension(client) -> None:  # type: ignore[no-untyped-def]
+    first = await chat(client, "sk-small", max_tokens=60)
+    assert first.status_code == 200
+    spent = (await first.get_json())["usage"]["completion_tokens"]
+    # Settled to what the reply used: exactly the rest of the 100 still fits, one more not.
+    response = await chat(client, "sk-small", max_tokens=100 - spent + 1)
+    assert response.status_code == 429
+    body = await response.get_json()
+    assert body["error"]["type"] == "tokens"
+    assert "output tokens per min (output TPM)" in body["error"]["message"]
+    assert f"Limit 100, Used {spent}, Requested {101 - spent}" in body["error"]["message"]
+    assert (await chat(client, "sk-small", max_tokens=100 - spent)).status_code == 200
+
+
+async def test_request_that_can_never_fit_says_so(client) -> None:  # type: ignore[no-untyped-def]
+    response = await chat(client, "sk-small", max_tokens=101)
+    assert response.status_code == 429
+    body = await response.get_json()
+    assert "can never fit" in body["error"]["message"]
+    assert "retry-after" not in response.headers
+    dims = await used(client, "sk-small")
+    assert dims["requests"]["used"] == 0
+
+
+async def test_default_reservation_when_no_max_tokens(client) -> None:  # type: ignore[no-untyped-def]
+    response = await chat(client, "sk-small")
+    assert response.status_code == 200
+    # The tier's default_max_tokens (20) was reserved and bounds the reply.
+    assert response.headers["x-ratelimit-remaining-output-tokens"] == "80"
+    body = await response.get_json()
+    assert body["usage"]["completion_tokens"] <= 20
+
+
+async def test_unlimited_key_has_no_limit_headers(client) -> None:  # type: ignore[no-untyped-def]
+    response = await chat(client, "sk-open")
+    assert response.status_code == 200
+    assert not [h for h in response.headers.keys() if h.lower().startswith("x-ratelimit")]
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({}, "You didn't provide an API key"),
+        ({"Authorization": ""}, "You didn't provide an API key"),
+        ({"Authorization": "sk-big"}, "Malformed Authorization header"),
+        ({"Authorization": "Basic c2stYmln"}, "Malformed Authorization header"),
+        ({"Authorization": "Bearer "}, "Malformed Authorization header"),
+        ({"Authorization": "Bearer sk-nope"}, "Incorrect API key provided"),
+    ],
+)
+async def test_bad_credentials_are_401(client, headers, message) -> None:  # type: ignore[no-untyped-def]
+    response = await client.post(
+        "/v1/chat/completions", json={"model": "gpt-4o", "messages": MESSAGES}, headers=headers
+    )
+    assert response.status_code == 401
+    body = await response.get_json()
+    assert body["error"]["code"] == "invalid_api_key"
+    assert message in body["error"]["message"]
+    assert not [h for h in response.headers.keys() if h.lower().startswith("x-ratelimit")]
+
+
+async def test_bearer_scheme_is_case_insensitive(client) -> None:  # type: ignore[no-untyped-def]
+    response = await client.post(
+        "/v1/chat/completions",
+        json={"model": "gpt-4o", "messages": MESSAGES},
+        headers={"Authorization": "bearer sk-big"},
+    )
+    assert response.status_code == 200
+
+
+BAD_BODIES = [
+    (b"{not json", None, "could not parse the JSON body"),
+    (b'{"model": "gpt-4o", "messages": []} trailing', None, "could not parse"),
+    (b"[1, 2]", None, "must be a JSON object"),
+    (
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "n": NaN}',
+        None,
+        "numbers must be finite",
+    ),
+    (
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], '
+        b'"max_tokens": 1, "max_tokens": 1000}',
+        "max_tokens",
+        "duplicate key",
+    ),
+    (b'{"messages": [{"role": "user", "content": "x"}]}', "model", "model"),
+    (b'{"model": 5, "messages": [{"role": "user", "content": "x"}]}', "model", "model"),
+    (b'{"model": "gpt-4o"}', "messages", "messages is required"),
+    (b'{"model": "gpt-4o", "messages": []}', "messages", "at least one message"),
+    (b'{"model": "gpt-4o", "messages": "hi"}', "messages", "array"),
+    (
+        b'{"model": "gpt-4o", "messages": [{"role": "wizard", "content": "x"}]}',
+        "messages[0].role",
+        "role must be one of",
+    ),
+    (b'{"model": "gpt-4o", "messages": [{"content": "x"}]}', "messages[0].role", "role"),
+    (b'{"model": "gpt-4o", "messages": [{"role": "user"}]}', "messages[0].content", "required"),
+    (
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": 5}]}',
+        "messages[0].content",
+        "string or an array",
+    ),
+    (
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
+        "max_tokens",
+        "at least 1",
+    ),
+    (
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}',
+        "max_tokens",
+        "at least 1",
+    ),
+    (
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": "100"}',
+        "max_tokens",
+        "integer",
+    ),
+    (
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}',
+        "max_tokens",
+        "integer",
+    ),
+    (
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": true}',
+        "max_tokens",
+        "integer",
+    ),
+    (
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], '
+        b'"max_tokens": 4294967296}',
+        "max_tokens",
+        "at most",
+    ),
+    (
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "n": 100000}',
+        "n",
+        "at most",
+    ),
+    (
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}',
+        "stream",
+        "boolean",
+    ),
+    (
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], '
+        b'"stream_options": {"include_usage": true}}',
+        "stream_options",
+        "only allowed",
+    ),
+    (
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        "messages[0].content",
+        "surrogate",
+    ),
+    (
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+        None,
+        "not valid UTF-8",
+    ),
+    (b"[" * 100_000 + b"]" * 100_000, None, None),
+]
+
+
+@pytest.mark.parametrize(("data", "param", "message"), BAD_BODIES)
+async def test_bad_bodies_are_400_and_consume_nothing(  # type: ignore[no-untyped-def]
+    app, data, param, message
+) -> None:
+    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024  # the deep-nesting body is 200 kB
+    client = app.test_client()
+    response = await client.post(
+        "/v1/chat/completions",
+        data=data,
+        headers={**auth("sk-small"), "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400, await response.get_data()
+    body = await response.get_json()
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["param"] == param
+    if message:
+        assert message in body["error"]["message"]
+    # An authenticated error still carries the key's rate-limit headers.
+    assert response.headers["x-ratelimit-remaining-requests"] == "3"
+    dims = await used(client, "sk-small")
+    assert all(d["used"] == 0 for d in dims.values())
+
+
+async def test_oversized_body_is_413(client) -> None:  # type: ignore[no-untyped-def]
+    big = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 5000}]})
+    response = await client.post(
+        "/v1/chat/completions",
+        data=big.encode(),
+        headers={**auth("sk-small"), "Content-Type": "application/json"},
+    )
+    assert response.status_code == 413
+    body = await response.get_json()
+    assert body["error"]["code"] == "request_too_large"
+    assert "4096 bytes" in body["error"]["message"]
+    dims = await used(client, "sk-small")
+    assert dims["requests"]["used"] == 0
+
+
+async def test_unknown_path_and_wrong_method(client) -> None:  # type: ignore[no-untyped-def]
+    # `//v1/chat/completions` is checked over real HTTP in test_node_process.py: the test
+    # client reads `//v1` as a host.
+    for path in ("/v1/nope", "/v1/chat/completions/", "/v1/chat/completions/x"):
+        response = await client.post(path, json={}, headers=auth())
+        assert response.status_code == 404, path
+        body = await response.get_json()
+        assert body["error"]["code"] == "unknown_url"
+    response = await client.get("/v1/chat/completions", headers=auth())
+    assert response.status_code == 405
+    assert "error" in await response.get_json()
+    assert (await used(client, "sk-big"))["requests"]["used"] == 0
+
+
+async def test_models_and_healthz(client) -> None:  # type: ignore[no-untyped-def]
+    response = await client.get("/v1/models", headers=auth())
+    assert response.status_code == 200
+    body = await response.get_json()
+    assert body["object"] == "list"
+    assert "gpt-4o" in {m["id"] for m in body["data"]}
+    assert (await client.get("/v1/models")).status_code == 401
+    health = await client.get("/healthz")
+    assert health.status_code == 200
+    assert (await health.get_json())["status"] == "ok"
+
+
+async def test_usage_endpoint(client) -> None:  # type: ignore[no-untyped-def]
+    await chat(client, "sk-small", max_tokens=5)
+    response = await client.get("/v1/usage", headers=auth("sk-small"))
+    body = await response.get_json()
+    assert body["key"] == "small"
+    assert body["window_seconds"] == 60
+    assert body["dimensions"]["requests"] == {
+        "limit": 3,
+        "used": 1,
+        "remaining": 2,
+        "reset_seconds": 65.0,
+    }
+    assert response.headers["x-ratelimit-remaining-requests"] == "2"
+
+
+def sse_events(raw: bytes) -> list[Any]:
+    events = []
+    for block in raw.decode().split("\n\n"):
+        if not block.strip():
+            continue
+        assert block.startswith("data: ")
+        data = block[len("data: ") :]
+        events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+async def test_streaming_with_usage(client) -> None:  # type: ignore[no-untyped-def]
+    # quart-trio's test client buffers at most ~10 chunks before the body is read, so
+    # streams here stay short; long and interrupted streams are tested over real HTTP.
+    response = await chat(client, max_tokens=4, stream=True, stream_options={"include_usage": True})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(await response.get_data())
+    assert events[-1] == "[DONE]"
+    usage_event = events[-2]
+    assert usage_event["choices"] == []
+    text = "".join(
+        e["choices"][0]["delta"].get("content") or "" for e in events[:-2] if e["choices"]
+    )
+    assert usage_event["usage"]["completion_tokens"] == count_text("gpt-4o", text)
+    assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+    assert all("usage" in e for e in events[:-1])
+    dims = await used(client, "sk-big")
+    assert dims["output_tokens"]["used"] == usage_event["usage"]["completion_tokens"]
+
+
+async def test_streaming_without_usage_has_no_usage_field(client) -> None:  # type: ignore[no-untyped-def]
+    response = await chat(client, max_tokens=4, stream=True)
+    events = sse_events(await response.get_data())
+    assert events[-1] == "[DONE]"
+    assert all("usage" not in e for e in events[:-1])
+    assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
