@@ -1,0 +1,1 @@
+"""tokenguard's benchmarks: a load client with a built-in accuracy audit (``python -m bench``)."""

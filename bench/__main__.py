@@ -1,0 +1,40 @@
+"""``python -m bench``: the benchmark commands, one argparse subcommand each.
+
+``load`` (see :mod:`bench.load`) drives chat traffic at nodes and audits the result.
+A subcommand registers its arguments on its own subparser and sets ``run`` to a
+function taking the parsed namespace and returning the exit code, so adding one
+(``suite``, say) is one more ``add_parser`` block here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from bench import load
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="Benchmarks for tokenguard nodes."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    load_parser = commands.add_parser(
+        "load",
+        help="send chat-completion load to nodes, report throughput, latency and accuracy",
+        description="Send OpenAI-compatible chat load to tokenguard nodes; report "
+        "throughput, latency, statuses and an accuracy audit of the rate limits.",
+    )
+    load.add_arguments(load_parser)
+    load_parser.set_defaults(run=load.main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
