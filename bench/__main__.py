@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import load
+from bench import decisions, load
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_arguments(load_parser)
     load_parser.set_defaults(run=load.main)
+    decisions_parser = commands.add_parser(
+        "decisions",
+        help="store-only decisions per second, no HTTP",
+        description="Admissions per second straight through a window store, in one process.",
+    )
+    decisions.add_arguments(decisions_parser)
+    decisions_parser.set_defaults(run=decisions.main)
     return parser
 
 

@@ -1,0 +1,821 @@
+"""The Redis window store: counters shared by every node, checked by Lua on the server.
+
+Store URLs (see ``docs/redis.md``)::
+
+    redis://[[user]:password@]host[:port][/db][?timeout=0.5]
+    rediss://...                                   (TLS; ?ssl_ca_certs=, ?ssl_cert_reqs=)
+    unix://[[user]:password@]/path/to.sock[?db=0]
+    redis+sentinel://[[user]:password@]host[:port][,host2[:port2]]/service_name[/db]
+    redis+cluster://[[user]:password@]host[:port][,host2[:port2]]
+
+Guarantees:
+
+* Same semantics as :mod:`drivers.memory`, to the millisecond: admission, settlement and
+  usage are each ONE Lua script (``admit.lua``, ``settle.lua``, ``usage.lua``) run
+  atomically by Redis, on the Redis server's own clock (``TIME``), so nodes with skewed
+  clocks agree. An admission consumes every row or none.
+* Every key of a partition is ``tg:{<partition>}:<row.counter>``: one hash tag, so an
+  admission touches one slot and works unchanged on Redis Cluster. Partitions are key
+  ids, never API keys. Each key expires when its newest bucket leaves the window.
+* The trio event loop never blocks: redis-py's synchronous client runs in worker threads
+  (at most ``pipelines`` of them, a :class:`trio.CapacityLimiter`), and the calls that
+  arrive while round trips are in flight are coalesced into the next pipelines
+  (auto-pipelining): ``calls`` and ``round_trips`` count both. The driver packs the
+  ``EVALSHA`` commands itself and sends them on redis-py's pooled connections.
+* Scripts are loaded once and called by SHA; after ``NOSCRIPT`` (a restart, a failover,
+  ``SCRIPT FLUSH``) they are loaded again and the call retried, unseen by callers.
+* On Redis Cluster, a batch goes out as one pipeline per node that owns some of its
+  slots, all at once; redirected calls are resent through redis-py's cluster client.
+
+Raises:
+
+* :class:`~tokenguard.windows.StoreError` for every failure of Redis or of the network
+  (connection refused or lost, timeouts, server errors, cluster down), from ``admit``,
+  ``settle`` and ``usage``, and from :meth:`RedisStore.run` when the server cannot be
+  reached at start. Socket timeouts default to 1 s (``?timeout=``).
+* ``ValueError`` from :meth:`RedisStore.from_url` for a malformed URL.
+
+A caller cancelled while its call is in flight does not un-send it: an admission may
+then be consumed with nobody told (the app shields admissions for this reason). Calls
+that may have run are never sent twice, except admissions after a dropped connection
+(counted twice at worst: fewer admissions, never more); settlements never.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import math
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Self
+from urllib.parse import parse_qsl, unquote
+
+import attrs
+import redis
+import redis.exceptions
+import trio
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from tokenguard.windows import (
+    Admission,
+    Reservation,
+    Row,
+    RowState,
+    StoreError,
+    WindowStore,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
+DEFAULT_PORT = 6379
+DEFAULT_SENTINEL_PORT = 26379
+DEFAULT_TIMEOUT = 1.0
+# Two pipelines in flight let Redis run one batch while Python encodes/decodes the other.
+DEFAULT_PIPELINES = 2
+MAX_PIPELINES = 16
+KEY_PREFIX = "tg"
+
+# Redis errors that mean "this node does not own the slot (any more)": the cluster
+# client's own execute_command follows the redirect and refreshes its slot table.
+_REDIRECTS = (
+    redis.exceptions.MovedError,
+    redis.exceptions.AskError,
+    redis.exceptions.TryAgainError,
+)
+# What redis-py raises: its own errors, and the cluster client's (not a RedisError).
+_REDIS_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
+
+
+# --- scripts --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class LuaScript:
+    """One of the driver's scripts, with the SHA1 Redis knows it by."""
+
+    name: str
+    source: str
+    sha: str = attrs.field(init=False)
+    sha_bytes: bytes = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        sha = hashlib.sha1(self.source.encode()).hexdigest()
+        object.__setattr__(self, "sha", sha)
+        object.__setattr__(self, "sha_bytes", sha.encode())
+
+    @classmethod
+    def packaged(cls, name: str) -> LuaScript:
+        """``drivers/counter.lua`` (the shared counter functions) then
+        ``drivers/<name>.lua``, as one script: package data beside this module."""
+        # Beside this very file (not resources.files("drivers"): a tests/drivers
+        # directory on sys.path could make "drivers" a namespace package).
+        here = Path(__file__).parent
+        source = "".join((here / f"{part}.lua").read_text("utf-8") for part in ("counter", name))
+        return cls(name=name, source=source)
+
+
+ADMIT = LuaScript.packaged("admit")
+SETTLE = LuaScript.packaged("settle")
+USAGE = LuaScript.packaged("usage")
+SCRIPTS = (ADMIT, SETTLE, USAGE)
+
+
+def key_name(partition: str, row: Row) -> str:
+    """The Redis key of a row's counter: ``tg:{<partition>}:<scope>:<dim>:<window>:<bucket>``.
+
+    The partition is the hash tag, so all of a partition's keys share one cluster slot.
+    """
+    if not partition:
+        # "{}" is no hash tag at all: the keys of one admission would spread over slots.
+        raise ValueError("the partition must not be empty")
+    return f"{KEY_PREFIX}:{{{partition}}}:{row.counter}"
+
+
+# --- URLs -----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class RedisTarget:
+    """Where the store's Redis is and how to reach it; built by :func:`parse_redis_url`."""
+
+    kind: Literal["standalone", "sentinel", "cluster"]
+    hosts: tuple[tuple[str, int], ...] = ()
+    unix_socket: str | None = None
+    service_name: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    sentinel_password: str | None = attrs.field(default=None, repr=False)
+    ssl: bool = False
+    ssl_ca_certs: str | None = None
+    ssl_cert_reqs: str = "required"
+    timeout: float = DEFAULT_TIMEOUT
+    pipelines: int = DEFAULT_PIPELINES
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for redis-py's connections to a data node."""
+        kwargs: dict[str, Any] = {
+            "username": self.username,
+            "password": self.password,
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
+        }
+        if self.ssl:
+            # Checking the host name needs a verified certificate.
+            kwargs.update(
+                ssl=True,
+                ssl_cert_reqs=self.ssl_cert_reqs,
+                ssl_check_hostname=self.ssl_cert_reqs == "required",
+            )
+            if self.ssl_ca_certs is not None:
+                kwargs["ssl_ca_certs"] = self.ssl_ca_certs
+        return kwargs
+
+    def connect(self) -> redis.Redis | RedisCluster:
+        """Build the redis-py client. Blocking (a cluster client reads the slot table
+        here): call it from a worker thread."""
+        kwargs = self.connection_kwargs()
+        if self.kind == "cluster":
+            return RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in self.hosts],
+                # No retries of a command that may have run (a timeout, a dropped
+                # connection): a settlement must never count twice. Redirects are
+                # still followed. A limiter answers quickly; an outage is a StoreError.
+                retry=Retry(NoBackoff(), 0),
+                **kwargs,
+            )
+        # Retry once, only on a dropped connection (a stale pooled socket after a
+        # restart), never on a timeout: the command may have run.
+        retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+        if self.kind == "sentinel":
+            sentinel_kwargs = {
+                "socket_timeout": self.timeout,
+                "socket_connect_timeout": self.timeout,
+                "password": self.sentinel_password,
+            }
+            sentinel = Sentinel(list(self.hosts), sentinel_kwargs=sentinel_kwargs)
+            return sentinel.master_for(self.service_name, db=self.db, retry=retry, **kwargs)
+        if self.unix_socket is not None:
+            return redis.Redis(
+                unix_socket_path=self.unix_socket,
+                db=self.db,
+                retry=retry,
+                username=self.username,
+                password=self.password,
+                socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout,
+            )
+        ((host, port),) = self.hosts
+        return redis.Redis(host=host, port=port, db=self.db, retry=retry, **kwargs)
+
+
+def _bad(url: str, why: str) -> ValueError:
+    return ValueError(f"bad Redis store URL {redact_url(url)!r}: {why}")
+
+
+def _split_url(rest: str) -> tuple[str | None, str, str, str]:
+    """``[userinfo@]hostlist[/path][?query]`` (what follows ``scheme://``) into its
+    parts; userinfo is ``None`` when absent.
+
+    By hand: urlsplit refuses ``h1:1,h2:2``, and a password may hold ``@`` or ``/``
+    (it should be percent-encoded, but it must never end up in an error message).
+    """
+    before_query, _, query = rest.partition("?")
+    at = before_query.rfind("@")
+    userinfo = before_query[:at] if at >= 0 else None
+    hostlist, slash, path = before_query[at + 1 :].partition("/")
+    return userinfo, hostlist, slash + path, query
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for logs and ``store.url``)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    userinfo, hostlist, path, query = _split_url(rest)
+    query = re.sub(r"(^|&)(sentinel_password=)[^&]*", r"\1\2***", query)
+    if userinfo is not None and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    return (
+        f"{scheme}://{userinfo + '@' if userinfo is not None else ''}{hostlist}{path}"
+        f"{'?' + query if query else ''}"
+    )
+
+
+def _parse_hosts(url: str, hostlist: str, default_port: int) -> tuple[tuple[str, int], ...]:
+    hosts = []
+    for item in hostlist.split(","):
+        item = item.strip()
+        if not item:
+            raise _bad(url, "empty host in the host list")
+        if item.startswith("["):  # [IPv6]:port
+            host, bracket, port_text = item[1:].partition("]")
+            if not bracket or (port_text and not port_text.startswith(":")):
+                raise _bad(url, f"malformed IPv6 address {item!r}")
+            port_text = port_text[1:]
+        else:
+            host, _, port_text = item.partition(":")
+        if not host:
+            raise _bad(url, f"no host name in {item!r}")
+        if port_text:
+            if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                raise _bad(url, f"port must be a number from 1 to 65535, got {port_text!r}")
+            port = int(port_text)
+        else:
+            port = default_port
+        hosts.append((unquote(host), port))
+    return tuple(hosts)
+
+
+def _parse_db(url: str, text: str) -> int:
+    if not text.isdigit():
+        raise _bad(url, f"the database must be a number >= 0, got {text!r}")
+    return int(text)
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """Parse a store URL (see the module docstring); ``ValueError`` saying what is wrong.
+
+    Query options: ``timeout`` (seconds, > 0: socket connect and read timeout),
+    ``pipelines`` (1-16: round trips in flight at once), ``db`` (``unix://`` only),
+    ``sentinel_password`` (``redis+sentinel://``), ``ssl_ca_certs`` and
+    ``ssl_cert_reqs`` (``rediss://``). Unknown options are errors.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in SCHEMES:
+        raise _bad(url, f"the scheme must be one of {', '.join(s + '://' for s in SCHEMES)}")
+    userinfo, hostlist, path, query_text = _split_url(rest)
+    if "#" in hostlist or "#" in path or "#" in query_text:
+        raise _bad(url, "a fragment (#...) means nothing here")
+    try:
+        query = dict(parse_qsl(query_text, keep_blank_values=True, strict_parsing=True))
+    except ValueError:
+        raise _bad(url, f"malformed query string {query_text!r}") from None
+    username = password = None
+    if userinfo is not None:
+        user_text, colon, password_text = userinfo.partition(":")
+        username = unquote(user_text) or None
+        password = unquote(password_text) if colon else None
+
+    options: dict[str, Any] = {"username": username, "password": password}
+    if "timeout" in query:
+        text = query.pop("timeout")
+        try:
+            timeout = float(text)
+        except ValueError:
+            raise _bad(url, f"timeout must be seconds, got {text!r}") from None
+        if not (timeout > 0 and math.isfinite(timeout)):
+            raise _bad(url, f"timeout must be > 0 seconds, got {text!r}")
+        options["timeout"] = timeout
+    if "pipelines" in query:
+        text = query.pop("pipelines")
+        if not text.isdigit() or not 1 <= int(text) <= MAX_PIPELINES:
+            raise _bad(url, f"pipelines must be 1 to {MAX_PIPELINES}, got {text!r}")
+        options["pipelines"] = int(text)
+
+    if scheme == "unix":
+        if hostlist:
+            raise _bad(url, "unix:// takes a socket path, no host: unix:///path/to.sock")
+        if not path or path == "/":
+            raise _bad(url, "no socket path: unix:///path/to.sock")
+        if "db" in query:
+            options["db"] = _parse_db(url, query.pop("db"))
+        target = RedisTarget(kind="standalone", unix_socket=unquote(path), **options)
+    elif scheme in ("redis", "rediss"):
+        if not hostlist:
+            raise _bad(url, f"no host: {scheme}://host:port/db")
+        hosts = _parse_hosts(url, hostlist, DEFAULT_PORT)
+        if len(hosts) != 1:
+            raise _bad(url, f"{scheme}:// takes one host; use redis+cluster:// for several")
+        db_text = path.strip("/")
+        db = _parse_db(url, db_text) if db_text else 0
+        if scheme == "rediss":
+            if "ssl_ca_certs" in query:
+                options["ssl_ca_certs"] = query.pop("ssl_ca_certs")
+            if "ssl_cert_reqs" in query:
+                reqs = query.pop("ssl_cert_reqs")
+                if reqs not in ("required", "optional", "none"):
+                    raise _bad(url, f"ssl_cert_reqs must be required|optional|none, not {reqs!r}")
+                options["ssl_cert_reqs"] = reqs
+        target = RedisTarget(
+            kind="standalone", hosts=hosts, db=db, ssl=scheme == "rediss", **options
+        )
+    elif scheme == "redis+sentinel":
+        if not hostlist:
+            raise _bad(url, "no sentinel host: redis+sentinel://host:port/service_name/db")
+        hosts = _parse_hosts(url, hostlist, DEFAULT_SENTINEL_PORT)
+        segments = [unquote(s) for s in path.strip("/").split("/")] if path.strip("/") else []
+        if not segments or not segments[0]:
+            raise _bad(url, "no service name: redis+sentinel://host:port/service_name/db")
+        if len(segments) > 2:
+            raise _bad(url, "the path must be /service_name or /service_name/db")
+        db = _parse_db(url, segments[1]) if len(segments) == 2 else 0
+        if "sentinel_password" in query:
+            options["sentinel_password"] = query.pop("sentinel_password")
+        target = RedisTarget(
+            kind="sentinel", hosts=hosts, service_name=segments[0], db=db, **options
+        )
+    else:  # redis+cluster
+        if not hostlist:
+            raise _bad(url, "no host: redis+cluster://host:port[,host:port...]")
+        hosts = _parse_hosts(url, hostlist, DEFAULT_PORT)
+        if path.strip("/") not in ("", "0"):
+            raise _bad(url, "Redis Cluster has database 0 only; drop the path")
+        target = RedisTarget(kind="cluster", hosts=hosts, **options)
+    if query:
+        raise _bad(url, f"unknown option(s) {', '.join(sorted(query))}")
+    return target
+
+
+# --- the wire -------------------------------------------------------------------------
+
+# Before redis-py 5.3, ConnectionPool.get_connection required a command name.
+_COMMAND_NAME = inspect.signature(redis.ConnectionPool.get_connection).parameters.get(
+    "command_name"
+)
+_GET_CONNECTION_NEEDS_NAME = (
+    _COMMAND_NAME is not None and _COMMAND_NAME.default is inspect.Parameter.empty
+)
+
+
+def pack_evalsha(sha: bytes, keys: Sequence[str], argv: str) -> bytes:
+    """``EVALSHA sha numkeys key... argv`` in RESP, ready for the socket.
+
+    Packed here rather than by redis-py's pipeline: it costs a fraction of the generic
+    encoder per call, and the driver is run for every request.
+    """
+    parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (len(keys) + 4, sha)]
+    count = str(len(keys)).encode()
+    parts.append(b"$%d\r\n%s\r\n" % (len(count), count))
+    for key in keys:
+        data = key.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    data = argv.encode()
+    parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def _connection(pool: redis.ConnectionPool) -> redis.connection.Connection:
+    if _GET_CONNECTION_NEEDS_NAME:
+        return pool.get_connection("EVALSHA")
+    return pool.get_connection()
+
+
+def exchange(groups: Sequence[tuple[redis.ConnectionPool, list[bytes]]]) -> list[list[Any]]:
+    """Send each group's packed commands on one connection of its pool, every group
+    before reading any (so the nodes of a cluster work at once), and read the replies.
+
+    Returns, per group, a reply or an exception per command: an error reply is its
+    ``ResponseError``; a connection failure fills the rest of the group. A connection
+    that failed or was left with unread replies is closed, never reused.
+    """
+    connections: list[redis.connection.Connection | None] = []
+    results: list[list[Any]] = []
+    try:
+        for pool, packed in groups:
+            connection = None
+            try:
+                connection = _connection(pool)
+                connection.send_packed_command([b"".join(packed)])
+            except _REDIS_ERRORS as exc:
+                if connection is not None:
+                    connection.disconnect()
+                    pool.release(connection)
+                connection = None
+                results.append([exc] * len(packed))
+            else:
+                results.append([])
+            connections.append(connection)
+        for (_, packed), connection, replies in zip(groups, connections, results, strict=True):
+            if connection is None:
+                continue
+            try:
+                for _ in packed:
+                    try:
+                        replies.append(connection.read_response())
+                    except redis.exceptions.ResponseError as exc:
+                        replies.append(exc)
+            except _REDIS_ERRORS as exc:
+                connection.disconnect()
+                replies += [exc] * (len(packed) - len(replies))
+    except BaseException:
+        for connection in connections:
+            if connection is not None:
+                connection.disconnect()
+        raise
+    finally:
+        for (pool, _), connection in zip(groups, connections, strict=False):
+            if connection is not None:
+                pool.release(connection)
+    return results
+
+
+# --- the store ------------------------------------------------------------------------
+
+
+class _Call:
+    """One script call: what to send, the caller's task parked until ``reply`` is set
+    (``None`` once the caller has been cancelled), and the reply or its exception."""
+
+    __slots__ = ("script", "keys", "argv", "task", "reply")
+
+    def __init__(self, script: LuaScript, keys: list[str], argv: str) -> None:
+        self.script = script
+        self.keys = keys
+        self.argv = argv
+        self.task: trio.lowlevel.Task | None = None
+        self.reply: Any = None
+
+
+def _store_error(exc: BaseException) -> StoreError:
+    return StoreError(f"redis: {type(exc).__name__}: {exc}")
+
+
+def _ints(reply: bytes | str) -> list[int]:
+    return [int(word) for word in reply.split()]
+
+
+class RedisStore(WindowStore):
+    """Window store on Redis (standalone, TLS, unix socket, Sentinel or Cluster).
+
+    Use it inside :meth:`run` (or :func:`tokenguard.windows.open_store`). ``calls``
+    counts script calls and ``round_trips`` the pipelines sent for them (a cluster batch
+    sends one per node it touches, at once), including script loads and retries.
+    """
+
+    def __init__(self, target: RedisTarget, url: str = "redis://") -> None:
+        self.target = target
+        self.url = redact_url(url)
+        self.calls = 0
+        self.round_trips = 0
+        self._count_lock = threading.Lock()
+        self._client: redis.Redis | RedisCluster | None = None
+        self._threads = trio.CapacityLimiter(target.pipelines)
+        self._pending: list[_Call] = []
+        self._in_flight: set[_Call] = set()
+        self._busy = 0  # flushers with a pipeline in flight
+        self._started = False  # run() entered
+        self._running = False  # connected, flushers up: calls are accepted
+        self._wakeup = trio.Event()
+        self._refresh_topology = False
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        """Parse the URL (``ValueError`` if malformed); connects only in :meth:`run`."""
+        return cls(parse_redis_url(url), url=url)
+
+    # -- lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, load the scripts, then send coalesced calls until cancelled.
+
+        Raises :class:`StoreError` if Redis cannot be reached or refuses the scripts.
+        When it ends, calls still waiting fail with :class:`StoreError`.
+        """
+        if self._started:
+            raise RuntimeError(f"store {self.url} is already running")
+        self._started = True
+        try:
+            self._client = await trio.to_thread.run_sync(self._connect, limiter=self._threads)
+        except _REDIS_ERRORS as exc:
+            self._started = False
+            raise StoreError(f"cannot use Redis at {self.url}: {exc}") from exc
+        except BaseException:
+            self._started = False
+            raise
+        self._running = True
+        self._wakeup = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.target.pipelines):
+                    nursery.start_soon(self._flush_forever)
+                task_status.started()
+        finally:
+            self._running = self._started = False
+            closed = StoreError(f"store {self.url} is closed")
+            leftover = [*self._pending, *self._in_flight]
+            self._pending.clear()
+            self._in_flight.clear()
+            self._answer(leftover, [closed] * len(leftover))
+            client, self._client = self._client, None
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(client.close)
+
+    def _connect(self) -> redis.Redis | RedisCluster:
+        client = self.target.connect()
+        try:
+            client.ping()
+            self._load_scripts(client)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def _load_scripts(self, client: redis.Redis | RedisCluster) -> None:
+        """SCRIPT LOAD every script (on every primary, for a cluster)."""
+        for script in SCRIPTS:
+            sha = client.script_load(script.source)
+            if isinstance(sha, bytes):
+                sha = sha.decode()
+            if sha != script.sha:
+                raise StoreError(f"Redis gave SHA {sha} for {script.name}.lua, not {script.sha}")
+            self._count(round_trips=1)
+
+    def _count(self, *, round_trips: int) -> None:
+        with self._count_lock:
+            self.round_trips += round_trips
+
+    # -- coalescing
+
+    async def _call(self, script: LuaScript, keys: list[str], argv: str) -> Any:
+        """Queue one script call for the next pipeline; park until its reply is in."""
+        if not self._running:
+            raise StoreError(f"store {self.url} is not running (use it inside run())")
+        call = _Call(script, keys, argv)
+        call.task = trio.lowlevel.current_task()
+        self._pending.append(call)
+        self.calls += 1
+        self._wakeup.set()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            # Cancelled: the call may already be on the wire; its reply is dropped.
+            call.task = None
+            if call in self._pending:
+                self._pending.remove(call)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        reply = call.reply
+        if isinstance(reply, StoreError):
+            raise StoreError(str(reply)) from reply.__cause__
+        if isinstance(reply, BaseException):
+            raise _store_error(reply) from reply
+        return reply
+
+    @staticmethod
+    def _answer(calls: Sequence[_Call], replies: Sequence[Any]) -> None:
+        for call, reply in zip(calls, replies, strict=True):
+            call.reply = reply
+            if call.task is not None:
+                trio.lowlevel.reschedule(call.task)
+                call.task = None
+
+    async def _flush_forever(self) -> None:
+        """Take a share of the pending calls, send them in one thread hop; repeat.
+
+        The share is the pending calls divided among the flushers not busy, so a burst
+        goes out as that many pipelines at once: Redis runs one while Python packs the
+        next and hands out the replies of the last.
+        """
+        while True:
+            if not self._pending:
+                await self._wakeup.wait()
+                # Let every task woken with us queue its call first: a burst then goes
+                # out whole instead of its first call alone.
+                await trio.lowlevel.checkpoint()
+                if not self._pending and self._wakeup.is_set():
+                    self._wakeup = trio.Event()  # set, and nothing left: re-arm it
+                continue
+            free = self.target.pipelines - self._busy
+            share = -(-len(self._pending) // max(1, free))
+            calls = self._pending[:share]
+            del self._pending[:share]
+            if not self._pending and self._wakeup.is_set():
+                self._wakeup = trio.Event()
+            self._busy += 1
+            self._in_flight.update(calls)
+            try:
+                replies = await trio.to_thread.run_sync(self._execute, calls, limiter=self._threads)
+            except Exception as exc:  # a bug, not Redis: report it, keep serving
+                log.exception("redis driver failed on a batch of %d calls", len(calls))
+                replies = [StoreError(f"redis driver error: {exc!r}")] * len(calls)
+            finally:
+                self._busy -= 1
+            self._in_flight.difference_update(calls)
+            self._answer(calls, replies)
+
+    # -- in a worker thread
+
+    def _execute(self, calls: list[_Call]) -> list[Any]:
+        """Run the calls (one pipeline per node); NOSCRIPT: load the scripts, retry."""
+        client = self._client
+        if client is None:
+            return [StoreError(f"store {self.url} is closed")] * len(calls)
+        packed = [pack_evalsha(c.script.sha_bytes, c.keys, c.argv) for c in calls]
+        replies = self._send(client, calls, packed)
+        missing = [
+            i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)
+        ]
+        if missing:
+            log.info("Redis lost the scripts (restart, failover or SCRIPT FLUSH): reloading")
+            try:
+                self._load_scripts(client)
+            except (*_REDIS_ERRORS, StoreError) as exc:
+                for i in missing:
+                    replies[i] = exc
+            else:
+                # NOSCRIPT: those calls did not run, so running them now is safe.
+                again = self._send(
+                    client, [calls[i] for i in missing], [packed[i] for i in missing]
+                )
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+        return replies
+
+    def _send(
+        self, client: redis.Redis | RedisCluster, calls: list[_Call], packed: list[bytes]
+    ) -> list[Any]:
+        replies: list[Any] = [None] * len(calls)
+        if isinstance(client, RedisCluster):
+            self._send_cluster(client, calls, packed, replies)
+        else:
+            self._send_groups(
+                [(client.connection_pool, list(range(len(calls))))], calls, packed, replies
+            )
+        return replies
+
+    def _send_groups(
+        self,
+        groups: list[tuple[redis.ConnectionPool, list[int]]],
+        calls: list[_Call],
+        packed: list[bytes],
+        replies: list[Any],
+    ) -> None:
+        """Send each group (call indexes) as one pipeline on its pool, all at once, and
+        put the replies in ``replies``.
+
+        A group whose connection dropped before any reply (a stale pooled socket after
+        a restart) is sent once more, except its settlements: one that did run must not
+        run twice (a refund counted twice would admit more than the limit), so it fails
+        instead and its reservation stays whole. An admission counted twice only admits
+        less.
+        """
+        self._count(round_trips=len(groups))
+        results = exchange([(pool, [packed[i] for i in indexes]) for pool, indexes in groups])
+        again: list[tuple[redis.ConnectionPool, list[int]]] = []
+        for (pool, indexes), group_replies in zip(groups, results, strict=True):
+            for i, reply in zip(indexes, group_replies, strict=True):
+                replies[i] = reply
+            if group_replies and type(group_replies[0]) is redis.exceptions.ConnectionError:
+                pool.disconnect(inuse_connections=False)  # its idle sockets are stale too
+                retry = [i for i in indexes if calls[i].script is not SETTLE]
+                if retry:
+                    again.append((pool, retry))
+        if again:
+            self._count(round_trips=len(again))
+            results = exchange([(pool, [packed[i] for i in indexes]) for pool, indexes in again])
+            for (_, indexes), group_replies in zip(again, results, strict=True):
+                for i, reply in zip(indexes, group_replies, strict=True):
+                    replies[i] = reply
+
+    def _send_cluster(
+        self, cluster: RedisCluster, calls: list[_Call], packed: list[bytes], replies: list[Any]
+    ) -> None:
+        """Group the calls by the node owning their slot: one pipeline per node.
+
+        redis-py's ClusterPipeline refuses ``evalsha()`` and, through
+        ``execute_command``, asks the server for each command's keys (``COMMAND
+        GETKEYS``, a round trip per call); the hash tag gives us the slot instead.
+        Calls refused unexecuted (MOVED, ASK, TRYAGAIN, CLUSTERDOWN) are sent again one
+        by one through the cluster client, which follows redirects and updates its slot
+        table. After a connection error the topology is read again before the next batch.
+        """
+        if self._refresh_topology:
+            try:
+                cluster.nodes_manager.initialize()
+                self._refresh_topology = False
+            except _REDIS_ERRORS as exc:
+                replies[:] = [exc] * len(calls)
+                return
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for i, call in enumerate(calls):
+            try:
+                node = cluster.nodes_manager.get_node_from_slot(cluster.keyslot(call.keys[0]))
+            except _REDIS_ERRORS as exc:
+                replies[i] = exc
+                continue
+            by_node.setdefault(node.name, (node, []))[1].append(i)
+        groups = [
+            (cluster.get_redis_connection(node).connection_pool, indexes)
+            for node, indexes in by_node.values()
+        ]
+        self._send_groups(groups, calls, packed, replies)
+        for i, reply in enumerate(replies):
+            if isinstance(reply, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+                self._refresh_topology = True  # a node may have failed over
+            elif isinstance(reply, (*_REDIRECTS, redis.exceptions.ClusterDownError)):
+                call = calls[i]
+                self._count(round_trips=1)
+                try:
+                    replies[i] = cluster.execute_command(
+                        "EVALSHA", call.script.sha, len(call.keys), *call.keys, call.argv
+                    )
+                except _REDIS_ERRORS as exc:
+                    replies[i] = exc
+
+    # -- the WindowStore interface
+
+    async def server_time_ms(self) -> int:
+        """The Redis server's clock (``TIME``) in milliseconds: the clock the scripts use."""
+        client = self._client
+        if client is None:
+            raise StoreError(f"store {self.url} is not running")
+        try:
+            seconds, micros = await trio.to_thread.run_sync(client.time, limiter=self._threads)
+        except _REDIS_ERRORS as exc:
+            raise _store_error(exc) from exc
+        return seconds * 1000 + micros // 1000
+
+    async def admit(self, partition: str, rows: Sequence[Row]) -> Admission:
+        if not rows:
+            return Admission(admitted=True, states=(), reservation=Reservation(partition, (), ()))
+        keys = [key_name(partition, row) for row in rows]
+        argv = " ".join(f"{r.bucket_ms} {r.span} {r.limit} {r.amount}" for r in rows)
+        values = _ints(await self._call(ADMIT, keys, argv))
+        states = []
+        for i, row in enumerate(rows):
+            used, reset_ms, fits, retry_ms = values[1 + 5 * i : 5 + 5 * i]
+            states.append(
+                RowState(
+                    row=row,
+                    used=used,
+                    reset_after=reset_ms / 1000,
+                    fits=fits == 1,
+                    retry_after=None if retry_ms < 0 else retry_ms / 1000,
+                )
+            )
+        if values[0] != 1:
+            return Admission(admitted=False, states=tuple(states))
+        reservation = Reservation(
+            partition=partition, rows=tuple(rows), buckets=tuple(values[5::5])
+        )
+        return Admission(admitted=True, states=tuple(states), reservation=reservation)
+
+    async def settle(self, reservation: Reservation, deltas: Sequence[int]) -> None:
+        keys: list[str] = []
+        argv: list[str] = []
+        for row, bucket, delta in zip(reservation.rows, reservation.buckets, deltas, strict=True):
+            if delta:
+                keys.append(key_name(reservation.partition, row))
+                argv.append(f"{row.bucket_ms} {row.span} {bucket} {delta}")
+        if keys:
+            await self._call(SETTLE, keys, " ".join(argv))
+
+    async def usage(self, partition: str, rows: Sequence[Row]) -> tuple[RowState, ...]:
+        if not rows:
+            return ()
+        keys = [key_name(partition, row) for row in rows]
+        argv = " ".join(f"{r.bucket_ms} {r.span}" for r in rows)
+        values = _ints(await self._call(USAGE, keys, argv))
+        return tuple(
+            RowState(row=row, used=values[2 * i], reset_after=values[2 * i + 1] / 1000)
+            for i, row in enumerate(rows)
+        )

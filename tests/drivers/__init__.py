@@ -1,0 +1,1 @@
+"""The shared window-store suite and the Redis driver's own tests."""

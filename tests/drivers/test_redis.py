@@ -1,0 +1,451 @@
+"""Redis-only behaviour of drivers/redis.py, against real redis-server processes.
+
+The window semantics are in test_window_store.py (shared with every driver); here:
+store URLs, key names, NOSCRIPT recovery, auto-pipelining, errors and recovery when the
+server goes away, timeouts, unix sockets, passwords, Sentinel, several nodes sharing one
+Redis, and the memory a counter takes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import redis.crc
+import trio
+
+from drivers.redis import (
+    DEFAULT_TIMEOUT,
+    RedisStore,
+    RedisTarget,
+    key_name,
+    parse_redis_url,
+)
+from tests.redis_servers import (
+    RedisClusterServers,
+    RedisServer,
+    free_port,
+    running_redis_server,
+    start_redis_sentinel,
+)
+from tokenguard.limiter import Cost, Limiter
+from tokenguard.settings import ApiKey, Limits, digest_of
+from tokenguard.windows import Row, StoreError, open_store, store_from_url
+
+TEST_TIMEOUT = 15.0
+
+
+def a_row(limit: int = 100, amount: int = 1, dimension: str = "requests") -> Row:
+    return Row("key:a", dimension, window_ms=60_000, bucket_ms=1_000, limit=limit, amount=amount)
+
+
+# --- URLs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://localhost", RedisTarget(kind="standalone", hosts=(("localhost", 6379),))),
+        (
+            "redis://127.0.0.1:6380/2?timeout=0.5",
+            RedisTarget(kind="standalone", hosts=(("127.0.0.1", 6380),), db=2, timeout=0.5),
+        ),
+        (
+            "redis://:s%40cret@h:1/0",
+            RedisTarget(kind="standalone", hosts=(("h", 1),), password="s@cret"),
+        ),
+        (
+            "redis://alice:pw@h:1",
+            RedisTarget(kind="standalone", hosts=(("h", 1),), username="alice", password="pw"),
+        ),
+        ("redis://[::1]:7000/3", RedisTarget(kind="standalone", hosts=(("::1", 7000),), db=3)),
+        (
+            "rediss://:pw@h:6390/1?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem",
+            RedisTarget(
+                kind="standalone",
+                hosts=(("h", 6390),),
+                db=1,
+                password="pw",
+                ssl=True,
+                ssl_cert_reqs="none",
+                ssl_ca_certs="/ca.pem",
+            ),
+        ),
+        (
+            "unix:///run/redis.sock?db=4&timeout=2",
+            RedisTarget(kind="standalone", unix_socket="/run/redis.sock", db=4, timeout=2.0),
+        ),
+        (
+            "unix://:pw@/run/redis.sock",
+            RedisTarget(kind="standalone", unix_socket="/run/redis.sock", password="pw"),
+        ),
+        (
+            "redis+sentinel://:pw@s1:26380,s2/mymaster/5?sentinel_password=sp",
+            RedisTarget(
+                kind="sentinel",
+                hosts=(("s1", 26380), ("s2", 26379)),
+                service_name="mymaster",
+                db=5,
+                password="pw",
+                sentinel_password="sp",
+            ),
+        ),
+        (
+            "redis+sentinel://s1/mymaster",
+            RedisTarget(kind="sentinel", hosts=(("s1", 26379),), service_name="mymaster"),
+        ),
+        (
+            "redis+cluster://:pw@n1:7000,n2:7001,n3?pipelines=4",
+            RedisTarget(
+                kind="cluster",
+                hosts=(("n1", 7000), ("n2", 7001), ("n3", 6379)),
+                password="pw",
+                pipelines=4,
+            ),
+        ),
+    ],
+)
+def test_store_urls_parse(url: str, expected: RedisTarget) -> None:
+    target = parse_redis_url(url)
+    assert target == expected
+    if "timeout" not in url:
+        assert target.timeout == DEFAULT_TIMEOUT
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("redis://", "no host"),
+        ("redis://h:0", "port"),
+        ("redis://h:99999", "port"),
+        ("redis://h:port", "port"),
+        ("redis://h/db", "database"),
+        ("redis://h/-1", "database"),
+        ("redis://h1,h2", "one host"),
+        ("redis://h?timeout=0", "timeout"),
+        ("redis://h?timeout=fast", "timeout"),
+        ("redis://h?pipelines=0", "pipelines"),
+        ("redis://h?colour=blue", "unknown option"),
+        ("redis://h?ssl_cert_reqs=none", "unknown option"),  # TLS options: rediss:// only
+        ("rediss://h?ssl_cert_reqs=maybe", "ssl_cert_reqs"),
+        ("redis://h#frag", "fragment"),
+        ("unix://", "socket path"),
+        ("unix://host/path.sock", "no host"),
+        ("unix:///s.sock?db=x", "database"),
+        ("redis+sentinel://s1", "service name"),
+        ("redis+sentinel://s1/svc/1/2", "service_name/db"),
+        ("redis+sentinel:///svc", "no sentinel host"),
+        ("redis+cluster://", "no host"),
+        ("redis+cluster://n1/1", "database 0"),
+        ("redis+cluster://n1,,n2", "empty host"),
+        ("redis+cluster://[::1:7000", "IPv6"),
+        ("http://h", "scheme"),
+        ("localhost:6379", "scheme"),
+    ],
+)
+def test_malformed_urls_are_value_errors(url: str, complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        parse_redis_url(url)
+
+
+def test_errors_and_store_url_never_show_the_password() -> None:
+    with pytest.raises(ValueError) as raised:
+        parse_redis_url("redis://:hunter2@h:0")
+    assert "hunter2" not in str(raised.value)
+    store = RedisStore.from_url("redis://user:hunter2@h:1/0")
+    assert store.url == "redis://user:***@h:1/0"
+    assert "hunter2" not in repr(store.target)
+    sentinel = RedisStore.from_url("redis+sentinel://:hunter2@s/m?sentinel_password=hunter3")
+    assert sentinel.url == "redis+sentinel://:***@s/m?sentinel_password=***"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h:1/0",
+        "rediss://h:1/0",
+        "unix:///tmp/redis.sock",
+        "redis+sentinel://h:26379/mymaster/0",
+        "redis+cluster://h:1,h:2",
+    ],
+)
+def test_store_from_url_picks_the_redis_driver_without_connecting(url: str) -> None:
+    store = store_from_url(url)
+    assert isinstance(store, RedisStore)
+
+
+def test_store_from_url_passes_on_malformed_urls() -> None:
+    with pytest.raises(ValueError, match="port"):
+        store_from_url("redis://h:nope")
+
+
+# --- key names ---------------------------------------------------------------------------
+
+
+def test_key_names_carry_the_partition_as_hash_tag() -> None:
+    row = a_row()
+    assert key_name("abc123", row) == "tg:{abc123}:key:a:requests:60000:1000"
+    with pytest.raises(ValueError, match="partition"):
+        key_name("", row)
+
+
+async def test_stored_keys_share_one_slot_and_never_name_the_api_key(
+    redis_cluster: RedisClusterServers, redis_cluster_url: str
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        secrets = [f"sk-live-{i:04d}-do-not-log" for i in range(20)]
+        keys = [
+            ApiKey(
+                name=f"team-{i}",
+                digest=digest_of(secret),
+                limits=Limits(rpm=10, input_tpm=1000, output_tpm=1000),
+            )
+            for i, secret in enumerate(secrets)
+        ]
+        async with open_store(redis_cluster_url) as store:
+            limiter = Limiter(store, window_seconds=60, bucket_seconds=1)
+            for key in keys:
+                assert (await limiter.admit(key, Cost(1, 10, 100))).admitted
+        stored = []
+        for server in redis_cluster.servers:
+            with server.client() as client:
+                stored += [k.decode() for k in client.scan_iter(count=1000)]
+        assert len(stored) == 3 * len(keys)
+        for key in keys:
+            mine = [k for k in stored if f"{{{key.key_id}}}" in k]
+            assert len(mine) == 3
+            assert len({redis.crc.key_slot(k.encode()) for k in mine}) == 1
+        for secret in secrets:
+            assert not any(secret in k or digest_of(secret) in k for k in stored)
+
+
+# --- scripts, pipelining ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("deployment", ["redis", "redis-cluster"])
+async def test_scripts_come_back_after_script_flush(
+    request: pytest.FixtureRequest, deployment: str
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        if deployment == "redis":
+            server: RedisServer = request.getfixturevalue("redis_server")
+            servers, url = [server], server.url
+        else:
+            cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+            servers, url = cluster.servers, cluster.url
+        async with open_store(url) as store:
+            assert (await store.admit("p", [a_row(amount=3)])).admitted
+            for server in servers:
+                server.command("SCRIPT", "FLUSH")
+            admission = await store.admit("p", [a_row(amount=4)])
+            assert admission.admitted
+            assert admission.states[0].used == 7
+            for server in servers:
+                server.command("SCRIPT", "FLUSH")
+            await store.settle(admission.reservation, [-4])
+            for server in servers:
+                server.command("SCRIPT", "FLUSH")
+            assert (await store.usage("p", [a_row()]))[0].used == 3
+
+
+@pytest.mark.parametrize("deployment", ["redis", "redis-cluster"])
+async def test_concurrent_calls_share_round_trips(
+    request: pytest.FixtureRequest, deployment: str
+) -> None:
+    """200 admissions at once (over 50 partitions) take far fewer than 200 round trips."""
+    with trio.fail_after(TEST_TIMEOUT):
+        url = request.getfixturevalue("redis_url" if deployment == "redis" else "redis_cluster_url")
+        async with open_store(url) as store:
+            assert isinstance(store, RedisStore)
+            calls, round_trips = store.calls, store.round_trips
+            admitted = []
+
+            async def one(i: int) -> None:
+                admitted.append((await store.admit(f"p{i % 50}", [a_row(limit=4)])).admitted)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(200):
+                    nursery.start_soon(one, i)
+            assert admitted.count(True) == 200
+            assert store.calls - calls == 200
+            # A burst goes out as one pipeline per flusher (per node, for a cluster).
+            assert store.round_trips - round_trips <= 20
+
+
+async def test_two_nodes_sharing_redis_admit_exactly_the_limit(redis_url: str) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with open_store(redis_url) as node1, open_store(redis_url) as node2:
+            outcomes: list[bool] = []
+
+            async def one(store: RedisStore) -> None:
+                outcomes.append((await store.admit("shared", [a_row(limit=7)])).admitted)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(100):
+                    nursery.start_soon(one, node1 if i % 2 else node2)
+            assert outcomes.count(True) == 7
+
+
+async def test_a_cancelled_caller_leaves_the_store_working(redis_url: str) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with open_store(redis_url) as store:
+            with trio.move_on_after(0):
+                await store.admit("p", [a_row()])
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(store.admit, "p", [a_row()])
+                nursery.cancel_scope.cancel()
+            assert (await store.usage("p", [a_row()]))[0].used <= 21
+            assert (await store.admit("p", [a_row()])).admitted
+
+
+async def test_a_store_not_running_raises_store_error(redis_url: str) -> None:
+    store = RedisStore.from_url(redis_url)
+    with trio.fail_after(TEST_TIMEOUT), pytest.raises(StoreError, match="not running"):
+        await store.admit("p", [a_row()])
+
+
+async def test_server_time_is_the_clock_of_the_scripts(redis_url: str) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with open_store(redis_url) as store:
+            before = await store.server_time_ms()
+            admission = await store.admit("p", [a_row()])
+            after = await store.server_time_ms()
+            assert before // 1000 <= admission.reservation.buckets[0] <= after // 1000
+
+
+# --- failures ------------------------------------------------------------------------------
+
+
+async def test_an_unreachable_server_fails_run_with_store_error() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0?timeout=0.5")
+        async with trio.open_nursery() as nursery:
+            with pytest.raises(StoreError, match="cannot use Redis"):
+                await nursery.start(store.run)
+
+
+async def test_a_lost_server_gives_store_errors_then_recovers(
+    extra_redis_server: RedisServer,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with open_store(extra_redis_server.url + "?timeout=0.5") as store:
+            admission = await store.admit("p", [a_row(amount=2)])
+            assert admission.admitted
+
+            extra_redis_server.stop()
+            with trio.fail_after(3):
+                with pytest.raises(StoreError):
+                    await store.admit("p", [a_row()])
+                with pytest.raises(StoreError):
+                    await store.usage("p", [a_row()])
+                with pytest.raises(StoreError):
+                    await store.settle(admission.reservation, [-1])
+
+            extra_redis_server.start()  # same port, empty (no persistence), no scripts
+            after = await store.admit("p", [a_row(amount=5)])
+            assert after.admitted
+            assert after.states[0].used == 5
+
+
+async def test_a_hung_server_times_out_as_store_error(extra_redis_server: RedisServer) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with open_store(extra_redis_server.url + "?timeout=0.2") as store:
+            assert (await store.admit("p", [a_row()])).admitted
+            assert extra_redis_server.process is not None
+            pid = extra_redis_server.process.pid
+            os.kill(pid, signal.SIGSTOP)  # alive, connected, silent
+            try:
+                start = trio.current_time()
+                with pytest.raises(StoreError, match="[Tt]imeout"):
+                    await store.admit("p", [a_row()])
+                assert trio.current_time() - start < 0.8
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert (await store.admit("p", [a_row()])).admitted
+
+
+async def test_a_wrong_password_fails_run_and_a_right_one_works(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        with running_redis_server(
+            tmp_path / "auth", extra_args=("--requirepass", "s3cret")
+        ) as server:
+            url = f"redis://:s3cret@{server.host}:{server.port}/1"
+            async with open_store(url) as store:
+                assert store.url == f"redis://:***@{server.host}:{server.port}/1"
+                assert (await store.admit("p", [a_row()])).admitted
+            wrong = RedisStore.from_url(f"redis://:nope@{server.host}:{server.port}/1")
+            async with trio.open_nursery() as nursery:
+                with pytest.raises(StoreError, match="cannot use Redis"):
+                    await nursery.start(wrong.run)
+            with server.client(password="s3cret", db=1) as client:
+                assert client.dbsize() == 1
+
+
+async def test_a_unix_socket_server_works(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        with running_redis_server(tmp_path / "sock", unix_socket=True) as server:
+            assert server.url.startswith("unix://")
+            async with open_store(server.url) as store:
+                assert (await store.admit("p", [a_row(amount=2)])).admitted
+                assert (await store.usage("p", [a_row()]))[0].used == 2
+
+
+async def test_sentinel_finds_the_master(extra_redis_server: RedisServer, tmp_path: Path) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        sentinel = start_redis_sentinel(tmp_path / "sentinel", extra_redis_server, "tg")
+        try:
+            url = f"redis+sentinel://{sentinel.host}:{sentinel.port}/tg/0"
+            async with open_store(url) as store:
+                assert (await store.admit("p", [a_row(amount=3)])).admitted
+            with extra_redis_server.client() as client:
+                assert client.dbsize() == 1  # the counter landed on the master
+        finally:
+            sentinel.stop()
+
+
+# --- memory --------------------------------------------------------------------------------
+
+
+async def test_memory_per_active_key_is_small_and_grows_with_buckets(
+    redis_server: RedisServer,
+) -> None:
+    """An API key's three counters with every bucket of the window in use.
+
+    A 600 ms window in 10 ms buckets has the shape of a 60 s window in 1 s buckets (61
+    live buckets); one admission per bucket fills them all. Measured with MEMORY USAGE
+    (figures in docs/redis.md).
+    """
+    with trio.fail_after(TEST_TIMEOUT):
+        rows = [
+            Row("key:k", dimension, window_ms=600, bucket_ms=10, limit=10**9, amount=amount)
+            for dimension, amount in (
+                ("requests", 1),
+                ("input_tokens", 1500),
+                ("output_tokens", 700),
+            )
+        ]
+        async with open_store(redis_server.url) as store:
+            one = await store.admit("0123456789abcdef", rows)
+            assert one.admitted
+            with redis_server.client() as client:
+                keys = [k.decode() for k in client.scan_iter()]
+                first = sum(client.memory_usage(k, samples=0) for k in keys)
+            buckets = {one.reservation.buckets[0]}
+            while len(buckets) < 61:
+                admission = await store.admit("0123456789abcdef", rows)
+                buckets.add(admission.reservation.buckets[0])
+                await trio.sleep(0.004)
+            with redis_server.client() as client:
+                full = {k: client.memory_usage(k, samples=0) for k in keys}
+                encodings = {client.object("encoding", k) for k in keys}
+        assert len(keys) == 3
+        print(
+            f"\nmemory for one API key's 3 counters: {first} B with 1 bucket, "
+            f"{sum(full.values())} B with 61 buckets ({sorted(full.values())})"
+        )
+        assert first < 600
+        assert sum(full.values()) < 4 * 1024  # about 15 bytes per bucket and counter
+        assert encodings <= {b"ziplist", b"listpack"}

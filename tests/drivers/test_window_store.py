@@ -1,0 +1,559 @@
+"""The behaviour every window-store driver must have, run against each of them.
+
+One suite, parametrised over the drivers: ``memory`` (with a fake clock the tests move
+instantly, so times are checked to the millisecond), ``redis`` (one real redis-server)
+and ``redis-cluster`` (a real 3-master cluster). The Redis drivers run on the Redis
+server's clock, in real time, with sub-second windows (400 ms in buckets of 100 ms).
+
+Real time is never trusted blindly: every Redis observation is bracketed by two
+readings of the server clock (``TIME``) taken just before and just after the call, and a
+timing assertion is made only when that bracket lies wholly on one side of the moment
+it is about (a slow machine makes a check inconclusive, never wrong). Amounts are
+placed in known buckets, from the reservation's bucket index, which is exact.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from drivers.memory import MemoryStore
+from drivers.redis import RedisStore
+from tests.redis_servers import RedisClusterServers, RedisServer
+from tokenguard.windows import Admission, Reservation, Row, RowState, WindowStore, open_store
+
+WINDOW_MS = 400
+BUCKET_MS = 100
+SPAN = 4  # ceil(WINDOW_MS / BUCKET_MS)
+# How far from a bucket boundary the Redis tests aim their calls.
+MARGIN_MS = 30
+# Every test's bound: I/O-bound tests must never hang.
+TEST_TIMEOUT = 15.0
+START_MS = 1_700_000_000_000  # the fake clock's start: a realistic epoch, in ms
+
+
+class FakeClock:
+    """Seconds for :class:`MemoryStore`, moved by the test; ``ms`` is the truth.
+
+    Half a millisecond in, so that ``int(clock() * 1000)`` is exactly ``ms`` despite
+    binary floating point.
+    """
+
+    def __init__(self, ms: int) -> None:
+        self.ms = ms
+
+    def __call__(self) -> float:
+        return (self.ms + 0.5) / 1000
+
+
+@attrs.frozen
+class Observed:
+    """A call's result and the store clock just before and just after it (ms): the
+    store's own ``now`` during the call lies in ``[start, end]``."""
+
+    value: Any
+    start: int
+    end: int
+
+    def before(self, moment: int) -> bool:
+        """Certainly happened before ``moment``."""
+        return self.end < moment
+
+    def after(self, moment: int) -> bool:
+        """Certainly happened at or after ``moment``."""
+        return self.start >= moment
+
+
+@attrs.define
+class Driver:
+    """How to build one driver's store and look at its clock and its counters."""
+
+    name: str
+    make_store: Callable[[], WindowStore]
+    clock: FakeClock | None = None
+    servers: list[RedisServer] = attrs.Factory(list)
+
+
+@attrs.define
+class Harness:
+    """A running store plus control of (or a view on) its clock."""
+
+    driver: Driver
+    store: WindowStore
+
+    @property
+    def exact(self) -> bool:
+        """Times are exact (fake clock): compare to the millisecond."""
+        return self.driver.clock is not None
+
+    def row(
+        self,
+        limit: int,
+        amount: int = 1,
+        *,
+        dimension: str = "requests",
+        scope: str = "key:a",
+        window_ms: int = WINDOW_MS,
+        bucket_ms: int = BUCKET_MS,
+    ) -> Row:
+        return Row(
+            scope=scope,
+            dimension=dimension,
+            window_ms=window_ms,
+            bucket_ms=bucket_ms,
+            limit=limit,
+            amount=amount,
+        )
+
+    async def now_ms(self) -> int:
+        clock = self.driver.clock
+        if clock is not None:
+            return clock.ms
+        assert isinstance(self.store, RedisStore)
+        return await self.store.server_time_ms()
+
+    async def sleep_until(self, moment_ms: int) -> None:
+        """Until the store clock reads ``moment_ms`` (at once if it is past)."""
+        clock = self.driver.clock
+        if clock is not None:
+            clock.ms = max(clock.ms, moment_ms)
+            return
+        now = await self.now_ms()
+        if moment_ms > now:
+            # +1: TIME is truncated to the ms, so `now` may be up to 1 ms late.
+            await trio.sleep((moment_ms - now + 1) / 1000)
+
+    async def align(self, offset_ms: int = MARGIN_MS) -> int:
+        """Wait until ``offset_ms`` into the next bucket; return that bucket's index."""
+        bucket = await self.now_ms() // BUCKET_MS + 1
+        await self.sleep_until(bucket * BUCKET_MS + offset_ms)
+        return bucket
+
+    async def observe(self, call: Callable[..., Awaitable[Any]], *args: Any) -> Observed:
+        start = await self.now_ms()
+        value = await call(*args)
+        end = await self.now_ms()
+        return Observed(value, start, end)
+
+    async def admit(self, rows: list[Row], partition: str = "p") -> Observed:
+        return await self.observe(self.store.admit, partition, rows)
+
+    async def usage(self, rows: list[Row], partition: str = "p") -> Observed:
+        return await self.observe(self.store.usage, partition, rows)
+
+    async def live_counters(self) -> int:
+        """Counters still stored: memory sweeps; Redis counts the keys that exist."""
+        if isinstance(self.store, MemoryStore):
+            return self.store.sweep()
+        return len(await trio.to_thread.run_sync(self.redis_ttls))
+
+    def redis_ttls(self) -> dict[str, int]:
+        """Every key on every server, with its PTTL in ms (blocking)."""
+        ttls = {}
+        for server in self.driver.servers:
+            with server.client() as client:
+                for key in client.scan_iter(count=1000):
+                    ttl = client.pttl(key)
+                    if ttl != -2:  # expired between SCAN and PTTL
+                        ttls[key.decode()] = ttl
+        return ttls
+
+
+def leaves(bucket: int, span: int = SPAN, bucket_ms: int = BUCKET_MS) -> int:
+    """When an amount in ``bucket`` stops counting (store clock, ms)."""
+    return (bucket + span + 1) * bucket_ms
+
+
+def used(observed: Observed, index: int = 0) -> int:
+    states: tuple[RowState, ...] = observed.value
+    return states[index].used
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+def driver(request: pytest.FixtureRequest) -> Iterator[Driver]:
+    if request.param == "memory":
+        clock = FakeClock(START_MS)
+        yield Driver("memory", lambda: MemoryStore(clock=clock), clock=clock)
+    elif request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        yield Driver("redis", lambda: RedisStore.from_url(server.url), servers=[server])
+    else:
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        yield Driver(
+            "redis-cluster", lambda: RedisStore.from_url(cluster.url), servers=cluster.servers
+        )
+
+
+@pytest.fixture
+async def harness(driver: Driver) -> AsyncIterator[Harness]:
+    # Opening is bounded by the driver itself (1 s socket timeouts for Redis).
+    async with open_store(driver.make_store()) as running:
+        yield Harness(driver, running)
+
+
+# --- admission --------------------------------------------------------------------------
+
+
+async def test_admits_all_rows_or_none(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        requests = harness.row(limit=10, amount=1)
+        tokens = harness.row(limit=100, amount=60, dimension="input_tokens")
+        first = (await harness.admit([requests, tokens])).value
+        assert first.admitted
+        assert [s.used for s in first.states] == [1, 60]
+
+        second: Admission = (await harness.admit([requests, tokens])).value
+        assert not second.admitted
+        assert second.reservation is None
+        assert [s.fits for s in second.states] == [True, False]
+        assert [s.row for s in second.refusing] == [tokens]
+        # The row that fitted was not consumed either.
+        assert [s.used for s in (await harness.usage([requests, tokens])).value] == [1, 60]
+
+        smaller = attrs.evolve(tokens, amount=40)
+        third = (await harness.admit([requests, smaller])).value
+        assert third.admitted
+        assert [s.used for s in third.states] == [2, 100]
+        assert [s.remaining for s in third.states] == [8, 0]
+
+
+async def test_admits_exactly_the_limit(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        await harness.align()  # all in one bucket, none leaving meanwhile
+        row = harness.row(limit=5)
+        for n in range(1, 6):
+            admission = (await harness.admit([row])).value
+            assert admission.admitted
+            assert (admission.states[0].used, admission.states[0].remaining) == (n, 5 - n)
+        for _ in range(3):
+            refused = (await harness.admit([row])).value
+            assert not refused.admitted
+            assert refused.states[0].used == 5
+            assert refused.retry_after is not None and refused.retry_after > 0
+
+
+async def test_a_zero_amount_is_checked_not_consumed(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        await harness.align()
+        assert (await harness.admit([harness.row(limit=2, amount=2)])).value.admitted
+        probe = (await harness.admit([harness.row(limit=2, amount=0)])).value
+        assert probe.admitted
+        assert probe.states[0].used == 2
+        # A row already over its (lowered) limit refuses even a zero amount.
+        assert not (await harness.admit([harness.row(limit=1, amount=0)])).value.admitted
+        assert used(await harness.usage([harness.row(limit=2)])) == 2
+
+
+async def test_a_request_larger_than_the_limit_never_fits(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        small = harness.row(limit=10, amount=1)
+        huge = harness.row(limit=100, amount=101, dimension="output_tokens")
+        admission = (await harness.admit([small, huge])).value
+        assert not admission.admitted
+        assert admission.states[1].never_fits
+        assert admission.states[1].retry_after is None
+        assert admission.retry_after is None  # the request as a whole can never fit
+        assert not admission.states[0].never_fits
+        assert [s.used for s in (await harness.usage([small, huge])).value] == [0, 0]
+
+
+# --- the sliding window ---------------------------------------------------------------
+
+
+async def test_amounts_leave_exactly_when_their_bucket_passes(harness: Harness) -> None:
+    """Put 1, 2, 4, 8 in four consecutive buckets; watch them leave one by one."""
+    with trio.fail_after(TEST_TIMEOUT):
+        row = harness.row(limit=100)
+        first = await harness.align()
+        buckets = []
+        for i, amount in enumerate((1, 2, 4, 8)):
+            await harness.sleep_until((first + i) * BUCKET_MS + MARGIN_MS)
+            admission = (await harness.admit([attrs.evolve(row, amount=amount)])).value
+            assert admission.admitted
+            buckets.append(admission.reservation.buckets[0])
+        assert buckets == [first, first + 1, first + 2, first + 3]
+
+        expected = 15
+        for bucket, amount in zip(buckets, (1, 2, 4, 8), strict=True):
+            moment = leaves(bucket)
+            margin = 1 if harness.exact else MARGIN_MS
+            await harness.sleep_until(moment - margin)
+            just_before = await harness.usage([row])
+            if just_before.before(moment):
+                assert used(just_before) == expected
+            expected -= amount
+            await harness.sleep_until(moment + (0 if harness.exact else MARGIN_MS))
+            just_after = await harness.usage([row])
+            if just_after.after(moment):
+                assert used(just_after) == expected
+        assert expected == 0
+
+
+@pytest.mark.parametrize("window_ms", [WINDOW_MS, WINDOW_MS - BUCKET_MS // 2])
+async def test_an_amount_counts_for_at_least_a_window(harness: Harness, window_ms: int) -> None:
+    """Admitted at the very end of a bucket, an amount still counts a full window later
+    (also when the window is not a whole number of buckets)."""
+    with trio.fail_after(TEST_TIMEOUT):
+        row = harness.row(limit=1, window_ms=window_ms)
+        assert row.span == SPAN
+        bucket = await harness.align(offset_ms=BUCKET_MS - (1 if harness.exact else MARGIN_MS))
+        admitted = await harness.admit([row])
+        assert admitted.value.admitted
+        assert admitted.value.reservation.buckets == (bucket,)
+        admitted_at = admitted.end  # the latest the store can have admitted it
+
+        await harness.sleep_until(admitted_at + window_ms)
+        still = await harness.admit([row])
+        if still.before(leaves(bucket)):
+            assert not still.value.admitted
+            if harness.exact:
+                assert still.value.retry_after == (leaves(bucket) - still.start) / 1000
+        await harness.sleep_until(leaves(bucket))
+        assert (await harness.admit([row])).value.admitted
+
+
+async def test_never_more_than_the_limit_in_any_window(harness: Harness) -> None:
+    """Random traffic for three windows: the admitted amounts of any ``span + 1``
+    consecutive buckets (any window-long interval overlaps no more) stay within the
+    limit; with exact times, so do those of every window-long interval."""
+    with trio.fail_after(TEST_TIMEOUT):
+        rng = random.Random(20240611)
+        limit = 10
+        admitted: list[tuple[int, int, int]] = []  # (bucket, amount, store time if exact)
+        refused = 0
+        start = await harness.align(offset_ms=0)
+        end_ms = (start + 3 * SPAN) * BUCKET_MS
+        while (now := await harness.now_ms()) < end_ms:
+            amount = rng.randint(1, 4)
+            admission = (await harness.admit([harness.row(limit=limit, amount=amount)])).value
+            if admission.admitted:
+                admitted.append((admission.reservation.buckets[0], amount, now))
+            else:
+                refused += 1
+                assert admission.states[0].used + amount > limit
+            step = rng.randint(5, BUCKET_MS // 2)
+            await harness.sleep_until(now + step)
+        assert admitted and refused  # the test did push against the limit
+
+        per_bucket: dict[int, int] = {}
+        for bucket, amount, _ in admitted:
+            per_bucket[bucket] = per_bucket.get(bucket, 0) + amount
+        for c in range(start - SPAN, end_ms // BUCKET_MS + 1):
+            assert sum(per_bucket.get(b, 0) for b in range(c - SPAN, c + 1)) <= limit
+        if harness.exact:
+            for _, _, t in admitted:
+                in_window = sum(a for _, a, u in admitted if t <= u < t + WINDOW_MS)
+                assert in_window <= limit
+
+
+# --- settlement ------------------------------------------------------------------------
+
+
+async def test_a_refund_lands_in_the_reserved_bucket_and_leaves_with_it(
+    harness: Harness,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        row = harness.row(limit=10)
+        first = await harness.align()
+        big = (await harness.admit([attrs.evolve(row, amount=10)])).value
+        assert big.admitted and big.reservation.buckets == (first,)
+
+        await harness.sleep_until((first + 1) * BUCKET_MS + MARGIN_MS)
+        assert not (await harness.admit([attrs.evolve(row, amount=6)])).value.admitted
+        await harness.store.settle(big.reservation, [-6])  # used 4 of 10, in bucket `first`
+        later = (await harness.admit([attrs.evolve(row, amount=6)])).value
+        assert later.admitted and later.reservation.buckets == (first + 1,)
+        assert later.states[0].used == 10
+
+        # When bucket `first` leaves, only what is left in it (4) goes: the refund was
+        # taken from that bucket, not from the newest one.
+        await harness.sleep_until(leaves(first) + (0 if harness.exact else MARGIN_MS))
+        after = await harness.usage([row])
+        if after.after(leaves(first)) and after.before(leaves(first + 1)):
+            assert used(after) == 6
+
+
+async def test_a_settlement_after_the_bucket_left_is_a_no_op(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        row = harness.row(limit=10)
+        first = await harness.align()
+        old = (await harness.admit([attrs.evolve(row, amount=5)])).value
+        assert old.admitted
+        await harness.sleep_until(leaves(first) + MARGIN_MS)
+        fresh = (await harness.admit([attrs.evolve(row, amount=3)])).value
+        assert fresh.admitted and fresh.states[0].used == 3
+        await harness.store.settle(old.reservation, [+4])
+        await harness.store.settle(old.reservation, [-5])
+        assert used(await harness.usage([row])) == 3
+
+
+async def test_a_count_never_goes_below_zero(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        await harness.align()
+        row = harness.row(limit=10)
+        a = (await harness.admit([attrs.evolve(row, amount=3)])).value
+        b = (await harness.admit([attrs.evolve(row, amount=2)])).value
+        assert a.reservation.buckets == b.reservation.buckets
+        await harness.store.settle(a.reservation, [-100])  # the bucket holds 5: down to 0
+        state = (await harness.usage([row])).value[0]
+        assert (state.used, state.remaining, state.reset_after) == (0, 10, 0.0)
+        assert (await harness.admit([attrs.evolve(row, amount=10)])).value.admitted
+
+
+async def test_settlement_changes_only_the_rows_given_deltas(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        await harness.align()
+        requests = harness.row(limit=10, amount=1)
+        output = harness.row(limit=1000, amount=500, dimension="output_tokens")
+        admission = (await harness.admit([requests, output])).value
+        await harness.store.settle(admission.reservation, [0, -380])
+        assert [s.used for s in (await harness.usage([requests, output])).value] == [1, 120]
+        await harness.store.settle(admission.reservation, [0, 0])  # nothing to do
+        await harness.store.settle(Reservation("p", (), ()), [])
+        assert [s.used for s in (await harness.usage([requests, output])).value] == [1, 120]
+
+
+# --- retry_after, usage ----------------------------------------------------------------
+
+
+async def test_retry_after_is_when_the_request_fits(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        row = harness.row(limit=5)
+        first = await harness.align()
+        assert (await harness.admit([attrs.evolve(row, amount=2)])).value.admitted
+        await harness.sleep_until((first + 2) * BUCKET_MS + MARGIN_MS)
+        assert (await harness.admit([attrs.evolve(row, amount=3)])).value.admitted
+
+        # Asking 2 must wait for bucket `first` to leave; asking 3 for `first + 2` too.
+        for amount, bucket in ((2, first), (3, first + 2)):
+            refused = await harness.admit([attrs.evolve(row, amount=amount)])
+            wait = refused.value.retry_after
+            assert not refused.value.admitted
+            assert refused.value.states[0].retry_after == wait
+            moment = leaves(bucket)
+            if harness.exact:
+                assert wait == (moment - refused.start) / 1000
+            else:
+                assert moment - refused.end <= round(wait * 1000) <= moment - refused.start
+
+        # Just before that moment the request still does not fit; at it, it does.
+        ask = attrs.evolve(row, amount=2)
+        moment = leaves(first)
+        await harness.sleep_until(moment - (1 if harness.exact else MARGIN_MS))
+        early = await harness.admit([ask])
+        if early.before(moment):
+            assert not early.value.admitted
+            if harness.exact:
+                assert early.value.retry_after == 0.001
+        await harness.sleep_until(moment)
+        on_time = await harness.admit([ask])
+        assert on_time.value.admitted
+
+
+async def test_usage_reports_used_remaining_and_reset(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        row = harness.row(limit=10)
+        empty = (await harness.usage([row])).value[0]
+        assert (empty.used, empty.remaining, empty.reset_after) == (0, 10, 0.0)
+        assert empty.fits and empty.retry_after is None
+
+        first = await harness.align()
+        assert (await harness.admit([attrs.evolve(row, amount=3)])).value.admitted
+        await harness.sleep_until((first + 1) * BUCKET_MS + MARGIN_MS)
+        assert (await harness.admit([attrs.evolve(row, amount=4)])).value.admitted
+
+        # Amounts in the rows passed to usage() are ignored, even impossible ones.
+        snapshot = await harness.usage([attrs.evolve(row, amount=1000)])
+        state = snapshot.value[0]
+        assert (state.used, state.remaining, state.fits) == (7, 3, True)
+        reset = leaves(first + 1)  # the newest non-empty bucket leaves
+        if harness.exact:
+            assert state.reset_after == (reset - snapshot.start) / 1000
+        else:
+            assert reset - snapshot.end <= round(state.reset_after * 1000) <= reset - snapshot.start
+        # And nothing was consumed by looking.
+        assert used(await harness.usage([row])) == 7
+
+
+# --- independence and concurrency ------------------------------------------------------
+
+
+async def test_partitions_scopes_dimensions_and_windows_are_independent(
+    harness: Harness,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        await harness.align()
+        base = harness.row(limit=3, amount=3)
+        variants = [
+            base,
+            attrs.evolve(base, scope="key:b"),
+            attrs.evolve(base, dimension="input_tokens"),
+            attrs.evolve(base, window_ms=2 * WINDOW_MS),
+            attrs.evolve(base, bucket_ms=BUCKET_MS // 2, window_ms=WINDOW_MS),
+        ]
+        for partition in ("p", "q"):
+            for row in variants:
+                admission = (await harness.admit([row], partition=partition)).value
+                assert admission.admitted, (partition, row)
+                assert admission.states[0].used == 3
+        for partition in ("p", "q"):
+            for row in variants:
+                assert not (await harness.admit([row], partition=partition)).value.admitted
+
+
+async def test_concurrent_admissions_admit_exactly_the_limit(harness: Harness) -> None:
+    """100 tasks at once against a limit of 5: exactly 5 get in."""
+    with trio.fail_after(TEST_TIMEOUT):
+        await harness.align()
+        row = harness.row(limit=5)
+        outcomes: list[bool] = []
+
+        async def one() -> None:
+            outcomes.append((await harness.store.admit("p", [row])).admitted)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(100):
+                nursery.start_soon(one)
+        assert len(outcomes) == 100
+        assert outcomes.count(True) == 5
+        assert used(await harness.usage([row])) == 5
+
+
+# --- idle counters ---------------------------------------------------------------------
+
+
+async def test_idle_counters_disappear(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        first = await harness.align()
+        rows = [
+            harness.row(limit=10),
+            harness.row(limit=100, amount=7, dimension="input_tokens"),
+            harness.row(limit=100, amount=9, dimension="output_tokens", scope="key:b"),
+        ]
+        admission = (await harness.admit(rows)).value
+        assert admission.admitted
+        assert await harness.live_counters() == 3
+        if not harness.exact:
+            ttls = await trio.to_thread.run_sync(harness.redis_ttls)
+            assert len(ttls) == 3
+            for ttl in ttls.values():
+                assert 0 < ttl <= WINDOW_MS + BUCKET_MS
+        await harness.sleep_until(leaves(first) + (0 if harness.exact else MARGIN_MS))
+        assert await harness.live_counters() == 0
+
+
+async def test_a_counter_keeps_living_while_it_is_used(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        row = harness.row(limit=100)
+        first = await harness.align()
+        for i in range(SPAN + 3):  # longer than a window, one admission per bucket
+            await harness.sleep_until((first + i) * BUCKET_MS + MARGIN_MS)
+            admission = (await harness.admit([row])).value
+            assert admission.admitted
+            assert admission.states[0].used == min(i + 1, SPAN + 1)
+        assert await harness.live_counters() == 1
