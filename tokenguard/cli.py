@@ -1,21 +1,32 @@
 """The ``tokenguard`` command line (also ``python -m tokenguard``).
 
 ``tokenguard serve`` runs one node in this process; with ``--nodes N`` (N > 1) it runs
-the supervisor, which starts N node processes and, unless ``--store`` names one, a
-private Redis for them to share.
+the supervisor (:mod:`tokenguard.supervisor`), which starts N node processes and, unless
+a store is given (``--store`` or a config ``[store] url`` other than ``memory://``), a
+private Redis for them to share. It prints a table of URLs once every node is healthy.
+
+Exit status: 0 after a clean stop (Ctrl-C or SIGTERM); 1 when a node cannot listen or
+reach its store, or the cluster could not be started (the message names the child and
+quotes its log); 2 for a usage or config error (bad config, ``--store memory://`` with
+several nodes, a state dir held by another supervisor, an unknown store scheme).
+Errors are one line each, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import attrs
 import trio
 
+from tokenguard.redis_server import RedisBinaryNotFound
 from tokenguard.settings import (
     DEMO_CONFIG,
     ConfigError,
@@ -23,7 +34,17 @@ from tokenguard.settings import (
     demo_settings,
     load_settings,
 )
-from tokenguard.windows import UnknownStoreScheme
+from tokenguard.supervisor import (
+    StateDirBusy,
+    Supervisor,
+    SupervisorError,
+    check_driver,
+    cluster_store_url,
+    default_state_dir,
+)
+from tokenguard.windows import StoreError, UnknownStoreScheme
+
+log = logging.getLogger("tokenguard.cli")
 
 
 def _port(text: str) -> int:
@@ -49,11 +70,38 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one node, or a supervised cluster of nodes")
     serve.add_argument("--config", help="TOML config file (default: a built-in demo config)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=_port, default=8000, help="port of node 0 (default 8000)")
-    serve.add_argument("--store", help="window-store URL, overriding the config's [store] url")
+    serve.add_argument(
+        "--port",
+        type=_port,
+        default=8000,
+        help="port of node 0; node i gets port + i (default 8000)",
+    )
+    serve.add_argument(
+        "--store",
+        help="window-store URL, overriding the config's [store] url (with --nodes > 1 and "
+        "none given, an embedded redis-server is started)",
+    )
     serve.add_argument("--nodes", type=_positive, default=1, help="node processes (default 1)")
     serve.add_argument(
-        "--grace", type=float, default=10.0, help="seconds to drain in-flight requests on stop"
+        "--state-dir",
+        help="with --nodes > 1: the embedded Redis's socket and append-only file, the lock "
+        "and the logs (default: the user cache dir, e.g. ~/.cache/tokenguard)",
+    )
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="all nodes listen on --port itself, sharing it through SO_REUSEPORT",
+    )
+    serve.add_argument(
+        "--log-to-stdout",
+        action="store_true",
+        help="with --nodes > 1: children log to this terminal instead of files in the state dir",
+    )
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        help="seconds in-flight requests get to finish on stop (default 10)",
     )
     serve.add_argument(
         "--no-limits",
@@ -61,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="admit everything without counting (for benchmarking the limiter's cost)",
     )
     serve.add_argument("--node-id", type=int, default=0, help=argparse.SUPPRESS)
+    # Set by the supervisor on the node processes it runs.
+    serve.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--health-socket", help=argparse.SUPPRESS)
     return parser
 
 
@@ -72,6 +123,31 @@ def _settings(args: argparse.Namespace) -> Settings:
     if args.no_limits:
         changes["limiting"] = False
     return attrs.evolve(settings, **changes)
+
+
+CLOCK_OFFSET_ENV = "TOKENGUARD_CLOCK_OFFSET_SECONDS"
+
+
+def apply_clock_offset(environ: Mapping[str, str] = os.environ) -> float:
+    """TEST ONLY: shift this process's wall clock by ``$TOKENGUARD_CLOCK_OFFSET_SECONDS``.
+
+    Patches ``time.time`` and ``time.time_ns`` (code that bound them earlier with ``from
+    time import time`` keeps the real clock), so a test can run a node whose clock is
+    skewed and check that windows still agree: the Redis driver reads Redis's ``TIME``.
+    Returns the offset (0.0 when unset); raises ``ValueError`` for a non-number.
+    """
+    text = environ.get(CLOCK_OFFSET_ENV, "").strip()
+    if not text:
+        return 0.0
+    offset = float(text)
+    real_time, real_time_ns = time.time, time.time_ns
+    offset_ns = round(offset * 1e9)
+    time.time = lambda: real_time() + offset
+    time.time_ns = lambda: real_time_ns() + offset_ns
+    logging.getLogger("tokenguard.cli").warning(
+        "%s=%g: this process's clock is shifted (a test-only setting)", CLOCK_OFFSET_ENV, offset
+    )
+    return offset
 
 
 def _print_demo_banner(url: str) -> None:
@@ -104,12 +180,14 @@ async def _run_single(args: argparse.Namespace, settings: Settings) -> None:
                 host=args.host,
                 port=args.port,
                 grace=args.grace,
+                reuse_port=args.reuse_port,
+                unix_socket=args.health_socket,
                 shutdown=shutdown,
                 task_status=task_status,
             )
         )
         print(f"tokenguard node {settings.node_id} serving on {url} (store {settings.store_url})")
-        if not args.config:
+        if not args.config and not args.supervised:
             _print_demo_banner(url)
         sys.stdout.flush()
         await shutdown.wait()
@@ -117,27 +195,161 @@ async def _run_single(args: argparse.Namespace, settings: Settings) -> None:
     print("tokenguard: stopped")
 
 
+def _serve_node(args: argparse.Namespace) -> int:
+    """One node in this process: ``serve`` without ``--nodes``, or a supervised node."""
+    try:
+        apply_clock_offset()
+    except ValueError as exc:
+        print(f"tokenguard: {CLOCK_OFFSET_ENV}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"tokenguard: config error: {exc}", file=sys.stderr)
+        return 2
+    status = 0
+    try:
+        trio.run(_run_single, args, settings)
+    except* UnknownStoreScheme as group:
+        _print_errors(group)
+        status = 2
+    except* StoreError as group:
+        for exc in _leaves(group):
+            print(f"tokenguard: store {settings.store_url} unavailable: {exc}", file=sys.stderr)
+        status = 1
+    except* OSError as group:
+        # hypercorn's bind: a port in use, an address not on this host, no permission.
+        for exc in _leaves(group):
+            where = f"{args.host}:{args.port}"
+            print(f"tokenguard: cannot listen on {where}: {exc}", file=sys.stderr)
+        status = 1
+    return status
+
+
+def _cluster(args: argparse.Namespace) -> Supervisor:
+    """The supervisor for ``serve --nodes N``; raises ConfigError, SupervisorError or
+    UnknownStoreScheme for what can be checked before any process starts."""
+    # Loaded here too so that a broken config fails once, now, not in N node processes.
+    configured = load_settings(args.config) if args.config else demo_settings()
+    supervisor = Supervisor(
+        nodes=args.nodes,
+        state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
+        store_url=cluster_store_url(args.store, configured.store_url),
+        host=args.host,
+        port=args.port,
+        config=Path(args.config) if args.config else None,
+        grace=args.grace,
+        reuse_port=args.reuse_port,
+        log_to_stdout=args.log_to_stdout,
+        node_args=("--no-limits",) if args.no_limits else (),
+    )
+    check_driver(supervisor.shared_store_url)
+    return supervisor
+
+
+def _print_table(supervisor: Supervisor, urls: list[str], args: argparse.Namespace) -> None:
+    n = supervisor.nodes
+    print(f"tokenguard: {n} nodes healthy after {supervisor.ready_seconds:.2f} s")
+    rows: list[tuple[str, str]] = []
+    if supervisor.reuse_port:
+        rows.append((f"nodes 0-{n - 1}", f"{urls[0]}  (one port shared through SO_REUSEPORT)"))
+    else:
+        rows += [(f"node {i}", url) for i, url in enumerate(urls)]
+    store = supervisor.shared_store_url
+    redis = supervisor.redis_child
+    if redis is not None and redis.process is not None:
+        store += f"  (embedded redis-server, pid {redis.process.pid}, append-only)"
+    rows.append(("store", store))
+    rows.append(("config", str(supervisor.config) if supervisor.config else "built-in demo"))
+    log_dir = supervisor.log_dir
+    logs = "stdout" if log_dir is None else f"{log_dir}/  (node-<i>.log, redis.log)"
+    rows.append(("logs", logs))
+    rows.append(("state", str(supervisor.state_dir)))
+    rows.append(("stop", f"Ctrl-C or SIGTERM: in-flight requests get {supervisor.grace:g} s"))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    if not args.config:
+        _print_demo_banner(urls[0])
+    sys.stdout.flush()
+
+
+async def _run_cluster(args: argparse.Namespace, supervisor: Supervisor) -> None:
+    async with trio.open_nursery() as nursery:
+        run_scope = trio.CancelScope()
+
+        async def on_signals(*, task_status: trio.TaskStatus[None]) -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                task_status.started()
+                async for signum in signals:
+                    if not run_scope.cancel_called:
+                        log.info(
+                            "%s: stopping nodes (in-flight requests get %g s), then Redis; "
+                            "signal again to kill the nodes at once",
+                            signal.Signals(signum).name,
+                            supervisor.grace,
+                        )
+                        run_scope.cancel()
+                    else:
+                        log.warning("second signal: killing the nodes without draining")
+                        supervisor.kill_nodes()
+
+        await nursery.start(on_signals)
+        with run_scope:
+            async with trio.open_nursery() as inner:
+                urls = await inner.start(supervisor.run)
+                _print_table(supervisor, urls, args)
+        nursery.cancel_scope.cancel()
+    print("tokenguard: stopped")
+    sys.stdout.flush()
+
+
+def _serve_cluster(args: argparse.Namespace) -> int:
+    """``serve --nodes N`` (N > 1): the supervisor in this process."""
+    try:
+        supervisor = _cluster(args)
+    except ConfigError as exc:
+        print(f"tokenguard: config error: {exc}", file=sys.stderr)
+        return 2
+    except (SupervisorError, UnknownStoreScheme, ValueError) as exc:
+        print(f"tokenguard: {exc}", file=sys.stderr)
+        return 2
+    status = 0
+    try:
+        trio.run(_run_cluster, args, supervisor)
+    except* StateDirBusy as group:
+        _print_errors(group)
+        status = 2
+    except* (SupervisorError, RedisBinaryNotFound) as group:
+        _print_errors(group)
+        status = 1
+    return status
+
+
+def _print_errors(group: BaseExceptionGroup) -> None:
+    for exc in _leaves(group):
+        print(f"tokenguard: {exc}", file=sys.stderr)
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.command == "serve":
-        try:
-            settings = _settings(args)
-        except ConfigError as exc:
-            print(f"tokenguard: config error: {exc}", file=sys.stderr)
-            return 2
-        if args.nodes > 1:
-            print("tokenguard: --nodes > 1 needs the supervisor (not yet built)", file=sys.stderr)
-            return 2
-        try:
-            trio.run(_run_single, args, settings)
-        except UnknownStoreScheme as exc:
-            print(f"tokenguard: {exc}", file=sys.stderr)
-            return 2
-        return 0
-    parser.error(f"unknown command {args.command}")
-    return 2
+    if args.command != "serve":
+        parser.error(f"unknown command {args.command}")
+    who = f"node-{args.node_id} " if args.supervised else ""
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s {who}%(name)s %(levelname)s %(message)s"
+    )
+    if args.nodes > 1:
+        return _serve_cluster(args)
+    return _serve_node(args)
 
 
-__all__ = ["DEMO_CONFIG", "main"]
+__all__ = ["CLOCK_OFFSET_ENV", "DEMO_CONFIG", "apply_clock_offset", "main"]

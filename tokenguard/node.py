@@ -33,13 +33,22 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def hypercorn_config(host: str, port: int, *, grace: float, reuse_port: bool = False) -> Config:
+def hypercorn_config(
+    host: str,
+    port: int,
+    *,
+    grace: float,
+    reuse_port: bool = False,
+    unix_socket: str | None = None,
+) -> Config:
     config = Config()
     if reuse_port:
         # hypercorn has no SO_REUSEPORT option, but serves a socket we bound ourselves.
         config.bind = [f"fd://{reuse_port_socket(host, port).detach()}"]
     else:
         config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    if unix_socket is not None:
+        config.bind.append(f"unix:{unix_socket}")
     config.graceful_timeout = grace
     config.keep_alive_timeout = 75  # longer than typical client pools keep sockets idle
     config.accesslog = None
@@ -54,15 +63,23 @@ async def serve_node(
     port: int = 8000,
     grace: float = 10.0,
     reuse_port: bool = False,
+    unix_socket: str | None = None,
     shutdown: trio.Event | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve one node until cancelled or until ``shutdown`` is set (then drain and return)."""
+    """Serve one node until cancelled or until ``shutdown`` is set (then drain and return).
+
+    ``unix_socket``, if given, is served too (after the TCP address, which stays the URL
+    passed to ``task_status.started``): with ``reuse_port`` several nodes share the TCP
+    port, and a supervisor probes each node's health on its own socket instead.
+    """
     if shutdown is None:
         shutdown = trio.Event()
     async with open_store(settings.store_url) as store:
         app = create_app(settings, store)
-        config = hypercorn_config(host, port, grace=grace, reuse_port=reuse_port)
+        config = hypercorn_config(
+            host, port, grace=grace, reuse_port=reuse_port, unix_socket=unix_socket
+        )
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(_serve, app, config, shutdown)
             url = binds[0]

@@ -1,0 +1,334 @@
+"""Test support for real tokenguard processes: starting them, ports, /healthz, /proc.
+
+Guarantees:
+
+* :func:`running_tokenguard` starts ``tokenguard <args>`` (the installed console script,
+  else ``python -m tokenguard``) with stdout and stderr in a file, and on leaving the
+  ``async with``, however it is left: SIGTERM, SIGKILL after ``stop_grace`` seconds,
+  reaped; then every descendant it ever had (as far as the snapshots taken by
+  :meth:`TokenguardProcess.descendants` saw) is SIGKILLed if still alive. A test that
+  fails never leaves a node or a redis-server behind.
+* :func:`running_cluster` is ``tokenguard serve --nodes N`` that returns only once the
+  startup table is printed and every node answers ``/healthz``; it retries on fresh
+  ports if one was taken in between.
+* :func:`free_ports` returns the first of ``n`` consecutive ports nobody listens on
+  (below Linux's ephemeral range, so client sockets do not take them meanwhile).
+* The ``/proc`` helpers count a zombie as dead: in a container, an orphan may never be
+  reaped, but it runs nothing and holds nothing.
+
+Waits are unbounded, in trio's style: the caller bounds them (``trio.fail_after``).
+When the body of :func:`running_tokenguard` raises, the process's output is printed, so
+pytest shows it with the failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+START_TIMEOUT = 20.0
+STOP_GRACE = 20.0
+
+
+def tokenguard_command() -> list[str]:
+    """How a user runs tokenguard: the venv's console script, else ``python -m``."""
+    script = Path(sys.executable).with_name("tokenguard")
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "tokenguard"]
+
+
+# --- ports -------------------------------------------------------------------------------
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(n: int = 1, host: str = "127.0.0.1") -> int:
+    """The first of ``n`` consecutive TCP ports free right now (may be taken later)."""
+    for _ in range(200):
+        base = random.randrange(20000, 32000 - n)
+        if all(_bindable(host, base + i) for i in range(n)):
+            return base
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
+@contextlib.contextmanager
+def short_tmp_dir(prefix: str = "tg-") -> Iterator[Path]:
+    """A fresh directory with a short path (unix socket paths must stay < 108 bytes,
+    which pytest's ``tmp_path`` does not promise); removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp" if os.path.isdir("/tmp") else None))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+async def wait_refused(host: str, port: int) -> None:
+    """Wait until a new TCP connection to ``host:port`` is refused."""
+    while True:
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError:
+            return
+        await stream.aclose()
+        await trio.sleep(0.02)
+
+
+# --- /proc -------------------------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name is in parentheses and may contain spaces: split after it.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None and int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+                found.append(int(entry))
+    return sorted(found)
+
+
+def descendants(pid: int) -> list[int]:
+    """Live children, grandchildren, ... of ``pid``."""
+    found: list[int] = []
+    todo = children(pid)
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo += children(child)
+    return sorted(found)
+
+
+def cmdline(pid: int) -> str:
+    """The process's command line, arguments joined by spaces ("" if it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size (VmRSS) in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise ValueError(f"no VmRSS for pid {pid}")
+
+
+async def wait_gone(pids: Sequence[int]) -> None:
+    """Wait until none of ``pids`` is alive."""
+    # Polling /proc: a process that is not our child offers nothing else to wait on.
+    while any(alive(p) for p in pids):  # noqa: ASYNC110
+        await trio.sleep(0.05)
+
+
+# --- tokenguard processes ----------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class TokenguardProcess:
+    """A running ``tokenguard`` command; its output accumulates in ``output_path``."""
+
+    process: trio.Process
+    argv: list[str]
+    output_path: Path
+    seen: set[int] = attrs.field(factory=set)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        try:
+            return self.output_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def descendants(self) -> list[int]:
+        """Live descendants now (also remembered, for the cleanup)."""
+        found = descendants(self.pid) if self.process.returncode is None else []
+        self.seen.update(found)
+        return found
+
+    def child(self, needle: str) -> int:
+        """The pid of the live child whose command line contains ``needle`` (e.g.
+        ``"--node-id 1"``, ``"redis-server"``); ``LookupError`` if none or several."""
+        matches = [p for p in self.descendants() if needle in cmdline(p)]
+        if len(matches) != 1:
+            raise LookupError(f"{len(matches)} children match {needle!r}: {matches}")
+        return matches[0]
+
+    async def wait_output(self, text: str) -> str:
+        """Wait until ``text`` appears in the output and return the output; raise
+        ``ChildProcessError`` (with the output) if the process exits first."""
+        while text not in (output := self.output()):
+            if self.process.returncode is not None:
+                raise ChildProcessError(
+                    f"{self.argv} exited ({self.process.returncode}) before printing "
+                    f"{text!r}:\n{self.output()}"
+                )
+            await trio.sleep(0.05)
+        return output
+
+    async def wait(self) -> int:
+        """Wait for the process to exit; return its status."""
+        return await self.process.wait()
+
+    def send_signal(self, sig: int) -> None:
+        self.descendants()  # remember them before they are reparented
+        self.process.send_signal(sig)
+
+    async def stop(self, grace: float = STOP_GRACE) -> int:
+        """SIGTERM, SIGKILL after ``grace`` s, reap; then SIGKILL remembered
+        descendants still alive. Returns the exit status."""
+        if self.process.returncode is None:
+            self.send_signal(signal.SIGTERM)
+            with trio.move_on_after(grace):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+        status = await self.process.wait()
+        for pid in self.seen:
+            # The name check guards against a pid reused by an unrelated process.
+            if alive(pid) and any(name in cmdline(pid) for name in ("tokenguard", "redis-server")):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        return status
+
+
+@contextlib.asynccontextmanager
+async def running_tokenguard(
+    args: Sequence[str],
+    *,
+    output_path: Path,
+    env: Mapping[str, str] | None = None,
+    stop_grace: float = STOP_GRACE,
+) -> AsyncIterator[TokenguardProcess]:
+    """``tokenguard *args`` for the duration of the ``async with``; always stopped.
+
+    ``env`` entries are added to this process's environment.
+    """
+    argv = [*tokenguard_command(), *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # A local file for the child's output: opened and closed without awaiting anything.
+    with open(output_path, "ab") as output:  # noqa: ASYNC230
+        process = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=full_env
+        )
+    proc = TokenguardProcess(process=process, argv=argv, output_path=output_path)
+    try:
+        yield proc
+    except BaseException:
+        print(f"--- output of {' '.join(argv)} ---\n{proc.output()}")
+        raise
+    finally:
+        with trio.CancelScope(shield=True):
+            await proc.stop(stop_grace)
+
+
+async def wait_healthy(url: str, node_id: int | None = None) -> dict[str, Any]:
+    """Poll ``url/healthz`` until it answers 200 (with ``node_id``, if given); return
+    its JSON."""
+    async with httpx.AsyncClient(timeout=1.0) as client:
+        while True:
+            try:
+                response = await client.get(f"{url}/healthz")
+                body = response.json()
+                if response.status_code == 200 and node_id in (None, body.get("node")):
+                    return body
+            except (httpx.TransportError, ValueError):
+                pass
+            await trio.sleep(0.05)
+
+
+@attrs.define(eq=False)
+class Cluster:
+    """A ``tokenguard serve --nodes N`` supervisor whose nodes are all healthy."""
+
+    supervisor: TokenguardProcess
+    urls: list[str]
+    state_dir: Path
+    port: int
+
+    def node_pid(self, node_id: int) -> int:
+        return self.supervisor.child(f"--node-id {node_id} ")
+
+    def redis_pid(self) -> int:
+        return self.supervisor.child("redis-server")
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(
+    state_dir: Path,
+    *,
+    nodes: int = 3,
+    config: Path | None = None,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    attempts: int = 3,
+) -> AsyncIterator[Cluster]:
+    """``tokenguard serve --nodes N --port P --state-dir D [--config C] *args`` until the
+    ``async with`` ends; yields once the startup table is printed and every node
+    answers /healthz (TooSlowError after ``START_TIMEOUT`` s). The supervisor's output
+    is ``state_dir/supervisor.out``."""
+    await trio.Path(state_dir).mkdir(parents=True, exist_ok=True)
+    output_path = state_dir / "supervisor.out"
+    reuse_port = "--reuse-port" in args
+    for attempt in range(attempts):
+        port = free_ports(1 if reuse_port else nodes)
+        argv = ["serve", "--nodes", str(nodes), "--port", str(port), "--state-dir", str(state_dir)]
+        if config is not None:
+            argv += ["--config", str(config)]
+        async with running_tokenguard([*argv, *args], output_path=output_path, env=env) as proc:
+            try:
+                with trio.fail_after(START_TIMEOUT):
+                    await proc.wait_output("nodes healthy after")
+            except ChildProcessError:
+                # A port taken between free_ports() and the bind: try others.
+                if "address already in use" in proc.output().lower() and attempt + 1 < attempts:
+                    continue
+                raise
+            urls = [f"http://127.0.0.1:{port if reuse_port else port + i}" for i in range(nodes)]
+            with trio.fail_after(START_TIMEOUT):
+                for i, url in enumerate(urls):
+                    await wait_healthy(url, node_id=None if reuse_port else i)
+            proc.descendants()
+            yield Cluster(supervisor=proc, urls=urls, state_dir=state_dir, port=port)
+            return
+    raise AssertionError("unreachable")
