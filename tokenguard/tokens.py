@@ -46,6 +46,8 @@ blocks; it happens once per process per encoding. Call :func:`preload` at start-
 from __future__ import annotations
 
 import base64
+import ctypes
+import gc
 import gzip
 import hashlib
 import json
@@ -206,7 +208,23 @@ def _build_encoding(name: str) -> tiktoken.Encoding:
         kwargs = constructor()
     finally:
         _openai_public.load_tiktoken_bpe = original
-    return tiktoken.Encoding(**kwargs)
+    encoding = tiktoken.Encoding(**kwargs)
+    # The Rust core keeps its own copy of the ranks; tiktoken keeps the Python dict only
+    # to pickle the encoding, which we never do. Dropping it saves ~28 MB per node (o200k).
+    encoding._mergeable_ranks = {}
+    del kwargs
+    _return_freed_memory()
+    return encoding
+
+
+def _return_freed_memory() -> None:
+    """Hand the parse's freed heap back to the OS (glibc keeps it otherwise), so a node's
+    resident memory reflects what it uses. A no-op where glibc is not the allocator."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _get_encoding(name: str) -> tiktoken.Encoding:
