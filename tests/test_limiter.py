@@ -190,7 +190,7 @@ async def test_hundred_concurrent_tasks_admit_exactly_five(limiter: Limiter) -> 
     results: list[bool] = []
 
     async def one() -> None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()  # let all 100 start before any admits
         results.append((await limiter.admit(key, Cost())).admitted)
 
     async with trio.open_nursery() as nursery:

@@ -133,7 +133,8 @@ async def raw_request(port: int, request: bytes) -> bytes:
         await stream.send_all(request)
         data = b""
         while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + int(
-            data.split(b"content-length: ")[1].split(b"\r\n")[0] if b"content-length: " in data
+            data.split(b"content-length: ")[1].split(b"\r\n")[0]
+            if b"content-length: " in data
             else 0
         ):
             chunk = await stream.receive_some(65536)
@@ -164,7 +165,8 @@ async def test_path_variants_never_bypass_the_limiter(node) -> None:  # type: ig
             assert b'"code":"unknown_url"' in answer
         admitted += status == 200
     async with httpx.AsyncClient() as client:
-        usage = await client.get(f"{url}/v1/usage", headers={"Authorization": "Bearer sk-e2e-small"})
+        auth = {"Authorization": "Bearer sk-e2e-small"}
+        usage = await client.get(f"{url}/v1/usage", headers=auth)
     # rpm = 3: whatever the spelling, no more than 3 got through, and each one counted.
     assert admitted == 3
     assert usage.json()["dimensions"]["requests"]["used"] == 3
