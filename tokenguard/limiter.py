@@ -1,20 +1,27 @@
-"""The limiter: turns a key's limits and a request's cost into store rows, and back.
+"""The limiter: turns a key's rules and a request's cost into store rows, and back.
 
 Admission reserves, for one request, 1 request, its counted input tokens and its
-worst-case output tokens (``max_tokens`` x ``n``), all or nothing. Settlement later
-refunds the output tokens the reply did not use, into the very bucket that was charged.
-The limiter knows nothing of HTTP or of any driver: it talks to a
-:class:`~tokenguard.windows.WindowStore`.
+worst-case output tokens (``max_tokens`` x ``n``) in every row that applies to it (the
+key's limits over every window, its team's, the per-model rules that match: see
+:mod:`tokenguard.rules`), all or nothing, in one store call. Settlement later refunds
+the output tokens the reply did not use, into the very buckets that were charged, in
+every output and total-tokens row. The limiter knows nothing of HTTP or of any driver:
+it talks to a :class:`~tokenguard.windows.WindowStore`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import attrs
 
-from tokenguard.settings import DIMENSIONS, ApiKey
-from tokenguard.windows import Admission, Reservation, Row, RowState, WindowStore
+from tokenguard.rules import RowTemplate, partition_of, templates
+from tokenguard.settings import ApiKey
+from tokenguard.windows import NOT_RESERVED, Admission, Reservation, Row, RowState, WindowStore
+
+# (key, model) -> row templates; cleared when it grows past this (models are client input).
+TEMPLATE_CACHE = 4096
 
 
 @attrs.frozen
@@ -25,17 +32,28 @@ class Cost:
     input_tokens: int = 0
     output_tokens: int = 0
 
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
     def amount(self, dimension: str) -> int:
         return getattr(self, dimension)
 
 
 @attrs.frozen
 class Decision:
-    """A request's admission, by dimension; the refusal (if any) and how to settle it."""
+    """A request's admission, by row; the refusal (if any) and how to settle it.
+
+    In shadow mode (rows with ``enforce=False``) a request may be admitted although
+    enforcing would have refused it: :attr:`would_refuse`, with the row that would have
+    refused in :attr:`shadow_refusal` (for the feed's ``would_reject`` events, metrics
+    and logs).
+    """
 
     key: ApiKey
     cost: Cost
     admission: Admission
+    model: str | None = None
 
     @property
     def admitted(self) -> bool:
@@ -46,6 +64,7 @@ class Decision:
         return self.admission.reservation
 
     def state(self, dimension: str) -> RowState | None:
+        """The first row of ``dimension``: the key's own, per [window], when it has one."""
         for s in self.admission.states:
             if s.row.dimension == dimension:
                 return s
@@ -53,71 +72,136 @@ class Decision:
 
     @property
     def refusal(self) -> RowState | None:
-        """The refusing row that waits longest (a never-fitting one first)."""
-        refusing = self.admission.refusing
-        if not refusing:
-            return None
-        never = [s for s in refusing if s.never_fits]
-        if never:
-            return never[0]
-        return max(refusing, key=lambda s: s.retry_after or 0.0)
+        """The refusing (enforced) row that waits longest (a never-fitting one first)."""
+        return _longest_wait(self.admission.refusing)
+
+    @property
+    def would_refuse(self) -> bool:
+        """Admitted only because the rows that refused are in shadow mode."""
+        return self.admission.would_refuse
+
+    @property
+    def shadow_refusal(self) -> RowState | None:
+        """The shadow row that would have refused, waiting longest; ``None`` if none."""
+        return _longest_wait(self.admission.shadow_refusing)
+
+
+def _longest_wait(refusing: tuple[RowState, ...]) -> RowState | None:
+    if not refusing:
+        return None
+    never = [s for s in refusing if s.never_fits]
+    if never:
+        return never[0]
+    return max(refusing, key=lambda s: s.retry_after or 0.0)
 
 
 class Limiter:
-    """Admission and settlement of requests against one window store."""
+    """Admission and settlement of requests against one window store.
+
+    ``window_seconds``/``bucket_seconds`` are the per-minute ([window]) rules' window;
+    hour and day rules have fixed windows (:mod:`tokenguard.rules`). ``shadow_refusals``
+    counts admissions that shadow mode let through.
+    """
 
     def __init__(self, store: WindowStore, *, window_seconds: int, bucket_seconds: int) -> None:
         self.store = store
         self.window_seconds = window_seconds
         self.bucket_seconds = bucket_seconds
+        self.shadow_refusals = 0
+        self._templates: dict[tuple[int, str | None], tuple[ApiKey, tuple[RowTemplate, ...]]] = {}
 
-    def rows(self, key: ApiKey, cost: Cost | None = None) -> list[Row]:
-        """One row per limited dimension of the key; unlimited dimensions have none."""
-        rows = []
-        for dimension in DIMENSIONS:
-            limit = key.limits.limit(dimension)
-            if limit is None:
-                continue
-            rows.append(
-                Row(
-                    scope=f"key:{key.key_id}",
-                    dimension=dimension,
-                    window_ms=self.window_seconds * 1000,
-                    bucket_ms=self.bucket_seconds * 1000,
-                    limit=limit,
-                    amount=cost.amount(dimension) if cost else 0,
-                )
-            )
-        return rows
+    def templates(self, key: ApiKey, model: str | None = None) -> tuple[RowTemplate, ...]:
+        """The rows (without amounts) a request of ``key`` for ``model`` is checked
+        against; cached per key object and model."""
+        cache_key = (id(key), model)
+        cached = self._templates.get(cache_key)
+        if cached is not None and cached[0] is key:
+            return cached[1]
+        if len(self._templates) >= TEMPLATE_CACHE:
+            self._templates.clear()
+        found = templates(
+            key,
+            model,
+            window_ms=self.window_seconds * 1000,
+            bucket_ms=self.bucket_seconds * 1000,
+        )
+        self._templates[cache_key] = (key, found)
+        return found
 
-    async def admit(self, key: ApiKey, cost: Cost) -> Decision:
-        admission = await self.store.admit(key.key_id, self.rows(key, cost))
-        return Decision(key=key, cost=cost, admission=admission)
+    def rows(self, key: ApiKey, cost: Cost | None = None, model: str | None = None) -> list[Row]:
+        """One row per limit that applies (unlimited dimensions have none)."""
+        return [t.row(cost.amount(t.dimension) if cost else 0) for t in self.templates(key, model)]
+
+    def output_cap(
+        self, key: ApiKey, model: str | None = None, input_tokens: int = 0
+    ) -> int | None:
+        """The most output tokens any request of ``key`` for ``model`` could ever be
+        admitted with: the smallest enforced output limit, or total-tokens limit less
+        the input. ``None``: no enforced limit on output."""
+        caps = [
+            t.limit if t.dimension == "output_tokens" else t.limit - input_tokens
+            for t in self.templates(key, model)
+            if t.enforce and t.dimension in ("output_tokens", "total_tokens")
+        ]
+        return min(caps, default=None)
+
+    async def admit(self, key: ApiKey, cost: Cost, model: str | None = None) -> Decision:
+        admission = await self.store.admit(partition_of(key), self.rows(key, cost, model))
+        if admission.would_refuse:
+            self.shadow_refusals += 1
+        return Decision(key=key, cost=cost, admission=admission, model=model)
 
     async def settle(
         self, decision: Decision, *, output_tokens: int, input_tokens: int | None = None
     ) -> None:
         """Correct the reservation to what the request really used.
 
-        ``output_tokens`` replaces the reserved worst case (usually a refund);
-        ``input_tokens``, when given, replaces the counted prompt size. Nothing happens
-        for an unlimited dimension or a refused request.
+        ``output_tokens`` replaces the reserved worst case (usually a refund) in every
+        output and total-tokens row; ``input_tokens``, when given, replaces the counted
+        prompt size in every input and total-tokens row. Nothing happens for a refused
+        request, nor for rows that were not consumed (shadow rows that did not fit).
         """
         reservation = decision.reservation
         if reservation is None:
             return
-        actual = {"output_tokens": output_tokens}
-        if input_tokens is not None:
-            actual["input_tokens"] = input_tokens
+        cost = decision.cost
+        output_delta = output_tokens - cost.output_tokens
+        input_delta = 0 if input_tokens is None else input_tokens - cost.input_tokens
+        by_dimension = {
+            "output_tokens": output_delta,
+            "input_tokens": input_delta,
+            "total_tokens": output_delta + input_delta,
+        }
         deltas = [
-            actual[row.dimension] - row.amount if row.dimension in actual else 0
-            for row in reservation.rows
+            by_dimension.get(row.dimension, 0) if bucket != NOT_RESERVED else 0
+            for row, bucket in zip(reservation.rows, reservation.buckets, strict=True)
         ]
         if any(deltas):
             await self.store.settle(reservation, deltas)
 
-    async def usage(self, key: ApiKey) -> tuple[RowState, ...]:
-        return await self.store.usage(key.key_id, self.rows(key))
+    async def usage(self, key: ApiKey, model: str | None = None) -> tuple[RowState, ...]:
+        return await self.store.usage(partition_of(key), self.rows(key, model=model))
+
+
+def tightest(states: Iterable[RowState], dimensions: Iterable[str]) -> RowState | None:
+    """Of the enforced rows of ``dimensions``, the one with the smallest share of its
+    limit remaining (the first such, in row order, on a tie)."""
+    wanted = set(dimensions)
+    candidates = [s for s in states if s.row.enforce and s.row.dimension in wanted]
+    return min(candidates, key=lambda s: s.remaining / s.limit, default=None)
+
+
+def tightest_by_dimension(states: Iterable[RowState]) -> dict[str, RowState]:
+    """Per dimension, the tightest enforced row (over every scope and window): what a
+    client is told about that dimension. Dimensions without a row are absent."""
+    out: dict[str, RowState] = {}
+    for s in states:
+        if not s.row.enforce:
+            continue
+        best = out.get(s.row.dimension)
+        if best is None or s.remaining / s.limit < best.remaining / best.limit:
+            out[s.row.dimension] = s
+    return out
 
 
 # --- OpenAI's rate-limit headers ----------------------------------------------------------
@@ -160,21 +244,23 @@ def _header_triple(name: str, state: RowState) -> dict[str, str]:
 
 
 def ratelimit_headers(states: tuple[RowState, ...]) -> dict[str, str]:
-    """OpenAI's ``x-ratelimit-*`` headers for a key's current rows.
+    """OpenAI's ``x-ratelimit-*`` headers for a request's rows.
 
-    ``*-tokens`` reports the tighter of input and output tokens: the one with the
-    smaller share of its limit remaining. Unlimited dimensions have no headers.
+    Each header reports the tightest enforced row of its dimension over every scope and
+    window (the smallest share of its limit remaining): ``*-requests`` of the request
+    rows, ``*-input-tokens`` and ``*-output-tokens`` of theirs, and ``*-tokens`` of the
+    input, output and total-tokens rows together. Shadow rows are never reported;
+    unlimited dimensions have no headers.
     """
     headers: dict[str, str] = {}
-    by_dimension = {s.row.dimension: s for s in states}
+    by_dimension = tightest_by_dimension(states)
     for dimension, name in _HEADER_NAMES.items():
         state = by_dimension.get(dimension)
         if state is not None:
             headers.update(_header_triple(name, state))
-    token_states = [by_dimension[d] for d in ("input_tokens", "output_tokens") if d in by_dimension]
-    if token_states:
-        tightest = min(token_states, key=lambda s: s.remaining / s.limit)
-        headers.update(_header_triple("tokens", tightest))
+    tokens = tightest(by_dimension.values(), ("input_tokens", "output_tokens", "total_tokens"))
+    if tokens is not None:
+        headers.update(_header_triple("tokens", tokens))
     return headers
 
 
