@@ -1,0 +1,518 @@
+"""The live usage feed of one node: its events out to the cluster, the cluster's in to
+its websocket subscribers.
+
+Out: the request path calls :meth:`Feed.admitted`, :meth:`Feed.rejected` and
+:meth:`Feed.settled`, which only append to a bounded queue (they never await, never
+raise for a full queue: past ``outgoing_limit`` the oldest queued events are dropped and
+counted in ``dropped_outgoing``). One publisher task drains the queue in batches, one
+store message per batch (newline-separated JSON events), through
+:meth:`~tokenguard.windows.WindowStore.publish`, so every node sharing the store gets
+them, this one included.
+
+In: one subscription to the store's channel hands each event to the local subscribers
+allowed to see it (:class:`Viewer`). Each :class:`Subscriber` has its own backlog of at
+most ``backlog`` events; beyond it its oldest events are dropped, and the next thing it
+takes is the count of them (sent as a ``lagged`` message). A slow subscriber therefore
+costs a bounded amount of memory and never slows anyone else. A snapshot task reads,
+every second, the usage of every key that had an event in the last window (plus one
+bucket), and hands a ``snapshot`` to the local subscribers that see that key.
+
+Ordering: the events of one node reach every subscriber in the order that node produced
+them (one publisher task, one message per batch, the store keeps a publisher's order).
+Events of different nodes interleave in arrival order. Delivery is at most once.
+
+:func:`serve_websocket` is one websocket session at ``/v1/usage/stream``: the bearer
+token (``Authorization`` header, or a first ``{"type": "auth", "token": ...}`` message
+within ``AUTH_SECONDS``), then the events, each with an ``id`` counting up from 1 in
+that stream. A bad token, or none in time, closes the socket with 1008 before any
+event is sent. Event fields are documented in ``docs/usage-feed.md``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import attrs
+import trio
+from quart import Websocket
+
+from tokenguard.limiter import Decision, Limiter, tightest_by_dimension
+from tokenguard.settings import DIMENSIONS, ApiKey, Settings, digest_of
+from tokenguard.windows import RowState, StoreError, WindowStore
+
+log = logging.getLogger("tokenguard.feed")
+
+CHANNEL = "tokenguard:usage-feed"
+# Events waiting to be published; past it the oldest are dropped (a store outage).
+OUTGOING_LIMIT = 10_000
+# Events per published message, at most.
+PUBLISH_BATCH = 500
+SNAPSHOT_SECONDS = 1.0
+# Store reads in flight at once for one round of snapshots.
+SNAPSHOT_READS = 8
+AUTH_SECONDS = 5.0
+# WebSocket close codes (RFC 6455).
+CLOSE_POLICY = 1008
+CLOSE_GOING_AWAY = 1001
+RESUBSCRIBE_SECONDS = (0.1, 5.0)
+
+
+def now_ms() -> int:
+    """The server timestamp of events: milliseconds since the Unix epoch."""
+    return time.time_ns() // 1_000_000
+
+
+def usage_entry(state: RowState) -> dict[str, Any]:
+    return {
+        "used": state.used,
+        "limit": state.limit,
+        "remaining": state.remaining,
+        "reset_seconds": state.reset_after,
+    }
+
+
+def usage_of(states: Sequence[RowState]) -> dict[str, Any]:
+    """Per dimension, the tightest enforced row's entry (over every scope and window, as
+    ``/v1/usage`` reports it); ``None`` for an unlimited dimension. ``total_tokens``
+    only when some rule limits it."""
+    by_dimension = tightest_by_dimension(states)
+    usage = {d: usage_entry(by_dimension[d]) if d in by_dimension else None for d in DIMENSIONS}
+    if "total_tokens" in by_dimension:
+        usage["total_tokens"] = usage_entry(by_dimension["total_tokens"])
+    return usage
+
+
+def limit_of(state: RowState) -> dict[str, Any]:
+    """Which limit a row is: dimension, scope (``key`` or ``team``), window, numbers."""
+    row = state.row
+    return {
+        "dimension": row.dimension,
+        "scope": "team" if row.scope.startswith("team:") else "key",
+        "window_seconds": row.window_ms / 1000,
+        "limit": state.limit,
+        "used": state.used,
+        "requested": row.amount,
+    }
+
+
+@attrs.frozen
+class Viewer:
+    """Who a subscriber is. ``role="key"``: the key named ``key``, which sees only its
+    own events. ``role="admin"``: sees every key, or only ``key`` when it is set."""
+
+    role: Literal["key", "admin"]
+    key: str | None = None
+
+    def sees(self, key_name: str) -> bool:
+        return self.key is None or self.key == key_name
+
+
+class Subscriber:
+    """One local subscriber: a backlog of encoded events (without their stream ``id``),
+    at most ``limit`` long; the oldest are dropped beyond it and counted until taken."""
+
+    def __init__(self, viewer: Viewer, limit: int) -> None:
+        self.viewer = viewer
+        self.limit = limit
+        self.dropped = 0
+        self._backlog: deque[str] = deque()
+        self._wakeup = trio.Event()
+
+    @property
+    def pending(self) -> int:
+        """Events waiting to be sent (at most ``limit``)."""
+        return len(self._backlog)
+
+    def offer(self, body: str) -> None:
+        """Queue one event; never blocks."""
+        if len(self._backlog) >= self.limit:
+            self._backlog.popleft()
+            self.dropped += 1
+        self._backlog.append(body)
+        self._wakeup.set()
+
+    async def take(self, most: int = 64) -> tuple[int, list[str]]:
+        """Wait for events; return (events dropped since the last take, up to ``most``
+        events, oldest first). Taking a few at a time keeps what a stuck sender holds
+        small: the backlog stays the bound."""
+        while not self._backlog and not self.dropped:
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+        dropped, self.dropped = self.dropped, 0
+        backlog = self._backlog
+        return dropped, [backlog.popleft() for _ in range(min(most, len(backlog)))]
+
+
+class Feed:
+    """The event bus of one node (see the module docstring). Run it with :meth:`run`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: WindowStore,
+        limiter: Limiter,
+        *,
+        channel: str = CHANNEL,
+        outgoing_limit: int = OUTGOING_LIMIT,
+        snapshot_seconds: float = SNAPSHOT_SECONDS,
+        closing: trio.Event | None = None,
+    ) -> None:
+        self.node_id = settings.node_id
+        self.store = store
+        self.limiter = limiter
+        self.channel = channel
+        self.backlog = settings.feed.backlog
+        self.outgoing_limit = outgoing_limit
+        self.snapshot_seconds = snapshot_seconds
+        # Set when the node starts to shut down: sessions then close with 1001.
+        self.closing = closing if closing is not None else trio.Event()
+        self._keys_by_digest = settings.key_by_digest()
+        self._keys_by_name = {k.name: k for k in settings.keys}
+        self._admin_digest = settings.feed.admin_digest
+        # A key is active while its amounts may still count: a window and a bucket.
+        self._active_seconds = settings.window_seconds + settings.bucket_seconds
+        self._outgoing: deque[dict[str, Any]] = deque()
+        self._outgoing_ready = trio.Event()
+        self._seq = 0
+        self._subscribers: set[Subscriber] = set()
+        self._active: dict[str, float] = {}  # key name -> trio time of its last event
+        self._probe: dict[str, bool] = {}  # key name -> snapshot even at zero usage
+        self._snapshot_now = trio.Event()
+        self._cancel = trio.CancelScope()
+        self.dropped_outgoing = 0
+        self.publish_failures = 0
+
+    # -- producing: on the request path, never awaits
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Queue ``event`` for every node's subscribers; adds ``node``, ``seq``, ``ts``."""
+        self._seq += 1
+        event["node"] = self.node_id
+        event["seq"] = self._seq
+        event["ts"] = now_ms()
+        if len(self._outgoing) >= self.outgoing_limit:
+            self._outgoing.popleft()
+            self.dropped_outgoing += 1
+        self._outgoing.append(event)
+        self._outgoing_ready.set()
+
+    def admitted(self, decision: Decision, model: str) -> None:
+        """``admitted``, then ``would_reject`` if only shadow mode let it through."""
+        cost = decision.cost
+        self.emit(
+            {
+                "type": "admitted",
+                "key": decision.key.name,
+                "model": model,
+                "reserved": {
+                    "input_tokens": cost.input_tokens,
+                    "output_tokens": cost.output_tokens,
+                },
+                "usage": usage_of(decision.admission.states),
+            }
+        )
+        shadow = decision.shadow_refusal if decision.would_refuse else None
+        if shadow is not None:
+            self.emit(
+                {"type": "would_reject", "key": decision.key.name, "model": model}
+                | limit_of(shadow)
+            )
+
+    def rejected(self, decision: Decision, model: str) -> None:
+        state = decision.refusal
+        if state is None:
+            return
+        self.emit(
+            {"type": "rejected", "key": decision.key.name, "model": model}
+            | limit_of(state)
+            | {"retry_after": decision.admission.retry_after}
+        )
+
+    def settled(self, decision: Decision, output_tokens: int) -> None:
+        reserved = decision.cost.output_tokens
+        self.emit(
+            {
+                "type": "settled",
+                "key": decision.key.name,
+                "reserved_output_tokens": reserved,
+                "output_tokens": output_tokens,
+                "refund": reserved - output_tokens,
+            }
+        )
+
+    # -- who sees what
+
+    def viewer_for(self, token: str, key_filter: str | None) -> Viewer | str:
+        """The viewer a bearer token is, or why it is refused (a message for 1008).
+
+        A key's token may name only its own key as filter; the admin token may name
+        any configured key. With no admin token configured there is no admin view.
+        """
+        digest = digest_of(token)
+        key = self._keys_by_digest.get(digest)
+        if key is not None:
+            if key_filter not in (None, key.name):
+                return "a key's token sees only that key's events"
+            return Viewer("key", key.name)
+        admin = self._admin_digest
+        if admin is not None and hmac.compare_digest(digest, admin):
+            if key_filter is not None and key_filter not in self._keys_by_name:
+                return "unknown key name"
+            return Viewer("admin", key_filter)
+        return "invalid token"
+
+    @contextmanager
+    def subscription(self, viewer: Viewer) -> Iterator[Subscriber]:
+        """Register a local subscriber for the duration of the ``with``. Its first
+        snapshots come at once: its own key's (even at zero), or, for the admin, every
+        key in use (or the filtered key's)."""
+        subscriber = Subscriber(viewer, self.backlog)
+        self._subscribers.add(subscriber)
+        if viewer.key is not None:
+            self._probe[viewer.key] = True
+        else:
+            for name in self._keys_by_name:
+                self._probe.setdefault(name, False)
+        self._snapshot_now.set()
+        try:
+            yield subscriber
+        finally:
+            self._subscribers.discard(subscriber)
+
+    @property
+    def subscribers(self) -> tuple[Subscriber, ...]:
+        """The local subscribers, now."""
+        return tuple(self._subscribers)
+
+    @property
+    def queued(self) -> int:
+        """Events waiting to be published (at most ``outgoing_limit``)."""
+        return len(self._outgoing)
+
+    # -- background work
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Publish, listen and snapshot until cancelled or :meth:`stop`. Started once
+        the store subscription is up (or its first attempt failed: it is retried)."""
+        with self._cancel:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._listen_forever)
+                nursery.start_soon(self._publish_forever)
+                nursery.start_soon(self._snapshot_forever)
+                task_status.started()
+
+    def stop(self) -> None:
+        """End :meth:`run` (the node is shutting down)."""
+        self._cancel.cancel()
+
+    async def _publish_forever(self) -> None:
+        # One task, one message in flight: a node's events keep their order.
+        failing = False  # log when publishing starts failing and when it recovers
+        while True:
+            if not self._outgoing:
+                self._outgoing_ready = trio.Event()
+                await self._outgoing_ready.wait()
+            outgoing = self._outgoing
+            batch = [outgoing.popleft() for _ in range(min(PUBLISH_BATCH, len(outgoing)))]
+            message = "\n".join(
+                json.dumps(e, ensure_ascii=False, separators=(",", ":")) for e in batch
+            ).encode()
+            try:
+                await self.store.publish(self.channel, [message])
+            except StoreError as exc:
+                if not failing:
+                    log.warning("usage feed: cannot publish, dropping events: %s", exc)
+                    failing = True
+                self.publish_failures += len(batch)
+            else:
+                if failing:
+                    log.warning(
+                        "usage feed: publishing again (%d events dropped so far)",
+                        self.publish_failures,
+                    )
+                    failing = False
+
+    async def _listen_forever(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        backoff = RESUBSCRIBE_SECONDS[0]
+        started = False
+        while True:
+            try:
+                async with self.store.subscribe(self.channel) as messages:
+                    backoff = RESUBSCRIBE_SECONDS[0]
+                    if not started:
+                        started = True
+                        task_status.started()
+                    async for message in messages:
+                        self._deliver(message)
+            except StoreError as exc:
+                log.warning("usage feed: cannot subscribe (retrying): %s", exc)
+            if not started:
+                started = True
+                task_status.started()  # serve anyway; events come once subscribed
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, RESUBSCRIBE_SECONDS[1])
+
+    def _deliver(self, message: bytes) -> None:
+        """Hand one published batch to the local subscribers that see each event."""
+        if not self._subscribers:
+            return  # nobody here: not even worth parsing
+        now = trio.current_time()
+        for line in message.split(b"\n"):
+            try:
+                event = json.loads(line)
+                key = event["key"]
+            except (ValueError, TypeError, KeyError):
+                log.warning("usage feed: ignoring a malformed event %r", line[:200])
+                continue
+            self._active[key] = now
+            body = line.decode()
+            for subscriber in self._subscribers:
+                if subscriber.viewer.sees(key):
+                    subscriber.offer(body)
+
+    async def _snapshot_forever(self) -> None:
+        while True:
+            with trio.move_on_after(self.snapshot_seconds):
+                await self._snapshot_now.wait()
+            self._snapshot_now = trio.Event()
+            await self._snapshot_round()
+
+    async def _snapshot_round(self) -> None:
+        """One snapshot per active (or probed) key that some local subscriber sees."""
+        now = trio.current_time()
+        for name, last in list(self._active.items()):
+            if now - last > self._active_seconds:
+                del self._active[name]
+        probe, self._probe = self._probe, {}
+        if not self._subscribers:
+            return
+        names = {*self._active, *probe}
+        wanted = [
+            n
+            for n in names
+            if n in self._keys_by_name and any(s.viewer.sees(n) for s in self._subscribers)
+        ]
+        limit = trio.CapacityLimiter(SNAPSHOT_READS)
+
+        async def one(name: str) -> None:
+            key = self._keys_by_name[name]
+            async with limit:
+                try:
+                    states = await self.limiter.usage(key)
+                except StoreError as exc:
+                    log.debug("usage feed: no snapshot of %s: %s", name, exc)
+                    return
+            if name not in self._active and not probe.get(name):
+                if not any(s.used for s in states):
+                    return  # probed for an admin, and idle: nothing to show
+                self._active[name] = now
+            self._offer_snapshot(key, states)
+
+        async with trio.open_nursery() as nursery:
+            for name in wanted:
+                nursery.start_soon(one, name)
+
+    def _offer_snapshot(self, key: ApiKey, states: Sequence[RowState]) -> None:
+        event = {
+            "type": "snapshot",
+            "key": key.name,
+            "window_seconds": self.limiter.window_seconds,
+            "usage": usage_of(states),
+            "node": self.node_id,
+            "ts": now_ms(),
+        }
+        body = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        for subscriber in self._subscribers:
+            if subscriber.viewer.sees(key.name):
+                subscriber.offer(body)
+
+
+# --- one websocket session ------------------------------------------------------------
+
+
+def _bearer(value: str) -> str | None:
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+async def _token_of(websocket: Websocket) -> str | None:
+    """The Authorization header's bearer token, else a first auth message's; ``None``
+    for anything else (two headers, a malformed header, no auth message in time)."""
+    headers = websocket.headers.getlist("Authorization")
+    if len(headers) > 1:
+        return None
+    if headers:
+        return _bearer(headers[0])
+    with trio.move_on_after(AUTH_SECONDS):
+        raw = await websocket.receive()
+        try:
+            message = json.loads(raw)
+        except ValueError:
+            return None
+        if isinstance(message, Mapping) and message.get("type") == "auth":
+            token = message.get("token")
+            if isinstance(token, str) and token:
+                return token
+    return None
+
+
+async def serve_websocket(feed: Feed, websocket: Websocket) -> None:
+    """One subscriber's session, from the handshake until it or the node leaves.
+
+    Refused (1008, nothing else sent): no token, a bad one, or a filter it may not use.
+    Accepted: a ``ready`` message, then events, ``lagged`` when some were dropped for
+    it; on node shutdown the socket closes with 1001.
+    """
+    await websocket.accept()
+    token = await _token_of(websocket)
+    key_filter = websocket.args.get("key") or None
+    viewer = "no valid bearer token" if token is None else feed.viewer_for(token, key_filter)
+    if isinstance(viewer, str):
+        await websocket.close(CLOSE_POLICY, viewer)
+        return
+    next_id = 1
+
+    def numbered(body: str) -> str:
+        nonlocal next_id
+        text = f'{{"id":{next_id},{body[1:]}'
+        next_id += 1
+        return text
+
+    def control(event: dict[str, Any]) -> str:
+        event = {**event, "node": feed.node_id, "ts": now_ms()}
+        return numbered(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+
+    with feed.subscription(viewer) as subscriber:
+        async with trio.open_nursery() as nursery:
+
+            async def discard_incoming() -> None:
+                # Read (and ignore) what the client sends, so a disconnect is noticed
+                # and quart's bounded receive queue never fills.
+                while True:
+                    await websocket.receive()
+
+            async def close_on_shutdown() -> None:
+                await feed.closing.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(discard_incoming)
+            nursery.start_soon(close_on_shutdown)
+            await websocket.send(control({"type": "ready", "role": viewer.role, "key": viewer.key}))
+            while True:
+                dropped, bodies = await subscriber.take()
+                if dropped:
+                    await websocket.send(control({"type": "lagged", "dropped": dropped}))
+                for body in bodies:
+                    await websocket.send(numbered(body))
+    # Only reached on shutdown: a client that left cancels the whole handler.
+    await websocket.close(CLOSE_GOING_AWAY, "node shutting down")
