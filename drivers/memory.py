@@ -4,17 +4,23 @@
 single node, tests, and benchmarks of the limiter's own cost. Atomicity comes from
 trio: :meth:`MemoryStore.admit` never awaits between checking and consuming, so no
 other task can interleave.
+
+Publish/subscribe is an in-process fan-out: each subscription has a bounded buffer of
+``SUBSCRIPTION_BUFFER`` messages; when it is full, new messages for that subscription
+are dropped (counted in ``MemoryStore.dropped``), never waited for.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Self
 
 import trio
 
 from tokenguard.windows import (
+    NOT_RESERVED,
     Admission,
     Reservation,
     Row,
@@ -23,6 +29,9 @@ from tokenguard.windows import (
 )
 
 # times in milliseconds, as in the Redis driver's Lua scripts, so both drivers round alike
+
+# Messages a subscription holds before new ones are dropped for it.
+SUBSCRIPTION_BUFFER = 4096
 
 
 class _Counter:
@@ -82,6 +91,8 @@ class MemoryStore(WindowStore):
         self._clock = clock
         self._counters: dict[tuple[str, str], _Counter] = {}
         self.sweep_seconds = 10.0
+        self._channels: dict[str, set[trio.MemorySendChannel[bytes]]] = {}
+        self.dropped = 0  # pub/sub messages dropped for subscriptions that were full
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -104,21 +115,29 @@ class MemoryStore(WindowStore):
         now_ms = self._now_ms()
         counters = [self._counter(partition, row) for row in rows]
         current = [counter.current(now_ms) for counter in counters]
-        pairs = zip(rows, current, strict=True)
-        if not all(used + row.amount <= row.limit for row, (_, used) in pairs):
+        fits = [
+            used + row.amount <= row.limit for row, (_, used) in zip(rows, current, strict=True)
+        ]
+        # Shadow rows (enforce=False) never refuse; they are consumed only if all rows fit.
+        everything = all(fits)
+        if not everything and not all(f for f, row in zip(fits, rows, strict=True) if row.enforce):
             states = tuple(
                 counter.state(row, now_ms, used, row.amount)
                 for row, counter, (_, used) in zip(rows, counters, current, strict=True)
             )
             return Admission(admitted=False, states=states)
         after = []
+        buckets = []
         for row, counter, (bucket, used) in zip(rows, counters, current, strict=True):
+            if not (everything or row.enforce):
+                after.append(counter.state(row, now_ms, used, row.amount))
+                buckets.append(NOT_RESERVED)
+                continue
             if row.amount:
                 counter.buckets[bucket] = counter.buckets.get(bucket, 0) + row.amount
             after.append(counter.state(row, now_ms, used + row.amount, 0))
-        reservation = Reservation(
-            partition=partition, rows=tuple(rows), buckets=tuple(b for b, _ in current)
-        )
+            buckets.append(bucket)
+        reservation = Reservation(partition=partition, rows=tuple(rows), buckets=tuple(buckets))
         return Admission(admitted=True, states=tuple(after), reservation=reservation)
 
     async def settle(self, reservation: Reservation, deltas: Sequence[int]) -> None:
@@ -143,6 +162,29 @@ class MemoryStore(WindowStore):
             _, used = counter.current(now_ms)
             states.append(counter.state(row, now_ms, used, 0))
         return tuple(states)
+
+    async def publish(self, channel: str, messages: Sequence[bytes]) -> None:
+        for subscription in self._channels.get(channel, ()):
+            for message in messages:
+                try:
+                    subscription.send_nowait(message)
+                except trio.WouldBlock:
+                    self.dropped += 1  # that subscriber is behind: never wait for it
+        await trio.lowlevel.checkpoint()
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        send, receive = trio.open_memory_channel[bytes](SUBSCRIPTION_BUFFER)
+        subscriptions = self._channels.setdefault(channel, set())
+        subscriptions.add(send)
+        try:
+            async with receive:
+                yield receive
+        finally:
+            subscriptions.discard(send)
+            if not subscriptions:
+                self._channels.pop(channel, None)
+            send.close()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Drop idle keys' counters every ``sweep_seconds``, so memory follows active keys."""

@@ -26,6 +26,13 @@ Guarantees:
   ``SCRIPT FLUSH``) they are loaded again and the call retried, unseen by callers.
 * On Redis Cluster, a batch goes out as one pipeline per node that owns some of its
   slots, all at once; redirected calls are resent through redis-py's cluster client.
+* Publish/subscribe is Redis pub/sub (``PUBLISH``/``SUBSCRIBE``; on a cluster, plain
+  ``PUBLISH`` reaches the subscribers of every node), kept off the pipelines above:
+  one publishing thread of its own, and per subscription its own connection read by a
+  worker thread of its own, ``PUBSUB_POLL`` seconds at a time. A lost subscription is
+  re-established with backoff (messages published meanwhile are lost); a subscription
+  buffers at most ``SUBSCRIPTION_BUFFER`` messages, then drops new ones
+  (``pubsub_dropped``).
 
 Raises:
 
@@ -49,7 +56,9 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal, Self
 from urllib.parse import parse_qsl, unquote
@@ -82,6 +91,13 @@ DEFAULT_TIMEOUT = 1.0
 DEFAULT_PIPELINES = 2
 MAX_PIPELINES = 16
 KEY_PREFIX = "tg"
+# Pub/sub: how long a listener thread waits for a message before it returns to trio
+# (the longest a cancelled subscription waits for its thread), how many messages one
+# thread hop takes at most, what a subscription buffers, and the re-subscribe backoff.
+PUBSUB_POLL = 0.2
+PUBSUB_READ_BATCH = 1000
+SUBSCRIPTION_BUFFER = 4096
+RESUBSCRIBE_BACKOFF = (0.05, 2.0)
 
 # Redis errors that mean "this node does not own the slot (any more)": the cluster
 # client's own execute_command follows the redirect and refreshes its slot table.
@@ -506,6 +522,9 @@ class RedisStore(WindowStore):
         self._running = False  # connected, flushers up: calls are accepted
         self._wakeup = trio.Event()
         self._refresh_topology = False
+        # Publishing never takes a flusher's thread: one thread of its own.
+        self._publish_thread = trio.CapacityLimiter(1)
+        self.pubsub_dropped = 0  # messages dropped for subscriptions that were full
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -778,7 +797,9 @@ class RedisStore(WindowStore):
         if not rows:
             return Admission(admitted=True, states=(), reservation=Reservation(partition, (), ()))
         keys = [key_name(partition, row) for row in rows]
-        argv = " ".join(f"{r.bucket_ms} {r.span} {r.limit} {r.amount}" for r in rows)
+        argv = " ".join(
+            f"{r.bucket_ms} {r.span} {r.limit} {r.amount} {1 if r.enforce else 0}" for r in rows
+        )
         values = _ints(await self._call(ADMIT, keys, argv))
         states = []
         for i, row in enumerate(rows):
@@ -819,3 +840,133 @@ class RedisStore(WindowStore):
             RowState(row=row, used=values[2 * i], reset_after=values[2 * i + 1] / 1000)
             for i, row in enumerate(rows)
         )
+
+    # -- publish/subscribe (not on the pipelines: connections and threads of their own)
+
+    async def publish(self, channel: str, messages: Sequence[bytes]) -> None:
+        client = self._client
+        if client is None or not self._running:
+            raise StoreError(f"store {self.url} is not running (use it inside run())")
+        if not messages:
+            return
+        try:
+            await trio.to_thread.run_sync(
+                _publish, client, channel, list(messages), limiter=self._publish_thread
+            )
+        except _REDIS_ERRORS as exc:
+            raise _store_error(exc) from exc
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        if not self._running:
+            raise StoreError(f"store {self.url} is not running (use it inside run())")
+        thread = trio.CapacityLimiter(1)  # this subscription's own worker thread
+        try:
+            pubsub = await trio.to_thread.run_sync(
+                self._open_pubsub, channel, False, limiter=thread
+            )
+        except _REDIS_ERRORS as exc:
+            raise StoreError(f"cannot subscribe to {channel!r} on {self.url}: {exc}") from exc
+        send, receive = trio.open_memory_channel[bytes](SUBSCRIPTION_BUFFER)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._listen, channel, pubsub, send, thread)
+            try:
+                async with receive:
+                    yield receive
+            finally:
+                nursery.cancel_scope.cancel()
+
+    def _open_pubsub(self, channel: str, refresh: bool) -> redis.client.PubSub:
+        """Subscribe on a connection of its own; return once Redis confirmed (so every
+        message published from then on is delivered). Blocking: in a worker thread."""
+        client = self._client
+        if client is None:
+            raise StoreError(f"store {self.url} is closed")
+        if isinstance(client, RedisCluster):
+            # A cluster forwards PUBLISH to every node: any node serves the subscription.
+            if refresh:
+                client.nodes_manager.initialize()
+            node = client.nodes_manager.get_node_from_slot(client.keyslot(channel))
+            client = client.get_redis_connection(node)
+        pubsub = client.pubsub()
+        try:
+            pubsub.subscribe(channel)
+            deadline = time.monotonic() + self.target.timeout
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise redis.exceptions.TimeoutError(f"no confirmation of SUBSCRIBE {channel}")
+                message = pubsub.get_message(timeout=remaining)
+                if message is not None and message["type"] == "subscribe":
+                    return pubsub
+        except BaseException:
+            pubsub.close()
+            raise
+
+    async def _listen(
+        self,
+        channel: str,
+        pubsub: redis.client.PubSub | None,
+        send: trio.MemorySendChannel[bytes],
+        thread: trio.CapacityLimiter,
+    ) -> None:
+        """Hand the subscription's messages to ``send`` until cancelled; re-subscribe
+        (with backoff) whenever the connection is lost. Closes the connection at the end."""
+        backoff = RESUBSCRIBE_BACKOFF[0]
+        try:
+            while True:
+                if pubsub is None:
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, RESUBSCRIBE_BACKOFF[1])
+                    try:
+                        pubsub = await trio.to_thread.run_sync(
+                            self._open_pubsub, channel, True, limiter=thread
+                        )
+                    except (*_REDIS_ERRORS, StoreError) as exc:
+                        log.debug("re-subscribing to %s failed: %s", channel, exc)
+                        continue
+                    log.info("subscription to %s on %s re-established", channel, self.url)
+                    backoff = RESUBSCRIBE_BACKOFF[0]
+                try:
+                    messages = await trio.to_thread.run_sync(_read_messages, pubsub, limiter=thread)
+                except _REDIS_ERRORS as exc:
+                    log.warning("subscription to %s on %s lost: %s", channel, self.url, exc)
+                    lost, pubsub = pubsub, None
+                    await trio.to_thread.run_sync(lost.close, limiter=thread)
+                    continue
+                for message in messages:
+                    try:
+                        send.send_nowait(message)
+                    except trio.WouldBlock:
+                        self.pubsub_dropped += 1  # the subscriber is behind: never wait
+                    except trio.BrokenResourceError:
+                        return  # the subscriber left (we are being cancelled)
+        finally:
+            if pubsub is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(pubsub.close, limiter=thread)
+
+
+def _publish(client: redis.Redis | RedisCluster, channel: str, messages: list[bytes]) -> None:
+    """PUBLISH each message, in order, in one round trip where the client allows."""
+    if len(messages) == 1 or isinstance(client, RedisCluster):
+        for message in messages:
+            client.publish(channel, message)
+        return
+    with client.pipeline(transaction=False) as pipe:
+        for message in messages:
+            pipe.publish(channel, message)
+        pipe.execute()
+
+
+def _read_messages(pubsub: redis.client.PubSub) -> list[bytes]:
+    """Wait up to ``PUBSUB_POLL`` s for a message, then take what else is already in."""
+    messages: list[bytes] = []
+    message = pubsub.get_message(ignore_subscribe_messages=True, timeout=PUBSUB_POLL)
+    while message is not None:
+        if message["type"] == "message":
+            messages.append(message["data"])
+        if len(messages) >= PUBSUB_READ_BATCH:
+            break
+        message = pubsub.get_message(ignore_subscribe_messages=True, timeout=0.0)
+    return messages

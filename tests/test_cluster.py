@@ -275,14 +275,18 @@ async def test_hung_node_is_killed_after_three_failed_probes(workdir: Path) -> N
 
 async def test_killed_embedded_redis_is_restarted_and_windows_survive(workdir: Path) -> None:
     """kill -9 of the embedded redis-server: it is restarted on the same append-only
-    file, so a key spent before the kill is still refused after it."""
+    file, so a key spent before the kill is still refused after it. (Policy
+    ``closed``, so that the outage shows as 503s; the other policies are in
+    tests/test_faults.py.)"""
     config = write_config(
         workdir / "c.toml",
         '[[keys]]\nkey = "sk-3"\nname = "three"\nrpm = 3\n\n'
         '[[keys]]\nkey = "sk-fresh"\nname = "fresh"\nrpm = 3\n',
     )
     with trio.fail_after(60):
-        async with running_cluster(workdir / "state", nodes=2, config=config) as cluster:
+        async with running_cluster(
+            workdir / "state", nodes=2, config=config, args=("--on-store-error", "closed")
+        ) as cluster:
             urls = cluster.urls
             nodes = [cluster.node_pid(0), cluster.node_pid(1)]
             async with httpx.AsyncClient(timeout=10) as client:

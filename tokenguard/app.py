@@ -13,28 +13,34 @@ import json
 import logging
 import math
 from collections.abc import AsyncIterator, Mapping
+from importlib import resources
 from typing import Any
 
 import trio
-from quart import Response, g, request
+from quart import Response, g, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from tokenguard import mock
 from tokenguard.chat import ChatRequest, parse_json, validate_chat
 from tokenguard.errors import APIError, invalid
-from tokenguard.limiter import Cost, Decision, Limiter, ratelimit_headers, retry_headers
+from tokenguard.feed import Feed, serve_websocket
+from tokenguard.hardening import check_request_framing
+from tokenguard.limiter import (
+    Cost,
+    Decision,
+    Limiter,
+    ratelimit_headers,
+    retry_headers,
+    tightest_by_dimension,
+)
+from tokenguard.resilience import LogThrottle
+from tokenguard.rules import describe_limit, describe_scope
 from tokenguard.settings import ApiKey, Settings, digest_of
 from tokenguard.tokens import count_chat_prompt
 from tokenguard.windows import RowState, StoreError, WindowStore
 
 log = logging.getLogger("tokenguard.app")
-
-DIMENSION_WORDS = {
-    "requests": ("requests", "requests per min (RPM)"),
-    "input_tokens": ("tokens", "input tokens per min (input TPM)"),
-    "output_tokens": ("tokens", "output tokens per min (output TPM)"),
-}
 
 
 def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
@@ -50,14 +56,15 @@ def _seconds_text(seconds: float) -> str:
     return f"{math.ceil(seconds * 1000) / 1000:g}s"
 
 
-def rate_limit_error(decision: Decision, window_seconds: int) -> APIError:
-    """OpenAI's 429 for a refused admission: names dimension, limit, used, asked, wait."""
+def rate_limit_error(decision: Decision, window_seconds: int = 60) -> APIError:
+    """OpenAI's 429 for a refused admission: names whose limit (key or team, per-model
+    rule), dimension and window, limit, used, asked, wait. (``window_seconds`` is
+    unused: each row knows its window.)"""
     state = decision.refusal
     assert state is not None
-    kind, words = DIMENSION_WORDS.get(state.row.dimension, ("tokens", state.row.dimension))
-    if window_seconds != 60:
-        words = f"{words.split(' per min')[0]} per {window_seconds}s window"
-    who = f"key '{decision.key.name}'"
+    kind = "requests" if state.row.dimension == "requests" else "tokens"
+    words = describe_limit(state.row)
+    who = describe_scope(state.row, decision.key.name)
     asked = state.row.amount
     headers = ratelimit_headers(decision.admission.states)
     if state.never_fits:
@@ -79,7 +86,9 @@ def rate_limit_error(decision: Decision, window_seconds: int) -> APIError:
 class Gateway:
     """The request handlers' shared state for one app: keys, limiter, settings."""
 
-    def __init__(self, settings: Settings, store: WindowStore) -> None:
+    def __init__(
+        self, settings: Settings, store: WindowStore, closing: trio.Event | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
         self.keys = settings.key_by_digest()
@@ -88,6 +97,9 @@ class Gateway:
             window_seconds=settings.window_seconds,
             bucket_seconds=settings.bucket_seconds,
         )
+        self._shadow_log = LogThrottle()
+        # The live usage feed; `closing` (the node's shutdown) ends its websockets.
+        self.feed = Feed(settings, store, self.limiter, closing=closing)
 
     def authenticate(self) -> ApiKey:
         """The key named by the request's bearer token, or a 401/400 APIError.
@@ -119,17 +131,19 @@ class Gateway:
         g.key = key
         return key
 
-    def output_reservation(self, key: ApiKey, chat: ChatRequest) -> int:
+    def output_reservation(self, key: ApiKey, chat: ChatRequest, input_tokens: int = 0) -> int:
         """Output tokens to reserve: the named max_tokens x n, else the key's default.
 
-        The default is clamped to what the output limit allows per choice, so a request
-        that names no max_tokens is never refused just for the default being large.
+        The default is clamped to what the tightest enforced output (or total-tokens)
+        limit allows per choice, so a request that names no max_tokens is never refused
+        just for the default being large.
         """
         if chat.max_tokens is not None:
             return chat.max_tokens * chat.n
         per_choice = key.limits.default_max_tokens
-        if key.limits.output_tpm is not None:
-            per_choice = max(1, min(per_choice, key.limits.output_tpm // chat.n))
+        cap = self.limiter.output_cap(key, chat.model, input_tokens)
+        if cap is not None:
+            per_choice = max(1, min(per_choice, cap // chat.n))
         return per_choice * chat.n
 
     async def settle(self, decision: Decision, output_tokens: int) -> None:
@@ -141,6 +155,26 @@ class Gateway:
                 # The reservation then stays at its worst case until its bucket leaves
                 # the window: never an over-admission.
                 log.warning("settlement for key %s failed: %s", decision.key.name, exc)
+            else:
+                self.feed.settled(decision, output_tokens)
+
+    def shadow_refused(self, decision: Decision) -> None:
+        """Shadow mode let a request through that enforcing would have refused: log it
+        (at most a line a second; ``Limiter.shadow_refusals`` counts every one)."""
+        held = self._shadow_log.ready()
+        state = decision.shadow_refusal
+        if held is not None and state is not None:
+            log.info(
+                "shadow mode: would have refused key %s on %s (%s): limit %d, used %d, "
+                "requested %d (%d more since the last line)",
+                decision.key.name,
+                describe_limit(state.row),
+                describe_scope(state.row, decision.key.name),
+                state.limit,
+                state.used,
+                state.row.amount,
+                held,
+            )
 
     async def chat_completion(self) -> Response:
         key = self.authenticate()
@@ -151,13 +185,17 @@ class Gateway:
             reply = mock.mock_reply(chat.model, chat.messages, chat.n, per_choice)
             return await self._answer(chat, reply, 0, None, {})
         input_tokens = count_chat_prompt(chat.model, chat.messages, chat.tools, chat.functions)
-        output_tokens = self.output_reservation(key, chat)
+        output_tokens = self.output_reservation(key, chat, input_tokens)
         cost = Cost(requests=1, input_tokens=input_tokens, output_tokens=output_tokens)
         # Shielded: once the store has admitted, we must know it, to settle.
         with trio.CancelScope(shield=True):
-            decision = await self.limiter.admit(key, cost)
+            decision = await self.limiter.admit(key, cost, chat.model)
+        if decision.would_refuse:
+            self.shadow_refused(decision)
         if not decision.admitted:
+            self.feed.rejected(decision, chat.model)  # queued, never awaited
             raise rate_limit_error(decision, self.settings.window_seconds)
+        self.feed.admitted(decision, chat.model)
         headers = ratelimit_headers(decision.admission.states)
         reply = mock.mock_reply(chat.model, chat.messages, chat.n, output_tokens // chat.n)
         return await self._answer(chat, reply, input_tokens, decision, headers)
@@ -212,17 +250,30 @@ class Gateway:
     async def usage(self) -> Response:
         key = self.authenticate()
         states = await self.limiter.usage(key)
-        by_dimension = {s.row.dimension: s for s in states}
+        # Per dimension the tightest enforced row over every window and scope; every
+        # row (shadow ones too) under "limits".
+        by_dimension = tightest_by_dimension(states)
         dimensions: dict[str, Any] = {}
-        for dimension in ("requests", "input_tokens", "output_tokens"):
+        for dimension in ("requests", "input_tokens", "output_tokens", "total_tokens"):
             state = by_dimension.get(dimension)
-            dimensions[dimension] = None if state is None else _usage_entry(state)
+            if state is not None or dimension != "total_tokens":
+                dimensions[dimension] = None if state is None else _usage_entry(state)
         body = {
             "object": "usage",
             "key": key.name,
             "window_seconds": self.settings.window_seconds,
             "bucket_seconds": self.settings.bucket_seconds,
             "dimensions": dimensions,
+            "limits": [
+                {
+                    "scope": "team" if s.row.scope.startswith("team:") else "key",
+                    "dimension": s.row.dimension,
+                    "window_seconds": s.row.window_ms / 1000,
+                    "mode": "enforce" if s.row.enforce else "shadow",
+                    **_usage_entry(s),
+                }
+                for s in states
+            ],
         }
         return _json(body, headers=ratelimit_headers(states))
 
@@ -251,6 +302,22 @@ class Gateway:
 
 
 MOCK_MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4", "gpt-3.5-turbo")
+
+# The live dashboard: static files shipped in the package (tokenguard/static), served
+# as they are. The page loads nothing from elsewhere, and may only talk to this node.
+DASHBOARD_FILES = {
+    "dashboard.html": "text/html; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+    "dashboard.js": "text/javascript; charset=utf-8",
+}
+DASHBOARD_HEADERS = {
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+    "form-action 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-cache",
+}
 
 
 def _usage_entry(state: RowState) -> dict[str, Any]:
@@ -282,8 +349,14 @@ def _http_error(exc: HTTPException, max_body_bytes: int) -> APIError:
     return APIError(status, exc.description or exc.name, code=None)
 
 
-def create_app(settings: Settings, store: WindowStore) -> QuartTrio:
-    """Build the app for one node: its settings, and the store its limiter uses."""
+def create_app(
+    settings: Settings, store: WindowStore, *, shutdown: trio.Event | None = None
+) -> QuartTrio:
+    """Build the app for one node: its settings, and the store its limiter uses.
+
+    ``shutdown``, the node's own, closes the usage feed's websockets as soon as it is
+    set (otherwise they would hold a graceful shutdown for its whole grace period).
+    """
     app = QuartTrio("tokenguard")
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
@@ -292,16 +365,60 @@ def create_app(settings: Settings, store: WindowStore) -> QuartTrio:
     )
     # `//v1/chat/completions` must not be redirected around the limiter: it is a 404.
     app.url_map.merge_slashes = False
-    gateway = Gateway(settings, store)
+    gateway = Gateway(settings, store, closing=shutdown)
     app.extensions["tokenguard"] = gateway
+    # Ambiguous framing (Content-Length and Transfer-Encoding) and oversized headers
+    # are refused first, before the body is read or the key looked up.
+    app.before_request(check_request_framing)
 
     app.add_url_rule("/v1/chat/completions", view_func=gateway.chat_completion, methods=["POST"])
     app.add_url_rule("/v1/usage", view_func=gateway.usage, methods=["GET"])
     app.add_url_rule("/v1/models", view_func=gateway.models, methods=["GET"])
 
+    # The live usage feed: its tasks live as long as the app serves (quart-trio's
+    # lifespan nursery), and stop as soon as serving ends.
+    @app.before_serving
+    async def start_feed() -> None:
+        await app.nursery.start(gateway.feed.run)
+
+    @app.after_serving
+    async def stop_feed() -> None:
+        gateway.feed.stop()
+
+    @app.websocket("/v1/usage/stream")
+    async def usage_stream() -> None:
+        await serve_websocket(gateway.feed, websocket._get_current_object())
+
+    dashboard = {
+        name: (resources.files("tokenguard").joinpath("static", name).read_bytes(), kind)
+        for name, kind in DASHBOARD_FILES.items()
+    }
+
+    @app.get("/dashboard")
+    @app.get("/dashboard/<name>")
+    async def dashboard_file(name: str = "dashboard.html") -> Response:
+        if name not in dashboard:
+            raise APIError(404, f"Unknown dashboard file {name!r}.", code="unknown_url")
+        body, kind = dashboard[name]
+        return Response(body, content_type=kind, headers=DASHBOARD_HEADERS)
+
     @app.get("/healthz")
     async def healthz() -> Response:
         return _json({"status": "ok", "node": settings.node_id})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        # The store's state (a GuardedStore's breaker); /healthz stays a liveness check.
+        status = getattr(store, "status", None)
+        body = {"status": "ready", "node": settings.node_id, "store": "ok"}
+        if status is not None:
+            body.update(status())
+        ready = body["store"] == "ok"
+        if not ready:
+            body["status"] = "degraded"
+        return _json(body, 200 if ready else 503)
+
+    store_error_log = LogThrottle()
 
     @app.errorhandler(APIError)
     async def on_api_error(error: APIError) -> Response:
@@ -313,7 +430,9 @@ def create_app(settings: Settings, store: WindowStore) -> QuartTrio:
 
     @app.errorhandler(StoreError)
     async def on_store_error(error: StoreError) -> Response:
-        log.error("store unavailable: %s", error)
+        held = store_error_log.ready()  # at most a line a second, however many 503s
+        if held is not None:
+            log.error("store unavailable: %s (%d more 503s since the last line)", error, held)
         return _json(
             APIError(
                 503,

@@ -26,9 +26,12 @@ from pathlib import Path
 import attrs
 import trio
 
+from tokenguard import watch
+from tokenguard.keys import add_keys_parser, run_keys_command
 from tokenguard.redis_server import RedisBinaryNotFound
 from tokenguard.settings import (
     DEMO_CONFIG,
+    STORE_ERROR_POLICIES,
     ConfigError,
     Settings,
     demo_settings,
@@ -108,16 +111,36 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="admit everything without counting (for benchmarking the limiter's cost)",
     )
+    serve.add_argument(
+        "--on-store-error",
+        choices=STORE_ERROR_POLICIES,
+        help="when the shared store fails: local (default: each node limits alone, at 1/N "
+        "of every limit), closed (503) or open (admit, counted); overrides the config's "
+        "[store] on_store_error",
+    )
     serve.add_argument("--node-id", type=int, default=0, help=argparse.SUPPRESS)
+    # Set by the supervisor: how many nodes it runs (each node's share of a limit when
+    # the store is down, policy local).
+    serve.add_argument("--cluster-size", type=_positive, default=1, help=argparse.SUPPRESS)
     # Set by the supervisor on the node processes it runs.
     serve.add_argument("--supervised", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--health-socket", help=argparse.SUPPRESS)
+    add_keys_parser(sub)
+    watch_parser = sub.add_parser(
+        "watch", help="a live table of quota use from a node's usage feed (or --json events)"
+    )
+    watch.add_arguments(watch_parser)
     return parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config) if args.config else demo_settings()
-    changes: dict[str, object] = {"node_id": args.node_id}
+    changes: dict[str, object] = {
+        "node_id": args.node_id,
+        "supervised_nodes": args.cluster_size,
+    }
+    if args.on_store_error:
+        changes["on_store_error"] = args.on_store_error
     if args.store:
         changes["store_url"] = args.store
     if args.no_limits:
@@ -241,7 +264,12 @@ def _cluster(args: argparse.Namespace) -> Supervisor:
         grace=args.grace,
         reuse_port=args.reuse_port,
         log_to_stdout=args.log_to_stdout,
-        node_args=("--no-limits",) if args.no_limits else (),
+        node_args=(
+            *(("--no-limits",) if args.no_limits else ()),
+            *(("--on-store-error", args.on_store_error) if args.on_store_error else ()),
+            "--cluster-size",
+            str(args.nodes),
+        ),
     )
     check_driver(supervisor.shared_store_url)
     return supervisor
@@ -341,6 +369,10 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        return run_keys_command(args)
+    if args.command == "watch":
+        return watch.main(args)
     if args.command != "serve":
         parser.error(f"unknown command {args.command}")
     who = f"node-{args.node_id} " if args.supervised else ""

@@ -9,6 +9,8 @@ digests are kept in memory.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +20,23 @@ import attrs
 
 DIMENSIONS = ("requests", "input_tokens", "output_tokens")
 LIMIT_FIELDS = {"rpm": "requests", "input_tpm": "input_tokens", "output_tpm": "output_tokens"}
+# Every limit a key, tier, team or per-model rule may set: field -> (dimension, window).
+# "minute" is the configured [window] (60 s by default); see tokenguard/rules.py.
+RULE_FIELDS = {
+    f"{prefix}{suffix}": (dimension, window)
+    for prefix, dimension, p in (
+        ("r", "requests", "p"),
+        ("input_t", "input_tokens", "p"),
+        ("output_t", "output_tokens", "p"),
+        ("t", "total_tokens", "p"),
+    )
+    for suffix, window in ((f"{p}m", "minute"), (f"{p}h", "hour"), (f"{p}d", "day"))
+}
+MODES = ("enforce", "shadow")
+# Team names end up in store key names, as the hash tag: no braces, no colons.
+TEAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 DEFAULT_MAX_TOKENS = 1024
+STORE_ERROR_POLICIES = ("local", "closed", "open")
 
 
 class ConfigError(ValueError):
@@ -27,16 +45,39 @@ class ConfigError(ValueError):
 
 @attrs.frozen
 class Limits:
-    """Per-window limits of one key; ``None`` means unlimited in that dimension.
+    """The limits of one key, tier, team or per-model rule; ``None`` means unlimited.
 
+    ``*pm`` fields are per [window] (a minute by default), ``*ph`` per hour, ``*pd`` per
+    day (see :data:`RULE_FIELDS`); ``tp*`` count input + output tokens together.
     ``default_max_tokens`` is the output reservation for a request that names neither
-    ``max_tokens`` nor ``max_completion_tokens``.
+    ``max_tokens`` nor ``max_completion_tokens``. ``mode`` is ``"enforce"`` or
+    ``"shadow"`` (checked and counted, never refused). ``models``: per-model rules,
+    each checked on top of these limits when its glob matches the request's model.
     """
 
     rpm: int | None = None
     input_tpm: int | None = None
     output_tpm: int | None = None
     default_max_tokens: int = DEFAULT_MAX_TOKENS
+    rph: int | None = None
+    rpd: int | None = None
+    input_tph: int | None = None
+    input_tpd: int | None = None
+    output_tph: int | None = None
+    output_tpd: int | None = None
+    tpm: int | None = None
+    tph: int | None = None
+    tpd: int | None = None
+    mode: str = "enforce"
+    models: tuple[ModelRule, ...] = ()
+
+    def rules(self) -> list[tuple[str, str, int]]:
+        """``(dimension, window, limit)`` for every limit set, in RULE_FIELDS order."""
+        return [
+            (dimension, window, value)
+            for field, (dimension, window) in RULE_FIELDS.items()
+            if (value := getattr(self, field)) is not None
+        ]
 
     def limit(self, dimension: str) -> int | None:
         return {
@@ -54,11 +95,30 @@ class ApiKey:
     digest: str
     limits: Limits
     tier: str | None = None
+    team: Team | None = None
 
     @property
     def key_id(self) -> str:
         """The id used in store key names: never the key itself (a digest prefix)."""
         return self.digest[:16]
+
+
+@attrs.frozen
+class ModelRule:
+    """Limits that apply only to requests whose model matches ``pattern`` (an fnmatch
+    glob, case-sensitive: ``gpt-4o*``). Its ``limits.models`` is always empty."""
+
+    pattern: str
+    limits: Limits
+    mode: str | None = None  # None: the mode of the key, tier or team it belongs to
+
+
+@attrs.frozen
+class Team:
+    """``[teams.NAME]``: limits shared by every key with ``team = "NAME"``."""
+
+    name: str
+    limits: Limits
 
 
 @attrs.frozen
@@ -68,18 +128,45 @@ class MockSettings:
     token_delay_ms: float = 0.0
 
 
+ADMIN_TOKEN_ENV = "TOKENGUARD_ADMIN_TOKEN"
+MIN_ADMIN_TOKEN_LENGTH = 16
+DEFAULT_FEED_BACKLOG = 1000
+
+
+@attrs.frozen
+class FeedSettings:
+    """The live usage feed (``docs/usage-feed.md``).
+
+    ``admin_digest`` is the SHA-256 digest of the admin token (``[feed] admin_token``,
+    or ``$TOKENGUARD_ADMIN_TOKEN``, which takes precedence); ``None`` means there is no
+    admin view at all. ``backlog`` is how many events a subscriber may fall behind
+    before its oldest ones are dropped.
+    """
+
+    admin_digest: str | None = attrs.field(default=None, repr=False)
+    backlog: int = DEFAULT_FEED_BACKLOG
+
+
 @attrs.frozen
 class Settings:
     source: str = "<defaults>"
     store_url: str = "memory://"
+    # What a node does when the shared store fails (docs/reliability.md).
+    on_store_error: str = "local"
+    store_timeout_ms: int = 100
+    cluster_size: int | None = None  # [store] cluster_size: nodes over all machines
+    supervised_nodes: int = 1  # nodes run by this node's supervisor (--cluster-size)
     window_seconds: int = 60
     bucket_seconds: int = 5
     max_body_bytes: int = 1024 * 1024
     limiting: bool = True
     node_id: int = 0
     tiers: Mapping[str, Limits] = attrs.field(factory=dict)
+    teams: Mapping[str, Team] = attrs.field(factory=dict)
+    mode: str = "enforce"  # [limits] mode: the default of every tier, key and team
     keys: tuple[ApiKey, ...] = ()
     mock: MockSettings = MockSettings()
+    feed: FeedSettings = FeedSettings()
 
     def key_by_digest(self) -> dict[str, ApiKey]:
         return {k.digest: k for k in self.keys}
@@ -147,22 +234,76 @@ class _Reader:
             self.fail("unknown key (check its spelling)", key)
 
 
-def _limits(reader: _Reader, base: Limits | None = None) -> Limits:
-    base = base or Limits()
-    return Limits(
-        rpm=reader.int("rpm", base.rpm),
-        input_tpm=reader.int("input_tpm", base.input_tpm),
-        output_tpm=reader.int("output_tpm", base.output_tpm),
-        default_max_tokens=reader.int("default_max_tokens", base.default_max_tokens),
-    )
+def _mode(reader: _Reader, default: str) -> str:
+    mode = reader.str("mode", default)
+    if mode not in MODES:
+        reader.fail(f"must be one of {', '.join(MODES)}, got {mode!r}", "mode")
+    return mode
 
 
-def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
-    """Validate a parsed TOML document into :class:`Settings`; raise ConfigError."""
+def _limits(
+    reader: _Reader,
+    base: Limits | None = None,
+    *,
+    mode: str = "enforce",
+    default_max_tokens: bool = True,
+) -> Limits:
+    """The limits of a tier, key or team: ``base`` (a key's tier) field by field, unless
+    the table sets the field. ``mode`` is the default mode (the global one) when there
+    is no base. Per-model rules for a pattern the base also has override it field by
+    field too. ``default_max_tokens=False`` (teams) refuses that field."""
+    base = base or Limits(mode=mode)
+    values = {field: reader.int(field, getattr(base, field)) for field in RULE_FIELDS}
+    own_mode = _mode(reader, base.mode)
+    reserve = base.default_max_tokens
+    if default_max_tokens:
+        reserve = reader.int("default_max_tokens", base.default_max_tokens)
+    models = _model_rules(reader.sub("models"), base.models)
+    return Limits(**values, default_max_tokens=reserve, mode=own_mode, models=models)
+
+
+def _model_rules(reader: _Reader, base: tuple[ModelRule, ...]) -> tuple[ModelRule, ...]:
+    """``models = {"gpt-4o*" = {rpm = 5}}`` (or ``[....models."gpt-4o*"]`` tables)."""
+    inherited = {rule.pattern: rule for rule in base}
+    rules = dict(inherited)
+    for pattern in list(reader.table):
+        if not pattern.strip():
+            reader.fail("a model pattern must not be empty", repr(pattern))
+        table = reader.sub(pattern)
+        parent = inherited.get(pattern)
+        parent_limits = parent.limits if parent else Limits()
+        values = {field: table.int(field, getattr(parent_limits, field)) for field in RULE_FIELDS}
+        mode = table.str("mode", parent.mode if parent else None)
+        if mode is not None and mode not in MODES:
+            table.fail(f"must be one of {', '.join(MODES)}, got {mode!r}", "mode")
+        table.done()
+        limits = Limits(**values)
+        if not limits.rules():
+            table.fail(f"sets no limit (give one of {', '.join(RULE_FIELDS)})")
+        rules[pattern] = ModelRule(pattern=pattern, limits=limits, mode=mode)
+    reader.done()
+    return tuple(rules.values())
+
+
+def parse_settings(
+    data: Mapping[str, Any], source: str, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Validate a parsed TOML document into :class:`Settings`; raise ConfigError.
+
+    ``environ`` (``os.environ`` by default) may set the feed's admin token.
+    """
     top = _Reader(source, "", data)
 
     store = top.sub("store")
     store_url = store.str("url", "memory://")
+    on_store_error = store.str("on_store_error", "local")
+    if on_store_error not in STORE_ERROR_POLICIES:
+        store.fail(
+            f"must be one of {', '.join(STORE_ERROR_POLICIES)}, got {on_store_error!r}",
+            "on_store_error",
+        )
+    store_timeout_ms = store.int("timeout_ms", 100)
+    cluster_size = store.int("cluster_size", None)
     store.done()
 
     window = top.sub("window")
@@ -183,12 +324,38 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
     mock_settings = MockSettings(token_delay_ms=mock.number("token_delay_ms", 0.0))
     mock.done()
 
+    feed = top.sub("feed")
+    admin_token = feed.str("admin_token", None)
+    feed_backlog = feed.int("backlog", DEFAULT_FEED_BACKLOG)
+    feed.done()
+    admin_where = f"{source}: feed.admin_token"
+    env_token = (os.environ if environ is None else environ).get(ADMIN_TOKEN_ENV, "").strip()
+    if env_token:
+        admin_token, admin_where = env_token, f"${ADMIN_TOKEN_ENV} (environment)"
+    if admin_token is not None and len(admin_token) < MIN_ADMIN_TOKEN_LENGTH:
+        raise ConfigError(
+            f"{admin_where}: the admin token must be at least {MIN_ADMIN_TOKEN_LENGTH} characters"
+        )
+
+    limits_section = top.sub("limits")
+    mode = _mode(limits_section, "enforce")  # the global default mode
+    limits_section.done()
+
     tiers_reader = top.sub("tiers")
     tiers: dict[str, Limits] = {}
     for name in list(tiers_reader.table):
         tier = tiers_reader.sub(name)
-        tiers[name] = _limits(tier)
+        tiers[name] = _limits(tier, mode=mode)
         tier.done()
+
+    teams_reader = top.sub("teams")
+    teams: dict[str, Team] = {}
+    for name in list(teams_reader.table):
+        if not TEAM_NAME.fullmatch(name):
+            teams_reader.fail("a team name may only use letters, digits and _ . -", name)
+        team = teams_reader.sub(name)
+        teams[name] = Team(name=name, limits=_limits(team, mode=mode, default_max_tokens=False))
+        team.done()
 
     raw_keys = top.table.pop("keys", [])
     if not isinstance(raw_keys, list):
@@ -221,22 +388,43 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
             if tier_name not in tiers:
                 entry.fail(f"unknown tier {tier_name!r} (known: {sorted(tiers)})", "tier")
             base = tiers[tier_name]
-        limits = _limits(entry, base)
+        team_name = entry.str("team", None)
+        if team_name is not None and team_name not in teams:
+            entry.fail(f"unknown team {team_name!r} (known: {sorted(teams)})", "team")
+        limits = _limits(entry, base, mode=mode)
         entry.done()
         names.add(name)
         digests.add(digest)
-        keys.append(ApiKey(name=name, digest=digest, limits=limits, tier=tier_name))
+        keys.append(
+            ApiKey(
+                name=name,
+                digest=digest,
+                limits=limits,
+                tier=tier_name,
+                team=None if team_name is None else teams[team_name],
+            )
+        )
     top.done()
+    admin_digest = None if admin_token is None else digest_of(admin_token)
+    if admin_digest in digests:
+        # Which view would that token get? Refuse rather than guess.
+        raise ConfigError(f"{admin_where}: the admin token is also an API key in [[keys]]")
 
     return Settings(
         source=source,
         store_url=store_url,
+        on_store_error=on_store_error,
+        store_timeout_ms=store_timeout_ms,
+        cluster_size=cluster_size,
         window_seconds=window_seconds,
         bucket_seconds=bucket_seconds,
         max_body_bytes=max_body_bytes,
         tiers=tiers,
+        teams=teams,
+        mode=mode,
         keys=tuple(keys),
         mock=mock_settings,
+        feed=FeedSettings(admin_digest=admin_digest, backlog=feed_backlog),
     )
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib.metadata import entry_points
 from typing import Self
 from urllib.parse import urlsplit
@@ -59,6 +59,12 @@ class Row:
     ``window_ms`` and ``bucket_ms`` are whole milliseconds (settings speak seconds; tests
     use sub-second windows against a real Redis clock); ``amount`` may be 0 (a row that
     is checked but not consumed, e.g. to read it).
+
+    ``enforce=False`` makes a *shadow* row: checked exactly like the others, in the same
+    atomic call, but its not fitting does not refuse the admission. It is consumed only
+    when every row of the admission fits (as it would be if it were enforced: a request
+    it would refuse counts nothing in it), so a shadow counter counts exactly what an
+    enforcing one would. See :attr:`Admission.would_refuse`.
     """
 
     scope: str
@@ -67,6 +73,7 @@ class Row:
     bucket_ms: int
     limit: int
     amount: int = 0
+    enforce: bool = True
 
     @property
     def counter(self) -> str:
@@ -114,7 +121,9 @@ class Reservation:
     """Where an admission put its amounts: one absolute bucket index per row.
 
     Settlement adds a delta to exactly these buckets, so a refund lands in the bucket
-    that was charged and leaves the window when that bucket does.
+    that was charged and leaves the window when that bucket does. A row that was not
+    consumed (a shadow row that did not fit) has bucket :data:`NOT_RESERVED`: a bucket
+    older than any window, so every driver's settlement leaves it alone.
     """
 
     partition: str
@@ -127,7 +136,8 @@ class Admission:
     """The outcome of :meth:`WindowStore.admit`.
 
     ``states`` has one entry per requested row, in order. ``reservation`` is set if and
-    only if ``admitted``.
+    only if ``admitted``. ``admitted`` depends on the enforcing rows only; shadow rows
+    that did not fit are in :attr:`shadow_refusing`.
     """
 
     admitted: bool
@@ -136,7 +146,18 @@ class Admission:
 
     @property
     def refusing(self) -> tuple[RowState, ...]:
-        return tuple(s for s in self.states if not s.fits)
+        """The enforcing rows that did not fit (empty when admitted)."""
+        return tuple(s for s in self.states if not s.fits and s.row.enforce)
+
+    @property
+    def shadow_refusing(self) -> tuple[RowState, ...]:
+        """The shadow rows that did not fit: what enforcing them would have refused."""
+        return tuple(s for s in self.states if not s.fits and not s.row.enforce)
+
+    @property
+    def would_refuse(self) -> bool:
+        """Admitted, but enforcing every row (shadow ones too) would have refused it."""
+        return self.admitted and any(not s.fits for s in self.states)
 
     @property
     def retry_after(self) -> float | None:
@@ -149,6 +170,10 @@ class Admission:
         if any(w is None for w in waits):
             return None
         return max(waits, default=0.0)
+
+
+NOT_RESERVED = -1
+"""The bucket of a reservation's row that was not consumed (see :class:`Reservation`)."""
 
 
 def bucket_count(window_ms: int, bucket_ms: int) -> int:
@@ -205,6 +230,29 @@ class WindowStore(abc.ABC):
     @abc.abstractmethod
     async def usage(self, partition: str, rows: Sequence[Row]) -> tuple[RowState, ...]:
         """Read the rows' current state without consuming anything (amounts ignored)."""
+
+    # -- publish/subscribe: messages between the nodes that share this store
+
+    @abc.abstractmethod
+    async def publish(self, channel: str, messages: Sequence[bytes]) -> None:
+        """Send ``messages``, in order, to every current subscriber of ``channel``, on
+        every node that uses this store (this one included).
+
+        Delivery is at most once: a subscriber that does not keep up, or whose
+        connection is being re-established, loses messages; a publisher is never
+        blocked by a subscriber. Messages of one publisher arrive in the order it
+        published them. Raises :class:`StoreError` when the store cannot take them.
+        """
+
+    @abc.abstractmethod
+    def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """``async with store.subscribe(channel) as messages: async for m in messages``.
+
+        Once the ``async with`` is entered, every message published to ``channel``
+        afterwards is delivered (at most once, see :meth:`publish`) until it is left.
+        A driver re-establishes a lost subscription by itself. Raises
+        :class:`StoreError` on entering when the store cannot be reached.
+        """
 
 
 def store_from_url(url: str) -> WindowStore:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -333,10 +334,10 @@ def test_cli_end_to_end(node: list[str], config_path: Path, tmp_path: Path) -> N
     assert "p99" in run.stdout
     data = json.loads(out.read_text())
     assert data["summary"]["statuses"] == {"200": 10, "429": 20}
+    # Every field of the key's Limits (windows, mode, per-model rules: tokenguard/rules.py).
     assert data["config"]["keys"] == [
-        {"name": "cli", "limits": {"rpm": 10, "input_tpm": None, "output_tpm": None,
-                                   "default_max_tokens": 1024}},
-    ]  # fmt: skip
+        {"name": "cli", "limits": json.loads(json.dumps(attrs.asdict(Limits(rpm=10))))},
+    ]
 
 
 def test_cli_fails_on_over_admission(node: list[str], tmp_path: Path) -> None:

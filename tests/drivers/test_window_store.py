@@ -14,6 +14,7 @@ placed in known buckets, from the reservation's bucket index, which is exact.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -25,7 +26,16 @@ import trio
 from drivers.memory import MemoryStore
 from drivers.redis import RedisStore
 from tests.redis_servers import RedisClusterServers, RedisServer
-from tokenguard.windows import Admission, Reservation, Row, RowState, WindowStore, open_store
+from tokenguard.windows import (
+    NOT_RESERVED,
+    Admission,
+    Reservation,
+    Row,
+    RowState,
+    StoreError,
+    WindowStore,
+    open_store,
+)
 
 WINDOW_MS = 400
 BUCKET_MS = 100
@@ -100,6 +110,7 @@ class Harness:
         scope: str = "key:a",
         window_ms: int = WINDOW_MS,
         bucket_ms: int = BUCKET_MS,
+        enforce: bool = True,
     ) -> Row:
         return Row(
             scope=scope,
@@ -108,6 +119,7 @@ class Harness:
             bucket_ms=bucket_ms,
             limit=limit,
             amount=amount,
+            enforce=enforce,
         )
 
     async def now_ms(self) -> int:
@@ -557,3 +569,197 @@ async def test_a_counter_keeps_living_while_it_is_used(harness: Harness) -> None
             assert admission.admitted
             assert admission.states[0].used == min(i + 1, SPAN + 1)
         assert await harness.live_counters() == 1
+
+
+# --- publish/subscribe -----------------------------------------------------------------
+
+
+async def receive_n(messages: AsyncIterator[bytes], n: int) -> list[bytes]:
+    received = []
+    async for message in messages:
+        received.append(message)
+        if len(received) == n:
+            break
+    return received
+
+
+async def test_published_messages_reach_every_subscriber_in_order(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        sent = [f"m{i}".encode() for i in range(50)]
+        async with (
+            harness.store.subscribe("chan") as first,
+            harness.store.subscribe("chan") as second,
+        ):
+            await harness.store.publish("chan", sent[:1])
+            await harness.store.publish("chan", sent[1:])
+            assert await receive_n(first, 50) == sent
+            assert await receive_n(second, 50) == sent
+
+
+async def test_another_store_on_the_same_server_receives_them(harness: Harness) -> None:
+    """What one node publishes reaches a subscriber on another node (Redis drivers: a
+    second store object, its own connections; memory has no other node)."""
+    if harness.exact:
+        pytest.skip("the memory store has no other node")
+    with trio.fail_after(TEST_TIMEOUT):
+        async with open_store(harness.driver.make_store()) as other:
+            async with other.subscribe("chan") as messages:
+                await harness.store.publish("chan", [b"a", b"b", b"c"])
+                assert await receive_n(messages, 3) == [b"a", b"b", b"c"]
+
+
+async def test_channels_are_separate_and_publishing_to_nobody_is_fine(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        await harness.store.publish("nobody", [b"lost"])
+        await harness.store.publish("nobody", [])
+        async with harness.store.subscribe("a") as a_messages:
+            await harness.store.publish("b", [b"for b"])
+            await harness.store.publish("a", [b"for a"])
+            assert await receive_n(a_messages, 1) == [b"for a"]
+        # Left: publishing to a channel nobody listens to any more still works.
+        await harness.store.publish("a", [b"again"])
+
+
+async def test_a_subscriber_that_does_not_read_loses_messages_never_blocks(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full subscription drops new messages: the publisher never waits for it, and
+    the subscription works again once it is read."""
+    import drivers.memory
+    import drivers.redis
+
+    monkeypatch.setattr(drivers.memory, "SUBSCRIPTION_BUFFER", 10)
+    monkeypatch.setattr(drivers.redis, "SUBSCRIPTION_BUFFER", 10)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with harness.store.subscribe("chan") as messages:
+            for i in range(100):
+                await harness.store.publish("chan", [b"%d" % i])
+            # Long enough for the Redis listener to have taken every message.
+            await trio.sleep(0 if harness.exact else 1.0)
+            assert await receive_n(messages, 10) == [b"%d" % i for i in range(10)]
+            dropped = getattr(harness.store, "dropped", None)
+            if dropped is None:
+                dropped = harness.store.pubsub_dropped  # type: ignore[attr-defined]
+            assert dropped == 90
+            await harness.store.publish("chan", [b"fresh"])
+            assert await receive_n(messages, 1) == [b"fresh"]
+
+
+async def test_a_redis_subscription_survives_a_server_restart(extra_redis_server: Any) -> None:
+    """Redis restarted: the subscription is re-established by itself and delivers
+    messages published after it is back."""
+    with trio.fail_after(TEST_TIMEOUT):
+        url = extra_redis_server.url
+        async with open_store(url) as publisher, open_store(url) as subscriber:
+            async with subscriber.subscribe("chan") as messages:
+                await publisher.publish("chan", [b"before"])
+                assert await receive_n(messages, 1) == [b"before"]
+                await trio.to_thread.run_sync(extra_redis_server.stop)
+                await trio.to_thread.run_sync(extra_redis_server.start)
+                # Until the subscription is back, messages are lost: publish until one
+                # arrives (the publisher's own pool reconnects on its next command).
+                async with trio.open_nursery() as nursery:
+
+                    async def keep_publishing() -> None:
+                        while True:
+                            with contextlib.suppress(StoreError):
+                                await publisher.publish("chan", [b"after"])
+                            await trio.sleep(0.05)
+
+                    nursery.start_soon(keep_publishing)
+                    assert await receive_n(messages, 1) == [b"after"]
+                    nursery.cancel_scope.cancel()
+
+
+# --- richer limits: rows of several windows and scopes, shadow rows --------------------
+
+
+async def test_rows_of_different_windows_are_one_admission(harness: Harness) -> None:
+    """A short and a long window in one call: all or nothing, each on its own window."""
+    with trio.fail_after(TEST_TIMEOUT):
+        short = harness.row(limit=2)
+        long = harness.row(limit=3, window_ms=6 * WINDOW_MS, bucket_ms=6 * BUCKET_MS)
+        assert long.span == SPAN
+        first = await harness.align()
+        for n in (1, 2):
+            admission = (await harness.admit([short, long])).value
+            assert admission.admitted and [s.used for s in admission.states] == [n, n]
+        refused = (await harness.admit([short, long])).value
+        assert not refused.admitted and [s.fits for s in refused.states] == [False, True]
+        assert refused.retry_after == refused.states[0].retry_after
+        assert [s.used for s in (await harness.usage([short, long])).value] == [2, 2]
+
+        # The short window frees (the long one holds for >= 2.4 s): one more fits.
+        await harness.sleep_until(leaves(first) + (0 if harness.exact else MARGIN_MS))
+        third = (await harness.admit([short, long])).value
+        assert third.admitted and [s.used for s in third.states] == [1, 3]
+        await harness.sleep_until(
+            leaves(third.reservation.buckets[0]) + (0 if harness.exact else MARGIN_MS)
+        )
+        # Now the long window refuses, and the short row that fits is not consumed.
+        by_long = await harness.admit([short, long])
+        if by_long.before(first * BUCKET_MS + long.window_ms):
+            assert not by_long.value.admitted
+            assert [s.fits for s in by_long.value.states] == [True, False]
+            assert by_long.value.refusing[0].row == long
+            assert used(await harness.usage([short])) == 0
+
+
+async def test_a_shadow_row_never_refuses_and_counts_as_if_enforced(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        await harness.align()
+        enforced = harness.row(limit=5)
+        shadow = harness.row(limit=1, scope="team:t", enforce=False)
+        first = (await harness.admit([enforced, shadow])).value
+        assert first.admitted and not first.would_refuse
+        assert [s.used for s in first.states] == [1, 1]
+
+        second = (await harness.admit([enforced, shadow])).value
+        assert second.admitted and second.would_refuse
+        assert second.refusing == () and second.retry_after == 0.0
+        assert [s.row for s in second.shadow_refusing] == [shadow]
+        assert second.states[1].retry_after is not None  # computed as enforcing would
+        # The shadow row was not consumed (enforcing would have refused it all) ...
+        assert second.reservation.buckets[1] == NOT_RESERVED
+        assert [s.used for s in second.states] == [2, 1]
+        # ... and settling its reservation leaves it alone.
+        await harness.store.settle(second.reservation, [0, -1])
+        assert [s.used for s in (await harness.usage([enforced, shadow])).value] == [2, 1]
+
+        # Refused by an enforced row: nothing is consumed, shadow rows included.
+        tight = attrs.evolve(enforced, limit=2)
+        roomy = attrs.evolve(shadow, limit=10)
+        refused = (await harness.admit([tight, roomy])).value
+        assert not refused.admitted and not refused.would_refuse
+        assert [s.used for s in (await harness.usage([tight, roomy])).value] == [2, 1]
+
+
+async def test_one_round_trip_per_admission_whatever_the_rows(harness: Harness) -> None:
+    """Eight rows (three windows, key and team scopes): still ONE Lua call, one round
+    trip, on a single Redis and on a cluster (one partition: one slot)."""
+    if harness.exact:
+        pytest.skip("the memory store makes no round trips")
+    store = harness.store
+    assert isinstance(store, RedisStore)
+    with trio.fail_after(TEST_TIMEOUT):
+        rows = [
+            harness.row(limit=100, dimension=d, scope=s, window_ms=w, bucket_ms=b)
+            for d, s, w, b in [
+                ("requests", "key:a", WINDOW_MS, BUCKET_MS),
+                ("input_tokens", "key:a", WINDOW_MS, BUCKET_MS),
+                ("output_tokens", "key:a", WINDOW_MS, BUCKET_MS),
+                ("total_tokens", "key:a", WINDOW_MS, BUCKET_MS),
+                ("requests", "key:a", 3_600_000, 60_000),
+                ("requests", "key:a", 86_400_000, 3_600_000),
+                ("requests", "team:t", WINDOW_MS, BUCKET_MS),
+                ("total_tokens", "team:t:model:gpt-4o*", 86_400_000, 3_600_000),
+            ]
+        ]
+        assert (await harness.admit(rows, partition="team:t")).value.admitted  # warm
+        calls, trips = store.calls, store.round_trips
+        for _ in range(10):
+            admission = await store.admit("team:t", rows)
+            assert admission.admitted
+        assert (store.calls - calls, store.round_trips - trips) == (10, 10)
+        states = await store.usage("team:t", rows)
+        assert [s.used for s in states] == [11] * 8
