@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import decisions, load
+from bench import decisions, feed, load, suite
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     decisions.add_arguments(decisions_parser)
     decisions_parser.set_defaults(run=decisions.main)
+    suite_parser = commands.add_parser(
+        "suite",
+        help="the benchmark suite: start nodes and Redis, run every scenario, write the report",
+        description="Run the benchmark scenarios against nodes and a Redis the suite starts; "
+        "write docs/performance.md and PNG charts under docs/img/.",
+    )
+    suite.add_arguments(suite_parser)
+    suite_parser.set_defaults(run=suite.main)
+    feed_parser = commands.add_parser(
+        "feed",
+        help="node throughput with live feed subscribers vs none; node-to-node event latency",
+    )
+    feed.add_arguments(feed_parser)
+    feed_parser.set_defaults(run=feed.main)
     return parser
 
 

@@ -1,0 +1,277 @@
+"""Tests for the benchmark suite (bench/suite.py, bench/wrk.py, bench/charts.py).
+
+The parsers and the wrk script are checked on fixed inputs. The suite's machinery runs
+for real in a tiny profile (1 s measurements) against real node processes, a real
+redis-server and a real ``serve --nodes 3`` cluster, and its report is checked for what
+every section must name: the command, the machine and the date, plus the charts (when
+matplotlib, the ``bench`` extra, is installed). The wrk-driven scenario is skipped when
+wrk is not installed; everything else runs without it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import trio
+
+from bench import charts
+from bench.suite import (
+    Profile,
+    RedisInfo,
+    Target,
+    _parse_redis_benchmark_csv,
+    children,
+    machine_info,
+    paired_ratios,
+    run_suite,
+    trailing_sums,
+    trouble_before,
+    trouble_notes,
+)
+from bench.wrk import (
+    JSON_MARKER,
+    WrkResult,
+    chat_script,
+    combine,
+    find_wrk,
+    parse_output,
+    parse_text,
+    streamed_slots,
+)
+
+TINY = Profile(
+    name="tiny",
+    warmup=0,
+    rounds=1,
+    seconds=1,
+    latency_rounds=1,
+    latency_seconds=1,
+    decisions_rounds=1,
+    decisions_seconds=0.3,
+    redis_benchmark_requests=2000,
+    startup_repeats=1,
+    settle=0.2,
+    decisions_extras=False,
+)
+
+WRK_TEXT = """\
+Running 2s test @ http://127.0.0.1:18101/v1/chat/completions
+  1 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    56.89ms   94.79ms 451.16ms   88.64%
+    Req/Sec   387.31    188.76   646.00     43.75%
+  Latency Distribution
+     50%   22.09ms
+     75%   46.78ms
+     90%  182.61ms
+     99%  426.40ms
+  661 requests in 2.03s, 1.95MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 5
+Requests/sec:    325.49
+Transfer/sec:      0.96MB
+"""
+
+
+# --- wrk: script and parsing ------------------------------------------------------------
+
+
+def test_parse_text_reads_wrk_output() -> None:
+    result = parse_text(WRK_TEXT)
+    assert result.requests == 661
+    assert result.seconds == pytest.approx(2.03)
+    assert result.latency["p50"] == pytest.approx(0.02209)
+    assert result.latency["p99"] == pytest.approx(0.4264)
+    assert result.latency["max"] == pytest.approx(0.45116)
+    assert result.errors == {"connect": 0, "read": 2, "write": 0, "status": 5, "timeout": 1}
+    assert not result.ok
+
+
+def test_parse_output_prefers_the_json_line() -> None:
+    line = (
+        f'{JSON_MARKER}{{"requests":100,"duration_us":2000000,"bytes":5,"errors":{{"connect":0,'
+        '"read":0,"write":0,"status":0,"timeout":0},"latency_us":{"min":1,"max":9000,'
+        '"mean":1500.5,"stdev":1.0,"p50":1000,"p75":1200,"p90":2000,"p99":5000,"p999":8000}}'
+    )
+    result = parse_output(WRK_TEXT + line + "\n")
+    assert result.requests == 100
+    assert result.rps == pytest.approx(50.0)
+    assert result.latency["p50"] == pytest.approx(0.001)
+    assert result.latency["max"] == pytest.approx(0.009)
+    assert result.ok
+
+
+def test_combine_adds_requests_and_weights_percentiles() -> None:
+    a = WrkResult(requests=100, seconds=2.0, latency={"p50": 0.010, "max": 0.05})
+    b = WrkResult(requests=300, seconds=2.1, latency={"p50": 0.020, "max": 0.04})
+    both = combine([a, b])
+    assert both.requests == 400
+    assert both.seconds == 2.1
+    assert both.latency["p50"] == pytest.approx(0.0175)
+    assert both.latency["max"] == 0.05
+    assert both.runs == 2
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25, 0.3, 0.5, 1.0])
+def test_streamed_slots_spread_the_share(share: float) -> None:
+    slots = streamed_slots(share)
+    assert sum(slots) == round(share * len(slots))
+    if 0 < share < 1:  # spread out, not bunched at one end
+        first_half = sum(slots[: len(slots) // 2])
+        assert abs(first_half - sum(slots) / 2) <= 1
+
+
+def test_chat_script_holds_every_key_and_survives_brackets() -> None:
+    script = chat_script(["sk-a", "sk-]]-b"], stream_share=0.5)
+    assert "sk-a" in script and "sk-]]-b" in script
+    assert "[=[sk-]]-b]=]" in script  # a long bracket the key cannot close
+    assert script.count('"stream":true') == 50
+    assert "function done(" in script and JSON_MARKER.strip() in script
+
+
+# --- suite helpers ----------------------------------------------------------------------
+
+
+def test_trailing_sums() -> None:
+    points = [(0.5, 1), (1.0, 2), (2.5, 4)]
+    assert trailing_sums(points, 2.0, [0.0, 1.0, 2.0, 2.5, 3.0, 5.0]) == [0, 3, 3, 6, 4, 0]
+
+
+def test_paired_ratios_pair_rounds() -> None:
+    def run(variant: str, rnd: int, rps: float):
+        from bench.suite import Run
+
+        return Run(variant, rnd, WrkResult(requests=int(rps), seconds=1.0, latency={}), 0.0, None)
+
+    runs = {"off": [run("off", 0, 100), run("off", 1, 200)]}
+    runs["on"] = [run("on", 0, 90), run("on", 1, 150)]
+    assert paired_ratios(runs, "off", "on") == [0.9, 0.75]
+
+
+def test_redis_benchmark_csv_and_connection_args() -> None:
+    text = (
+        '"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms"\n'
+        '"SET","98765.43","0.3","0.1","0.25"\n'
+    )
+    assert _parse_redis_benchmark_csv(text) == (98765.43, 0.25)
+    assert RedisInfo("unix:///tmp/r.sock", None, True).benchmark_args() == ["-s", "/tmp/r.sock"]
+    assert RedisInfo("redis://:p%40ss@h:7000/0", None, False).benchmark_args() == [
+        "-h", "h", "-p", "7000", "-a", "p@ss",
+    ]  # fmt: skip
+    assert RedisInfo("redis+cluster://h:7000", None, False).benchmark_args() is None
+
+
+GUARD_LINES = """\
+2026-11-28 11:56:11,573 node-0 tokenguard.resilience WARNING store call failed (1 in a row; \
+policy local applies): store unix:///s/redis.sock: no answer within 100 ms
+2026-11-28 11:56:11,574 node-0 tokenguard.resilience WARNING store unix:///s/redis.sock \
+unavailable (store unix:///s/redis.sock: no answer within 100 ms): breaker open
+2026-11-28 11:56:11,575 node-0 tokenguard.feed WARNING usage feed: cannot publish
+"""
+
+
+def test_store_trouble_is_counted_from_the_node_logs(tmp_path: Path) -> None:
+    log = tmp_path / "node-0.log"
+    log.write_text("tokenguard node 0 serving\n")
+    target = Target(name="3 nodes", urls=[], proc=None, node_pids=[], log_paths=[log])  # type: ignore[arg-type]
+    before = trouble_before({"3 nodes": target})
+    assert trouble_notes({"3 nodes": target}, before) == []
+    with log.open("a") as f:
+        f.write(GUARD_LINES)
+    assert target.store_trouble() == (2, 1)
+    (note,) = trouble_notes({"3 nodes": target}, before)
+    assert "2 warning(s), 1 breaker opening(s)" in note
+
+
+def test_machine_info_names_the_cpu_and_date() -> None:
+    m = machine_info()
+    assert m.cores >= 1 and m.usable_cores >= 1
+    assert m.cpu
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", m.date)
+
+
+# --- the suite, for real ----------------------------------------------------------------
+
+
+def check_report(markdown: str, output: Path, names: list[str]) -> None:
+    machine = machine_info()
+    assert "python -m bench suite" in markdown
+    assert machine.cpu in markdown
+    assert f"{machine.usable_cores} cores" in markdown
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", markdown)
+    # Every section names the command, the machine and when it ran.
+    sections = re.split(r"\n## \d+\. ", markdown)[1:]
+    assert len(sections) == len(names)
+    for text in sections:
+        assert "*Produced by* `python -m bench suite" in text
+        assert machine.cpu in text
+        assert "*ran:*" in text
+        assert "This scenario failed" not in text, text
+    if charts.available():
+        for name in names:
+            png = output.parent / "img" / f"{name}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert f"](img/{name}.png)" in markdown
+    else:
+        assert "matplotlib is not installed" in markdown
+
+
+def no_children_left() -> None:
+    import os
+
+    leftovers = [p for p in children(os.getpid()) if p]
+    # trio's run_process and the suite reap everything they start.
+    assert not leftovers, leftovers
+
+
+@pytest.mark.slow
+async def test_suite_tiny_startup_decisions_memory(tmp_path: Path) -> None:
+    output = tmp_path / "docs" / "performance.md"
+    with trio.fail_after(60):
+        result = await run_suite(
+            TINY,
+            scenarios=["startup", "decisions", "memory"],
+            output=output,
+            client="load",
+            command="python -m bench suite --tiny",
+            progress=None,
+        )
+    assert result.ok
+    markdown = output.read_text()
+    assert markdown == result.markdown
+    check_report(markdown, output, ["startup", "decisions", "memory"])
+    assert "`tokenguard serve --nodes 3`" in markdown
+    assert "python -m bench decisions --store memory://" in markdown
+    assert "Decisions/s, 8 rules / 3 rules" in markdown
+    assert "redis-benchmark" in markdown  # its figures, or why there are none
+    assert "Resident memory per node process" in markdown
+    goals = {g.name: g for s in result.sections for g in s.goals}
+    assert all(g.met is not None for g in goals.values())
+    no_children_left()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_wrk() is None, reason="wrk is not installed (apt-get install wrk)")
+async def test_suite_tiny_stores_with_wrk(tmp_path: Path) -> None:
+    output = tmp_path / "performance.md"
+    with trio.fail_after(60):
+        result = await run_suite(
+            TINY,
+            scenarios=["stores"],
+            output=output,
+            client="wrk",
+            command="python -m bench suite --tiny",
+            progress=None,
+        )
+    assert result.ok
+    check_report(result.markdown, output, ["stores"])
+    assert "wrk -t1 -c32 -d1s" in result.markdown
+    assert "Throughput, 1 node, memory store / limits off" in result.markdown
+    (stores,) = result.sections
+    for variant in ("off", "memory", "redis"):
+        (run,) = stores.data["throughput"][variant]
+        assert run["requests"] > 0
+        assert sum(run["errors"].values()) == 0  # every answer a 200
+    no_children_left()
