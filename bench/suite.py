@@ -74,6 +74,7 @@ from bench import charts
 from bench.charts import Panel
 from bench.decisions import rows_for
 from bench.load import KeySpec, LoadOptions, TokenRange, run_load
+from bench.procfs import alive, cmdline, cpu_seconds, descendants, rss_kib
 from bench.wrk import WrkError, WrkResult, chat_script, find_wrk, run_wrk, run_wrk_many, wrk_argv
 from tokenguard.redis_server import RedisServerSpec, find_redis_binary, ping
 from tokenguard.settings import Limits
@@ -238,69 +239,6 @@ def machine_info() -> Machine:
     )
 
 
-# --- /proc ------------------------------------------------------------------------------
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
-def _alive(pid: int) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat(int(entry))
-            if fields is not None and int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-                found.append(int(entry))
-    return sorted(found)
-
-
-def descendants(pid: int) -> list[int]:
-    found: list[int] = []
-    todo = children(pid)
-    while todo:
-        child = todo.pop()
-        found.append(child)
-        todo += children(child)
-    return sorted(found)
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return ""
-
-
-def rss_kib(pid: int) -> int | None:
-    """VmRSS of ``pid`` in KiB (``None`` if it is gone)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return None
-
-
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of ``pid`` so far (0 if unknown or gone)."""
-    fields = _stat(pid) if pid is not None else None
-    if fields is None:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
 # --- processes --------------------------------------------------------------------------
 
 
@@ -368,7 +306,7 @@ class Proc:
             await self.child.stop(grace)
             for pid in self.seen:
                 # The name check guards against a recycled pid.
-                if _alive(pid) and any(n in cmdline(pid) for n in ("tokenguard", "redis-server")):
+                if alive(pid) and any(n in cmdline(pid) for n in ("tokenguard", "redis-server")):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
 

@@ -40,6 +40,9 @@ import attrs
 import httpx
 import trio
 
+# The /proc readers are shared with the benchmark suite.
+from bench.procfs import alive, children, cmdline, descendants, rss_kib  # noqa: F401
+
 START_TIMEOUT = 20.0
 STOP_GRACE = 20.0
 
@@ -96,59 +99,6 @@ async def wait_refused(host: str, port: int) -> None:
 
 
 # --- /proc -------------------------------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name is in parentheses and may contain spaces: split after it.
-    return text[text.rindex(")") + 2 :].split()
-
-
-def alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    fields = _stat_fields(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
-
-
-def children(pid: int) -> list[int]:
-    """Live processes whose parent is ``pid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat_fields(int(entry))
-            if fields is not None and int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-                found.append(int(entry))
-    return sorted(found)
-
-
-def descendants(pid: int) -> list[int]:
-    """Live children, grandchildren, ... of ``pid``."""
-    found: list[int] = []
-    todo = children(pid)
-    while todo:
-        child = todo.pop()
-        found.append(child)
-        todo += children(child)
-    return sorted(found)
-
-
-def cmdline(pid: int) -> str:
-    """The process's command line, arguments joined by spaces ("" if it is gone)."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return ""
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size (VmRSS) in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise ValueError(f"no VmRSS for pid {pid}")
 
 
 async def wait_gone(pids: Sequence[int]) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 import attrs
 import redis
 
-from tokenguard.redis_server import RedisServerSpec, find_redis_binary
+from tokenguard.redis_server import RedisServerSpec, find_redis_binary, ping
 
 START_TIMEOUT = 10.0
 CLUSTER_TIMEOUT = 30.0
@@ -55,20 +55,7 @@ class ServerExited(RuntimeError):
 
 def answers(spec: RedisServerSpec, timeout: float = 0.5) -> bool:
     """True if a server listens and answers PING, even if only to ask for a password."""
-    try:
-        if spec.unix_socket is not None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            address: object = str(spec.unix_socket)
-        else:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            address = (spec.bind, spec.port)
-        with sock:
-            sock.settimeout(timeout)
-            sock.connect(address)
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
-    except OSError:
-        return False
+    return ping(spec, timeout, accept_noauth=True)
 
 
 def _die_with_parent() -> None:

@@ -88,8 +88,11 @@ class RedisServerSpec:
         return f"redis://{self.bind}:{self.port}/0"
 
 
-def ping(spec: RedisServerSpec, timeout: float = 0.5) -> bool:
-    """True if the server answers PING (a raw RESP round trip, no client library)."""
+def ping(spec: RedisServerSpec, timeout: float = 0.5, *, accept_noauth: bool = False) -> bool:
+    """True if the server answers PING (a raw RESP round trip, no client library).
+
+    With ``accept_noauth``, a server that asks for a password counts as answering too.
+    """
     try:
         if spec.unix_socket is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -101,7 +104,7 @@ def ping(spec: RedisServerSpec, timeout: float = 0.5) -> bool:
             sock.settimeout(timeout)
             sock.connect(address)
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH") if accept_noauth else b"+PONG")
     except OSError:
         return False
 

@@ -17,12 +17,12 @@ import pytest
 import trio
 
 from bench import charts
+from bench.procfs import children
 from bench.suite import (
     Profile,
     RedisInfo,
     Target,
     _parse_redis_benchmark_csv,
-    children,
     machine_info,
     paired_ratios,
     run_suite,
