@@ -352,11 +352,12 @@ class GuardedStore(WindowStore):
     @contextmanager
     def _deadline(self, seconds: float | None = None) -> Iterator[None]:
         """Run the body within the deadline; a missed deadline is a StoreError."""
-        with trio.move_on_after(self.timeout if seconds is None else seconds) as scope:
+        seconds = self.timeout if seconds is None else seconds
+        with trio.move_on_after(seconds) as scope:
             yield
         if scope.cancelled_caught:
             self.stats.timeouts += 1
-            raise StoreError(f"store {self.url}: no answer within {self.timeout * 1000:g} ms")
+            raise StoreError(f"store {self.url}: no answer within {seconds * 1000:g} ms")
 
     def _failed(self, exc: StoreError) -> None:
         self.stats.failures += 1
@@ -409,8 +410,7 @@ class GuardedStore(WindowStore):
         try:
             with trio.CancelScope(deadline=start + MAX_WAIT_FACTOR * self.timeout) as scope:
                 self._waiting[scope] = start
-                if len(self._waiting) == 1:
-                    self._calls_waiting.set()
+                self._calls_waiting.set()  # (a no-op unless the watchdog is idle)
                 try:
                     result = await call(*args)
                 finally:
@@ -437,12 +437,13 @@ class GuardedStore(WindowStore):
         each call exactly ``timeout``.
         """
         while True:
-            if not self._waiting:
+            starts = [t for scope, t in self._waiting.items() if not scope.cancel_called]
+            if not starts:
                 self._calls_waiting = trio.Event()
                 await self._calls_waiting.wait()
                 continue
             now = trio.current_time()
-            due = max(min(self._waiting.values()), self._last_answer) + self.timeout
+            due = max(min(starts), self._last_answer) + self.timeout
             if due > now:
                 await trio.sleep_until(due)
                 continue
