@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import short_tmp_dir
 from tests.redis_servers import (
     RedisClusterServers,
     RedisServer,
@@ -78,3 +79,10 @@ def extra_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A standalone server for one test, free to be stopped and started again."""
     with running_redis_server(tmp_path / "redis") as server:
         yield server
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A short temporary directory (unix socket paths must stay under 108 bytes)."""
+    with short_tmp_dir() as path:
+        yield path

@@ -101,6 +101,12 @@ async def wait_refused(host: str, port: int) -> None:
 # --- /proc -------------------------------------------------------------------------------
 
 
+def write_config(path: Path, body: str, window: int = 60, bucket: int = 5) -> Path:
+    """Write a tokenguard config: a ``[window]`` section, then ``body``."""
+    path.write_text(f"[window]\nseconds = {window}\nbucket_seconds = {bucket}\n\n{body}")
+    return path
+
+
 async def wait_gone(pids: Sequence[int]) -> None:
     """Wait until none of ``pids`` is alive."""
     # Polling /proc: a process that is not our child offers nothing else to wait on.

@@ -15,37 +15,24 @@ import re
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import trio
 
 from tests.processes import (
     free_ports,
     running_cluster,
     running_tokenguard,
-    short_tmp_dir,
     wait_healthy,
+    write_config,
 )
 from tests.redis_servers import running_redis_server
 from tokenguard.cli import CLOCK_OFFSET_ENV
 from tokenguard.tokens import count_chat_prompt
 
 MODEL = "gpt-4o"
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    with short_tmp_dir() as path:
-        yield path
-
-
-def write_config(path: Path, body: str) -> Path:
-    path.write_text("[window]\nseconds = 60\nbucket_seconds = 5\n\n" + body)
-    return path
 
 
 def messages_of(content: str) -> list[dict[str, Any]]:

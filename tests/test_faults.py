@@ -26,7 +26,7 @@ import signal
 import statistics
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,9 @@ from tests.processes import (
     free_ports,
     running_cluster,
     running_tokenguard,
-    short_tmp_dir,
     wait_healthy,
     wait_refused,
+    write_config,
 )
 from tests.redis_servers import RedisServer, running_redis_server
 from tokenguard import mock
@@ -52,17 +52,6 @@ from tokenguard.resilience import GuardedStore
 from tokenguard.windows import Row, open_store
 
 MODEL = "gpt-4o"
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    with short_tmp_dir() as path:
-        yield path
-
-
-def write_config(path: Path, body: str, window: int = 60, bucket: int = 5) -> Path:
-    path.write_text(f"[window]\nseconds = {window}\nbucket_seconds = {bucket}\n\n{body}")
-    return path
 
 
 async def chat(

@@ -5,23 +5,15 @@ shadow mode admits and counts what enforce mode refuses, identically."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import trio
 
-from tests.processes import running_cluster, short_tmp_dir
+from tests.processes import running_cluster
 
 MODEL = "gpt-4o"
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    with short_tmp_dir() as path:
-        yield path
 
 
 async def chat(client: httpx.AsyncClient, url: str, key: str) -> httpx.Response:

@@ -14,7 +14,6 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,9 @@ from tests.processes import (
     rss_kib,
     running_cluster,
     running_tokenguard,
-    short_tmp_dir,
     wait_gone,
     wait_refused,
+    write_config,
 )
 from tests.redis_servers import running_redis_server
 from tokenguard import cli, mock
@@ -43,17 +42,6 @@ from tokenguard.supervisor import (
 )
 
 MODEL = "gpt-4o"
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    with short_tmp_dir() as path:
-        yield path
-
-
-def write_config(path: Path, body: str) -> Path:
-    path.write_text("[window]\nseconds = 60\nbucket_seconds = 5\n\n" + body)
-    return path
 
 
 def chat_body(content: str = "hi", **extra: Any) -> dict[str, Any]:
