@@ -455,6 +455,34 @@ async def test_unknown_keys_answer_identically(node: Node) -> None:
     assert len(bodies) == 1
 
 
+async def test_early_errors_keep_a_pooled_connection_usable(node: Node) -> None:
+    """Answers given before the body is read (401, 404) leave the connection usable for
+    the next request: a pooled client (httpx, the openai SDK) neither hangs nor sees
+    "server disconnected". Each round races the body's arrival against the answer."""
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "w " * 35_000}]}
+    one_connection = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    with trio.fail_after(60):
+        async with httpx.AsyncClient(timeout=5, limits=one_connection) as client:
+            for _ in range(25):
+                answer = await client.post(
+                    f"{node.url}/v1/chat/completions",
+                    json=body,
+                    headers={"Authorization": "Bearer sk-not-a-key"},
+                )
+                assert answer.status_code == 401
+                assert answer.json()["error"]["code"] == "invalid_api_key"
+                answer = await client.post(
+                    f"{node.url}/v1/no/such/route",
+                    json=body,
+                    headers={"Authorization": "Bearer sk-h"},
+                )
+                assert answer.status_code == 404
+            answer = await client.get(
+                f"{node.url}/v1/usage", headers={"Authorization": "Bearer sk-h"}
+            )
+            assert answer.status_code == 200
+
+
 async def test_a_chunked_body_is_cut_off_at_the_cap(node: Node) -> None:
     """A chunked body with no length: 413 as soon as it passes the cap, long before it
     ends (it would be 1 MB); nothing consumed."""

@@ -25,7 +25,7 @@ from tokenguard import mock
 from tokenguard.chat import ChatRequest, parse_json, validate_chat
 from tokenguard.errors import APIError, invalid
 from tokenguard.feed import Feed, serve_websocket
-from tokenguard.hardening import check_request_framing
+from tokenguard.hardening import check_request_framing, drain_request_body
 from tokenguard.limiter import (
     Cost,
     Decision,
@@ -290,6 +290,7 @@ class Gateway:
         return _json(body, headers=ratelimit_headers(states))
 
     async def error_response(self, error: APIError) -> Response:
+        await drain_request_body()  # keeps the client's connection usable
         headers = dict(error.headers)
         key = getattr(g, "key", None)
         if key is not None and not any(h.startswith("x-ratelimit-") for h in headers):

@@ -13,6 +13,13 @@
   from tokenguard has one shape. It replaces one method of hypercorn's h11 protocol
   (``H11Protocol._send_error_response``, hypercorn 0.17-0.18); the hostile-input tests
   check it over real sockets, so a hypercorn that changes it fails them.
+* :func:`install_shielded_recycle`: hypercorn recycles (or closes) an HTTP/1.1
+  connection from inside the app's own task, right after telling the app the client is
+  done; quart-trio cancels that task as soon as the message arrives, so the close could
+  be abandoned halfway: a response sent before the request body was fully read (a 401
+  to a request with a large body) then left the connection open and deaf, and the
+  client's next request on it hung. The recycle now runs shielded
+  (``test_early_errors_keep_a_pooled_connection_usable``).
 * :data:`KEEP_ALIVE_TIMEOUT`, :data:`BODY_TIMEOUT`: the node's slow-client bounds (see
   ``docs/reliability.md``). hypercorn's idle timer runs from a connection's start until
   a complete request head arrives, so a client trickling its headers (slowloris) is
@@ -24,12 +31,16 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import h11
+import trio
 from quart import request
 
 from tokenguard.errors import APIError, invalid
 
+# How long hypercorn's handing of the end of a request to the app may take, shielded.
+RECYCLE_TIMEOUT = 5.0
 MAX_HEADER_BYTES = 16 * 1024  # all header names and values of a request together
 KEEP_ALIVE_TIMEOUT = 75  # seconds; longer than typical client pools keep sockets idle
 BODY_TIMEOUT = 30  # seconds for a whole request body to arrive
@@ -63,6 +74,23 @@ async def check_request_framing() -> None:
         )
 
 
+async def drain_request_body() -> None:
+    """Read what is left of the request body, if it fits the cap, before an early answer.
+
+    An error answered before the body was read (a 401 on a large body) would otherwise
+    make hypercorn close the connection, and a client that reuses it for its next
+    request (every pooled client: httpx, the openai SDK) gets "server disconnected"
+    instead of its answer. A body over the cap is never read: that connection closes.
+    """
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    with trio.move_on_after(BODY_TIMEOUT):
+        try:
+            await request.body
+        except Exception:  # noqa: BLE001 - too large or cut off: the connection closes
+            pass
+
+
 def protocol_error_body(status_code: int) -> bytes:
     message = PROTOCOL_ERROR_MESSAGES.get(status_code, "The request could not be parsed.")
     error = APIError(status_code, message, code="invalid_http")
@@ -91,3 +119,40 @@ def install_protocol_errors() -> None:
 
     if getattr(H11Protocol, "_send_error_response", None) is not _send_error_response:
         H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
+
+
+async def _maybe_recycle(self: object) -> None:
+    """hypercorn's ``H11Protocol._maybe_recycle`` (0.17-0.18), shielded from the
+    cancellation of the app task it runs in (see the module docstring)."""
+    from hypercorn.events import Closed, Updated
+
+    this: Any = self
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(RECYCLE_TIMEOUT):
+            await this._close_stream()
+        connection = this.connection
+        if (
+            not this.context.terminated.is_set()
+            and connection.our_state is h11.DONE
+            and connection.their_state is h11.DONE
+        ):
+            try:
+                connection.start_next_cycle()
+            except h11.LocalProtocolError:
+                await this.send(Closed())
+            else:
+                this.response = None
+                this.scope = None
+                await this.can_read.set()
+                await this.send(Updated(idle=True))
+        else:
+            await this.can_read.set()
+            await this.send(Closed())
+
+
+def install_shielded_recycle() -> None:
+    """Make hypercorn's HTTP/1.1 connection recycling uncancellable (idempotent)."""
+    from hypercorn.protocol.h11 import H11Protocol
+
+    if getattr(H11Protocol, "_maybe_recycle", None) is not _maybe_recycle:
+        H11Protocol._maybe_recycle = _maybe_recycle  # type: ignore[method-assign]

@@ -17,7 +17,12 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from tokenguard.app import create_app
-from tokenguard.hardening import KEEP_ALIVE_TIMEOUT, MAX_HEADER_BYTES, install_protocol_errors
+from tokenguard.hardening import (
+    KEEP_ALIVE_TIMEOUT,
+    MAX_HEADER_BYTES,
+    install_protocol_errors,
+    install_shielded_recycle,
+)
 from tokenguard.resilience import guarded_store
 from tokenguard.settings import Settings
 from tokenguard.tokens import preload
@@ -56,6 +61,7 @@ def hypercorn_config(
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT  # also bounds a trickled request head
     config.h11_max_incomplete_size = MAX_HEADER_BYTES
     install_protocol_errors()  # hypercorn's own 400/431 answers get OpenAI's body too
+    install_shielded_recycle()  # an early answer must not leave a keep-alive socket deaf
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
