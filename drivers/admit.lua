@@ -1,16 +1,32 @@
--- admit.lua: check every row and, only if all fit, add every amount; atomically.
+-- admit.lua: check every row and, only if all fit, consume every row; atomically.
 -- Times in milliseconds, from the Redis server's own clock (TIME); amounts in the
--- row's units. Runs after counter.lua (now, a, int, encode, load, keep, newest_live).
+-- row's units. Runs after counter.lua (now, a, int, encode, summary, newest_live,
+-- keep, leases).
 --
--- KEYS[i]  the counter hash of row i (see counter.lua)
--- ARGV[1]  five integers per row i, a[5i-4 .. 5i]: bucket_ms, span, limit, amount,
---          enforce (1; 0 = a shadow row: checked, never refuses, consumed only when
---          every row fits, as it would be if it were enforced)
+-- KEYS[i]  the counter hash (or, for a lease row, the lease set) of row i
+-- ARGV[1]  (packed, see counter.lua) five integers per row i, a[5i-4 .. 5i]:
+--          bucket_ms, span, limit, amount, and alert_at * 2 + enforce (alert_at: 0 =
+--          none; enforce: 1, or 0 = a shadow row: checked, never refuses, consumed only
+--          when every row fits, as it would be if it were enforced); a lease row has
+--          span -1 and its lease time (ms) as bucket_ms. Then the lease id the
+--          admission takes in its lease rows (0: none).
 --
--- Returns encode{admitted (1/0: every enforcing row fits), then for each row: used,
--- reset_ms, fits (1/0), retry_ms (-1 = never fits), bucket (the current bucket index;
--- -1 for a shadow row that was not consumed)}. When admitted, the states of consumed
--- rows are those after adding (fits = 1, retry_ms = -1).
+-- Returns (packed) outcome, now, then the rows' states, then the index (1-based) of
+-- every row whose near-limit mark this admission crossed first in its window:
+-- * outcome 2, every row fitted and was consumed (the common case, kept short): per
+--   row, used and reset_ms after adding; its bucket is floor(now / bucket_ms) (0 for
+--   a lease row);
+-- * outcome 1 (admitted; some shadow row did not fit) or 0 (refused): per row, used,
+--   reset_ms, fits (1/0), retry_ms (-1 = never fits), bucket (the current bucket
+--   index; 0 for a lease row; -1 for a row that was not consumed). The states of
+--   consumed rows are those after adding (fits = 1, retry_ms = -1).
+--
+-- Near-limit: a consumed row with alert_at > 0 whose usage reaches alert_at is
+-- reported unless its counter already reported a crossing in a bucket still in the
+-- window (the summary's "a"): once per window per counter, whichever node admits.
+
+local rows = #KEYS
+local lease_id = a[5 * rows + 1]
 
 -- When a request of `amount` fits, if no other traffic comes: the moment the oldest
 -- live buckets (ascending, buckets oldest .. top) have left enough room. Refusals only.
@@ -34,91 +50,161 @@ local function retry_ms(key, oldest, top, span, bucket_ms, used, amount, limit)
 end
 
 -- Per distinct key, indexed by the first row naming it (a key named twice is one
--- counter, as in the memory driver): start, used, newest, stale fields, dirty.
-local first, S, U, N, STALE, DIRTY = {}, {}, {}, {}, {}, {}
-local out = { 1 }
-local everything = true -- every row fits, shadow rows included
-for i = 1, #KEYS do
+-- counter, as in the memory driver): start, used, newest, alert bucket, stale fields,
+-- the current bucket's amount, changed (the summary must be written), new (no summary),
+-- the current bucket's field. Per row: its current bucket, used as checked, and a lease
+-- row's reset_ms as checked.
+local first, S, U, N, AL, STALE, CUR, CHANGED, NEW, FIELD = {}, {}, {}, {}, {}, {}, {}, {}, {}, {}
+local C, USED, LRESET = {}, {}, {}
+local everything, refused = true, false -- every row fits (shadow ones too); refused
+for i = 1, rows do
   local key = KEYS[i]
-  local bucket_ms, span, limit, amount = a[5 * i - 4], a[5 * i - 3], a[5 * i - 2], a[5 * i - 1]
-  local c = math.floor(now / bucket_ms)
-  local oldest = c - span
-  local f = first[key]
-  if f == nil then
-    f = i
-    first[key] = i
-    S[i], U[i], N[i], STALE[i], DIRTY[i] = load(key, oldest, span)
+  local bucket_ms, span = a[5 * i - 4], a[5 * i - 3]
+  local used
+  if span < 0 then
+    used, LRESET[i] = leases(key)
+    C[i] = 0
+  else
+    local c = math.floor(now / bucket_ms)
+    local f = first[key]
+    if f == nil then
+      f = i
+      first[key] = i
+      local field = int(c)
+      local m = redis.call('HMGET', key, 'm', field)
+      S[i], U[i], N[i], AL[i], STALE[i], CHANGED[i] = summary(key, m[1], c - span)
+      CUR[i] = tonumber(m[2]) or 0
+      NEW[i] = not m[1]
+      FIELD[i] = field
+    end
+    used = U[f]
+    C[i] = c
   end
-  local used, newest = U[f], N[f]
-  local fits = used + amount <= limit
-  local retry = -1
-  if not fits then
+  USED[i] = used
+  if used + a[5 * i - 1] > a[5 * i - 2] then
     everything = false
-    if a[5 * i] == 1 then
-      out[1] = 0
-    end
-    if amount <= limit then
-      retry = retry_ms(key, oldest, math.max(c, newest), span, bucket_ms, used, amount, limit)
+    if a[5 * i] % 2 == 1 then
+      refused = true
     end
   end
-  local k = #out
-  out[k + 1] = used
-  out[k + 2] = newest >= 0 and (newest + span + 1) * bucket_ms - now or 0
-  out[k + 3] = fits and 1 or 0
-  out[k + 4] = retry
-  out[k + 5] = c
-end
-if out[1] == 0 then
-  return encode(out)
 end
 
--- Every enforcing row fits: add every amount (a shadow row's only if every row fits)
--- and report the states after it.
-for i = 1, #KEYS do
-  local key = KEYS[i]
-  local bucket_ms, span, amount = a[5 * i - 4], a[5 * i - 3], a[5 * i - 1]
-  local k = 5 * i - 3 -- out[k .. k + 4] is this row's state
-  local c = out[k + 4]
-  local f = first[key]
-  if not everything and a[5 * i] ~= 1 then
-    out[k + 4] = -1 -- not consumed: its state stays the one checked
-  else
-    if STALE[f] then
-      redis.call('HDEL', key, unpack(STALE[f]))
-      STALE[f] = nil
+-- The rows' states as checked (nothing consumed yet): outcome, now, then per row used,
+-- reset_ms, fits, retry_ms, bucket. Only when some row does not fit.
+local function checked(outcome)
+  local out = { outcome, now }
+  for i = 1, rows do
+    local key = KEYS[i]
+    local bucket_ms, span, limit, amount = a[5 * i - 4], a[5 * i - 3], a[5 * i - 2], a[5 * i - 1]
+    local used, c = USED[i], C[i]
+    local fits = used + amount <= limit
+    local reset, retry
+    if span < 0 then
+      reset = LRESET[i]
+      retry = amount <= limit and 1000 or -1
+    else
+      local newest = N[first[key]]
+      reset = newest >= 0 and (newest + span + 1) * bucket_ms - now or 0
+      retry = -1
+      if not fits and amount <= limit then
+        retry = retry_ms(key, c - span, math.max(c, newest), span, bucket_ms, used, amount, limit)
+      end
     end
+    local k = #out
+    out[k + 1] = used
+    out[k + 2] = reset
+    out[k + 3] = fits and 1 or 0
+    out[k + 4] = fits and -1 or retry
+    out[k + 5] = c
+  end
+  return out
+end
+if refused then
+  return encode(checked(0))
+end
+
+-- Every enforcing row fits: consume every row (a shadow row only if every row fits)
+-- and report the states after it: in full when some shadow row did not fit, else
+-- only used and reset_ms per row.
+local out = everything and { 2, now } or checked(1)
+local alerts = {}
+for i = 1, rows do
+  local key = KEYS[i]
+  local bucket_ms, span, amount, flags = a[5 * i - 4], a[5 * i - 3], a[5 * i - 1], a[5 * i]
+  local k = everything and 2 * i + 1 or 5 * i - 2 -- out[k], out[k + 1]: used, reset_ms
+  local consumed = everything or flags % 2 == 1
+  if not consumed then
+    out[k + 4] = -1 -- not consumed: its state stays the one checked
+  elseif span < 0 then
+    local used, reset = USED[i], LRESET[i]
     if amount ~= 0 then
-      local total = redis.call('HINCRBY', key, int(c), amount)
-      local before = total - amount
-      local change = (total > 0 and total or 0) - (before > 0 and before or 0)
-      U[f] = U[f] + change
-      local leaves = (c + span + 1) * bucket_ms - now
+      redis.call('ZADD', key, now + bucket_ms, int(lease_id))
+      keep(key, bucket_ms)
+      used, reset = used + amount, bucket_ms
+    end
+    out[k] = used
+    out[k + 1] = reset
+  else
+    local f = first[key]
+    local c = C[i]
+    local write = {}
+    local expire = 0 -- the key's new TTL (ms), when it must change
+    if amount ~= 0 then
+      local before = CUR[f]
+      local total = before + amount
+      if total < 0 then
+        total = 0 -- (a negative amount only)
+      end
+      CUR[f] = total
+      U[f] = U[f] + total - before
+      write[1] = FIELD[f]
+      write[2] = int(total)
+      CHANGED[f] = true
       if total > 0 and c > N[f] then
         -- A new newest bucket: the key must live until it leaves the window, and no
         -- longer. Within one bucket the TTL is already right.
         N[f] = c
-        redis.call('PEXPIRE', key, leaves)
-        DIRTY[f] = true
-      elseif total <= 0 then -- only with a negative amount
-        if c == N[f] then
-          N[f] = newest_live(key, c - span)
-        end
-        keep(key, leaves)
-        DIRTY[f] = true
-      elseif not DIRTY[f] and change ~= 0 then
-        -- the common case: only "u" changes
-        redis.call('HINCRBY', key, 'u', change)
+        expire = (c + span + 1) * bucket_ms - now
+      elseif total == 0 and c == N[f] then -- (a negative amount only)
+        N[f] = newest_live(key, c - 1, S[f])
+        keep(key, (c + span + 1) * bucket_ms - now)
       end
     end
-    if DIRTY[f] then
-      redis.call('HSET', key, 's', int(S[f]), 'u', int(U[f]), 'n', int(N[f]))
-      DIRTY[f] = false
+    local alert_at = (flags - flags % 2) / 2
+    if alert_at > 0 and U[f] >= alert_at and AL[f] < c - span then
+      AL[f] = c
+      alerts[#alerts + 1] = i
+      CHANGED[f] = true
+    end
+    if CHANGED[f] then
+      if STALE[f] then
+        redis.call('HDEL', key, unpack(STALE[f]))
+        STALE[f] = nil
+      end
+      write[#write + 1] = 'm'
+      write[#write + 1] = struct.pack(SUMMARY, S[f], U[f], N[f], AL[f])
+      CHANGED[f] = false
+      if expire == 0 and NEW[f] then
+        expire = (math.max(c, N[f]) + span + 1) * bucket_ms - now -- never without a TTL
+      end
+      NEW[f] = false
+    end
+    if #write > 0 then
+      redis.call('HSET', key, unpack(write))
+    end
+    if expire > 0 then
+      redis.call('PEXPIRE', key, expire)
     end
     local newest = N[f]
     out[k] = U[f]
     out[k + 1] = newest >= 0 and (newest + span + 1) * bucket_ms - now or 0
+  end
+  if consumed and not everything then
     out[k + 2] = 1
     out[k + 3] = -1
   end
+end
+for j = 1, #alerts do
+  out[#out + 1] = alerts[j]
 end
 return encode(out)

@@ -12,6 +12,7 @@ are dropped (counted in ``MemoryStore.dropped``), never waited for.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -19,9 +20,15 @@ from typing import Self
 
 import trio
 
+from tokenguard.leases import HeldLeases
 from tokenguard.windows import (
+    ANYTHING,
+    LEASE_RETRY_SECONDS,
     NOT_RESERVED,
     Admission,
+    Lease,
+    Registry,
+    RegistryExpect,
     Reservation,
     Row,
     RowState,
@@ -35,24 +42,64 @@ SUBSCRIPTION_BUFFER = 4096
 
 
 class _Counter:
-    """The buckets of one row: absolute bucket index -> amount (zeros are not kept)."""
+    """The buckets of one row: absolute bucket index -> amount (zeros are not kept).
 
-    __slots__ = ("buckets", "bucket_ms", "span")
+    ``total`` is their sum and ``low``/``high`` the oldest and newest bucket kept
+    (:data:`_NO_LOW`/:data:`_NO_HIGH` when there is none), maintained on every change
+    so that a decision costs O(1) per row, not O(buckets). ``alerted``: the bucket in which the
+    row last crossed its ``alert_at`` (see :attr:`tokenguard.windows.Row.alert_at`).
+    """
+
+    __slots__ = ("buckets", "bucket_ms", "span", "total", "low", "high", "alerted")
 
     def __init__(self, row: Row) -> None:
         self.buckets: dict[int, int] = {}
         self.bucket_ms = row.bucket_ms
         self.span = row.span
+        self.total = 0
+        self.low, self.high = _NO_LOW, _NO_HIGH
+        self.alerted = _NO_HIGH
 
     def current(self, now_ms: int) -> tuple[int, int]:
         """Drop buckets that left the window; return (current bucket, amount in window)."""
         current = now_ms // self.bucket_ms
-        oldest = current - self.span
-        buckets = self.buckets
-        if buckets and min(buckets) < oldest:
+        if self.low < current - self.span:
+            oldest = current - self.span
+            buckets = self.buckets
             for b in [b for b in buckets if b < oldest]:
-                del buckets[b]
-        return current, sum(buckets.values())
+                self.total -= buckets.pop(b)
+            self._bounds()
+        return current, self.total
+
+    def _bounds(self) -> None:
+        buckets = self.buckets
+        self.low = min(buckets) if buckets else _NO_LOW
+        self.high = max(buckets) if buckets else _NO_HIGH
+
+    def add(self, bucket: int, delta: int) -> None:
+        """Add ``delta`` to ``bucket`` (never below 0; a bucket at 0 is dropped)."""
+        buckets = self.buckets
+        before = buckets.get(bucket, 0)
+        after = before + delta
+        if after > 0:
+            buckets[bucket] = after
+            self.total += after - before
+            if bucket < self.low:
+                self.low = bucket
+            if bucket > self.high:
+                self.high = bucket
+        elif before:
+            del buckets[bucket]
+            self.total -= before
+            if bucket in (self.low, self.high):
+                self._bounds()
+
+    def alert(self, bucket: int) -> bool:
+        """True once per window: when no crossing was reported in the window yet."""
+        if self.alerted >= bucket - self.span:
+            return False
+        self.alerted = bucket
+        return True
 
     def leaves_at(self, bucket: int) -> int:
         """The time (ms) at which ``bucket`` leaves the window."""
@@ -70,14 +117,44 @@ class _Counter:
                 if used - freed + amount <= row.limit:
                     retry_ms = self.leaves_at(b) - now_ms
                     break
-        reset_ms = self.leaves_at(max(self.buckets)) - now_ms if self.buckets else 0
+        reset_ms = self.leaves_at(self.high) - now_ms if self.buckets else 0
         return RowState(
-            row=row,
-            used=used,
-            reset_after=reset_ms / 1000,
-            fits=fits,
-            retry_after=None if retry_ms is None else retry_ms / 1000,
+            row,
+            used,
+            reset_ms / 1000,
+            fits,
+            None if retry_ms is None else retry_ms / 1000,
         )
+
+
+class _Leases:
+    """The leases of one lease row: lease id -> expiry (ms); expired ones are dropped
+    on every touch."""
+
+    __slots__ = ("expiries",)
+
+    def __init__(self) -> None:
+        self.expiries: dict[str, int] = {}
+
+    def current(self, now_ms: int) -> tuple[int, int]:
+        """Drop expired leases; return (0, leases held): the lease row's "bucket" and
+        usage, shaped as :meth:`_Counter.current`."""
+        expiries = self.expiries
+        if expiries and min(expiries.values()) <= now_ms:
+            for lease in [k for k, t in expiries.items() if t <= now_ms]:
+                del expiries[lease]
+        return 0, len(expiries)
+
+    def state(self, row: Row, now_ms: int, used: int, amount: int) -> RowState:
+        fits = used + amount <= row.limit
+        reset_ms = max(self.expiries.values()) - now_ms if self.expiries else 0
+        retry = LEASE_RETRY_SECONDS if not fits and amount <= row.limit else None
+        return RowState(row, used, reset_ms / 1000, fits, retry)
+
+
+# The bounds of a counter without buckets: above and below every bucket index.
+_NO_LOW = 2**62
+_NO_HIGH = -(2**62)
 
 
 class MemoryStore(WindowStore):
@@ -89,10 +166,16 @@ class MemoryStore(WindowStore):
     def __init__(self, clock: Callable[[], float] = time.time, url: str = "memory://") -> None:
         self.url = url
         self._clock = clock
-        self._counters: dict[tuple[str, str], _Counter] = {}
+        # partition -> counter name -> counter: the partition is looked up once per
+        # call, then each row by its counter name (a str, whose hash Python caches).
+        self._partitions: dict[str, dict[str, _Counter | _Leases]] = {}
+        self.leases = HeldLeases()  # this store's leases, renewed in run()
+        self._lease_ids = itertools.count(1)
         self.sweep_seconds = 10.0
         self._channels: dict[str, set[trio.MemorySendChannel[bytes]]] = {}
         self.dropped = 0  # pub/sub messages dropped for subscriptions that were full
+        self._registry: Registry = {}
+        self._registry_version = 0
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -104,61 +187,129 @@ class MemoryStore(WindowStore):
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
-    def _counter(self, partition: str, row: Row) -> _Counter:
-        key = (partition, row.counter)
-        counter = self._counters.get(key)
+    def _counter(self, partition: str, row: Row) -> _Counter | _Leases:
+        counters = self._partitions.get(partition)
+        if counters is None:
+            counters = self._partitions[partition] = {}
+        counter = counters.get(row.counter)
         if counter is None:
-            counter = self._counters[key] = _Counter(row)
+            counter = counters[row.counter] = _Leases() if row.is_lease else _Counter(row)
         return counter
 
     async def admit(self, partition: str, rows: Sequence[Row]) -> Admission:
+        # The hot path: no await, so no other task interleaves (atomicity), and little
+        # work per row (a dict lookup and a sum kept up to date).
         now_ms = self._now_ms()
-        counters = [self._counter(partition, row) for row in rows]
-        current = [counter.current(now_ms) for counter in counters]
-        fits = [
-            used + row.amount <= row.limit for row, (_, used) in zip(rows, current, strict=True)
-        ]
-        # Shadow rows (enforce=False) never refuse; they are consumed only if all rows fit.
-        everything = all(fits)
-        if not everything and not all(f for f, row in zip(fits, rows, strict=True) if row.enforce):
-            states = tuple(
-                counter.state(row, now_ms, used, row.amount)
-                for row, counter, (_, used) in zip(rows, counters, current, strict=True)
-            )
-            return Admission(admitted=False, states=states)
+        counters = self._partitions.get(partition)
+        if counters is None:
+            counters = self._partitions[partition] = {}
+        checked = []
+        everything = True  # every row fits, shadow rows included
+        for row in rows:
+            counter = counters.get(row.counter)
+            if counter is None:
+                counter = counters[row.counter] = _Leases() if row.is_lease else _Counter(row)
+            if type(counter) is _Counter:  # (_Counter.current, inlined: the hot path)
+                bucket = now_ms // counter.bucket_ms
+                if counter.low < bucket - counter.span:
+                    counter.current(now_ms)
+                used = counter.total
+            else:
+                bucket, used = counter.current(now_ms)
+            if used + row.amount > row.limit:
+                everything = False
+                if row.enforce:
+                    return self._refused(partition, rows, now_ms)
+            checked.append((counter, bucket, used))
+        # Every enforcing row fits: consume them (shadow rows only if every row fits).
+        lease = None
         after = []
         buckets = []
-        for row, counter, (bucket, used) in zip(rows, counters, current, strict=True):
+        for row, (counter, bucket, used) in zip(rows, checked, strict=True):
             if not (everything or row.enforce):
                 after.append(counter.state(row, now_ms, used, row.amount))
                 buckets.append(NOT_RESERVED)
                 continue
-            if row.amount:
-                counter.buckets[bucket] = counter.buckets.get(bucket, 0) + row.amount
-            after.append(counter.state(row, now_ms, used + row.amount, 0))
+            amount = row.amount
+            if type(counter) is _Counter:
+                if amount > 0:
+                    counter.buckets[bucket] = counter.buckets.get(bucket, 0) + amount
+                    counter.total += amount
+                    if bucket > counter.high:
+                        counter.high = bucket
+                    if bucket < counter.low:
+                        counter.low = bucket
+                elif amount:
+                    counter.add(bucket, amount)
+                used += amount
+                reset_ms = (counter.high + counter.span + 1) * counter.bucket_ms - now_ms
+                near = row.alert_at > 0 and used >= row.alert_at and counter.alert(bucket)
+                after.append(
+                    RowState(
+                        row, used, reset_ms / 1000 if counter.buckets else 0.0, True, None, near
+                    )
+                )
+            else:
+                if amount:
+                    if lease is None:
+                        lease_rows = tuple(r for r in rows if r.is_lease)
+                        lease = Lease(partition, f"m{next(self._lease_ids)}", lease_rows)
+                    counter.expiries[lease.id] = now_ms + row.window_ms
+                after.append(counter.state(row, now_ms, used + amount, 0))
             buckets.append(bucket)
-        reservation = Reservation(partition=partition, rows=tuple(rows), buckets=tuple(buckets))
+        reservation = Reservation(partition, tuple(rows), tuple(buckets), lease)
+        if lease is not None:
+            self.leases.add(lease)
         return Admission(admitted=True, states=tuple(after), reservation=reservation)
+
+    def _refused(self, partition: str, rows: Sequence[Row], now_ms: int) -> Admission:
+        """A refusal: every row's state, nothing consumed."""
+        states = []
+        for row in rows:
+            counter = self._counter(partition, row)
+            _, used = counter.current(now_ms)
+            states.append(counter.state(row, now_ms, used, row.amount))
+        return Admission(admitted=False, states=tuple(states))
 
     async def settle(self, reservation: Reservation, deltas: Sequence[int]) -> None:
         now_ms = self._now_ms()
+        lease = reservation.lease
+        counters = self._partitions.get(reservation.partition, {})
         for row, bucket, delta in zip(reservation.rows, reservation.buckets, deltas, strict=True):
+            if row.is_lease:
+                held = counters.get(row.counter)
+                if lease is not None and type(held) is _Leases:
+                    held.expiries.pop(lease.id, None)
+                continue
             if not delta:
                 continue
-            counter = self._counter(reservation.partition, row)
             if bucket < now_ms // row.bucket_ms - row.span:
                 continue  # that bucket already left the window: nothing to refund
-            value = max(0, counter.buckets.get(bucket, 0) + delta)
-            if value:
-                counter.buckets[bucket] = value
-            else:
-                counter.buckets.pop(bucket, None)
+            counter = self._counter(reservation.partition, row)
+            counter.add(bucket, delta)  # type: ignore[union-attr]
+        if lease is not None:
+            self.leases.discard(lease)
+
+    async def renew(self, leases: Sequence[Lease]) -> None:
+        now_ms = self._now_ms()
+        for lease in leases:
+            for row in lease.rows:
+                held = self._partitions.get(lease.partition, {}).get(row.counter)
+                if type(held) is not _Leases:
+                    continue
+                expiry = held.expiries.get(lease.id)
+                if expiry is not None and expiry > now_ms:
+                    held.expiries[lease.id] = now_ms + row.window_ms
+        await trio.lowlevel.checkpoint()
 
     async def usage(self, partition: str, rows: Sequence[Row]) -> tuple[RowState, ...]:
         now_ms = self._now_ms()
         states = []
+        counters = self._partitions.get(partition, {})
         for row in rows:
-            counter = self._counters.get((partition, row.counter)) or _Counter(row)
+            counter = counters.get(row.counter)
+            if counter is None:
+                counter = _Leases() if row.is_lease else _Counter(row)
             _, used = counter.current(now_ms)
             states.append(counter.state(row, now_ms, used, 0))
         return tuple(states)
@@ -186,18 +337,55 @@ class MemoryStore(WindowStore):
                 self._channels.pop(channel, None)
             send.close()
 
+    # -- the registry (in this process only, like the counters)
+
+    async def registry_version(self) -> int:
+        await trio.lowlevel.checkpoint()
+        return self._registry_version
+
+    async def registry_load(self) -> tuple[int, Registry]:
+        await trio.lowlevel.checkpoint()
+        return self._registry_version, dict(self._registry)
+
+    async def registry_put(
+        self, kind: str, name: str, record: str | None, *, expect: RegistryExpect = ANYTHING
+    ) -> int | None:
+        await trio.lowlevel.checkpoint()
+        current = self._registry.get((kind, name))
+        if current == record:
+            return self._registry_version
+        if expect is not ANYTHING and current != expect:
+            return None
+        if record is None:
+            del self._registry[(kind, name)]
+        else:
+            self._registry[(kind, name)] = record
+        self._registry_version += 1
+        return self._registry_version
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Drop idle keys' counters every ``sweep_seconds``, so memory follows active keys."""
-        task_status.started()
-        while True:
-            await trio.sleep(self.sweep_seconds)
-            self.sweep()
+        """Drop idle keys' counters every ``sweep_seconds``, so memory follows active keys;
+        renew the leases of live requests (:class:`~tokenguard.leases.HeldLeases`)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.leases.renew_forever, self.renew)
+            task_status.started()
+            while True:
+                await trio.sleep(self.sweep_seconds)
+                self.sweep()
 
     def sweep(self) -> int:
         """Drop stale buckets and empty counters; return how many counters remain."""
         now_ms = self._now_ms()
-        for key, counter in list(self._counters.items()):
-            counter.current(now_ms)
-            if not counter.buckets:
-                del self._counters[key]
-        return len(self._counters)
+        remaining = 0
+        for partition, counters in list(self._partitions.items()):
+            for name, counter in list(counters.items()):
+                current, _ = counter.current(now_ms)
+                if type(counter) is _Leases:
+                    if not counter.expiries:
+                        del counters[name]
+                elif not counter.buckets and counter.alerted < current - counter.span:
+                    del counters[name]
+            if not counters:
+                del self._partitions[partition]
+            remaining += len(counters)
+        return remaining

@@ -85,10 +85,10 @@ def test_the_readme_example_is_the_same() -> None:
 
 
 def test_every_window_field_is_accepted_and_validated() -> None:
-    assert len(RULE_FIELDS) == 12
+    assert len(RULE_FIELDS) == 13  # 4 dimensions x 3 windows, and max_concurrent
     key = parse({"keys": [{"key": "k", "name": "a", **{f: 7 for f in RULE_FIELDS}}]}).keys[0]
-    assert len(key.limits.rules()) == 12
-    for field in ("rph", "output_tpd", "tpm"):
+    assert len(key.limits.rules()) == 13
+    for field in ("rph", "output_tpd", "tpm", "max_concurrent"):
         message = error_of({"keys": [{"key": "k", "name": "a", field: 0}]})
         assert message == f"cfg.toml: keys[0].{field}: must be at least 1, got 0"
         message = error_of({"tiers": {"x": {field: "10"}}})

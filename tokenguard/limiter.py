@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import attrs
 
 from tokenguard.rules import RowTemplate, partition_of, templates
-from tokenguard.settings import ApiKey
+from tokenguard.settings import DEFAULT_LEASE_SECONDS, ApiKey
 from tokenguard.windows import NOT_RESERVED, Admission, Reservation, Row, RowState, WindowStore
 
 # (key, model) -> row templates; cleared when it grows past this (models are client input).
@@ -35,6 +35,11 @@ class Cost:
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+    @property
+    def concurrent(self) -> int:
+        """A request takes one lease in each ``max_concurrent`` row."""
+        return 1
 
     def amount(self, dimension: str) -> int:
         return getattr(self, dimension)
@@ -85,6 +90,12 @@ class Decision:
         """The shadow row that would have refused, waiting longest; ``None`` if none."""
         return _longest_wait(self.admission.shadow_refusing)
 
+    @property
+    def near_limits(self) -> tuple[RowState, ...]:
+        """The rows whose near-limit mark this admission crossed first in their window
+        (cluster-wide: the store tells one admission per window and counter)."""
+        return tuple(s for s in self.admission.states if s.near_limit)
+
 
 def _longest_wait(refusing: tuple[RowState, ...]) -> RowState | None:
     if not refusing:
@@ -99,15 +110,29 @@ class Limiter:
     """Admission and settlement of requests against one window store.
 
     ``window_seconds``/``bucket_seconds`` are the per-minute ([window]) rules' window;
-    hour and day rules have fixed windows (:mod:`tokenguard.rules`). ``shadow_refusals``
-    counts admissions that shadow mode let through.
+    hour and day rules have fixed windows (:mod:`tokenguard.rules`); ``lease_seconds``
+    is the lease time of ``max_concurrent``; ``near_limit_ratio`` where enforced rows
+    signal that they are nearly used up (0: never). ``shadow_refusals`` counts
+    admissions that shadow mode let through; ``near_limit_crossings`` counts, per
+    dimension, the near-limit marks this node's admissions crossed first.
     """
 
-    def __init__(self, store: WindowStore, *, window_seconds: int, bucket_seconds: int) -> None:
+    def __init__(
+        self,
+        store: WindowStore,
+        *,
+        window_seconds: int,
+        bucket_seconds: int,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        near_limit_ratio: float = 0.0,
+    ) -> None:
         self.store = store
         self.window_seconds = window_seconds
         self.bucket_seconds = bucket_seconds
+        self.lease_seconds = lease_seconds
+        self.near_limit_ratio = near_limit_ratio
         self.shadow_refusals = 0
+        self.near_limit_crossings: dict[str, int] = {}
         self._templates: dict[tuple[int, str | None], tuple[ApiKey, tuple[RowTemplate, ...]]] = {}
 
     def templates(self, key: ApiKey, model: str | None = None) -> tuple[RowTemplate, ...]:
@@ -124,6 +149,8 @@ class Limiter:
             model,
             window_ms=self.window_seconds * 1000,
             bucket_ms=self.bucket_seconds * 1000,
+            lease_ms=max(1, round(self.lease_seconds * 1000)),
+            near_limit_ratio=self.near_limit_ratio,
         )
         self._templates[cache_key] = (key, found)
         return found
@@ -149,12 +176,20 @@ class Limiter:
         admission = await self.store.admit(partition_of(key), self.rows(key, cost, model))
         if admission.would_refuse:
             self.shadow_refusals += 1
+        if admission.admitted:
+            for state in admission.states:
+                if state.near_limit:
+                    dimension = state.row.dimension
+                    self.near_limit_crossings[dimension] = (
+                        self.near_limit_crossings.get(dimension, 0) + 1
+                    )
         return Decision(key=key, cost=cost, admission=admission, model=model)
 
     async def settle(
         self, decision: Decision, *, output_tokens: int, input_tokens: int | None = None
     ) -> None:
-        """Correct the reservation to what the request really used.
+        """Correct the reservation to what the request really used, and release its
+        lease (``max_concurrent``): call it once the request has ended, stream included.
 
         ``output_tokens`` replaces the reserved worst case (usually a refund) in every
         output and total-tokens row; ``input_tokens``, when given, replaces the counted
@@ -176,7 +211,7 @@ class Limiter:
             by_dimension.get(row.dimension, 0) if bucket != NOT_RESERVED else 0
             for row, bucket in zip(reservation.rows, reservation.buckets, strict=True)
         ]
-        if any(deltas):
+        if any(deltas) or reservation.lease is not None:
             await self.store.settle(reservation, deltas)
 
     async def usage(self, key: ApiKey, model: str | None = None) -> tuple[RowState, ...]:
@@ -235,12 +270,19 @@ _HEADER_NAMES = {
 }
 
 
-def _header_triple(name: str, state: RowState) -> dict[str, str]:
-    return {
-        f"x-ratelimit-limit-{name}": str(state.limit),
-        f"x-ratelimit-remaining-{name}": str(state.remaining),
-        f"x-ratelimit-reset-{name}": openai_duration(state.reset_after),
-    }
+# Per header family (a dimension, or "tokens"): its three names, formatted once.
+_HEADER_TRIPLES = {
+    name: (
+        f"x-ratelimit-limit-{name}",
+        f"x-ratelimit-remaining-{name}",
+        f"x-ratelimit-reset-{name}",
+    )
+    for name in (*_HEADER_NAMES.values(), "tokens")
+}
+
+
+def _header_values(state: RowState) -> tuple[str, str, str]:
+    return str(state.limit), str(state.remaining), openai_duration(state.reset_after)
 
 
 def ratelimit_headers(states: tuple[RowState, ...]) -> dict[str, str]:
@@ -252,15 +294,22 @@ def ratelimit_headers(states: tuple[RowState, ...]) -> dict[str, str]:
     input, output and total-tokens rows together. Shadow rows are never reported;
     unlimited dimensions have no headers.
     """
+    # On every response: each state's values are formatted once, though the tokens
+    # family usually repeats one of the dimensions' rows.
     headers: dict[str, str] = {}
+    formatted: dict[int, tuple[str, str, str]] = {}
     by_dimension = tightest_by_dimension(states)
     for dimension, name in _HEADER_NAMES.items():
         state = by_dimension.get(dimension)
         if state is not None:
-            headers.update(_header_triple(name, state))
+            values = formatted[id(state)] = _header_values(state)
+            limit, remaining, reset = _HEADER_TRIPLES[name]
+            headers[limit], headers[remaining], headers[reset] = values
     tokens = tightest(by_dimension.values(), ("input_tokens", "output_tokens", "total_tokens"))
     if tokens is not None:
-        headers.update(_header_triple("tokens", tokens))
+        values = formatted.get(id(tokens)) or _header_values(tokens)
+        limit, remaining, reset = _HEADER_TRIPLES["tokens"]
+        headers[limit], headers[remaining], headers[reset] = values
     return headers
 
 

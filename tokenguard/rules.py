@@ -42,23 +42,35 @@ so one Lua call sees them all.
 **Mode**: a row of a scope in ``shadow`` mode is built with ``enforce=False``: checked
 and counted exactly as an enforced row, never refusing (see
 :class:`~tokenguard.windows.Row`).
+
+**Concurrency**: ``max_concurrent`` is a lease row (dimension ``concurrent``, window =
+the lease time, ``[limits] lease_seconds``) of the same atomic admission: the request
+takes a lease in it if every row fits, renewed while the request lives and released
+when it is settled (see :mod:`tokenguard.leases`). Its scope's counter is
+``<scope>:concurrent``.
+
+**Near-limit**: every enforced windowed row carries ``alert_at = ceil(limit x
+[limits] near_limit_ratio)``; the store reports the first admission of a window that
+brings the row's usage there (:attr:`~tokenguard.windows.RowState.near_limit`).
 """
 
 from __future__ import annotations
 
+import math
 from fnmatch import fnmatchcase
 
 import attrs
 
 from tokenguard.settings import ApiKey, Limits, ModelRule
-from tokenguard.windows import Row
+from tokenguard.windows import CONCURRENT, Row
 
-# (window_ms, bucket_ms) of the fixed windows; "minute" is the configured [window].
+# (window_ms, bucket_ms) of the fixed windows; "minute" is the configured [window],
+# "lease" the lease time of max_concurrent ([limits] lease_seconds).
 HOUR = (3_600_000, 60_000)
 DAY = (86_400_000, 3_600_000)
-WINDOW_ORDER = ("minute", "hour", "day")
+WINDOW_ORDER = ("minute", "hour", "day", "lease")
 # Every dimension a row may count, in the order rows are built.
-ALL_DIMENSIONS = ("requests", "input_tokens", "output_tokens", "total_tokens")
+ALL_DIMENSIONS = ("requests", "input_tokens", "output_tokens", "total_tokens", CONCURRENT)
 
 
 @attrs.frozen
@@ -71,6 +83,7 @@ class RowTemplate:
     bucket_ms: int
     limit: int
     enforce: bool
+    alert_at: int = 0
 
     def row(self, amount: int) -> Row:
         return Row(
@@ -81,7 +94,16 @@ class RowTemplate:
             self.limit,
             amount,
             self.enforce,
+            self.alert_at,
         )
+
+
+def alert_at(limit: int, ratio: float) -> int:
+    """The usage at which a row of ``limit`` is near it: ``ceil(limit x ratio)``, at
+    least 1 (0: no alert, for ``ratio`` 0)."""
+    if ratio <= 0:
+        return 0
+    return max(1, math.ceil(round(limit * ratio, 9)))  # (5 x 0.8 is 4.000000000000001)
 
 
 def partition_of(key: ApiKey) -> str:
@@ -90,16 +112,36 @@ def partition_of(key: ApiKey) -> str:
 
 
 def _limit_templates(
-    scope: str, limits: Limits, mode: str, window_ms: int, bucket_ms: int
+    scope: str,
+    limits: Limits,
+    mode: str,
+    window_ms: int,
+    bucket_ms: int,
+    lease_ms: int,
+    near_limit_ratio: float,
 ) -> list[RowTemplate]:
-    windows = {"minute": (window_ms, bucket_ms), "hour": HOUR, "day": DAY}
+    windows = {
+        "minute": (window_ms, bucket_ms),
+        "hour": HOUR,
+        "day": DAY,
+        "lease": (lease_ms, lease_ms),
+    }
     enforce = mode != "shadow"
     ordered = sorted(
         limits.rules(),
         key=lambda r: (WINDOW_ORDER.index(r[1]), ALL_DIMENSIONS.index(r[0])),
     )
+    # Near-limit signals for enforced windowed rows only: a lease row has no window,
+    # and a shadow row's usage is reported by its would_reject events.
     return [
-        RowTemplate(scope, dimension, *windows[window], limit, enforce)
+        RowTemplate(
+            scope,
+            dimension,
+            *windows[window],
+            limit,
+            enforce,
+            alert_at(limit, near_limit_ratio) if enforce and dimension != CONCURRENT else 0,
+        )
         for dimension, window, limit in ordered
     ]
 
@@ -111,17 +153,27 @@ def _matching(rules: tuple[ModelRule, ...], model: str | None) -> list[ModelRule
 
 
 def templates(
-    key: ApiKey, model: str | None, *, window_ms: int, bucket_ms: int
+    key: ApiKey,
+    model: str | None,
+    *,
+    window_ms: int,
+    bucket_ms: int,
+    lease_ms: int = 30_000,
+    near_limit_ratio: float = 0.0,
 ) -> tuple[RowTemplate, ...]:
     """Every row a request of ``key`` for ``model`` is checked against, in order: the
-    key's (minute, hour, day; per dimension), its matching model rules', then its
-    team's and the team's matching model rules'. ``model=None``: no model rules."""
+    key's (minute, hour, day, then max_concurrent; per dimension), its matching model
+    rules', then its team's and the team's matching model rules'. ``model=None``: no
+    model rules. Enforced windowed rows alert at ``near_limit_ratio`` of their limit
+    (see :func:`alert_at`)."""
     out: list[RowTemplate] = []
     scopes: list[tuple[str, Limits]] = [(f"key:{key.key_id}", key.limits)]
     if key.team is not None:
         scopes.append((f"team:{key.team.name}", key.team.limits))
     for scope, limits in scopes:
-        out += _limit_templates(scope, limits, limits.mode, window_ms, bucket_ms)
+        out += _limit_templates(
+            scope, limits, limits.mode, window_ms, bucket_ms, lease_ms, near_limit_ratio
+        )
         for rule in _matching(limits.models, model):
             out += _limit_templates(
                 f"{scope}:model:{rule.pattern}",
@@ -129,6 +181,8 @@ def templates(
                 rule.mode or limits.mode,
                 window_ms,
                 bucket_ms,
+                lease_ms,
+                near_limit_ratio,
             )
     return tuple(out)
 
@@ -146,7 +200,10 @@ _WINDOW_WORDS = {60_000: ("min", "PM"), 3_600_000: ("hour", "PH"), 86_400_000: (
 
 def describe_limit(row: Row) -> str:
     """``requests per day (RPD)``, ``output tokens per min (output TPM)``, ``tokens
-    per hour (TPH)``; a minute window of another length: ``requests per 30s window``."""
+    per hour (TPH)``; a minute window of another length: ``requests per 30s window``;
+    a lease row: ``requests in flight (max_concurrent)``."""
+    if row.is_lease:
+        return "requests in flight (max_concurrent)"
     noun, abbreviation = _WORDS.get(row.dimension, (row.dimension, ""))
     window = _WINDOW_WORDS.get(row.window_ms)
     if window is None or not abbreviation:

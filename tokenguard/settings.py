@@ -8,13 +8,16 @@ digests are kept in memory.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import math
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -22,6 +25,7 @@ DIMENSIONS = ("requests", "input_tokens", "output_tokens")
 LIMIT_FIELDS = {"rpm": "requests", "input_tpm": "input_tokens", "output_tpm": "output_tokens"}
 # Every limit a key, tier, team or per-model rule may set: field -> (dimension, window).
 # "minute" is the configured [window] (60 s by default); see tokenguard/rules.py.
+# max_concurrent: requests in flight, counted with leases of [limits] lease_seconds.
 RULE_FIELDS = {
     f"{prefix}{suffix}": (dimension, window)
     for prefix, dimension, p in (
@@ -31,12 +35,17 @@ RULE_FIELDS = {
         ("t", "total_tokens", "p"),
     )
     for suffix, window in ((f"{p}m", "minute"), (f"{p}h", "hour"), (f"{p}d", "day"))
-}
+} | {"max_concurrent": ("concurrent", "lease")}
+DEFAULT_LEASE_SECONDS = 30.0
+MIN_LEASE_SECONDS = 0.1
+DEFAULT_NEAR_LIMIT_RATIO = 0.8
 MODES = ("enforce", "shadow")
 # Team names end up in store key names, as the hash tag: no braces, no colons.
 TEAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 DEFAULT_MAX_TOKENS = 1024
 STORE_ERROR_POLICIES = ("local", "closed", "open")
+# The fields of a [[keys]] entry that say which key it is, not what its limits are.
+KEY_IDENTITY_FIELDS = ("name", "key", "sha256", "tier", "team")
 
 
 class ConfigError(ValueError):
@@ -70,6 +79,7 @@ class Limits:
     tpd: int | None = None
     mode: str = "enforce"
     models: tuple[ModelRule, ...] = ()
+    max_concurrent: int | None = None  # requests in flight at once (leases)
 
     def rules(self) -> list[tuple[str, str, int]]:
         """``(dimension, window, limit)`` for every limit set, in RULE_FIELDS order."""
@@ -128,6 +138,65 @@ class MockSettings:
     token_delay_ms: float = 0.0
 
 
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_READ_TIMEOUT = 600.0
+DEFAULT_UPSTREAM_CONNECTIONS = 100
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@attrs.frozen
+class UpstreamRoute:
+    """Where requests for the models matching ``pattern`` are forwarded (proxy mode).
+
+    ``pattern`` is an fnmatch glob on the request's model (``None``: the default route,
+    ``[upstream]`` itself). ``api_key`` is read from the environment variable
+    ``api_key_env`` when the config is loaded; it is never in a repr, a log or a file.
+    """
+
+    pattern: str | None
+    base_url: str  # e.g. https://api.openai.com/v1, without a trailing slash
+    api_key_env: str | None = None
+    api_key: str | None = attrs.field(default=None, repr=False)
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+
+
+@attrs.frozen
+class UpstreamSettings:
+    """``[upstream]``: proxy mode when any route is set; the built-in mock otherwise.
+
+    ``routes``: the per-model routes in file order, then the default (if any).
+    """
+
+    routes: tuple[UpstreamRoute, ...] = ()
+    max_connections: int = DEFAULT_UPSTREAM_CONNECTIONS
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.routes)
+
+    def route(self, model: str) -> UpstreamRoute | None:
+        """The route for ``model``: an exact name first, then the first matching glob
+        in file order, then the default; ``None`` when nothing matches."""
+        for route in self.routes:
+            if route.pattern == model:
+                return route
+        for route in self.routes:
+            if route.pattern is None or fnmatch.fnmatchcase(model, route.pattern):
+                return route
+        return None
+
+    def model_ids(self) -> tuple[str, ...]:
+        """The exact model names of ``[upstream.models]`` (globs are not model ids)."""
+        return tuple(
+            r.pattern for r in self.routes if r.pattern is not None and not _is_glob(r.pattern)
+        )
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
 ADMIN_TOKEN_ENV = "TOKENGUARD_ADMIN_TOKEN"
 MIN_ADMIN_TOKEN_LENGTH = 16
 DEFAULT_FEED_BACKLOG = 1000
@@ -145,6 +214,24 @@ class FeedSettings:
 
     admin_digest: str | None = attrs.field(default=None, repr=False)
     backlog: int = DEFAULT_FEED_BACKLOG
+    # Browser origins (``scheme://host[:port]``, lower-case) whose pages may open the
+    # feed's websocket besides the node's own origin (``[feed] allowed_origins``).
+    allowed_origins: frozenset[str] = frozenset()
+    # The admin token's length in bytes (0: none): the admin API refuses a
+    # non-loopback bind unless it is long enough (tokenguard/admin.py).
+    admin_token_bytes: int = 0
+
+
+METRICS_TOKEN_ENV = "TOKENGUARD_METRICS_TOKEN"
+
+
+@attrs.frozen
+class MetricsSettings:
+    """``GET /metrics`` (``docs/metrics.md``). ``token_digest``: the SHA-256 digest of
+    the bearer token a scrape must send (``[metrics] token``, or
+    ``$TOKENGUARD_METRICS_TOKEN``, which takes precedence); ``None``: no token needed."""
+
+    token_digest: str | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen
@@ -164,9 +251,20 @@ class Settings:
     tiers: Mapping[str, Limits] = attrs.field(factory=dict)
     teams: Mapping[str, Team] = attrs.field(factory=dict)
     mode: str = "enforce"  # [limits] mode: the default of every tier, key and team
+    # [limits] lease_seconds: a max_concurrent lease expires this long after it was
+    # taken or last renewed (a crashed node's requests free their slots then).
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    # [limits] near_limit_ratio: a near_limit event when a row's usage reaches this
+    # share of its limit, once per window (0: never).
+    near_limit_ratio: float = DEFAULT_NEAR_LIMIT_RATIO
     keys: tuple[ApiKey, ...] = ()
+    # Each [[keys]] entry's own limit fields as written (by key name), so that the
+    # keyring (tokenguard/keyring.py) can resolve them against a tier changed later.
+    key_tables: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     mock: MockSettings = MockSettings()
     feed: FeedSettings = FeedSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     def key_by_digest(self) -> dict[str, ApiKey]:
         return {k.digest: k for k in self.keys}
@@ -234,6 +332,32 @@ class _Reader:
             self.fail("unknown key (check its spelling)", key)
 
 
+def _origins(reader: _Reader, key: str) -> frozenset[str]:
+    """A list of web origins, each ``http(s)://host[:port]`` (no path), lower-cased."""
+    values = reader.table.pop(key, [])
+    if not isinstance(values, list):
+        reader.fail(f"must be a list of origins like 'https://host', got {values!r}", key)
+    origins = set()
+    for value in values:
+        parts = urlsplit(value) if isinstance(value, str) else None
+        if (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.fragment
+            or parts.username is not None
+        ):
+            reader.fail(f"not an origin like 'https://host[:port]': {value!r}", key)
+        try:
+            parts.port  # noqa: B018  (raises for a malformed port)
+        except ValueError:
+            reader.fail(f"not an origin like 'https://host[:port]': {value!r}", key)
+        origins.add(f"{parts.scheme}://{parts.netloc}".lower())
+    return frozenset(origins)
+
+
 def _mode(reader: _Reader, default: str) -> str:
     mode = reader.str("mode", default)
     if mode not in MODES:
@@ -262,6 +386,23 @@ def _limits(
     return Limits(**values, default_max_tokens=reserve, mode=own_mode, models=models)
 
 
+def limits_from_table(
+    table: Any,
+    where: str,
+    base: Limits | None = None,
+    *,
+    mode: str = "enforce",
+    default_max_tokens: bool = True,
+) -> Limits:
+    """The limits a table of limit fields gives (the TOML of a tier or a key's own
+    fields, parsed), over ``base`` as for a config key; ConfigError naming ``where``
+    and the field. For limits stored outside the config file (the admin API's)."""
+    reader = _Reader(where, "", table)
+    limits = _limits(reader, base, mode=mode, default_max_tokens=default_max_tokens)
+    reader.done()
+    return limits
+
+
 def _model_rules(reader: _Reader, base: tuple[ModelRule, ...]) -> tuple[ModelRule, ...]:
     """``models = {"gpt-4o*" = {rpm = 5}}`` (or ``[....models."gpt-4o*"]`` tables)."""
     inherited = {rule.pattern: rule for rule in base}
@@ -285,12 +426,94 @@ def _model_rules(reader: _Reader, base: tuple[ModelRule, ...]) -> tuple[ModelRul
     return tuple(rules.values())
 
 
+def _base_url(reader: _Reader, default: str | None) -> str | None:
+    url = reader.str("base_url", default)
+    if url is None or url is default:
+        return url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        reader.fail(f"must be an http:// or https:// URL, got {url!r}", "base_url")
+    if parts.username is not None or parts.password is not None:
+        # A credential in the file is what api_key_env exists to avoid.
+        reader.fail("must not contain a user or password (use api_key_env)", "base_url")
+    if parts.query or parts.fragment:
+        reader.fail(f"must not have a query or fragment, got {url!r}", "base_url")
+    return url.rstrip("/")
+
+
+def _upstream_route(
+    reader: _Reader,
+    pattern: str | None,
+    parent: UpstreamRoute | None,
+    environ: Mapping[str, str],
+) -> UpstreamRoute | None:
+    """One route; a per-model route inherits the default's fields it does not set, but
+    its credential only when it also keeps the default's ``base_url``: a key for one
+    server is never sent to another."""
+    own_url = _base_url(reader, None)
+    base_url = own_url or (parent.base_url if parent else None)
+    inherit_key = parent is not None and own_url is None
+    api_key_env = reader.str("api_key_env", parent.api_key_env if inherit_key else None)
+    connect_timeout = reader.number(
+        "connect_timeout", parent.connect_timeout if parent else DEFAULT_CONNECT_TIMEOUT
+    )
+    read_timeout = reader.number(
+        "read_timeout", parent.read_timeout if parent else DEFAULT_READ_TIMEOUT
+    )
+    for key, value in (("connect_timeout", connect_timeout), ("read_timeout", read_timeout)):
+        if value <= 0:
+            reader.fail(f"must be more than 0 seconds, got {value:g}", key)
+    if base_url is None:
+        if pattern is None:
+            if api_key_env is not None:
+                reader.fail("api_key_env needs a base_url to send it to", "api_key_env")
+            return None
+        reader.fail("needs a base_url (there is no default one in [upstream])")
+    api_key = None
+    if api_key_env is not None:
+        if not ENV_NAME.fullmatch(api_key_env):
+            reader.fail(f"must be an environment variable name, got {api_key_env!r}", "api_key_env")
+        api_key = environ.get(api_key_env, "").strip()
+        if not api_key:
+            reader.fail(f"the environment variable ${api_key_env} is not set", "api_key_env")
+    return UpstreamRoute(
+        pattern=pattern,
+        base_url=base_url,
+        api_key_env=api_key_env,
+        api_key=api_key,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+    )
+
+
+def _upstream(reader: _Reader, environ: Mapping[str, str]) -> UpstreamSettings:
+    """``[upstream]`` (the default route) and ``[upstream.models."<glob>"]`` routes."""
+    max_connections = reader.int("max_connections", DEFAULT_UPSTREAM_CONNECTIONS)
+    models = reader.sub("models")
+    default = _upstream_route(reader, None, None, environ)
+    routes: list[UpstreamRoute] = []
+    for pattern in list(models.table):
+        if not pattern.strip():
+            models.fail("a model pattern must not be empty", repr(pattern))
+        table = models.sub(pattern)
+        route = _upstream_route(table, pattern, default, environ)
+        table.done()
+        assert route is not None
+        routes.append(route)
+    models.done()
+    reader.done()
+    if default is not None:
+        routes.append(default)
+    return UpstreamSettings(routes=tuple(routes), max_connections=max_connections)
+
+
 def parse_settings(
     data: Mapping[str, Any], source: str, environ: Mapping[str, str] | None = None
 ) -> Settings:
     """Validate a parsed TOML document into :class:`Settings`; raise ConfigError.
 
-    ``environ`` (``os.environ`` by default) may set the feed's admin token.
+    ``environ`` (``os.environ`` by default) may set the feed's admin token, and holds
+    the upstream credentials named by ``api_key_env``.
     """
     top = _Reader(source, "", data)
 
@@ -324,9 +547,12 @@ def parse_settings(
     mock_settings = MockSettings(token_delay_ms=mock.number("token_delay_ms", 0.0))
     mock.done()
 
+    upstream_settings = _upstream(top.sub("upstream"), os.environ if environ is None else environ)
+
     feed = top.sub("feed")
     admin_token = feed.str("admin_token", None)
     feed_backlog = feed.int("backlog", DEFAULT_FEED_BACKLOG)
+    allowed_origins = _origins(feed, "allowed_origins")
     feed.done()
     admin_where = f"{source}: feed.admin_token"
     env_token = (os.environ if environ is None else environ).get(ADMIN_TOKEN_ENV, "").strip()
@@ -337,8 +563,31 @@ def parse_settings(
             f"{admin_where}: the admin token must be at least {MIN_ADMIN_TOKEN_LENGTH} characters"
         )
 
+    metrics = top.sub("metrics")
+    metrics_token = metrics.str("token", None)
+    metrics.done()
+    metrics_where = f"{source}: metrics.token"
+    env_metrics = (os.environ if environ is None else environ).get(METRICS_TOKEN_ENV, "").strip()
+    if env_metrics:
+        metrics_token, metrics_where = env_metrics, f"${METRICS_TOKEN_ENV} (environment)"
+    if metrics_token is not None and len(metrics_token) < MIN_ADMIN_TOKEN_LENGTH:
+        raise ConfigError(
+            f"{metrics_where}: the metrics token must be at least "
+            f"{MIN_ADMIN_TOKEN_LENGTH} characters"
+        )
+
     limits_section = top.sub("limits")
     mode = _mode(limits_section, "enforce")  # the global default mode
+    lease_seconds = limits_section.number(
+        "lease_seconds", DEFAULT_LEASE_SECONDS, minimum=MIN_LEASE_SECONDS
+    )
+    if not math.isfinite(lease_seconds):
+        limits_section.fail(f"must be a finite number, got {lease_seconds}", "lease_seconds")
+    near_limit_ratio = limits_section.number("near_limit_ratio", DEFAULT_NEAR_LIMIT_RATIO)
+    if not 0 <= near_limit_ratio <= 1:
+        limits_section.fail(
+            f"must be a share of the limit, 0 to 1, got {near_limit_ratio}", "near_limit_ratio"
+        )
     limits_section.done()
 
     tiers_reader = top.sub("tiers")
@@ -361,6 +610,7 @@ def parse_settings(
     if not isinstance(raw_keys, list):
         top.fail("must be an array of tables ([[keys]])", "keys")
     keys: list[ApiKey] = []
+    key_tables: dict[str, dict[str, Any]] = {}
     names: set[str] = set()
     digests: set[str] = set()
     for i, raw in enumerate(raw_keys):
@@ -393,6 +643,7 @@ def parse_settings(
             entry.fail(f"unknown team {team_name!r} (known: {sorted(teams)})", "team")
         limits = _limits(entry, base, mode=mode)
         entry.done()
+        key_tables[name] = {k: v for k, v in raw.items() if k not in KEY_IDENTITY_FIELDS}
         names.add(name)
         digests.add(digest)
         keys.append(
@@ -422,9 +673,21 @@ def parse_settings(
         tiers=tiers,
         teams=teams,
         mode=mode,
+        lease_seconds=lease_seconds,
+        near_limit_ratio=near_limit_ratio,
         keys=tuple(keys),
+        key_tables=key_tables,
         mock=mock_settings,
-        feed=FeedSettings(admin_digest=admin_digest, backlog=feed_backlog),
+        feed=FeedSettings(
+            admin_digest=admin_digest,
+            backlog=feed_backlog,
+            allowed_origins=allowed_origins,
+            admin_token_bytes=0 if admin_token is None else len(admin_token.encode()),
+        ),
+        upstream=upstream_settings,
+        metrics=MetricsSettings(
+            token_digest=None if metrics_token is None else digest_of(metrics_token)
+        ),
     )
 
 

@@ -27,10 +27,11 @@ by name.
 from __future__ import annotations
 
 import abc
+import enum
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib.metadata import entry_points
-from typing import Self
+from typing import Literal, Self
 from urllib.parse import urlsplit
 
 import attrs
@@ -65,6 +66,15 @@ class Row:
     when every row of the admission fits (as it would be if it were enforced: a request
     it would refuse counts nothing in it), so a shadow counter counts exactly what an
     enforcing one would. See :attr:`Admission.would_refuse`.
+
+    A row of dimension :data:`CONCURRENT` is a *lease* row: ``limit`` requests in flight
+    at once in its scope, counted as leases (see :class:`Lease`) that expire
+    ``window_ms`` after they were taken or last renewed; ``amount`` is 1 (take a lease)
+    or 0 (read); ``bucket_ms`` is not used.
+
+    ``alert_at`` (0: never) asks the store to report, in :attr:`RowState.near_limit`,
+    the first admission that brings the row's usage to ``alert_at`` or more within a
+    window (the store remembers it for every node: once per window per counter).
     """
 
     scope: str
@@ -74,16 +84,24 @@ class Row:
     limit: int
     amount: int = 0
     enforce: bool = True
+    alert_at: int = 0
+    # Derived once, here: the drivers read them for every row of every call.
+    counter: str = attrs.field(init=False, eq=False, repr=False)
+    """A name unique to this counter: same scope, dimension and window share it (a
+    lease row: same scope; its lease time may change between requests)."""
+    span: int = attrs.field(init=False, eq=False, repr=False)
+    """Buckets before the current one that the row sums over: see :func:`bucket_count`."""
+    is_lease: bool = attrs.field(init=False, eq=False, repr=False)
 
-    @property
-    def counter(self) -> str:
-        """A name unique to this counter: same scope, dimension and window share it."""
-        return f"{self.scope}:{self.dimension}:{self.window_ms}:{self.bucket_ms}"
-
-    @property
-    def span(self) -> int:
-        """Buckets before the current one that the row sums over: see :func:`bucket_count`."""
-        return bucket_count(self.window_ms, self.bucket_ms)
+    def __attrs_post_init__(self) -> None:
+        lease = self.dimension == CONCURRENT
+        if lease:
+            counter = f"{self.scope}:{CONCURRENT}"
+        else:
+            counter = f"{self.scope}:{self.dimension}:{self.window_ms}:{self.bucket_ms}"
+        object.__setattr__(self, "counter", counter)
+        object.__setattr__(self, "span", bucket_count(self.window_ms, self.bucket_ms))
+        object.__setattr__(self, "is_lease", lease)
 
 
 @attrs.frozen
@@ -94,7 +112,11 @@ class RowState:
     ``reset_after`` is the number of seconds until ``used`` falls back to 0 if no
     other traffic comes. ``retry_after`` is set only for a row that did not fit: the
     seconds until its amount would fit if no other traffic came, or ``None`` when it can
-    never fit because the amount exceeds the limit itself.
+    never fit because the amount exceeds the limit itself. (A lease row: ``used`` is
+    the leases held, ``reset_after`` when the last of them expires unless renewed, and
+    ``retry_after`` :data:`LEASE_RETRY_SECONDS`: nobody knows when a request ends.)
+    ``near_limit``: this admission is the first to bring ``used`` to the row's
+    ``alert_at`` in its window (see :class:`Row`).
     """
 
     row: Row
@@ -102,6 +124,7 @@ class RowState:
     reset_after: float
     fits: bool = True
     retry_after: float | None = None
+    near_limit: bool = False
 
     @property
     def limit(self) -> int:
@@ -124,11 +147,32 @@ class Reservation:
     that was charged and leaves the window when that bucket does. A row that was not
     consumed (a shadow row that did not fit) has bucket :data:`NOT_RESERVED`: a bucket
     older than any window, so every driver's settlement leaves it alone.
+
+    ``lease`` is the lease taken in the admission's lease rows (their bucket is 0), if
+    any: settlement releases it, :meth:`WindowStore.renew` extends it.
     """
 
     partition: str
     rows: tuple[Row, ...]
     buckets: tuple[int, ...]
+    lease: Lease | None = None
+
+
+@attrs.frozen(eq=False)
+class Lease:
+    """One admitted request's place in its lease rows (``max_concurrent``).
+
+    It is held in every lease row of ``rows`` under ``id`` until it is released (by
+    :meth:`WindowStore.settle` of its reservation) or expires: ``row.window_ms`` after
+    it was taken or last renewed (:meth:`WindowStore.renew`), on the store's clock. So
+    a node that dies, or a request that is never settled, holds a slot for at most one
+    lease time. Compared by identity (drivers keep the leases they renew weakly, see
+    :class:`tokenguard.leases.HeldLeases`).
+    """
+
+    partition: str
+    id: str
+    rows: tuple[Row, ...]
 
 
 @attrs.frozen
@@ -174,6 +218,23 @@ class Admission:
 
 NOT_RESERVED = -1
 """The bucket of a reservation's row that was not consumed (see :class:`Reservation`)."""
+
+CONCURRENT = "concurrent"
+"""The dimension of a lease row: requests in flight (see :class:`Row`)."""
+LEASE_RETRY_SECONDS = 1.0
+"""``retry_after`` of a lease row that is full: a slot frees when some request ends,
+which nobody can foresee, so clients are told to try again soon."""
+
+
+class _Anything(enum.Enum):
+    ANYTHING = "anything"
+
+
+ANYTHING = _Anything.ANYTHING
+"""``registry_put(..., expect=ANYTHING)``: write whatever the record is now."""
+RegistryExpect = str | None | Literal[_Anything.ANYTHING]
+Registry = dict[tuple[str, str], str]
+"""The registry's records: ``(kind, name) -> record`` (JSON text, see tokenguard/keyring.py)."""
 
 
 def bucket_count(window_ms: int, bucket_ms: int) -> int:
@@ -221,11 +282,23 @@ class WindowStore(abc.ABC):
 
     @abc.abstractmethod
     async def settle(self, reservation: Reservation, deltas: Sequence[int]) -> None:
-        """Add ``deltas[i]`` (possibly negative) to the bucket where row *i* was reserved.
+        """Add ``deltas[i]`` (possibly negative) to the bucket where row *i* was reserved,
+        and release the reservation's lease (if any), in one call.
 
         A bucket that has already left its window is not touched; a count never goes
-        below zero.
+        below zero. Releasing a lease that expired or was released already is a no-op.
         """
+
+    async def renew(self, leases: Sequence[Lease]) -> None:
+        """Extend each lease still held to its lease time from now (the store's clock).
+
+        A lease that expired or was released stays gone (it is never taken again here).
+        Drivers with leases renew the leases of their own admissions by themselves, in
+        :meth:`run`, while the requests holding them are alive (see
+        :class:`tokenguard.leases.HeldLeases`). Raises :class:`StoreError`; the default,
+        for a driver without leases, always does.
+        """
+        raise StoreError(f"store {self.url} keeps no leases")
 
     @abc.abstractmethod
     async def usage(self, partition: str, rows: Sequence[Row]) -> tuple[RowState, ...]:
@@ -253,6 +326,36 @@ class WindowStore(abc.ABC):
         A driver re-establishes a lost subscription by itself. Raises
         :class:`StoreError` on entering when the store cannot be reached.
         """
+
+    # -- the registry: small versioned records (API keys, tiers) every node reads
+
+    async def registry_version(self) -> int:
+        """The registry's version: 0 while it was never written, and one more after
+        every write that changed it. Cheap: nodes poll it to notice changes.
+
+        Raises :class:`StoreError` when the store cannot answer, or keeps no registry
+        (the default for a driver without one).
+        """
+        raise StoreError(f"store {self.url} keeps no registry")
+
+    async def registry_load(self) -> tuple[int, Registry]:
+        """Every record and the version they are at, read atomically."""
+        raise StoreError(f"store {self.url} keeps no registry")
+
+    async def registry_put(
+        self, kind: str, name: str, record: str | None, *, expect: RegistryExpect = ANYTHING
+    ) -> int | None:
+        """Set the record ``(kind, name)`` (``None`` deletes it) and bump the version,
+        atomically, if the record now is ``expect`` (``None``: absent; the default:
+        anything). Returns the version after the call, or ``None`` when ``expect`` did
+        not match and nothing was written.
+
+        Idempotent: when the record already is ``record`` the call succeeds without a
+        write (the version is unchanged), so a call resent after a lost reply is never
+        reported as a conflict. (So two writers of the same record both succeed: a
+        record is a whole state, not an increment.) ``kind`` never contains ``/``.
+        """
+        raise StoreError(f"store {self.url} keeps no registry")
 
 
 def store_from_url(url: str) -> WindowStore:

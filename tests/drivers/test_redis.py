@@ -32,7 +32,7 @@ from tests.redis_servers import (
 )
 from tokenguard.limiter import Cost, Limiter
 from tokenguard.settings import ApiKey, Limits, digest_of
-from tokenguard.windows import Row, StoreError, open_store, store_from_url
+from tokenguard.windows import CONCURRENT, Row, StoreError, open_store, store_from_url
 
 TEST_TIMEOUT = 15.0
 
@@ -187,6 +187,8 @@ def test_store_from_url_passes_on_malformed_urls() -> None:
 def test_key_names_carry_the_partition_as_hash_tag() -> None:
     row = a_row()
     assert key_name("abc123", row) == "tg:{abc123}:key:a:requests:60000:1000"
+    lease = Row("key:a", CONCURRENT, window_ms=30_000, bucket_ms=30_000, limit=5, amount=1)
+    assert key_name("abc123", lease) == "tg:{abc123}:key:a:concurrent"
     with pytest.raises(ValueError, match="partition"):
         key_name("", row)
 
