@@ -21,18 +21,27 @@ Guarantees:
   (at most ``pipelines`` of them, a :class:`trio.CapacityLimiter`), and the calls that
   arrive while round trips are in flight are coalesced into the next pipelines
   (auto-pipelining): ``calls`` and ``round_trips`` count both. The driver packs the
-  ``EVALSHA`` commands itself and sends them on redis-py's pooled connections.
+  ``EVALSHA`` commands itself and sends them on redis-py's pooled connections; on a
+  standalone Redis without TLS (``redis://``, ``unix://``), each of the ``pipelines``
+  has a connection of its own on trio's sockets instead (:class:`_Wire`: no thread hop
+  per batch, which was most of an admission's latency and CPU).
 * Scripts are loaded once and called by SHA; after ``NOSCRIPT`` (a restart, a failover,
   ``SCRIPT FLUSH``) they are loaded again and the call retried, unseen by callers.
 * On Redis Cluster, a batch goes out as one pipeline per node that owns some of its
   slots, all at once; redirected calls are resent through redis-py's cluster client.
 * Publish/subscribe is Redis pub/sub (``PUBLISH``/``SUBSCRIBE``; on a cluster, plain
   ``PUBLISH`` reaches the subscribers of every node), kept off the pipelines above:
-  one publishing thread of its own, and per subscription its own connection read by a
-  worker thread of its own, ``PUBSUB_POLL`` seconds at a time. A lost subscription is
-  re-established with backoff (messages published meanwhile are lost); a subscription
-  buffers at most ``SUBSCRIPTION_BUFFER`` messages, then drops new ones
+  one publishing connection of its own (standalone without TLS: on trio's sockets;
+  otherwise redis-py in a thread of its own), and per subscription its own connection
+  read by a worker thread of its own, ``PUBSUB_POLL`` seconds at a time. A lost
+  subscription is re-established with backoff (messages published meanwhile are lost);
+  a subscription buffers at most ``SUBSCRIPTION_BUFFER`` messages, then drops new ones
   (``pubsub_dropped``).
+
+* The registry (API keys and tiers, :mod:`tokenguard.keyring`) is one hash and a
+  version counter under the hash tag ``{registry}``, written and read by
+  ``registry_put.lua`` / ``registry_load.lua`` (atomic, one slot: Cluster-safe), sent
+  with ``EVAL`` from a thread of its own, off the pipelines. No expiry.
 
 Raises:
 
@@ -50,30 +59,43 @@ that may have run are never sent twice, except admissions after a dropped connec
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
+import itertools
 import logging
 import math
 import re
+import secrets
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Self
 from urllib.parse import parse_qsl, unquote
 
 import attrs
+import hiredis
 import redis
 import redis.exceptions
 import trio
+from redis._parsers import BaseParser
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from tokenguard.leases import HeldLeases
 from tokenguard.windows import (
+    ANYTHING,
+    NOT_RESERVED,
     Admission,
+    Lease,
+    Registry,
+    RegistryExpect,
     Reservation,
     Row,
     RowState,
@@ -141,11 +163,20 @@ class LuaScript:
 ADMIT = LuaScript.packaged("admit")
 SETTLE = LuaScript.packaged("settle")
 USAGE = LuaScript.packaged("usage")
-SCRIPTS = (ADMIT, SETTLE, USAGE)
+RENEW = LuaScript.packaged("renew")
+SCRIPTS = (ADMIT, SETTLE, USAGE, RENEW)
+# The registry (API keys, tiers): one hash and its version counter under one hash tag,
+# so each script touches one slot. Rare calls, sent with EVAL off the pipelines.
+REGISTRY_RECORDS = f"{KEY_PREFIX}:{{registry}}:records"
+REGISTRY_VERSION = f"{KEY_PREFIX}:{{registry}}:version"
+REGISTRY_PUT = (Path(__file__).parent / "registry_put.lua").read_text("utf-8")
+REGISTRY_LOAD = (Path(__file__).parent / "registry_load.lua").read_text("utf-8")
 
 
 def key_name(partition: str, row: Row) -> str:
-    """The Redis key of a row's counter: ``tg:{<partition>}:<scope>:<dim>:<window>:<bucket>``.
+    """The Redis key of a row's counter: ``tg:{<partition>}:<scope>:<dim>:<window>:<bucket>``
+    (a hash, see ``drivers/counter.lua``), or of a lease row's set of leases:
+    ``tg:{<partition>}:<scope>:concurrent``.
 
     The partition is the hash tag, so all of a partition's keys share one cluster slot.
     """
@@ -402,7 +433,7 @@ _GET_CONNECTION_NEEDS_NAME = (
 )
 
 
-def pack_evalsha(sha: bytes, keys: Sequence[str], argv: str) -> bytes:
+def pack_evalsha(sha: bytes, keys: Sequence[str], argv: str | bytes) -> bytes:
     """``EVALSHA sha numkeys key... argv`` in RESP, ready for the socket.
 
     Packed here rather than by redis-py's pipeline: it costs a fraction of the generic
@@ -414,7 +445,7 @@ def pack_evalsha(sha: bytes, keys: Sequence[str], argv: str) -> bytes:
     for key in keys:
         data = key.encode()
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    data = argv.encode()
+    data = argv if isinstance(argv, bytes) else argv.encode()
     parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
 
@@ -474,6 +505,152 @@ def exchange(groups: Sequence[tuple[redis.ConnectionPool, list[bytes]]]) -> list
     return results
 
 
+# --- the driver's own connections: standalone Redis on trio's sockets -----------------
+
+
+def pack_command(*args: bytes) -> bytes:
+    """Any command in RESP (the few the driver's own connections send besides EVALSHA)."""
+    parts = [b"*%d\r\n" % len(args)]
+    parts += [b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args]
+    return b"".join(parts)
+
+
+def reply_reader() -> hiredis.Reader:
+    """A RESP reply parser (hiredis, as redis-py uses when it is installed): bytes are
+    fed in as they arrive; ``gets()`` returns each whole reply, or ``False`` while the
+    next one is not all in. Error replies come out as redis-py's exception for them
+    (``NoScriptError`` for ``NOSCRIPT``...), returned rather than raised."""
+    return hiredis.Reader(
+        protocolError=redis.exceptions.InvalidResponse, replyError=BaseParser.parse_error
+    )
+
+
+class _Wire:
+    """One connection of the driver's own to a standalone Redis (TCP or unix socket, no
+    TLS), on trio's sockets: a pipeline goes out and its replies come back with no
+    thread hop and no lock. Connects (``AUTH``, ``SELECT``) on first use; any failure
+    closes it, and the next use connects again. ``timeout`` bounds connecting, and a
+    whole pipeline's write and replies."""
+
+    def __init__(self, target: RedisTarget) -> None:
+        self.target = target
+        self._stream: trio.abc.Stream | None = None
+        self._reader = reply_reader()
+
+    async def roundtrip(self, packed: Sequence[bytes]) -> list[Any]:
+        """Send the commands in one write; a reply (or its exception) for each. When the
+        connection fails, the replies not read are its exception (redis-py's
+        ``ConnectionError`` or ``TimeoutError``: a command may then have run)."""
+        replies: list[Any] = []
+        try:
+            if self._stream is None:
+                await self._connect()
+            await self._exchange(packed, replies)
+        except trio.TooSlowError:
+            error: Exception = redis.exceptions.TimeoutError("Timeout reading from socket")
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            error = redis.exceptions.ConnectionError(f"Error talking to Redis: {exc}")
+        except redis.exceptions.RedisError as exc:  # refused AUTH, a protocol error
+            error = exc
+        except BaseException:
+            await self.close()  # cancelled mid-pipeline: its replies are unread
+            raise
+        else:
+            return replies
+        await self.close()
+        return replies + [error] * (len(packed) - len(replies))
+
+    async def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+
+    async def subscribe(self, channel: bytes) -> None:
+        """Connect and ``SUBSCRIBE``; return once Redis confirmed. Raises redis-py's
+        ``ConnectionError``/``TimeoutError`` (or the server's error) on failure."""
+        try:
+            await self._connect()
+            replies: list[Any] = []
+            await self._exchange([pack_command(b"SUBSCRIBE", channel)], replies)
+        except trio.TooSlowError:
+            raise redis.exceptions.TimeoutError(
+                f"no confirmation of SUBSCRIBE {channel!r}"
+            ) from None
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise redis.exceptions.ConnectionError(f"Error talking to Redis: {exc}") from exc
+        (reply,) = replies
+        if isinstance(reply, Exception):
+            raise reply
+        if not (isinstance(reply, list) and reply[:1] == [b"subscribe"]):
+            raise redis.exceptions.InvalidResponse(f"unexpected reply to SUBSCRIBE: {reply!r}")
+
+    async def pushed(self) -> list[bytes]:
+        """On a subscribed connection: wait for messages, and return the data of every
+        ``message`` push now in (at most ``PUBSUB_READ_BATCH``), oldest first. Raises
+        redis-py's ``ConnectionError`` when the connection is lost."""
+        stream = self._stream
+        assert stream is not None
+        reader = self._reader
+        while True:
+            messages: list[bytes] = []
+            while len(messages) < PUBSUB_READ_BATCH:
+                reply = reader.gets()
+                if reply is False:
+                    break
+                if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
+                    messages.append(reply[2])
+            if messages:
+                return messages
+            try:
+                data = await stream.receive_some(65536)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise redis.exceptions.ConnectionError(f"Error reading from Redis: {exc}") from exc
+            if not data:
+                raise redis.exceptions.ConnectionError("Connection closed by server.")
+            reader.feed(data)
+
+    async def _connect(self) -> None:
+        target = self.target
+        with trio.fail_after(target.timeout):
+            if target.unix_socket is not None:
+                stream: trio.abc.Stream = await trio.open_unix_socket(target.unix_socket)
+            else:
+                ((host, port),) = target.hosts
+                stream = await trio.open_tcp_stream(host, port)
+        self._stream, self._reader = stream, reply_reader()
+        hello = []
+        if target.password is not None:
+            user = [target.username.encode()] if target.username else []
+            hello.append(pack_command(b"AUTH", *user, target.password.encode()))
+        if target.db:
+            hello.append(pack_command(b"SELECT", str(target.db).encode()))
+        replies: list[Any] = []
+        await self._exchange(hello, replies)
+        for reply in replies:
+            if isinstance(reply, redis.exceptions.AuthenticationError):
+                raise reply
+            if isinstance(reply, redis.exceptions.ResponseError):
+                raise redis.exceptions.AuthenticationError(str(reply))
+
+    async def _exchange(self, packed: Sequence[bytes], replies: list[Any]) -> None:
+        if not packed:
+            return
+        stream = self._stream
+        assert stream is not None
+        reader = self._reader
+        with trio.fail_after(self.target.timeout):
+            await stream.send_all(b"".join(packed))
+            while len(replies) < len(packed):
+                reply = reader.gets()
+                if reply is False:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        raise redis.exceptions.ConnectionError("Connection closed by server.")
+                    reader.feed(data)
+                    continue
+                replies.append(reply)
+
+
 # --- the store ------------------------------------------------------------------------
 
 
@@ -483,7 +660,7 @@ class _Call:
 
     __slots__ = ("script", "keys", "argv", "task", "reply")
 
-    def __init__(self, script: LuaScript, keys: list[str], argv: str) -> None:
+    def __init__(self, script: LuaScript, keys: list[str], argv: str | bytes) -> None:
         self.script = script
         self.keys = keys
         self.argv = argv
@@ -495,8 +672,20 @@ def _store_error(exc: BaseException) -> StoreError:
     return StoreError(f"redis: {type(exc).__name__}: {exc}")
 
 
-def _ints(reply: bytes | str) -> list[int]:
-    return [int(word) for word in reply.split()]
+@functools.cache
+def _packer(count: int) -> struct.Struct:
+    return struct.Struct(f"<{count}q")
+
+
+def _pack(ints: Sequence[int]) -> bytes:
+    """The scripts' arguments: little-endian 64-bit integers (Lua's struct 'i8'),
+    unpacked by Redis in one call rather than parsed word by word."""
+    return _packer(len(ints)).pack(*ints)
+
+
+def _unpack(reply: bytes) -> tuple[int, ...]:
+    """A script's packed reply (see ``drivers/counter.lua``)."""
+    return _packer(len(reply) // 8).unpack(reply)
 
 
 class RedisStore(WindowStore):
@@ -524,7 +713,21 @@ class RedisStore(WindowStore):
         self._refresh_topology = False
         # Publishing never takes a flusher's thread: one thread of its own.
         self._publish_thread = trio.CapacityLimiter(1)
+        # Standalone Redis without TLS: each flusher sends its pipelines on a connection
+        # of its own on trio's sockets (no thread hop per batch); Sentinel, Cluster and
+        # TLS go through redis-py in worker threads.
+        self._native = target.kind == "standalone" and not target.ssl
+        # ... and publishing, in order, on one more (no thread hop per message either).
+        self._publish_wire = _Wire(target) if self._native else None
+        self._publish_lock = trio.Lock()
         self.pubsub_dropped = 0  # messages dropped for subscriptions that were full
+        # Registry calls never take a flusher's thread either.
+        self._registry_thread = trio.CapacityLimiter(1)
+        # Lease ids: unique to this store object, whatever other node shares the store.
+        # (an integer below 2**53, exact in Lua: 23 random bits, then a 30-bit counter)
+        self._lease_base = secrets.randbits(23) << 30
+        self._lease_ids = itertools.count(1)
+        self.leases = HeldLeases()  # renewed in run() while their requests are alive
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -556,6 +759,7 @@ class RedisStore(WindowStore):
             async with trio.open_nursery() as nursery:
                 for _ in range(self.target.pipelines):
                     nursery.start_soon(self._flush_forever)
+                nursery.start_soon(self.leases.renew_forever, self.renew)
                 task_status.started()
         finally:
             self._running = self._started = False
@@ -567,6 +771,8 @@ class RedisStore(WindowStore):
             client, self._client = self._client, None
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(client.close)
+                if self._publish_wire is not None:
+                    await self._publish_wire.close()
 
     def _connect(self) -> redis.Redis | RedisCluster:
         client = self.target.connect()
@@ -594,7 +800,7 @@ class RedisStore(WindowStore):
 
     # -- coalescing
 
-    async def _call(self, script: LuaScript, keys: list[str], argv: str) -> Any:
+    async def _call(self, script: LuaScript, keys: list[str], argv: str | bytes) -> Any:
         """Queue one script call for the next pipeline; park until its reply is in."""
         if not self._running:
             raise StoreError(f"store {self.url} is not running (use it inside run())")
@@ -628,12 +834,20 @@ class RedisStore(WindowStore):
                 call.task = None
 
     async def _flush_forever(self) -> None:
-        """Take a share of the pending calls, send them in one thread hop; repeat.
+        """Take a share of the pending calls, send them as one pipeline; repeat.
 
         The share is the pending calls divided among the flushers not busy, so a burst
         goes out as that many pipelines at once: Redis runs one while Python packs the
         next and hands out the replies of the last.
         """
+        wire = _Wire(self.target) if self._native else None
+        try:
+            await self._flush_with(wire)
+        finally:
+            if wire is not None:
+                await wire.close()
+
+    async def _flush_with(self, wire: _Wire | None) -> None:
         while True:
             if not self._pending:
                 await self._wakeup.wait()
@@ -652,7 +866,12 @@ class RedisStore(WindowStore):
             self._busy += 1
             self._in_flight.update(calls)
             try:
-                replies = await trio.to_thread.run_sync(self._execute, calls, limiter=self._threads)
+                if wire is not None:
+                    replies = await self._execute_native(wire, calls)
+                else:
+                    replies = await trio.to_thread.run_sync(
+                        self._execute, calls, limiter=self._threads
+                    )
             except Exception as exc:  # a bug, not Redis: report it, keep serving
                 log.exception("redis driver failed on a batch of %d calls", len(calls))
                 replies = [StoreError(f"redis driver error: {exc!r}")] * len(calls)
@@ -660,6 +879,42 @@ class RedisStore(WindowStore):
                 self._busy -= 1
             self._in_flight.difference_update(calls)
             self._answer(calls, replies)
+
+    async def _execute_native(self, wire: _Wire, calls: list[_Call]) -> list[Any]:
+        """:meth:`_execute` on a flusher's own connection (standalone Redis): the same
+        retry after a dropped connection (settlements excepted) and after NOSCRIPT."""
+        packed = [pack_evalsha(c.script.sha_bytes, c.keys, c.argv) for c in calls]
+        self._count(round_trips=1)
+        replies = await wire.roundtrip(packed)
+        if replies and type(replies[0]) is redis.exceptions.ConnectionError:
+            # Dropped before any reply (a stale connection after a restart): once more,
+            # except settlements: one that did run must not run twice.
+            retry = [i for i, call in enumerate(calls) if call.script is not SETTLE]
+            if retry:
+                self._count(round_trips=1)
+                again = await wire.roundtrip([packed[i] for i in retry])
+                for i, reply in zip(retry, again, strict=True):
+                    replies[i] = reply
+        missing = [
+            i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)
+        ]
+        if missing:
+            log.info("Redis lost the scripts (restart, failover or SCRIPT FLUSH): reloading")
+            client = self._client
+            try:
+                if client is None:
+                    raise StoreError(f"store {self.url} is closed")
+                await trio.to_thread.run_sync(self._load_scripts, client, limiter=self._threads)
+            except (*_REDIS_ERRORS, StoreError) as exc:
+                for i in missing:
+                    replies[i] = exc
+            else:
+                # NOSCRIPT: those calls did not run, so running them now is safe.
+                self._count(round_trips=1)
+                again = await wire.roundtrip([packed[i] for i in missing])
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+        return replies
 
     # -- in a worker thread
 
@@ -797,49 +1052,160 @@ class RedisStore(WindowStore):
         if not rows:
             return Admission(admitted=True, states=(), reservation=Reservation(partition, (), ()))
         keys = [key_name(partition, row) for row in rows]
-        argv = " ".join(
-            f"{r.bucket_ms} {r.span} {r.limit} {r.amount} {1 if r.enforce else 0}" for r in rows
-        )
-        values = _ints(await self._call(ADMIT, keys, argv))
-        states = []
-        for i, row in enumerate(rows):
-            used, reset_ms, fits, retry_ms = values[1 + 5 * i : 5 + 5 * i]
-            states.append(
+        ints: list[int] = []
+        for r in rows:
+            if r.is_lease:
+                ints += (r.window_ms, -1, r.limit, r.amount, r.enforce)
+            else:
+                ints += (r.bucket_ms, r.span, r.limit, r.amount, r.alert_at * 2 + r.enforce)
+        leased = tuple(r for r in rows if r.is_lease)
+        lease_id = self._lease_base + next(self._lease_ids) % (1 << 30) if leased else 0
+        ints.append(lease_id)
+        values = _unpack(await self._call(ADMIT, keys, _pack(ints)))
+        outcome, now = values[0], values[1]
+        count = len(rows)
+        if outcome == 2:  # every row fitted and was consumed (see admit.lua)
+            near = values[2 + 2 * count :]
+            states = tuple(
                 RowState(
-                    row=row,
-                    used=used,
-                    reset_after=reset_ms / 1000,
-                    fits=fits == 1,
-                    retry_after=None if retry_ms < 0 else retry_ms / 1000,
+                    row,
+                    values[2 * i + 2],
+                    values[2 * i + 3] / 1000,
+                    True,
+                    None,
+                    bool(near) and i + 1 in near,
                 )
+                for i, row in enumerate(rows)
             )
-        if values[0] != 1:
-            return Admission(admitted=False, states=tuple(states))
-        reservation = Reservation(
-            partition=partition, rows=tuple(rows), buckets=tuple(values[5::5])
-        )
-        return Admission(admitted=True, states=tuple(states), reservation=reservation)
+            buckets = tuple(0 if row.is_lease else now // row.bucket_ms for row in rows)
+        else:
+            near = values[2 + 5 * count :]
+            states = tuple(
+                RowState(
+                    row,
+                    values[5 * i + 2],
+                    values[5 * i + 3] / 1000,
+                    values[5 * i + 4] == 1,
+                    None if values[5 * i + 5] < 0 else values[5 * i + 5] / 1000,
+                    bool(near) and i + 1 in near,
+                )
+                for i, row in enumerate(rows)
+            )
+            if outcome == 0:
+                return Admission(admitted=False, states=states)
+            buckets = tuple(values[6 : 5 * count + 2 : 5])
+        lease = None
+        if leased and any(
+            row.is_lease and row.amount and bucket != NOT_RESERVED
+            for row, bucket in zip(rows, buckets, strict=True)
+        ):
+            lease = Lease(partition, str(lease_id), leased)
+            self.leases.add(lease)
+        reservation = Reservation(partition, tuple(rows), buckets, lease)
+        return Admission(admitted=True, states=states, reservation=reservation)
 
     async def settle(self, reservation: Reservation, deltas: Sequence[int]) -> None:
+        lease = reservation.lease
         keys: list[str] = []
-        argv: list[str] = []
+        ints: list[int] = []
         for row, bucket, delta in zip(reservation.rows, reservation.buckets, deltas, strict=True):
-            if delta:
+            if row.is_lease:
+                if lease is not None and bucket != NOT_RESERVED:
+                    keys.append(key_name(reservation.partition, row))
+                    ints += (0, -1, 0, 0)
+            elif delta:
                 keys.append(key_name(reservation.partition, row))
-                argv.append(f"{row.bucket_ms} {row.span} {bucket} {delta}")
+                ints += (row.bucket_ms, row.span, bucket, delta)
+        if lease is not None:
+            self.leases.discard(lease)
         if keys:
-            await self._call(SETTLE, keys, " ".join(argv))
+            ints.append(int(lease.id) if lease is not None else 0)
+            await self._call(SETTLE, keys, _pack(ints))
+
+    async def renew(self, leases: Sequence[Lease]) -> None:
+        by_partition: dict[str, tuple[list[str], list[int]]] = {}
+        for lease in leases:
+            keys, ints = by_partition.setdefault(lease.partition, ([], []))
+            for row in lease.rows:
+                keys.append(key_name(lease.partition, row))
+                ints += (row.window_ms, int(lease.id))
+        failures: list[StoreError] = []
+
+        async def one(keys: list[str], argv: bytes) -> None:
+            try:
+                await self._call(RENEW, keys, argv)
+            except StoreError as exc:
+                failures.append(exc)
+
+        # One call per partition (its keys share a slot), all of them at once.
+        async with trio.open_nursery() as nursery:
+            for keys, ints in by_partition.values():
+                nursery.start_soon(one, keys, _pack(ints))
+        if failures:
+            raise StoreError(
+                f"{len(failures)} of {len(by_partition)} renewals failed: {failures[0]}"
+            )
 
     async def usage(self, partition: str, rows: Sequence[Row]) -> tuple[RowState, ...]:
         if not rows:
             return ()
         keys = [key_name(partition, row) for row in rows]
-        argv = " ".join(f"{r.bucket_ms} {r.span}" for r in rows)
-        values = _ints(await self._call(USAGE, keys, argv))
+        ints: list[int] = []
+        for r in rows:
+            ints += (r.window_ms, -1) if r.is_lease else (r.bucket_ms, r.span)
+        values = _unpack(await self._call(USAGE, keys, _pack(ints)))
         return tuple(
             RowState(row=row, used=values[2 * i], reset_after=values[2 * i + 1] / 1000)
             for i, row in enumerate(rows)
         )
+
+    # -- the registry (not on the pipelines: rare calls, a thread of their own)
+
+    async def _registry_call(self, command: Any, *args: Any, abandon: bool = True) -> Any:
+        """``command(client, *args)`` in the registry's thread; a read (``abandon``) is
+        left to finish alone if the caller is cancelled, a write is waited for."""
+        client = self._client
+        if client is None or not self._running:
+            raise StoreError(f"store {self.url} is not running (use it inside run())")
+        try:
+            return await trio.to_thread.run_sync(
+                command, client, *args, limiter=self._registry_thread, abandon_on_cancel=abandon
+            )
+        except _REDIS_ERRORS as exc:
+            raise _store_error(exc) from exc
+
+    async def registry_version(self) -> int:
+        value = await self._registry_call(lambda client: client.get(REGISTRY_VERSION))
+        return int(value or 0)
+
+    async def registry_load(self) -> tuple[int, Registry]:
+        version, flat = await self._registry_call(
+            lambda client: client.eval(REGISTRY_LOAD, 2, REGISTRY_RECORDS, REGISTRY_VERSION)
+        )
+        records: Registry = {}
+        for field, record in zip(flat[::2], flat[1::2], strict=True):
+            kind, _, name = field.decode().partition("/")
+            records[(kind, name)] = record.decode()
+        return int(version), records
+
+    async def registry_put(
+        self, kind: str, name: str, record: str | None, *, expect: RegistryExpect = ANYTHING
+    ) -> int | None:
+        if "/" in kind:
+            raise ValueError(f"a registry kind has no '/': {kind!r}")
+        if expect is ANYTHING:
+            condition, expected = "any", ""
+        elif expect is None:
+            condition, expected = "absent", ""
+        else:
+            condition, expected = "equal", expect
+        argv = (f"{kind}/{name}", condition, expected, "delete" if record is None else "put")
+        argv += (record or "",)
+        version = await self._registry_call(
+            lambda client: client.eval(REGISTRY_PUT, 2, REGISTRY_RECORDS, REGISTRY_VERSION, *argv),
+            abandon=False,
+        )
+        return None if version < 0 else int(version)
 
     # -- publish/subscribe (not on the pipelines: connections and threads of their own)
 
@@ -848,6 +1214,16 @@ class RedisStore(WindowStore):
         if client is None or not self._running:
             raise StoreError(f"store {self.url} is not running (use it inside run())")
         if not messages:
+            return
+        wire = self._publish_wire
+        if wire is not None:
+            name = channel.encode()
+            packed = [pack_command(b"PUBLISH", name, message) for message in messages]
+            async with self._publish_lock:  # one pipeline at a time: messages keep order
+                replies = await wire.roundtrip(packed)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise _store_error(reply) from reply
             return
         try:
             await trio.to_thread.run_sync(
@@ -860,16 +1236,27 @@ class RedisStore(WindowStore):
     async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
         if not self._running:
             raise StoreError(f"store {self.url} is not running (use it inside run())")
-        thread = trio.CapacityLimiter(1)  # this subscription's own worker thread
-        try:
-            pubsub = await trio.to_thread.run_sync(
-                self._open_pubsub, channel, False, limiter=thread
-            )
-        except _REDIS_ERRORS as exc:
-            raise StoreError(f"cannot subscribe to {channel!r} on {self.url}: {exc}") from exc
         send, receive = trio.open_memory_channel[bytes](SUBSCRIPTION_BUFFER)
+        if self._native:
+            # Its own connection on trio's sockets: no thread, no polling.
+            wire = _Wire(self.target)
+            try:
+                await wire.subscribe(channel.encode())
+            except _REDIS_ERRORS as exc:
+                await wire.close()
+                raise StoreError(f"cannot subscribe to {channel!r} on {self.url}: {exc}") from exc
+            listen = partial(self._listen_native, channel, wire, send)
+        else:
+            thread = trio.CapacityLimiter(1)  # this subscription's own worker thread
+            try:
+                pubsub = await trio.to_thread.run_sync(
+                    self._open_pubsub, channel, False, limiter=thread
+                )
+            except _REDIS_ERRORS as exc:
+                raise StoreError(f"cannot subscribe to {channel!r} on {self.url}: {exc}") from exc
+            listen = partial(self._listen, channel, pubsub, send, thread)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._listen, channel, pubsub, send, thread)
+            nursery.start_soon(listen)
             try:
                 async with receive:
                     yield receive
@@ -945,6 +1332,44 @@ class RedisStore(WindowStore):
             if pubsub is not None:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(pubsub.close, limiter=thread)
+
+    async def _listen_native(
+        self, channel: str, wire: _Wire | None, send: trio.MemorySendChannel[bytes]
+    ) -> None:
+        """:meth:`_listen` on the driver's own connection (standalone Redis)."""
+        backoff = RESUBSCRIBE_BACKOFF[0]
+        try:
+            while True:
+                if wire is None:
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, RESUBSCRIBE_BACKOFF[1])
+                    wire = _Wire(self.target)
+                    try:
+                        await wire.subscribe(channel.encode())
+                    except _REDIS_ERRORS as exc:
+                        log.debug("re-subscribing to %s failed: %s", channel, exc)
+                        await wire.close()
+                        wire = None
+                        continue
+                    log.info("subscription to %s on %s re-established", channel, self.url)
+                    backoff = RESUBSCRIBE_BACKOFF[0]
+                try:
+                    messages = await wire.pushed()
+                except _REDIS_ERRORS as exc:
+                    log.warning("subscription to %s on %s lost: %s", channel, self.url, exc)
+                    await wire.close()
+                    wire = None
+                    continue
+                for message in messages:
+                    try:
+                        send.send_nowait(message)
+                    except trio.WouldBlock:
+                        self.pubsub_dropped += 1  # the subscriber is behind: never wait
+                    except trio.BrokenResourceError:
+                        return  # the subscriber left (we are being cancelled)
+        finally:
+            if wire is not None:
+                await wire.close()
 
 
 def _publish(client: redis.Redis | RedisCluster, channel: str, messages: list[bytes]) -> None:
