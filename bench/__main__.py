@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import decisions, feed, load, suite
+from bench import decisions, feed, load, proxy, suite
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     feed.add_arguments(feed_parser)
     feed_parser.set_defaults(run=feed.main)
+    proxy_parser = commands.add_parser(
+        "proxy",
+        help="proxy overhead: req/s through a proxy node to a mock upstream vs straight to it",
+    )
+    proxy.add_arguments(proxy_parser)
+    proxy_parser.set_defaults(run=proxy.main)
     return parser
 
 

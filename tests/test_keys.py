@@ -2,7 +2,9 @@
 
 A key is shown once, when it is made; the config holds its SHA-256 digest; logs and
 events name it by its name; Redis keys carry a key id (a digest prefix), never the key
-nor its whole digest. Checked here on a real node process over a real redis-server.
+nor its whole digest; the registry of live keys (tokenguard/keyring.py) stores digests.
+Checked here on a real node process over a real redis-server. Keys made live through
+the admin API (``tokenguard keys new --admin URL``): tests/test_admin*.py.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import httpx
 import pytest
 import trio
 
+from drivers.redis import REGISTRY_RECORDS, REGISTRY_VERSION
 from tests.processes import free_ports, running_tokenguard, wait_healthy
 from tests.redis_servers import RedisServer
 from tokenguard import cli
-from tokenguard.keys import new_key
+from tokenguard.keys import new_key, parse_assignments
 from tokenguard.settings import digest_of, parse_settings
 
 KEY_PATTERN = re.compile(r"^tg-[A-Za-z0-9_-]{43}$")
@@ -84,8 +87,8 @@ def test_keys_digest_reads_keys_from_stdin() -> None:
 
 async def test_keys_never_reach_redis_or_the_log(tmp_path: Path, redis_server: RedisServer) -> None:
     """A node on Redis serves a plaintext-configured key and a digest-configured one
-    (200s, a 429, a 400, a 401): Redis holds key ids only, the log neither key nor
-    digest."""
+    (200s, a 429, a 400, a 401): Redis key names hold key ids only, the registry's
+    records digests only, the log neither key nor digest."""
     digest_key = new_key()
     config = tmp_path / "tokenguard.toml"
     config.write_text(
@@ -123,6 +126,14 @@ async def test_keys_never_reach_redis_or_the_log(tmp_path: Path, redis_server: R
     assert statuses == [200, 200, 429, 200]
     assert bad.status_code == 400 and unknown.status_code == 401
     names = [k.decode() for k in redis_server.command("KEYS", "*")]  # type: ignore[union-attr]
+    # The registry (keys and tiers, tokenguard/keyring.py) holds digests, never keys.
+    registry = [REGISTRY_RECORDS, REGISTRY_VERSION]
+    assert sorted(n for n in names if n in registry) == sorted(registry)
+    records = redis_server.command("HGETALL", REGISTRY_RECORDS)
+    assert isinstance(records, dict) and len(records) == 2
+    stored = b" ".join(records.values()).decode()
+    assert digest_of("sk-plain-secret") in stored and digest_of(digest_key) in stored
+    names = [n for n in names if n not in registry]
     assert names
     ids = {digest_of("sk-plain-secret")[:16], digest_of(digest_key)[:16]}
     for name in names:
@@ -131,3 +142,71 @@ async def test_keys_never_reach_redis_or_the_log(tmp_path: Path, redis_server: R
     for secret in secrets:
         assert all(secret not in name for name in names)
         assert secret not in log
+    assert "sk-plain-secret" not in stored and digest_key not in stored
+
+
+# --- the live commands (admin API): argument handling; against a cluster, see
+# tests/test_admin_cluster.py::test_the_keys_command_drives_the_admin_api
+
+
+@pytest.mark.parametrize(
+    ("assignments", "fields"),
+    [
+        (["rpm=10"], {"rpm": 10}),
+        (["tpd=none", "mode=shadow"], {"tpd": None, "mode": "shadow"}),
+        (["models.gpt-4o*.rpm=5"], {"models": {"gpt-4o*": {"rpm": 5}}}),
+        (
+            ["models.gpt-4.1*.rpm=5", "models.gpt-4.1*.tpm=9"],
+            {"models": {"gpt-4.1*": {"rpm": 5, "tpm": 9}}},
+        ),
+        (["models.o3*=none"], {"models": {"o3*": None}}),
+        (["default_max_tokens=-1"], {"default_max_tokens": -1}),  # the node refuses it
+    ],
+)
+def test_field_assignments_become_the_admin_apis_fields(
+    assignments: list[str], fields: dict[str, object]
+) -> None:
+    assert parse_assignments(assignments) == fields
+
+
+@pytest.mark.parametrize("assignment", ["rpm", "=5", "models.o3*=5", "models.o3*.bogus=1"])
+def test_malformed_assignments_are_refused(assignment: str) -> None:
+    with pytest.raises(ValueError):
+        parse_assignments([assignment])
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["keys", "list"], "--admin URL"),
+        (["keys", "revoke", "bob"], "--admin URL"),
+        (["keys", "set", "bob", "rpm=1"], "--admin URL"),
+        (["keys", "new", "--name", "bob", "rpm=1"], "need --admin"),
+        (["keys", "new", "--name", "bob", "--team", "t"], "need --admin"),
+        (["keys", "list", "--admin", "http://127.0.0.1:1"], "no admin token"),
+        (["keys", "set", "bob", "rpm", "--admin", "http://127.0.0.1:1"], "FIELD=VALUE"),
+    ],
+)
+def test_live_commands_without_what_they_need_are_usage_errors(
+    argv: list[str],
+    words: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TOKENGUARD_ADMIN_URL", raising=False)
+    monkeypatch.delenv("TOKENGUARD_ADMIN_TOKEN", raising=False)
+    if "set" in argv and "rpm" in argv:
+        monkeypatch.setenv("TOKENGUARD_ADMIN_TOKEN", "t" * 32)
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert words in captured.err and captured.out == ""
+
+
+def test_an_unreachable_admin_api_is_exit_1(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOKENGUARD_ADMIN_TOKEN", "t" * 32)
+    port = free_ports()  # nobody listens there
+    assert cli.main(["keys", "list", "--admin", f"http://127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the admin API" in err and "t" * 32 not in err

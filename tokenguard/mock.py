@@ -8,11 +8,14 @@ both shipped encodings (``cl100k_base`` and ``o200k_base``; a test checks it), s
 
 from __future__ import annotations
 
+import base64
 import json
+import math
 import secrets
+import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -177,3 +180,93 @@ def usage_chunk(reply: MockReply, prompt_tokens: int) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+
+
+# --- legacy completions and embeddings --------------------------------------------------
+
+DEFAULT_EMBEDDING_DIMENSIONS = 256
+
+
+def _text_id(reply: MockReply) -> str:
+    return "cmpl-" + reply.id.removeprefix("chatcmpl-")
+
+
+def text_completion_body(reply: MockReply, prompt_tokens: int) -> dict[str, Any]:
+    """OpenAI's legacy ``text_completion`` object for a whole (non-streamed) reply."""
+    return {
+        "id": _text_id(reply),
+        "object": "text_completion",
+        "created": reply.created,
+        "model": reply.model,
+        "system_fingerprint": "tokenguard-mock",
+        "choices": [
+            {"text": c.text, "index": c.index, "logprobs": None, "finish_reason": c.finish_reason}
+            for c in reply.choices
+        ],
+        "usage": usage_block(prompt_tokens, reply.completion_tokens),
+    }
+
+
+def _text_chunk(
+    reply: MockReply, choices: list[dict[str, Any]], usage: Any = attrs.NOTHING
+) -> bytes:
+    chunk: dict[str, Any] = {
+        "id": _text_id(reply),
+        "object": "text_completion",
+        "created": reply.created,
+        "model": reply.model,
+        "system_fingerprint": "tokenguard-mock",
+        "choices": choices,
+    }
+    if usage is not attrs.NOTHING:
+        chunk["usage"] = usage
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+
+def text_stream_events(reply: MockReply, include_usage: bool) -> Iterator[tuple[bytes, int]]:
+    """Server-sent events of a streamed legacy completion, each with its token count:
+    one chunk per token, then a finish chunk per choice (the caller adds the usage
+    chunk, if asked, and ``[DONE]``)."""
+    usage = None if include_usage else attrs.NOTHING
+    for c in reply.choices:
+        for word in c.words:
+            choice = {"text": word, "index": c.index, "logprobs": None, "finish_reason": None}
+            yield _text_chunk(reply, [choice], usage), 1
+        finish = {"text": "", "index": c.index, "logprobs": None, "finish_reason": c.finish_reason}
+        yield _text_chunk(reply, [finish], usage), 0
+
+
+def text_usage_chunk(reply: MockReply, prompt_tokens: int) -> bytes:
+    return _text_chunk(reply, [], usage_block(prompt_tokens, reply.completion_tokens))
+
+
+def embedding_vector(model: str, item: Any, dimensions: int) -> list[float]:
+    """A deterministic unit vector for one input (the same input, the same vector)."""
+    seed = zlib.crc32(json.dumps([model, item], ensure_ascii=False).encode())
+    raw = [((seed * (i + 1) * 2654435761) % 2001) / 1000 - 1 for i in range(dimensions)]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [round(x / norm, 6) for x in raw]
+
+
+def embedding_body(
+    model: str,
+    inputs: Sequence[Any],
+    prompt_tokens: int,
+    dimensions: int | None = None,
+    encoding_format: str = "float",
+) -> dict[str, Any]:
+    """OpenAI's embeddings ``list``: one vector per input, float or base64 (little-endian
+    float32, as the API sends it)."""
+    size = dimensions or DEFAULT_EMBEDDING_DIMENSIONS
+    data = []
+    for index, item in enumerate(inputs):
+        vector: Any = embedding_vector(model, item, size)
+        if encoding_format == "base64":
+            vector = base64.b64encode(struct.pack(f"<{size}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }

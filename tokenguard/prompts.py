@@ -1,0 +1,200 @@
+"""Requests of the non-chat endpoints: legacy completions and embeddings.
+
+Both take their text as OpenAI's "prompt" union: a string, an array of strings, an array
+of token ids, or an array of token-id arrays. As for chat (:mod:`tokenguard.chat`),
+everything is checked before the limiter, and a body that fails a check is a 400 naming
+the field (``param``) that consumes no quota. :func:`prompt_tokens` counts what the API
+bills as input: a string's tokens in the model's encoding, a token array's length.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from tokenguard.chat import MAX_N, MAX_TOKENS_CEILING, _check_text, _positive_int
+from tokenguard.errors import invalid
+from tokenguard.tokens import count_text
+
+# A prompt, normalised: each item a string or a tuple of token ids.
+Prompt = tuple[str | tuple[int, ...], ...]
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_BEST_OF = 20  # OpenAI's cap
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's cap on an embeddings batch
+TOKEN_ID_CEILING = 2**31 - 1
+ENCODING_FORMATS = ("float", "base64")
+
+
+@attrs.frozen
+class CompletionRequest:
+    """A validated ``POST /v1/completions`` body; ``body`` is the parsed JSON, untouched.
+
+    ``choices`` is how many completions the upstream generates (and bills): every prompt
+    of a batch times ``max(n, best_of)``.
+    """
+
+    body: dict[str, Any]
+    model: str
+    prompt: Prompt
+    suffix: str | None
+    max_tokens: int  # per choice
+    n: int
+    best_of: int
+    stream: bool
+    include_usage: bool
+
+    @property
+    def choices(self) -> int:
+        return len(self.prompt) * max(self.n, self.best_of)
+
+
+@attrs.frozen
+class EmbeddingRequest:
+    """A validated ``POST /v1/embeddings`` body; ``body`` is the parsed JSON, untouched."""
+
+    body: dict[str, Any]
+    model: str
+    input: Prompt
+    dimensions: int | None
+    encoding_format: str
+
+
+def _model(body: Any) -> str:
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    model = body.get("model")
+    if model is None:
+        raise invalid("you must provide a model parameter", "model")
+    if not isinstance(model, str) or not model.strip():
+        raise invalid("model must be a non-empty string", "model")
+    _check_text(model, "model")
+    return model
+
+
+def _token_array(value: list[Any], param: str) -> tuple[int, ...]:
+    if not value:
+        raise invalid(f"{param} must not be an empty token array", param)
+    for token in value:
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise invalid(f"{param} must be an array of integer token ids", param)
+        if not 0 <= token <= TOKEN_ID_CEILING:
+            raise invalid(f"{param} has a token id out of range: {token}", param)
+    return tuple(value)
+
+
+def _prompt(value: Any, param: str, *, max_items: int | None = None) -> Prompt:
+    """OpenAI's prompt union, normalised to a tuple of strings and token tuples."""
+    if value is None:
+        raise invalid(f"{param} is required", param)
+    if isinstance(value, str):
+        _check_text(value, param)
+        return (value,)
+    if not isinstance(value, list) or not value:
+        raise invalid(
+            f"{param} must be a string, an array of strings, an array of token ids or an "
+            "array of token-id arrays, and not empty",
+            param,
+        )
+    if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+        return (_token_array(value, param),)
+    if max_items is not None and len(value) > max_items:
+        raise invalid(f"{param} may have at most {max_items} items, got {len(value)}", param)
+    items: list[str | tuple[int, ...]] = []
+    for i, item in enumerate(value):
+        where = f"{param}[{i}]"
+        if isinstance(item, str):
+            _check_text(item, where)
+            items.append(item)
+        elif isinstance(item, list):
+            items.append(_token_array(item, where))
+        else:
+            raise invalid(f"{where} must be a string or an array of token ids", where)
+    return tuple(items)
+
+
+def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
+    """``(stream, include_usage)``, checked as for chat."""
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise invalid("stream must be a boolean", "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise invalid("stream_options is only allowed when stream is true", "stream_options")
+    if not isinstance(options, dict):
+        raise invalid("stream_options must be an object", "stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise invalid(
+            "stream_options.include_usage must be a boolean", "stream_options.include_usage"
+        )
+    return stream, include_usage
+
+
+def validate_completion(body: Any) -> CompletionRequest:
+    """Check a parsed ``/v1/completions`` body (the parts the limiter relies on)."""
+    model = _model(body)
+    prompt = _prompt(body.get("prompt"), "prompt")
+    suffix = body.get("suffix")
+    if suffix is not None:
+        if not isinstance(suffix, str):
+            raise invalid("suffix must be a string", "suffix")
+        _check_text(suffix, "suffix")
+    max_tokens = _positive_int(body, "max_tokens", MAX_TOKENS_CEILING)
+    n = _positive_int(body, "n", MAX_N) or 1
+    best_of = _positive_int(body, "best_of", MAX_BEST_OF) or n
+    if best_of < n:
+        raise invalid(f"best_of ({best_of}) must be at least n ({n})", "best_of")
+    stream, include_usage = _stream(body)
+    return CompletionRequest(
+        body=body,
+        model=model,
+        prompt=prompt,
+        suffix=suffix,
+        max_tokens=DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens,
+        n=n,
+        best_of=best_of,
+        stream=stream,
+        include_usage=include_usage,
+    )
+
+
+def validate_embedding(body: Any) -> EmbeddingRequest:
+    """Check a parsed ``/v1/embeddings`` body (the parts the limiter relies on)."""
+    model = _model(body)
+    inputs = _prompt(body.get("input"), "input", max_items=MAX_EMBEDDING_INPUTS)
+    for i, item in enumerate(inputs):
+        if item == "":
+            where = "input" if len(inputs) == 1 else f"input[{i}]"
+            raise invalid(f"{where} must not be an empty string", where)
+    dimensions = _positive_int(body, "dimensions", 65536)
+    encoding_format = body.get("encoding_format") or "float"
+    if encoding_format not in ENCODING_FORMATS:
+        raise invalid(
+            f"encoding_format must be one of {', '.join(ENCODING_FORMATS)}, got "
+            f"{encoding_format!r}",
+            "encoding_format",
+        )
+    return EmbeddingRequest(
+        body=body,
+        model=model,
+        input=inputs,
+        dimensions=dimensions,
+        encoding_format=encoding_format,
+    )
+
+
+def prompt_tokens(model: str, prompt: Prompt, suffix: str | None = None) -> int:
+    """Input tokens of a prompt as the API bills them: each string's tokens in the
+    model's encoding (and the suffix's, once per prompt), each token array's length."""
+    total = 0
+    for item in prompt:
+        total += count_text(model, item) if isinstance(item, str) else len(item)
+        if suffix:
+            total += count_text(model, suffix)
+    return total
