@@ -151,6 +151,39 @@ async def admissions(
     return load
 
 
+async def test_store_admissions_in_flight_when_the_breaker_opens_count_locally(
+    redis_server: RedisServer,
+) -> None:
+    """30 admissions are on their way to a slow Redis (50 ms) when the breaker opens
+    (tripped by hand here; under load, by other calls missing the deadline): the 40
+    that follow go to the local windows, which already count the 30 in flight, so the
+    node admits exactly the limit (50), not 30 + 40."""
+    admissions: list[bool] = []
+
+    async def admit(store: GuardedStore) -> None:
+        admissions.append((await store.admit("in-flight", [a_row()])).admitted)
+
+    with trio.fail_after(30):
+        async with running_proxy((redis_server.host, redis_server.port)) as proxy:
+            async with guarded_redis(proxy.url, cluster_size=1) as store:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(20):
+                        nursery.start_soon(store.admit, "warm", [a_row()])
+                proxy.latency = 0.05
+                async with trio.open_nursery() as nursery:
+                    for _ in range(30):
+                        nursery.start_soon(admit, store)
+                    await trio.sleep(0.01)  # all 30 sent, none answered yet
+                    assert not admissions
+                    store._trip("test: the breaker opens with calls in flight")
+                    for _ in range(40):
+                        nursery.start_soon(admit, store)
+                status = store.status()
+    assert status["breaker"] == "open"
+    assert sum(admissions) == ROWS_LIMIT
+    assert status["local_admissions"] == ROWS_LIMIT - 30
+
+
 @pytest.mark.parametrize(
     ("latency", "jitter"), [(0.005, 0.002), (0.05, 0.02), (0.2, 0.05)], ids=["5ms", "50ms", "200ms"]
 )

@@ -25,7 +25,12 @@ import httpx
 import pytest
 import trio
 from hypercorn.trio import serve
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    WebSocketConnection,
+    wrap_client_stream,
+)
 
 from drivers.memory import MemoryStore
 from tokenguard import feed as feed_module
@@ -491,7 +496,10 @@ async def test_a_store_that_cannot_publish_never_blocks_a_request() -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with running_node(settings_for(), store=StuckStore()) as node:
             node.feed.outgoing_limit = 50
-            async with httpx.AsyncClient() as client:
+            # A subscriber, so that events are made (its `ready` comes once the node's
+            # announcement, stuck too, was given up on).
+            async with subscriber(node.ws_url, "sk-alpha") as ws, httpx.AsyncClient() as client:
+                assert (await next_event(ws))["type"] == "ready"
                 for _ in range(100):
                     response = await chat(client, node.url, "sk-alpha")
                     assert response.status_code == 200
@@ -545,3 +553,141 @@ async def test_shadow_mode_and_team_limits_show_in_the_events() -> None:
     # The gauges show the tightest limit: the team's 2, not the key's own 100.
     admitted = of_type(member_events, "admitted")[-1]
     assert admitted["usage"]["requests"]["limit"] == 2
+
+
+# --- presence: events are made only while someone watches ------------------------------------
+
+
+async def test_no_events_are_made_while_nobody_watches(node: Node) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with httpx.AsyncClient() as client:
+            for _ in range(3):
+                assert (await chat(client, node.url, "sk-alpha")).status_code == 200
+            assert not node.feed.watched
+            assert node.feed.queued == 0
+            async with subscriber(node.ws_url, "sk-alpha") as ws:
+                assert (await next_event(ws))["type"] == "ready"
+                assert node.feed.watched
+                assert (await chat(client, node.url, "sk-alpha", max_tokens=9)).status_code == 200
+                events = await collect(ws, lambda ev: bool(of_type(ev, "settled")))
+    # The first event this node ever made is the one after `ready`: none before it.
+    (admitted,) = of_type(events, "admitted")
+    assert admitted["seq"] == 1
+    assert admitted["reserved"]["output_tokens"] == 9
+    assert of_type(events, "settled")[0]["seq"] == 2
+
+
+async def test_a_subscriber_on_one_node_switches_every_node_on_and_off(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Two feeds sharing one store, as two nodes share Redis: a subscriber on B makes A
+    publish within a second; once it leaves, A stops after the presence TTL."""
+    settings = settings_for()
+    with trio.fail_after(TEST_TIMEOUT):
+        async with open_store(MemoryStore()) as store, trio.open_nursery() as nursery:
+            feeds = []
+            for node_id in (0, 1):
+                node_settings = attrs.evolve(settings, node_id=node_id)
+                app = create_app(node_settings, store)
+                feeds.append(app.extensions["tokenguard"].feed)
+                await nursery.start(feeds[-1].run)
+            a, b = feeds
+            await trio.sleep(5)
+            assert not a.watched and not b.watched
+            with b.subscription(Viewer("admin")):
+                start = trio.current_time()
+                await b.announced()
+                assert trio.current_time() - start < 1
+                assert a.watched and b.watched
+                await trio.sleep(10)  # renewed while the subscriber stays
+                assert a.watched
+            left = trio.current_time()
+            while a.watched:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+            assert feed_module.PRESENCE_TTL - 0.5 <= trio.current_time() - left
+            assert trio.current_time() - left <= feed_module.PRESENCE_TTL + 0.2
+            assert not b.watched
+            nursery.cancel_scope.cancel()
+
+
+# --- Origin: which browser pages may open the feed --------------------------------------------
+
+
+@asynccontextmanager
+async def handshake(
+    node: Node, origins: list[str], token: str = "sk-alpha"
+) -> AsyncIterator[WebSocketConnection]:
+    """A websocket client sending ``Host: 127.0.0.1:PORT`` (as a browser does) and these
+    ``Origin`` headers."""
+    host = node.url.removeprefix("http://")
+    hostname, port = host.split(":")
+    stream = await trio.open_tcp_stream(hostname, int(port))
+    headers = [(b"Authorization", f"Bearer {token}".encode())]
+    headers += [(b"Origin", origin.encode()) for origin in origins]
+    async with trio.open_nursery() as nursery:
+        ws = await wrap_client_stream(
+            nursery, stream, host, "/v1/usage/stream", extra_headers=headers
+        )
+        try:
+            yield ws
+        finally:
+            await ws.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def refused_origin(node: Node, origins: list[str]) -> dict[str, Any]:
+    """The 403's body, asserting the handshake got a 403 and no websocket."""
+    try:
+        async with handshake(node, origins):
+            raise AssertionError("the websocket was accepted")
+    except* ConnectionRejected as group:
+        (rejected,) = group.exceptions
+    assert isinstance(rejected, ConnectionRejected)
+    assert rejected.status_code == 403
+    headers = {k.decode().lower(): v.decode() for k, v in rejected.headers}
+    assert headers["content-type"] == "application/json"
+    assert rejected.body is not None
+    body = json.loads(rejected.body)
+    assert body["error"]["code"] == "origin_not_allowed"
+    assert body["error"]["type"] == "invalid_request_error"
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body
+
+
+async def test_only_the_nodes_own_origin_and_allowed_ones_may_open_the_feed() -> None:
+    settings = settings_for(allowed_origins=["https://Dash.Example.com"])
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_node(settings) as node:
+            own = node.url  # http://127.0.0.1:PORT: the dashboard's own origin
+            for origins in ([own], [own + "/"], ["https://dash.example.com"], []):
+                async with handshake(node, origins) as ws:
+                    assert (await next_event(ws))["type"] == "ready", origins
+            port = int(node.url.rsplit(":", 1)[1])
+            for origins in (
+                ["https://evil.example"],
+                [f"http://127.0.0.1:{port + 1}"],  # another port is another origin
+                ["http://dash.example.com"],  # another scheme than the one allowed
+                ["null"],  # a sandboxed frame, a file:// page
+                [own, "https://evil.example"],  # two: ambiguous
+            ):
+                body = await refused_origin(node, origins)
+                assert "allowed_origins" in body["error"]["message"], origins
+            assert not node.feed.subscribers
+
+
+def test_allowed_origins_are_validated() -> None:
+    assert settings_for(allowed_origins=["http://a.example:8080"]).feed.allowed_origins == {
+        "http://a.example:8080"
+    }
+    assert settings_for().feed.allowed_origins == frozenset()
+    for bad in (
+        "https://a.example",  # not a list
+        ["https://a.example/path"],
+        ["ftp://a.example"],
+        ["a.example"],
+        ["https://user@a.example"],
+        ["https://a.example:99999"],
+        [7],
+    ):
+        with pytest.raises(ConfigError, match=r"<test>: feed\.allowed_origins: "):
+            settings_for(allowed_origins=bad)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from importlib import resources
 from typing import Any
 
@@ -26,6 +26,7 @@ from tokenguard.chat import ChatRequest, parse_json, validate_chat
 from tokenguard.errors import APIError, invalid
 from tokenguard.feed import Feed, serve_websocket
 from tokenguard.hardening import check_request_framing, drain_request_body
+from tokenguard.keyring import Keyring
 from tokenguard.limiter import (
     Cost,
     Decision,
@@ -34,11 +35,23 @@ from tokenguard.limiter import (
     retry_headers,
     tightest_by_dimension,
 )
-from tokenguard.resilience import LogThrottle
+from tokenguard.logs import RequestLog, decision_label
+from tokenguard.metrics import CONTENT_TYPE, Metrics, bearer_matches
+from tokenguard.prompts import prompt_tokens, validate_completion, validate_embedding
+from tokenguard.resilience import GuardedStore, LogThrottle
 from tokenguard.rules import describe_limit, describe_scope
-from tokenguard.settings import ApiKey, Settings, digest_of
+from tokenguard.settings import ApiKey, Settings, UpstreamRoute, digest_of
+from tokenguard.settler import Settler
 from tokenguard.tokens import count_chat_prompt
-from tokenguard.windows import RowState, StoreError, WindowStore
+from tokenguard.upstream import (
+    RelayedStream,
+    ReportedUsage,
+    StreamTally,
+    Upstream,
+    UpstreamReply,
+    reply_tokens,
+)
+from tokenguard.windows import LEASE_RETRY_SECONDS, RowState, StoreError, WindowStore
 
 log = logging.getLogger("tokenguard.app")
 
@@ -56,6 +69,22 @@ def _seconds_text(seconds: float) -> str:
     return f"{math.ceil(seconds * 1000) / 1000:g}s"
 
 
+def _event_stream(events: AsyncIterable[bytes], headers: Mapping[str, str]) -> Response:
+    """A server-sent-events answer, sent as ``events`` yields (never buffered)."""
+    response = Response(
+        events, headers={**headers, "cache-control": "no-cache"}, content_type="text/event-stream"
+    )
+    response.timeout = None  # an LLM stream may run for minutes
+    return response
+
+
+def _with_usage_asked(body: dict[str, Any]) -> dict[str, Any]:
+    """A streamed body that asks the upstream for its final usage chunk (to settle to it;
+    :class:`~tokenguard.upstream.RelayedStream` drops it if the client did not ask)."""
+    options = body.get("stream_options")
+    return {**body, "stream_options": {**(options or {}), "include_usage": True}}
+
+
 def rate_limit_error(decision: Decision, window_seconds: int = 60) -> APIError:
     """OpenAI's 429 for a refused admission: names whose limit (key or team, per-model
     rule), dimension and window, limit, used, asked, wait. (``window_seconds`` is
@@ -67,6 +96,16 @@ def rate_limit_error(decision: Decision, window_seconds: int = 60) -> APIError:
     who = describe_scope(state.row, decision.key.name)
     asked = state.row.amount
     headers = ratelimit_headers(decision.admission.states)
+    if state.row.is_lease and not state.never_fits:
+        # max_concurrent: no OpenAI header says it; the body does (type "concurrency").
+        # When a slot frees is unknown (a request ends): retry after a second or so.
+        wait = max(decision.admission.retry_after or 0.0, LEASE_RETRY_SECONDS)
+        message = (
+            f"Concurrency limit reached for {who} on {words}: Limit {state.limit}, "
+            f"In flight {state.used}. Please try again in {_seconds_text(wait)}."
+        )
+        headers.update(retry_headers(wait))
+        return APIError(429, message, "concurrency", None, "rate_limit_exceeded", headers)
     if state.never_fits:
         message = (
             f"Request too large for {who} on {words}: Limit {state.limit}, "
@@ -87,19 +126,39 @@ class Gateway:
     """The request handlers' shared state for one app: keys, limiter, settings."""
 
     def __init__(
-        self, settings: Settings, store: WindowStore, closing: trio.Event | None = None
+        self,
+        settings: Settings,
+        store: WindowStore,
+        closing: trio.Event | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
-        self.keys = settings.key_by_digest()
+        # The live keys and tiers (the store's registry, seeded from the config).
+        self.keyring = keyring if keyring is not None else Keyring(settings, store)
         self.limiter = Limiter(
             store,
             window_seconds=settings.window_seconds,
             bucket_seconds=settings.bucket_seconds,
+            lease_seconds=settings.lease_seconds,
+            near_limit_ratio=settings.near_limit_ratio,
         )
         self._shadow_log = LogThrottle()
         # The live usage feed; `closing` (the node's shutdown) ends its websockets.
-        self.feed = Feed(settings, store, self.limiter, closing=closing)
+        self.feed = Feed(settings, store, self.limiter, closing=closing, keyring=self.keyring)
+        # GET /metrics, and the request log (one line per request, counted there too).
+        self.metrics = Metrics(
+            node_id=settings.node_id, store=store, feed=self.feed, limiter=self.limiter
+        )
+        self.request_log = RequestLog(on_finish=self.metrics.request_finished)
+        # Refunds are settled in the background, off the reply's latency (settler.py).
+        self.settler = Settler(self._settle_now)
+        # Proxy mode (an [upstream] is configured); the built-in mock answers otherwise.
+        self.upstream = (
+            Upstream(settings.upstream, on_result=self.metrics.upstream_result)
+            if settings.upstream.enabled
+            else None
+        )
 
     def authenticate(self) -> ApiKey:
         """The key named by the request's bearer token, or a 401/400 APIError.
@@ -125,10 +184,12 @@ class Gateway:
                 "Malformed Authorization header: expected 'Bearer YOUR_KEY'.",
                 code="invalid_api_key",
             )
-        key = self.keys.get(digest_of(token))
+        # A revoked key is simply not in the keyring: the same 401 as an unknown one.
+        key = self.keyring.by_digest(digest_of(token))
         if key is None:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         g.key = key
+        self.request_log.current().key = key.name
         return key
 
     def output_reservation(self, key: ApiKey, chat: ChatRequest, input_tokens: int = 0) -> int:
@@ -146,17 +207,35 @@ class Gateway:
             per_choice = max(1, min(per_choice, cap // chat.n))
         return per_choice * chat.n
 
-    async def settle(self, decision: Decision, output_tokens: int) -> None:
-        """Settle a reservation; shielded, so a cancelled request still settles."""
+    async def settle(
+        self, decision: Decision, output_tokens: int, input_tokens: int | None = None
+    ) -> None:
+        """Settle a reservation. ``input_tokens``, when given, corrects the counted
+        prompt (the upstream's count). A refund (nothing above what was admitted) goes
+        to the background settler and is not waited for; anything else (or when the
+        settler cannot take it) is settled here, shielded, so a cancelled request still
+        settles."""
+        if self.settler.defer(decision, output_tokens, input_tokens):
+            self.request_log.current().output_settled = output_tokens
+            return
         with trio.CancelScope(shield=True):
-            try:
-                await self.limiter.settle(decision, output_tokens=output_tokens)
-            except StoreError as exc:
-                # The reservation then stays at its worst case until its bucket leaves
-                # the window: never an over-admission.
-                log.warning("settlement for key %s failed: %s", decision.key.name, exc)
-            else:
-                self.feed.settled(decision, output_tokens)
+            await self._settle_now(decision, output_tokens, input_tokens)
+
+    async def _settle_now(
+        self, decision: Decision, output_tokens: int, input_tokens: int | None = None
+    ) -> None:
+        try:
+            await self.limiter.settle(
+                decision, output_tokens=output_tokens, input_tokens=input_tokens
+            )
+        except StoreError as exc:
+            # The reservation then stays at its worst case until its bucket leaves
+            # the window: never an over-admission.
+            log.warning("settlement for key %s failed: %s", decision.key.name, exc)
+        else:
+            self.feed.settled(decision, output_tokens)
+            self.metrics.settled(decision, output_tokens, input_tokens)
+            self.request_log.current().output_settled = output_tokens  # (in a request)
 
     def shadow_refused(self, decision: Decision) -> None:
         """Shadow mode let a request through that enforcing would have refused: log it
@@ -180,25 +259,43 @@ class Gateway:
         key = self.authenticate()
         data = await request.get_data(cache=False)
         chat = validate_chat(parse_json(data))
+        route = self.route(chat.model)  # before admission: an unrouted model costs nothing
         if not self.settings.limiting:
+            self.request_log.current().decision = "unlimited"
+            if route is not None:
+                return await self._proxy_chat(route, chat, 0, None, {})
             per_choice = chat.max_tokens or key.limits.default_max_tokens
             reply = mock.mock_reply(chat.model, chat.messages, chat.n, per_choice)
             return await self._answer(chat, reply, 0, None, {})
         input_tokens = count_chat_prompt(chat.model, chat.messages, chat.tools, chat.functions)
         output_tokens = self.output_reservation(key, chat, input_tokens)
         cost = Cost(requests=1, input_tokens=input_tokens, output_tokens=output_tokens)
+        decision = await self.admit(key, cost, chat.model)
+        headers = ratelimit_headers(decision.admission.states)
+        if route is not None:
+            return await self._proxy_chat(route, chat, input_tokens, decision, headers)
+        reply = mock.mock_reply(chat.model, chat.messages, chat.n, output_tokens // chat.n)
+        return await self._answer(chat, reply, input_tokens, decision, headers)
+
+    async def admit(self, key: ApiKey, cost: Cost, model: str) -> Decision:
+        """Admit a request's cost, or raise its 429; log and feed the outcome."""
         # Shielded: once the store has admitted, we must know it, to settle.
         with trio.CancelScope(shield=True):
-            decision = await self.limiter.admit(key, cost, chat.model)
+            decision = await self.limiter.admit(key, cost, model)
+        record = self.request_log.current()
+        record.model, record.decision = model, decision_label(decision)
+        record.input_tokens, record.output_reserved = cost.input_tokens, cost.output_tokens
         if decision.would_refuse:
             self.shadow_refused(decision)
         if not decision.admitted:
-            self.feed.rejected(decision, chat.model)  # queued, never awaited
+            self.feed.rejected(decision, model)  # queued, never awaited
+            self.metrics.rejected(decision)
             raise rate_limit_error(decision, self.settings.window_seconds)
-        self.feed.admitted(decision, chat.model)
-        headers = ratelimit_headers(decision.admission.states)
-        reply = mock.mock_reply(chat.model, chat.messages, chat.n, output_tokens // chat.n)
-        return await self._answer(chat, reply, input_tokens, decision, headers)
+        self.feed.admitted(decision, model)
+        if decision.near_limits:
+            self.feed.near_limit(decision, model)
+        self.metrics.admitted(decision)
+        return decision
 
     async def _answer(
         self,
@@ -247,6 +344,204 @@ class Gateway:
             if decision is not None:
                 await self.settle(decision, sent)
 
+    # --- legacy completions and embeddings (limited in both modes) -----------------------
+
+    async def completion(self) -> Response:
+        """``POST /v1/completions``: input = the prompt(s); output reserved at
+        ``max_tokens`` (16 by default, as OpenAI) per generated choice."""
+        key = self.authenticate()
+        data = await request.get_data(cache=False)
+        req = validate_completion(parse_json(data))
+        route = self.route(req.model)
+        body, decision, headers, input_tokens = req.body, None, {}, 0
+        if self.settings.limiting:
+            input_tokens = prompt_tokens(req.model, req.prompt, req.suffix)
+            output_tokens = req.max_tokens * req.choices
+            decision = await self.admit(key, Cost(1, input_tokens, output_tokens), req.model)
+            headers = ratelimit_headers(decision.admission.states)
+            # Named explicitly: upstreams differ in their default (llama.cpp: unbounded).
+            body = {**body, "max_tokens": req.max_tokens}
+        if route is not None:
+            if req.stream:
+                body = _with_usage_asked(body)
+            return await self._proxy(
+                route, "/completions", body, req.model, req.stream, req.include_usage,
+                input_tokens, decision, headers,
+            )  # fmt: skip
+        prompt = [item if isinstance(item, str) else list(item) for item in req.prompt]
+        reply = mock.mock_reply(
+            req.model, [{"prompt": prompt}], len(req.prompt) * req.n, req.max_tokens
+        )
+        delay = self.settings.mock.token_delay_ms / 1000
+        if req.stream:
+            events = self._stream_text(reply, req.include_usage, input_tokens, decision, delay)
+            return _event_stream(events, headers)
+        try:
+            if delay:
+                await trio.sleep(delay * reply.completion_tokens)
+        finally:
+            if decision is not None:
+                await self.settle(decision, reply.completion_tokens)
+        return _json(mock.text_completion_body(reply, input_tokens), headers=headers)
+
+    async def _stream_text(
+        self,
+        reply: mock.MockReply,
+        include_usage: bool,
+        input_tokens: int,
+        decision: Decision | None,
+        delay: float,
+    ) -> AsyncIterator[bytes]:
+        sent = 0
+        try:
+            for event, tokens in mock.text_stream_events(reply, include_usage):
+                if delay and tokens:
+                    await trio.sleep(delay)
+                yield event
+                sent += tokens  # counted once taken, as for chat
+            if include_usage:
+                yield mock.text_usage_chunk(reply, input_tokens)
+            yield mock.DONE
+        finally:
+            if decision is not None:
+                await self.settle(decision, sent)
+
+    async def embedding(self) -> Response:
+        """``POST /v1/embeddings``: one request and its input tokens; no output."""
+        key = self.authenticate()
+        data = await request.get_data(cache=False)
+        req = validate_embedding(parse_json(data))
+        route = self.route(req.model)
+        decision, headers, input_tokens = None, {}, 0
+        if self.settings.limiting:
+            input_tokens = prompt_tokens(req.model, req.input)
+            decision = await self.admit(key, Cost(1, input_tokens, 0), req.model)
+            headers = ratelimit_headers(decision.admission.states)
+        if route is not None:
+            return await self._proxy(
+                route, "/embeddings", req.body, req.model, False, False,
+                input_tokens, decision, headers,
+            )  # fmt: skip
+        body = mock.embedding_body(
+            req.model, req.input, input_tokens, req.dimensions, req.encoding_format
+        )
+        if decision is not None:
+            await self.settle(decision, 0)
+        return _json(body, headers=headers)
+
+    # --- proxy mode (tokenguard/upstream.py) ---------------------------------------------
+
+    def route(self, model: str) -> UpstreamRoute | None:
+        """The upstream route of ``model`` in proxy mode (``None`` in mock mode); a 404
+        when no route matches it."""
+        if self.upstream is None:
+            return None
+        route = self.upstream.route(model)
+        if route is None:
+            raise APIError(
+                404,
+                f"The model `{model}` does not exist or you do not have access to it.",
+                code="model_not_found",
+                param="model",
+            )
+        return route
+
+    async def _proxy_chat(
+        self,
+        route: UpstreamRoute,
+        chat: ChatRequest,
+        input_tokens: int,
+        decision: Decision | None,
+        headers: dict[str, str],
+    ) -> Response:
+        body = chat.body
+        if decision is not None and chat.max_tokens is None:
+            # The upstream must stop where the reservation does, or output could exceed
+            # the limit: the reservation per choice, named explicitly.
+            body = {**body, "max_tokens": decision.cost.output_tokens // chat.n}
+        if chat.stream:
+            body = _with_usage_asked(body)
+        return await self._proxy(
+            route, "/chat/completions", body, chat.model, chat.stream, chat.include_usage,
+            input_tokens, decision, headers,
+        )  # fmt: skip
+
+    async def _proxy(
+        self,
+        route: UpstreamRoute,
+        path: str,
+        body: dict[str, Any],
+        model: str,
+        stream: bool,
+        include_usage: bool,
+        input_tokens: int,
+        decision: Decision | None,
+        headers: dict[str, str],
+    ) -> Response:
+        """Forward an admitted request and answer with the upstream's reply (any status,
+        with tokenguard's ``x-ratelimit-*`` headers); settle it when it is over. A 502 or
+        504 (unreachable, timed out) refunds the output reservation."""
+        assert self.upstream is not None
+
+        async def finish(tally: StreamTally) -> None:
+            if decision is None:
+                return
+            usage = tally.usage
+            output = tally.counted_tokens(model)
+            if usage is not None and usage.completion_tokens is not None:
+                output = usage.completion_tokens
+            await self.settle(decision, output, self._upstream_input(model, input_tokens, usage))
+
+        try:
+            if stream:
+                reply = await self.upstream.stream(
+                    route, path, body, model, include_usage=include_usage, finish=finish
+                )
+            else:
+                reply = await self.upstream.post(route, path, body, model)
+        except APIError:
+            if decision is not None:
+                await self.settle(decision, 0)
+            raise
+        if isinstance(reply, RelayedStream):
+            return _event_stream(reply, headers)
+        if decision is not None:
+            await self._settle_reply(decision, reply, model, input_tokens)
+        reply_headers = dict(reply.headers)
+        content_type = reply_headers.pop("content-type")
+        return Response(
+            reply.content,
+            status=reply.status,
+            headers={**reply_headers, **headers},
+            content_type=content_type,
+        )
+
+    async def _settle_reply(
+        self, decision: Decision, reply: UpstreamReply, model: str, input_tokens: int
+    ) -> None:
+        """Settle to a whole reply: the upstream's usage, else its counted text; an
+        error (not billed) refunds the output; an unreadable 2xx keeps the reservation."""
+        if not reply.ok:
+            await self.settle(decision, 0)
+            return
+        body = reply.json()
+        if not isinstance(body, dict):
+            await self.settle(decision, decision.cost.output_tokens)
+            return
+        usage = ReportedUsage.of(body.get("usage"))
+        output = reply_tokens(model, body)
+        if usage is not None and usage.completion_tokens is not None:
+            output = usage.completion_tokens
+        await self.settle(decision, output, self._upstream_input(model, input_tokens, usage))
+
+    def _upstream_input(self, model: str, counted: int, usage: ReportedUsage | None) -> int | None:
+        """The upstream's prompt_tokens when it differs from our count (the difference
+        is logged per model), else ``None``: nothing to correct."""
+        if usage is None or usage.prompt_tokens is None or self.upstream is None:
+            return None
+        self.upstream.drift.record(model, counted, usage.prompt_tokens)
+        return None if usage.prompt_tokens == counted else usage.prompt_tokens
+
     async def usage(self) -> Response:
         key = self.authenticate()
         states = await self.limiter.usage(key)
@@ -280,11 +575,16 @@ class Gateway:
     async def models(self) -> Response:
         key = self.authenticate()
         states = await self.limiter.usage(key)
+        # Proxy mode: the exact model names of [upstream.models]; the mock's otherwise.
+        if self.upstream is not None:
+            models, owner = self.upstream.settings.model_ids(), "tokenguard-upstream"
+        else:
+            models, owner = MOCK_MODELS, "tokenguard-mock"
         body = {
             "object": "list",
             "data": [
-                {"id": model, "object": "model", "created": 0, "owned_by": "tokenguard-mock"}
-                for model in MOCK_MODELS
+                {"id": model, "object": "model", "created": 0, "owned_by": owner}
+                for model in models
             ],
         }
         return _json(body, headers=ratelimit_headers(states))
@@ -351,12 +651,18 @@ def _http_error(exc: HTTPException, max_body_bytes: int) -> APIError:
 
 
 def create_app(
-    settings: Settings, store: WindowStore, *, shutdown: trio.Event | None = None
+    settings: Settings,
+    store: WindowStore,
+    *,
+    shutdown: trio.Event | None = None,
+    keyring: Keyring | None = None,
 ) -> QuartTrio:
     """Build the app for one node: its settings, and the store its limiter uses.
 
     ``shutdown``, the node's own, closes the usage feed's websockets as soon as it is
     set (otherwise they would hold a graceful shutdown for its whole grace period).
+    ``keyring``, when given, is run by the caller (a node shares it with its admin
+    API); otherwise the app makes one and runs it while it serves.
     """
     app = QuartTrio("tokenguard")
     app.config.update(
@@ -366,8 +672,15 @@ def create_app(
     )
     # `//v1/chat/completions` must not be redirected around the limiter: it is a 404.
     app.url_map.merge_slashes = False
-    gateway = Gateway(settings, store, closing=shutdown)
+    gateway = Gateway(settings, store, closing=shutdown, keyring=keyring)
     app.extensions["tokenguard"] = gateway
+    # Every HTTP request is recorded, logged once its response ended, and counted.
+    app.asgi_app = gateway.request_log.wrap(app.asgi_app)  # type: ignore[method-assign]
+    if isinstance(store, GuardedStore):
+        store.observe_call = gateway.metrics.store_call
+    # The app's routes (read at the first request, when all exist) are the metrics'
+    # path labels; any other path is "other".
+    gateway.metrics.path_source = lambda: [rule.rule for rule in app.url_map.iter_rules()]
     # Ambiguous framing (Content-Length and Transfer-Encoding) and oversized headers
     # are refused first, before the body is read or the key looked up.
     app.before_request(check_request_framing)
@@ -375,20 +688,49 @@ def create_app(
     app.add_url_rule("/v1/chat/completions", view_func=gateway.chat_completion, methods=["POST"])
     app.add_url_rule("/v1/usage", view_func=gateway.usage, methods=["GET"])
     app.add_url_rule("/v1/models", view_func=gateway.models, methods=["GET"])
+    app.add_url_rule("/v1/completions", view_func=gateway.completion, methods=["POST"])
+    app.add_url_rule("/v1/embeddings", view_func=gateway.embedding, methods=["POST"])
+
+    # Proxy mode: one connection pool to the upstreams, open while the app serves.
+    if gateway.upstream is not None:
+        upstream = gateway.upstream
+
+        @app.before_serving
+        async def open_upstream() -> None:
+            await app.nursery.start(upstream.run)
+
+        @app.after_serving
+        async def close_upstream() -> None:
+            upstream.stop()
 
     # The live usage feed: its tasks live as long as the app serves (quart-trio's
     # lifespan nursery), and stop as soon as serving ends.
     @app.before_serving
     async def start_feed() -> None:
+        if keyring is None:  # ours: kept up to date while the app serves
+            await app.nursery.start(gateway.keyring.run)
         await app.nursery.start(gateway.feed.run)
 
     @app.after_serving
     async def stop_feed() -> None:
         gateway.feed.stop()
+        if keyring is None:
+            gateway.keyring.stop()
+
+    # The background settler: drained (shielded) when serving ends, so no refund that
+    # was accepted is lost.
+    @app.before_serving
+    async def start_settler() -> None:
+        await app.nursery.start(gateway.settler.run)
+
+    @app.after_serving
+    async def stop_settler() -> None:
+        gateway.settler.stop()
 
     @app.websocket("/v1/usage/stream")
-    async def usage_stream() -> None:
-        await serve_websocket(gateway.feed, websocket._get_current_object())
+    async def usage_stream() -> Response | None:
+        # A Response here (a refused Origin) is sent as an HTTP answer to the handshake.
+        return await serve_websocket(gateway.feed, websocket._get_current_object())
 
     dashboard = {
         name: (resources.files("tokenguard").joinpath("static", name).read_bytes(), kind)
@@ -418,6 +760,18 @@ def create_app(
         if not ready:
             body["status"] = "degraded"
         return _json(body, 200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        # Open unless [metrics] token is set: key names are operator data, not secrets
+        # (a node on a non-loopback address without a token says so at start).
+        if not bearer_matches(request.headers.get("Authorization"), settings.metrics.token_digest):
+            raise APIError(
+                401,
+                "GET /metrics needs the metrics token: Authorization: Bearer <[metrics] token>.",
+                code="invalid_metrics_token",
+            )
+        return Response(gateway.metrics.exposition(), content_type=CONTENT_TYPE)
 
     store_error_log = LogThrottle()
 

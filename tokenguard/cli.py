@@ -27,7 +27,10 @@ import attrs
 import trio
 
 from tokenguard import watch
+from tokenguard.admin import check_admin_bind
 from tokenguard.keys import add_keys_parser, run_keys_command
+from tokenguard.logs import LOG_FORMATS, configure_logging
+from tokenguard.metrics import serve_metrics, supervisor_registry
 from tokenguard.redis_server import RedisBinaryNotFound
 from tokenguard.settings import (
     DEMO_CONFIG,
@@ -118,6 +121,33 @@ def build_parser() -> argparse.ArgumentParser:
         "of every limit), closed (503) or open (admit, counted); overrides the config's "
         "[store] on_store_error",
     )
+    serve.add_argument(
+        "--admin-port",
+        type=_port,
+        help="serve the admin API (keys, tiers; docs/operations.md) on this port; node i "
+        "of --nodes gets admin-port + i. Needs an admin token ([feed] admin_token or "
+        "$TOKENGUARD_ADMIN_TOKEN): without one, its routes answer 403",
+    )
+    serve.add_argument(
+        "--admin-host",
+        default="127.0.0.1",
+        help="address of the admin API (default 127.0.0.1; any other needs an admin token "
+        "of 32+ bytes)",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="log lines as text (default) or one JSON object each; every request is one "
+        "line (docs/operations.md)",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=_port,
+        help="with --nodes > 1: serve the supervisor's metrics (node restarts, up/down) "
+        "at /metrics on this port of --host; each node serves its own /metrics "
+        "(docs/metrics.md)",
+    )
     serve.add_argument("--node-id", type=int, default=0, help=argparse.SUPPRESS)
     # Set by the supervisor: how many nodes it runs (each node's share of a limit when
     # the store is down, policy local).
@@ -206,6 +236,8 @@ async def _run_single(args: argparse.Namespace, settings: Settings) -> None:
                 reuse_port=args.reuse_port,
                 unix_socket=args.health_socket,
                 shutdown=shutdown,
+                admin_port=args.admin_port,
+                admin_host=args.admin_host,
                 task_status=task_status,
             )
         )
@@ -227,6 +259,8 @@ def _serve_node(args: argparse.Namespace) -> int:
         return 2
     try:
         settings = _settings(args)
+        if args.admin_port is not None:
+            check_admin_bind(args.admin_host, settings)
     except ConfigError as exc:
         print(f"tokenguard: config error: {exc}", file=sys.stderr)
         return 2
@@ -254,6 +288,8 @@ def _cluster(args: argparse.Namespace) -> Supervisor:
     UnknownStoreScheme for what can be checked before any process starts."""
     # Loaded here too so that a broken config fails once, now, not in N node processes.
     configured = load_settings(args.config) if args.config else demo_settings()
+    if args.admin_port is not None:
+        check_admin_bind(args.admin_host, configured)
     supervisor = Supervisor(
         nodes=args.nodes,
         state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
@@ -264,9 +300,12 @@ def _cluster(args: argparse.Namespace) -> Supervisor:
         grace=args.grace,
         reuse_port=args.reuse_port,
         log_to_stdout=args.log_to_stdout,
+        admin_port=args.admin_port,
+        admin_host=args.admin_host,
         node_args=(
             *(("--no-limits",) if args.no_limits else ()),
             *(("--on-store-error", args.on_store_error) if args.on_store_error else ()),
+            *(("--log-format", args.log_format) if args.log_format != "text" else ()),
             "--cluster-size",
             str(args.nodes),
         ),
@@ -288,6 +327,14 @@ def _print_table(supervisor: Supervisor, urls: list[str], args: argparse.Namespa
     if redis is not None and redis.process is not None:
         store += f"  (embedded redis-server, pid {redis.process.pid}, append-only)"
     rows.append(("store", store))
+    if supervisor.admin_port is not None:
+        host = supervisor.admin_host
+        first, last = supervisor.admin_port, supervisor.admin_port + n - 1
+        where = f"http://{f'[{host}]' if ':' in host else host}:{first}..{last}"
+        rows.append(("admin", f"{where}  (node i on port + i)"))
+    if args.metrics_port is not None:
+        host = f"[{supervisor.host}]" if ":" in supervisor.host else supervisor.host
+        rows.append(("metrics", f"http://{host}:{args.metrics_port}/metrics  (and each node's)"))
     rows.append(("config", str(supervisor.config) if supervisor.config else "built-in demo"))
     log_dir = supervisor.log_dir
     logs = "stdout" if log_dir is None else f"{log_dir}/  (node-<i>.log, redis.log)"
@@ -325,11 +372,36 @@ async def _run_cluster(args: argparse.Namespace, supervisor: Supervisor) -> None
         await nursery.start(on_signals)
         with run_scope:
             async with trio.open_nursery() as inner:
+                if args.metrics_port is not None:
+                    # Bound before any child starts: a taken port fails at once.
+                    await inner.start(_serve_supervisor_metrics, args, supervisor)
                 urls = await inner.start(supervisor.run)
                 _print_table(supervisor, urls, args)
         nursery.cancel_scope.cancel()
     print("tokenguard: stopped")
     sys.stdout.flush()
+
+
+async def _serve_supervisor_metrics(
+    args: argparse.Namespace,
+    supervisor: Supervisor,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The supervisor's /metrics on ``--host:--metrics-port``, with the nodes' token."""
+    configured = load_settings(args.config) if args.config else demo_settings()
+    try:
+        await serve_metrics(
+            supervisor_registry(supervisor),
+            args.host,
+            args.metrics_port,
+            token_digest=configured.metrics.token_digest,
+            task_status=task_status,
+        )
+    except OSError as exc:
+        raise SupervisorError(
+            f"cannot serve metrics on {args.host}:{args.metrics_port}: {exc}"
+        ) from exc
 
 
 def _serve_cluster(args: argparse.Namespace) -> int:
@@ -375,10 +447,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return watch.main(args)
     if args.command != "serve":
         parser.error(f"unknown command {args.command}")
+    in_supervisor = args.nodes > 1
+    if args.metrics_port is not None and not in_supervisor:
+        parser.error("--metrics-port needs --nodes > 1 (a node serves /metrics on its own port)")
     who = f"node-{args.node_id} " if args.supervised else ""
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s {who}%(name)s %(levelname)s %(message)s"
-    )
+    configure_logging(args.log_format, node=None if in_supervisor else args.node_id, prefix=who)
     if args.nodes > 1:
         return _serve_cluster(args)
     return _serve_node(args)

@@ -7,7 +7,13 @@ raise for a full queue: past ``outgoing_limit`` the oldest queued events are dro
 counted in ``dropped_outgoing``). One publisher task drains the queue in batches, one
 store message per batch (newline-separated JSON events), through
 :meth:`~tokenguard.windows.WindowStore.publish`, so every node sharing the store gets
-them, this one included.
+them, this one included. Only while someone watches (:attr:`Feed.watched`): a node with
+local subscribers announces it on the same channel at once and every
+``PRESENCE_SECONDS``, and a node builds and publishes events only while it has local
+subscribers or heard an announcement within ``PRESENCE_TTL``; otherwise the three calls
+return at once. A new session sends ``ready`` once its node's announcement came back
+through the store (:meth:`Feed.announced`), so events after ``ready`` are not missed
+for want of presence; events from just before may be.
 
 In: one subscription to the store's channel hands each event to the local subscribers
 allowed to see it (:class:`Viewer`). Each :class:`Subscriber` has its own backlog of at
@@ -33,16 +39,21 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
+import secrets
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import attrs
 import trio
-from quart import Websocket
+from quart import Response, Websocket
 
+from tokenguard.errors import APIError
+from tokenguard.keyring import Keyring
 from tokenguard.limiter import Decision, Limiter, tightest_by_dimension
 from tokenguard.settings import DIMENSIONS, ApiKey, Settings, digest_of
 from tokenguard.windows import RowState, StoreError, WindowStore
@@ -62,6 +73,16 @@ AUTH_SECONDS = 5.0
 CLOSE_POLICY = 1008
 CLOSE_GOING_AWAY = 1001
 RESUBSCRIBE_SECONDS = (0.1, 5.0)
+# Presence: events are built and published only while someone in the cluster watches.
+# A node with local subscribers announces it on the channel at once and then every
+# PRESENCE_SECONDS; a node publishes while it has local subscribers or heard an
+# announcement in the last PRESENCE_TTL seconds (a few announcements may be lost).
+PRESENCE_SECONDS = 0.5
+PRESENCE_TTL = 2.0
+PRESENCE_PREFIX = b'{"type":"watching"'
+# How long a new session waits for its node's announcement to come back through the
+# store (by then every node sharing the store has it) before it sends `ready` anyway.
+PRESENCE_ECHO_SECONDS = 1.0
 
 
 def now_ms() -> int:
@@ -122,6 +143,7 @@ class Subscriber:
         self.viewer = viewer
         self.limit = limit
         self.dropped = 0
+        self.dropped_total = 0  # never reset: the node's metrics
         self._backlog: deque[str] = deque()
         self._wakeup = trio.Event()
 
@@ -135,6 +157,7 @@ class Subscriber:
         if len(self._backlog) >= self.limit:
             self._backlog.popleft()
             self.dropped += 1
+            self.dropped_total += 1
         self._backlog.append(body)
         self._wakeup.set()
 
@@ -163,18 +186,20 @@ class Feed:
         outgoing_limit: int = OUTGOING_LIMIT,
         snapshot_seconds: float = SNAPSHOT_SECONDS,
         closing: trio.Event | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
         self.node_id = settings.node_id
         self.store = store
         self.limiter = limiter
         self.channel = channel
         self.backlog = settings.feed.backlog
+        self.allowed_origins = settings.feed.allowed_origins
         self.outgoing_limit = outgoing_limit
         self.snapshot_seconds = snapshot_seconds
         # Set when the node starts to shut down: sessions then close with 1001.
         self.closing = closing if closing is not None else trio.Event()
-        self._keys_by_digest = settings.key_by_digest()
-        self._keys_by_name = {k.name: k for k in settings.keys}
+        # The live keys (tokenguard/keyring.py); the config's when none is given.
+        self.keyring = keyring if keyring is not None else Keyring(settings, store)
         self._admin_digest = settings.feed.admin_digest
         # A key is active while its amounts may still count: a window and a bucket.
         self._active_seconds = settings.window_seconds + settings.bucket_seconds
@@ -188,8 +213,33 @@ class Feed:
         self._cancel = trio.CancelScope()
         self.dropped_outgoing = 0
         self.publish_failures = 0
+        self.dropped_by_departed = 0  # dropped_total of the subscribers that left
+        # Presence (see PRESENCE_SECONDS): this node's announcement, told apart from
+        # other nodes' by a random instance id; until when a heard one holds.
+        self._presence = json.dumps(
+            {"type": "watching", "node": self.node_id, "instance": secrets.token_hex(8)},
+            separators=(",", ":"),
+        ).encode()
+        self._watched_until = -math.inf
+        self._echoed_at = -math.inf  # trio time this node last heard its own
+        self._echo = trio.Event()  # set (and replaced) each time it hears its own
+        self._announce_now = trio.Event()
+
+    @property
+    def _keys_by_digest(self) -> Mapping[str, ApiKey]:
+        return self.keyring.keys_by_digest
+
+    @property
+    def _keys_by_name(self) -> Mapping[str, ApiKey]:
+        return self.keyring.keys_by_name
 
     # -- producing: on the request path, never awaits
+
+    @property
+    def watched(self) -> bool:
+        """Whether some subscriber, on this node or another, may see events now. Only
+        then are events built and published (nobody watching costs nothing)."""
+        return bool(self._subscribers) or trio.current_time() < self._watched_until
 
     def emit(self, event: dict[str, Any]) -> None:
         """Queue ``event`` for every node's subscribers; adds ``node``, ``seq``, ``ts``."""
@@ -205,6 +255,8 @@ class Feed:
 
     def admitted(self, decision: Decision, model: str) -> None:
         """``admitted``, then ``would_reject`` if only shadow mode let it through."""
+        if not self.watched:
+            return
         cost = decision.cost
         self.emit(
             {
@@ -226,6 +278,8 @@ class Feed:
             )
 
     def rejected(self, decision: Decision, model: str) -> None:
+        if not self.watched:
+            return
         state = decision.refusal
         if state is None:
             return
@@ -235,7 +289,22 @@ class Feed:
             | {"retry_after": decision.admission.retry_after}
         )
 
+    def near_limit(self, decision: Decision, model: str) -> None:
+        """``near_limit`` for each row whose near-limit mark this admission crossed
+        first in its window (the store tells one admission per window and counter,
+        whichever node made it: so one event per window, cluster-wide)."""
+        if not self.watched:
+            return
+        for state in decision.near_limits:
+            self.emit(
+                {"type": "near_limit", "key": decision.key.name, "model": model}
+                | limit_of(state)
+                | {"ratio": round(state.used / state.limit, 4), "alert_at": state.row.alert_at}
+            )
+
     def settled(self, decision: Decision, output_tokens: int) -> None:
+        if not self.watched:
+            return
         reserved = decision.cost.output_tokens
         self.emit(
             {
@@ -281,10 +350,23 @@ class Feed:
             for name in self._keys_by_name:
                 self._probe.setdefault(name, False)
         self._snapshot_now.set()
+        self._announce_now.set()
         try:
             yield subscriber
         finally:
             self._subscribers.discard(subscriber)
+            self.dropped_by_departed += subscriber.dropped_total
+
+    async def announced(self) -> None:
+        """Return once every node sharing the store knows this node has subscribers
+        (its announcement came back through the store), or after
+        ``PRESENCE_ECHO_SECONDS`` (the store is slow or down). Events made before
+        then may be missing; call it after :meth:`subscription` is entered."""
+        if trio.current_time() - self._echoed_at < PRESENCE_TTL - PRESENCE_SECONDS:
+            return  # announced recently: every node still counts this one as watched
+        echo = self._echo
+        with trio.move_on_after(PRESENCE_ECHO_SECONDS):
+            await echo.wait()
 
     @property
     def subscribers(self) -> tuple[Subscriber, ...]:
@@ -306,6 +388,7 @@ class Feed:
                 await nursery.start(self._listen_forever)
                 nursery.start_soon(self._publish_forever)
                 nursery.start_soon(self._snapshot_forever)
+                nursery.start_soon(self._announce_forever)
                 task_status.started()
 
     def stop(self) -> None:
@@ -339,6 +422,27 @@ class Feed:
                     )
                     failing = False
 
+    async def _announce_forever(self) -> None:
+        # At once when a subscriber arrives, then every PRESENCE_SECONDS while any stay.
+        while True:
+            with trio.move_on_after(PRESENCE_SECONDS if self._subscribers else math.inf):
+                await self._announce_now.wait()
+            self._announce_now = trio.Event()
+            if not self._subscribers:
+                continue
+            try:
+                await self.store.publish(self.channel, [self._presence])
+            except StoreError as exc:
+                log.debug("usage feed: cannot announce subscribers: %s", exc)
+
+    def _heard(self, message: bytes) -> None:
+        now = trio.current_time()
+        self._watched_until = now + PRESENCE_TTL
+        if message == self._presence:
+            self._echoed_at = now
+            self._echo.set()
+            self._echo = trio.Event()
+
     async def _listen_forever(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -363,6 +467,9 @@ class Feed:
 
     def _deliver(self, message: bytes) -> None:
         """Hand one published batch to the local subscribers that see each event."""
+        if message.startswith(PRESENCE_PREFIX):
+            self._heard(message)  # an announcement, never batched with events
+            return
         if not self._subscribers:
             return  # nobody here: not even worth parsing
         now = trio.current_time()
@@ -466,13 +573,53 @@ async def _token_of(websocket: Websocket) -> str | None:
     return None
 
 
-async def serve_websocket(feed: Feed, websocket: Websocket) -> None:
+def origin_allowed(origins: Sequence[str], host: str | None, allowed: frozenset[str]) -> bool:
+    """Whether a handshake with these ``Origin`` headers may open the feed: none (not a
+    browser: ``tokenguard watch``, scripts), or one that is the node's own origin (its
+    ``host[:port]`` is the request's ``Host``) or in ``allowed`` (lower-case
+    ``scheme://host[:port]``). Two ``Origin`` headers, or ``null``, are refused."""
+    if not origins:
+        return True
+    if len(origins) > 1:
+        return False
+    origin = origins[0].strip().lower().rstrip("/")
+    if origin in allowed:
+        return True
+    parts = urlsplit(origin)
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.netloc)
+        and host is not None
+        and parts.netloc == host.strip().lower()
+    )
+
+
+def _refusal(error: APIError) -> Response:
+    body = json.dumps(error.body(), ensure_ascii=False, separators=(",", ":"))
+    return Response(body, status=error.status, content_type="application/json")
+
+
+async def serve_websocket(feed: Feed, websocket: Websocket) -> Response | None:
     """One subscriber's session, from the handshake until it or the node leaves.
 
-    Refused (1008, nothing else sent): no token, a bad one, or a filter it may not use.
-    Accepted: a ``ready`` message, then events, ``lagged`` when some were dropped for
-    it; on node shutdown the socket closes with 1001.
+    Refused before the handshake completes (an HTTP 403 with OpenAI's error body, which
+    the handler must return): a browser page of an origin not allowed
+    (:func:`origin_allowed`; ``[feed] allowed_origins``), so no other site's page can
+    ride a user's token. Refused after it (1008, nothing else sent): no token, a bad
+    one, or a filter it may not use. Accepted: a ``ready`` message, then events,
+    ``lagged`` when some were dropped for it; on node shutdown the socket closes with
+    1001.
     """
+    origins = websocket.headers.getlist("Origin")
+    if not origin_allowed(origins, websocket.headers.get("Host"), feed.allowed_origins):
+        return _refusal(
+            APIError(
+                403,
+                f"Origin {origins[0][:200]!r} may not open the usage feed "
+                "(see [feed] allowed_origins).",
+                code="origin_not_allowed",
+            )
+        )
     await websocket.accept()
     token = await _token_of(websocket)
     key_filter = websocket.args.get("key") or None
@@ -492,7 +639,14 @@ async def serve_websocket(feed: Feed, websocket: Websocket) -> None:
         event = {**event, "node": feed.node_id, "ts": now_ms()}
         return numbered(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
 
-    with feed.subscription(viewer) as subscriber:
+    # A key's socket closes (1008) once the keyring sees its key revoked; the admin
+    # token comes from the config and is never revoked.
+    revocation = (
+        feed.keyring.watching(digest_of(token))
+        if viewer.role == "key" and token is not None
+        else nullcontext(trio.Event())
+    )
+    with feed.subscription(viewer) as subscriber, revocation as revoked:
         async with trio.open_nursery() as nursery:
 
             async def discard_incoming() -> None:
@@ -505,8 +659,15 @@ async def serve_websocket(feed: Feed, websocket: Websocket) -> None:
                 await feed.closing.wait()
                 nursery.cancel_scope.cancel()
 
+            async def close_on_revocation() -> None:
+                await revoked.wait()
+                nursery.cancel_scope.cancel()
+
             nursery.start_soon(discard_incoming)
             nursery.start_soon(close_on_shutdown)
+            nursery.start_soon(close_on_revocation)
+            # Every node publishes before `ready`: events after it are all delivered.
+            await feed.announced()
             await websocket.send(control({"type": "ready", "role": viewer.role, "key": viewer.key}))
             while True:
                 dropped, bodies = await subscriber.take()
@@ -514,5 +675,8 @@ async def serve_websocket(feed: Feed, websocket: Websocket) -> None:
                     await websocket.send(control({"type": "lagged", "dropped": dropped}))
                 for body in bodies:
                     await websocket.send(numbered(body))
+    if revoked.is_set():
+        await websocket.close(CLOSE_POLICY, "API key revoked")
+        return
     # Only reached on shutdown: a client that left cancels the whole handler.
     await websocket.close(CLOSE_GOING_AWAY, "node shutting down")

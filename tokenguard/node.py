@@ -16,6 +16,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from tokenguard.admin import check_admin_bind, create_admin_app
 from tokenguard.app import create_app
 from tokenguard.hardening import (
     KEEP_ALIVE_TIMEOUT,
@@ -23,6 +24,8 @@ from tokenguard.hardening import (
     install_protocol_errors,
     install_shielded_recycle,
 )
+from tokenguard.keyring import Keyring
+from tokenguard.metrics import is_loopback
 from tokenguard.resilience import guarded_store
 from tokenguard.settings import Settings
 from tokenguard.tokens import preload
@@ -76,6 +79,8 @@ async def serve_node(
     reuse_port: bool = False,
     unix_socket: str | None = None,
     shutdown: trio.Event | None = None,
+    admin_port: int | None = None,
+    admin_host: str = "127.0.0.1",
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve one node until cancelled or until ``shutdown`` is set (then drain and return).
@@ -83,7 +88,12 @@ async def serve_node(
     ``unix_socket``, if given, is served too (after the TCP address, which stays the URL
     passed to ``task_status.started``): with ``reuse_port`` several nodes share the TCP
     port, and a supervisor probes each node's health on its own socket instead.
+    ``admin_port``, if given, serves the admin API (tokenguard/admin.py) on
+    ``admin_host:admin_port``; ConfigError (before anything starts) for a non-loopback
+    ``admin_host`` without a long enough admin token.
     """
+    if admin_port is not None:
+        check_admin_bind(admin_host, settings)
     if shutdown is None:
         shutdown = trio.Event()
     # Load the default encoding before taking traffic, so no request pays ~0.4 s for it.
@@ -91,15 +101,32 @@ async def serve_node(
     # Behind deadlines, a breaker and the failure policy (tokenguard/resilience.py): a
     # node starts, and keeps serving, while its store is down.
     async with open_store(guarded_store(settings)) as store:
-        app = create_app(settings, store, shutdown=shutdown)
+        # The live keys and tiers, shared by the API and the admin API.
+        keyring = Keyring(settings, store)
+        app = create_app(settings, store, shutdown=shutdown, keyring=keyring)
         config = hypercorn_config(
             host, port, grace=grace, reuse_port=reuse_port, unix_socket=unix_socket
         )
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(_serve, app, config, shutdown)
-            url = binds[0]
-            log.info("node %d listening on %s (store %s)", settings.node_id, url, store.url)
-            task_status.started(url)
+            await nursery.start(keyring.run)
+            async with trio.open_nursery() as servers:
+                binds = await servers.start(_serve, app, config, shutdown)
+                url = binds[0]
+                log.info("node %d listening on %s (store %s)", settings.node_id, url, store.url)
+                if settings.metrics.token_digest is None and not is_loopback(host):
+                    log.warning(
+                        "GET /metrics (key names, usage) is open to anyone who can reach "
+                        "%s: set [metrics] token to require one (docs/metrics.md)",
+                        url,
+                    )
+                if admin_port is not None:
+                    admin_app = create_admin_app(settings, store, keyring)
+                    admin_config = hypercorn_config(admin_host, admin_port, grace=grace)
+                    admin_binds = await servers.start(_serve, admin_app, admin_config, shutdown)
+                    state = "on" if settings.feed.admin_digest else "OFF (no admin token)"
+                    log.info("node %d admin API on %s: %s", settings.node_id, admin_binds[0], state)
+                task_status.started(url)
+            keyring.stop()  # both servers have drained
 
 
 async def _serve(

@@ -23,7 +23,10 @@ Every node wraps its shared store (Redis) in a :class:`GuardedStore`, itself a
     the nodes together admit no more than the limit. The local windows also count
     what this node admitted through the store before the outage (every admission and
     settlement is mirrored into them: a few microseconds of in-process work), so a node
-    that spent its share just before the outage does not get it again. When the store
+    that spent its share just before the outage does not get it again. An admission is
+    counted there from the moment it is sent to the store (and taken back if the store
+    refuses or fails), so admissions still in flight when the breaker opens are
+    counted by the local admissions made meanwhile. When the store
     is back, what was admitted locally is written back into it (added to the very
     buckets it was counted in) *before* the breaker closes, so the shared windows know
     about the outage's traffic; then, for a probe interval more, the node admits only
@@ -52,7 +55,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Any, Literal, Self
 
@@ -61,8 +64,11 @@ import trio
 
 from tokenguard.settings import STORE_ERROR_POLICIES, Settings
 from tokenguard.windows import (
+    ANYTHING,
     NOT_RESERVED,
     Admission,
+    Registry,
+    RegistryExpect,
     Reservation,
     Row,
     RowState,
@@ -94,6 +100,8 @@ HOLD_MARGIN = 0.25
 SYNC_DELAY = 0.01
 # However busy the store, no call waits more than this many times the timeout.
 MAX_WAIT_FACTOR = 10
+# A limit no amount reaches: the local mirror of a store admission only adds.
+UNCHECKED_LIMIT = 2**53
 # The probe reads one counter no key ever uses.
 PROBE_PARTITION = "tg-probe"
 PROBE_ROW = Row(scope="probe", dimension="requests", window_ms=1000, bucket_ms=1000, limit=1)
@@ -191,7 +199,7 @@ class LogThrottle:
 
 @attrs.define
 class GuardStats:
-    """Counters for ``/readyz`` (there is no metrics endpoint yet)."""
+    """Counters for ``/readyz`` and ``/metrics`` (read when scraped)."""
 
     failures: int = 0  # store calls that failed or missed their deadline
     timeouts: int = 0  # ... of which missed the deadline
@@ -242,6 +250,9 @@ class GuardedStore(WindowStore):
         self.fallback = fallback if fallback is not None else store_from_url("memory://")
         self.breaker = Breaker(threshold=threshold)
         self.stats = GuardStats()
+        # Told (operation, seconds) of every call the store answered: the node's store
+        # latency metric (tokenguard/metrics.py).
+        self.observe_call: Callable[[str, float], None] | None = None
         self._primary_running = False
         self._nursery: trio.Nursery | None = None
         # Local admissions not yet written back: (partition, counter, bucket) -> [row, amount]
@@ -422,6 +433,8 @@ class GuardedStore(WindowStore):
             self._failed(exc)
             raise
         self._last_answer = trio.current_time()
+        if self.observe_call is not None:
+            self.observe_call(call.__name__, self._last_answer - start)
         self.breaker = self.breaker.succeeded()
         if self._unsynced and not self.breaker.is_open:
             self._unsynced_soon.set()  # the store answers: tell it what it missed
@@ -540,16 +553,36 @@ class GuardedStore(WindowStore):
         if not self.breaker.is_open:
             if self.policy == "local" and trio.current_time() < self._hold_until:
                 return await self._admit_holding(partition, rows)
+            # Mirror: the local windows count what this node admits through the store,
+            # from the moment it asks (so that a local admission made while this call
+            # is in flight, the breaker having opened meanwhile, counts it too).
+            mirror = await self._precount(partition, rows) if self.policy == "local" else None
             try:
                 admission = await self._primary(self.primary.admit, partition, rows)
             except StoreError:
-                pass
+                if mirror is not None:
+                    await self._uncount(mirror)
             else:
-                if self.policy == "local" and admission.reservation is not None:
-                    # Mirror: the local windows know what this node admitted.
-                    await self.fallback.settle(admission.reservation, [r.amount for r in rows])
+                if mirror is not None and admission.reservation is None:
+                    await self._uncount(mirror)
                 return admission
         return await self._degraded_admit(partition, rows)
+
+    async def _precount(self, partition: str, rows: Sequence[Row]) -> Reservation | None:
+        """Add an admission's amounts to the local windows unchecked (the store decides,
+        not they); the reservation to undo it with."""
+        counted = [
+            attrs.evolve(row, limit=UNCHECKED_LIMIT, enforce=True, alert_at=0)
+            for row in rows
+            if row.amount and not row.is_lease
+        ]
+        if not counted:
+            return None
+        return (await self.fallback.admit(partition, counted)).reservation
+
+    async def _uncount(self, mirror: Reservation | None) -> None:
+        if mirror is not None:
+            await self.fallback.settle(mirror, [-row.amount for row in mirror.rows])
 
     async def _admit_holding(self, partition: str, rows: Sequence[Row]) -> Admission:
         """Right after an outage: the store AND this node's share must both admit.
@@ -612,6 +645,7 @@ class GuardedStore(WindowStore):
             partition=reservation.partition,
             rows=reservation.rows,
             buckets=reservation.buckets,
+            lease=reservation.lease,  # (the same object: the local store renews it)
             epoch=self._epoch,
         )
         self._unsynced_add(local, 1)
@@ -619,7 +653,8 @@ class GuardedStore(WindowStore):
 
     def _unsynced_add(self, reservation: Reservation, sign: int) -> None:
         for row, bucket in zip(reservation.rows, reservation.buckets, strict=True):
-            if row.amount and bucket != NOT_RESERVED:  # (a shadow row it did not consume)
+            # (not a shadow row it did not consume; not a lease: those stay local)
+            if row.amount and bucket != NOT_RESERVED and not row.is_lease:
                 key = (reservation.partition, row.counter, bucket)
                 entry = self._unsynced.setdefault(key, [row, 0])
                 entry[1] = max(0, entry[1] + sign * row.amount)
@@ -669,6 +704,28 @@ class GuardedStore(WindowStore):
 
     def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         return self.primary.subscribe(channel)
+
+    # The registry (keys, tiers) goes to the store unchanged, outside the breaker's
+    # count: its callers bound their own waits and keep their last view on a failure.
+    # While the breaker is open it fails at once, like publish.
+
+    def _registry_open(self) -> None:
+        if self.breaker.is_open:
+            raise StoreError(f"store {self.url} unavailable: registry not reached")
+
+    async def registry_version(self) -> int:
+        self._registry_open()
+        return await self.primary.registry_version()
+
+    async def registry_load(self) -> tuple[int, Registry]:
+        self._registry_open()
+        return await self.primary.registry_load()
+
+    async def registry_put(
+        self, kind: str, name: str, record: str | None, *, expect: RegistryExpect = ANYTHING
+    ) -> int | None:
+        self._registry_open()
+        return await self.primary.registry_put(kind, name, record, expect=expect)
 
 
 def guarded_store(settings: Settings) -> WindowStore:

@@ -314,8 +314,9 @@ class _Ended:
 class SupervisedChild:
     """Keeps one child running: start, probe, restart with backoff, stop when cancelled.
 
-    ``process`` is the current process (None between processes) and ``restarts``
-    counts restarts so far; both are for reading only.
+    ``process`` is the current process (None between processes), ``restarts``
+    counts restarts so far and ``healthy`` says whether the current process passed
+    its last probe; all are for reading only (the supervisor's metrics).
     """
 
     spec: ChildSpec
@@ -323,6 +324,7 @@ class SupervisedChild:
     backoff: Backoff = Backoff()
     process: ChildProcess | None = None
     restarts: int = 0
+    healthy: bool = False
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Supervise until cancelled; ``task_status.started(pid)`` once first healthy.
@@ -369,6 +371,7 @@ class SupervisedChild:
                 excerpt = self._log_excerpt(log_offset)
                 raise ChildStartError(f"{self.spec.name} (pid {process.pid}) {reason}{excerpt}")
             if reason is None:
+                self.healthy = True
                 if task_status is not None:
                     task_status.started(process.pid)
                 else:
@@ -377,6 +380,7 @@ class SupervisedChild:
                 reason = await self._watch(process)
                 healthy_for = trio.current_time() - healthy_since
         finally:
+            self.healthy = False
             stopping = process.returncode is None  # we stop it: cancelled, or never ready
             with trio.CancelScope(shield=True):
                 returncode = await process.stop(self.spec.stop_grace)
@@ -454,7 +458,8 @@ class SupervisedChild:
                     # so a hung child is killed max_failed_probes periods after it hung.
                     due = max(due + self.policy.poll_interval, trio.current_time())
                     await trio.sleep_until(due)
-                    if await self._probe():
+                    self.healthy = await self._probe()
+                    if self.healthy:
                         failed = 0
                         continue
                     failed += 1
@@ -582,6 +587,8 @@ class Supervisor:
     grace: float = 10.0
     reuse_port: bool = False
     log_to_stdout: bool = False
+    admin_port: int | None = None  # node i serves the admin API on admin_port + i
+    admin_host: str = "127.0.0.1"
     node_args: tuple[str, ...] = ()
     policy: HealthPolicy = HealthPolicy()
     backoff: Backoff = Backoff()
@@ -601,6 +608,18 @@ class Supervisor:
         last = self.port if self.reuse_port else self.port + self.nodes - 1
         if last > 65535:
             raise SupervisorError(f"node ports {self.port}..{last} go past 65535")
+        if self.admin_port is not None:
+            admin_last = self.admin_port + self.nodes - 1
+            if self.admin_port == 0 or admin_last > 65535:
+                raise SupervisorError(
+                    f"--admin-port must be 1..{65536 - self.nodes} with {self.nodes} nodes "
+                    f"(node i serves its admin API on admin-port + i), got {self.admin_port}"
+                )
+            if self.admin_port <= last and self.port <= admin_last:
+                raise SupervisorError(
+                    f"admin ports {self.admin_port}..{admin_last} overlap the node ports "
+                    f"{self.port}..{last}"
+                )
         sockets = [self.redis_socket] if self.store_url is None else []
         if self.reuse_port:
             sockets += [self.health_socket(i) for i in range(self.nodes)]
@@ -670,6 +689,9 @@ class Supervisor:
         ]  # fmt: skip
         if self.config is not None:
             argv += ["--config", str(self.config)]
+        if self.admin_port is not None:
+            argv += ["--admin-port", str(self.admin_port + node_id)]
+            argv += ["--admin-host", self.admin_host]
         target: tuple[str, int] | Path = (self._probe_host(), self.node_port(node_id))
         if self.reuse_port:
             target = self.health_socket(node_id)
