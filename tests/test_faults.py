@@ -184,6 +184,34 @@ async def test_store_admissions_in_flight_when_the_breaker_opens_count_locally(
     assert status["local_admissions"] == ROWS_LIMIT - 30
 
 
+async def test_uneven_nodes_stay_within_the_limit_when_they_fall_back(redis_url: str) -> None:
+    """Three nodes (cluster_size 3: shares 17, 17, 16 of 50) whose traffic was uneven
+    before the outage: node 0 admitted 40, node 1 6 and node 2 4, through Redis. When
+    the store goes away, node 0 has spent more than its share, and the others' shares
+    minus their own admissions (11 and 12) would take the cluster to 73; but each node
+    also saw, in its last reply from Redis, how much of the limit the cluster had left
+    (0 and 1), and its local windows allow no more than its part of that."""
+    with trio.fail_after(30):
+        async with (
+            guarded_redis(redis_url, cluster_size=3, node_id=0) as node0,
+            guarded_redis(redis_url, cluster_size=3, node_id=1) as node1,
+            guarded_redis(redis_url, cluster_size=3, node_id=2) as node2,
+        ):
+            nodes = (node0, node1, node2)
+            before = 0
+            for node, count in ((node0, 40), (node1, 5), (node2, 4), (node1, 1)):
+                for _ in range(count):
+                    before += (await node.admit("uneven", [a_row()])).admitted
+            assert before == ROWS_LIMIT
+            for node in nodes:
+                node._trip("test: the store is gone")
+            during = [0, 0, 0]
+            for _ in range(30):
+                for i, node in enumerate(nodes):
+                    during[i] += (await node.admit("uneven", [a_row()])).admitted
+    assert during == [0, 0, 0], during
+
+
 @pytest.mark.parametrize(
     ("latency", "jitter"), [(0.005, 0.002), (0.05, 0.02), (0.2, 0.05)], ids=["5ms", "50ms", "200ms"]
 )

@@ -100,6 +100,9 @@ HOLD_MARGIN = 0.25
 SYNC_DELAY = 0.01
 # However busy the store, no call waits more than this many times the timeout.
 MAX_WAIT_FACTOR = 10
+# Counters whose cluster-wide usage a node remembers at most (then it forgets the
+# oldest half): about 100 bytes each.
+SEEN_LIMIT = 100_000
 # A limit no amount reaches: the local mirror of a store admission only adds.
 UNCHECKED_LIMIT = 2**53
 # The probe reads one counter no key ever uses.
@@ -258,6 +261,10 @@ class GuardedStore(WindowStore):
         # Local admissions not yet written back: (partition, counter, bucket) -> [row, amount]
         self._unsynced: dict[tuple[str, str, int], list[Any]] = {}
         self._epoch = 0
+        # The cluster-wide usage this node last saw per counter, from the store's own
+        # replies: (partition, counter) -> (used, trio.current_time()). Seeds the local
+        # windows when they take over (see _seed_from_cluster).
+        self._seen: dict[tuple[str, str], tuple[int, float]] = {}
         self._recovering = False
         self._hold_until = -math.inf  # trio.current_time(); see _admit_holding
         # The deadline watchdog: calls waiting on the store (their start times), and
@@ -565,6 +572,8 @@ class GuardedStore(WindowStore):
             else:
                 if mirror is not None and admission.reservation is None:
                     await self._uncount(mirror)
+                if self.policy == "local" and self.cluster_size > 1:
+                    self._saw(partition, admission.states)
                 return admission
         return await self._degraded_admit(partition, rows)
 
@@ -626,8 +635,47 @@ class GuardedStore(WindowStore):
             return Admission(admitted=True, states=states, reservation=reservation)
         return await self._admit_local(partition, rows)
 
+    def _saw(self, partition: str, states: Sequence[RowState]) -> None:
+        now = trio.current_time()
+        seen = self._seen
+        for state in states:
+            row = state.row
+            if row.enforce and not row.is_lease:
+                seen[(partition, row.counter)] = (state.used, now)
+        if len(seen) > SEEN_LIMIT:  # forget the oldest half (dicts keep insertion order)
+            for key in list(seen)[: len(seen) // 2]:
+                del seen[key]
+
+    async def _seed_from_cluster(self, partition: str, rows: Sequence[Row]) -> None:
+        """Before the first local admission of a partition's counters: make the local
+        windows leave this node no more than its part of what the whole cluster had
+        left when it last saw the counter, if that is less than its share minus what it
+        admitted itself. (Nodes whose traffic was uneven: one that spent more than its
+        share before the outage used up the others' parts too.) The seed sits in the
+        current bucket and leaves with it, a window later.
+        """
+        now = trio.current_time()
+        for row in rows:
+            seen = self._seen.pop((partition, row.counter), None)
+            if seen is None or row.is_lease or not row.enforce:
+                continue
+            used, when = seen
+            if now - when >= row.window_ms / 1000:
+                continue  # everything it counted has left the window since
+            share = self.share(row.limit)
+            probe = attrs.evolve(row, limit=share, amount=0)
+            (own,) = await self.fallback.usage(partition, [probe])
+            left_by_share = share - own.used
+            left_in_cluster = self.share(max(0, row.limit - used))
+            seed = left_by_share - left_in_cluster
+            if seed > 0:
+                added = attrs.evolve(row, limit=UNCHECKED_LIMIT, amount=seed, alert_at=0)
+                await self.fallback.admit(partition, [added])
+
     async def _admit_local(self, partition: str, rows: Sequence[Row]) -> Admission:
         """Admit against this node's share of every limit, in the local windows."""
+        if self._seen:
+            await self._seed_from_cluster(partition, rows)
         shared = [attrs.evolve(row, limit=self.share(row.limit)) for row in rows]
         admission = await self.fallback.admit(partition, shared)
         reservation = admission.reservation
