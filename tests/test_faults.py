@@ -25,6 +25,7 @@ import os
 import signal
 import statistics
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -118,7 +119,12 @@ class Load:
 
 
 async def admissions(
-    store: GuardedStore, tasks: int, each: int, pause: float = 0.0, limit: int = ROWS_LIMIT
+    store: GuardedStore,
+    tasks: int,
+    each: int,
+    pause: float = 0.0,
+    limit: int = ROWS_LIMIT,
+    partition: str = "p",
 ) -> Load:
     """``tasks`` tasks each making ``each`` admissions in a row (rpm ``limit``);
     threads sampled."""
@@ -127,7 +133,7 @@ async def admissions(
     async def one() -> None:
         for _ in range(each):
             start = trio.current_time()
-            admission = await store.admit("p", [a_row(limit=limit)])
+            admission = await store.admit(partition, [a_row(limit=limit)])
             load.durations.append(trio.current_time() - start)
             if not admission.admitted:
                 load.outcomes["refused"] += 1
@@ -210,6 +216,31 @@ async def test_uneven_nodes_stay_within_the_limit_when_they_fall_back(redis_url:
                 for i, node in enumerate(nodes):
                     during[i] += (await node.admit("uneven", [a_row()])).admitted
     assert during == [0, 0, 0], during
+
+
+async def test_a_stalled_node_does_not_blame_the_store(redis_server: RedisServer) -> None:
+    """The node's own event loop stalls for 250 ms (a long GC pass, a starved CPU) while
+    200 admissions wait on a Redis 5 ms away: the replies that arrived meanwhile are
+    read before any deadline is judged, so no call fails and the breaker stays closed.
+    """
+
+    async def stall() -> None:
+        await trio.sleep(0.004)  # the first pipeline is on its way
+        time.sleep(0.25)  # noqa: ASYNC251 - blocks the event loop, as a GC pass would
+
+    with trio.fail_after(30):
+        async with running_proxy((redis_server.host, redis_server.port)) as proxy:
+            async with guarded_redis(proxy.url, cluster_size=1) as store:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(20):
+                        nursery.start_soon(store.admit, "warm", [a_row()])
+                proxy.latency = 0.005
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(stall)
+                    load = await admissions(store, tasks=200, each=1, partition="stall")
+                status = store.status()
+    assert load.outcomes == {"store": ROWS_LIMIT, "refused": 200 - ROWS_LIMIT}
+    assert status["breaker"] == "closed" and status["failures"] == 0
 
 
 @pytest.mark.parametrize(

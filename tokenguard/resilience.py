@@ -98,6 +98,8 @@ RETRY_AFTER_SHARE = 1.0
 HOLD_MARGIN = 0.25
 # A local admission made while the breaker is closed is written back this soon.
 SYNC_DELAY = 0.01
+# A watchdog woken this late (s) was stalled itself: it waits this long more.
+STALL_GRACE = 0.02
 # However busy the store, no call waits more than this many times the timeout.
 MAX_WAIT_FACTOR = 10
 # Counters whose cluster-wide usage a node remembers at most (then it forgets the
@@ -454,7 +456,9 @@ class GuardedStore(WindowStore):
         ``max(its start, the last answer) + timeout``, and moves it on whenever the
         store answered meanwhile. So a long queue behind a store that keeps answering
         (a burst, a busy machine) is not a failure, while a hung or dead store costs
-        each call exactly ``timeout``.
+        each call exactly ``timeout``. When it wakes more than ``STALL_GRACE`` late,
+        the node itself was stalled: replies that arrived meanwhile get that long to
+        be read first.
         """
         while True:
             starts = [t for scope, t in self._waiting.items() if not scope.cancel_called]
@@ -466,6 +470,11 @@ class GuardedStore(WindowStore):
             due = max(min(starts), self._last_answer) + self.timeout
             if due > now:
                 await trio.sleep_until(due)
+                if trio.current_time() - due > STALL_GRACE:
+                    # Woken late: this process was not running (a GC pass, a busy CPU),
+                    # and the store's replies may be waiting, unread, in the socket.
+                    # Let them be read before judging the store.
+                    await trio.sleep(STALL_GRACE)
                 continue
             for scope, start in list(self._waiting.items()):
                 if max(start, self._last_answer) + self.timeout <= now:
