@@ -38,7 +38,7 @@ import pytest
 import trio
 
 from drivers.redis import RedisStore
-from tests.latency_proxy import running_proxy
+from tests.latency_proxy import LatencyProxy, running_proxy
 from tests.processes import (
     free_ports,
     running_cluster,
@@ -103,6 +103,22 @@ async def guarded_redis(url: str, **options: Any) -> AsyncIterator[GuardedStore]
     store = GuardedStore(RedisStore.from_url(url), **options)
     async with open_store(store):
         yield store
+
+
+@asynccontextmanager
+async def warm_redis_behind_a_proxy(
+    redis_server: RedisServer,
+) -> AsyncIterator[tuple[LatencyProxy, GuardedStore]]:
+    """A one-node :class:`GuardedStore` on ``redis_server`` through a latency proxy (no
+    latency yet), both its pipelines' connections already open: a new connection costs
+    redis-py 3 round trips (connect, CLIENT SETINFO x2), which latency set afterwards
+    must not add to the calls it measures."""
+    async with running_proxy((redis_server.host, redis_server.port)) as proxy:
+        async with guarded_redis(proxy.url, cluster_size=1) as store:
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(store.admit, "warm", [a_row()])
+            yield proxy, store
 
 
 @attrs.define
@@ -170,21 +186,17 @@ async def test_store_admissions_in_flight_when_the_breaker_opens_count_locally(
         admissions.append((await store.admit("in-flight", [a_row()])).admitted)
 
     with trio.fail_after(30):
-        async with running_proxy((redis_server.host, redis_server.port)) as proxy:
-            async with guarded_redis(proxy.url, cluster_size=1) as store:
-                async with trio.open_nursery() as nursery:
-                    for _ in range(20):
-                        nursery.start_soon(store.admit, "warm", [a_row()])
-                proxy.latency = 0.05
-                async with trio.open_nursery() as nursery:
-                    for _ in range(30):
-                        nursery.start_soon(admit, store)
-                    await trio.sleep(0.01)  # all 30 sent, none answered yet
-                    assert not admissions
-                    store._trip("test: the breaker opens with calls in flight")
-                    for _ in range(40):
-                        nursery.start_soon(admit, store)
-                status = store.status()
+        async with warm_redis_behind_a_proxy(redis_server) as (proxy, store):
+            proxy.latency = 0.05
+            async with trio.open_nursery() as nursery:
+                for _ in range(30):
+                    nursery.start_soon(admit, store)
+                await trio.sleep(0.01)  # all 30 sent, none answered yet
+                assert not admissions
+                store._trip("test: the breaker opens with calls in flight")
+                for _ in range(40):
+                    nursery.start_soon(admit, store)
+            status = store.status()
     assert status["breaker"] == "open"
     assert sum(admissions) == ROWS_LIMIT
     assert status["local_admissions"] == ROWS_LIMIT - 30
@@ -229,16 +241,12 @@ async def test_a_stalled_node_does_not_blame_the_store(redis_server: RedisServer
         time.sleep(0.25)  # noqa: ASYNC251 - blocks the event loop, as a GC pass would
 
     with trio.fail_after(30):
-        async with running_proxy((redis_server.host, redis_server.port)) as proxy:
-            async with guarded_redis(proxy.url, cluster_size=1) as store:
-                async with trio.open_nursery() as nursery:
-                    for _ in range(20):
-                        nursery.start_soon(store.admit, "warm", [a_row()])
-                proxy.latency = 0.005
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(stall)
-                    load = await admissions(store, tasks=200, each=1, partition="stall")
-                status = store.status()
+        async with warm_redis_behind_a_proxy(redis_server) as (proxy, store):
+            proxy.latency = 0.005
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stall)
+                load = await admissions(store, tasks=200, each=1, partition="stall")
+            status = store.status()
     assert load.outcomes == {"store": ROWS_LIMIT, "refused": 200 - ROWS_LIMIT}
     assert status["breaker"] == "closed" and status["failures"] == 0
 
@@ -258,17 +266,11 @@ async def test_slow_redis_answers_within_the_deadline_and_nothing_piles_up(
     threads and connections stay bounded."""
     threads_before = threading.active_count()
     with trio.fail_after(30):
-        async with running_proxy((redis_server.host, redis_server.port)) as proxy:
-            async with guarded_redis(proxy.url, cluster_size=1) as store:
-                # Open both pipelines' connections before the latency starts (a new
-                # connection costs redis-py 3 round trips: connect, CLIENT SETINFO x2).
-                async with trio.open_nursery() as nursery:
-                    for _ in range(20):
-                        nursery.start_soon(store.admit, "warm", [a_row()])
-                proxy.latency, proxy.jitter = latency, jitter
-                load = await admissions(store, tasks=200, each=1)
-                pending = len(store.primary._pending)  # type: ignore[attr-defined]
-                status = store.status()
+        async with warm_redis_behind_a_proxy(redis_server) as (proxy, store):
+            proxy.latency, proxy.jitter = latency, jitter
+            load = await admissions(store, tasks=200, each=1)
+            pending = len(store.primary._pending)  # type: ignore[attr-defined]
+            status = store.status()
     assert load.admitted == ROWS_LIMIT and load.outcomes["refused"] == 150
     # The deadline is 100 ms; a call waits at most that, plus scheduling (generous: the
     # machine may be busy; a call that waited for Redis would show in the outcomes).

@@ -14,7 +14,7 @@ import contextlib
 import json
 import time
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,15 +131,16 @@ async def test_sdk_through_proxy_gets_the_upstreams_answers(workdir: Path) -> No
         ):
             direct, via = sdk(upstream_url, UPSTREAM_SECRET), sdk(proxy_url, PROXY_KEY)
 
+            async def via_and_direct(call: Callable[[openai.OpenAI], Any]) -> tuple[Any, Any]:
+                """``call``'s answer through tokenguard, then straight from the upstream."""
+                return await in_thread(lambda: call(via)), await in_thread(lambda: call(direct))
+
             def chat(client: openai.OpenAI) -> Any:
                 return client.chat.completions.create(
                     model="gpt-4o", messages=MESSAGES, max_tokens=7
                 )
 
-            plain, expected = (
-                await in_thread(lambda: chat(via)),
-                await in_thread(lambda: chat(direct)),
-            )
+            plain, expected = await via_and_direct(chat)
             assert plain.choices[0].message.content == expected.choices[0].message.content
             assert plain.usage.completion_tokens == expected.usage.completion_tokens == 7
             prompt = count_chat_prompt("gpt-4o", MESSAGES)
@@ -169,10 +170,7 @@ async def test_sdk_through_proxy_gets_the_upstreams_answers(workdir: Path) -> No
                     model="gpt-3.5-turbo-instruct", prompt=["Say hi", "Say bye"], max_tokens=4
                 )
 
-            completion, expected_completion = (
-                await in_thread(lambda: legacy(via)),
-                await in_thread(lambda: legacy(direct)),
-            )
+            completion, expected_completion = await via_and_direct(legacy)
             assert [c.text for c in completion.choices] == [
                 c.text for c in expected_completion.choices
             ]
@@ -188,10 +186,7 @@ async def test_sdk_through_proxy_gets_the_upstreams_answers(workdir: Path) -> No
                     model="text-embedding-3-small", input=["alpha beta", "gamma"], dimensions=8
                 )
 
-            vectors, expected_vectors = (
-                await in_thread(lambda: embed(via)),
-                await in_thread(lambda: embed(direct)),
-            )
+            vectors, expected_vectors = await via_and_direct(embed)
             assert [d.embedding for d in vectors.data] == [
                 d.embedding for d in expected_vectors.data
             ]

@@ -134,9 +134,8 @@ async def test_the_feed_refuses_without_a_valid_token(app: Any, headers: dict[st
     assert codes == [1008]
 
 
-def test_the_admin_token_is_compared_in_constant_time(
-    app: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def spy_on_compare_digest(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[tuple[str, str]]:
+    """The pairs ``module`` passes to ``hmac.compare_digest`` from now on (still compared)."""
     compared: list[tuple[str, str]] = []
     real = hmac.compare_digest
 
@@ -144,7 +143,14 @@ def test_the_admin_token_is_compared_in_constant_time(
         compared.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(feed_module.hmac, "compare_digest", spy)
+    monkeypatch.setattr(module.hmac, "compare_digest", spy)
+    return compared
+
+
+def test_the_admin_token_is_compared_in_constant_time(
+    app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compared = spy_on_compare_digest(monkeypatch, feed_module)
     feed = app.extensions["tokenguard"].feed
     assert feed.viewer_for(ADMIN, None).role == "admin"
     assert feed.viewer_for("not-the-admin-token", None) == "invalid token"
@@ -215,14 +221,7 @@ async def test_admin_routes_are_off_without_an_admin_token(route: str, method: s
 async def test_the_admin_api_compares_its_token_in_constant_time(
     admin_app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    compared: list[tuple[str, str]] = []
-    real = hmac.compare_digest
-
-    def spy(a: str, b: str) -> bool:
-        compared.append((a, b))
-        return real(a, b)
-
-    monkeypatch.setattr(admin_module.hmac, "compare_digest", spy)
+    compared = spy_on_compare_digest(monkeypatch, admin_module)
     client = admin_app.test_client()
     ok = await client.get("/admin/keys", headers={"Authorization": f"Bearer {ADMIN}"})
     bad = await client.get("/admin/keys", headers={"Authorization": "Bearer nope"})

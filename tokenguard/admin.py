@@ -41,7 +41,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from tokenguard.chat import parse_json
-from tokenguard.errors import APIError, invalid
+from tokenguard.errors import APIError, http_error, invalid
 from tokenguard.keyring import (
     KeyRecord,
     Keyring,
@@ -247,23 +247,6 @@ class AdminAPI:
         return _json(self._tier_view(name, record), 201 if created else 200)
 
 
-def _http_error(exc: HTTPException) -> APIError:
-    status = exc.code or 500
-    if status == 404:
-        return APIError(
-            404, f"Unknown admin URL: {request.method} {request.path}.", code="unknown_url"
-        )
-    if status == 405:
-        return APIError(405, f"Method {request.method} is not allowed on {request.path}.")
-    if status == 413:
-        return APIError(
-            413,
-            f"The request body is larger than the limit of {MAX_BODY_BYTES} bytes.",
-            code="request_too_large",
-        )
-    return APIError(status, exc.description or exc.name)
-
-
 def create_admin_app(settings: Settings, store: WindowStore, keyring: Keyring) -> QuartTrio:
     """The admin API of one node, over its ``keyring`` (run by the caller) and the
     ``store`` that holds the registry."""
@@ -294,7 +277,8 @@ def create_admin_app(settings: Settings, store: WindowStore, keyring: Keyring) -
 
     @app.errorhandler(HTTPException)
     async def on_http_error(error: HTTPException) -> Response:
-        api_error = _http_error(error)
+        unknown_url = f"Unknown admin URL: {request.method} {request.path}."
+        api_error = http_error(error, unknown_url=unknown_url, max_body_bytes=MAX_BODY_BYTES)
         return _json(api_error.body(), api_error.status)
 
     @app.errorhandler(StoreError)

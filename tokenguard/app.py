@@ -23,7 +23,7 @@ from werkzeug.exceptions import HTTPException
 
 from tokenguard import mock
 from tokenguard.chat import ChatRequest, parse_json, validate_chat
-from tokenguard.errors import APIError, invalid
+from tokenguard.errors import APIError, http_error, invalid
 from tokenguard.feed import Feed, serve_websocket
 from tokenguard.hardening import check_request_framing, drain_request_body
 from tokenguard.keyring import Keyring
@@ -266,7 +266,9 @@ class Gateway:
                 return await self._proxy_chat(route, chat, 0, None, {})
             per_choice = chat.max_tokens or key.limits.default_max_tokens
             reply = mock.mock_reply(chat.model, chat.messages, chat.n, per_choice)
-            return await self._answer(chat, reply, 0, None, {})
+            return await self._answer(
+                mock.CHAT, reply, chat.stream, chat.include_usage, 0, None, {}
+            )
         input_tokens = count_chat_prompt(chat.model, chat.messages, chat.tools, chat.functions)
         output_tokens = self.output_reservation(key, chat, input_tokens)
         cost = Cost(requests=1, input_tokens=input_tokens, output_tokens=output_tokens)
@@ -275,7 +277,9 @@ class Gateway:
         if route is not None:
             return await self._proxy_chat(route, chat, input_tokens, decision, headers)
         reply = mock.mock_reply(chat.model, chat.messages, chat.n, output_tokens // chat.n)
-        return await self._answer(chat, reply, input_tokens, decision, headers)
+        return await self._answer(
+            mock.CHAT, reply, chat.stream, chat.include_usage, input_tokens, decision, headers
+        )
 
     async def admit(self, key: ApiKey, cost: Cost, model: str) -> Decision:
         """Admit a request's cost, or raise its 429; log and feed the outcome."""
@@ -299,46 +303,48 @@ class Gateway:
 
     async def _answer(
         self,
-        chat: ChatRequest,
+        form: mock.ReplyFormat,
         reply: mock.MockReply,
+        stream: bool,
+        include_usage: bool,
         input_tokens: int,
         decision: Decision | None,
         headers: dict[str, str],
     ) -> Response:
+        """Answer with a mock reply in ``form``, whole or streamed, paced by the mock's
+        token delay; ``decision`` (if any) is settled to the tokens the client got."""
         delay = self.settings.mock.token_delay_ms / 1000
-        if chat.stream:
-            body = self._stream(chat, reply, input_tokens, decision, delay)
-            headers = {**headers, "cache-control": "no-cache"}
-            response = Response(body, headers=headers, content_type="text/event-stream")
-            response.timeout = None  # an LLM stream may run for minutes
-            return response
+        if stream:
+            events = self._stream(form, reply, include_usage, input_tokens, decision, delay)
+            return _event_stream(events, headers)
         try:
             if delay:
                 await trio.sleep(delay * reply.completion_tokens)
         finally:
             if decision is not None:
                 await self.settle(decision, reply.completion_tokens)
-        return _json(mock.completion_body(reply, input_tokens), headers=headers)
+        return _json(form.body(reply, input_tokens), headers=headers)
 
     async def _stream(
         self,
-        chat: ChatRequest,
+        form: mock.ReplyFormat,
         reply: mock.MockReply,
+        include_usage: bool,
         input_tokens: int,
         decision: Decision | None,
         delay: float,
     ) -> AsyncIterator[bytes]:
         sent = 0
         try:
-            for event, tokens in mock.stream_events(reply, chat.include_usage):
+            for event, tokens in form.events(reply, include_usage):
                 if delay and tokens:
                     await trio.sleep(delay)
                 yield event
                 # Counted only once the chunk was taken: a client that left mid-stream
                 # is charged for what it was sent, not for what it would have been.
                 sent += tokens
-            if chat.include_usage:
-                yield mock.usage_chunk(reply, input_tokens)
+            if include_usage:
+                yield form.usage_chunk(reply, input_tokens)
             yield mock.DONE
         finally:
             if decision is not None:
@@ -362,8 +368,6 @@ class Gateway:
             # Named explicitly: upstreams differ in their default (llama.cpp: unbounded).
             body = {**body, "max_tokens": req.max_tokens}
         if route is not None:
-            if req.stream:
-                body = _with_usage_asked(body)
             return await self._proxy(
                 route, "/completions", body, req.model, req.stream, req.include_usage,
                 input_tokens, decision, headers,
@@ -372,39 +376,10 @@ class Gateway:
         reply = mock.mock_reply(
             req.model, [{"prompt": prompt}], len(req.prompt) * req.n, req.max_tokens
         )
-        delay = self.settings.mock.token_delay_ms / 1000
-        if req.stream:
-            events = self._stream_text(reply, req.include_usage, input_tokens, decision, delay)
-            return _event_stream(events, headers)
-        try:
-            if delay:
-                await trio.sleep(delay * reply.completion_tokens)
-        finally:
-            if decision is not None:
-                await self.settle(decision, reply.completion_tokens)
-        return _json(mock.text_completion_body(reply, input_tokens), headers=headers)
-
-    async def _stream_text(
-        self,
-        reply: mock.MockReply,
-        include_usage: bool,
-        input_tokens: int,
-        decision: Decision | None,
-        delay: float,
-    ) -> AsyncIterator[bytes]:
-        sent = 0
-        try:
-            for event, tokens in mock.text_stream_events(reply, include_usage):
-                if delay and tokens:
-                    await trio.sleep(delay)
-                yield event
-                sent += tokens  # counted once taken, as for chat
-            if include_usage:
-                yield mock.text_usage_chunk(reply, input_tokens)
-            yield mock.DONE
-        finally:
-            if decision is not None:
-                await self.settle(decision, sent)
+        return await self._answer(
+            mock.TEXT_COMPLETION, reply, req.stream, req.include_usage,
+            input_tokens, decision, headers,
+        )  # fmt: skip
 
     async def embedding(self) -> Response:
         """``POST /v1/embeddings``: one request and its input tokens; no output."""
@@ -459,8 +434,6 @@ class Gateway:
             # The upstream must stop where the reservation does, or output could exceed
             # the limit: the reservation per choice, named explicitly.
             body = {**body, "max_tokens": decision.cost.output_tokens // chat.n}
-        if chat.stream:
-            body = _with_usage_asked(body)
         return await self._proxy(
             route, "/chat/completions", body, chat.model, chat.stream, chat.include_usage,
             input_tokens, decision, headers,
@@ -480,22 +453,21 @@ class Gateway:
     ) -> Response:
         """Forward an admitted request and answer with the upstream's reply (any status,
         with tokenguard's ``x-ratelimit-*`` headers); settle it when it is over. A 502 or
-        504 (unreachable, timed out) refunds the output reservation."""
+        504 (unreachable, timed out) refunds the output reservation. A streamed request
+        always asks the upstream for its usage chunk."""
         assert self.upstream is not None
 
         async def finish(tally: StreamTally) -> None:
             if decision is None:
                 return
-            usage = tally.usage
-            output = tally.counted_tokens(model)
-            if usage is not None and usage.completion_tokens is not None:
-                output = usage.completion_tokens
-            await self.settle(decision, output, self._upstream_input(model, input_tokens, usage))
+            counted = tally.counted_tokens(model)
+            await self._settle_to_usage(decision, model, counted, tally.usage, input_tokens)
 
         try:
             if stream:
+                asked = _with_usage_asked(body)
                 reply = await self.upstream.stream(
-                    route, path, body, model, include_usage=include_usage, finish=finish
+                    route, path, asked, model, include_usage=include_usage, finish=finish
                 )
             else:
                 reply = await self.upstream.post(route, path, body, model)
@@ -529,7 +501,20 @@ class Gateway:
             await self.settle(decision, decision.cost.output_tokens)
             return
         usage = ReportedUsage.of(body.get("usage"))
-        output = reply_tokens(model, body)
+        await self._settle_to_usage(decision, model, reply_tokens(model, body), usage, input_tokens)
+
+    async def _settle_to_usage(
+        self,
+        decision: Decision,
+        model: str,
+        counted_output: int,
+        usage: ReportedUsage | None,
+        input_tokens: int,
+    ) -> None:
+        """Settle to the completion tokens the upstream reported, else to
+        ``counted_output`` (its text, counted here); the prompt is corrected to the
+        upstream's count where that differs from ``input_tokens``."""
+        output = counted_output
         if usage is not None and usage.completion_tokens is not None:
             output = usage.completion_tokens
         await self.settle(decision, output, self._upstream_input(model, input_tokens, usage))
@@ -628,26 +613,6 @@ def _usage_entry(state: RowState) -> dict[str, Any]:
         "remaining": state.remaining,
         "reset_seconds": state.reset_after,
     }
-
-
-def _http_error(exc: HTTPException, max_body_bytes: int) -> APIError:
-    status = exc.code or 500
-    if status == 404:
-        return APIError(
-            404,
-            f"Unknown request URL: {request.method} {request.path}. Please check the URL "
-            "for typos.",
-            code="unknown_url",
-        )
-    if status == 405:
-        return APIError(405, f"Method {request.method} is not allowed on {request.path}.")
-    if status == 413:
-        return APIError(
-            413,
-            f"The request body is larger than the limit of {max_body_bytes} bytes.",
-            code="request_too_large",
-        )
-    return APIError(status, exc.description or exc.name, code=None)
 
 
 def create_app(
@@ -781,7 +746,11 @@ def create_app(
 
     @app.errorhandler(HTTPException)
     async def on_http_error(error: HTTPException) -> Response:
-        return await gateway.error_response(_http_error(error, settings.max_body_bytes))
+        unknown_url = (
+            f"Unknown request URL: {request.method} {request.path}. Please check the URL for typos."
+        )
+        answer = http_error(error, unknown_url=unknown_url, max_body_bytes=settings.max_body_bytes)
+        return await gateway.error_response(answer)
 
     @app.errorhandler(StoreError)
     async def on_store_error(error: StoreError) -> Response:

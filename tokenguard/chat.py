@@ -4,7 +4,9 @@ Everything here runs before the limiter: a body that fails any check is refused 
 400 naming the field (``param``) and consumes no quota. The JSON reader is stricter than
 Python's default, because a lenient reader is a quota bypass: duplicate keys (we and the
 upstream could read different ``max_tokens``), ``NaN``/``Infinity``, lone surrogates and
-absurd nesting are refused.
+absurd nesting are refused. The checks of the fields every endpoint shares
+(:func:`request_model`, :func:`positive_int`, :func:`stream_flags`, :func:`check_text`)
+serve the legacy completions and embeddings too (:mod:`tokenguard.prompts`).
 """
 
 from __future__ import annotations
@@ -66,14 +68,17 @@ def parse_json(data: bytes) -> Any:
         raise invalid("the JSON body is nested too deeply") from None
 
 
-def _check_text(value: str, param: str) -> None:
+def check_text(value: str, param: str) -> None:
+    """Refuse (400 naming ``param``) a string that is not encodable UTF-8 (a lone surrogate)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise invalid(f"{param} contains a lone surrogate (invalid Unicode)", param) from None
 
 
-def _positive_int(body: dict[str, Any], name: str, ceiling: int) -> int | None:
+def positive_int(body: dict[str, Any], name: str, ceiling: int) -> int | None:
+    """``body[name]`` as an integer in ``1..ceiling``, ``None`` when absent or null;
+    anything else is a 400 naming ``name``."""
     value = body.get(name)
     if value is None:
         return None
@@ -86,13 +91,52 @@ def _positive_int(body: dict[str, Any], name: str, ceiling: int) -> int | None:
     return value
 
 
+def request_model(body: Any) -> str:
+    """The ``model`` of a request body, checked: the body is a JSON object and its model
+    a non-empty, valid-Unicode string; otherwise a 400 (naming ``model`` when it is the
+    model that is wrong)."""
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    model = body.get("model")
+    if model is None:
+        raise invalid("you must provide a model parameter", "model")
+    if not isinstance(model, str) or not model.strip():
+        raise invalid("model must be a non-empty string", "model")
+    check_text(model, "model")
+    return model
+
+
+def stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    """``(stream, include_usage)`` of a request body: ``stream`` a boolean (null is
+    false), ``stream_options`` an object allowed only when streaming, its
+    ``include_usage`` a boolean; otherwise a 400 naming the field."""
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise invalid("stream must be a boolean", "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise invalid("stream_options is only allowed when stream is true", "stream_options")
+    if not isinstance(options, dict):
+        raise invalid("stream_options must be an object", "stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise invalid(
+            "stream_options.include_usage must be a boolean", "stream_options.include_usage"
+        )
+    return stream, include_usage
+
+
 def _check_content(content: Any, param: str, *, required: bool) -> None:
     if content is None:
         if required:
             raise invalid(f"{param} is required", param)
         return
     if isinstance(content, str):
-        _check_text(content, param)
+        check_text(content, param)
         return
     if not isinstance(content, list):
         raise invalid(f"{param} must be a string or an array of content parts", param)
@@ -103,7 +147,7 @@ def _check_content(content: Any, param: str, *, required: bool) -> None:
         if part["type"] == "text":
             if not isinstance(part.get("text"), str):
                 raise invalid(f"{where}.text must be a string", f"{where}.text")
-            _check_text(part["text"], f"{where}.text")
+            check_text(part["text"], f"{where}.text")
 
 
 def _check_message(i: int, message: Any) -> None:
@@ -122,7 +166,7 @@ def _check_message(i: int, message: Any) -> None:
     if name is not None:
         if not isinstance(name, str):
             raise invalid(f"{param}.name must be a string", f"{param}.name")
-        _check_text(name, f"{param}.name")
+        check_text(name, f"{param}.name")
     # Only an assistant turn may have no content (it made tool or function calls).
     _check_content(message.get("content"), f"{param}.content", required=role != "assistant")
     tool_calls = message.get("tool_calls")
@@ -150,20 +194,13 @@ def _check_tools(body: dict[str, Any], name: str) -> list[dict[str, Any]] | None
         fn = tool.get("function", tool) if name == "tools" else tool
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise invalid(f"{name}[{j}] needs a function name", f"{name}[{j}]")
-        _check_text(json.dumps(fn, ensure_ascii=False), f"{name}[{j}]")
+        check_text(json.dumps(fn, ensure_ascii=False), f"{name}[{j}]")
     return tools
 
 
 def validate_chat(body: Any) -> ChatRequest:
     """Check a parsed body against the chat-completions schema (the parts we rely on)."""
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-    model = body.get("model")
-    if model is None:
-        raise invalid("you must provide a model parameter", "model")
-    if not isinstance(model, str) or not model.strip():
-        raise invalid("model must be a non-empty string", "model")
-    _check_text(model, "model")
+    model = request_model(body)
     messages = body.get("messages")
     if messages is None:
         raise invalid("messages is required", "messages")
@@ -173,28 +210,12 @@ def validate_chat(body: Any) -> ChatRequest:
         raise invalid("messages must contain at least one message", "messages")
     for i, message in enumerate(messages):
         _check_message(i, message)
-    max_tokens = _positive_int(body, "max_tokens", MAX_TOKENS_CEILING)
-    max_completion = _positive_int(body, "max_completion_tokens", MAX_TOKENS_CEILING)
+    max_tokens = positive_int(body, "max_tokens", MAX_TOKENS_CEILING)
+    max_completion = positive_int(body, "max_completion_tokens", MAX_TOKENS_CEILING)
     # Both given: reserve the larger, since the upstream may honour either one.
     named = [v for v in (max_tokens, max_completion) if v is not None]
-    n = _positive_int(body, "n", MAX_N) or 1
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise invalid("stream must be a boolean", "stream")
-    options = body.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not stream:
-            raise invalid("stream_options is only allowed when stream is true", "stream_options")
-        if not isinstance(options, dict):
-            raise invalid("stream_options must be an object", "stream_options")
-        include_usage = options.get("include_usage", False)
-        if not isinstance(include_usage, bool):
-            raise invalid(
-                "stream_options.include_usage must be a boolean", "stream_options.include_usage"
-            )
+    n = positive_int(body, "n", MAX_N) or 1
+    stream, include_usage = stream_flags(body)
     return ChatRequest(
         body=body,
         model=model,
@@ -208,4 +229,13 @@ def validate_chat(body: Any) -> ChatRequest:
     )
 
 
-__all__ = ["APIError", "ChatRequest", "parse_json", "validate_chat"]
+__all__ = [
+    "APIError",
+    "ChatRequest",
+    "check_text",
+    "parse_json",
+    "positive_int",
+    "request_model",
+    "stream_flags",
+    "validate_chat",
+]

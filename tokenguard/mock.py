@@ -15,7 +15,7 @@ import secrets
 import struct
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -139,11 +139,23 @@ def completion_body(reply: MockReply, prompt_tokens: int) -> dict[str, Any]:
     }
 
 
-def _chunk(reply: MockReply, choices: list[dict[str, Any]], usage: Any = attrs.NOTHING) -> bytes:
-    """One SSE event; ``usage`` is included only when given (``None`` included too)."""
+def _text_id(reply: MockReply) -> str:
+    return "cmpl-" + reply.id.removeprefix("chatcmpl-")
+
+
+def _chunk(
+    reply: MockReply,
+    choices: list[dict[str, Any]],
+    usage: Any = attrs.NOTHING,
+    *,
+    text: bool = False,
+) -> bytes:
+    """One SSE event of a chat stream (of a legacy completion's when ``text``: its id and
+    object are ``text_completion``'s); ``usage`` is included only when given (``None``
+    included too)."""
     chunk: dict[str, Any] = {
-        "id": reply.id,
-        "object": "chat.completion.chunk",
+        "id": _text_id(reply) if text else reply.id,
+        "object": "text_completion" if text else "chat.completion.chunk",
         "created": reply.created,
         "model": reply.model,
         "system_fingerprint": "tokenguard-mock",
@@ -187,10 +199,6 @@ DONE = b"data: [DONE]\n\n"
 DEFAULT_EMBEDDING_DIMENSIONS = 256
 
 
-def _text_id(reply: MockReply) -> str:
-    return "cmpl-" + reply.id.removeprefix("chatcmpl-")
-
-
 def text_completion_body(reply: MockReply, prompt_tokens: int) -> dict[str, Any]:
     """OpenAI's legacy ``text_completion`` object for a whole (non-streamed) reply."""
     return {
@@ -207,22 +215,6 @@ def text_completion_body(reply: MockReply, prompt_tokens: int) -> dict[str, Any]
     }
 
 
-def _text_chunk(
-    reply: MockReply, choices: list[dict[str, Any]], usage: Any = attrs.NOTHING
-) -> bytes:
-    chunk: dict[str, Any] = {
-        "id": _text_id(reply),
-        "object": "text_completion",
-        "created": reply.created,
-        "model": reply.model,
-        "system_fingerprint": "tokenguard-mock",
-        "choices": choices,
-    }
-    if usage is not attrs.NOTHING:
-        chunk["usage"] = usage
-    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
-
-
 def text_stream_events(reply: MockReply, include_usage: bool) -> Iterator[tuple[bytes, int]]:
     """Server-sent events of a streamed legacy completion, each with its token count:
     one chunk per token, then a finish chunk per choice (the caller adds the usage
@@ -231,13 +223,28 @@ def text_stream_events(reply: MockReply, include_usage: bool) -> Iterator[tuple[
     for c in reply.choices:
         for word in c.words:
             choice = {"text": word, "index": c.index, "logprobs": None, "finish_reason": None}
-            yield _text_chunk(reply, [choice], usage), 1
+            yield _chunk(reply, [choice], usage, text=True), 1
         finish = {"text": "", "index": c.index, "logprobs": None, "finish_reason": c.finish_reason}
-        yield _text_chunk(reply, [finish], usage), 0
+        yield _chunk(reply, [finish], usage, text=True), 0
 
 
 def text_usage_chunk(reply: MockReply, prompt_tokens: int) -> bytes:
-    return _text_chunk(reply, [], usage_block(prompt_tokens, reply.completion_tokens))
+    return _chunk(reply, [], usage_block(prompt_tokens, reply.completion_tokens), text=True)
+
+
+@attrs.frozen
+class ReplyFormat:
+    """How one endpoint writes a mock reply: whole (``body``, given the prompt tokens),
+    or streamed (``events``, each with its token count, then ``usage_chunk`` when the
+    client asked for usage; the caller adds ``[DONE]``)."""
+
+    body: Callable[[MockReply, int], dict[str, Any]]
+    events: Callable[[MockReply, bool], Iterator[tuple[bytes, int]]]
+    usage_chunk: Callable[[MockReply, int], bytes]
+
+
+CHAT = ReplyFormat(completion_body, stream_events, usage_chunk)
+TEXT_COMPLETION = ReplyFormat(text_completion_body, text_stream_events, text_usage_chunk)
 
 
 def embedding_vector(model: str, item: Any, dimensions: int) -> list[float]:

@@ -13,7 +13,14 @@ from typing import Any
 
 import attrs
 
-from tokenguard.chat import MAX_N, MAX_TOKENS_CEILING, _check_text, _positive_int
+from tokenguard.chat import (
+    MAX_N,
+    MAX_TOKENS_CEILING,
+    check_text,
+    positive_int,
+    request_model,
+    stream_flags,
+)
 from tokenguard.errors import invalid
 from tokenguard.tokens import count_text
 
@@ -61,18 +68,6 @@ class EmbeddingRequest:
     encoding_format: str
 
 
-def _model(body: Any) -> str:
-    if not isinstance(body, dict):
-        raise invalid("the request body must be a JSON object")
-    model = body.get("model")
-    if model is None:
-        raise invalid("you must provide a model parameter", "model")
-    if not isinstance(model, str) or not model.strip():
-        raise invalid("model must be a non-empty string", "model")
-    _check_text(model, "model")
-    return model
-
-
 def _token_array(value: list[Any], param: str) -> tuple[int, ...]:
     if not value:
         raise invalid(f"{param} must not be an empty token array", param)
@@ -89,7 +84,7 @@ def _prompt(value: Any, param: str, *, max_items: int | None = None) -> Prompt:
     if value is None:
         raise invalid(f"{param} is required", param)
     if isinstance(value, str):
-        _check_text(value, param)
+        check_text(value, param)
         return (value,)
     if not isinstance(value, list) or not value:
         raise invalid(
@@ -105,7 +100,7 @@ def _prompt(value: Any, param: str, *, max_items: int | None = None) -> Prompt:
     for i, item in enumerate(value):
         where = f"{param}[{i}]"
         if isinstance(item, str):
-            _check_text(item, where)
+            check_text(item, where)
             items.append(item)
         elif isinstance(item, list):
             items.append(_token_array(item, where))
@@ -114,43 +109,21 @@ def _prompt(value: Any, param: str, *, max_items: int | None = None) -> Prompt:
     return tuple(items)
 
 
-def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
-    """``(stream, include_usage)``, checked as for chat."""
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise invalid("stream must be a boolean", "stream")
-    options = body.get("stream_options")
-    if options is None:
-        return stream, False
-    if not stream:
-        raise invalid("stream_options is only allowed when stream is true", "stream_options")
-    if not isinstance(options, dict):
-        raise invalid("stream_options must be an object", "stream_options")
-    include_usage = options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise invalid(
-            "stream_options.include_usage must be a boolean", "stream_options.include_usage"
-        )
-    return stream, include_usage
-
-
 def validate_completion(body: Any) -> CompletionRequest:
     """Check a parsed ``/v1/completions`` body (the parts the limiter relies on)."""
-    model = _model(body)
+    model = request_model(body)
     prompt = _prompt(body.get("prompt"), "prompt")
     suffix = body.get("suffix")
     if suffix is not None:
         if not isinstance(suffix, str):
             raise invalid("suffix must be a string", "suffix")
-        _check_text(suffix, "suffix")
-    max_tokens = _positive_int(body, "max_tokens", MAX_TOKENS_CEILING)
-    n = _positive_int(body, "n", MAX_N) or 1
-    best_of = _positive_int(body, "best_of", MAX_BEST_OF) or n
+        check_text(suffix, "suffix")
+    max_tokens = positive_int(body, "max_tokens", MAX_TOKENS_CEILING)
+    n = positive_int(body, "n", MAX_N) or 1
+    best_of = positive_int(body, "best_of", MAX_BEST_OF) or n
     if best_of < n:
         raise invalid(f"best_of ({best_of}) must be at least n ({n})", "best_of")
-    stream, include_usage = _stream(body)
+    stream, include_usage = stream_flags(body)
     return CompletionRequest(
         body=body,
         model=model,
@@ -166,13 +139,13 @@ def validate_completion(body: Any) -> CompletionRequest:
 
 def validate_embedding(body: Any) -> EmbeddingRequest:
     """Check a parsed ``/v1/embeddings`` body (the parts the limiter relies on)."""
-    model = _model(body)
+    model = request_model(body)
     inputs = _prompt(body.get("input"), "input", max_items=MAX_EMBEDDING_INPUTS)
     for i, item in enumerate(inputs):
         if item == "":
             where = "input" if len(inputs) == 1 else f"input[{i}]"
             raise invalid(f"{where} must not be an empty string", where)
-    dimensions = _positive_int(body, "dimensions", 65536)
+    dimensions = positive_int(body, "dimensions", 65536)
     encoding_format = body.get("encoding_format") or "float"
     if encoding_format not in ENCODING_FORMATS:
         raise invalid(

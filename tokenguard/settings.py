@@ -507,6 +507,27 @@ def _upstream(reader: _Reader, environ: Mapping[str, str]) -> UpstreamSettings:
     return UpstreamSettings(routes=tuple(routes), max_connections=max_connections)
 
 
+def _bearer_token(
+    configured: str | None,
+    where: str,
+    env_name: str,
+    environ: Mapping[str, str] | None,
+    what: str,
+) -> tuple[str | None, str]:
+    """A token and where it was set: the environment variable ``env_name`` when it is
+    set and not blank (``os.environ`` unless ``environ``), else ``configured`` (from
+    ``where``). One shorter than ``MIN_ADMIN_TOKEN_LENGTH`` is a ConfigError naming
+    where it was set and ``what`` token it is."""
+    from_env = (os.environ if environ is None else environ).get(env_name, "").strip()
+    if from_env:
+        configured, where = from_env, f"${env_name} (environment)"
+    if configured is not None and len(configured) < MIN_ADMIN_TOKEN_LENGTH:
+        raise ConfigError(
+            f"{where}: the {what} token must be at least {MIN_ADMIN_TOKEN_LENGTH} characters"
+        )
+    return configured, where
+
+
 def parse_settings(
     data: Mapping[str, Any], source: str, environ: Mapping[str, str] | None = None
 ) -> Settings:
@@ -554,27 +575,16 @@ def parse_settings(
     feed_backlog = feed.int("backlog", DEFAULT_FEED_BACKLOG)
     allowed_origins = _origins(feed, "allowed_origins")
     feed.done()
-    admin_where = f"{source}: feed.admin_token"
-    env_token = (os.environ if environ is None else environ).get(ADMIN_TOKEN_ENV, "").strip()
-    if env_token:
-        admin_token, admin_where = env_token, f"${ADMIN_TOKEN_ENV} (environment)"
-    if admin_token is not None and len(admin_token) < MIN_ADMIN_TOKEN_LENGTH:
-        raise ConfigError(
-            f"{admin_where}: the admin token must be at least {MIN_ADMIN_TOKEN_LENGTH} characters"
-        )
+    admin_token, admin_where = _bearer_token(
+        admin_token, f"{source}: feed.admin_token", ADMIN_TOKEN_ENV, environ, "admin"
+    )
 
     metrics = top.sub("metrics")
     metrics_token = metrics.str("token", None)
     metrics.done()
-    metrics_where = f"{source}: metrics.token"
-    env_metrics = (os.environ if environ is None else environ).get(METRICS_TOKEN_ENV, "").strip()
-    if env_metrics:
-        metrics_token, metrics_where = env_metrics, f"${METRICS_TOKEN_ENV} (environment)"
-    if metrics_token is not None and len(metrics_token) < MIN_ADMIN_TOKEN_LENGTH:
-        raise ConfigError(
-            f"{metrics_where}: the metrics token must be at least "
-            f"{MIN_ADMIN_TOKEN_LENGTH} characters"
-        )
+    metrics_token, _ = _bearer_token(
+        metrics_token, f"{source}: metrics.token", METRICS_TOKEN_ENV, environ, "metrics"
+    )
 
     limits_section = top.sub("limits")
     mode = _mode(limits_section, "enforce")  # the global default mode

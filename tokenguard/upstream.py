@@ -190,6 +190,13 @@ class Upstream:
         :class:`APIError` when the upstream cannot be reached or times out."""
         started = trio.current_time()
         response = await self._open(route, path, body, model, started)
+        return await self._read_whole(route, response, model, started)
+
+    async def _read_whole(
+        self, route: UpstreamRoute, response: httpx.Response, model: str, started: float
+    ) -> UpstreamReply:
+        """Read an opened answer whole and close it; its outcome is reported either way,
+        and a read that fails raises the 502/504 :class:`APIError` of :func:`_failure`."""
         try:
             content = await response.aread()
         except httpx.HTTPError as exc:
@@ -226,16 +233,7 @@ class Upstream:
                 finish=finish,
                 report=lambda outcome: self.report(model, started, outcome),
             )
-        try:
-            content = await response.aread()
-        except httpx.HTTPError as exc:
-            outcome, error = _failure(exc, route)
-            self.report(model, started, outcome)
-            raise error from None
-        finally:
-            await _close(response)
-        self.report(model, started, _outcome(response.status_code))
-        return UpstreamReply(response.status_code, passthrough_headers(response), content)
+        return await self._read_whole(route, response, model, started)
 
 
 def _outcome(status: int) -> str:
