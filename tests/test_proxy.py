@@ -417,6 +417,45 @@ base_url = "http://127.0.0.1:{dead_port}/v1"
             )
 
 
+async def test_the_reply_is_capped_in_the_field_the_route_names(workdir: Path) -> None:
+    """A request naming no max_tokens is capped at its reservation for the upstream:
+    as ``max_tokens`` by default, as ``max_completion_tokens`` on a route that says so
+    (OpenAI's reasoning models refuse ``max_tokens``), never both."""
+    reply = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    reasoning_route = """
+[upstream.models."o3*"]
+output_limit_field = "max_completion_tokens"
+"""
+    headers = {"Authorization": f"Bearer {PROXY_KEY}"}
+    with trio.fail_after(40):
+        async with (
+            scripted_upstream(fixed(200, reply)) as upstream,
+            proxy_node(workdir, upstream.base_url, extra=reasoning_route) as (proxy_url, _),
+            httpx.AsyncClient(timeout=10) as client,
+        ):
+            for model in ("gpt-4o", "o3-mini"):
+                response = await client.post(
+                    f"{proxy_url}/v1/chat/completions",
+                    json={"model": model, "messages": MESSAGES},
+                    headers=headers,
+                )
+                assert response.status_code == 200, response.text
+    default_body, reasoning_body = (r.body for r in upstream.received)
+    assert default_body["max_tokens"] == DEFAULT_MAX_TOKENS
+    assert "max_completion_tokens" not in default_body
+    assert reasoning_body["max_completion_tokens"] == DEFAULT_MAX_TOKENS
+    assert "max_tokens" not in reasoning_body
+
+
 # --- configuration ----------------------------------------------------------------------
 
 
@@ -491,6 +530,13 @@ base_url = "http://127.0.0.1:8080/v1"
             '[upstream.models."gpt-4o"]\nread_timeout = 3',
             {},
             "proxy.toml: upstream.models.gpt-4o: needs a base_url",
+        ),
+        (
+            '[upstream]\nbase_url = "https://x/v1"\n[upstream.models."o3*"]\n'
+            'output_limit_field = "max_output"',
+            {},
+            "proxy.toml: upstream.models.o3*.output_limit_field: must be one of max_tokens, "
+            "max_completion_tokens, got 'max_output'",
         ),
         (
             '[upstream]\nbase_url = "https://x/v1"\napi_key_env = "not a name"',

@@ -432,8 +432,10 @@ class Gateway:
         body = chat.body
         if decision is not None and chat.max_tokens is None:
             # The upstream must stop where the reservation does, or output could exceed
-            # the limit: the reservation per choice, named explicitly.
-            body = {**body, "max_tokens": decision.cost.output_tokens // chat.n}
+            # the limit: the reservation per choice, named explicitly (in the field the
+            # route's models accept).
+            cap = decision.cost.output_tokens // chat.n
+            body = {**body, route.output_limit_field: cap}
         return await self._proxy(
             route, "/chat/completions", body, chat.model, chat.stream, chat.include_usage,
             input_tokens, decision, headers,

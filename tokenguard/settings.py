@@ -159,6 +159,12 @@ class UpstreamRoute:
     api_key: str | None = attrs.field(default=None, repr=False)
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
+    # The chat field through which tokenguard caps the reply at the reservation when the
+    # client named none: OpenAI's reasoning models (o1, o3...) refuse ``max_tokens``.
+    output_limit_field: str = "max_tokens"
+
+
+OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")
 
 
 @attrs.frozen
@@ -460,6 +466,14 @@ def _upstream_route(
     read_timeout = reader.number(
         "read_timeout", parent.read_timeout if parent else DEFAULT_READ_TIMEOUT
     )
+    output_limit_field = reader.str(
+        "output_limit_field", parent.output_limit_field if parent else "max_tokens"
+    )
+    if output_limit_field not in OUTPUT_LIMIT_FIELDS:
+        reader.fail(
+            f"must be one of {', '.join(OUTPUT_LIMIT_FIELDS)}, got {output_limit_field!r}",
+            "output_limit_field",
+        )
     for key, value in (("connect_timeout", connect_timeout), ("read_timeout", read_timeout)):
         if value <= 0:
             reader.fail(f"must be more than 0 seconds, got {value:g}", key)
@@ -483,6 +497,7 @@ def _upstream_route(
         api_key=api_key,
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
+        output_limit_field=output_limit_field,
     )
 
 
