@@ -116,6 +116,10 @@ KEY_PREFIX = "tg"
 # Pub/sub: how long a listener thread waits for a message before it returns to trio
 # (the longest a cancelled subscription waits for its thread), how many messages one
 # thread hop takes at most, what a subscription buffers, and the re-subscribe backoff.
+# A refund waits at most this long (s) for another call's pipeline to ride with.
+REFUND_DELAY = 0.005
+# Calls pending at once up to which one flusher sends them all in one pipeline.
+SPLIT_ABOVE = 16
 PUBSUB_POLL = 0.2
 PUBSUB_READ_BATCH = 1000
 SUBSCRIPTION_BUFFER = 4096
@@ -710,6 +714,7 @@ class RedisStore(WindowStore):
         self._started = False  # run() entered
         self._running = False  # connected, flushers up: calls are accepted
         self._wakeup = trio.Event()
+        self._refund_queued = trio.Event()  # see _refunds_forever
         self._refresh_topology = False
         # Publishing never takes a flusher's thread: one thread of its own.
         self._publish_thread = trio.CapacityLimiter(1)
@@ -759,6 +764,7 @@ class RedisStore(WindowStore):
             async with trio.open_nursery() as nursery:
                 for _ in range(self.target.pipelines):
                     nursery.start_soon(self._flush_forever)
+                nursery.start_soon(self._refunds_forever)
                 nursery.start_soon(self.leases.renew_forever, self.renew)
                 task_status.started()
         finally:
@@ -800,15 +806,25 @@ class RedisStore(WindowStore):
 
     # -- coalescing
 
-    async def _call(self, script: LuaScript, keys: list[str], argv: str | bytes) -> Any:
-        """Queue one script call for the next pipeline; park until its reply is in."""
+    async def _call(
+        self, script: LuaScript, keys: list[str], argv: str | bytes, *, lazy: bool = False
+    ) -> Any:
+        """Queue one script call for the next pipeline; park until its reply is in.
+
+        A ``lazy`` call (a refund) does not start a pipeline itself: it rides with the
+        next call that does, or goes after at most ``REFUND_DELAY`` seconds. Under
+        traffic, a request's refund then costs no round trip of its own.
+        """
         if not self._running:
             raise StoreError(f"store {self.url} is not running (use it inside run())")
         call = _Call(script, keys, argv)
         call.task = trio.lowlevel.current_task()
         self._pending.append(call)
         self.calls += 1
-        self._wakeup.set()
+        if lazy:
+            self._refund_queued.set()
+        else:
+            self._wakeup.set()
 
         def abort(_: object) -> trio.lowlevel.Abort:
             # Cancelled: the call may already be on the wire; its reply is dropped.
@@ -849,7 +865,8 @@ class RedisStore(WindowStore):
 
     async def _flush_with(self, wire: _Wire | None) -> None:
         while True:
-            if not self._pending:
+            if not (self._pending and self._wakeup.is_set()):
+                # Nothing to send, or only refunds waiting for a call to ride with.
                 await self._wakeup.wait()
                 # Let every task woken with us queue its call first: a burst then goes
                 # out whole instead of its first call alone.
@@ -858,7 +875,10 @@ class RedisStore(WindowStore):
                     self._wakeup = trio.Event()  # set, and nothing left: re-arm it
                 continue
             free = self.target.pipelines - self._busy
-            share = -(-len(self._pending) // max(1, free))
+            # A few calls go out together (one round trip, and a waiting refund rides
+            # with the call that woke us); a burst is shared among the free flushers.
+            pending = len(self._pending)
+            share = pending if pending <= SPLIT_ABOVE else -(-pending // max(1, free))
             calls = self._pending[:share]
             del self._pending[:share]
             if not self._pending and self._wakeup.is_set():
@@ -879,6 +899,15 @@ class RedisStore(WindowStore):
                 self._busy -= 1
             self._in_flight.difference_update(calls)
             self._answer(calls, replies)
+
+    async def _refunds_forever(self) -> None:
+        """Send refunds that found no call to ride with within ``REFUND_DELAY``."""
+        while True:
+            await self._refund_queued.wait()
+            self._refund_queued = trio.Event()
+            await trio.sleep(REFUND_DELAY)
+            if self._pending:
+                self._wakeup.set()
 
     async def _execute_native(self, wire: _Wire, calls: list[_Call]) -> list[Any]:
         """:meth:`_execute` on a flusher's own connection (standalone Redis): the same
@@ -1120,7 +1149,10 @@ class RedisStore(WindowStore):
             self.leases.discard(lease)
         if keys:
             ints.append(int(lease.id) if lease is not None else 0)
-            await self._call(SETTLE, keys, _pack(ints))
+            # A refund may wait a little (the window counts the worst case meanwhile:
+            # fewer admissions, never more); a charge or a lease release may not.
+            refund = lease is None and all(delta <= 0 for delta in deltas)
+            await self._call(SETTLE, keys, _pack(ints), lazy=refund)
 
     async def renew(self, leases: Sequence[Lease]) -> None:
         by_partition: dict[str, tuple[list[str], list[int]]] = {}

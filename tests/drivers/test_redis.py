@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import redis.crc
 import trio
+import trio.testing
 
 from drivers.redis import (
     DEFAULT_TIMEOUT,
+    REFUND_DELAY,
     RedisStore,
     RedisTarget,
     key_name,
@@ -274,6 +276,34 @@ async def test_concurrent_calls_share_round_trips(
             assert store.calls - calls == 200
             # A burst goes out as one pipeline per flusher (per node, for a cluster).
             assert store.round_trips - round_trips <= 20
+
+
+async def test_a_refund_rides_with_the_next_call_or_goes_alone_soon(redis_url: str) -> None:
+    """A refund does not start a pipeline of its own: it goes out with the next call
+    (one round trip for both), or alone after at most REFUND_DELAY. A charge (and a
+    lease release) is sent at once."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with open_store(redis_url) as store:
+            assert isinstance(store, RedisStore)
+            first = await store.admit("refund", [a_row(amount=3, limit=10)])
+            assert first.reservation is not None
+            round_trips = store.round_trips
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.settle, first.reservation, [-2])
+                await trio.testing.wait_all_tasks_blocked()  # the refund is queued
+                second = await store.admit("refund", [a_row(amount=1, limit=10)])
+            assert store.round_trips - round_trips == 1
+            assert second.states[0].used == 2  # 3 - 2 + 1: the refund went first
+            assert second.reservation is not None
+
+            start = trio.current_time()
+            await store.settle(second.reservation, [-1])  # alone: after the delay
+            assert trio.current_time() - start >= REFUND_DELAY
+            start = trio.current_time()
+            await store.settle(second.reservation, [+1])  # a charge: at once
+            assert trio.current_time() - start < REFUND_DELAY
+            (state,) = await store.usage("refund", [a_row(limit=10)])
+            assert state.used == 2
 
 
 async def test_two_nodes_sharing_redis_admit_exactly_the_limit(redis_url: str) -> None:
