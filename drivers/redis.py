@@ -812,8 +812,9 @@ class RedisStore(WindowStore):
         """Queue one script call for the next pipeline; park until its reply is in.
 
         A ``lazy`` call (a refund) does not start a pipeline itself: it rides with the
-        next call that does, or goes after at most ``REFUND_DELAY`` seconds. Under
-        traffic, a request's refund then costs no round trip of its own.
+        next call that does, or goes after at most ``REFUND_DELAY`` seconds, or as soon
+        as ``SPLIT_ABOVE`` calls are waiting. Under traffic, a request's refund then
+        costs no round trip of its own.
         """
         if not self._running:
             raise StoreError(f"store {self.url} is not running (use it inside run())")
@@ -821,9 +822,9 @@ class RedisStore(WindowStore):
         call.task = trio.lowlevel.current_task()
         self._pending.append(call)
         self.calls += 1
-        if lazy:
+        if lazy and len(self._pending) < SPLIT_ABOVE:
             self._refund_queued.set()
-        else:
+        else:  # (enough refunds to fill a pipeline of their own go at once too)
             self._wakeup.set()
 
         def abort(_: object) -> trio.lowlevel.Abort:

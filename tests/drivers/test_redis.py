@@ -20,6 +20,7 @@ import trio.testing
 from drivers.redis import (
     DEFAULT_TIMEOUT,
     REFUND_DELAY,
+    SPLIT_ABOVE,
     RedisStore,
     RedisTarget,
     key_name,
@@ -304,6 +305,15 @@ async def test_a_refund_rides_with_the_next_call_or_goes_alone_soon(redis_url: s
             assert trio.current_time() - start < REFUND_DELAY
             (state,) = await store.usage("refund", [a_row(limit=10)])
             assert state.used == 2
+
+            # Enough refunds to fill a pipeline go at once, whatever else is going on.
+            many = [await store.admit("many", [a_row(limit=100)]) for _ in range(SPLIT_ABOVE)]
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for admission in many:
+                    assert admission.reservation is not None
+                    nursery.start_soon(store.settle, admission.reservation, [-1])
+            assert trio.current_time() - start < REFUND_DELAY
 
 
 async def test_two_nodes_sharing_redis_admit_exactly_the_limit(redis_url: str) -> None:
