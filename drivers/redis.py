@@ -72,9 +72,8 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 from urllib.parse import parse_qsl, unquote
 
 import attrs
@@ -1270,26 +1269,20 @@ class RedisStore(WindowStore):
         if not self._running:
             raise StoreError(f"store {self.url} is not running (use it inside run())")
         send, receive = trio.open_memory_channel[bytes](SUBSCRIPTION_BUFFER)
-        if self._native:
-            # Its own connection on trio's sockets: no thread, no polling.
-            wire = _Wire(self.target)
-            try:
-                await wire.subscribe(channel.encode())
-            except _REDIS_ERRORS as exc:
-                await wire.close()
-                raise StoreError(f"cannot subscribe to {channel!r} on {self.url}: {exc}") from exc
-            listen = partial(self._listen_native, channel, wire, send)
-        else:
-            thread = trio.CapacityLimiter(1)  # this subscription's own worker thread
-            try:
-                pubsub = await trio.to_thread.run_sync(
-                    self._open_pubsub, channel, False, limiter=thread
-                )
-            except _REDIS_ERRORS as exc:
-                raise StoreError(f"cannot subscribe to {channel!r} on {self.url}: {exc}") from exc
-            listen = partial(self._listen, channel, pubsub, send, thread)
+        # Standalone Redis without TLS: its own connection on trio's sockets (no
+        # thread, no polling); otherwise redis-py's PubSub in a worker thread of its own.
+        link: _Subscription = (
+            _WireSubscription(self.target, channel)
+            if self._native
+            else _ThreadSubscription(self, channel)
+        )
+        try:
+            await link.open(refresh=False)
+        except (*_REDIS_ERRORS, StoreError) as exc:
+            await link.close()
+            raise StoreError(f"cannot subscribe to {channel!r} on {self.url}: {exc}") from exc
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(listen)
+            nursery.start_soon(self._listen, channel, link, send)
             try:
                 async with receive:
                     yield receive
@@ -1324,35 +1317,32 @@ class RedisStore(WindowStore):
             raise
 
     async def _listen(
-        self,
-        channel: str,
-        pubsub: redis.client.PubSub | None,
-        send: trio.MemorySendChannel[bytes],
-        thread: trio.CapacityLimiter,
+        self, channel: str, link: _Subscription, send: trio.MemorySendChannel[bytes]
     ) -> None:
         """Hand the subscription's messages to ``send`` until cancelled; re-subscribe
         (with backoff) whenever the connection is lost. Closes the connection at the end."""
         backoff = RESUBSCRIBE_BACKOFF[0]
+        connected = True
         try:
             while True:
-                if pubsub is None:
+                if not connected:
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, RESUBSCRIBE_BACKOFF[1])
                     try:
-                        pubsub = await trio.to_thread.run_sync(
-                            self._open_pubsub, channel, True, limiter=thread
-                        )
+                        await link.open(refresh=True)
                     except (*_REDIS_ERRORS, StoreError) as exc:
                         log.debug("re-subscribing to %s failed: %s", channel, exc)
+                        await link.close()
                         continue
+                    connected = True
                     log.info("subscription to %s on %s re-established", channel, self.url)
                     backoff = RESUBSCRIBE_BACKOFF[0]
                 try:
-                    messages = await trio.to_thread.run_sync(_read_messages, pubsub, limiter=thread)
+                    messages = await link.read()
                 except _REDIS_ERRORS as exc:
                     log.warning("subscription to %s on %s lost: %s", channel, self.url, exc)
-                    lost, pubsub = pubsub, None
-                    await trio.to_thread.run_sync(lost.close, limiter=thread)
+                    await link.close()
+                    connected = False
                     continue
                 for message in messages:
                     try:
@@ -1362,47 +1352,68 @@ class RedisStore(WindowStore):
                     except trio.BrokenResourceError:
                         return  # the subscriber left (we are being cancelled)
         finally:
-            if pubsub is not None:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(pubsub.close, limiter=thread)
+            await link.close()
 
-    async def _listen_native(
-        self, channel: str, wire: _Wire | None, send: trio.MemorySendChannel[bytes]
-    ) -> None:
-        """:meth:`_listen` on the driver's own connection (standalone Redis)."""
-        backoff = RESUBSCRIBE_BACKOFF[0]
-        try:
-            while True:
-                if wire is None:
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, RESUBSCRIBE_BACKOFF[1])
-                    wire = _Wire(self.target)
-                    try:
-                        await wire.subscribe(channel.encode())
-                    except _REDIS_ERRORS as exc:
-                        log.debug("re-subscribing to %s failed: %s", channel, exc)
-                        await wire.close()
-                        wire = None
-                        continue
-                    log.info("subscription to %s on %s re-established", channel, self.url)
-                    backoff = RESUBSCRIBE_BACKOFF[0]
-                try:
-                    messages = await wire.pushed()
-                except _REDIS_ERRORS as exc:
-                    log.warning("subscription to %s on %s lost: %s", channel, self.url, exc)
-                    await wire.close()
-                    wire = None
-                    continue
-                for message in messages:
-                    try:
-                        send.send_nowait(message)
-                    except trio.WouldBlock:
-                        self.pubsub_dropped += 1  # the subscriber is behind: never wait
-                    except trio.BrokenResourceError:
-                        return  # the subscriber left (we are being cancelled)
-        finally:
-            if wire is not None:
-                await wire.close()
+
+class _Subscription(Protocol):
+    """One subscription's connection, as :meth:`RedisStore._listen` drives it. Errors
+    are redis-py's (or :class:`StoreError` for a closed store)."""
+
+    async def open(self, *, refresh: bool) -> None:
+        """Connect and subscribe; return once Redis confirmed. ``refresh``: the
+        connection was lost, look the server up again (a cluster's topology)."""
+
+    async def read(self) -> list[bytes]:
+        """The next messages' data, oldest first (none after a quiet poll)."""
+
+    async def close(self) -> None:
+        """Close the connection, if open (shielded: also when cancelled)."""
+
+
+class _ThreadSubscription:
+    """redis-py's PubSub on a connection and a worker thread of its own (Sentinel,
+    Cluster, TLS), polled ``PUBSUB_POLL`` seconds at a time."""
+
+    def __init__(self, store: RedisStore, channel: str) -> None:
+        self.store, self.channel = store, channel
+        self.thread = trio.CapacityLimiter(1)
+        self.pubsub: redis.client.PubSub | None = None
+
+    async def open(self, *, refresh: bool) -> None:
+        self.pubsub = await trio.to_thread.run_sync(
+            self.store._open_pubsub, self.channel, refresh, limiter=self.thread
+        )
+
+    async def read(self) -> list[bytes]:
+        assert self.pubsub is not None
+        return await trio.to_thread.run_sync(_read_messages, self.pubsub, limiter=self.thread)
+
+    async def close(self) -> None:
+        pubsub, self.pubsub = self.pubsub, None
+        if pubsub is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(pubsub.close, limiter=self.thread)
+
+
+class _WireSubscription:
+    """A subscription on the driver's own connection (standalone Redis, no TLS)."""
+
+    def __init__(self, target: RedisTarget, channel: str) -> None:
+        self.target, self.channel = target, channel
+        self.wire: _Wire | None = None
+
+    async def open(self, *, refresh: bool) -> None:
+        self.wire = _Wire(self.target)
+        await self.wire.subscribe(self.channel.encode())
+
+    async def read(self) -> list[bytes]:
+        assert self.wire is not None
+        return await self.wire.pushed()
+
+    async def close(self) -> None:
+        wire, self.wire = self.wire, None
+        if wire is not None:
+            await wire.close()  # (a forceful close: it never blocks)
 
 
 def _publish(client: redis.Redis | RedisCluster, channel: str, messages: list[bytes]) -> None:
