@@ -483,6 +483,29 @@ async def test_early_errors_keep_a_pooled_connection_usable(node: Node) -> None:
             assert answer.status_code == 200
 
 
+async def test_an_early_answer_waits_for_the_body_and_keeps_the_connection(node: Node) -> None:
+    """A 401 decided from the head alone goes out once the body has arrived (read and
+    dropped), so the kept-alive connection serves the next request, twice over. (Were
+    it sent at once, hypercorn would close the connection with the body unread.)"""
+    body = chat_body()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Authorization: Bearer sk-not-a-key\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with trio.fail_after(15):
+        stream = await trio.open_tcp_stream("127.0.0.1", node.port)
+        async with stream:
+            for _ in range(2):
+                await stream.send_all(head)
+                await trio.sleep(0.2)  # the app has decided its 401 by now
+                await stream.send_all(body)
+                answer = await read_answer(stream)
+                assert answer.status == 401
+                assert answer.json()["error"]["code"] == "invalid_api_key"
+            await let_the_server_finish(stream)
+
+
 async def test_a_chunked_body_is_cut_off_at_the_cap(node: Node) -> None:
     """A chunked body with no length: 413 as soon as it passes the cap, long before it
     ends (it would be 1 MB); nothing consumed."""

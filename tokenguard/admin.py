@@ -42,6 +42,7 @@ from werkzeug.exceptions import HTTPException
 
 from tokenguard.chat import parse_json
 from tokenguard.errors import APIError, http_error, invalid
+from tokenguard.hardening import drain_request_body
 from tokenguard.keyring import (
     KeyRecord,
     Keyring,
@@ -256,6 +257,7 @@ def create_admin_app(settings: Settings, store: WindowStore, keyring: Keyring) -
     admin = AdminAPI(settings, keyring)
     app.extensions["tokenguard-admin"] = admin
     app.before_request(admin.authorize)
+    app.after_request(drain_request_body)  # an early 401 keeps the connection usable
 
     app.add_url_rule("/admin/keys", view_func=admin.list_keys, methods=["GET"])
     app.add_url_rule("/admin/keys", view_func=admin.create_key, methods=["POST"])

@@ -577,7 +577,6 @@ class Gateway:
         return _json(body, headers=ratelimit_headers(states))
 
     async def error_response(self, error: APIError) -> Response:
-        await drain_request_body()  # keeps the client's connection usable
         headers = dict(error.headers)
         key = getattr(g, "key", None)
         if key is not None and not any(h.startswith("x-ratelimit-") for h in headers):
@@ -651,6 +650,8 @@ def create_app(
     # Ambiguous framing (Content-Length and Transfer-Encoding) and oversized headers
     # are refused first, before the body is read or the key looked up.
     app.before_request(check_request_framing)
+    # Every answer, an early error included, leaves the connection reusable.
+    app.after_request(drain_request_body)
 
     app.add_url_rule("/v1/chat/completions", view_func=gateway.chat_completion, methods=["POST"])
     app.add_url_rule("/v1/usage", view_func=gateway.usage, methods=["GET"])

@@ -35,7 +35,7 @@ from typing import Any
 
 import h11
 import trio
-from quart import request
+from quart import Response, request
 
 from tokenguard.errors import APIError, invalid
 
@@ -74,21 +74,23 @@ async def check_request_framing() -> None:
         )
 
 
-async def drain_request_body() -> None:
-    """Read what is left of the request body, if it fits the cap, before an early answer.
+async def drain_request_body(response: Response) -> Response:
+    """Read what is left of the request body, if it fits the cap, before the answer
+    goes out (an ``after_request`` hook of every app; a body already read costs
+    nothing).
 
-    An error answered before the body was read (a 401 on a large body) would otherwise
+    An answer given before the body was read (a 401 on a large body) would otherwise
     make hypercorn close the connection, and a client that reuses it for its next
     request (every pooled client: httpx, the openai SDK) gets "server disconnected"
     instead of its answer. A body over the cap is never read: that connection closes.
     """
-    if request.method in ("GET", "HEAD", "OPTIONS"):
-        return
-    with trio.move_on_after(BODY_TIMEOUT):
-        try:
-            await request.body
-        except Exception:  # noqa: BLE001 - too large or cut off: the connection closes
-            pass
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        with trio.move_on_after(BODY_TIMEOUT):
+            try:
+                await request.body
+            except Exception:  # noqa: BLE001 - too large or cut off: the connection closes
+                pass
+    return response
 
 
 def protocol_error_body(status_code: int) -> bytes:
