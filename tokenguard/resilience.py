@@ -589,10 +589,15 @@ class GuardedStore(WindowStore):
     async def _precount(self, partition: str, rows: Sequence[Row]) -> Reservation | None:
         """Add an admission's amounts to the local windows unchecked (the store decides,
         not they); the reservation to undo it with."""
+        return await self._add_locally(partition, [r for r in rows if not r.is_lease])
+
+    async def _add_locally(self, partition: str, rows: Sequence[Row]) -> Reservation | None:
+        """Add each row's amount to the local windows in the current bucket, whatever
+        their limits (an admission that always fits); ``None`` if there was nothing."""
         counted = [
             attrs.evolve(row, limit=UNCHECKED_LIMIT, enforce=True, alert_at=0)
             for row in rows
-            if row.amount and not row.is_lease
+            if row.amount
         ]
         if not counted:
             return None
@@ -678,8 +683,7 @@ class GuardedStore(WindowStore):
             left_in_cluster = self.share(max(0, row.limit - used))
             seed = left_by_share - left_in_cluster
             if seed > 0:
-                added = attrs.evolve(row, limit=UNCHECKED_LIMIT, amount=seed, alert_at=0)
-                await self.fallback.admit(partition, [added])
+                await self._add_locally(partition, [attrs.evolve(row, amount=seed)])
 
     async def _admit_local(self, partition: str, rows: Sequence[Row]) -> Admission:
         """Admit against this node's share of every limit, in the local windows."""
