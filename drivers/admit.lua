@@ -49,13 +49,18 @@ local function retry_ms(key, oldest, top, span, bucket_ms, used, amount, limit)
   return -1
 end
 
--- Per distinct key, indexed by the first row naming it (a key named twice is one
--- counter, as in the memory driver): start, used, newest, alert bucket, stale fields,
--- the current bucket's amount, changed (the summary must be written), new (no summary),
--- the current bucket's field. Per row: its current bucket, used as checked, and a lease
--- row's reset_ms as checked.
-local first, S, U, N, AL, STALE, CUR, CHANGED, NEW, FIELD = {}, {}, {}, {}, {}, {}, {}, {}, {}, {}
-local C, USED, LRESET = {}, {}, {}
+-- Per distinct key, a record of its counter, shared by every row naming it (a key
+-- named twice is one counter, as in the memory driver): r[S] start, r[U] used, r[N]
+-- newest bucket, r[V] the amount in it, r[CUR] the amount in the current bucket, r[AL]
+-- alert bucket, r[STALE] fields to delete (false: none), r[CHANGED] the summary must be
+-- written, r[NEW] the key has no summary yet. One small array per key, built at once:
+-- every row of every admission pays for this bookkeeping, and a table per quantity
+-- (grown row by row) or named fields cost a good part of a row's time. Per row: its
+-- counter's record (none for a lease row), its current bucket, used as checked, and a
+-- lease row's reset_ms as checked.
+local S, U, N, V, CUR, AL, STALE, CHANGED, NEW = 1, 2, 3, 4, 5, 6, 7, 8, 9
+local first, R, C, USED, LRESET = {}, {}, {}, {}, {}
+local floor, call, pack = math.floor, redis.call, struct.pack
 local everything, refused = true, false -- every row fits (shadow ones too); refused
 for i = 1, rows do
   local key = KEYS[i]
@@ -65,19 +70,17 @@ for i = 1, rows do
     used, LRESET[i] = leases(key)
     C[i] = 0
   else
-    local c = math.floor(now / bucket_ms)
-    local f = first[key]
-    if f == nil then
-      f = i
-      first[key] = i
-      local field = int(c)
-      local m = redis.call('HMGET', key, 'm', field)
-      S[i], U[i], N[i], AL[i], STALE[i], CHANGED[i] = summary(key, m[1], c - span)
-      CUR[i] = tonumber(m[2]) or 0
-      NEW[i] = not m[1]
-      FIELD[i] = field
+    local c = floor(now / bucket_ms)
+    local r = first[key]
+    if r == nil then
+      local m = call('HGET', key, 'm')
+      local s, u, n, al, stale, changed, v = summary(key, m, c - span)
+      local cur = c == n and v or amount_in(key, c, n, v)
+      r = { s, u, n, v, cur, al, stale or false, changed, not m }
+      first[key] = r
     end
-    used = U[f]
+    R[i] = r
+    used = r[U]
     C[i] = c
   end
   USED[i] = used
@@ -103,7 +106,7 @@ local function checked(outcome)
       reset = LRESET[i]
       retry = amount <= limit and 1000 or -1
     else
-      local newest = N[first[key]]
+      local newest = R[i][N]
       reset = newest >= 0 and (newest + span + 1) * bucket_ms - now or 0
       retry = -1
       if not fits and amount <= limit then
@@ -138,65 +141,69 @@ for i = 1, rows do
   elseif span < 0 then
     local used, reset = USED[i], LRESET[i]
     if amount ~= 0 then
-      redis.call('ZADD', key, now + bucket_ms, int(lease_id))
+      call('ZADD', key, now + bucket_ms, int(lease_id))
       keep(key, bucket_ms)
       used, reset = used + amount, bucket_ms
     end
     out[k] = used
     out[k + 1] = reset
   else
-    local f = first[key]
+    local r = R[i]
     local c = C[i]
-    local write = {}
+    local field, total = nil, nil -- the current bucket's field and amount, to write
     local expire = 0 -- the key's new TTL (ms), when it must change
     if amount ~= 0 then
-      local before = CUR[f]
-      local total = before + amount
+      local before = r[CUR]
+      total = before + amount
       if total < 0 then
         total = 0 -- (a negative amount only)
       end
-      CUR[f] = total
-      U[f] = U[f] + total - before
-      write[1] = FIELD[f]
-      write[2] = int(total)
-      CHANGED[f] = true
-      if total > 0 and c > N[f] then
+      field = int(c)
+      r[CUR] = total
+      r[U] = r[U] + total - before
+      r[CHANGED] = true
+      if total > 0 and c > r[N] then
         -- A new newest bucket: the key must live until it leaves the window, and no
         -- longer. Within one bucket the TTL is already right.
-        N[f] = c
+        r[N], r[V] = c, total
         expire = (c + span + 1) * bucket_ms - now
-      elseif total == 0 and c == N[f] then -- (a negative amount only)
-        N[f] = newest_live(key, c - 1, S[f])
-        keep(key, (c + span + 1) * bucket_ms - now)
+      elseif c == r[N] then
+        if total > 0 then
+          r[V] = total
+        else -- (a negative amount only)
+          r[N], r[V] = newest_live(key, c - 1, r[S])
+          keep(key, (c + span + 1) * bucket_ms - now)
+        end
       end
     end
     local alert_at = (flags - flags % 2) / 2
-    if alert_at > 0 and U[f] >= alert_at and AL[f] < c - span then
-      AL[f] = c
+    if alert_at > 0 and r[U] >= alert_at and r[AL] < c - span then
+      r[AL] = c
       alerts[#alerts + 1] = i
-      CHANGED[f] = true
+      r[CHANGED] = true
     end
-    if CHANGED[f] then
-      if STALE[f] then
-        redis.call('HDEL', key, unpack(STALE[f]))
-        STALE[f] = nil
+    if r[CHANGED] then
+      if r[STALE] then
+        call('HDEL', key, unpack(r[STALE]))
+        r[STALE] = false
       end
-      write[#write + 1] = 'm'
-      write[#write + 1] = struct.pack(SUMMARY, S[f], U[f], N[f], AL[f])
-      CHANGED[f] = false
-      if expire == 0 and NEW[f] then
-        expire = (math.max(c, N[f]) + span + 1) * bucket_ms - now -- never without a TTL
+      local m = pack(SUMMARY, r[S], r[U], r[N], r[AL], r[V])
+      if field then
+        call('HSET', key, field, int(total), 'm', m)
+      else
+        call('HSET', key, 'm', m)
       end
-      NEW[f] = false
-    end
-    if #write > 0 then
-      redis.call('HSET', key, unpack(write))
+      r[CHANGED] = false
+      if expire == 0 and r[NEW] then
+        expire = (math.max(c, r[N]) + span + 1) * bucket_ms - now -- never without a TTL
+      end
+      r[NEW] = false
     end
     if expire > 0 then
-      redis.call('PEXPIRE', key, expire)
+      call('PEXPIRE', key, expire)
     end
-    local newest = N[f]
-    out[k] = U[f]
+    local newest = r[N]
+    out[k] = r[U]
     out[k + 1] = newest >= 0 and (newest + span + 1) * bucket_ms - now or 0
   end
   if consumed and not everything then

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Self
 
+import attrs
 import trio
 
 from tokenguard.leases import HeldLeases
@@ -68,10 +69,11 @@ class _Counter:
             buckets = self.buckets
             for b in [b for b in buckets if b < oldest]:
                 self.total -= buckets.pop(b)
-            self._bounds()
+            self.bounds()
         return current, self.total
 
-    def _bounds(self) -> None:
+    def bounds(self) -> None:
+        """Set ``low`` and ``high`` from the buckets kept."""
         buckets = self.buckets
         self.low = min(buckets) if buckets else _NO_LOW
         self.high = max(buckets) if buckets else _NO_HIGH
@@ -92,7 +94,7 @@ class _Counter:
             del buckets[bucket]
             self.total -= before
             if bucket in (self.low, self.high):
-                self._bounds()
+                self.bounds()
 
     def alert(self, bucket: int) -> bool:
         """True once per window: when no crossing was reported in the window yet."""
@@ -104,6 +106,11 @@ class _Counter:
     def leaves_at(self, bucket: int) -> int:
         """The time (ms) at which ``bucket`` leaves the window."""
         return (bucket + self.span + 1) * self.bucket_ms
+
+    def consumed(self, row: Row, now_ms: int, near: bool) -> RowState:
+        """The row's state right after an admission consumed it."""
+        reset_ms = self.leaves_at(self.high) - now_ms if self.buckets else 0
+        return RowState(row, self.total, reset_ms / 1000, True, None, near)
 
     def state(self, row: Row, now_ms: int, used: int, amount: int) -> RowState:
         """The row's state given its ``used`` amount, if ``amount`` were asked."""
@@ -197,25 +204,77 @@ class MemoryStore(WindowStore):
         return counter
 
     async def admit(self, partition: str, rows: Sequence[Row]) -> Admission:
-        # The hot path: no await, so no other task interleaves (atomicity), and little
-        # work per row (a dict lookup and a sum kept up to date).
-        now_ms = self._now_ms()
+        # The hot path: no await, so no other task interleaves (atomicity). Every row is
+        # paid for by every decision, so the common case (windowed rows that all fit,
+        # amounts >= 0) takes ONE pass that checks and consumes each row at once, and
+        # undoes what it consumed if some row turns out not to fit, or to need the
+        # general path (a lease row, a negative amount): nothing else can have seen it.
+        now_ms = int(self._clock() * 1000)
         counters = self._partitions.get(partition)
         if counters is None:
             counters = self._partitions[partition] = {}
+        consumed: list[_Counter] = []
+        buckets: list[int] = []
+        states: list[RowState] = []
+        alerting: list[int] = []  # the rows with a near-limit mark
+        for row in rows:
+            counter = counters.get(row.counter)
+            if type(counter) is not _Counter:
+                if counter is not None or row.is_lease:
+                    break
+                counter = counters[row.counter] = _Counter(row)
+            amount = row.amount
+            bucket_ms = counter.bucket_ms
+            bucket = now_ms // bucket_ms
+            if counter.low < bucket - counter.span:
+                counter.current(now_ms)
+            used = counter.total + amount
+            if used > row.limit or amount < 0:
+                break
+            if amount:  # (_Counter.add for a positive amount, inlined)
+                held = counter.buckets
+                held[bucket] = held.get(bucket, 0) + amount
+                counter.total = used
+                if bucket > counter.high:
+                    counter.high = bucket
+                if bucket < counter.low:
+                    counter.low = bucket
+            if row.alert_at > 0:
+                alerting.append(len(states))
+            consumed.append(counter)
+            buckets.append(bucket)
+            reset_ms = (counter.high + counter.span + 1) * bucket_ms - now_ms
+            states.append(RowState(row, used, reset_ms / 1000 if counter.buckets else 0.0))
+        else:
+            for i in alerting:  # now that every row is consumed: once per window
+                row, counter, state = rows[i], consumed[i], states[i]
+                if state.used >= row.alert_at and counter.alert(buckets[i]):
+                    states[i] = attrs.evolve(state, near_limit=True)
+            reservation = Reservation(partition, tuple(rows), tuple(buckets), None)
+            return Admission(admitted=True, states=tuple(states), reservation=reservation)
+        for counter, bucket, row in zip(consumed, buckets, rows, strict=False):
+            if row.amount:
+                counter.add(bucket, -row.amount)
+                counter.bounds()
+        return self._admit_checked(partition, rows, counters, now_ms)
+
+    def _admit_checked(
+        self,
+        partition: str,
+        rows: Sequence[Row],
+        counters: dict[str, _Counter | _Leases],
+        now_ms: int,
+    ) -> Admission:
+        """:meth:`admit` in two passes, for every case: check every row, then (only if
+        every enforcing row fits) consume them. Each row is checked as it was before
+        this admission."""
         checked = []
         everything = True  # every row fits, shadow rows included
         for row in rows:
             counter = counters.get(row.counter)
             if counter is None:
                 counter = counters[row.counter] = _Leases() if row.is_lease else _Counter(row)
-            if type(counter) is _Counter:  # (_Counter.current, inlined: the hot path)
-                bucket = now_ms // counter.bucket_ms
-                if counter.low < bucket - counter.span:
-                    counter.current(now_ms)
-                used = counter.total
-            else:
-                bucket, used = counter.current(now_ms)
+            bucket, used = counter.current(now_ms)
             if used + row.amount > row.limit:
                 everything = False
                 if row.enforce:
@@ -232,23 +291,9 @@ class MemoryStore(WindowStore):
                 continue
             amount = row.amount
             if type(counter) is _Counter:
-                if amount > 0:
-                    counter.buckets[bucket] = counter.buckets.get(bucket, 0) + amount
-                    counter.total += amount
-                    if bucket > counter.high:
-                        counter.high = bucket
-                    if bucket < counter.low:
-                        counter.low = bucket
-                elif amount:
-                    counter.add(bucket, amount)
-                used += amount
-                reset_ms = (counter.high + counter.span + 1) * counter.bucket_ms - now_ms
-                near = row.alert_at > 0 and used >= row.alert_at and counter.alert(bucket)
-                after.append(
-                    RowState(
-                        row, used, reset_ms / 1000 if counter.buckets else 0.0, True, None, near
-                    )
-                )
+                counter.add(bucket, amount)
+                near = row.alert_at > 0 and counter.total >= row.alert_at and counter.alert(bucket)
+                after.append(counter.consumed(row, now_ms, near))
             else:
                 if amount:
                     if lease is None:
@@ -272,23 +317,33 @@ class MemoryStore(WindowStore):
         return Admission(admitted=False, states=tuple(states))
 
     async def settle(self, reservation: Reservation, deltas: Sequence[int]) -> None:
-        now_ms = self._now_ms()
+        rows, buckets = reservation.rows, reservation.buckets
+        if not len(rows) == len(buckets) == len(deltas):
+            raise ValueError(f"{len(deltas)} deltas for a reservation of {len(rows)} rows")
         lease = reservation.lease
         counters = self._partitions.get(reservation.partition, {})
-        for row, bucket, delta in zip(reservation.rows, reservation.buckets, deltas, strict=True):
-            if row.is_lease:
-                held = counters.get(row.counter)
-                if lease is not None and type(held) is _Leases:
+        if lease is not None:
+            for row in rows:
+                held = counters.get(row.counter) if row.is_lease else None
+                if type(held) is _Leases:
                     held.expiries.pop(lease.id, None)
-                continue
+            self.leases.discard(lease)
+        # Most rows of a settlement have no delta (only output rows are corrected):
+        # they cost one test each.
+        now_ms = int(self._clock() * 1000)
+        for i, delta in enumerate(deltas):
             if not delta:
                 continue
+            row = rows[i]
+            if row.is_lease:
+                continue
+            bucket = buckets[i]
             if bucket < now_ms // row.bucket_ms - row.span:
                 continue  # that bucket already left the window: nothing to refund
-            counter = self._counter(reservation.partition, row)
+            counter = counters.get(row.counter)
+            if counter is None:
+                counter = self._counter(reservation.partition, row)
             counter.add(bucket, delta)  # type: ignore[union-attr]
-        if lease is not None:
-            self.leases.discard(lease)
 
     async def renew(self, leases: Sequence[Lease]) -> None:
         now_ms = self._now_ms()

@@ -183,10 +183,16 @@ def key_name(partition: str, row: Row) -> str:
 
     The partition is the hash tag, so all of a partition's keys share one cluster slot.
     """
+    return key_prefix(partition) + row.counter
+
+
+def key_prefix(partition: str) -> str:
+    """What every key of a partition starts with, ``tg:{<partition>}:``: a row's key
+    is this then its ``counter``. Raises ``ValueError`` for an empty partition."""
     if not partition:
         # "{}" is no hash tag at all: the keys of one admission would spread over slots.
         raise ValueError("the partition must not be empty")
-    return f"{KEY_PREFIX}:{{{partition}}}:{row.counter}"
+    return f"{KEY_PREFIX}:{{{partition}}}:"
 
 
 # --- URLs -----------------------------------------------------------------------------
@@ -445,9 +451,7 @@ def pack_evalsha(sha: bytes, keys: Sequence[str], argv: str | bytes) -> bytes:
     parts = [b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (len(keys) + 4, sha)]
     count = str(len(keys)).encode()
     parts.append(b"$%d\r\n%s\r\n" % (len(count), count))
-    for key in keys:
-        data = key.encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    parts += [b"$%d\r\n%s\r\n" % (len(data), data) for data in map(str.encode, keys)]
     data = argv if isinstance(argv, bytes) else argv.encode()
     parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
@@ -1080,14 +1084,19 @@ class RedisStore(WindowStore):
     async def admit(self, partition: str, rows: Sequence[Row]) -> Admission:
         if not rows:
             return Admission(admitted=True, states=(), reservation=Reservation(partition, (), ()))
-        keys = [key_name(partition, row) for row in rows]
+        # Every row costs every decision: one pass over them builds the keys and the
+        # arguments, and one pass reads the states back.
+        prefix = key_prefix(partition)
+        keys: list[str] = []
         ints: list[int] = []
+        leased = False
         for r in rows:
+            keys.append(prefix + r.counter)
             if r.is_lease:
                 ints += (r.window_ms, -1, r.limit, r.amount, r.enforce)
+                leased = True
             else:
                 ints += (r.bucket_ms, r.span, r.limit, r.amount, r.alert_at * 2 + r.enforce)
-        leased = tuple(r for r in rows if r.is_lease)
         lease_id = self._lease_base + next(self._lease_ids) % (1 << 30) if leased else 0
         ints.append(lease_id)
         values = _unpack(await self._call(ADMIT, keys, _pack(ints)))
@@ -1095,18 +1104,18 @@ class RedisStore(WindowStore):
         count = len(rows)
         if outcome == 2:  # every row fitted and was consumed (see admit.lua)
             near = values[2 + 2 * count :]
-            states = tuple(
-                RowState(
-                    row,
-                    values[2 * i + 2],
-                    values[2 * i + 3] / 1000,
-                    True,
-                    None,
-                    bool(near) and i + 1 in near,
-                )
-                for i, row in enumerate(rows)
-            )
-            buckets = tuple(0 if row.is_lease else now // row.bucket_ms for row in rows)
+            states_list = []
+            bucket_list = []
+            i = 2
+            for row in rows:
+                states_list.append(RowState(row, values[i], values[i + 1] / 1000))
+                bucket_list.append(0 if row.is_lease else now // row.bucket_ms)
+                i += 2
+            if near:  # (rare: the first admission past a near-limit mark in its window)
+                for j in near:
+                    states_list[j - 1] = attrs.evolve(states_list[j - 1], near_limit=True)
+            states = tuple(states_list)
+            buckets = tuple(bucket_list)
         else:
             near = values[2 + 5 * count :]
             states = tuple(
@@ -1128,31 +1137,44 @@ class RedisStore(WindowStore):
             row.is_lease and row.amount and bucket != NOT_RESERVED
             for row, bucket in zip(rows, buckets, strict=True)
         ):
-            lease = Lease(partition, str(lease_id), leased)
+            lease = Lease(partition, str(lease_id), tuple(r for r in rows if r.is_lease))
             self.leases.add(lease)
         reservation = Reservation(partition, tuple(rows), buckets, lease)
         return Admission(admitted=True, states=states, reservation=reservation)
 
     async def settle(self, reservation: Reservation, deltas: Sequence[int]) -> None:
+        rows, buckets = reservation.rows, reservation.buckets
+        if not len(rows) == len(buckets) == len(deltas):
+            raise ValueError(f"{len(deltas)} deltas for a reservation of {len(rows)} rows")
         lease = reservation.lease
-        keys: list[str] = []
+        counters: list[str] = []  # of the rows to send
         ints: list[int] = []
-        for row, bucket, delta in zip(reservation.rows, reservation.buckets, deltas, strict=True):
-            if row.is_lease:
-                if lease is not None and bucket != NOT_RESERVED:
-                    keys.append(key_name(reservation.partition, row))
-                    ints += (0, -1, 0, 0)
-            elif delta:
-                keys.append(key_name(reservation.partition, row))
-                ints += (row.bucket_ms, row.span, bucket, delta)
-        if lease is not None:
+        if lease is None:
+            # Most rows of a settlement have no delta (only output rows are corrected):
+            # they cost one test each.
+            for i, delta in enumerate(deltas):
+                if delta:
+                    row = rows[i]
+                    if not row.is_lease:
+                        counters.append(row.counter)
+                        ints += (row.bucket_ms, row.span, buckets[i], delta)
+        else:
+            for row, bucket, delta in zip(rows, buckets, deltas, strict=True):
+                if row.is_lease:
+                    if bucket != NOT_RESERVED:
+                        counters.append(row.counter)
+                        ints += (0, -1, 0, 0)
+                elif delta:
+                    counters.append(row.counter)
+                    ints += (row.bucket_ms, row.span, bucket, delta)
             self.leases.discard(lease)
-        if keys:
+        if counters:
+            prefix = key_prefix(reservation.partition)
             ints.append(int(lease.id) if lease is not None else 0)
             # A refund may wait a little (the window counts the worst case meanwhile:
             # fewer admissions, never more); a charge or a lease release may not.
             refund = lease is None and all(delta <= 0 for delta in deltas)
-            await self._call(SETTLE, keys, _pack(ints), lazy=refund)
+            await self._call(SETTLE, [prefix + c for c in counters], _pack(ints), lazy=refund)
 
     async def renew(self, leases: Sequence[Lease]) -> None:
         by_partition: dict[str, tuple[list[str], list[int]]] = {}

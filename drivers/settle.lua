@@ -25,29 +25,29 @@ for i = 1, #KEYS do
     changed = changed + redis.call('ZREM', key, int(lease_id))
   elseif delta ~= 0 and bucket >= oldest then
     local field = int(bucket)
-    local m = redis.call('HMGET', key, 'm', field)
-    local s, u, n, al, stale = summary(key, m[1], oldest)
+    local m = redis.call('HGET', key, 'm')
+    local s, u, n, al, stale, _, v = summary(key, m, oldest)
     if bucket >= s then -- (below s only if the server clock went back: already gone)
       if stale then
         redis.call('HDEL', key, unpack(stale))
       end
-      local before = tonumber(m[2]) or 0
+      local before = amount_in(key, bucket, n, v)
       local after = before + delta
       -- The key may be new (expired meanwhile) or its TTL shorter than this bucket
       -- needs; otherwise it already lives until its newest bucket leaves.
-      local extend = not m[1] or bucket > n
+      local extend = not m or bucket > n
       u = u - (before > 0 and before or 0) + (after > 0 and after or 0)
       if after > 0 then
-        if bucket > n then
-          n = bucket
+        if bucket >= n then
+          n, v = bucket, after
         end
-        redis.call('HSET', key, field, int(after), 'm', struct.pack(SUMMARY, s, u, n, al))
+        redis.call('HSET', key, field, int(after), 'm', struct.pack(SUMMARY, s, u, n, al, v))
       else
         redis.call('HDEL', key, field)
         if bucket == n then
-          n = newest_live(key, bucket - 1, oldest)
+          n, v = newest_live(key, bucket - 1, oldest)
         end
-        redis.call('HSET', key, 'm', struct.pack(SUMMARY, s, u, n, al))
+        redis.call('HSET', key, 'm', struct.pack(SUMMARY, s, u, n, al, v))
       end
       if extend then
         keep(key, (bucket + span + 1) * bucket_ms - now) -- never a key without a TTL

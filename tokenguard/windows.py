@@ -52,7 +52,7 @@ class UnknownStoreScheme(ValueError):
     """No installed driver handles the store URL's scheme."""
 
 
-@attrs.frozen
+@attrs.frozen(slots=False, init=False)
 class Row:
     """One limit to check and consume within an admission.
 
@@ -93,18 +93,40 @@ class Row:
     """Buckets before the current one that the row sums over: see :func:`bucket_count`."""
     is_lease: bool = attrs.field(init=False, eq=False, repr=False)
 
-    def __attrs_post_init__(self) -> None:
-        lease = self.dimension == CONCURRENT
-        if lease:
-            counter = f"{self.scope}:{CONCURRENT}"
+    def __init__(
+        self,
+        scope: str,
+        dimension: str,
+        window_ms: int,
+        bucket_ms: int,
+        limit: int,
+        amount: int = 0,
+        enforce: bool = True,
+        alert_at: int = 0,
+    ) -> None:
+        # Written straight into the instance dict: a Row is built per rule per request
+        # (and read per row by the drivers), and attrs' frozen __init__ (one
+        # object.__setattr__ per field) cost twice as much. Same fields, same checks
+        # (none), same result as the generated one.
+        d = self.__dict__
+        d["scope"] = scope
+        d["dimension"] = dimension
+        d["window_ms"] = window_ms
+        d["bucket_ms"] = bucket_ms
+        d["limit"] = limit
+        d["amount"] = amount
+        d["enforce"] = enforce
+        d["alert_at"] = alert_at
+        if dimension == CONCURRENT:
+            d["counter"] = f"{scope}:{CONCURRENT}"
+            d["is_lease"] = True
         else:
-            counter = f"{self.scope}:{self.dimension}:{self.window_ms}:{self.bucket_ms}"
-        object.__setattr__(self, "counter", counter)
-        object.__setattr__(self, "span", bucket_count(self.window_ms, self.bucket_ms))
-        object.__setattr__(self, "is_lease", lease)
+            d["counter"] = f"{scope}:{dimension}:{window_ms}:{bucket_ms}"
+            d["is_lease"] = False
+        d["span"] = -(-window_ms // bucket_ms)  # bucket_count(), inlined
 
 
-@attrs.frozen
+@attrs.frozen(slots=False, init=False)
 class RowState:
     """What one row looks like after an admission (or in a usage snapshot).
 
@@ -125,6 +147,24 @@ class RowState:
     fits: bool = True
     retry_after: float | None = None
     near_limit: bool = False
+
+    def __init__(
+        self,
+        row: Row,
+        used: int,
+        reset_after: float,
+        fits: bool = True,
+        retry_after: float | None = None,
+        near_limit: bool = False,
+    ) -> None:
+        # One per row per admission: straight into the instance dict, as Row does.
+        d = self.__dict__
+        d["row"] = row
+        d["used"] = used
+        d["reset_after"] = reset_after
+        d["fits"] = fits
+        d["retry_after"] = retry_after
+        d["near_limit"] = near_limit
 
     @property
     def limit(self) -> int:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 from pathlib import Path
 
+import attrs
 import pytest
 import redis.crc
 import trio
@@ -224,6 +226,52 @@ async def test_stored_keys_share_one_slot_and_never_name_the_api_key(
             assert len({redis.crc.key_slot(k.encode()) for k in mine}) == 1
         for secret in secrets:
             assert not any(secret in k or digest_of(secret) in k for k in stored)
+
+
+# --- the stored layout -------------------------------------------------------------------
+
+
+async def test_counters_in_the_previous_layout_are_counted_and_stay_readable_by_it(
+    redis_server: RedisServer,
+) -> None:
+    """A counter written by the previous version (a summary of four integers, no copy
+    of the newest bucket's amount: see drivers/counter.lua) is counted right, newest
+    bucket included; and every bucket field is still written, which is all that
+    version reads besides the summary."""
+    with trio.fail_after(TEST_TIMEOUT):
+        row = Row("key:a", "requests", window_ms=60_000, bucket_ms=10_000, limit=100)
+        async with open_store(redis_server.url) as store:
+            assert isinstance(store, RedisStore)
+            now = await store.server_time_ms()
+            newest = now // row.bucket_ms
+            key = key_name("p", row)
+            # 3 in the bucket before, 5 in the newest: used 8, start s, alert never.
+            summary = struct.pack("<qqqq", newest - row.span, 8, newest, -1)
+            redis_server.command("HSET", key, str(newest - 1), "3", str(newest), "5", "m", summary)
+            redis_server.command("PEXPIRE", key, 120_000)
+            assert [s.used for s in await store.usage("p", [row])] == [8]
+
+            admitted = await store.admit("p", [attrs.evolve(row, amount=2)])
+            assert admitted.admitted and admitted.states[0].used == 10
+            bucket = admitted.reservation.buckets[0]
+            expected = (
+                {newest - 1: 3, newest: 7}
+                if bucket == newest
+                else {newest - 1: 3, newest: 5, bucket: 2}
+            )
+            for b, amount in expected.items():
+                assert redis_server.command("HGET", key, str(b)) == str(amount).encode()
+
+            await store.settle(admitted.reservation, [-1])
+            assert [s.used for s in await store.usage("p", [row])] == [9]
+            assert (
+                redis_server.command("HGET", key, str(bucket)) == str(expected[bucket] - 1).encode()
+            )
+            # Now in the newer layout: five integers, the last the newest bucket's amount.
+            _start, used, n, _alert, in_newest = struct.unpack(
+                "<qqqqq", redis_server.command("HGET", key, "m")
+            )
+            assert (used, n, in_newest) == (9, bucket, expected[bucket] - 1)
 
 
 # --- scripts, pipelining ---------------------------------------------------------------

@@ -234,6 +234,23 @@ async def test_admits_all_rows_or_none(harness: Harness) -> None:
         assert [s.remaining for s in third.states] == [8, 0]
 
 
+async def test_a_counter_named_by_two_rows_is_one_counter(harness: Harness) -> None:
+    """Two rows of one admission on the same counter: both are checked as the counter
+    was before the admission, both amounts land in it, all or nothing."""
+    with trio.fail_after(TEST_TIMEOUT):
+        await harness.align()
+        three, four = harness.row(limit=10, amount=3), harness.row(limit=10, amount=4)
+        first = (await harness.admit([three, four])).value
+        assert first.admitted
+        assert [s.used for s in first.states] == [3, 7]
+        refused = (await harness.admit([three, four])).value  # 7 + 4 > 10
+        assert not refused.admitted
+        assert [s.fits for s in refused.states] == [True, False]
+        assert used(await harness.usage([three])) == 7
+        await harness.store.settle(first.reservation, [-1, -2])
+        assert used(await harness.usage([three])) == 4
+
+
 async def test_admits_exactly_the_limit(harness: Harness) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         await harness.align()  # all in one bucket, none leaving meanwhile
