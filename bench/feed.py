@@ -11,19 +11,25 @@ far above the load) and admin token. Then:
   streams, spread over the keys) to node 0 alone. The kinds: *none* (no subscriber),
   *keys* (``--subscribers`` subscribers on node 0, each with one key's token: each sees
   that key's events) and *admin* (``--subscribers`` admin subscribers on node 0: each
-  sees every event). The subscribers run in a process of their own (so their work does
-  not slow the load client) and read every event. Reported per kind: requests/s of
-  each round and their median, node 0's CPU time per request (from ``/proc``: what
-  the feed costs the node, whatever else runs on the machine), and the ratio of the
-  medians to *none* (goal: at least 0.90).
-* **Latency**: one admin subscriber on node 1 while requests go to node 0 at
-  ``--latency-rate`` per second for ``--latency-seconds``: for every ``admitted``
+  sees every event), each of the last two in the feed's default mode (one event per
+  websocket message) and in its batched mode (``?batch=1``: every pending event in one
+  message). The subscribers run in a process of their own (so their work does not slow
+  the load client) and read every event. Reported per kind: requests/s of each round
+  and their median, node 0's CPU time per request (from ``/proc``: what the feed costs
+  the node, whatever else runs on the machine), the ratio of the medians to *none*
+  (goal: at least 0.90; the verdict is on it), the same ratio of node 0's requests per
+  CPU second (*CPU ratio*: what the node sustains per core, the steadier figure on a
+  shared machine, where the load client may be the bottleneck), and the events and
+  messages each subscriber received.
+* **Latency**: one admin subscriber on node 1, in each mode, while requests go to node
+  0 at ``--latency-rate`` per second for ``--latency-seconds``: for every ``admitted``
   event, its arrival time minus its server timestamp ``ts`` (same host, same clock).
   Goal: median at most 50 ms.
 
 ``add_arguments`` registers the options on a subparser, ``main`` runs it (exit status
 0, or 1 when the run failed), ``run`` is the same from trio, returning the figures.
-``python -m bench.feed subscribe URL TOKEN...`` is the subscribers' process (internal).
+``python -m bench.feed subscribe URL BATCH TOKEN...`` is the subscribers' process
+(internal; ``BATCH`` is ``0`` or ``1``).
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ ADMIN_TOKEN = "bench-feed-admin-token-0123456789"
 START_TIMEOUT = 30.0
 GOAL_RATIO = 0.90
 GOAL_LATENCY_MS = 50.0
-KINDS = ("none", "keys", "admin")
+KINDS = ("none", "keys", "keys-batch", "admin", "admin-batch")
 
 
 def key_secret(i: int) -> str:
@@ -97,6 +103,7 @@ class Round:
     throughput: float  # requests/s
     node_cpu_ms: float  # node 0's CPU time per request
     received: tuple[int, ...] = ()  # events each subscriber received
+    messages: tuple[int, ...] = ()  # websocket messages each subscriber received
     lagged: int = 0
 
 
@@ -104,8 +111,10 @@ class Round:
 class FeedBenchResult:
     options: FeedBenchOptions
     rounds: tuple[Round, ...]
-    latency_ms: dict[str, float]  # node 0 -> subscriber on node 1
+    latency_ms: dict[str, float]  # node 0 -> subscriber on node 1, default mode
     latency_events: int
+    batch_latency_ms: dict[str, float]  # the same in batched mode
+    batch_latency_events: int
 
     def of(self, kind: str) -> list[Round]:
         return [r for r in self.rounds if r.kind == kind]
@@ -116,9 +125,15 @@ class FeedBenchResult:
     def ratio(self, kind: str) -> float:
         return self.median(kind) / self.median("none")
 
+    def cpu_ratio(self, kind: str) -> float:
+        """Node 0's requests per CPU second with ``kind`` versus none: the throughput
+        ratio of a node whose core is the bottleneck, whatever the client got."""
+        return self.median("none", "node_cpu_ms") / self.median(kind, "node_cpu_ms")
+
     def to_dict(self) -> dict[str, Any]:
         data = attrs.asdict(self)
         data["ratios"] = {kind: self.ratio(kind) for kind in KINDS[1:]}
+        data["cpu_ratios"] = {kind: self.cpu_ratio(kind) for kind in KINDS[1:]}
         return data
 
 
@@ -197,32 +212,38 @@ async def running_nodes(nodes: int, keys: int, directory: Path) -> AsyncIterator
             nursery.cancel_scope.cancel()
 
 
-def _ws_url(url: str) -> str:
-    return url.replace("http://", "ws://", 1) + "/v1/usage/stream"
+def _ws_url(url: str, batch: bool = False) -> str:
+    return url.replace("http://", "ws://", 1) + "/v1/usage/stream" + ("?batch=1" if batch else "")
 
 
 # --- the subscribers' process -----------------------------------------------------------
 
 
-async def subscribe_many(url: str, tokens: Sequence[str]) -> dict[str, Any]:
-    """One websocket subscriber per token, reading every event until SIGTERM/SIGINT;
-    prints ``ready`` once all are subscribed; returns what each received."""
+async def subscribe_many(url: str, tokens: Sequence[str], batch: bool = False) -> dict[str, Any]:
+    """One websocket subscriber per token (in batched mode with ``batch``), reading
+    every event until SIGTERM/SIGINT; prints ``ready`` once all are subscribed; returns
+    the events and the messages each received, and the ``lagged`` events."""
     received = [0] * len(tokens)
+    messages = [0] * len(tokens)
     lagged = 0
 
     async def one(i: int, task_status: trio.TaskStatus[None]) -> None:
         nonlocal lagged
         headers = [(b"Authorization", f"Bearer {tokens[i]}".encode())]
-        async with open_websocket_url(_ws_url(url), extra_headers=headers) as ws:
+        async with open_websocket_url(_ws_url(url, batch), extra_headers=headers) as ws:
             first = json.loads(await ws.get_message())
             if first["type"] != "ready":
                 raise RuntimeError(f"not subscribed: {first}")
             task_status.started()
             while True:
                 text = await ws.get_message()
-                received[i] += 1
-                if '"type":"lagged"' in text:
-                    lagged += 1
+                messages[i] += 1
+                # Batched: one event per line. Counted, not parsed: this process shares
+                # the machine with the nodes, so it does as little as it can.
+                for line in text.split("\n"):
+                    received[i] += 1
+                    if '"type":"lagged"' in line:
+                        lagged += 1
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -232,15 +253,17 @@ async def subscribe_many(url: str, tokens: Sequence[str]) -> dict[str, Any]:
             async for _ in signals:
                 break
             nursery.cancel_scope.cancel()
-    return {"received": received, "lagged": lagged}
+    return {"received": received, "messages": messages, "lagged": lagged}
 
 
 @asynccontextmanager
-async def subscriber_process(url: str, tokens: Sequence[str]) -> AsyncIterator[dict[str, Any]]:
+async def subscriber_process(
+    url: str, tokens: Sequence[str], batch: bool = False
+) -> AsyncIterator[dict[str, Any]]:
     """Run :func:`subscribe_many` in a child process; once the ``async with`` is left,
     its report is in the yielded dict."""
     report: dict[str, Any] = {}
-    argv = [sys.executable, "-m", "bench.feed", "subscribe", url, *tokens]
+    argv = [sys.executable, "-m", "bench.feed", "subscribe", url, str(int(batch)), *tokens]
     process = await trio.lowlevel.open_process(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
     )
@@ -292,10 +315,15 @@ async def load_round(
         "none": [],
         "keys": [key_secret(i % options.keys) for i in range(options.subscribers)],
         "admin": [ADMIN_TOKEN] * options.subscribers,
-    }[kind]
+    }[kind.removesuffix("-batch")]
+    batch = kind.endswith("-batch")
     async with AsyncExitStack() as stack:
         # The subscribers' report is filled in when their process is stopped.
-        report = await stack.enter_async_context(subscriber_process(url, tokens)) if tokens else {}
+        report = (
+            await stack.enter_async_context(subscriber_process(url, tokens, batch))
+            if tokens
+            else {}
+        )
         cpu = cpu_seconds(pid)
         result = await run_load(load)
         cpu = cpu_seconds(pid) - cpu
@@ -307,19 +335,20 @@ async def load_round(
         throughput=summary.throughput,
         node_cpu_ms=cpu / summary.requests * 1000,
         received=tuple(report.get("received", ())),
+        messages=tuple(report.get("messages", ())),
         lagged=report.get("lagged", 0),
     )
 
 
 async def measure_latency(
-    source: str, subscriber: str, seconds: float, rate: float
+    source: str, subscriber: str, seconds: float, rate: float, batch: bool = False
 ) -> tuple[dict[str, float], int]:
     """Requests to ``source`` at ``rate``/s; delays (ms) of their ``admitted`` events
-    as seen by an admin subscriber on ``subscriber``."""
+    as seen by an admin subscriber on ``subscriber`` (in batched mode with ``batch``)."""
     delays: list[float] = []
     headers = [(b"Authorization", f"Bearer {ADMIN_TOKEN}".encode())]
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
-    async with open_websocket_url(_ws_url(subscriber), extra_headers=headers) as ws:
+    async with open_websocket_url(_ws_url(subscriber, batch), extra_headers=headers) as ws:
         if json.loads(await ws.get_message())["type"] != "ready":
             raise RuntimeError("the latency subscriber was not accepted")
         async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10) as client:
@@ -338,9 +367,12 @@ async def measure_latency(
 
             nursery.start_soon(send)
             while True:
-                event = json.loads(await ws.get_message())
-                if event["type"] == "admitted":
-                    delays.append(time.time() * 1000 - event["ts"])
+                text = await ws.get_message()
+                arrived = time.time() * 1000
+                for line in text.split("\n"):
+                    event = json.loads(line)
+                    if event["type"] == "admitted":
+                        delays.append(arrived - event["ts"])
     return percentiles(delays), len(delays)
 
 
@@ -361,60 +393,84 @@ async def run(options: FeedBenchOptions, *, log: Any = None) -> FeedBenchResult:
             await load_round("none", nodes, options, seconds=1.0)  # warm up
             for i in range(options.rounds):
                 # Rotate the order, so a drift of the machine favours no kind.
-                for kind in KINDS[i % 3 :] + KINDS[: i % 3]:
+                turn = i % len(KINDS)
+                for kind in KINDS[turn:] + KINDS[:turn]:
                     result = await load_round(kind, nodes, options)
                     rounds.append(result)
                     say(
-                        f"round {i + 1} {kind:>5}: {result.throughput:7.1f} requests/s, "
+                        f"round {i + 1} {kind:>11}: {result.throughput:7.1f} requests/s, "
                         f"node 0 {result.node_cpu_ms:.2f} ms CPU/request"
                         + (f", {min(result.received)} events each" if result.received else "")
                     )
             latency, events = await measure_latency(
                 nodes.urls[0], nodes.urls[1], options.latency_seconds, options.latency_rate
             )
+            batch_latency, batch_events = await measure_latency(
+                nodes.urls[0],
+                nodes.urls[1],
+                options.latency_seconds,
+                options.latency_rate,
+                batch=True,
+            )
     return FeedBenchResult(
-        options=options, rounds=tuple(rounds), latency_ms=latency, latency_events=events
+        options=options,
+        rounds=tuple(rounds),
+        latency_ms=latency,
+        latency_events=events,
+        batch_latency_ms=batch_latency,
+        batch_latency_events=batch_events,
+    )
+
+
+def _latency_text(latency: dict[str, float]) -> str:
+    verdict = "ok" if latency.get("p50", math.inf) <= GOAL_LATENCY_MS else "ABOVE GOAL"
+    return (
+        f"median {latency.get('p50', math.nan):.1f} ms, p95 {latency.get('p95', math.nan):.1f} "
+        f"ms, p99 {latency.get('p99', math.nan):.1f} ms, max {latency.get('max', math.nan):.1f} "
+        f"ms (goal median <= {GOAL_LATENCY_MS:g} ms: {verdict})"
     )
 
 
 def format_report(result: FeedBenchResult) -> str:
     o = result.options
-    lat = result.latency_ms
     lines = [
         f"usage feed benchmark: {o.nodes} nodes on one redis-server; load on node 0 "
         f"({o.concurrency} workers over {o.keys} keys, no streams), {o.rounds} rounds of "
         f"{o.seconds:g} s per kind",
-        f"  {'kind':<28} {'requests/s per round':<24} {'median':>8} {'ratio':>6} "
-        f"{'node CPU/req':>13}",
+        f"  {'kind':<36} {'requests/s per round':<24} {'median':>8} {'ratio':>6} "
+        f"{'node CPU/req':>13} {'CPU ratio':>9}",
     ]
     describe = {
         "none": "no subscriber",
         "keys": f"{o.subscribers} key subscribers",
+        "keys-batch": f"{o.subscribers} key subscribers, batched",
         "admin": f"{o.subscribers} admin subscribers",
+        "admin-batch": f"{o.subscribers} admin subscribers, batched",
     }
     for kind in KINDS:
         per_round = ", ".join(f"{r.throughput:.0f}" for r in result.of(kind))
         ratio = result.ratio(kind)
         verdict = "" if kind == "none" else ("  ok" if ratio >= GOAL_RATIO else "  BELOW GOAL")
         lines.append(
-            f"  {describe[kind]:<28} {per_round:<24} {result.median(kind):8.1f} {ratio:6.3f} "
-            f"{result.median(kind, 'node_cpu_ms'):10.2f} ms{verdict}"
+            f"  {describe[kind]:<36} {per_round:<24} {result.median(kind):8.1f} {ratio:6.3f} "
+            f"{result.median(kind, 'node_cpu_ms'):10.2f} ms {result.cpu_ratio(kind):9.3f}"
+            f"{verdict}"
         )
     for kind in KINDS[1:]:
         received = [n for r in result.of(kind) for n in r.received]
+        messages = sum(n for r in result.of(kind) for n in r.messages)
         lagged = sum(r.lagged for r in result.of(kind))
         lines.append(
             f"  {describe[kind]}: {min(received)}-{max(received)} events per subscriber "
-            f"per round, {lagged} lagged"
+            f"per round, {sum(received) / max(messages, 1):.1f} events per message, "
+            f"{lagged} lagged"
         )
-    ok_latency = "ok" if lat.get("p50", math.inf) <= GOAL_LATENCY_MS else "ABOVE GOAL"
-    lines.append(
+    lines += [
         f"  delivery latency, node 0 -> subscriber on node 1 ({result.latency_events} events "
-        f"at {o.latency_rate:g}/s): median {lat.get('p50', math.nan):.1f} ms, "
-        f"p95 {lat.get('p95', math.nan):.1f} ms, p99 {lat.get('p99', math.nan):.1f} ms, "
-        f"max {lat.get('max', math.nan):.1f} ms (goal median <= {GOAL_LATENCY_MS:g} ms: "
-        f"{ok_latency})"
-    )
+        f"at {o.latency_rate:g}/s): {_latency_text(result.latency_ms)}",
+        f"  the same, batched ({result.batch_latency_events} events): "
+        f"{_latency_text(result.batch_latency_ms)}",
+    ]
     return "\n".join(lines)
 
 
@@ -463,8 +519,8 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["subscribe"]:
-        url, *tokens = sys.argv[2:]
-        print(json.dumps(trio.run(subscribe_many, url, tokens)), flush=True)
+        url, batch, *tokens = sys.argv[2:]
+        print(json.dumps(trio.run(subscribe_many, url, tokens, batch == "1")), flush=True)
         sys.exit(0)
     parser = argparse.ArgumentParser(prog="python -m bench.feed", description=__doc__)
     add_arguments(parser)

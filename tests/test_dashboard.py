@@ -185,7 +185,7 @@ async def headless_chromium(profile: Path) -> AsyncIterator[DevTools]:
                     "Target.attachToTarget", targetId=target["targetId"], flatten=True
                 )
                 devtools.session = attached["sessionId"]
-                for domain in ("Page", "Runtime", "Log"):
+                for domain in ("Page", "Runtime", "Log", "Network"):
                     await devtools.call(f"{domain}.enable")
                 yield devtools
             nursery.cancel_scope.cancel()
@@ -212,7 +212,22 @@ async def gauge(devtools: DevTools, key: str, dimension: str) -> tuple[str, str]
     return None if value is None else tuple(value)
 
 
+def websocket_frames(devtools: DevTools) -> tuple[list[str], list[str]]:
+    """The URLs of the websockets the page opened, and the text of every frame it got."""
+    urls, frames = [], []
+    for event in devtools.events:
+        params = event.get("params", {})
+        if event.get("method") == "Network.webSocketCreated":
+            urls.append(params["url"])
+        elif event.get("method") == "Network.webSocketFrameReceived":
+            frames.append(params["response"]["payloadData"])
+    return urls, frames
+
+
 async def test_the_dashboard_follows_traffic_in_a_real_browser(node: Node, tmp_path: Path) -> None:
+    # The page asks for the batched mode; publishing every 0.5 s (not 20 ms) makes sure
+    # the traffic below arrives batched, several events to a message.
+    node.feed.publish_seconds = 0.5
     with trio.fail_after(TEST_TIMEOUT):
         async with headless_chromium(tmp_path / "profile") as devtools:
             await devtools.call("Page.navigate", url=f"{node.url}/dashboard")
@@ -288,6 +303,9 @@ async def test_the_dashboard_follows_traffic_in_a_real_browser(node: Node, tmp_p
                 f" && !document.documentElement.outerHTML.includes({json.dumps(ADMIN)})"
             )
             assert devtools.errors() == []  # no CSP violation, no failed load, no exception
+            urls, frames = websocket_frames(devtools)
+            assert urls and all(url.endswith("/v1/usage/stream?batch=1") for url in urls)
+            assert any("\n" in frame for frame in frames)  # batched, and followed above
             ARTIFACTS.mkdir(exist_ok=True)
             shot = await devtools.call("Page.captureScreenshot", format="png")
             (ARTIFACTS / "dashboard.png").write_bytes(base64.b64decode(shot["data"]))

@@ -125,21 +125,28 @@ async def subscriber(
             nursery.cancel_scope.cancel()
 
 
-async def next_event(ws: WebSocketConnection) -> dict[str, Any]:
+async def next_events(ws: WebSocketConnection) -> list[dict[str, Any]]:
+    """The events of the next message: one, or (batched mode) one per line."""
     text = await ws.get_message()
     assert isinstance(text, str)
     for secret in SECRETS:
         assert secret not in text  # keys appear by name, never themselves
-    return json.loads(text)
+    return [json.loads(line) for line in text.split("\n")]
+
+
+async def next_event(ws: WebSocketConnection) -> dict[str, Any]:
+    """The next message, which must carry exactly one event."""
+    (event,) = await next_events(ws)
+    return event
 
 
 async def collect(
     ws: WebSocketConnection, done: Callable[[list[dict[str, Any]]], bool]
 ) -> list[dict[str, Any]]:
-    """Events (snapshots included) until ``done(events)``."""
+    """Events (snapshots included), message after message, until ``done(events)``."""
     events: list[dict[str, Any]] = []
     while not done(events):
-        events.append(await next_event(ws))
+        events.extend(await next_events(ws))
     return events
 
 
@@ -380,6 +387,58 @@ async def test_snapshots_every_second_while_a_key_is_active(node: Node) -> None:
             assert last["usage"][dimension]["limit"] == usage[dimension]["limit"]
 
 
+# --- batched mode ------------------------------------------------------------------------
+
+
+async def test_batched_mode_sends_every_pending_event_in_one_message_in_order(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``?batch=1``: each message is the pending events, one JSON object per line, each
+    with its own ``id``; a message never carries more than ``BATCH_MOST``. Publishing
+    every 0.5 s (not 20 ms) makes the batching certain here."""
+    node.feed.publish_seconds = 0.5
+    monkeypatch.setattr(feed_module, "BATCH_MOST", 4)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            subscriber(node.ws_url, ADMIN, query="?batch=1") as admin,
+            subscriber(node.ws_url, "sk-alpha", query="?batch=1") as alpha,
+            httpx.AsyncClient() as client,
+        ):
+            for ws in (admin, alpha):
+                (ready,) = await next_events(ws)  # `ready` comes alone
+                assert (ready["type"], ready["id"], ready["batch"]) == ("ready", 1, True)
+            sent = []
+            for i in range(6):
+                key = ("sk-alpha", "sk-beta")[i % 2]
+                assert (await chat(client, node.url, key, max_tokens=10 + i)).status_code == 200
+                sent.append((key.removeprefix("sk-"), 10 + i))
+            messages: dict[WebSocketConnection, list[list[dict[str, Any]]]] = {admin: [], alpha: []}
+            for ws, count in ((admin, 12), (alpha, 6)):
+                while sum(len(of_type(m, "admitted", "settled")) for m in messages[ws]) < count:
+                    messages[ws].append(await next_events(ws))
+    for ws, keys in ((admin, {"alpha", "beta"}), (alpha, {"alpha"})):
+        events = [e for message in messages[ws] for e in message]
+        assert [e["id"] for e in events] == list(range(2, 2 + len(events)))
+        assert all(len(message) <= 4 for message in messages[ws])
+        assert any(len(message) > 1 for message in messages[ws])  # batched indeed
+        traffic = of_type(events, "admitted", "settled")
+        assert [e["type"] for e in traffic] == ["admitted", "settled"] * (len(traffic) // 2)
+        assert [e["seq"] for e in traffic] == sorted(e["seq"] for e in traffic)
+        admitted = [
+            (e["key"], e["reserved"]["output_tokens"]) for e in of_type(traffic, "admitted")
+        ]
+        assert admitted == [s for s in sent if s[0] in keys]
+
+
+async def test_batch_is_0_or_1(node: Node) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with subscriber(node.ws_url, "sk-alpha", query="?batch=0") as ws:
+            ready = await next_event(ws)
+            assert (ready["type"], ready["batch"]) == ("ready", False)
+        async with subscriber(node.ws_url, "sk-alpha", query="?batch=yes") as ws:
+            assert await refused_code(ws) == 1008
+
+
 # --- slow, stalled, dead ------------------------------------------------------------------
 
 
@@ -397,12 +456,13 @@ def test_a_subscriber_backlog_drops_its_oldest_events_and_counts_them() -> None:
     assert bodies == ['{"n":2}', '{"n":3}', '{"n":4}']
 
 
-async def test_a_stalled_subscriber_gets_lagged_and_no_more_than_its_backlog() -> None:
+@pytest.mark.parametrize("query", ["", "?batch=1"], ids=["one-per-message", "batched"])
+async def test_a_stalled_subscriber_gets_lagged_and_no_more_than_its_backlog(query: str) -> None:
     backlog = 20
     with trio.fail_after(TEST_TIMEOUT):
         async with running_node(settings_for(backlog=backlog)) as node:
             async with (
-                subscriber(node.ws_url, "sk-alpha", receive_buffer=4096) as stalled,
+                subscriber(node.ws_url, "sk-alpha", query=query, receive_buffer=4096) as stalled,
                 subscriber(node.ws_url, "sk-alpha") as live,
                 httpx.AsyncClient() as client,
             ):
@@ -428,19 +488,21 @@ async def test_a_stalled_subscriber_gets_lagged_and_no_more_than_its_backlog() -
                 (held,) = [s for s in node.feed.subscribers if s.dropped]
                 assert held.pending == backlog  # the bound, and not one more
 
-                events = await collect(stalled, lambda ev: bool(of_type(ev, "lagged")))
-                lagged = of_type(events, "lagged")[0]
-                assert lagged["dropped"] > 0
-                assert lagged["node"] == 0
-                # After it: the newest events, up to the last one sent.
-                rest = await collect(stalled, lambda ev: any(e.get("seq") == 800 for e in ev))
+                read = await collect(stalled, lambda ev: any(e.get("seq") == 800 for e in ev))
+                lags = of_type(read, "lagged")
+                # By default a lag comes only once the socket is stuck; batched, 25 ms of
+                # waiting between messages may also overflow so small a backlog.
+                assert len(lags) >= 1 if query else len(lags) == 1
+                assert all(lag["dropped"] > 0 and lag["node"] == 0 for lag in lags)
+                # After the last one: the newest events, up to the last one sent.
+                rest = read[read.index(lags[-1]) + 1 :]
                 assert 0 < len(of_type(rest, "admitted", "settled")) <= backlog
-                ids = [e["id"] for e in [*events, *rest]]
+                ids = [e["id"] for e in read]
                 assert ids == list(range(ids[0], ids[0] + len(ids)))
                 # Nothing vanished unannounced: each event was delivered or counted dropped
                 # (the count includes snapshots, hence at least).
-                delivered = len(of_type(events + rest, "admitted", "settled"))
-                assert delivered < 800 <= delivered + lagged["dropped"]
+                delivered = len(of_type(read, "admitted", "settled"))
+                assert delivered < 800 <= delivered + sum(lag["dropped"] for lag in lags)
 
 
 async def test_a_dead_subscriber_is_cleaned_up(node: Node) -> None:

@@ -1,5 +1,6 @@
 """The live usage feed across real node processes sharing one Redis (standalone, and a
-3-master Redis Cluster): events cross nodes in order, keys never see each other's, bad
+3-master Redis Cluster): events cross nodes in order (one per message, or batched with
+``?batch=1``), keys never see each other's, bad
 tokens get 1008, and a stalled subscriber does not slow the request path.
 
 Nodes are ``tokenguard serve --store URL --node-id I`` processes on free ports of
@@ -24,7 +25,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from tests.processes import TokenguardProcess, free_ports, running_tokenguard, wait_healthy
-from tests.test_feed import collect, of_type, refused_code, subscriber
+from tests.test_feed import collect, next_events, of_type, refused_code, subscriber
 from tokenguard.settings import ADMIN_TOKEN_ENV
 
 pytestmark = pytest.mark.slow
@@ -87,8 +88,8 @@ async def running_nodes(
         yield urls
 
 
-def ws_url(url: str) -> str:
-    return url.replace("http://", "ws://") + "/v1/usage/stream"
+def ws_url(url: str, query: str = "") -> str:
+    return url.replace("http://", "ws://") + "/v1/usage/stream" + query
 
 
 async def chat(client: httpx.AsyncClient, url: str, key: str, max_tokens: int) -> int:
@@ -106,32 +107,39 @@ async def ready(ws: WebSocketConnection) -> dict[str, Any]:
     return event
 
 
-@pytest.mark.parametrize("store", ["redis", "redis-cluster"])
+@pytest.mark.parametrize(
+    ("store", "query"),
+    [("redis", ""), ("redis-cluster", ""), ("redis", "?batch=1")],
+    ids=["redis", "redis-cluster", "redis-batched"],
+)
 async def test_events_cross_nodes_in_order_and_keys_stay_apart(
-    store: str, request: pytest.FixtureRequest, tmp_path: Path
+    store: str, query: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """Traffic sent to node 2 reaches an admin subscriber on node 0 in order; a key's
-    subscriber on node 1 sees its own events only."""
+    subscriber on node 1 sees its own events only. In batched mode too, where a message
+    carries the events pending at that moment."""
     store_url = request.getfixturevalue("redis_url" if store == "redis" else "redis_cluster_url")
+    batched = query == "?batch=1"
     with trio.fail_after(90):
         async with running_nodes(tmp_path, store_url, 3) as urls:
             admin_headers = [(b"Authorization", f"Bearer {ADMIN}".encode())]
             alpha_headers = [(b"Authorization", b"Bearer sk-alpha")]
             async with (
-                open_websocket_url(ws_url(urls[0]), extra_headers=admin_headers) as admin,
-                open_websocket_url(ws_url(urls[1]), extra_headers=alpha_headers) as alpha,
+                open_websocket_url(ws_url(urls[0], query), extra_headers=admin_headers) as admin,
+                open_websocket_url(ws_url(urls[1], query), extra_headers=alpha_headers) as alpha,
                 httpx.AsyncClient(timeout=10) as client,
             ):
                 assert (await ready(admin))["node"] == 0
-                assert (await ready(alpha))["key"] == "alpha"
+                assert (await ready(alpha))["batch"] is batched
                 sent = []
                 for i in range(20):
                     key = ("sk-alpha", "sk-beta")[i % 2]
                     assert await chat(client, urls[2], key, max_tokens=10 + i) == 200
                     sent.append((key.removeprefix("sk-"), 10 + i))
-                admin_events = await collect(
-                    admin, lambda ev: len(of_type(ev, "admitted", "settled")) == 40
-                )
+                admin_messages: list[list[dict[str, Any]]] = []
+                while sum(len(of_type(m, "admitted", "settled")) for m in admin_messages) < 40:
+                    admin_messages.append(await next_events(admin))
+                admin_events = [e for message in admin_messages for e in message]
                 alpha_events = await collect(
                     alpha, lambda ev: len(of_type(ev, "admitted", "settled")) == 20
                 )
@@ -143,6 +151,9 @@ async def test_events_cross_nodes_in_order_and_keys_stay_apart(
         seqs = [e["seq"] for e in traffic]
         assert seqs == sorted(seqs)
         assert [e["id"] for e in admin_events] == list(range(2, 2 + len(admin_events)))
+        # One event per message by default; several in some message when batched (a
+        # node publishes the events of 20 ms at once; a request's two come ms apart).
+        assert (len(admin_messages) < len(admin_events)) is batched
         # Snapshots are the serving node's own.
         assert {e["node"] for e in of_type(admin_events, "snapshot")} <= {0}
 

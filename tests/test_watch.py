@@ -19,7 +19,7 @@ import trio
 
 from tests.processes import free_ports, running_tokenguard, wait_healthy
 from tests.test_feed import ADMIN, Node, chat, running_node, settings_for
-from tokenguard.watch import Board, stream_url
+from tokenguard.watch import Board, follow, stream_url
 
 TEST_TIMEOUT = 30.0
 
@@ -90,6 +90,7 @@ async def test_json_prints_every_event_as_received_one_per_line(node: Node) -> N
             await watch.wait_for('"type":"settled"')
         events = [json.loads(line) for line in watch.stdout.splitlines()]
         assert events[0]["type"] == "ready" and events[0]["key"] == "alpha"
+        assert events[0]["batch"] is True  # the watcher asks for the batched mode
         assert {e["key"] for e in events[1:]} == {"alpha"}
         traffic = [e for e in events if e["type"] in ("admitted", "settled")]
         assert [e["type"] for e in traffic] == ["admitted", "settled"]
@@ -148,14 +149,38 @@ async def test_it_reconnects_by_itself_when_its_node_restarts(tmp_path: Path) ->
             assert watch.process.returncode is None  # still watching
 
 
+async def test_follow_hands_over_the_events_of_a_batched_message_one_by_one(node: Node) -> None:
+    node.feed.publish_seconds = 0.5  # events then come in batches, for certain
+    texts: list[str] = []
+    states: list[str] = []
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery, httpx.AsyncClient() as client:
+            url = stream_url(node.url)
+            nursery.start_soon(follow, url, "sk-alpha", texts.append, states.append)
+            while not texts:  # noqa: ASYNC110 (polling our own list)
+                await trio.sleep(0.02)
+            for _ in range(3):
+                assert (await chat(client, node.url, "sk-alpha")).status_code == 200
+            while sum('"type":"settled"' in t for t in texts) < 3:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+    events = [json.loads(text) for text in texts]  # each text is one event
+    assert events[0]["type"] == "ready" and events[0]["batch"] is True
+    assert [e["id"] for e in events] == list(range(1, len(events) + 1))
+    traffic = [e["type"] for e in events if e["type"] in ("admitted", "settled")]
+    assert traffic == ["admitted", "settled"] * 3
+
+
 def test_stream_url_from_a_node_url() -> None:
-    assert stream_url("ws://127.0.0.1:8000") == "ws://127.0.0.1:8000/v1/usage/stream"
-    assert stream_url("http://h:1/") == "ws://h:1/v1/usage/stream"
-    assert stream_url("https://h") == "wss://h/v1/usage/stream"
+    assert stream_url("ws://127.0.0.1:8000") == "ws://127.0.0.1:8000/v1/usage/stream?batch=1"
+    assert stream_url("http://h:1/", batch=False) == "ws://h:1/v1/usage/stream"
+    assert stream_url("https://h") == "wss://h/v1/usage/stream?batch=1"
     assert (
-        stream_url("127.0.0.1:8000", key="a b") == "ws://127.0.0.1:8000/v1/usage/stream?key=a%20b"
+        stream_url("127.0.0.1:8000", key="a b")
+        == "ws://127.0.0.1:8000/v1/usage/stream?key=a%20b&batch=1"
     )
-    assert stream_url("ws://h:1/v1/usage/stream") == "ws://h:1/v1/usage/stream"
+    assert stream_url("h:1", key="a", batch=False) == "ws://h:1/v1/usage/stream?key=a"
+    assert stream_url("ws://h:1/v1/usage/stream") == "ws://h:1/v1/usage/stream?batch=1"
     with pytest.raises(ValueError, match="not a node URL"):
         stream_url("ftp://h")
 
