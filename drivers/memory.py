@@ -168,7 +168,11 @@ class MemoryStore(WindowStore):
     """Counters in a dict, keyed by partition and row counter.
 
     ``clock`` returns seconds (``time.time`` by default); tests inject a fake one.
+    :meth:`admit` and :meth:`settle` never wait (``never_waits``): no other task runs
+    during them, which is also what makes them atomic.
     """
+
+    never_waits = True
 
     def __init__(self, clock: Callable[[], float] = time.time, url: str = "memory://") -> None:
         self.url = url

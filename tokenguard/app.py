@@ -211,10 +211,14 @@ class Gateway:
         self, decision: Decision, output_tokens: int, input_tokens: int | None = None
     ) -> None:
         """Settle a reservation. ``input_tokens``, when given, corrects the counted
-        prompt (the upstream's count). A refund (nothing above what was admitted) goes
+        prompt (the upstream's count). On a store that never waits (memory) it is
+        settled here and now. Otherwise a refund (nothing above what was admitted) goes
         to the background settler and is not waited for; anything else (or when the
         settler cannot take it) is settled here, shielded, so a cancelled request still
         settles."""
+        if self.store.never_waits:  # in-process: as cheap here as queueing it
+            await self._settle_now(decision, output_tokens, input_tokens)
+            return
         if self.settler.defer(decision, output_tokens, input_tokens):
             self.request_log.current().output_settled = output_tokens
             return
@@ -283,9 +287,13 @@ class Gateway:
 
     async def admit(self, key: ApiKey, cost: Cost, model: str) -> Decision:
         """Admit a request's cost, or raise its 429; log and feed the outcome."""
-        # Shielded: once the store has admitted, we must know it, to settle.
-        with trio.CancelScope(shield=True):
+        # Shielded: once the store has admitted, we must know it, to settle (a store
+        # that never waits cannot be cancelled halfway: no scope to pay for).
+        if self.store.never_waits:
             decision = await self.limiter.admit(key, cost, model)
+        else:
+            with trio.CancelScope(shield=True):
+                decision = await self.limiter.admit(key, cost, model)
         record = self.request_log.current()
         record.model, record.decision = model, decision_label(decision)
         record.input_tokens, record.output_reserved = cost.input_tokens, cost.output_tokens

@@ -300,6 +300,11 @@ class WindowStore(abc.ABC):
     """
 
     url: str
+    never_waits: bool = False
+    """True for a store whose :meth:`admit` and :meth:`settle` never wait (no trio
+    checkpoint: an in-process store). Such a call cannot be cancelled halfway nor slow
+    a request, so callers may skip what guards against that (a shielded scope, moving
+    a settlement off the request path)."""
 
     @classmethod
     @abc.abstractmethod
