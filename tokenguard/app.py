@@ -31,11 +31,12 @@ from tokenguard.limiter import (
     Cost,
     Decision,
     Limiter,
+    ratelimit_header_fields,
     ratelimit_headers,
     retry_headers,
     tightest_by_dimension,
 )
-from tokenguard.logs import RequestLog, decision_label
+from tokenguard.logs import ASGIApp, Message, Receive, RequestLog, Scope, Send, decision_label
 from tokenguard.metrics import CONTENT_TYPE, Metrics, bearer_matches
 from tokenguard.prompts import prompt_tokens, validate_completion, validate_embedding
 from tokenguard.resilience import GuardedStore, LogThrottle
@@ -63,6 +64,44 @@ def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None
         headers=dict(headers or {}),
         content_type="application/json",
     )
+
+
+# A mock answer's rate-limit headers skip werkzeug's Headers: validating, storing and
+# re-encoding a dozen headers there cost about as much as admitting the request. They
+# wait in the ASGI scope, already encoded, and :func:`send_stashed_headers` adds them
+# to the response's start message. An error answer drops them (it sends its own).
+STASHED_HEADERS = "tokenguard.ratelimit_headers"
+
+
+def _stash_headers(decision: Decision | None) -> None:
+    """Send ``decision``'s rate-limit headers (if any) with this request's response,
+    whatever builds it."""
+    if decision is not None:
+        request.scope[STASHED_HEADERS] = ratelimit_header_fields(decision.admission.states)
+
+
+def _drop_stashed_headers() -> None:
+    request.scope.pop(STASHED_HEADERS, None)
+
+
+def send_stashed_headers(app: ASGIApp) -> ASGIApp:
+    """``app`` whose HTTP responses carry the headers :func:`_stash_headers` left."""
+
+    async def sending(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def send_with_stashed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                stashed = scope.pop(STASHED_HEADERS, None)
+                if stashed:
+                    message = {**message, "headers": [*message["headers"], *stashed]}
+            await send(message)
+
+        await app(scope, receive, send_with_stashed)
+
+    return sending
 
 
 def _seconds_text(seconds: float) -> str:
@@ -270,19 +309,17 @@ class Gateway:
                 return await self._proxy_chat(route, chat, 0, None, {})
             per_choice = chat.max_tokens or key.limits.default_max_tokens
             reply = mock.mock_reply(chat.model, chat.messages, chat.n, per_choice)
-            return await self._answer(
-                mock.CHAT, reply, chat.stream, chat.include_usage, 0, None, {}
-            )
+            return await self._answer(mock.CHAT, reply, chat.stream, chat.include_usage, 0, None)
         input_tokens = count_chat_prompt(chat.model, chat.messages, chat.tools, chat.functions)
         output_tokens = self.output_reservation(key, chat, input_tokens)
         cost = Cost(requests=1, input_tokens=input_tokens, output_tokens=output_tokens)
         decision = await self.admit(key, cost, chat.model)
-        headers = ratelimit_headers(decision.admission.states)
         if route is not None:
+            headers = ratelimit_headers(decision.admission.states)
             return await self._proxy_chat(route, chat, input_tokens, decision, headers)
         reply = mock.mock_reply(chat.model, chat.messages, chat.n, output_tokens // chat.n)
         return await self._answer(
-            mock.CHAT, reply, chat.stream, chat.include_usage, input_tokens, decision, headers
+            mock.CHAT, reply, chat.stream, chat.include_usage, input_tokens, decision
         )
 
     async def admit(self, key: ApiKey, cost: Cost, model: str) -> Decision:
@@ -317,21 +354,23 @@ class Gateway:
         include_usage: bool,
         input_tokens: int,
         decision: Decision | None,
-        headers: dict[str, str],
     ) -> Response:
         """Answer with a mock reply in ``form``, whole or streamed, paced by the mock's
-        token delay; ``decision`` (if any) is settled to the tokens the client got."""
+        token delay, with ``decision``'s rate-limit headers; ``decision`` (if any) is
+        settled to the tokens the client got."""
         delay = self.settings.mock.token_delay_ms / 1000
         if stream:
             events = self._stream(form, reply, include_usage, input_tokens, decision, delay)
-            return _event_stream(events, headers)
+            _stash_headers(decision)
+            return _event_stream(events, {})
         try:
             if delay:
                 await trio.sleep(delay * reply.completion_tokens)
         finally:
             if decision is not None:
                 await self.settle(decision, reply.completion_tokens)
-        return _json(form.body(reply, input_tokens), headers=headers)
+        _stash_headers(decision)
+        return _json(form.body(reply, input_tokens))
 
     async def _stream(
         self,
@@ -367,15 +406,15 @@ class Gateway:
         data = await request.get_data(cache=False)
         req = validate_completion(parse_json(data))
         route = self.route(req.model)
-        body, decision, headers, input_tokens = req.body, None, {}, 0
+        body, decision, input_tokens = req.body, None, 0
         if self.settings.limiting:
             input_tokens = prompt_tokens(req.model, req.prompt, req.suffix)
             output_tokens = req.max_tokens * req.choices
             decision = await self.admit(key, Cost(1, input_tokens, output_tokens), req.model)
-            headers = ratelimit_headers(decision.admission.states)
             # Named explicitly: upstreams differ in their default (llama.cpp: unbounded).
             body = {**body, "max_tokens": req.max_tokens}
         if route is not None:
+            headers = ratelimit_headers(decision.admission.states) if decision else {}
             return await self._proxy(
                 route, "/completions", body, req.model, req.stream, req.include_usage,
                 input_tokens, decision, headers,
@@ -385,9 +424,8 @@ class Gateway:
             req.model, [{"prompt": prompt}], len(req.prompt) * req.n, req.max_tokens
         )
         return await self._answer(
-            mock.TEXT_COMPLETION, reply, req.stream, req.include_usage,
-            input_tokens, decision, headers,
-        )  # fmt: skip
+            mock.TEXT_COMPLETION, reply, req.stream, req.include_usage, input_tokens, decision
+        )
 
     async def embedding(self) -> Response:
         """``POST /v1/embeddings``: one request and its input tokens; no output."""
@@ -395,12 +433,12 @@ class Gateway:
         data = await request.get_data(cache=False)
         req = validate_embedding(parse_json(data))
         route = self.route(req.model)
-        decision, headers, input_tokens = None, {}, 0
+        decision, input_tokens = None, 0
         if self.settings.limiting:
             input_tokens = prompt_tokens(req.model, req.input)
             decision = await self.admit(key, Cost(1, input_tokens, 0), req.model)
-            headers = ratelimit_headers(decision.admission.states)
         if route is not None:
+            headers = ratelimit_headers(decision.admission.states) if decision else {}
             return await self._proxy(
                 route, "/embeddings", req.body, req.model, False, False,
                 input_tokens, decision, headers,
@@ -410,7 +448,8 @@ class Gateway:
         )
         if decision is not None:
             await self.settle(decision, 0)
-        return _json(body, headers=headers)
+        _stash_headers(decision)
+        return _json(body)
 
     # --- proxy mode (tokenguard/upstream.py) ---------------------------------------------
 
@@ -585,6 +624,7 @@ class Gateway:
         return _json(body, headers=ratelimit_headers(states))
 
     async def error_response(self, error: APIError) -> Response:
+        _drop_stashed_headers()  # a failure after the answer was built: this one instead
         headers = dict(error.headers)
         key = getattr(g, "key", None)
         if key is not None and not any(h.startswith("x-ratelimit-") for h in headers):
@@ -649,7 +689,9 @@ def create_app(
     gateway = Gateway(settings, store, closing=shutdown, keyring=keyring)
     app.extensions["tokenguard"] = gateway
     # Every HTTP request is recorded, logged once its response ended, and counted.
-    app.asgi_app = gateway.request_log.wrap(app.asgi_app)  # type: ignore[method-assign]
+    app.asgi_app = gateway.request_log.wrap(  # type: ignore[method-assign]
+        send_stashed_headers(app.asgi_app)
+    )
     if isinstance(store, GuardedStore):
         store.observe_call = gateway.metrics.store_call
     # The app's routes (read at the first request, when all exist) are the metrics'
@@ -765,6 +807,7 @@ def create_app(
 
     @app.errorhandler(StoreError)
     async def on_store_error(error: StoreError) -> Response:
+        _drop_stashed_headers()
         held = store_error_log.ready()  # at most a line a second, however many 503s
         if held is not None:
             log.error("store unavailable: %s (%d more 503s since the last line)", error, held)
@@ -781,6 +824,7 @@ def create_app(
 
     @app.errorhandler(Exception)
     async def on_unexpected(error: Exception) -> Response:
+        _drop_stashed_headers()
         log.exception("unexpected error on %s %s", request.method, request.path)
         return _json(
             APIError(
