@@ -108,6 +108,35 @@ async def test_ratelimit_headers_on_success(client) -> None:  # type: ignore[no-
         assert h[f"x-ratelimit-reset-{name}"].endswith("s")
 
 
+async def test_every_answer_carries_each_ratelimit_header_once(client) -> None:  # type: ignore[no-untyped-def]
+    # The headers of admitted answers bypass werkzeug (added to the ASGI start message):
+    # whole, streamed and embedding answers each carry all twelve, once; an error
+    # answer after an admission carries its own (the refusal's), not the stashed ones.
+    names = [
+        f"x-ratelimit-{kind}-{family}"
+        for family in ("requests", "tokens", "input-tokens", "output-tokens")
+        for kind in ("limit", "remaining", "reset")
+    ]
+    answers = [
+        await chat(client, "sk-small", max_tokens=10),
+        await chat(client, "sk-small", max_tokens=3, stream=True),  # (short: test client)
+        await client.post(
+            "/v1/embeddings",
+            json={"model": "text-embedding-3-small", "input": "hi"},
+            headers=auth("sk-small"),
+        ),
+    ]
+    for response in answers:
+        assert response.status_code == 200
+        for name in names:
+            assert len(response.headers.getlist(name)) == 1, name
+    remaining = [r.headers["x-ratelimit-remaining-requests"] for r in answers]
+    assert remaining == ["2", "1", "0"]
+    refused = await chat(client, "sk-small", max_tokens=10)
+    assert refused.status_code == 429
+    assert refused.headers.getlist("x-ratelimit-remaining-requests") == ["0"]
+
+
 async def test_rpm_exhausted_gives_openai_429(client, clock) -> None:  # type: ignore[no-untyped-def]
     for _ in range(3):
         assert (await chat(client, "sk-small", max_tokens=1)).status_code == 200

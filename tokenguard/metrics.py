@@ -11,7 +11,8 @@ Two kinds of metrics, by cost:
   would-refusals by dimension, tokens reserved and settled, store call latency, upstream
   latency and errors. The app calls :meth:`Metrics.admitted`, :meth:`Metrics.rejected`,
   :meth:`Metrics.settled`, :meth:`Metrics.request_finished`, ... where it already makes
-  those decisions.
+  those decisions. Admissions and tokens, counted on every admitted request, are plain
+  integers per key (:class:`_KeySeries`) that :class:`NodeCollector` reads.
 * **Read at scrape time** (nothing on the request path): the store's breaker and
   failure counters (:class:`~tokenguard.resilience.GuardStats`, including admissions
   made under ``on_store_error = "open"``), the usage feed's subscribers and dropped
@@ -80,16 +81,25 @@ class BoundedLabel:
 
 
 class _KeySeries:
-    """One key's per-request counters, resolved once (``labels()`` costs a lock and a
-    dict lookup; ``inc()`` on the child a fraction of that)."""
+    """One key's admission and token counters: plain integers, added to on every
+    admitted request and read at scrape time (:meth:`NodeCollector.collect`). A
+    prometheus-client child's ``inc()`` (a lock, checks) cost several times more,
+    three or four times per request."""
 
-    __slots__ = ("admitted", "input_reserved", "output_reserved", "output_settled")
+    __slots__ = (
+        "admitted",
+        "input_reserved",
+        "output_reserved",
+        "input_settled",
+        "output_settled",
+    )
 
-    def __init__(self, metrics: Metrics, key: str) -> None:
-        self.admitted = metrics.admitted_total.labels(key)
-        self.input_reserved = metrics.tokens_reserved.labels(key, "input")
-        self.output_reserved = metrics.tokens_reserved.labels(key, "output")
-        self.output_settled = metrics.tokens_settled.labels(key, "output")
+    def __init__(self) -> None:
+        self.admitted = 0
+        self.input_reserved = 0
+        self.output_reserved = 0
+        self.input_settled = 0
+        self.output_settled = 0
 
 
 class Metrics:
@@ -129,13 +139,6 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.admitted_total = Counter(
-            "tokenguard_admitted",
-            "Completions admitted by the limiter (shadow-mode and store-outage admissions "
-            "included), by key name.",
-            ["key"],
-            registry=r,
-        )
         self.rejected_total = Counter(
             "tokenguard_rejected",
             "Completions refused with 429, by key name and the refusing dimension.",
@@ -147,20 +150,6 @@ class Metrics:
             "Completions admitted only because the refusing limits are in shadow mode, by "
             "key name and the dimension that would have refused.",
             ["key", "dimension"],
-            registry=r,
-        )
-        self.tokens_reserved = Counter(
-            "tokenguard_tokens_reserved",
-            "Tokens reserved at admission: input (counted prompt) and output (max_tokens "
-            "x n, or the default), by key name.",
-            ["key", "direction"],
-            registry=r,
-        )
-        self.tokens_settled = Counter(
-            "tokenguard_tokens_settled",
-            "Tokens settled after the reply: what was really used (output; input when an "
-            "upstream reports another prompt size), by key name.",
-            ["key", "direction"],
             registry=r,
         )
         self.store_seconds = Histogram(
@@ -188,10 +177,15 @@ class Metrics:
         self._models = BoundedLabel()
         self.registry.register(NodeCollector(self, store=store, feed=feed, limiter=limiter))
 
+    @property
+    def keys_seen(self) -> Mapping[str, _KeySeries]:
+        """The counters of every key name admitted so far (read at scrape time)."""
+        return self._keys
+
     def _key(self, name: str) -> _KeySeries:
         series = self._keys.get(name)
         if series is None:
-            series = self._keys[name] = _KeySeries(self, name)
+            series = self._keys[name] = _KeySeries()
         return series
 
     # -- on the request path
@@ -210,10 +204,10 @@ class Metrics:
     def admitted(self, decision: Decision) -> None:
         """An admission: its reservation, and a shadow-mode would-refusal if any."""
         series = self._key(decision.key.name)
-        series.admitted.inc()
+        series.admitted += 1
         cost = decision.cost
-        series.input_reserved.inc(cost.input_tokens)
-        series.output_reserved.inc(cost.output_tokens)
+        series.input_reserved += cost.input_tokens
+        series.output_reserved += cost.output_tokens
         if decision.would_refuse:
             state = decision.shadow_refusal
             dimension = state.row.dimension if state is not None else "unknown"
@@ -230,9 +224,9 @@ class Metrics:
     ) -> None:
         """A settlement the store took: the tokens really used."""
         series = self._key(decision.key.name)
-        series.output_settled.inc(output_tokens)
+        series.output_settled += output_tokens
         if input_tokens is not None:
-            self.tokens_settled.labels(decision.key.name, "input").inc(input_tokens)
+            series.input_settled += input_tokens
 
     def store_call(self, operation: str, seconds: float) -> None:
         """A store call that was answered (``GuardedStore.observe_call``)."""
@@ -267,7 +261,8 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 
 class NodeCollector(Collector):
-    """The node's state, read when scraped: nothing is counted on the request path."""
+    """The node's state, read when scraped: the per-key admission and token counters
+    (plain integers), and what the store, feed and limiter already keep."""
 
     def __init__(
         self,
@@ -291,6 +286,7 @@ class NodeCollector(Collector):
         )
         info.add_metric([str(self.metrics.node_id)], 1)
         yield info
+        yield from self._per_key()
         if isinstance(self.store, GuardedStore):
             yield from self._store(self.store)
         if self.feed is not None:
@@ -349,6 +345,34 @@ class NodeCollector(Collector):
             ),
         ):
             yield _counter(f"{NAMESPACE}_{name}", doc, value)
+
+    def _per_key(self) -> Iterator[Metric]:
+        admitted = CounterMetricFamily(
+            "tokenguard_admitted",
+            "Completions admitted by the limiter (shadow-mode and store-outage admissions "
+            "included), by key name.",
+            labels=["key"],
+        )
+        reserved = CounterMetricFamily(
+            "tokenguard_tokens_reserved",
+            "Tokens reserved at admission: input (counted prompt) and output (max_tokens "
+            "x n, or the default), by key name.",
+            labels=["key", "direction"],
+        )
+        settled = CounterMetricFamily(
+            "tokenguard_tokens_settled",
+            "Tokens settled after the reply: what was really used (output; input when an "
+            "upstream reports another prompt size), by key name.",
+            labels=["key", "direction"],
+        )
+        for name, series in list(self.metrics.keys_seen.items()):
+            admitted.add_metric([name], series.admitted)
+            reserved.add_metric([name, "input"], series.input_reserved)
+            reserved.add_metric([name, "output"], series.output_reserved)
+            if series.input_settled:  # (only an upstream's other prompt size)
+                settled.add_metric([name, "input"], series.input_settled)
+            settled.add_metric([name, "output"], series.output_settled)
+        yield from (admitted, reserved, settled)
 
     def _feed(self, feed: Feed) -> Iterator[Metric]:
         yield _gauge(
