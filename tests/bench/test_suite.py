@@ -10,6 +10,7 @@ wrk is not installed; everything else runs without it.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -218,16 +219,17 @@ def check_report(markdown: str, output: Path, names: list[str]) -> None:
         assert "matplotlib is not installed" in markdown
 
 
-def no_children_left() -> None:
-    import os
-
-    leftovers = [p for p in children(os.getpid()) if p]
+def no_children_left(before: set[int]) -> None:
+    """No process the suite started outlives it (``before``: this process's children
+    when the test began, e.g. session-wide redis-servers of other test files)."""
+    leftovers = sorted(set(children(os.getpid())) - before)
     # trio's run_process and the suite reap everything they start.
     assert not leftovers, leftovers
 
 
 @pytest.mark.slow
 async def test_suite_tiny_startup_decisions_memory(tmp_path: Path) -> None:
+    before = set(children(os.getpid()))
     output = tmp_path / "docs" / "performance.md"
     with trio.fail_after(60):
         result = await run_suite(
@@ -249,12 +251,13 @@ async def test_suite_tiny_startup_decisions_memory(tmp_path: Path) -> None:
     assert "Resident memory per node process" in markdown
     goals = {g.name: g for s in result.sections for g in s.goals}
     assert all(g.met is not None for g in goals.values())
-    no_children_left()
+    no_children_left(before)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(find_wrk() is None, reason="wrk is not installed (apt-get install wrk)")
 async def test_suite_tiny_stores_with_wrk(tmp_path: Path) -> None:
+    before = set(children(os.getpid()))
     output = tmp_path / "performance.md"
     with trio.fail_after(60):
         result = await run_suite(
@@ -274,4 +277,4 @@ async def test_suite_tiny_stores_with_wrk(tmp_path: Path) -> None:
         (run,) = stores.data["throughput"][variant]
         assert run["requests"] > 0
         assert sum(run["errors"].values()) == 0  # every answer a 200
-    no_children_left()
+    no_children_left(before)
