@@ -53,6 +53,21 @@ def one_key(**limits: Any) -> ApiKey:
 # --- several windows per dimension -------------------------------------------------------
 
 
+async def test_rules_on_one_counter_are_one_row_with_the_smaller_limit(clock: FakeClock) -> None:
+    # A [window] as long as an hour, in the hour's buckets, makes `rpm` and `rph` the
+    # same counter: one row, else each would be checked against the count before the
+    # admission and both consumed (4 requests would pass a limit of 3).
+    limiter = Limiter(MemoryStore(clock=clock), window_seconds=3600, bucket_seconds=60)
+    key = one_key(rpm=5, rph=3, input_tpm=100, input_tph=400)
+    rows = limiter.rows(key, Cost(input_tokens=7, output_tokens=3))
+    assert [(r.dimension, r.window_ms, r.bucket_ms, r.limit) for r in rows] == [
+        ("requests", 3_600_000, 60_000, 3),
+        ("input_tokens", 3_600_000, 60_000, 100),
+    ]
+    admitted = [(await limiter.admit(key, Cost(1, 7, 3))).admitted for _ in range(4)]
+    assert admitted == [True, True, True, False]
+
+
 async def test_rows_per_window_in_order_with_derived_buckets(clock: FakeClock) -> None:
     limiter = limiter_of(clock)
     key = one_key(rpm=10, rph=100, rpd=1000, tpm=500, output_tpd=9000, input_tph=700)

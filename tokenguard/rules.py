@@ -131,18 +131,27 @@ def _limit_templates(
         limits.rules(),
         key=lambda r: (WINDOW_ORDER.index(r[1]), ALL_DIMENSIONS.index(r[0])),
     )
+    # Two rules of one dimension whose windows are the same (a [window] of 3600 s in
+    # 60 s buckets, and an hourly rule) are one counter: one row, with the smaller
+    # limit. Two rows would each be checked against the count before the admission,
+    # then both consumed: together they could pass the limit.
+    merged: dict[tuple[str, int, int], int] = {}
+    for dimension, window, limit in ordered:
+        counter = (dimension, *windows[window])
+        merged[counter] = min(limit, merged.get(counter, limit))
     # Near-limit signals for enforced windowed rows only: a lease row has no window,
     # and a shadow row's usage is reported by its would_reject events.
     return [
         RowTemplate(
             scope,
             dimension,
-            *windows[window],
+            window_ms,
+            bucket_ms,
             limit,
             enforce,
             alert_at(limit, near_limit_ratio) if enforce and dimension != CONCURRENT else 0,
         )
-        for dimension, window, limit in ordered
+        for (dimension, window_ms, bucket_ms), limit in merged.items()
     ]
 
 
