@@ -456,6 +456,22 @@ def test_a_subscriber_backlog_drops_its_oldest_events_and_counts_them() -> None:
     assert bodies == ['{"n":2}', '{"n":3}', '{"n":4}']
 
 
+def test_a_burst_is_taken_whole_by_a_subscriber_that_kept_up() -> None:
+    # Events arrive in batches (a node publishes every 20 ms): a subscriber with nothing
+    # pending takes a batch longer than its backlog whole; one already behind keeps only
+    # the newest `limit`.
+    sub = Subscriber(Viewer("admin"), limit=3)
+    sub.offer_all([f'{{"n":{i}}}' for i in range(5)])
+    assert (sub.pending, sub.dropped) == (5, 0)
+    sub.offer_all(['{"n":5}', '{"n":6}'])
+    assert (sub.pending, sub.dropped) == (3, 4)
+
+    async def take() -> tuple[int, list[str]]:
+        return await sub.take()
+
+    assert trio.run(take) == (4, ['{"n":4}', '{"n":5}', '{"n":6}'])
+
+
 @pytest.mark.parametrize("query", ["", "?batch=1"], ids=["one-per-message", "batched"])
 async def test_a_stalled_subscriber_gets_lagged_and_no_more_than_its_backlog(query: str) -> None:
     backlog = 20

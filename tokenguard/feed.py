@@ -156,7 +156,8 @@ class Viewer:
 
 class Subscriber:
     """One local subscriber: a backlog of encoded events (without their stream ``id``),
-    at most ``limit`` long; the oldest are dropped beyond it and counted until taken."""
+    at most ``limit`` long, or one delivered batch long when it had kept up (see
+    :meth:`offer_all`); the oldest are dropped beyond it and counted until taken."""
 
     def __init__(self, viewer: Viewer, limit: int) -> None:
         self.viewer = viewer
@@ -168,8 +169,26 @@ class Subscriber:
 
     @property
     def pending(self) -> int:
-        """Events waiting to be sent (at most ``limit``)."""
+        """Events waiting to be sent."""
         return len(self._backlog)
+
+    def offer_all(self, bodies: list[str]) -> None:
+        """Queue the events of one delivered batch; never blocks. A subscriber that had
+        kept up (nothing pending) takes the batch whole even past ``limit``: a node's
+        events arrive in batches of up to PUBLISH_SECONDS (at most PUBLISH_BATCH), and
+        such a burst is not a lag. Otherwise the oldest beyond ``limit`` are dropped."""
+        if not bodies:
+            return
+        backlog = self._backlog
+        limit = self.limit if backlog else max(self.limit, len(bodies))
+        backlog.extend(bodies)
+        excess = len(backlog) - limit
+        if excess > 0:
+            for _ in range(excess):
+                backlog.popleft()
+            self.dropped += excess
+            self.dropped_total += excess
+        self._wakeup.set()
 
     def offer(self, body: str) -> None:
         """Queue one event; never blocks."""
@@ -503,6 +522,7 @@ class Feed:
         if not self._subscribers:
             return  # nobody here: not even worth parsing
         now = trio.current_time()
+        events: list[tuple[str, str]] = []  # (key name, encoded event)
         for line in message.split(b"\n"):
             try:
                 event = json.loads(line)
@@ -511,10 +531,10 @@ class Feed:
                 log.warning("usage feed: ignoring a malformed event %r", line[:200])
                 continue
             self._active[key] = now
-            body = line.decode()
-            for subscriber in self._subscribers:
-                if subscriber.viewer.sees(key):
-                    subscriber.offer(body)
+            events.append((key, line.decode()))
+        for subscriber in self._subscribers:
+            viewer = subscriber.viewer
+            subscriber.offer_all([body for key, body in events if viewer.sees(key)])
 
     async def _snapshot_forever(self) -> None:
         while True:
