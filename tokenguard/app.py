@@ -736,10 +736,11 @@ def create_app(
             gateway.keyring.stop()
 
     # The background settler: drained (shielded) when serving ends, so no refund that
-    # was accepted is lost.
+    # was accepted is lost. A store that never waits settles in the request: no settler.
     @app.before_serving
     async def start_settler() -> None:
-        await app.nursery.start(gateway.settler.run)
+        if not store.never_waits:
+            await app.nursery.start(gateway.settler.run)
 
     @app.after_serving
     async def stop_settler() -> None:

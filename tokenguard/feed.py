@@ -191,13 +191,8 @@ class Subscriber:
         self._wakeup.set()
 
     def offer(self, body: str) -> None:
-        """Queue one event; never blocks."""
-        if len(self._backlog) >= self.limit:
-            self._backlog.popleft()
-            self.dropped += 1
-            self.dropped_total += 1
-        self._backlog.append(body)
-        self._wakeup.set()
+        """Queue one event (a snapshot); never blocks."""
+        self.offer_all([body])
 
     async def take(self, most: int = SEND_MOST) -> tuple[int, list[str]]:
         """Wait for events; return (events dropped since the last take, up to ``most``

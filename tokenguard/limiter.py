@@ -218,14 +218,6 @@ class Limiter:
         return await self.store.usage(partition_of(key), self.rows(key, model=model))
 
 
-def tightest(states: Iterable[RowState], dimensions: Iterable[str]) -> RowState | None:
-    """Of the enforced rows of ``dimensions``, the one with the smallest share of its
-    limit remaining (the first such, in row order, on a tie)."""
-    wanted = set(dimensions)
-    candidates = [s for s in states if s.row.enforce and s.row.dimension in wanted]
-    return min(candidates, key=lambda s: s.remaining / s.limit, default=None)
-
-
 def tightest_by_dimension(states: Iterable[RowState]) -> dict[str, RowState]:
     """Per dimension, the tightest enforced row (over every scope and window): what a
     client is told about that dimension. Dimensions without a row are absent."""
@@ -236,7 +228,7 @@ def _tightest_with_shares(
     states: Iterable[RowState],
 ) -> tuple[dict[str, RowState], dict[str, float]]:
     # On every response: the share of its limit each row has left, computed once per
-    # row without the properties (the first row wins a tie, as in `tightest`).
+    # row without the properties (on a tie, the first row in order wins).
     out: dict[str, RowState] = {}
     shares: dict[str, float] = {}
     for s in states:
