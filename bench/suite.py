@@ -11,6 +11,7 @@ One command starts what it needs (tokenguard nodes, supervised clusters, a priva
                  the same Redis for scale.
 ``stores``       one node: limits off vs memory store vs Redis store; throughput at
                  :attr:`Profile.connections` connections, latency unloaded (1 connection).
+``rules``        the memory and Redis nodes next to twins whose keys have 8 rules each.
 ``concurrency``  the same three nodes at 1..256 connections.
 ``streaming``    the same three nodes at several shares of streamed requests.
 ``nodes``        1 vs 2 vs 3 nodes on one Redis (the same total connections).
@@ -85,6 +86,7 @@ SCENARIOS = (
     "startup",
     "decisions",
     "stores",
+    "rules",
     "concurrency",
     "streaming",
     "nodes",
@@ -542,23 +544,22 @@ class LoadClient:
 # --- configs ----------------------------------------------------------------------------
 
 
-def throughput_config() -> str:
+# The rules of a key in the throughput configs: 3 (per minute), or 8 as in
+# ``python -m bench decisions --rules 8`` (the same rows: per minute, per hour, per day).
+THREE_RULES = ("rpm", "input_tpm", "output_tpm")
+EIGHT_RULES = (*THREE_RULES, "rph", "input_tph", "output_tph", "rpd", "input_tpd")
+
+
+def throughput_config(rules: Sequence[str] = THREE_RULES) -> str:
     lines = [
-        "# bench.toml: keys whose limits are never reached (throughput scenarios)",
+        f"# keys whose limits are never reached (throughput scenarios), {len(rules)} rules each",
         "[window]",
         "seconds = 60",
         "bucket_seconds = 5",
     ]
     for i, secret in enumerate(TP_SECRETS):
-        lines += [
-            "",
-            "[[keys]]",
-            f'key = "{secret}"',
-            f'name = "tp-{i}"',
-            f"rpm = {HUGE}",
-            f"input_tpm = {HUGE}",
-            f"output_tpm = {HUGE}",
-        ]
+        lines += ["", "[[keys]]", f'key = "{secret}"', f'name = "tp-{i}"']
+        lines += [f"{rule} = {HUGE}" for rule in rules]
     return "\n".join(lines) + "\n"
 
 
@@ -637,6 +638,14 @@ class Suite:
         path = self.workdir / "bench.toml"
         if not path.exists():
             path.write_text(throughput_config(), encoding="utf-8")
+        return path
+
+    @property
+    def tp8_config(self) -> Path:
+        """bench.toml's keys with 8 rules each (the ``rules`` scenario)."""
+        path = self.workdir / "bench8.toml"
+        if not path.exists():
+            path.write_text(throughput_config(EIGHT_RULES), encoding="utf-8")
         return path
 
     # -- processes --
@@ -723,9 +732,12 @@ class Suite:
             return proc, urls, t0, ready
         raise SuiteError("unreachable")
 
-    async def start_single(self, variant: str, name: str | None = None) -> Target:
-        """One node, ``tokenguard serve --config bench.toml`` + the variant's flag."""
-        args = ["--config", str(self.tp_config), "--grace", NODE_GRACE]
+    async def start_single(
+        self, variant: str, name: str | None = None, *, config: Path | None = None
+    ) -> Target:
+        """One node, ``tokenguard serve --config bench.toml`` (or ``config``) + the
+        variant's flag."""
+        args = ["--config", str(config or self.tp_config), "--grace", NODE_GRACE]
         redis_pid = None
         if variant == "off":
             args.append("--no-limits")
@@ -1580,6 +1592,118 @@ async def scenario_stores(suite: Suite) -> Section:
     return section
 
 
+# --- scenario: rules per request, at the node ------------------------------------------
+
+
+RULES_VARIANTS = ("memory", "memory-8", "redis", "redis-8")
+RULES_LABELS = {
+    "memory": "memory store, 3 rules",
+    "memory-8": "memory store, 8 rules",
+    "redis": "Redis store, 3 rules",
+    "redis-8": "Redis store, 8 rules",
+}
+
+
+async def scenario_rules(suite: Suite) -> Section:
+    section = section_header(suite, "rules", "One node: 8 rules per request vs 3")
+    p = suite.profile
+    singles = await suite.singles()
+    eight: dict[str, Target] = {}
+
+    async def one(variant: str) -> None:
+        eight[variant] = await suite.start_single(
+            variant, f"node-{variant}-8", config=suite.tp8_config
+        )
+
+    async with trio.open_nursery() as nursery:
+        for variant in ("memory", "redis"):
+            nursery.start_soon(one, variant)
+    for target in eight.values():
+        await suite.warm(target)
+    nodes = {
+        "memory": singles["memory"],
+        "memory-8": eight["memory"],
+        "redis": singles["redis"],
+        "redis-8": eight["redis"],
+    }
+    trouble = trouble_before(nodes)
+    tp = await suite.interleave(
+        nodes, rounds=p.rounds, connections=p.connections, seconds=p.seconds, label="rules"
+    )
+    section.intro = (
+        "What more rules cost a request, seen from a client: the single nodes of the "
+        "`stores` section (3 rules per key: per-minute requests, input and output tokens) "
+        "next to the same nodes started with every key holding 8 rules (those, per-hour "
+        "requests, input and output tokens, per-day requests and input tokens: the rows of "
+        "`python -m bench decisions --rules 8`), all never reached. Throughput at "
+        f"{p.connections} connections, {p.rounds} rounds of {p.seconds} s, the order rotating "
+        "every round; each 8-rule node is compared with its 3-rule twin measured in the "
+        "same round. (The store-only ratio, without HTTP, is in the `decisions` section.) "
+        + client_note(suite)
+    )
+    section.commands = [
+        "tokenguard serve --config bench.toml --port 8001",
+        "tokenguard serve --config bench8.toml --port 8003",
+        "tokenguard serve --config bench.toml --port 8002 --store unix:///path/to/redis.sock",
+        "tokenguard serve --config bench8.toml --port 8004 --store unix:///path/to/redis.sock",
+        suite.client.commands(connections=p.connections, seconds=p.seconds, share=0.0),
+    ]
+    ratios = {
+        store: median(paired_ratios(tp, store, f"{store}-8")) for store in ("memory", "redis")
+    }
+    rows = []
+    for name, rs in tp.items():
+        values = rps_of(rs)
+        low, high = spread(values)
+        shown = "1 (baseline)"
+        if name.endswith("-8"):
+            rr = paired_ratios(tp, name.removesuffix("-8"), name)
+            lo, hi = spread(rr)
+            shown = f"**{fmt_pct(median(rr))}** ({fmt_pct(lo)}–{fmt_pct(hi)})"
+        redis = [r.redis_cpu for r in rs if r.redis_cpu is not None]
+        rows.append(
+            f"| {RULES_LABELS[name]} | {fmt_int(median(values))} | {fmt_int(low)}–"
+            f"{fmt_int(high)} | {shown} | {fmt_ms(median(lat_of(rs, 'p50')))} | "
+            f"{median([r.node_cpu for r in rs]):.0%} | "
+            + (f"{median(redis):.0%}" if redis else "-")
+            + " |"
+        )
+    section.body = [
+        f"Throughput, {p.connections} connections:",
+        "",
+        "| node | req/s (median) | range | 8 rules / 3 rules (paired) | p50 ms | node CPU "
+        "| Redis CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *rows,
+    ]
+    section.notes += error_notes(tp, "throughput") + trouble_notes(nodes, trouble)
+    section.ratios = [
+        (f"1 node, 8 rules / 3 rules, memory store, {p.connections} connections", ratios["memory"]),
+        (f"1 node, 8 rules / 3 rules, Redis store, {p.connections} connections", ratios["redis"]),
+    ]
+    section.data = {
+        "throughput": {k: [r.result.to_dict() for r in v] for k, v in tp.items()},
+        "ratios": ratios,
+    }
+    suite.chart(
+        "rules",
+        "One node: 8 rules per request vs 3",
+        [
+            Panel(
+                kind="bar",
+                title=f"throughput, {p.connections} connections (median, min-max)",
+                x=[RULES_LABELS[v] for v in RULES_VARIANTS],
+                series={"req/s": [median(rps_of(tp[v])) for v in RULES_VARIANTS]},
+                spread={"req/s": [spread(rps_of(tp[v])) for v in RULES_VARIANTS]},
+                ylabel="requests/s",
+                labels=True,
+            )
+        ],
+        section,
+    )
+    return section
+
+
 # --- scenario: concurrency sweep --------------------------------------------------------
 
 
@@ -2148,13 +2272,14 @@ SCENARIO_FUNCTIONS: dict[str, Callable[[Suite], Awaitable[Section]]] = {
     "startup": scenario_startup,
     "decisions": scenario_decisions,
     "stores": scenario_stores,
+    "rules": scenario_rules,
     "concurrency": scenario_concurrency,
     "streaming": scenario_streaming,
     "nodes": scenario_nodes,
     "accuracy": scenario_accuracy,
     "memory": scenario_memory,
 }
-WRK_SCENARIOS = {"stores", "concurrency", "streaming", "nodes"}
+WRK_SCENARIOS = {"stores", "rules", "concurrency", "streaming", "nodes"}
 
 
 # --- the report -------------------------------------------------------------------------
@@ -2262,6 +2387,10 @@ def render_markdown(
         "```toml",
         throughput_config().rstrip(),
         "```",
+        "",
+        "`bench8.toml` (the `rules` scenario): the same keys, each with "
+        + ", ".join(f"`{rule} = {HUGE}`" for rule in EIGHT_RULES)
+        + ".",
         "",
         "`accuracy.toml` (the secret is random per run):",
         "",

@@ -262,19 +262,26 @@ async def test_suite_tiny_stores_with_wrk(tmp_path: Path) -> None:
     with trio.fail_after(60):
         result = await run_suite(
             TINY,
-            scenarios=["stores"],
+            scenarios=["stores", "rules"],
             output=output,
             client="wrk",
             command="python -m bench suite --tiny",
             progress=None,
         )
     assert result.ok
-    check_report(result.markdown, output, ["stores"])
+    check_report(result.markdown, output, ["stores", "rules"])
     assert "wrk -t1 -c32 -d1s" in result.markdown
     assert "Throughput, 1 node, memory store / limits off" in result.markdown
-    (stores,) = result.sections
-    for variant in ("off", "memory", "redis"):
-        (run,) = stores.data["throughput"][variant]
-        assert run["requests"] > 0
-        assert sum(run["errors"].values()) == 0  # every answer a 200
+    assert "1 node, 8 rules / 3 rules, Redis store" in result.markdown
+    assert "`bench8.toml` (the `rules` scenario)" in result.markdown
+    stores, rules = result.sections
+    for section, variants in (
+        (stores, ("off", "memory", "redis")),
+        (rules, ("memory", "memory-8", "redis", "redis-8")),
+    ):
+        for variant in variants:
+            (run,) = section.data["throughput"][variant]
+            assert run["requests"] > 0
+            assert sum(run["errors"].values()) == 0  # every answer a 200
+    assert set(rules.data["ratios"]) == {"memory", "redis"}
     no_children_left(before)
