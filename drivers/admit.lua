@@ -56,10 +56,13 @@ end
 -- written, r[NEW] the key has no summary yet. One small array per key, built at once:
 -- every row of every admission pays for this bookkeeping, and a table per quantity
 -- (grown row by row) or named fields cost a good part of a row's time. Per row: its
--- counter's record (none for a lease row), its current bucket, used as checked, and a
--- lease row's reset_ms as checked.
+-- counter's record, by key, in `first` (a row's current bucket is recomputed where
+-- needed, and its usage as checked is its record's before anything is consumed); a
+-- lease row's used and reset_ms as checked, in `lease_states`. (Few tables, and no
+-- table grown row by row but `first`: growing a Lua table rehashes it, which cost
+-- a good part of a row's time.)
 local S, U, N, V, CUR, AL, STALE, CHANGED, NEW = 1, 2, 3, 4, 5, 6, 7, 8, 9
-local first, R, C, USED, LRESET = {}, {}, {}, {}, {}
+local first, lease_states = {}, nil
 local floor, call, pack = math.floor, redis.call, struct.pack
 local everything, refused = true, false -- every row fits (shadow ones too); refused
 for i = 1, rows do
@@ -67,23 +70,22 @@ for i = 1, rows do
   local bucket_ms, span = a[5 * i - 4], a[5 * i - 3]
   local used
   if span < 0 then
-    used, LRESET[i] = leases(key)
-    C[i] = 0
+    local reset
+    used, reset = leases(key)
+    lease_states = lease_states or {}
+    lease_states[i] = { used, reset }
   else
-    local c = floor(now / bucket_ms)
     local r = first[key]
     if r == nil then
+      local c = floor(now / bucket_ms)
       local m = call('HGET', key, 'm')
       local s, u, n, al, stale, changed, v = summary(key, m, c - span)
       local cur = c == n and v or amount_in(key, c, n, v)
       r = { s, u, n, v, cur, al, stale or false, changed, not m }
       first[key] = r
     end
-    R[i] = r
     used = r[U]
-    C[i] = c
   end
-  USED[i] = used
   if used + a[5 * i - 1] > a[5 * i - 2] then
     everything = false
     if a[5 * i] % 2 == 1 then
@@ -95,30 +97,32 @@ end
 -- The rows' states as checked (nothing consumed yet): outcome, now, then per row used,
 -- reset_ms, fits, retry_ms, bucket. Only when some row does not fit.
 local function checked(outcome)
-  local out = { outcome, now }
+  local out = { now, unpack(a, 1, 5 * rows + 1) } -- (its size at once: overwritten)
+  out[1], out[2] = outcome, now
   for i = 1, rows do
     local key = KEYS[i]
     local bucket_ms, span, limit, amount = a[5 * i - 4], a[5 * i - 3], a[5 * i - 2], a[5 * i - 1]
-    local used, c = USED[i], C[i]
-    local fits = used + amount <= limit
-    local reset, retry
+    local used, c, reset, retry
     if span < 0 then
-      reset = LRESET[i]
+      used, reset, c = lease_states[i][1], lease_states[i][2], 0
       retry = amount <= limit and 1000 or -1
     else
-      local newest = R[i][N]
+      local r = first[key]
+      used, c = r[U], floor(now / bucket_ms)
+      local newest = r[N]
       reset = newest >= 0 and (newest + span + 1) * bucket_ms - now or 0
       retry = -1
-      if not fits and amount <= limit then
+      if used + amount > limit and amount <= limit then
         retry = retry_ms(key, c - span, math.max(c, newest), span, bucket_ms, used, amount, limit)
       end
     end
-    local k = #out
-    out[k + 1] = used
-    out[k + 2] = reset
-    out[k + 3] = fits and 1 or 0
-    out[k + 4] = fits and -1 or retry
-    out[k + 5] = c
+    local fits = used + amount <= limit
+    local k = 5 * i - 2
+    out[k] = used
+    out[k + 1] = reset
+    out[k + 2] = fits and 1 or 0
+    out[k + 3] = fits and -1 or retry
+    out[k + 4] = c
   end
   return out
 end
@@ -129,8 +133,14 @@ end
 -- Every enforcing row fits: consume every row (a shadow row only if every row fits)
 -- and report the states after it: in full when some shadow row did not fit, else
 -- only used and reset_ms per row.
-local out = everything and { 2, now } or checked(1)
-local alerts = {}
+local out
+if everything then
+  out = { now, unpack(a, 1, 2 * rows + 1) } -- (its size at once: overwritten)
+  out[1], out[2] = 2, now
+else
+  out = checked(1)
+end
+local alerts = nil
 for i = 1, rows do
   local key = KEYS[i]
   local bucket_ms, span, amount, flags = a[5 * i - 4], a[5 * i - 3], a[5 * i - 1], a[5 * i]
@@ -139,7 +149,7 @@ for i = 1, rows do
   if not consumed then
     out[k + 4] = -1 -- not consumed: its state stays the one checked
   elseif span < 0 then
-    local used, reset = USED[i], LRESET[i]
+    local used, reset = lease_states[i][1], lease_states[i][2]
     if amount ~= 0 then
       call('ZADD', key, now + bucket_ms, int(lease_id))
       keep(key, bucket_ms)
@@ -148,8 +158,7 @@ for i = 1, rows do
     out[k] = used
     out[k + 1] = reset
   else
-    local r = R[i]
-    local c = C[i]
+    local r, c = first[key], floor(now / bucket_ms)
     local field, total = nil, nil -- the current bucket's field and amount, to write
     local expire = 0 -- the key's new TTL (ms), when it must change
     if amount ~= 0 then
@@ -176,11 +185,14 @@ for i = 1, rows do
         end
       end
     end
-    local alert_at = (flags - flags % 2) / 2
-    if alert_at > 0 and r[U] >= alert_at and r[AL] < c - span then
-      r[AL] = c
-      alerts[#alerts + 1] = i
-      r[CHANGED] = true
+    if flags > 1 then
+      local alert_at = (flags - flags % 2) / 2
+      if r[U] >= alert_at and r[AL] < c - span then
+        r[AL] = c
+        alerts = alerts or {}
+        alerts[#alerts + 1] = i
+        r[CHANGED] = true
+      end
     end
     if r[CHANGED] then
       if r[STALE] then
@@ -211,7 +223,9 @@ for i = 1, rows do
     out[k + 3] = -1
   end
 end
-for j = 1, #alerts do
-  out[#out + 1] = alerts[j]
+if alerts then
+  for j = 1, #alerts do
+    out[#out + 1] = alerts[j]
+  end
 end
 return encode(out)
