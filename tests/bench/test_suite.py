@@ -22,6 +22,7 @@ from bench.procfs import children
 from bench.suite import (
     Profile,
     RedisInfo,
+    SuiteResult,
     Target,
     _parse_redis_benchmark_csv,
     machine_info,
@@ -55,6 +56,11 @@ TINY = Profile(
     startup_repeats=1,
     settle=0.2,
     decisions_extras=False,
+    proxy_rounds=1,
+    proxy_seconds=1.0,
+    feed_rounds=1,
+    feed_seconds=1.0,
+    feed_latency_seconds=1.0,
 )
 
 WRK_TEXT = """\
@@ -219,6 +225,18 @@ def check_report(markdown: str, output: Path, names: list[str]) -> None:
         assert "matplotlib is not installed" in markdown
 
 
+async def run_tiny(scenarios: list[str], output: Path, *, client: str) -> SuiteResult:
+    """``run_suite`` with the TINY profile, quietly."""
+    return await run_suite(
+        TINY,
+        scenarios=scenarios,
+        output=output,
+        client=client,
+        command="python -m bench suite --tiny",
+        progress=None,
+    )
+
+
 def no_children_left(before: set[int]) -> None:
     """No process the suite started outlives it (``before``: this process's children
     when the test began, e.g. session-wide redis-servers of other test files)."""
@@ -232,14 +250,7 @@ async def test_suite_tiny_startup_decisions_memory(tmp_path: Path) -> None:
     before = set(children(os.getpid()))
     output = tmp_path / "docs" / "performance.md"
     with trio.fail_after(60):
-        result = await run_suite(
-            TINY,
-            scenarios=["startup", "decisions", "memory"],
-            output=output,
-            client="load",
-            command="python -m bench suite --tiny",
-            progress=None,
-        )
+        result = await run_tiny(["startup", "decisions", "memory"], output, client="load")
     assert result.ok
     markdown = output.read_text()
     assert markdown == result.markdown
@@ -260,14 +271,7 @@ async def test_suite_tiny_stores_with_wrk(tmp_path: Path) -> None:
     before = set(children(os.getpid()))
     output = tmp_path / "performance.md"
     with trio.fail_after(60):
-        result = await run_suite(
-            TINY,
-            scenarios=["stores", "rules"],
-            output=output,
-            client="wrk",
-            command="python -m bench suite --tiny",
-            progress=None,
-        )
+        result = await run_tiny(["stores", "rules"], output, client="wrk")
     assert result.ok
     check_report(result.markdown, output, ["stores", "rules"])
     assert "wrk -t1 -c32 -d1s" in result.markdown
@@ -284,4 +288,33 @@ async def test_suite_tiny_stores_with_wrk(tmp_path: Path) -> None:
             assert run["requests"] > 0
             assert sum(run["errors"].values()) == 0  # every answer a 200
     assert set(rules.data["ratios"]) == {"memory", "redis"}
+    no_children_left(before)
+
+
+@pytest.mark.slow
+async def test_suite_tiny_proxy_and_feed(tmp_path: Path) -> None:
+    """The proxy and feed benchmarks as suite sections: their own reports, the figures
+    in the headline and goals, every process gone afterwards."""
+    before = set(children(os.getpid()))
+    output = tmp_path / "performance.md"
+    with trio.fail_after(120):
+        result = await run_tiny(["proxy", "feed"], output, client="load")
+    assert result.ok
+    markdown = result.markdown
+    sections = re.split(r"\n## \d+\. ", markdown)[1:]
+    assert len(sections) == 2
+    assert "python -m bench proxy --seconds 1 --rounds 1" in markdown
+    assert "python -m bench feed --seconds 1 --rounds 1" in markdown
+    assert "| proxy node / straight to its upstream |" in markdown
+    proxy_section, feed_section = result.sections
+    rounds = proxy_section.data["proxy"]["rounds"]
+    assert {r["kind"] for r in rounds} == {"direct", "proxy"}
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in rounds)
+    assert proxy_section.data["ratio"] > 0
+    figures = feed_section.data["feed"]
+    assert set(figures["ratios"]) == {"keys", "keys-batch", "admin", "admin-batch"}
+    assert all(ratio > 0 for ratio in figures["ratios"].values())
+    goals = {g.name: g for g in feed_section.goals}
+    assert "Usage feed: delivery latency node to node, median" in goals
+    assert all(g.met is not None for g in goals.values())
     no_children_left(before)
