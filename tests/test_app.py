@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
+import trio
 
 from drivers.memory import MemoryStore
-from tokenguard.app import create_app
+from tokenguard.app import COUNT_OFF_LOOP_BYTES, create_app
 from tokenguard.mock import FIRST_WORD
 from tokenguard.settings import parse_settings
 from tokenguard.tokens import count_chat_prompt, count_text
@@ -438,3 +440,59 @@ async def test_streaming_without_usage_has_no_usage_field(client) -> None:  # ty
     assert events[-1] == "[DONE]"
     assert all("usage" not in e for e in events[:-1])
     assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+# --- large prompts ---------------------------------------------------------------------
+
+
+LARGE_PROMPT_CONFIG = {
+    "server": {"max_body_bytes": 2 * 1024 * 1024},
+    "keys": [{"key": "sk-large", "name": "large", "input_tpm": 10**9}],
+}
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
+async def test_a_large_prompt_is_counted_off_the_event_loop(route: str) -> None:
+    """A prompt of a large body is counted in a worker thread (tiktoken releases the
+    GIL), so the node's event loop keeps serving meanwhile: a task ticking every
+    millisecond is never held up for as long as counting the prompt takes. The count
+    is the same as in place."""
+    text = " ".join(f"w{i * 7919 % 100_003}" for i in range(130_000))  # ~1 MB, ~400k tokens
+    assert len(text) > COUNT_OFF_LOOP_BYTES
+    body: dict[str, Any]
+    if route == "/v1/chat/completions":
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": text}]}
+        expected = count_chat_prompt("gpt-4o", body["messages"])
+    elif route == "/v1/completions":
+        body = {"model": "gpt-4o", "prompt": text, "max_tokens": 1}
+        expected = count_text("gpt-4o", text)
+    else:
+        body = {"model": "text-embedding-3-small", "input": text}
+        expected = count_text("text-embedding-3-small", text)
+    started = time.perf_counter()
+    count_text("gpt-4o", text)
+    in_place = time.perf_counter() - started  # what the loop would be held up for
+    client = create_app(
+        parse_settings(LARGE_PROMPT_CONFIG, "<test>"), MemoryStore(clock=FakeClock())
+    ).test_client()
+    gaps: list[float] = []
+    done = trio.Event()
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await trio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tick)
+            await trio.sleep(0.005)
+            response = await client.post(route, json=body, headers=auth("sk-large"))
+            done.set()
+    assert response.status_code == 200, await response.get_data()
+    assert (await response.get_json())["usage"]["prompt_tokens"] == expected
+    # Parsing the JSON body still happens on the loop (~10x cheaper than counting it).
+    assert max(gaps) < in_place / 2, (max(gaps), in_place)

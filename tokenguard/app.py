@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
 from importlib import resources
 from typing import Any
 
@@ -65,6 +65,14 @@ def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None
         content_type="application/json",
     )
 
+
+# A request body at least this large has its prompt counted in a worker thread: tiktoken
+# releases the GIL while it encodes, so the event loop goes on serving the node's other
+# requests meanwhile (a 1 MiB prompt takes ~50 ms to count; one prompt after another
+# would otherwise hold every other request up that long). Below it, the thread hop
+# (~0.1 ms) costs more than counting in place. At most COUNTING_THREADS at once.
+COUNT_OFF_LOOP_BYTES = 64 * 1024
+COUNTING_THREADS = 2
 
 # A mock answer's rate-limit headers skip werkzeug's Headers: validating, storing and
 # re-encoding a dozen headers there cost about as much as admitting the request. They
@@ -192,12 +200,20 @@ class Gateway:
         self.request_log = RequestLog(on_finish=self.metrics.request_finished)
         # Refunds are settled in the background, off the reply's latency (settler.py).
         self.settler = Settler(self._settle_now)
+        self._counting = trio.CapacityLimiter(COUNTING_THREADS)  # see COUNT_OFF_LOOP_BYTES
         # Proxy mode (an [upstream] is configured); the built-in mock answers otherwise.
         self.upstream = (
             Upstream(settings.upstream, on_result=self.metrics.upstream_result)
             if settings.upstream.enabled
             else None
         )
+
+    async def count_tokens(self, body_size: int, count: Callable[..., int], *args: Any) -> int:
+        """``count(*args)``, a prompt's token count: in place, or in a worker thread when
+        the request's body is ``COUNT_OFF_LOOP_BYTES`` or more (see there)."""
+        if body_size < COUNT_OFF_LOOP_BYTES:
+            return count(*args)
+        return await trio.to_thread.run_sync(count, *args, limiter=self._counting)
 
     def authenticate(self) -> ApiKey:
         """The key named by the request's bearer token, or a 401/400 APIError.
@@ -310,7 +326,9 @@ class Gateway:
             per_choice = chat.max_tokens or key.limits.default_max_tokens
             reply = mock.mock_reply(chat.model, chat.messages, chat.n, per_choice)
             return await self._answer(mock.CHAT, reply, chat.stream, chat.include_usage, 0, None)
-        input_tokens = count_chat_prompt(chat.model, chat.messages, chat.tools, chat.functions)
+        input_tokens = await self.count_tokens(
+            len(data), count_chat_prompt, chat.model, chat.messages, chat.tools, chat.functions
+        )
         output_tokens = self.output_reservation(key, chat, input_tokens)
         cost = Cost(requests=1, input_tokens=input_tokens, output_tokens=output_tokens)
         decision = await self.admit(key, cost, chat.model)
@@ -408,7 +426,9 @@ class Gateway:
         route = self.route(req.model)
         body, decision, input_tokens = req.body, None, 0
         if self.settings.limiting:
-            input_tokens = prompt_tokens(req.model, req.prompt, req.suffix)
+            input_tokens = await self.count_tokens(
+                len(data), prompt_tokens, req.model, req.prompt, req.suffix
+            )
             output_tokens = req.max_tokens * req.choices
             decision = await self.admit(key, Cost(1, input_tokens, output_tokens), req.model)
             # Named explicitly: upstreams differ in their default (llama.cpp: unbounded).
@@ -435,7 +455,7 @@ class Gateway:
         route = self.route(req.model)
         decision, input_tokens = None, 0
         if self.settings.limiting:
-            input_tokens = prompt_tokens(req.model, req.input)
+            input_tokens = await self.count_tokens(len(data), prompt_tokens, req.model, req.input)
             decision = await self.admit(key, Cost(1, input_tokens, 0), req.model)
         if route is not None:
             headers = ratelimit_headers(decision.admission.states) if decision else {}
