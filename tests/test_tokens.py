@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -499,3 +500,95 @@ def test_counts_in_a_fresh_process_without_network(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "6", "8"]
     assert list(cache.iterdir()) == []
+
+
+# --- the count cache -----------------------------------------------------------------------
+
+
+def _long_texts() -> list[str]:
+    base = "The rate limiter counts every prompt exactly, whatever its size. " * 8
+    return [
+        base,
+        base + "<|endoftext|> is plain text here " * 4,
+        "naïve café 東京 🚀 " * 40,
+        "\ud800 a lone surrogate " * 30,
+        " ".join(str(i) for i in range(400)),
+    ]
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "gpt-4"])
+def test_cached_counts_are_the_counts(model: str) -> None:
+    """A remembered count is the count: each text counted with the cache (a miss, then a
+    hit) equals tiktoken's own count of it, and a chat prompt counted twice too."""
+    cache = tokens.COUNT_CACHE
+    cache.clear()
+    encoding = tokens.encoding_for_model(model)
+    for text in _long_texts():
+        assert len(text) >= tokens.CACHED_MIN_CHARS
+        exact = len(encoding.encode(text, disallowed_special=()))
+        assert count_text(model, text) == exact
+        assert count_text(model, text) == exact
+    assert (cache.hits, cache.misses) == (5, 5)
+    messages = [{"role": "system", "content": t} for t in _long_texts()]
+    first = count_chat_prompt(model, messages)
+    cache.enabled = False
+    try:
+        uncached = count_chat_prompt(model, messages)
+    finally:
+        cache.enabled = True
+    assert count_chat_prompt(model, messages) == first == uncached
+
+
+def test_the_count_cache_is_bounded_and_forgets_the_least_recently_used() -> None:
+    cache = tokens.CountCache(entries=3)
+    encoding = tokens.encoding_for_model("gpt-4o")
+    texts = [f"{i} " + "x y " * 200 for i in range(5)]
+    for text in texts[:3]:
+        cache.count(encoding, text)
+    cache.count(encoding, texts[0])  # used again: now the most recent
+    for text in texts[3:]:
+        cache.count(encoding, text)
+    assert len(cache) == 3
+    assert (cache.hits, cache.misses) == (1, 5)
+    cache.count(encoding, texts[0])  # kept
+    assert cache.hits == 2
+    cache.count(encoding, texts[1])  # forgotten: counted again
+    assert cache.misses == 6
+
+
+def test_short_texts_and_a_disabled_cache_are_counted_afresh() -> None:
+    cache = tokens.CountCache()
+    encoding = tokens.encoding_for_model("gpt-4o")
+    short = "x" * (tokens.CACHED_MIN_CHARS - 1)
+    assert (
+        cache.count(encoding, short)
+        == cache.count(encoding, short)
+        == len(encoding.encode_ordinary(short))
+    )
+    cache.enabled = False
+    long = "y " * tokens.CACHED_MIN_CHARS
+    cache.count(encoding, long)
+    cache.count(encoding, long)
+    assert (cache.hits, cache.misses, len(cache)) == (0, 0, 0)
+
+
+def test_the_count_cache_is_shared_safely_by_threads() -> None:
+    """Large prompts are counted in worker threads: 8 threads counting the same texts
+    at once all get the exact counts, and each text is remembered once."""
+    cache = tokens.CountCache()
+    encoding = tokens.encoding_for_model("gpt-4o")
+    texts = [f"thread {i} " + "words to count " * 100 for i in range(20)]
+    expected = [len(encoding.encode_ordinary(t)) for t in texts]
+    results: list[list[int]] = []
+
+    def work() -> None:
+        results.append([cache.count(encoding, t) for t in texts])
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results == [expected] * 8
+    assert len(cache) == 20
+    assert cache.hits + cache.misses == 8 * 20

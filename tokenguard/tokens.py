@@ -38,6 +38,11 @@ file content parts, assistant ``tool_calls``/``function_call``, and nested param
 schemas. OpenAI may change its prompt format per model, so treat counts for models other
 than the cookbook's (gpt-3.5-turbo, gpt-4, gpt-4o, gpt-4o-mini) as close estimates.
 
+Counts of texts of :data:`CACHED_MIN_CHARS` or more are remembered (:class:`CountCache`,
+:data:`COUNT_CACHE`): chat clients resend a conversation's history, system prompt
+included, on every turn, so most of a long prompt has been counted before. The count is
+the same either way; only the time differs.
+
 Loading an encoding takes a fraction of a second (o200k_base is the larger one) and
 blocks; it happens once per process per encoding. Call :func:`preload` at start-up
 (e.g. via ``trio.to_thread.run_sync``) to keep that off the request path.
@@ -53,6 +58,7 @@ import gzip
 import hashlib
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -64,8 +70,11 @@ import tiktoken.model
 import tiktoken_ext.openai_public as _openai_public
 
 __all__ = [
+    "CACHED_MIN_CHARS",
+    "COUNT_CACHE",
     "FALLBACK_ENCODING",
     "SHIPPED_ENCODINGS",
+    "CountCache",
     "EncodingDataError",
     "count_chat_prompt",
     "count_text",
@@ -99,6 +108,67 @@ OTHER_PART_TOKENS = 1000
 # Tool schemas nested deeper than this are counted as their JSON text rather than
 # walked, so a hostile schema cannot exhaust the stack.
 _MAX_SCHEMA_DEPTH = 16
+
+
+# Texts at least this long have their counts remembered; a shorter one costs less to
+# count (~50 ns per character) than to look up (a digest of it, a dict, a lock).
+CACHED_MIN_CHARS = 256
+# Counts remembered per process: a 16-byte digest and an int each, ~250 bytes with the
+# dict's bookkeeping, so ~4 MB at most.
+CACHED_COUNTS = 16_384
+
+
+class CountCache:
+    """The token counts of texts seen recently, by encoding and a 128-bit BLAKE2 digest
+    of the text (not the text itself: memory stays bounded whatever the texts' size).
+
+    Bounded to ``entries`` (the least recently used count goes first) and safe to use
+    from several threads (large prompts are counted in worker threads). ``enabled``
+    False counts every text afresh (benchmarks compare both). ``hits``/``misses``
+    count lookups. Two texts with one digest would share a count: at 128 bits, the odds
+    are about 2^-65 after 2^32 distinct texts.
+    """
+
+    def __init__(self, entries: int = CACHED_COUNTS) -> None:
+        self.entries = entries
+        self.enabled = True
+        self.hits = 0
+        self.misses = 0
+        self._counts: OrderedDict[tuple[str, bytes], int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._counts.clear()
+            self.hits = self.misses = 0
+
+    def count(self, encoding: tiktoken.Encoding, text: str) -> int:
+        """The number of tokens ``text`` encodes to (ordinary text, see :func:`count_text`)."""
+        if not self.enabled or len(text) < CACHED_MIN_CHARS:
+            return len(encoding.encode_ordinary(text))
+        # surrogatepass: JSON may carry lone surrogates ("\ud800"), which utf-8 refuses.
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16)
+        key = (encoding.name, digest.digest())
+        with self._lock:
+            found = self._counts.get(key)
+            if found is not None:
+                self._counts.move_to_end(key)
+                self.hits += 1
+                return found
+        counted = len(encoding.encode_ordinary(text))
+        with self._lock:
+            self._counts[key] = counted
+            self.misses += 1
+            if len(self._counts) > self.entries:
+                self._counts.popitem(last=False)
+        return counted
+
+
+COUNT_CACHE = CountCache()
+"""The process's :class:`CountCache`, used by every count of this module."""
 
 
 class EncodingDataError(RuntimeError):
@@ -357,7 +427,7 @@ def _count(encoding: tiktoken.Encoding, value: Any) -> int:
     # Ordinary encoding: "<|endoftext|>" in user text is plain text, not an error (and
     # not a special token); the same count as encode(disallowed_special=()), without
     # its per-call conversion of the special-token sets (most of a short text's cost).
-    return len(encoding.encode_ordinary(text))
+    return COUNT_CACHE.count(encoding, text)
 
 
 def _as_list(value: Any) -> list[Any]:
