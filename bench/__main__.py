@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import decisions, feed, load, proxy, suite
+from bench import decisions, feed, load, proxy, suite, tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     proxy.add_arguments(proxy_parser)
     proxy_parser.set_defaults(run=proxy.main)
+    tokens_parser = commands.add_parser(
+        "tokens",
+        help="prompt counting per request: the count cache on vs off, a chat vs unique prompts",
+    )
+    tokens.add_arguments(tokens_parser)
+    tokens_parser.set_defaults(run=tokens.main)
     return parser
 
 

@@ -9,6 +9,8 @@ One command starts what it needs (tokenguard nodes, supervised clusters, a priva
 ``decisions``    store-only decisions per second (``python -m bench decisions``), memory
                  and Redis drivers, 3 and 8 rules per decision; ``redis-benchmark`` on
                  the same Redis for scale.
+``tokens``       prompt counting per request, the count cache on vs off: a growing chat
+                 and unique prompts (``python -m bench tokens``, in this process).
 ``stores``       one node: limits off vs memory store vs Redis store; throughput at
                  :attr:`Profile.connections` connections, latency unloaded (1 connection).
 ``rules``        the memory and Redis nodes next to twins whose keys have 8 rules each.
@@ -75,7 +77,7 @@ import attrs
 import httpx
 import trio
 
-from bench import charts, feed, proxy
+from bench import charts, feed, proxy, tokens
 from bench.charts import Panel
 from bench.decisions import rows_for
 from bench.load import KeySpec, LoadOptions, TokenRange, run_load
@@ -89,6 +91,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = (
     "startup",
     "decisions",
+    "tokens",
     "stores",
     "rules",
     "concurrency",
@@ -154,6 +157,7 @@ class Profile:
     startup_repeats: int = 3
     settle: float = 1.0  # idle seconds before an "idle" memory sample
     decisions_extras: bool = True  # admissions-only and one-task decision runs too
+    tokens_rounds: int = 3
     proxy_rounds: int = 3
     proxy_seconds: float = 5.0
     feed_rounds: int = 3
@@ -181,6 +185,7 @@ QUICK = Profile(
     nodes_seconds=2,
     accuracy_seconds=8.0,
     startup_repeats=1,
+    tokens_rounds=1,
     proxy_rounds=1,
     proxy_seconds=2.0,
     feed_rounds=1,
@@ -979,7 +984,9 @@ def client_note(suite: Suite) -> str:
         )
     return (
         "Load from wrk (one thread per node; its own CPU cost is negligible). A request "
-        "is a ~100-token prompt, `max_tokens` 64, over 8 keys whose limits are never reached."
+        "is a ~100-token prompt, a different one every time (no count is ever remembered "
+        "for it: the `tokens` section measures that), `max_tokens` 64, over 8 keys whose "
+        "limits are never reached."
     )
 
 
@@ -2290,6 +2297,48 @@ async def scenario_memory(suite: Suite) -> Section:
     return section
 
 
+# --- scenario: counting prompts ---------------------------------------------------------
+
+
+async def scenario_tokens(suite: Suite) -> Section:
+    section = section_header(suite, "tokens", "Counting prompts: the count cache on vs off")
+    options = tokens.TokensBenchOptions(rounds=suite.profile.tokens_rounds)
+    result = await trio.to_thread.run_sync(tokens.run, options)
+    section.intro = (
+        "A node counts every request's prompt with tiktoken before admitting it, and "
+        "remembers the counts of texts of 256 characters or more "
+        "(`tokenguard.tokens.CountCache`): chat clients resend a conversation's whole "
+        "history on every turn. Measured in one process (no HTTP), cache on and off taking "
+        "turns, on a growing chat and on prompts never seen before (what the throughput "
+        "sections below send: every request's prompt differs)."
+    )
+    section.commands = [f"python -m bench tokens --rounds {options.rounds}"]
+    section.body = tokens.format_report(result).splitlines()
+    section.ratios = [
+        (f"prompt counting time, cache on / off, {w}", result.ratio(w)) for w in tokens.WORKLOADS
+    ]
+    section.data = {"tokens": attrs.asdict(result)}
+    suite.chart(
+        "tokens",
+        "Counting prompts: the count cache on vs off",
+        [
+            Panel(
+                kind="bar",
+                title="CPU time per prompt (median)",
+                x=list(tokens.WORKLOADS),
+                series={
+                    f"cache {cache}": [result.per_prompt(w, cache) * 1e6 for w in tokens.WORKLOADS]
+                    for cache in ("off", "on")
+                },
+                ylabel="µs per prompt",
+                labels=True,
+            )
+        ],
+        section,
+    )
+    return section
+
+
 # --- scenario: proxy overhead -----------------------------------------------------------
 
 
@@ -2403,6 +2452,7 @@ async def scenario_feed(suite: Suite) -> Section:
 SCENARIO_FUNCTIONS: dict[str, Callable[[Suite], Awaitable[Section]]] = {
     "startup": scenario_startup,
     "decisions": scenario_decisions,
+    "tokens": scenario_tokens,
     "stores": scenario_stores,
     "rules": scenario_rules,
     "concurrency": scenario_concurrency,

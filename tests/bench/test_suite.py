@@ -10,6 +10,8 @@ wrk is not installed; everything else runs without it.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 from pathlib import Path
@@ -40,6 +42,7 @@ from bench.wrk import (
     find_wrk,
     parse_output,
     parse_text,
+    run_wrk,
     streamed_slots,
 )
 
@@ -56,6 +59,7 @@ TINY = Profile(
     startup_repeats=1,
     settle=0.2,
     decisions_extras=False,
+    tokens_rounds=1,
     proxy_rounds=1,
     proxy_seconds=1.0,
     feed_rounds=1,
@@ -128,6 +132,64 @@ def test_streamed_slots_spread_the_share(share: float) -> None:
     if 0 < share < 1:  # spread out, not bunched at one end
         first_half = sum(slots[: len(slots) // 2])
         assert abs(first_half - sum(slots) / 2) <= 1
+
+
+async def _recording_server(
+    bodies: list[bytes], *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """A bare HTTP/1.1 server on localhost that answers every request 200 ``{}`` and
+    keeps its body: what wrk sends, byte for byte."""
+
+    async def serve(stream: trio.SocketStream) -> None:
+        buffer = b""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, buffer = buffer.split(b"\r\n\r\n", 1)
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                while len(buffer) < length:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buffer += data
+                bodies.append(buffer[:length])
+                buffer = buffer[length:]
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(serve, listeners)
+
+
+@pytest.mark.skipif(find_wrk() is None, reason="wrk is not installed (apt-get install wrk)")
+async def test_chat_script_sends_a_different_prompt_every_time(tmp_path: Path) -> None:
+    """wrk with the chat script, against a server that keeps the bodies: every body is
+    a valid chat request of its pool slot's key, and no two prompts are the same (a
+    node remembers the counts of prompts it has seen; a benchmark repeating one prompt
+    would measure that memory)."""
+    script = tmp_path / "chat.lua"
+    script.write_text(chat_script(["sk-a", "sk-b"], prompt_tokens=50), encoding="utf-8")
+    bodies: list[bytes] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(_recording_server, bodies)
+            result = await run_wrk(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                script,
+                connections=4,
+                seconds=1,
+                threads=2,
+            )
+            nursery.cancel_scope.cancel()
+    assert result.requests > 50 and result.ok
+    prompts = [json.loads(body)["messages"][0]["content"] for body in bodies]
+    assert len(prompts) >= result.requests
+    assert len(set(prompts)) == len(prompts)
+    assert all(re.match(r"u[01]-\d+ the rate limit", p) for p in prompts), prompts[:3]
 
 
 def test_chat_script_holds_every_key_and_survives_brackets() -> None:
@@ -250,16 +312,18 @@ async def test_suite_tiny_startup_decisions_memory(tmp_path: Path) -> None:
     before = set(children(os.getpid()))
     output = tmp_path / "docs" / "performance.md"
     with trio.fail_after(60):
-        result = await run_tiny(["startup", "decisions", "memory"], output, client="load")
+        result = await run_tiny(["startup", "decisions", "tokens", "memory"], output, client="load")
     assert result.ok
     markdown = output.read_text()
     assert markdown == result.markdown
-    check_report(markdown, output, ["startup", "decisions", "memory"])
+    check_report(markdown, output, ["startup", "decisions", "tokens", "memory"])
     assert "`tokenguard serve --nodes 3`" in markdown
     assert "python -m bench decisions --store memory://" in markdown
     assert "Decisions/s, 8 rules / 3 rules" in markdown
     assert "redis-benchmark" in markdown  # its figures, or why there are none
     assert "Resident memory per node process" in markdown
+    assert "python -m bench tokens --rounds 1" in markdown
+    assert "| prompt counting time, cache on / off, conversation |" in markdown
     goals = {g.name: g for s in result.sections for g in s.goals}
     assert all(g.met is not None for g in goals.values())
     no_children_left(before)
