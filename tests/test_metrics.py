@@ -141,6 +141,26 @@ async def test_the_counters_move_with_traffic_exactly() -> None:
     assert "sk-alice" not in text and "sk-wrong" not in text
 
 
+async def test_remembered_prompt_counts_are_counted() -> None:
+    """A long message sent twice is counted once: the second time is a hit."""
+    app = create_app(parse_settings(CONFIG, "<test>", environ={}), MemoryStore())
+    client = app.test_client()
+    before = await scrape(client)
+    long = "Remember this system prompt, every turn of the chat sends it again. " * 8
+    messages = [{"role": "system", "content": long}, {"role": "user", "content": "Hi"}]
+    for _ in range(2):
+        answer = await chat(client, "sk-alice", messages=messages)
+        assert answer.status_code == 200
+    after = await scrape(client)
+    hits, misses = (
+        value(after, f"tokenguard_token_count_cache_{n}_total")
+        - value(before, f"tokenguard_token_count_cache_{n}_total")
+        for n in ("hits", "misses")
+    )
+    assert (hits, misses) in ((1, 1), (2, 0))  # ((2, 0): a rerun in this process)
+    assert value(after, "tokenguard_token_count_cache_entries") >= 1
+
+
 async def test_shadow_mode_would_refusals_are_counted_by_dimension() -> None:
     client = create_app(parse_settings(CONFIG, "<test>", environ={}), MemoryStore()).test_client()
     for _ in range(3):

@@ -42,6 +42,7 @@ from prometheus_client.registry import Collector
 
 from tokenguard.resilience import GuardedStore
 from tokenguard.settings import digest_of
+from tokenguard.tokens import COUNT_CACHE
 
 if TYPE_CHECKING:
     from tokenguard.feed import Feed
@@ -287,12 +288,31 @@ class NodeCollector(Collector):
         info.add_metric([str(self.metrics.node_id)], 1)
         yield info
         yield from self._per_key()
+        yield from self._count_cache()
         if isinstance(self.store, GuardedStore):
             yield from self._store(self.store)
         if self.feed is not None:
             yield from self._feed(self.feed)
         if self.limiter is not None:
             yield from self._limiter(self.limiter)
+
+    def _count_cache(self) -> Iterator[Metric]:
+        """The process's remembered prompt counts (tokenguard.tokens.COUNT_CACHE)."""
+        yield _counter(
+            "tokenguard_token_count_cache_hits",
+            "Texts whose token count was remembered (not counted again).",
+            COUNT_CACHE.hits,
+        )
+        yield _counter(
+            "tokenguard_token_count_cache_misses",
+            "Texts long enough to remember whose count was not known: counted, then kept.",
+            COUNT_CACHE.misses,
+        )
+        yield _gauge(
+            "tokenguard_token_count_cache_entries",
+            "Token counts remembered now.",
+            len(COUNT_CACHE),
+        )
 
     def _store(self, store: GuardedStore) -> Iterator[Metric]:
         stats = store.stats
