@@ -11,9 +11,7 @@ environment. Every test is bounded by ``trio.fail_after``.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import statistics
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -178,81 +176,57 @@ async def test_bad_tokens_are_refused_with_1008(redis_url: str, tmp_path: Path) 
 
 # --- a stalled subscriber and the request path --------------------------------------------
 
-ROUND_SECONDS = 1.5
-PAIRS = 14
+STALLED_REQUESTS = 1200
 CONCURRENCY = 16
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) the process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def load_round(client: httpx.AsyncClient, url: str, pid: int) -> tuple[float, float]:
-    """``ROUND_SECONDS`` of load, ``CONCURRENCY`` requests at a time: the node's
-    requests per wall second, and per second of its own CPU time."""
-    done = 0
-    cpu = cpu_seconds(pid)
-    start = trio.current_time()
-    deadline = start + ROUND_SECONDS
-
-    async def worker() -> None:
-        nonlocal done
-        while trio.current_time() < deadline:
-            assert await chat(client, url, "sk-alpha", max_tokens=16) == 200
-            done += 1
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(CONCURRENCY):
-            nursery.start_soon(worker)
-    wall, cpu = trio.current_time() - start, cpu_seconds(pid) - cpu
-    return done / wall, done / cpu
+# Far above any answer's time on a busy machine (milliseconds): only a request that
+# waited for the stalled subscriber (that is, until it reads again) would come near it.
+ANSWER_BOUND = 5.0
 
 
 async def test_a_stalled_subscriber_does_not_slow_the_request_path(
     redis_url: str, tmp_path: Path
 ) -> None:
-    """One node's throughput in rounds with no subscriber (A) and rounds with one that
-    reads nothing (B), in pairs, alternating A B B A ...: the median of the pairs'
-    ratios B/A is at least 0.9, and each stalled subscriber is told it lagged once it
-    reads again.
+    """An admin subscriber that reads nothing (a 4 KiB socket buffer, one message
+    queued: the node's socket to it fills within the first requests) while 1,200
+    requests go through the node, two events each: every request is answered 200, none
+    waits anywhere near ANSWER_BOUND, and once the subscriber reads again it is told it
+    lagged, with the events dropped for it: the node dropped events past its backlog
+    (100) instead of waiting for it or queueing without bound.
 
-    Pairs of adjacent rounds cancel the slow drift of this small shared machine, and
-    the median its bursts. Two throughputs, both asserted: requests per wall second,
-    and per second of the node's own CPU time (what it sustains per core)."""
-    processes: list[TokenguardProcess] = []
-    pairs: list[tuple[tuple[float, float], tuple[float, float]]] = []  # (A, B)
+    What a live subscriber costs the node's throughput is a benchmark's business
+    (`python -m bench feed`, the suite's `feed` section), not a timed test's."""
+    slowest = 0.0
+    answered = 0
     with trio.fail_after(120):
-        async with running_nodes(tmp_path, redis_url, 1, backlog=100, processes=processes) as (
-            url,
-        ):
-            pid = processes[0].pid
+        async with running_nodes(tmp_path, redis_url, 1, backlog=100) as (url,):
             pool = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
-            async with httpx.AsyncClient(timeout=10, limits=pool) as client:
-                await load_round(client, url, pid)  # warm up
+            async with httpx.AsyncClient(timeout=30, limits=pool) as client:
+                assert await chat(client, url, "sk-alpha", max_tokens=16) == 200  # warm
+                async with subscriber(ws_url(url), ADMIN, receive_buffer=4096) as stalled:
+                    await ready(stalled)
+                    left = STALLED_REQUESTS
 
-                async def stalled_round() -> tuple[float, float]:
-                    async with subscriber(ws_url(url), ADMIN, receive_buffer=4096) as stalled:
-                        await ready(stalled)
-                        result = await load_round(client, url, pid)
-                        # Reading again: what was kept, then how much was dropped.
-                        events = await collect(stalled, lambda ev: bool(of_type(ev, "lagged")))
-                        assert of_type(events, "lagged")[0]["dropped"] > 0
-                    return result
+                    async def worker() -> None:
+                        nonlocal left, slowest, answered
+                        while left > 0:
+                            left -= 1
+                            start = trio.current_time()
+                            assert await chat(client, url, "sk-alpha", max_tokens=16) == 200
+                            slowest = max(slowest, trio.current_time() - start)
+                            answered += 1
 
-                for i in range(PAIRS):
-                    if i % 2 == 0:
-                        a = await load_round(client, url, pid)
-                        b = await stalled_round()
-                    else:
-                        b = await stalled_round()
-                        a = await load_round(client, url, pid)
-                    pairs.append((a, b))
-    print(f"requests/s (wall, per node CPU s), pairs (none, stalled): {pairs}")
-    for i, name in enumerate(("wall", "node CPU")):
-        ratio = statistics.median(b[i] / a[i] for a, b in pairs)
-        assert ratio >= 0.9, (name, ratio, pairs)
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(CONCURRENCY):
+                            nursery.start_soon(worker)
+                    # Reading again: what was kept, then how much was dropped.
+                    events = await collect(stalled, lambda ev: bool(of_type(ev, "lagged")))
+    assert answered == STALLED_REQUESTS
+    assert slowest < ANSWER_BOUND, slowest
+    (lagged,) = of_type(events, "lagged")
+    kept = len(of_type(events, "admitted")) + len(of_type(events, "settled"))
+    assert lagged["dropped"] > 0
+    # Nothing made up, nothing counted twice: kept and dropped are the requests' events.
+    assert kept + lagged["dropped"] <= 2 * (STALLED_REQUESTS + 1)
 
 
 async def test_a_stopping_node_closes_its_subscribers_at_once(
