@@ -7,10 +7,7 @@ Every node wraps its shared store (Redis) in a :class:`GuardedStore`, itself a
   store has answered nothing, to it or to any other call, for ``timeout`` since it was
   made, and in any case after ``MAX_WAIT_FACTOR`` (10) times that. So a dead or hung
   store costs each call exactly ``timeout``, while calls queued behind a store that
-  keeps answering (a burst on a busy machine) are not failures. Time the node itself
-  was stalled (a GC pass, a starved CPU: its event loop more than ``STALL_GRACE``
-  late) does not count: the store could not have been heard meanwhile, nor a call
-  queued then even sent. A call that misses it
+  keeps answering (a burst on a busy machine) are not failures. A call that misses it
   is abandoned (the Redis driver takes a call that has not been sent off its queue, and
   drops the reply of one that has; its worker threads and pipelines are bounded, so
   nothing piles up) and counts as a failure, like a :class:`StoreError`.
@@ -101,12 +98,8 @@ RETRY_AFTER_SHARE = 1.0
 HOLD_MARGIN = 0.25
 # A local admission made while the breaker is closed is written back this soon.
 SYNC_DELAY = 0.01
-# A watchdog woken this late (s) was stalled itself: that time is not the store's, and
-# it waits this long more (replies that came meanwhile are read first).
+# A watchdog woken this late (s) was stalled itself: it waits this long more.
 STALL_GRACE = 0.02
-# While calls wait, the watchdog wakes at least this often (s), to see the node stall:
-# a stall that starts less than this before one of its wake-ups goes unnoticed.
-STALL_TICK = 0.01
 # However busy the store, no call waits more than this many times the timeout.
 MAX_WAIT_FACTOR = 10
 # Counters whose cluster-wide usage a node remembers at most (then it forgets the
@@ -277,11 +270,9 @@ class GuardedStore(WindowStore):
         self._recovering = False
         self._hold_until = -math.inf  # trio.current_time(); see _admit_holding
         # The deadline watchdog: calls waiting on the store (their start times), and
-        # when the store last answered, on the watchdog's clock (see _clock): trio's,
-        # less the time the node was seen stalled (_stalled).
+        # when the store last answered (trio.current_time()).
         self._waiting: dict[trio.CancelScope, float] = {}
         self._last_answer = -math.inf
-        self._stalled = 0.0
         self._calls_waiting = trio.Event()
         self._unsynced_soon = trio.Event()  # see _sync_forever
         self._open_log = LogThrottle()
@@ -438,7 +429,7 @@ class GuardedStore(WindowStore):
         start = trio.current_time()
         try:
             with trio.CancelScope(deadline=start + MAX_WAIT_FACTOR * self.timeout) as scope:
-                self._waiting[scope] = start - self._stalled
+                self._waiting[scope] = start
                 self._calls_waiting.set()  # (a no-op unless the watchdog is idle)
                 try:
                     result = await call(*args)
@@ -450,30 +441,13 @@ class GuardedStore(WindowStore):
         except StoreError as exc:
             self._failed(exc)
             raise
-        answered = trio.current_time()
-        self._last_answer = answered - self._stalled
+        self._last_answer = trio.current_time()
         if self.observe_call is not None:
-            self.observe_call(call.__name__, answered - start)
+            self.observe_call(call.__name__, self._last_answer - start)
         self.breaker = self.breaker.succeeded()
         if self._unsynced and not self.breaker.is_open:
             self._unsynced_soon.set()  # the store answers: tell it what it missed
         return result
-
-    def _clock(self) -> float:
-        """The watchdog's clock: ``trio.current_time()`` less the time the node was seen
-        stalled. The deadlines run on it, so a stall of the node is not the store's."""
-        return trio.current_time() - self._stalled
-
-    def _woken(self, meant: float) -> None:
-        """The watchdog meant to run at ``meant`` (its clock) and runs now. Later than
-        ``STALL_GRACE``: this process was not running (a GC pass, a starved CPU), so
-        the store could not be heard, nor the calls queued meanwhile sent. That time
-        does not count against the store, and ``STALL_GRACE`` more does not either:
-        the store's replies may be waiting, unread, in the socket; they are read first.
-        """
-        late = self._clock() - meant
-        if late > STALL_GRACE:
-            self._stalled += late + STALL_GRACE
 
     async def _watchdog(self) -> None:
         """Cancel the calls that waited ``timeout`` with no answer from the store.
@@ -482,31 +456,26 @@ class GuardedStore(WindowStore):
         ``max(its start, the last answer) + timeout``, and moves it on whenever the
         store answered meanwhile. So a long queue behind a store that keeps answering
         (a burst, a busy machine) is not a failure, while a hung or dead store costs
-        each call exactly ``timeout``. While calls wait it wakes at least every
-        ``STALL_TICK``, and when it wakes late the node itself was stalled: the
-        deadlines run on a clock that stops meanwhile (see :meth:`_woken`). Woken by
-        the first call, it should have run at once: a stall in the very burst that
-        queued the calls (a GC pass its allocations set off) counts as one too.
+        each call exactly ``timeout``. When it wakes more than ``STALL_GRACE`` late,
+        the node itself was stalled: replies that arrived meanwhile get that long to
+        be read first.
         """
         while True:
             starts = [t for scope, t in self._waiting.items() if not scope.cancel_called]
             if not starts:
                 self._calls_waiting = trio.Event()
                 await self._calls_waiting.wait()
-                starts = [t for scope, t in self._waiting.items() if not scope.cancel_called]
-                if starts:
-                    self._woken(min(starts))
                 continue
+            now = trio.current_time()
             due = max(min(starts), self._last_answer) + self.timeout
-            if due > self._clock():
-                # (Meanwhile the oldest call can only end and the last answer move on:
-                # ``due`` only moves later. Looked at again when it has passed.)
-                while (now := self._clock()) < due:
-                    wake = min(due, now + STALL_TICK)
-                    await trio.sleep_until(wake + self._stalled)
-                    self._woken(wake)
+            if due > now:
+                await trio.sleep_until(due)
+                if trio.current_time() - due > STALL_GRACE:
+                    # Woken late: this process was not running (a GC pass, a busy CPU),
+                    # and the store's replies may be waiting, unread, in the socket.
+                    # Let them be read before judging the store.
+                    await trio.sleep(STALL_GRACE)
                 continue
-            now = self._clock()
             for scope, start in list(self._waiting.items()):
                 if max(start, self._last_answer) + self.timeout <= now:
                     scope.cancel()
