@@ -321,9 +321,8 @@ class MemoryStore(WindowStore):
         return Admission(admitted=False, states=tuple(states))
 
     async def settle(self, reservation: Reservation, deltas: Sequence[int]) -> None:
+        reservation.check_deltas(deltas)
         rows, buckets = reservation.rows, reservation.buckets
-        if not len(rows) == len(buckets) == len(deltas):
-            raise ValueError(f"{len(deltas)} deltas for a reservation of {len(rows)} rows")
         lease = reservation.lease
         counters = self._partitions.get(reservation.partition, {})
         if lease is not None:

@@ -1143,31 +1143,25 @@ class RedisStore(WindowStore):
         return Admission(admitted=True, states=states, reservation=reservation)
 
     async def settle(self, reservation: Reservation, deltas: Sequence[int]) -> None:
+        reservation.check_deltas(deltas)
         rows, buckets = reservation.rows, reservation.buckets
-        if not len(rows) == len(buckets) == len(deltas):
-            raise ValueError(f"{len(deltas)} deltas for a reservation of {len(rows)} rows")
         lease = reservation.lease
         counters: list[str] = []  # of the rows to send
         ints: list[int] = []
-        if lease is None:
-            # Most rows of a settlement have no delta (only output rows are corrected):
-            # they cost one test each.
-            for i, delta in enumerate(deltas):
-                if delta:
-                    row = rows[i]
-                    if not row.is_lease:
-                        counters.append(row.counter)
-                        ints += (row.bucket_ms, row.span, buckets[i], delta)
-        else:
-            for row, bucket, delta in zip(rows, buckets, deltas, strict=True):
-                if row.is_lease:
-                    if bucket != NOT_RESERVED:
-                        counters.append(row.counter)
-                        ints += (0, -1, 0, 0)
-                elif delta:
+        if lease is not None:  # released in every lease row that took it
+            for row, bucket in zip(rows, buckets, strict=True):
+                if row.is_lease and bucket != NOT_RESERVED:
                     counters.append(row.counter)
-                    ints += (row.bucket_ms, row.span, bucket, delta)
+                    ints += (0, -1, 0, 0)
             self.leases.discard(lease)
+        # Most rows of a settlement have no delta (only output rows are corrected):
+        # they cost one test each.
+        for i, delta in enumerate(deltas):
+            if delta:
+                row = rows[i]
+                if not row.is_lease:
+                    counters.append(row.counter)
+                    ints += (row.bucket_ms, row.span, buckets[i], delta)
         if counters:
             prefix = key_prefix(reservation.partition)
             ints.append(int(lease.id) if lease is not None else 0)

@@ -197,6 +197,12 @@ class Reservation:
     buckets: tuple[int, ...]
     lease: Lease | None = None
 
+    def check_deltas(self, deltas: Sequence[int]) -> None:
+        """Raise ``ValueError`` unless ``deltas`` holds one delta per row (what
+        :meth:`WindowStore.settle` takes)."""
+        if not len(self.rows) == len(self.buckets) == len(deltas):
+            raise ValueError(f"{len(deltas)} deltas for a reservation of {len(self.rows)} rows")
+
 
 @attrs.frozen(eq=False)
 class Lease:
@@ -332,6 +338,8 @@ class WindowStore(abc.ABC):
 
         A bucket that has already left its window is not touched; a count never goes
         below zero. Releasing a lease that expired or was released already is a no-op.
+        Raises ``ValueError`` when ``deltas`` is not one per row
+        (:meth:`Reservation.check_deltas`).
         """
 
     async def renew(self, leases: Sequence[Lease]) -> None:

@@ -447,6 +447,20 @@ async def test_settlement_changes_only_the_rows_given_deltas(harness: Harness) -
         assert [s.used for s in (await harness.usage([requests, output])).value] == [1, 120]
 
 
+async def test_a_settlement_with_a_delta_count_other_than_the_rows_changes_nothing(
+    harness: Harness,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        await harness.align()
+        requests = harness.row(limit=10, amount=1)
+        output = harness.row(limit=1000, amount=500, dimension="output_tokens")
+        admission = (await harness.admit([requests, output])).value
+        for deltas in ([-380], [0, -380, 0]):
+            with pytest.raises(ValueError, match=f"{len(deltas)} deltas for a reservation of 2"):
+                await harness.store.settle(admission.reservation, deltas)
+        assert [s.used for s in (await harness.usage([requests, output])).value] == [1, 500]
+
+
 # --- retry_after, usage ----------------------------------------------------------------
 
 
