@@ -68,7 +68,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit
@@ -1443,18 +1443,27 @@ async def scenario_decisions(suite: Suite) -> Section:
 
 
 def variant_table(
-    runs: dict[str, list[Run]], base: str, *, with_cpu: bool = True
+    runs: dict[str, list[Run]],
+    base: str | Mapping[str, str],
+    *,
+    with_cpu: bool = True,
+    labels: Mapping[str, str] = VARIANT_LABELS,
 ) -> tuple[list[str], dict[str, float]]:
-    """Rows of throughput, ratio vs ``base`` and latency per variant; the median ratios."""
+    """Rows of throughput, ratio vs its base and latency per variant; the median ratios.
+
+    ``base``: the variant every other one is compared with, or each compared variant's
+    own base (a variant without one is a baseline)."""
+    bases = {n: base for n in runs if n != base} if isinstance(base, str) else base
     rows = []
     ratios: dict[str, float] = {}
     for name, rs in runs.items():
         values = rps_of(rs)
         low, high = spread(values)
-        if name == base:
+        compared = bases.get(name)
+        if compared is None:
             shown = "1 (baseline)"
         else:
-            rr = paired_ratios(runs, base, name)
+            rr = paired_ratios(runs, compared, name)
             ratios[name] = median(rr)
             lo, hi = spread(rr)
             shown = f"**{fmt_pct(ratios[name])}** ({fmt_pct(lo)}–{fmt_pct(hi)})"
@@ -1465,7 +1474,7 @@ def variant_table(
                 f"{median(redis):.0%}" if redis else "-"
             )
         rows.append(
-            f"| {VARIANT_LABELS.get(name, name)} | {fmt_int(median(values))} | "
+            f"| {labels.get(name, name)} | {fmt_int(median(values))} | "
             f"{fmt_int(low)}–{fmt_int(high)} | {shown} | {fmt_ms(median(lat_of(rs, 'p50')))} | "
             f"{fmt_ms(median(lat_of(rs, 'p99')))}{cpu} |"
         )
@@ -1677,32 +1686,16 @@ async def scenario_rules(suite: Suite) -> Section:
         "tokenguard serve --config bench8.toml --port 8004 --store unix:///path/to/redis.sock",
         suite.client.commands(connections=p.connections, seconds=p.seconds, share=0.0),
     ]
-    ratios = {
-        store: median(paired_ratios(tp, store, f"{store}-8")) for store in ("memory", "redis")
-    }
-    rows = []
-    for name, rs in tp.items():
-        values = rps_of(rs)
-        low, high = spread(values)
-        shown = "1 (baseline)"
-        if name.endswith("-8"):
-            rr = paired_ratios(tp, name.removesuffix("-8"), name)
-            lo, hi = spread(rr)
-            shown = f"**{fmt_pct(median(rr))}** ({fmt_pct(lo)}–{fmt_pct(hi)})"
-        redis = [r.redis_cpu for r in rs if r.redis_cpu is not None]
-        rows.append(
-            f"| {RULES_LABELS[name]} | {fmt_int(median(values))} | {fmt_int(low)}–"
-            f"{fmt_int(high)} | {shown} | {fmt_ms(median(lat_of(rs, 'p50')))} | "
-            f"{median([r.node_cpu for r in rs]):.0%} | "
-            + (f"{median(redis):.0%}" if redis else "-")
-            + " |"
-        )
+    rows, paired = variant_table(
+        tp, {f"{store}-8": store for store in ("memory", "redis")}, labels=RULES_LABELS
+    )
+    ratios = {store: paired[f"{store}-8"] for store in ("memory", "redis")}
     section.body = [
         f"Throughput, {p.connections} connections:",
         "",
-        "| node | req/s (median) | range | 8 rules / 3 rules (paired) | p50 ms | node CPU "
-        "| Redis CPU |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| node | req/s (median) | range | 8 rules / 3 rules (paired) | p50 ms | p99 ms "
+        "| node CPU | Redis CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *rows,
     ]
     section.notes += error_notes(tp, "throughput") + trouble_notes(nodes, trouble)
