@@ -889,6 +889,7 @@ class RedisStore(WindowStore):
                 self._wakeup = trio.Event()
             self._busy += 1
             self._in_flight.update(calls)
+            self.last_sent = trio.current_time()
             try:
                 if wire is not None:
                     replies = await self._execute_native(wire, calls)

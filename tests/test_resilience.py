@@ -11,6 +11,7 @@ Real Redis, slow networks and real processes are in tests/test_faults.py.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -50,8 +51,12 @@ class FlakyStore(MemoryStore):
 
     def __init__(self, clock: Callable[[], float]) -> None:
         super().__init__(clock=clock, url="flaky://")
-        self.mode = "ok"  # "ok", "fail" or "hang"
+        self.mode = "ok"  # "ok", "fail", "hang", "serial" or "late"
         self.start_failures = 0
+        # "late": calls wait for ``send`` (the node's turn to send its pipeline), then
+        # the store answers ``latency`` after (never, if infinite).
+        self.send = trio.Event()
+        self.latency = 0.08
         self.calls = 0
         self.started = 0
         self._one_at_a_time = trio.Lock()
@@ -72,6 +77,10 @@ class FlakyStore(MemoryStore):
         if self.mode == "serial":  # one call at a time, 40 ms each: a queue
             async with self._one_at_a_time:
                 await trio.sleep(0.04)
+        if self.mode == "late":
+            await self.send.wait()
+            self.last_sent = trio.current_time()
+            await trio.sleep(self.latency)
 
     async def admit(self, partition: str, rows: Sequence[Row]) -> Admission:
         await self._gate()
@@ -247,6 +256,37 @@ async def test_a_queue_behind_a_store_that_keeps_answering_is_no_failure(
                 await store.admit("k", rows(rpm=1000))
         primary.usage = original  # type: ignore[method-assign]
         assert took[-1] == pytest.approx(1.0)
+
+
+async def test_a_pipeline_sent_late_by_a_stalled_node_is_not_the_stores_delay(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """20 calls are made; the node stalls 60 ms before their pipeline goes out (a full GC
+    pass in a burst: time passes, no task runs); the store answers 80 ms after it was
+    sent them, 141 ms after they were made: none fails, for the store kept within its
+    100 ms. A store that never answers still fails them 100 ms after it was sent them."""
+    async with guarded("closed") as (store, primary):
+        primary.mode = "late"
+        for latency, outcome, took in ((0.08, "admitted", 0.141), (math.inf, "503", 0.161)):
+            primary.latency, primary.send = latency, trio.Event()
+            outcomes: list[tuple[float, str]] = []
+
+            async def one(outcomes: list[tuple[float, str]] = outcomes) -> None:
+                start = trio.current_time()
+                try:
+                    await store.admit("k", rows(rpm=1000))
+                    outcomes.append((trio.current_time() - start, "admitted"))
+                except StoreError:
+                    outcomes.append((trio.current_time() - start, "503"))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(one)
+                await trio.sleep(0.001)  # every call made and queued
+                autojump_clock.jump(0.06)  # the stall: no task runs meanwhile
+                primary.send.set()
+            assert outcomes == [(pytest.approx(took), outcome)] * 20
+        assert store.stats.failures == store.stats.timeouts == 20
 
 
 async def test_the_breaker_probes_once_a_second_and_closes_when_the_store_is_back(

@@ -5,9 +5,12 @@ Every node wraps its shared store (Redis) in a :class:`GuardedStore`, itself a
 
 * **A deadline on every call** (``timeout``, 100 ms by default): a call fails once the
   store has answered nothing, to it or to any other call, for ``timeout`` since it was
-  made, and in any case after ``MAX_WAIT_FACTOR`` (10) times that. So a dead or hung
-  store costs each call exactly ``timeout``, while calls queued behind a store that
-  keeps answering (a burst on a busy machine) are not failures. A call that misses it
+  made or since calls were last sent to the store, whichever is later, and in any case
+  after ``MAX_WAIT_FACTOR`` (10) times that. So a dead or hung store costs each call
+  ``timeout`` (from the last pipeline that went out: in a burst, a few milliseconds
+  after the call), while calls queued behind a store that keeps answering (a burst on
+  a busy machine), or sent late because this node stalled (a GC pass), are not
+  failures. A call that misses it
   is abandoned (the Redis driver takes a call that has not been sent off its queue, and
   drops the reply of one that has; its worker threads and pipelines are bounded, so
   nothing piles up) and counts as a failure, like a :class:`StoreError`.
@@ -423,8 +426,9 @@ class GuardedStore(WindowStore):
         """``await call(*args)`` on the store within its deadline; record the outcome.
 
         The deadline: the call fails once the store has answered nothing (to it or to
-        any other call) for ``timeout`` since it was made (see :meth:`_watchdog`), and
-        in any case after ``MAX_WAIT_FACTOR * timeout``.
+        any other call) for ``timeout`` since it was made or last sent calls, whichever
+        is later (see :meth:`_watchdog`), and in any case after
+        ``MAX_WAIT_FACTOR * timeout``.
         """
         start = trio.current_time()
         try:
@@ -453,10 +457,12 @@ class GuardedStore(WindowStore):
         """Cancel the calls that waited ``timeout`` with no answer from the store.
 
         One task for all calls: it sleeps until the oldest waiting call's deadline,
-        ``max(its start, the last answer) + timeout``, and moves it on whenever the
-        store answered meanwhile. So a long queue behind a store that keeps answering
-        (a burst, a busy machine) is not a failure, while a hung or dead store costs
-        each call exactly ``timeout``. When it wakes more than ``STALL_GRACE`` late,
+        ``max(its start, the last answer, the last send) + timeout``, and moves it on
+        whenever the store answered or was sent calls meanwhile. So a long queue behind
+        a store that keeps answering (a burst, a busy machine) is not a failure, nor is
+        a pipeline that went out late because this node stalled before sending it (a
+        GC pass in a burst), while a hung or dead store costs each call ``timeout``
+        from when it was last sent anything. When it wakes more than ``STALL_GRACE`` late,
         the node itself was stalled: replies that arrived meanwhile get that long to
         be read first.
         """
@@ -467,7 +473,10 @@ class GuardedStore(WindowStore):
                 await self._calls_waiting.wait()
                 continue
             now = trio.current_time()
-            due = max(min(starts), self._last_answer) + self.timeout
+            # Progress: the store answered, or was sent calls (those waiting to be sent
+            # wait on this node, not on the store).
+            progress = max(self._last_answer, self.primary.last_sent)
+            due = max(min(starts), progress) + self.timeout
             if due > now:
                 await trio.sleep_until(due)
                 if trio.current_time() - due > STALL_GRACE:
@@ -477,7 +486,7 @@ class GuardedStore(WindowStore):
                     await trio.sleep(STALL_GRACE)
                 continue
             for scope, start in list(self._waiting.items()):
-                if max(start, self._last_answer) + self.timeout <= now:
+                if max(start, progress) + self.timeout <= now:
                     scope.cancel()
             await trio.lowlevel.checkpoint()
 

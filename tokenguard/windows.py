@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib.metadata import entry_points
@@ -311,6 +312,11 @@ class WindowStore(abc.ABC):
     checkpoint: an in-process store). Such a call cannot be cancelled halfway nor slow
     a request, so callers may skip what guards against that (a shielded scope, moving
     a settlement off the request path)."""
+    last_sent: float = -math.inf
+    """When this store last sent calls to its server (``trio.current_time()``); stays
+    ``-inf`` for a store with no server. A caller judging the server by how long it
+    takes to answer counts from here too: a call that waited for its turn to be sent
+    (an event loop stalled by a GC pass or a starved CPU) was not the server's delay."""
 
     @classmethod
     @abc.abstractmethod
