@@ -92,6 +92,7 @@ ROWS_LIMIT = 50
 # that (Redis's own socket timeout is 1 s, the outages here last seconds), with room
 # for a machine busy with other work.
 SCHEDULING_BUDGET = 0.5
+DEADLINE = 0.25  # the store's deadline in test_slow_redis_... (the default is 0.1)
 
 
 def a_row(amount: int = 1, limit: int = ROWS_LIMIT) -> Row:
@@ -107,14 +108,14 @@ async def guarded_redis(url: str, **options: Any) -> AsyncIterator[GuardedStore]
 
 @asynccontextmanager
 async def warm_redis_behind_a_proxy(
-    redis_server: RedisServer,
+    redis_server: RedisServer, **options: Any
 ) -> AsyncIterator[tuple[LatencyProxy, GuardedStore]]:
     """A one-node :class:`GuardedStore` on ``redis_server`` through a latency proxy (no
     latency yet), both its pipelines' connections already open: a new connection costs
     redis-py 3 round trips (connect, CLIENT SETINFO x2), which latency set afterwards
     must not add to the calls it measures."""
     async with running_proxy((redis_server.host, redis_server.port)) as proxy:
-        async with guarded_redis(proxy.url, cluster_size=1) as store:
+        async with guarded_redis(proxy.url, cluster_size=1, **options) as store:
             async with trio.open_nursery() as nursery:
                 for _ in range(20):
                     nursery.start_soon(store.admit, "warm", [a_row()])
@@ -252,38 +253,40 @@ async def test_a_stalled_node_does_not_blame_the_store(redis_server: RedisServer
 
 
 @pytest.mark.parametrize(
-    ("latency", "jitter"), [(0.005, 0.002), (0.05, 0.02), (0.2, 0.05)], ids=["5ms", "50ms", "200ms"]
+    ("latency", "jitter"), [(0.005, 0.002), (0.06, 0.02), (0.5, 0.05)], ids=["5ms", "60ms", "500ms"]
 )
 async def test_slow_redis_answers_within_the_deadline_and_nothing_piles_up(
     redis_server: RedisServer, latency: float, jitter: float
 ) -> None:
     """200 concurrent admissions against limit 50 through a proxy adding latency: while
-    Redis keeps within the 100 ms deadline exactly 50 pass, through the store; at
-    200 ms every call misses it, the breaker opens after 3, the local windows (one node:
-    the whole limit) answer, and still exactly 50 pass. (A call queued behind a pipeline
-    in flight waits two round trips, but the deadline counts from the store's last
-    answer, so at 50 ms none fails.) No call waits much longer than the deadline;
-    threads and connections stay bounded."""
+    Redis keeps within the deadline (250 ms here) exactly 50 pass, through the store; at
+    500 ms every call misses it, the breaker opens after 3, the local windows (one node:
+    the whole limit) answer, and still exactly 50 pass. No call waits much longer than
+    the deadline; threads and connections stay bounded. (The deadline is wider than the
+    100 ms default so that the proxy, which runs on the node's own event loop, and a
+    shared CI machine's stalls fit within it: at 100 ms, 50 ms of latency with 20 of
+    jitter left 30 ms for them, and CI once took more. The deadline's rules are asserted
+    exactly, on a mock clock, in test_resilience.py.)"""
     threads_before = threading.active_count()
     with trio.fail_after(30):
-        async with warm_redis_behind_a_proxy(redis_server) as (proxy, store):
+        async with warm_redis_behind_a_proxy(redis_server, timeout=DEADLINE) as (proxy, store):
             proxy.latency, proxy.jitter = latency, jitter
             load = await admissions(store, tasks=200, each=1)
             pending = len(store.primary._pending)  # type: ignore[attr-defined]
             status = store.status()
     assert load.admitted == ROWS_LIMIT and load.outcomes["refused"] == 150
-    # The deadline is 100 ms; a call waits at most that, plus scheduling (generous: the
-    # machine may be busy; a call that waited for Redis would show in the outcomes).
-    assert max(load.durations) < SCHEDULING_BUDGET, sorted(load.durations)[-5:]
+    # A call waits at most the deadline, plus scheduling (generous: the machine may be
+    # busy; a call that waited for Redis would show in the outcomes).
+    assert max(load.durations) < DEADLINE + SCHEDULING_BUDGET, sorted(load.durations)[-5:]
     print(
         f"{latency * 1000:g} ms: {dict(load.outcomes)}, breaker {status['breaker']}, "
         f"slowest {max(load.durations) * 1000:.0f} ms, threads +{load.max_threads - threads_before}"
         f", connections {proxy.max_connections}"
     )
-    if latency + jitter < 0.1:  # Redis answers within the deadline: no call fails
+    if latency + jitter < DEADLINE:  # Redis answers within the deadline: no call fails
         assert load.outcomes["store"] == ROWS_LIMIT
         assert status["breaker"] == "closed" and status["failures"] == 0
-    if latency - jitter > 0.1:
+    if latency - jitter > DEADLINE:
         assert status["breaker"] == "open" and status["timeouts"] >= 3
         assert load.outcomes["local"] == ROWS_LIMIT
     assert pending == 0
