@@ -2360,7 +2360,7 @@ async def scenario_proxy(suite: Suite) -> Section:
         *proxy.format_report(result).splitlines()[2:],
         "",
         "The figure that depends least on the machine is the proxy node's CPU per request, "
-        f"here **{proxy_cpu:.2f} ms**: a good part of it in httpx/httpcore sending the "
+        f"here **{proxy_cpu:.2f} ms**: a good part of it in httpx2 sending the "
         "request and reading the answer, the rest the node's own admission, settlement and "
         "HTTP serving. In front of a real model server, whose replies take 100s of ms, it "
         "is a per-node ceiling (one core proxies about 1,000 / that many requests per "

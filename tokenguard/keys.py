@@ -179,16 +179,16 @@ def admin_call(
     args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None
 ) -> Any:
     """One admin API call; its JSON answer, or AdminClientError with the API's message."""
-    import httpx  # only the live commands need it
+    import httpx2  # only the live commands need it
 
     if not args.admin:
         raise UsageError(f"give the admin API's URL: --admin URL (or ${ADMIN_URL_ENV})")
     url = args.admin.rstrip("/") + path
     headers = {"Authorization": f"Bearer {_admin_token(args)}"}
     try:
-        with httpx.Client(timeout=ADMIN_TIMEOUT) as client:
+        with httpx2.Client(timeout=ADMIN_TIMEOUT) as client:
             answer = client.request(method, url, json=body, headers=headers)
-    except httpx.HTTPError as exc:
+    except httpx2.HTTPError as exc:
         raise AdminClientError(f"cannot reach the admin API at {args.admin}: {exc}") from None
     try:
         data = answer.json()

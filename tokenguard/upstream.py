@@ -1,6 +1,6 @@
 """Proxy mode: forwarding admitted requests to a real OpenAI-compatible server.
 
-An :class:`Upstream` holds one node's ``httpx.AsyncClient`` (a connection pool with
+An :class:`Upstream` holds one node's ``httpx2.AsyncClient`` (a connection pool with
 HTTP/1.1 keep-alive, running on trio through anyio) for as long as :meth:`Upstream.run`
 runs, and sends each request to the route its model picks
 (:meth:`tokenguard.settings.UpstreamSettings.route`), with that route's credential as
@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
-import httpx
+import httpx2
 import trio
 
 from tokenguard.errors import APIError
@@ -68,16 +68,16 @@ def gateway_timeout(message: str) -> APIError:
     return APIError(504, message, "server_error", code="upstream_timeout")
 
 
-def _failure(exc: httpx.HTTPError, route: UpstreamRoute) -> tuple[str, APIError]:
+def _failure(exc: httpx2.HTTPError, route: UpstreamRoute) -> tuple[str, APIError]:
     """The outcome and the client's error for a failed upstream call. The message names
     the route's host, never its credential."""
-    where = httpx.URL(route.base_url).host
-    if isinstance(exc, httpx.ConnectTimeout):
+    where = httpx2.URL(route.base_url).host
+    if isinstance(exc, httpx2.ConnectTimeout):
         return "timeout", gateway_timeout(
             f"The upstream server ({where}) did not accept a connection within "
             f"{route.connect_timeout:g} s."
         )
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, httpx2.TimeoutException):
         return "timeout", gateway_timeout(
             f"The upstream server ({where}) did not answer within {route.read_timeout:g} s."
         )
@@ -106,7 +106,7 @@ class UpstreamReply:
             return None
 
 
-def passthrough_headers(response: httpx.Response) -> dict[str, str]:
+def passthrough_headers(response: httpx2.Response) -> dict[str, str]:
     headers = {
         name: response.headers[name] for name in PASSTHROUGH_HEADERS if name in response.headers
     }
@@ -126,7 +126,7 @@ class Upstream:
         self.settings = settings
         self.on_result = on_result
         self.drift = InputDrift()
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx2.AsyncClient | None = None
         self._serving = trio.CancelScope()
 
     def route(self, model: str) -> UpstreamRoute | None:
@@ -134,15 +134,15 @@ class Upstream:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the connection pool open until cancelled; ``started()`` once usable."""
-        limits = httpx.Limits(
+        limits = httpx2.Limits(
             max_connections=self.settings.max_connections,
             max_keepalive_connections=self.settings.max_connections,
             keepalive_expiry=30.0,
         )
-        # httpx logs every request at INFO: the request log already has one line each.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+        # httpx2 logs every request at INFO: the request log already has one line each.
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
         # Redirects are answers to pass on, not to follow with a credential attached.
-        async with httpx.AsyncClient(limits=limits, follow_redirects=False) as client:
+        async with httpx2.AsyncClient(limits=limits, follow_redirects=False) as client:
             self._client = client
             try:
                 with self._serving:
@@ -161,7 +161,7 @@ class Upstream:
 
     async def _open(
         self, route: UpstreamRoute, path: str, body: dict[str, Any], model: str, started: float
-    ) -> httpx.Response:
+    ) -> httpx2.Response:
         """Send a request; the response's headers are read, its body is not."""
         client = self._client
         if client is None:
@@ -170,7 +170,7 @@ class Upstream:
         if route.api_key is not None:
             headers["authorization"] = f"Bearer {route.api_key}"
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        timeout = httpx.Timeout(
+        timeout = httpx2.Timeout(
             route.read_timeout, connect=route.connect_timeout, pool=route.connect_timeout
         )
         request = client.build_request(
@@ -178,7 +178,7 @@ class Upstream:
         )
         try:
             return await client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             outcome, error = _failure(exc, route)
             self.report(model, started, outcome)
             raise error from None
@@ -193,13 +193,13 @@ class Upstream:
         return await self._read_whole(route, response, model, started)
 
     async def _read_whole(
-        self, route: UpstreamRoute, response: httpx.Response, model: str, started: float
+        self, route: UpstreamRoute, response: httpx2.Response, model: str, started: float
     ) -> UpstreamReply:
         """Read an opened answer whole and close it; its outcome is reported either way,
         and a read that fails raises the 502/504 :class:`APIError` of :func:`_failure`."""
         try:
             content = await response.aread()
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             outcome, error = _failure(exc, route)
             self.report(model, started, outcome)
             raise error from None
@@ -240,7 +240,7 @@ def _outcome(status: int) -> str:
     return "ok" if 200 <= status < 300 else f"http_{status}"
 
 
-async def _close(response: httpx.Response) -> None:
+async def _close(response: httpx2.Response) -> None:
     # Shielded and bounded: a cancelled request still returns its connection (or drops
     # it), and closing never hangs the request.
     with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_SECONDS):
@@ -354,7 +354,7 @@ class RelayedStream:
 
     def __init__(
         self,
-        response: httpx.Response,
+        response: httpx2.Response,
         *,
         model: str,
         include_usage: bool,
@@ -398,9 +398,9 @@ class RelayedStream:
                 self._consider(self._buffer.rstrip(b"\n"))
             self._buffer = b""
             return
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             self._ended = True
-            timed_out = isinstance(exc, httpx.TimeoutException)
+            timed_out = isinstance(exc, httpx2.TimeoutException)
             self.tally.failure = "timeout" if timed_out else "dropped"
             what = "stopped sending (read timeout)" if timed_out else "closed the connection"
             message = f"The upstream server {what} in the middle of the stream."
