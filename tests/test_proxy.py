@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from drivers.memory import MemoryStore
 from tests.processes import free_ports, running_tokenguard, wait_healthy, write_config
@@ -114,6 +115,18 @@ async def used(url: str) -> dict[str, int]:
         )
     assert response.status_code == 200
     return {name: d["used"] for name, d in response.json()["dimensions"].items() if d}
+
+
+async def texts_counted(client: httpx.AsyncClient, url: str) -> float:
+    """How many long texts the node has counted with tiktoken (its token-count cache's
+    misses, from /metrics)."""
+    response = await client.get(f"{url}/metrics")
+    assert response.status_code == 200
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "tokenguard_token_count_cache_misses_total":
+                return sample.value
+    raise AssertionError("no tokenguard_token_count_cache_misses_total in /metrics")
 
 
 def in_thread(fn: Any) -> Any:
@@ -386,6 +399,9 @@ base_url = "http://127.0.0.1:{dead_port}/v1"
             }
 
             # The upstream counts the prompt differently: settled to its count, logged.
+            # Its reply's text is not counted: the usage says how long it was (the
+            # token-count cache saw no new text; the prompt is too short for it).
+            content = "Fine, and a long answer too. " * 20
             reply = {
                 "id": "chatcmpl-1",
                 "object": "chat.completion",
@@ -394,7 +410,7 @@ base_url = "http://127.0.0.1:{dead_port}/v1"
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": "fine"},
+                        "message": {"role": "assistant", "content": content},
                         "finish_reason": "stop",
                     }
                 ],
@@ -405,6 +421,7 @@ base_url = "http://127.0.0.1:{dead_port}/v1"
                 },
             }
             upstream.answer = fixed(200, reply)
+            counted_before = await texts_counted(client, proxy_url)
             response = await client.post(url, json=request, headers=headers)
             assert response.status_code == 200 and response.json() == reply
             assert await used(proxy_url) == {
@@ -415,6 +432,18 @@ base_url = "http://127.0.0.1:{dead_port}/v1"
             assert f"counted {prompt}, the upstream reported {prompt + 100} (+100)" in (
                 proxy.output()
             )
+            assert await texts_counted(client, proxy_url) == counted_before
+
+            # No usage: the reply's text is counted, and settled to.
+            upstream.answer = fixed(200, {**reply, "usage": None})
+            response = await client.post(url, json=request, headers=headers)
+            assert response.status_code == 200
+            assert await used(proxy_url) == {
+                "requests": 5,
+                "input_tokens": 5 * prompt + 100,
+                "output_tokens": 12 + count_text("gpt-4o", content),
+            }
+            assert await texts_counted(client, proxy_url) == counted_before + 1
 
 
 async def test_the_reply_is_capped_in_the_field_the_route_names(workdir: Path) -> None:

@@ -529,8 +529,9 @@ class Gateway:
         async def finish(tally: StreamTally) -> None:
             if decision is None:
                 return
-            counted = tally.counted_tokens(model)
-            await self._settle_to_usage(decision, model, counted, tally.usage, input_tokens)
+            await self._settle_to_usage(
+                decision, model, lambda: tally.counted_tokens(model), tally.usage, input_tokens
+            )
 
         try:
             if stream:
@@ -570,22 +571,27 @@ class Gateway:
             await self.settle(decision, decision.cost.output_tokens)
             return
         usage = ReportedUsage.of(body.get("usage"))
-        await self._settle_to_usage(decision, model, reply_tokens(model, body), usage, input_tokens)
+        await self._settle_to_usage(
+            decision, model, lambda: reply_tokens(model, body), usage, input_tokens
+        )
 
     async def _settle_to_usage(
         self,
         decision: Decision,
         model: str,
-        counted_output: int,
+        count_output: Callable[[], int],
         usage: ReportedUsage | None,
         input_tokens: int,
     ) -> None:
         """Settle to the completion tokens the upstream reported, else to
-        ``counted_output`` (its text, counted here); the prompt is corrected to the
-        upstream's count where that differs from ``input_tokens``."""
-        output = counted_output
+        ``count_output()`` (its text, counted here only then: counting every reply
+        would cost a proxied request ~0.2 us per token of its answer for nothing, and
+        fill the token-count cache with texts never seen again); the prompt is
+        corrected to the upstream's count where that differs from ``input_tokens``."""
         if usage is not None and usage.completion_tokens is not None:
             output = usage.completion_tokens
+        else:
+            output = count_output()
         await self.settle(decision, output, self._upstream_input(model, input_tokens, usage))
 
     def _upstream_input(self, model: str, counted: int, usage: ReportedUsage | None) -> int | None:
