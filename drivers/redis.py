@@ -131,6 +131,13 @@ _REDIRECTS = (
     redis.exceptions.AskError,
     redis.exceptions.TryAgainError,
 )
+# Replies after which a cluster's slot table is read again: a node is unreachable or
+# the cluster is failing one over (CLUSTERDOWN until a replica is promoted).
+_TOPOLOGY_CHANGING = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,
+)
 # What redis-py raises: its own errors, and the cluster client's (not a RedisError).
 _REDIS_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
 
@@ -1032,9 +1039,10 @@ class RedisStore(WindowStore):
         redis-py's ClusterPipeline refuses ``evalsha()`` and, through
         ``execute_command``, asks the server for each command's keys (``COMMAND
         GETKEYS``, a round trip per call); the hash tag gives us the slot instead.
-        Calls refused unexecuted (MOVED, ASK, TRYAGAIN, CLUSTERDOWN) are sent again one
-        by one through the cluster client, which follows redirects and updates its slot
-        table. After a connection error the topology is read again before the next batch.
+        Calls redirected unexecuted (MOVED, ASK, TRYAGAIN) are sent again one by one
+        through the cluster client, which follows redirects and updates its slot table.
+        After a connection error, a timeout or CLUSTERDOWN the slot table is read again
+        before the next batch: a master may have died and a replica be promoted.
         """
         if self._refresh_topology:
             try:
@@ -1057,9 +1065,15 @@ class RedisStore(WindowStore):
         ]
         self._send_groups(groups, calls, packed, replies)
         for i, reply in enumerate(replies):
-            if isinstance(reply, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-                self._refresh_topology = True  # a node may have failed over
-            elif isinstance(reply, (*_REDIRECTS, redis.exceptions.ClusterDownError)):
+            if isinstance(reply, _TOPOLOGY_CHANGING):
+                # CLUSTERDOWN too: a refresh made while a master is failed but not yet
+                # replaced read the old table, and without another one the next batch
+                # went to the dead master again after the promotion (a closing probe's
+                # write-back failed: the breaker closed 1 s late). Not sent again: the
+                # cluster client would sleep 0.25 s in a flusher's thread, try once
+                # more and fail; CLUSTERDOWN lasts until the promotion.
+                self._refresh_topology = True
+            elif isinstance(reply, _REDIRECTS):
                 call = calls[i]
                 self._count(round_trips=1)
                 try:
