@@ -10,10 +10,10 @@ Every node wraps its shared store (Redis) in a :class:`GuardedStore`, itself a
   ``timeout`` (from the last pipeline that went out: in a burst, a few milliseconds
   after the call), while calls queued behind a store that keeps answering (a burst on
   a busy machine), or sent late because this node stalled (a GC pass), are not
-  failures. A call that misses it
-  is abandoned (the Redis driver takes a call that has not been sent off its queue, and
-  drops the reply of one that has; its worker threads and pipelines are bounded, so
-  nothing piles up) and counts as a failure, like a :class:`StoreError`.
+  failures. A call that misses it is abandoned (the Redis driver takes a call that has
+  not been sent off its queue, and drops the reply of one that has; its worker threads
+  and pipelines are bounded, so nothing piles up) and counts as a failure, like a
+  :class:`StoreError`.
 * **A circuit breaker** (:class:`Breaker`): ``threshold`` (3) failures in a row open it.
   While it is open no request touches the store at all, so a dead or hung Redis adds no
   latency; a background task probes the store once a ``probe_interval`` (1 s) with one
