@@ -18,26 +18,53 @@ The same, on Redis Cluster: three masters, each with a replica (``cluster-node-t
 slot is SIGKILLed, the cluster promotes its replica, and the node follows it (the
 driver reads the slot table again after a connection error or CLUSTERDOWN); the breaker
 closes only once the outage's admissions are written back to the promoted replica.
+
+And the way users run it: ``tokenguard serve --nodes 3`` on ``redis+sentinel://``
+(policy ``local``) under steady load over all three nodes, raw HTTP and the official
+openai SDK; the master is SIGKILLed mid-load. Every answer is a 200 or a 429 in
+OpenAI's shape, none slow; no node restarts; every node's ``/readyz`` is back to ok by
+itself, its breaker having opened once; and the key never gets more than its limit,
+which the new master knows of.
 """
 
 from __future__ import annotations
 
 import functools
+import random
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
+import httpx
+import openai
+import pytest
 import redis.crc
 import trio
 
 from drivers.redis import key_name
+from tests.processes import running_cluster, write_config
 from tests.redis_servers import (
+    RedisSentinelGroup,
     RedisServer,
     running_redis_cluster_with_replicas,
     running_redis_sentinel_group,
     wait_replicated,
 )
-from tests.test_faults import ROWS_LIMIT, Load, a_row, admissions, guarded_redis
+from tests.test_faults import (
+    MODEL,
+    ROWS_LIMIT,
+    Answer,
+    Load,
+    a_row,
+    admissions,
+    guarded_redis,
+    load_forever,
+    readyz,
+    wait_ready,
+)
+from tests.test_metrics import parse, value
 from tokenguard.resilience import GuardedStore
 from tokenguard.windows import open_store
 
@@ -240,3 +267,240 @@ async def test_a_cluster_failover_is_followed_and_the_limit_holds(tmp_path: Path
                 assert await trio.to_thread.run_sync(cluster.is_master, replica)
                 await admit_after(store, replica, failover)
                 print(f"\ncluster failover: {failover.summary(store.status())}")
+
+
+# --- real node processes: tokenguard serve --nodes 3 on redis+sentinel:// -----------------
+
+NODES = 3
+KEY = "sk-failover"
+# The key's limit: the load (~20 requests/s over the three nodes) reaches it a few
+# seconds after the failover, so the 200s before the kill (on the master, replicated),
+# during the outage (the nodes' local shares: 40 each) and after it (on the new master,
+# with the outage's written back) all count towards it.
+NODES_RPM = 120
+HTTP_CLIENTS = 3  # raw HTTP, each sending to the next node in turn ...
+SDK_CLIENTS = 3  # ... and the official openai SDK, each to a node picked at random
+LOAD_PAUSE = 0.25  # each client's pause between its answer and its next request
+LOAD_BEFORE_KILL = 1.0  # seconds of load through the master before it dies
+READY_POLL = 0.05  # how often each node's /readyz is read after the kill
+READY_BOUND = 15.0  # from the kill to every node's /readyz ok again (generous)
+LOAD_AFTER_READY = 1.5  # at least this much load once every node is back ...
+LOAD_AFTER_LIMIT = 0.5  # ... and this much once the new master has the whole limit
+NODES_ANSWER_BOUND = 2.0  # any answer, whatever the phase (generous)
+NODES_TEST_TIMEOUT = 60.0
+
+
+@attrs.define
+class NodeRecovery:
+    """One node's ``/readyz`` after the kill (times: trio.current_time())."""
+
+    degraded_at: float | None = None  # first 503 seen
+    ready_at: float | None = None  # first 200 seen after that
+    body: dict[str, Any] | None = None  # the /readyz body then
+
+
+async def watch_recovery(client: httpx.AsyncClient, url: str, recovery: NodeRecovery) -> None:
+    """Read ``url``'s ``/readyz`` every ``READY_POLL`` s until it has said 503 (the
+    breaker open), then 200 again."""
+    while recovery.ready_at is None:
+        status, body = await readyz(client, url)
+        if status != 200 and recovery.degraded_at is None:
+            assert status == 503 and body["policy"] == "local", (status, body)
+            recovery.degraded_at = trio.current_time()
+        elif status == 200 and recovery.degraded_at is not None:
+            recovery.ready_at, recovery.body = trio.current_time(), body
+        await trio.sleep(READY_POLL)
+
+
+def ask_with_sdk(client: openai.OpenAI) -> tuple[int, dict[str, Any] | None, str | None]:
+    """One chat completion through the official SDK (blocking): the status, the error
+    body (JSON) and the ``retry-after`` header; status -1 if no HTTP answer came."""
+    messages: Any = [{"role": "user", "content": "hi"}]
+    try:
+        completion = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5)
+    except openai.APIStatusError as exc:
+        return exc.status_code, exc.response.json(), exc.response.headers.get("retry-after")
+    except openai.APIConnectionError:  # (APITimeoutError included)
+        return -1, None, None
+    assert completion.choices  # the SDK parsed a ChatCompletion
+    return 200, None, None
+
+
+async def sdk_load_forever(
+    urls: list[str], key: str, answers: list[Answer], clients: int, pause: float
+) -> None:
+    """``clients`` tasks, each asking a node picked at random through the official
+    openai SDK (in a worker thread), then pausing. Answers' nodes are counted from
+    ``len(urls)`` on (``load_forever``'s are 0 .. ``len(urls) - 1``)."""
+
+    async def one(seed: int) -> None:
+        choose = random.Random(seed)
+        sdks = [
+            openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=10)
+            for url in urls
+        ]
+        try:
+            while True:
+                node = choose.randrange(len(urls))
+                began = trio.current_time()
+                status, body, retry_after = await trio.to_thread.run_sync(ask_with_sdk, sdks[node])
+                seconds = trio.current_time() - began
+                answers.append(Answer(began, len(urls) + node, status, seconds, body, retry_after))
+                await trio.sleep(pause)
+        finally:
+            for sdk in sdks:
+                sdk.close()
+
+    async with trio.open_nursery() as nursery:
+        for seed in range(clients):
+            nursery.start_soon(one, seed)
+
+
+async def watch_promotion(group: RedisSentinelGroup) -> float:
+    """When (trio.current_time()) Sentinel first names the replica as the master."""
+    replica = (group.replica.host, group.replica.port)
+    while await trio.to_thread.run_sync(group.master_address) != replica:  # noqa: ASYNC110
+        await trio.sleep(0.02)
+    return trio.current_time()
+
+
+async def used_through(client: httpx.AsyncClient, url: str) -> int:
+    """The key's requests used in its window, as ``GET /v1/usage`` on ``url`` says."""
+    response = await client.get(f"{url}/v1/usage", headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 200, response.text
+    return int(response.json()["dimensions"]["requests"]["used"])
+
+
+async def breaker_openings(client: httpx.AsyncClient, url: str) -> float:
+    """How many times the node's breaker has opened (its ``/metrics``)."""
+    response = await client.get(f"{url}/metrics")
+    assert response.status_code == 200, response.text
+    return value(parse(response.text), "tokenguard_store_breaker_openings_total")
+
+
+def assert_openai_429(answer: Answer) -> None:
+    assert answer.body is not None and set(answer.body) == {"error"}, answer
+    assert set(answer.body["error"]) == {"message", "type", "param", "code"}, answer
+    assert answer.body["error"]["code"] == "rate_limit_exceeded", answer
+    assert answer.retry_after is not None and int(answer.retry_after) >= 1, answer
+
+
+@pytest.mark.slow
+async def test_three_node_processes_ride_out_a_sentinel_failover_under_load(
+    tmp_path: Path,
+) -> None:
+    """``tokenguard serve --nodes 3`` on ``redis+sentinel://``, policy ``local``, under
+    steady load over every node (raw HTTP round-robin and the openai SDK at random);
+    the master is SIGKILLed mid-load, Sentinel promotes the replica, the load goes on
+    until every node is back on the store and the key's limit is spent. Every answer is
+    a 200 or an OpenAI-shaped 429 within ``NODES_ANSWER_BOUND``; no node restarts;
+    every node's ``/readyz`` is ok again within ``READY_BOUND`` of the kill, its breaker
+    having opened once; the key gets no more than its limit over the three phases, and
+    the new master's usage counts every 200."""
+    with (
+        trio.fail_after(NODES_TEST_TIMEOUT),
+        running_redis_sentinel_group(
+            tmp_path / "redis",
+            SERVICE,
+            down_after_ms=DOWN_AFTER_MS,
+            failover_timeout_ms=FAILOVER_TIMEOUT_MS,
+        ) as group,
+    ):
+        config = write_config(
+            tmp_path / "tokenguard.toml",
+            f'[store]\nurl = "{group.url}"\non_store_error = "local"\n\n'
+            f'[[keys]]\nkey = "{KEY}"\nname = "failover"\nrpm = {NODES_RPM}\n',
+        )
+        async with running_cluster(tmp_path / "state", nodes=NODES, config=config) as cluster:
+            urls = cluster.urls
+            pids = [cluster.node_pid(i) for i in range(NODES)]
+            recoveries = [NodeRecovery() for _ in urls]
+            answers: list[Answer] = []
+            async with httpx.AsyncClient(timeout=5) as client:
+                await wait_ready(client, urls)
+                async with trio.open_nursery() as load:
+                    load.start_soon(load_forever, urls, KEY, answers, HTTP_CLIENTS, LOAD_PAUSE)
+                    load.start_soon(sdk_load_forever, urls, KEY, answers, SDK_CLIENTS, LOAD_PAUSE)
+                    await trio.sleep(LOAD_BEFORE_KILL)
+
+                    await trio.to_thread.run_sync(group.master.kill)
+                    killed = trio.current_time()
+                    promoted = killed + READY_BOUND  # (when Sentinel names the replica)
+                    with trio.move_on_after(READY_BOUND):
+                        async with trio.open_nursery() as watchers:
+                            for url, recovery in zip(urls, recoveries, strict=True):
+                                watchers.start_soon(watch_recovery, client, url, recovery)
+                            promoted = await watch_promotion(group)
+                    late = [i for i, r in enumerate(recoveries) if r.ready_at is None]
+                    assert not late, f"nodes {late} not ready {READY_BOUND} s after the kill"
+                    ready = trio.current_time()
+
+                    # The rest of the limit goes through the new master.
+                    await trio.sleep(LOAD_AFTER_READY)
+                    while await used_through(client, urls[0]) < NODES_RPM:  # noqa: ASYNC110 (polling HTTP)
+                        await trio.sleep(0.2)
+                    await trio.sleep(LOAD_AFTER_LIMIT)
+                    load.cancel_scope.cancel()
+
+                used = [await used_through(client, url) for url in urls]
+                after = [await readyz(client, url) for url in urls]
+                openings = [await breaker_openings(client, url) for url in urls]
+            assert [cluster.node_pid(i) for i in range(NODES)] == pids  # no node restarted
+            output = cluster.supervisor.output()
+        assert await trio.to_thread.run_sync(group.master_address) == (
+            group.replica.host,
+            group.replica.port,
+        )
+
+    statuses = Counter(a.status for a in answers)
+    admitted = statuses[200]
+    phases = {
+        "before": [a for a in answers if a.at < killed],
+        "outage": [a for a in answers if killed <= a.at < ready],
+        "after": [a for a in answers if a.at >= ready],
+    }
+    slowest = max(answers, key=lambda a: a.seconds)
+    slowest_since_kill = max(a.seconds for a in answers if a.at >= killed)
+    print(
+        f"\n3 nodes through a sentinel failover: replica promoted "
+        f"{promoted - killed:.2f} s after the kill; "
+        + "; ".join(
+            f"node {i}: 503 from {r.degraded_at - killed:.2f} s, 200 from "
+            f"{r.ready_at - killed:.2f} s (breaker open {r.body['last_outage_seconds']} s, "
+            f"{body['local_admissions']} local admissions)"
+            for i, (r, (_, body)) in enumerate(zip(recoveries, after, strict=True))
+            if r.degraded_at is not None and r.ready_at is not None and r.body is not None
+        )
+        + f"; {len(answers)} answers ({sum(a.node >= NODES for a in answers)} via the SDK): "
+        f"{admitted} x 200, {statuses[429]} x 429 (200/429 "
+        + ", ".join(
+            f"{name} {sum(a.status == 200 for a in phase)}/{sum(a.status == 429 for a in phase)}"
+            for name, phase in phases.items()
+        )
+        + f"); slowest {slowest.seconds * 1000:.0f} ms ({slowest.at - killed:+.2f} s from the "
+        f"kill), {slowest_since_kill * 1000:.0f} ms from the kill on; usage {used[0]} of "
+        f"{NODES_RPM}"
+    )
+
+    assert set(statuses) <= {200, 429}, statuses  # no 5xx, no connection error
+    assert slowest.seconds < NODES_ANSWER_BOUND, slowest
+    for a in answers:
+        if a.status == 429:
+            assert_openai_429(a)
+    assert "exited" not in output and "restart #" not in output
+    # Every node saw the outage (its breaker open) and got over it by itself, once.
+    assert all(r.body is not None and r.body["store"] == "ok" for r in recoveries)
+    assert all(r.body is not None and r.body["last_outage_seconds"] for r in recoveries)
+    assert all(status == 200 and body["store"] == "ok" for status, body in after), after
+    assert all(body["local_admissions"] > 0 for _, body in after), after
+    assert openings == [1] * NODES, openings
+    # The load went on through the outage, on every node, raw HTTP and SDK.
+    assert {a.node % NODES for a in phases["outage"]} == set(range(NODES))
+    assert {a.node >= NODES for a in phases["outage"]} == {False, True}
+    # The limit held across the three phases and the three nodes, and was spent: at
+    # most the requests in flight at the kill were counted (applied by the master,
+    # then replicated) but not answered 200 by it.
+    assert admitted <= NODES_RPM, statuses
+    assert admitted >= NODES_RPM - (HTTP_CLIENTS + SDK_CLIENTS), statuses
+    assert used == [used[0]] * NODES
+    assert used[0] >= admitted, (used, admitted)
