@@ -496,6 +496,27 @@ async def test_sentinel_finds_the_master(extra_redis_server: RedisServer, tmp_pa
             sentinel.stop()
 
 
+async def test_a_master_without_its_replicas_refusing_writes_consumes_nothing(
+    extra_redis_server: RedisServer,
+) -> None:
+    """``min-replicas-to-write`` (docs/redis.md: it bounds what a failover can lose): a
+    master with fewer live replicas refuses every write with NOREPLICAS. The admission is
+    a StoreError (the node's failure policy answers it) and nothing is consumed; reads
+    still work; once the master accepts writes again, so does the store."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with open_store(extra_redis_server.url) as store:
+            assert (await store.admit("p", [a_row(amount=2)])).admitted
+            with extra_redis_server.client() as client:
+                client.config_set("min-replicas-to-write", 1)  # and there is none
+            with pytest.raises(StoreError, match="NOREPLICAS"):
+                await store.admit("p", [a_row(amount=5)])
+            assert (await store.usage("p", [a_row()]))[0].used == 2
+            with extra_redis_server.client() as client:
+                client.config_set("min-replicas-to-write", 0)
+            assert (await store.admit("p", [a_row(amount=5)])).admitted
+            assert (await store.usage("p", [a_row()]))[0].used == 7
+
+
 # --- memory --------------------------------------------------------------------------------
 
 
