@@ -85,6 +85,10 @@ class ProxyBenchResult:
     def median_rps(self, kind: str) -> float:
         return statistics.median(r.rps for r in self.rounds if r.kind == kind)
 
+    def median_cpu_ms(self, kind: str, node: str) -> float:
+        """``node``'s ("proxy" or "upstream") CPU ms per request in ``kind``'s rounds."""
+        return statistics.median(r.cpu_ms[node] for r in self.rounds if r.kind == kind)
+
     @property
     def ratio(self) -> float:
         direct = self.median_rps("direct")
@@ -266,7 +270,7 @@ def format_report(result: ProxyBenchResult) -> str:
         rps = ", ".join(f"{r.rps:,.0f}" for r in mine)
         p50 = statistics.median(r.p50_ms for r in mine if r.p50_ms is not None)
         p99 = statistics.median(r.p99_ms for r in mine if r.p99_ms is not None)
-        cpu = {n: statistics.median(r.cpu_ms[n] for r in mine) for n in ("proxy", "upstream")}
+        cpu = {n: result.median_cpu_ms(kind, n) for n in ("proxy", "upstream")}
         lines.append(
             f"| {kind} | {rps} | {result.median_rps(kind):,.0f} | {p50:.1f} | {p99:.1f} | "
             f"{cpu['proxy']:.2f} | {cpu['upstream']:.2f} | {sum(r.errors for r in mine)} |"

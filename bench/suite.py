@@ -2355,7 +2355,7 @@ async def scenario_proxy(suite: Suite) -> Section:
         "streams (`python -m bench proxy`, which starts both nodes itself)."
     )
     section.commands = [f"python -m bench proxy --seconds {o.seconds:g} --rounds {o.rounds}"]
-    proxy_cpu = statistics.median(r.cpu_ms["proxy"] for r in result.rounds if r.kind == "proxy")
+    proxy_cpu = result.median_cpu_ms("proxy", "proxy")
     section.body = [
         *proxy.format_report(result).splitlines()[2:],
         "",
