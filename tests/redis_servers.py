@@ -459,24 +459,39 @@ def _create_cluster(servers: Sequence[RedisServer], *, replicas: int) -> None:
         raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}{create.stderr}")
 
 
-def start_redis_cluster(directory: Path, masters: int = 3) -> RedisClusterServers:
-    """Start ``masters`` cluster-enabled servers and join them with ``redis-cli --cluster
-    create`` (no replicas); return once every node says ``cluster_state:ok``."""
+def _joined_cluster(
+    directory: Path, masters: int, *, replicas: int = 0, extra_args: Sequence[str] = ()
+) -> list[RedisServer]:
+    """Start ``masters * (1 + replicas)`` cluster-enabled servers (``extra_args`` on each
+    command line) and join them with ``redis-cli --cluster create``; return them once
+    every node says ``cluster_state:ok`` and, with replicas, every replica is known and
+    linked. Every server is stopped if that fails."""
     servers: list[RedisServer] = []
     try:
-        for i in range(masters):
-            servers.append(start_redis_server(directory / f"node{i}", cluster=True))
-        _create_cluster(servers, replicas=0)
+        for i in range(masters * (1 + replicas)):
+            servers.append(
+                start_redis_server(directory / f"node{i}", cluster=True, extra_args=extra_args)
+            )
+        _create_cluster(servers, replicas=replicas)
         deadline = time.monotonic() + CLUSTER_TIMEOUT
-        while not _cluster_ready(servers):
+        while not (
+            _cluster_ready(servers)
+            and (not replicas or _replicas_linked(servers, masters * replicas))
+        ):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"cluster not ok after {CLUSTER_TIMEOUT} s")
+                raise RuntimeError(f"cluster not ready after {CLUSTER_TIMEOUT} s")
             time.sleep(0.05)
     except BaseException:
         for server in servers:
             server.stop()
         raise
-    return RedisClusterServers(servers=servers)
+    return servers
+
+
+def start_redis_cluster(directory: Path, masters: int = 3) -> RedisClusterServers:
+    """Start ``masters`` cluster-enabled servers and join them with ``redis-cli --cluster
+    create`` (no replicas); return once every node says ``cluster_state:ok``."""
+    return RedisClusterServers(servers=_joined_cluster(directory, masters))
 
 
 @contextlib.contextmanager
@@ -581,19 +596,13 @@ def start_redis_cluster_with_replicas(
     deemed failing, and its replica soon promoted), joined by ``redis-cli --cluster
     create --cluster-replicas 1``. Returns once every node says ``cluster_state:ok``,
     knows every other node and every replica is linked to its master and synced."""
-    servers: list[RedisServer] = []
-    timeout = ("--cluster-node-timeout", str(node_timeout_ms))
+    servers = _joined_cluster(
+        directory,
+        masters,
+        replicas=1,
+        extra_args=("--cluster-node-timeout", str(node_timeout_ms)),
+    )
     try:
-        for i in range(2 * masters):
-            servers.append(
-                start_redis_server(directory / f"node{i}", cluster=True, extra_args=timeout)
-            )
-        _create_cluster(servers, replicas=1)
-        deadline = time.monotonic() + CLUSTER_TIMEOUT
-        while not (_cluster_ready(servers) and _replicas_linked(servers, masters)):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"cluster with replicas not ready after {CLUSTER_TIMEOUT} s")
-            time.sleep(0.05)
         # Who replicates whom, as the cluster says (redis-cli picks the pairs).
         by_port = {s.port: s for s in servers}
         nodes = cluster_nodes(servers[0])
