@@ -50,7 +50,9 @@ async def chat(
 
 
 async def usage(client: httpx.AsyncClient, url: str, key: str) -> dict[str, Any]:
+    """The key's usage per dimension, as ``GET /v1/usage`` on ``url`` says."""
     response = await client.get(f"{url}/v1/usage", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text
     return response.json()["dimensions"]
 
 

@@ -52,6 +52,7 @@ from tests.redis_servers import (
     running_redis_sentinel_group,
     wait_replicated,
 )
+from tests.test_cluster import usage
 from tests.test_faults import (
     MODEL,
     ROWS_LIMIT,
@@ -59,6 +60,7 @@ from tests.test_faults import (
     Load,
     a_row,
     admissions,
+    assert_openai_429,
     guarded_redis,
     load_forever,
     readyz,
@@ -366,9 +368,7 @@ async def watch_promotion(group: RedisSentinelGroup) -> float:
 
 async def used_through(client: httpx.AsyncClient, url: str) -> int:
     """The key's requests used in its window, as ``GET /v1/usage`` on ``url`` says."""
-    response = await client.get(f"{url}/v1/usage", headers={"Authorization": f"Bearer {KEY}"})
-    assert response.status_code == 200, response.text
-    return int(response.json()["dimensions"]["requests"]["used"])
+    return int((await usage(client, url, KEY))["requests"]["used"])
 
 
 async def breaker_openings(client: httpx.AsyncClient, url: str) -> float:
@@ -376,13 +376,6 @@ async def breaker_openings(client: httpx.AsyncClient, url: str) -> float:
     response = await client.get(f"{url}/metrics")
     assert response.status_code == 200, response.text
     return value(parse(response.text), "tokenguard_store_breaker_openings_total")
-
-
-def assert_openai_429(answer: Answer) -> None:
-    assert answer.body is not None and set(answer.body) == {"error"}, answer
-    assert set(answer.body["error"]) == {"message", "type", "param", "code"}, answer
-    assert answer.body["error"]["code"] == "rate_limit_exceeded", answer
-    assert answer.retry_after is not None and int(answer.retry_after) >= 1, answer
 
 
 @pytest.mark.slow

@@ -66,11 +66,15 @@ async def chat(
 
 def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> None:
     assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert_openai_error_body(response.json(), code)
+
+
+def assert_openai_error_body(body: Any, code: str | None = None) -> None:
+    """``body`` is OpenAI's error shape (and its code ``code``, if given)."""
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
     if code is not None:
-        assert body["error"]["code"] == code
+        assert body["error"]["code"] == code, body
 
 
 async def readyz(client: httpx.AsyncClient, url: str) -> tuple[int, dict[str, Any]]:
@@ -396,6 +400,12 @@ class Answer:
     retry_after: str | None = None
 
 
+def assert_openai_429(answer: Answer) -> None:
+    """A refused answer in OpenAI's shape, ``rate_limit_exceeded``, with a retry-after."""
+    assert_openai_error_body(answer.body, "rate_limit_exceeded")
+    assert answer.retry_after is not None and int(answer.retry_after) >= 1, answer
+
+
 async def load_forever(
     urls: list[str], key: str, answers: list[Answer], clients: int, pause: float
 ) -> None:
@@ -488,8 +498,7 @@ async def test_redis_killed_for_10_s_under_load_policy_local(workdir: Path) -> N
     assert {a.status for a in outage} == {200, 429}
     for a in outage:
         if a.status == 429:
-            assert a.body is not None and a.body["error"]["code"] == "rate_limit_exceeded"
-            assert a.retry_after is not None
+            assert_openai_429(a)
     assert all(status == 503 and body["store"] == "unavailable" for status, body in during)
     assert all(body["policy"] == "local" for _, body in during)
     assert recovery < 2.0
