@@ -66,7 +66,7 @@ from tests.test_faults import (
     readyz,
     wait_ready,
 )
-from tests.test_metrics import parse, value
+from tests.test_metrics import node_metric
 from tokenguard.resilience import GuardedStore
 from tokenguard.windows import open_store
 
@@ -373,9 +373,7 @@ async def used_through(client: httpx.AsyncClient, url: str) -> int:
 
 async def breaker_openings(client: httpx.AsyncClient, url: str) -> float:
     """How many times the node's breaker has opened (its ``/metrics``)."""
-    response = await client.get(f"{url}/metrics")
-    assert response.status_code == 200, response.text
-    return value(parse(response.text), "tokenguard_store_breaker_openings_total")
+    return await node_metric(client, url, "tokenguard_store_breaker_openings_total")
 
 
 @pytest.mark.slow

@@ -63,6 +63,16 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+async def node_metric(client: httpx.AsyncClient, url: str, name: str) -> float:
+    """The value of the unlabelled sample ``name`` in the ``/metrics`` of the node at
+    ``url`` (a real process); fails if the node does not report it."""
+    response = await client.get(f"{url}/metrics")
+    assert response.status_code == 200, response.text
+    samples = parse(response.text)
+    assert (name, frozenset()) in samples, f"no {name} in /metrics"
+    return samples[(name, frozenset())]
+
+
 def names(samples: Samples) -> set[str]:
     return {name for name, _ in samples}
 

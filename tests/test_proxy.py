@@ -22,7 +22,6 @@ import httpx
 import openai
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from drivers.memory import MemoryStore
 from tests.processes import free_ports, running_tokenguard, wait_healthy, write_config
@@ -33,6 +32,7 @@ from tests.proxy_upstreams import (
     scripted_upstream,
     sse_event,
 )
+from tests.test_metrics import node_metric
 from tokenguard.app import create_app
 from tokenguard.settings import ConfigError, parse_settings
 from tokenguard.tokens import count_chat_prompt, count_text
@@ -120,13 +120,7 @@ async def used(url: str) -> dict[str, int]:
 async def texts_counted(client: httpx.AsyncClient, url: str) -> float:
     """How many long texts the node has counted with tiktoken (its token-count cache's
     misses, from /metrics)."""
-    response = await client.get(f"{url}/metrics")
-    assert response.status_code == 200
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            if sample.name == "tokenguard_token_count_cache_misses_total":
-                return sample.value
-    raise AssertionError("no tokenguard_token_count_cache_misses_total in /metrics")
+    return await node_metric(client, url, "tokenguard_token_count_cache_misses_total")
 
 
 def in_thread(fn: Any) -> Any:
