@@ -1,4 +1,4 @@
-"""Tests for the benchmark suite (bench/suite.py, bench/wrk.py, bench/charts.py).
+"""Tests for the benchmark suite (bench/suite/, bench/wrk.py, bench/charts.py).
 
 The parsers and the wrk script are checked on fixed inputs. The suite's machinery runs
 for real in a tiny profile (1 s measurements) against real node processes, a real
@@ -21,19 +21,13 @@ import trio
 
 from bench import charts
 from bench.procfs import children
-from bench.suite import (
-    Profile,
-    RedisInfo,
-    SuiteResult,
-    Target,
-    _parse_redis_benchmark_csv,
-    machine_info,
-    paired_ratios,
-    run_suite,
-    trailing_sums,
-    trouble_before,
-    trouble_notes,
-)
+from bench.suite.accuracy import trailing_sums
+from bench.suite.machine import machine_info
+from bench.suite.profile import Profile
+from bench.suite.redis_benchmark import parse_redis_benchmark_csv
+from bench.suite.run import SuiteResult, run_suite
+from bench.suite.runs import Run, paired_ratios
+from bench.suite.targets import RedisInfo, Target, trouble_before, trouble_notes
 from bench.wrk import (
     JSON_MARKER,
     WrkResult,
@@ -209,9 +203,7 @@ def test_trailing_sums() -> None:
 
 
 def test_paired_ratios_pair_rounds() -> None:
-    def run(variant: str, rnd: int, rps: float):
-        from bench.suite import Run
-
+    def run(variant: str, rnd: int, rps: float) -> Run:
         return Run(variant, rnd, WrkResult(requests=int(rps), seconds=1.0, latency={}), 0.0, None)
 
     runs = {"off": [run("off", 0, 100), run("off", 1, 200)]}
@@ -224,7 +216,7 @@ def test_redis_benchmark_csv_and_connection_args() -> None:
         '"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms"\n'
         '"SET","98765.43","0.3","0.1","0.25"\n'
     )
-    assert _parse_redis_benchmark_csv(text) == (98765.43, 0.25)
+    assert parse_redis_benchmark_csv(text) == (98765.43, 0.25)
     assert RedisInfo("unix:///tmp/r.sock", None, True).benchmark_args() == ["-s", "/tmp/r.sock"]
     assert RedisInfo("redis://:p%40ss@h:7000/0", None, False).benchmark_args() == [
         "-h", "h", "-p", "7000", "-a", "p@ss",
