@@ -97,9 +97,12 @@ async def scenario_decisions(suite: Suite) -> Section:
         "python -m bench decisions --store unix:///path/to/redis.sock --settle-every 0",
         "python -m bench decisions --store unix:///path/to/redis.sock --concurrency 1",
     ]
-    section.body = _rates_table(measured) + _redis_benchmark_table(figures)
+    section.body = [
+        *_rates_table(measured),
+        *_redis_benchmark_table(figures),
+        *_closing(p, measured),
+    ]
     section.notes += _redis_benchmark_notes(measured, figures, missing)
-    section.body += _closing(p, measured)
     section.goals = _goals(p, measured)
     section.ratios = [
         (f"store-only decisions/s, 8 rules / 3 rules, {label}", median(measured.ratio(store)))
