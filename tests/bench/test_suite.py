@@ -1,4 +1,4 @@
-"""Tests for the benchmark suite (bench/suite.py, bench/wrk.py, bench/charts.py).
+"""Tests for the benchmark suite (bench/suite/, bench/wrk.py, bench/charts.py).
 
 The parsers and the wrk script are checked on fixed inputs. The suite's machinery runs
 for real in a tiny profile (1 s measurements) against real node processes, a real
@@ -16,24 +16,19 @@ import os
 import re
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
 from bench import charts
 from bench.procfs import children
-from bench.suite import (
-    Profile,
-    RedisInfo,
-    SuiteResult,
-    Target,
-    _parse_redis_benchmark_csv,
-    machine_info,
-    paired_ratios,
-    run_suite,
-    trailing_sums,
-    trouble_before,
-    trouble_notes,
-)
+from bench.suite.accuracy import trailing_sums
+from bench.suite.machine import machine_info
+from bench.suite.profile import Profile
+from bench.suite.redis_benchmark import parse_redis_benchmark_csv
+from bench.suite.run import SuiteResult, run_suite
+from bench.suite.runs import Run, paired_ratios, variant_table
+from bench.suite.targets import RedisInfo, Target, trouble_before, trouble_notes
 from bench.wrk import (
     JSON_MARKER,
     WrkResult,
@@ -209,9 +204,7 @@ def test_trailing_sums() -> None:
 
 
 def test_paired_ratios_pair_rounds() -> None:
-    def run(variant: str, rnd: int, rps: float):
-        from bench.suite import Run
-
+    def run(variant: str, rnd: int, rps: float) -> Run:
         return Run(variant, rnd, WrkResult(requests=int(rps), seconds=1.0, latency={}), 0.0, None)
 
     runs = {"off": [run("off", 0, 100), run("off", 1, 200)]}
@@ -219,12 +212,40 @@ def test_paired_ratios_pair_rounds() -> None:
     assert paired_ratios(runs, "off", "on") == [0.9, 0.75]
 
 
+def _runs(name: str, rps: list[float], redis_cpu: float | None = None) -> list[Run]:
+    latency = {"p50": 0.002, "p99": 0.010}
+    return [
+        Run(name, i, WrkResult(requests=int(r), seconds=1.0, latency=latency), 0.5, redis_cpu)
+        for i, r in enumerate(rps)
+    ]
+
+
+def test_variant_table_compares_each_variant_with_its_own_base() -> None:
+    runs = {
+        "memory": _runs("memory", [100, 200]),
+        "memory-8": _runs("memory-8", [80, 100]),
+        "redis": _runs("redis", [50, 50], redis_cpu=0.25),
+    }
+    rows, ratios = variant_table(
+        runs, {"memory-8": "memory"}, compared="8 rules / 3 rules", labels={"memory": "mem"}
+    )
+    assert rows[:2] == [
+        "| node | req/s (median) | range | 8 rules / 3 rules (paired) | p50 ms | p99 ms "
+        "| node CPU | Redis CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    assert ratios == {"memory-8": pytest.approx(0.65)}  # the median of 0.8 and 0.5
+    assert rows[2] == "| mem | 150 | 100–200 | 1 (baseline) | 2.00 | 10.00 | 50% | - |"
+    assert rows[3].startswith("| memory-8 | 90 | 80–100 | **65.0%** (50.0%–80.0%) |")
+    assert rows[4].endswith("| 1 (baseline) | 2.00 | 10.00 | 50% | 25% |")
+
+
 def test_redis_benchmark_csv_and_connection_args() -> None:
     text = (
         '"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms"\n'
         '"SET","98765.43","0.3","0.1","0.25"\n'
     )
-    assert _parse_redis_benchmark_csv(text) == (98765.43, 0.25)
+    assert parse_redis_benchmark_csv(text) == (98765.43, 0.25)
     assert RedisInfo("unix:///tmp/r.sock", None, True).benchmark_args() == ["-s", "/tmp/r.sock"]
     assert RedisInfo("redis://:p%40ss@h:7000/0", None, False).benchmark_args() == [
         "-h", "h", "-p", "7000", "-a", "p@ss",
@@ -287,10 +308,12 @@ def check_report(markdown: str, output: Path, names: list[str]) -> None:
         assert "matplotlib is not installed" in markdown
 
 
-async def run_tiny(scenarios: list[str], output: Path, *, client: str) -> SuiteResult:
-    """``run_suite`` with the TINY profile, quietly."""
+async def run_tiny(
+    scenarios: list[str], output: Path, *, client: str, profile: Profile = TINY
+) -> SuiteResult:
+    """``run_suite`` with the TINY profile (or ``profile``), quietly."""
     return await run_suite(
-        TINY,
+        profile,
         scenarios=scenarios,
         output=output,
         client=client,
@@ -381,4 +404,50 @@ async def test_suite_tiny_proxy_and_feed(tmp_path: Path) -> None:
     goals = {g.name: g for g in feed_section.goals}
     assert "Usage feed: delivery latency node to node, median" in goals
     assert all(g.met is not None for g in goals.values())
+    no_children_left(before)
+
+
+@pytest.mark.slow
+async def test_suite_tiny_sweeps_nodes_and_accuracy_with_the_python_client(
+    tmp_path: Path,
+) -> None:
+    """The scenarios that need no wrk and no other test runs: each section's table,
+    headline ratios and goals, every process gone afterwards."""
+    before = set(children(os.getpid()))
+    output = tmp_path / "performance.md"
+    profile = attrs.evolve(
+        TINY,
+        sweep_levels=(1, 4),
+        sweep_seconds=1,
+        stream_shares=(0.0, 1.0),
+        stream_seconds=1,
+        nodes_rounds=1,
+        nodes_seconds=1,
+        accuracy_seconds=3.0,
+        accuracy_concurrency=4,
+    )
+    names = ["concurrency", "streaming", "nodes", "accuracy"]
+    with trio.fail_after(180):
+        result = await run_tiny(names, output, client="load", profile=profile)
+    assert result.ok
+    check_report(result.markdown, output, names)
+    markdown = result.markdown
+    assert "| connections | limits off req/s | memory req/s | (vs off) |" in markdown
+    assert "| streamed | limits off req/s |" in markdown
+    assert "| nodes | req/s (median) | range | vs 1 node (paired) |" in markdown
+    assert "| dimension | limit / window | admitted in the run |" in markdown
+    assert "| 100% streamed, Redis store / limits off |" in markdown
+    assert "| 3 nodes, Redis store / 1 node |" in markdown
+    concurrency, streaming, nodes, accuracy = result.sections
+    assert set(concurrency.data) == {"1", "4"}
+    assert set(streaming.data) == {"0", "1"}
+    assert set(nodes.data["runs"]) == {"1 node", "2 nodes", "3 nodes"}
+    for runs in nodes.data["runs"].values():
+        (run,) = runs
+        assert run["requests"] > 0
+    assert accuracy.data["summary"]["requests"] > 0
+    assert [g.name for g in accuracy.goals] == [
+        "Accuracy, 3 nodes on one key: definite over-admission",
+        "Accuracy: rate-limit header inconsistencies",
+    ]
     no_children_left(before)
