@@ -150,13 +150,14 @@ class SimNode:
     # -- lifecycle
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start as ``serve_node`` does (the guarded store, the keyring, which waits at
-        most its startup time for the registry, the settler), then serve until
-        :meth:`crash` or cancellation."""
+        """Start as ``serve_node`` and the app do (the guarded store, the keyring, which
+        waits at most its startup time for the registry, the usage feed, the settler),
+        then serve until :meth:`crash` or cancellation."""
         with self._cancel:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.guarded.run)
                 await nursery.start(self.keyring.run)
+                await nursery.start(self.gateway.feed.run)
                 await nursery.start(self.gateway.settler.run)
                 self._nursery = nursery
                 self.serving = True
@@ -278,6 +279,7 @@ class SimNode:
             "local_leases": len(self.fallback.leases),
             "settler_queue": self.gateway.settler.queued,
             "templates": len(self.gateway.limiter._templates),
+            "feed_queue": self.gateway.feed.queued,
             "breaker": guarded.breaker.state,
         }
 

@@ -34,6 +34,10 @@ loss of its data, registry reads by each node). It checks, as they happen:
 * **settled-once**: every admitted request that ended is settled exactly once, with the
   deltas its end implies (what it produced, less what it reserved, in output and
   total-tokens rows; its lease released), within ``SETTLE_GRACE`` unless its node died.
+* **feed**: the usage-feed events a watcher gets (through the store's publish/subscribe,
+  at most once) come from each node in the order it made them, never twice (a node's
+  count starts again when it restarts), and never outnumber the admissions, refusals
+  and settlements that node made for that key.
 * at the end (:meth:`Oracle.final`), **bounded**: nothing left to write back, no call
   waiting, no lease held, an empty settler queue, the limiter's cache within its
   bound, the breaker closed; and, a window and a lease time later, no counter left in
@@ -44,6 +48,7 @@ The first violation ends the run (``abort``) and is kept with the trace's last l
 
 from __future__ import annotations
 
+import json
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -57,6 +62,7 @@ from bench.simulate.product import (
     KEY,
     MAX_WAIT_FACTOR,
     NOT_RESERVED,
+    OUTGOING_LIMIT,
     SEEN_LIMIT,
     TEMPLATE_CACHE,
     ApiKey,
@@ -181,6 +187,12 @@ class Oracle:
             (f.start, f.end + RECOVERY_SECONDS, f.node) for f in faults if f.kind in IMPAIRING
         ]
         self.long_window = 0.0  # windows longer than this are "long" (set by the runner)
+        # The feed: decisions made per (node, key, kind), events received of each, the
+        # last event's seq per node and when it came, and each node's last restart.
+        self._decided: dict[tuple[int, str, str], int] = {}
+        self._received: dict[tuple[int, str, str], int] = {}
+        self._feed_seq: dict[int, tuple[int, float]] = {}
+        self._restarted: dict[int, float] = {}
         self.counts: dict[str, int] = {}
 
     # -- reporting
@@ -238,6 +250,7 @@ class Oracle:
 
     def node_serving(self, node: SimNode) -> None:
         self.trace.add(node.index, "serving", f"incarnation {node.incarnation}")
+        self._restarted[node.index] = trio.current_time()
 
     def node_crashed(self, node: SimNode) -> None:
         """Its requests are gone (their leases stay in the store until they expire)."""
@@ -334,6 +347,9 @@ class Oracle:
                 f"{now - started:.3f} s after it asked the store (deadline {self.deadline} s)",
                 key.name,
             )
+        kind = "200" if decision is not None and decision.reservation is not None else str(status)
+        decided = (node.index, key.name, kind)
+        self._decided[decided] = self._decided.get(decided, 0) + 1
         if decision is None or decision.reservation is None:
             self._count(str(status))
             self.trace.add(node.index, str(status), f"#{request.number} {key.name}")
@@ -460,6 +476,10 @@ class Oracle:
         if admitted is None:
             return
         self._land(admitted)
+        # The gateway settles every request that ended (its feed says so even when the
+        # store has nothing to correct).
+        decided = (node.index, admitted.request.key.name, "settled")
+        self._decided[decided] = self._decided.get(decided, 0) + 1
         delta = produced - decision.cost.output_tokens
         for entry in admitted.entries:
             if entry.dimension in ("output_tokens", "total_tokens"):
@@ -498,6 +518,37 @@ class Oracle:
                 f"request #{pending.number} on node {node.name} settled with deltas "
                 f"{list(deltas)}, its end implies {pending.deltas}",
                 pending.key,
+            )
+
+    def feed_event(self, node: SimNode, body: str) -> None:
+        """A feed watcher on ``node`` took this event."""
+        event = json.loads(body)
+        kind = event["type"]
+        if kind == "snapshot":  # made by the watcher's own node, not published
+            return
+        source, seq, key = event["node"], event["seq"], event["key"]
+        now = trio.current_time()
+        self.trace.add(node.index, "feed", f"{kind} from {source} seq {seq} {key}")
+        last = self._feed_seq.get(source)
+        if last is not None and seq <= last[0] and self._restarted.get(source, -1) < last[1]:
+            self.fail(
+                "feed",
+                f"node {source}'s event seq {seq} came after its seq {last[0]} (out of "
+                "order, or twice)",
+                key,
+            )
+        self._feed_seq[source] = (seq, now)
+        counted = {"admitted": "200", "rejected": "429", "settled": "settled"}.get(kind)
+        if counted is None:
+            return
+        received = (source, key, counted)
+        self._received[received] = self._received.get(received, 0) + 1
+        if self._received[received] > self._decided.get(received, 0):
+            self.fail(
+                "feed",
+                f"{self._received[received]} {kind} events of node {source} for {key}, "
+                f"which made {self._decided.get(received, 0)} such decisions",
+                key,
             )
 
     async def watch(self) -> None:
@@ -543,6 +594,7 @@ class Oracle:
                 "local_leases": 0,
                 "settler_queue": 0,
                 "templates": TEMPLATE_CACHE,
+                "feed_queue": OUTGOING_LIMIT,
                 "seen": min(SEEN_LIMIT, counters),
             }
             for what, most in limits.items():

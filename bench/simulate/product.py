@@ -17,6 +17,7 @@ from tokenguard import settler as settler_module
 from tokenguard.app import Gateway
 from tokenguard.chat import validate_chat
 from tokenguard.errors import APIError
+from tokenguard.feed import OUTGOING_LIMIT, Viewer
 from tokenguard.keyring import KEY, POLL_SECONDS, TIER, KeyRecord, Keyring, KeyringError
 from tokenguard.leases import HeldLeases
 from tokenguard.limiter import TEMPLATE_CACHE, Cost, Decision
@@ -75,6 +76,7 @@ __all__ = [
     "MODULES",
     "MemoryStore",
     "NOT_RESERVED",
+    "OUTGOING_LIMIT",
     "POLL_SECONDS",
     "Registry",
     "RegistryExpect",
@@ -88,6 +90,7 @@ __all__ = [
     "TEMPLATE_CACHE",
     "TIER",
     "UncheckedReservation",
+    "Viewer",
     "WindowStore",
     "digest_of",
     "node_share",

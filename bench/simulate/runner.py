@@ -41,7 +41,16 @@ from bench.simulate.oracle import Oracle, Violation
 from bench.simulate.plants import planted
 from bench.simulate.store import SimStore
 from bench.simulate.trace import Trace
-from bench.simulate.traffic import LONGEST_REQUEST, Admin, Client, KeyPool, SimConfig, draw_config
+from bench.simulate.traffic import (
+    LONGEST_REQUEST,
+    WATCHED_SHARE,
+    Admin,
+    Client,
+    KeyPool,
+    SimConfig,
+    Watcher,
+    draw_config,
+)
 
 # The store's clock at simulated time 0 (plus up to an hour, per seed: buckets start
 # anywhere in their cycle).
@@ -272,10 +281,16 @@ async def _simulate(
         admin = Admin(
             _stream(seed, "admin"), cluster, pool, config, trace, seconds, TRAFFIC_START, seed
         )
+        watching = _stream(seed, "watcher")
         async with trio.open_nursery() as actors:
             actors.start_soon(driver.run)
             actors.start_soon(client.run)
             actors.start_soon(admin.run)
+            if watching.random() < WATCHED_SHARE:
+                watcher = Watcher(
+                    watching, cluster, config.keys[0], oracle.feed_event, trace, TRAFFIC_START
+                )
+                actors.start_soon(watcher.run)
             await trio.sleep_until(seconds)
             actors.cancel_scope.cancel()
         driver.lift_all()

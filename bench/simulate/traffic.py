@@ -17,20 +17,31 @@ always sends the same requests at the same simulated times:
 * :class:`Admin`: through a random node's keyring, as its admin API does: create a key,
   change one (its limit, tier, team, ``max_concurrent``, a per-model rule), revoke one,
   change a tier's limits; each call bounded by a client timeout.
+* :class:`Watcher` (half the seeds): a usage-feed subscriber, as a websocket session
+  is one without the websocket, watching the busiest key's events on one node; when
+  that node dies it moves to another. The events it gets crossed the store's
+  publish/subscribe from every node (so lost messages, hangs and crashes touch them).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import attrs
 import trio
 
 from bench.simulate.faults import Fault
-from bench.simulate.product import KeyringError, Settings, StoreError, digest_of, parse_settings
+from bench.simulate.product import (
+    KeyringError,
+    Settings,
+    StoreError,
+    Viewer,
+    digest_of,
+    parse_settings,
+)
 from bench.simulate.trace import Trace
 
 MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-3.5-turbo")
@@ -45,6 +56,9 @@ BURSTS_PER_MINUTE = 3.0
 FAULT_BURST = 0.6
 # The longest a request lasts (a stream), seconds.
 LONGEST_REQUEST = 8.0
+# Seeds with a feed watcher; how long it waits before watching on another node.
+WATCHED_SHARE = 0.5
+RECONNECT_SECONDS = 1.0
 
 
 @attrs.frozen
@@ -370,3 +384,44 @@ class Admin:
         if choice == 3:
             return {"max_concurrent": rng.choice((None, 1, 2, 3))}
         return {"models": {"gpt-4o*": {"rpm": rng.randint(2, 10)}}}
+
+
+class Watcher:
+    """A usage-feed subscriber (see the module docstring); ``on_event(node, body)`` is
+    told every event it takes on ``node``."""
+
+    def __init__(
+        self,
+        rng: random.Random,
+        cluster: NodeSet,
+        key: SimKey,
+        on_event: Callable[[Any, str], None],
+        trace: Trace,
+        start: float,
+    ) -> None:
+        self.rng = rng
+        self.cluster = cluster
+        self.key = key
+        self.on_event = on_event
+        self.trace = trace
+        self.start = start
+
+    async def run(self) -> None:
+        await trio.sleep_until(self.start + self.rng.uniform(0, 10))
+        while True:
+            index = self.rng.randrange(self.cluster.nodes)
+            node = self.cluster.node(index)
+            if node is not None and node.serving:
+                self.trace.add(index, "watching", self.key.name)
+                await self._watch(node)
+            await trio.sleep(RECONNECT_SECONDS)
+
+    async def _watch(self, node: Any) -> None:
+        feed = node.gateway.feed
+        with feed.subscription(Viewer("key", self.key.name)) as subscriber:
+            await feed.announced()
+            while not node.dead:
+                with trio.move_on_after(RECONNECT_SECONDS):
+                    _, events = await subscriber.take()
+                    for body in events:
+                        self.on_event(node, body)
