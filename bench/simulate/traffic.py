@@ -361,13 +361,17 @@ class Admin:
             await keyring.revoke_key(key.name)
             self.pool.revoked.add(key.name)
             return f"revoke {key.name}"
+        # Every change sets a default reservation no earlier change set: a write that
+        # changed nothing would depend on the wall clock (the keyring stamps records
+        # with time.time(), and the store skips a write of the record it already has).
+        unique = {"default_max_tokens": 16 + self.calls}
         if op == "tier":
             tier = rng.choice(config.tiers)
-            limits = _limits(rng, small=rng.random() < 0.5)
+            limits = _limits(rng, small=rng.random() < 0.5) | unique
             await keyring.put_tier(tier, limits)
             return f"tier {tier} {sorted(limits)}"
         key = rng.choice(live)
-        patch = self._patch()
+        patch = self._patch() | unique
         await keyring.update_key(key.name, patch)
         return f"update {key.name} {patch}"
 
