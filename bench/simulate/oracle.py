@@ -156,7 +156,6 @@ class Oracle:
         faults: Sequence[Fault],
         trace: Trace,
         *,
-        seconds: float,
         shares_per_node: bool = False,
     ) -> None:
         settings = config.settings
@@ -165,7 +164,6 @@ class Oracle:
         # across its restarts (what a node that kept its windows would guarantee).
         self.shares_per_node = shares_per_node
         self.trace = trace
-        self.seconds = seconds
         self.cluster_size = settings.supervised_nodes
         self.deadline = MAX_WAIT_FACTOR * settings.store_timeout_ms / 1000
         self.violation: Violation | None = None

@@ -257,7 +257,7 @@ async def _simulate(
     def store_clock() -> float:
         return base + trio.current_time()
 
-    oracle = Oracle(config, faults, trace, seconds=seconds, shares_per_node=options.shares_per_node)
+    oracle = Oracle(config, faults, trace, shares_per_node=options.shares_per_node)
     quiet = (
         max(settings.window_seconds + settings.bucket_seconds, settings.lease_seconds)
         + 2 * MOST_SKEW
@@ -295,21 +295,29 @@ async def _simulate(
             actors.cancel_scope.cancel()
         driver.lift_all()
         trace.add(None, "traffic-end")
-        drained = trio.current_time() + DRAIN_SECONDS
-        while trio.current_time() < drained:
-            await trio.sleep(DRAIN_POLL)
-            if all(node.settled_down for node in cluster.live()):
-                break
-        oracle.overdue()
-        oracle.final(cluster.live())
-        # A quiet window later (no task runs during the jump): only long windows stay.
-        clock.jump(quiet)
-        remaining = {"the store": sim.memory.sweep()}
-        for node in cluster.live():
-            remaining[f"node {node.name}'s local windows"] = node.fallback.sweep()
-        oracle.final_counters(remaining)
+        await _wind_down(cluster, sim, oracle, clock, quiet)
         root.cancel_scope.cancel()
     return oracle, config, faults
+
+
+async def _wind_down(
+    cluster: Cluster, sim: SimStore, oracle: Oracle, clock: trio.testing.MockClock, quiet: float
+) -> None:
+    """With the traffic stopped and every fault over: once every node has settled down
+    (or after ``DRAIN_SECONDS``), the oracle's end checks; then, a quiet window later
+    (a jump of the clock: no task runs meanwhile), what is left in the stores."""
+    drained = trio.current_time() + DRAIN_SECONDS
+    while trio.current_time() < drained:
+        await trio.sleep(DRAIN_POLL)
+        if all(node.settled_down for node in cluster.live()):
+            break
+    oracle.overdue()
+    oracle.final(cluster.live())
+    clock.jump(quiet)
+    remaining = {"the store": sim.memory.sweep()}
+    for node in cluster.live():
+        remaining[f"node {node.name}'s local windows"] = node.fallback.sweep()
+    oracle.final_counters(remaining)
 
 
 def simulate(seed: int, options: Options) -> Outcome:

@@ -119,6 +119,7 @@ def test_an_unknown_fault_kind_is_refused_naming_it(text):
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="issue #14: after the store comes back empty, nodes load the empty registry "
     "and refuse every config key as unknown",
 )
@@ -129,6 +130,7 @@ def test_seed_1_keeps_serving_config_keys_through_a_store_loss():
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="a node restarted during an outage starts with empty local windows and "
     "admits its share again (docs/reliability.md)",
 )
