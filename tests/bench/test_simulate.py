@@ -131,6 +131,16 @@ def test_seed_1_keeps_serving_config_keys_through_a_store_loss():
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
+    reason="issue #14: a key created through the admin API is gone once the store comes back empty",
+)
+def test_seed_33_keeps_a_created_key_through_a_store_loss():
+    outcome = simulate(33, Options(minutes=1))
+    assert outcome.violation is None, outcome.violation
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
     reason="a node restarted during an outage starts with empty local windows and "
     "admits its share again (docs/reliability.md)",
 )
