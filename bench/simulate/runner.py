@@ -100,6 +100,7 @@ def deterministic(seed: int) -> Iterator[None]:
     collecting = gc.isenabled()
     gc.disable()
     gc.freeze()  # what exists now is not the run's: its collections skip it
+    muted = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
     scheduler._ALLOW_DETERMINISTIC_SCHEDULING = True
     scheduler._r.seed(f"{seed}/trio")
@@ -108,7 +109,7 @@ def deterministic(seed: int) -> Iterator[None]:
     finally:
         scheduler._ALLOW_DETERMINISTIC_SCHEDULING, state = saved
         scheduler._r.setstate(state)
-        logging.disable(logging.NOTSET)
+        logging.disable(muted)
         gc.collect()  # the run's own garbage only
         gc.unfreeze()
         if collecting:
