@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from bench import decisions, feed, load, proxy, suite, tokens
+from bench.simulate import cli as simulate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tokens.add_arguments(tokens_parser)
     tokens_parser.set_defaults(run=tokens.main)
+    simulate_parser = commands.add_parser(
+        "simulate",
+        help="seeded simulations of a cluster under faults, on a mock clock; check invariants",
+        description="Run seeded, deterministic simulations of a whole cluster (nodes, store, "
+        "faults, traffic, admin changes) in this process, checking the invariants; a "
+        "violation prints its seed and trace, and --seed replays it.",
+    )
+    simulate.add_arguments(simulate_parser)
+    simulate_parser.set_defaults(run=simulate.main)
     return parser
 
 

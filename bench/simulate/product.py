@@ -1,0 +1,100 @@
+"""Every name the simulation takes from tokenguard and its drivers, imported here only.
+
+The simulation runs the product's own parts (the guarded store, the keyring, the
+limiter and settler behind the app's :class:`Gateway`, the memory driver); the other
+modules of this package import them from here, so moving a product module elsewhere
+is a change to this file alone. The planted bugs (:mod:`bench.simulate.plants`) name
+the modules they patch through :data:`MODULES`.
+"""
+
+from __future__ import annotations
+
+from drivers import memory as memory_driver
+from drivers.memory import MemoryStore
+from tokenguard import keyring as keyring_module
+from tokenguard import resilience as resilience_module
+from tokenguard import settler as settler_module
+from tokenguard.app import Gateway
+from tokenguard.chat import validate_chat
+from tokenguard.errors import APIError
+from tokenguard.feed import OUTGOING_LIMIT, Viewer
+from tokenguard.keyring import KEY, POLL_SECONDS, TIER, KeyRecord, Keyring, KeyringError
+from tokenguard.leases import HeldLeases
+from tokenguard.limiter import TEMPLATE_CACHE, Cost, Decision
+from tokenguard.resilience import (
+    MAX_WAIT_FACTOR,
+    SEEN_LIMIT,
+    GuardedStore,
+    LocalReservation,
+    UncheckedReservation,
+    node_share,
+)
+from tokenguard.rules import partition_of
+from tokenguard.settings import ApiKey, Settings, digest_of, parse_settings
+from tokenguard.settler import Settler
+from tokenguard.windows import (
+    ANYTHING,
+    CONCURRENT,
+    NOT_RESERVED,
+    Admission,
+    Lease,
+    Registry,
+    RegistryExpect,
+    Reservation,
+    Row,
+    RowState,
+    StoreError,
+    WindowStore,
+)
+
+MODULES = {
+    "resilience": resilience_module,
+    "settler": settler_module,
+    "keyring": keyring_module,
+    "memory": memory_driver,
+}
+"""The product modules a planted bug may patch, by a short name."""
+
+__all__ = [
+    "ANYTHING",
+    "APIError",
+    "ApiKey",
+    "Admission",
+    "CONCURRENT",
+    "Cost",
+    "Decision",
+    "Gateway",
+    "GuardedStore",
+    "HeldLeases",
+    "KEY",
+    "KeyRecord",
+    "Keyring",
+    "KeyringError",
+    "Lease",
+    "LocalReservation",
+    "MAX_WAIT_FACTOR",
+    "MODULES",
+    "MemoryStore",
+    "NOT_RESERVED",
+    "OUTGOING_LIMIT",
+    "POLL_SECONDS",
+    "Registry",
+    "RegistryExpect",
+    "Reservation",
+    "Row",
+    "RowState",
+    "SEEN_LIMIT",
+    "Settings",
+    "Settler",
+    "StoreError",
+    "TEMPLATE_CACHE",
+    "TIER",
+    "UncheckedReservation",
+    "Viewer",
+    "WindowStore",
+    "digest_of",
+    "node_share",
+    "parse_settings",
+    "partition_of",
+    "validate_chat",
+]
