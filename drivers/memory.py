@@ -342,7 +342,9 @@ class MemoryStore(WindowStore):
                 continue
             bucket = buckets[i]
             if bucket < now_ms // row.bucket_ms - row.span:
-                continue  # that bucket already left the window: nothing to refund
+                if delta < 0 or bucket == NOT_RESERVED:
+                    continue  # that bucket already left the window: nothing to refund
+                bucket = now_ms // row.bucket_ms  # a charge is never dropped: counted now
             counter = counters.get(row.counter)
             if counter is None:
                 counter = self._counter(reservation.partition, row)

@@ -342,8 +342,13 @@ class WindowStore(abc.ABC):
         """Add ``deltas[i]`` (possibly negative) to the bucket where row *i* was reserved,
         and release the reservation's lease (if any), in one call.
 
-        A bucket that has already left its window is not touched; a count never goes
-        below zero. Releasing a lease that expired or was released already is a no-op.
+        A refund (a negative delta) to a bucket that has already left its window is a
+        no-op: it would credit a window it was never in. A charge (a positive delta: an
+        upstream that used more than was reserved) to such a bucket is added to the
+        current bucket instead, so what was really used always counts, for a whole
+        window from now; a request that outlived its window is never free. A row whose
+        bucket is :data:`NOT_RESERVED` is never touched. A count never goes below zero.
+        Releasing a lease that expired or was released already is a no-op.
         Raises ``ValueError`` when ``deltas`` is not one per row
         (:meth:`Reservation.check_deltas`).
         """

@@ -407,7 +407,7 @@ async def test_a_refund_lands_in_the_reserved_bucket_and_leaves_with_it(
             assert used(after) == 6
 
 
-async def test_a_settlement_after_the_bucket_left_is_a_no_op(harness: Harness) -> None:
+async def test_a_refund_after_the_bucket_left_is_a_no_op(harness: Harness) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         row = harness.row(limit=10)
         first = await harness.align()
@@ -416,9 +416,44 @@ async def test_a_settlement_after_the_bucket_left_is_a_no_op(harness: Harness) -
         await harness.sleep_until(leaves(first) + MARGIN_MS)
         fresh = (await harness.admit([attrs.evolve(row, amount=3)])).value
         assert fresh.admitted and fresh.states[0].used == 3
-        await harness.store.settle(old.reservation, [+4])
         await harness.store.settle(old.reservation, [-5])
         assert used(await harness.usage([row])) == 3
+
+
+async def test_a_charge_after_the_bucket_left_counts_in_the_current_bucket(
+    harness: Harness,
+) -> None:
+    # An upstream that used more than was reserved, reported after the reservation's
+    # bucket left the window: the excess is charged now, for a whole window, not dropped.
+    with trio.fail_after(TEST_TIMEOUT):
+        row = harness.row(limit=10, dimension="output_tokens")
+        first = await harness.align()
+        old = (await harness.admit([attrs.evolve(row, amount=2)])).value
+        assert old.admitted and old.reservation.buckets == (first,)
+        late = first + SPAN + 2  # `first` left the window one bucket before
+        await harness.sleep_until(late * BUCKET_MS + MARGIN_MS)
+        charged = await harness.observe(harness.store.settle, old.reservation, [7])
+        after = await harness.usage([row])
+        if charged.after(late * BUCKET_MS) and after.before((late + 1) * BUCKET_MS):
+            assert used(after) == 7
+            refused = (await harness.admit([attrs.evolve(row, amount=4)])).value
+            assert not refused.admitted and refused.states[0].used == 7
+        # It leaves with the bucket it was charged in, not before.
+        await harness.sleep_until(leaves(late) - (1 if harness.exact else MARGIN_MS))
+        before = await harness.usage([row])
+        if before.before(leaves(late)) and charged.before((late + 1) * BUCKET_MS):
+            assert used(before) == 7
+        await harness.sleep_until(leaves(late) + (0 if harness.exact else MARGIN_MS))
+        assert used(await harness.usage([row])) == 0
+
+
+async def test_a_row_that_was_not_reserved_is_never_charged(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        await harness.align()
+        row = harness.row(limit=10, dimension="output_tokens")
+        unreserved = Reservation("p", (row,), (NOT_RESERVED,))
+        await harness.store.settle(unreserved, [5])
+        assert used(await harness.usage([row])) == 0
 
 
 async def test_a_count_never_goes_below_zero(harness: Harness) -> None:
