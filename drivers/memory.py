@@ -371,7 +371,7 @@ class MemoryStore(WindowStore):
             if counter is None:
                 counter = _Leases() if row.is_lease else _Counter(row)
             _, used = counter.current(now_ms)
-            states.append(counter.state(row, now_ms, used, 0))
+            states.append(counter.state(row, now_ms, used, row.amount))
         return tuple(states)
 
     async def publish(self, channel: str, messages: Sequence[bytes]) -> None:

@@ -366,7 +366,14 @@ class WindowStore(abc.ABC):
 
     @abc.abstractmethod
     async def usage(self, partition: str, rows: Sequence[Row]) -> tuple[RowState, ...]:
-        """Read the rows' current state without consuming anything (amounts ignored)."""
+        """Read the rows' current state without consuming anything.
+
+        Each row's amount is checked as :meth:`admit` checks it, never added: ``fits``
+        says whether it would fit now, and ``retry_after`` (for a row that does not)
+        when it would, exactly as an admission would report them. So a caller can tell
+        that a request is already out before doing the work its full cost needs (a row
+        of amount 0 fits unless its usage is above its limit).
+        """
 
     # -- publish/subscribe: messages between the nodes that share this store
 

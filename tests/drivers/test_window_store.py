@@ -545,8 +545,7 @@ async def test_usage_reports_used_remaining_and_reset(harness: Harness) -> None:
         await harness.sleep_until((first + 1) * BUCKET_MS + MARGIN_MS)
         assert (await harness.admit([attrs.evolve(row, amount=4)])).value.admitted
 
-        # Amounts in the rows passed to usage() are ignored, even impossible ones.
-        snapshot = await harness.usage([attrs.evolve(row, amount=1000)])
+        snapshot = await harness.usage([row])
         state = snapshot.value[0]
         assert (state.used, state.remaining, state.fits) == (7, 3, True)
         reset = leaves(first + 1)  # the newest non-empty bucket leaves
@@ -556,6 +555,39 @@ async def test_usage_reports_used_remaining_and_reset(harness: Harness) -> None:
             assert reset - snapshot.end <= round(state.reset_after * 1000) <= reset - snapshot.start
         # And nothing was consumed by looking.
         assert used(await harness.usage([row])) == 7
+
+
+async def test_usage_checks_amounts_as_admit_would_and_consumes_nothing(
+    harness: Harness,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        row = harness.row(limit=5)
+        lease = harness.row(limit=1, dimension="concurrent", window_ms=5000)
+        first = await harness.align()
+        assert (await harness.admit([attrs.evolve(row, amount=2), lease])).value.admitted
+        await harness.sleep_until((first + 1) * BUCKET_MS + MARGIN_MS)
+        assert (await harness.admit([attrs.evolve(row, amount=3)])).value.admitted
+
+        ask = [attrs.evolve(row, amount=2), lease, attrs.evolve(row, amount=6)]
+        checked = await harness.usage(ask)
+        refused = await harness.admit(ask)
+        assert not refused.value.admitted
+        assert [s.used for s in checked.value] == [s.used for s in refused.value.states]
+        assert [s.fits for s in checked.value] == [s.fits for s in refused.value.states]
+        assert not any(s.fits for s in checked.value)
+        fits_later, lease_full, never = checked.value
+        moment = leaves(first)
+        if harness.exact:
+            assert fits_later.retry_after == (moment - checked.start) / 1000
+        else:
+            waited = round(fits_later.retry_after * 1000)
+            assert moment - checked.end <= waited <= moment - checked.start
+        assert lease_full.retry_after == 1.0 and lease_full.used == 1
+        assert never.retry_after is None and never.never_fits
+        # Amounts that fit; and nothing was consumed by looking.
+        small = await harness.usage([attrs.evolve(row, amount=0)])
+        assert small.value[0].fits and small.value[0].retry_after is None
+        assert used(small) == 5
 
 
 # --- independence and concurrency ------------------------------------------------------
