@@ -11,9 +11,11 @@ import trio
 
 from drivers.memory import MemoryStore
 from tokenguard.app import COUNT_OFF_LOOP_BYTES, create_app
+from tokenguard.errors import APIError
 from tokenguard.mock import FIRST_WORD
 from tokenguard.settings import parse_settings
 from tokenguard.tokens import COUNT_CACHE, count_chat_prompt, count_text
+from tokenguard.windows import StoreError
 
 CONFIG = {
     "server": {"max_body_bytes": 4096},
@@ -440,6 +442,39 @@ async def test_streaming_without_usage_has_no_usage_field(client) -> None:  # ty
     assert events[-1] == "[DONE]"
     assert all("usage" not in e for e in events[:-1])
     assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "logged"),
+    [
+        (ValueError("a bug"), 500, "unexpected error on websocket /boom"),
+        (StoreError("down"), 503, "store unavailable: down"),
+        (APIError(400, "nope"), 400, None),
+    ],
+)
+async def test_error_handlers_answer_websocket_requests_too(  # type: ignore[no-untyped-def]
+    app, caplog, raised, status, logged
+) -> None:
+    @app.websocket("/boom")
+    async def boom() -> None:
+        raise raised
+
+    with pytest.raises(BaseException) as caught:  # noqa: PT011 (the test client wraps it)
+        async with app.test_client().websocket("/boom") as ws:
+            await ws.receive()
+    (rejected,) = [
+        e for e in getattr(caught.value, "exceptions", [caught.value]) if hasattr(e, "response")
+    ]
+    assert rejected.response.status_code == status
+    assert set(json.loads(await rejected.response.get_data())["error"]) == {
+        "message", "type", "param", "code"
+    }  # fmt: skip
+    # One line of the handler's own (none for a client's error), and no second failure
+    # of the handler itself ("Not within a request context").
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == (logged is not None)
+    assert all(e.startswith(logged) for e in errors if logged)
+    assert not any("context" in r.getMessage() for r in caplog.records)
 
 
 # --- large prompts ---------------------------------------------------------------------

@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Any
 
 import trio
-from quart import Response, g, request, websocket
+from quart import Response, g, has_request_context, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -89,7 +89,18 @@ def _stash_headers(decision: Decision | None) -> None:
 
 
 def _drop_stashed_headers() -> None:
-    request.scope.pop(STASHED_HEADERS, None)
+    if has_request_context():  # (a websocket's handshake has no rate-limit headers)
+        request.scope.pop(STASHED_HEADERS, None)
+
+
+def _where() -> str:
+    """What the app is answering, for a log line: ``POST /v1/...`` or
+    ``websocket /v1/usage/stream`` (error handlers serve both kinds of request)."""
+    if has_request_context():
+        return f"{request.method} {request.path}"
+    if has_websocket_context():
+        return f"websocket {websocket.path}"
+    return "(no request)"
 
 
 def send_stashed_headers(app: ASGIApp) -> ASGIApp:
@@ -826,9 +837,7 @@ def create_app(
 
     @app.errorhandler(HTTPException)
     async def on_http_error(error: HTTPException) -> Response:
-        unknown_url = (
-            f"Unknown request URL: {request.method} {request.path}. Please check the URL for typos."
-        )
+        unknown_url = f"Unknown request URL: {_where()}. Please check the URL for typos."
         answer = http_error(error, unknown_url=unknown_url, max_body_bytes=settings.max_body_bytes)
         return await gateway.error_response(answer)
 
@@ -852,7 +861,7 @@ def create_app(
     @app.errorhandler(Exception)
     async def on_unexpected(error: Exception) -> Response:
         _drop_stashed_headers()
-        log.exception("unexpected error on %s %s", request.method, request.path)
+        log.exception("unexpected error on %s", _where())
         return _json(
             APIError(
                 500, "The server had an error processing your request.", "server_error"
