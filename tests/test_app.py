@@ -12,9 +12,10 @@ import trio
 from drivers.memory import MemoryStore
 from tokenguard.app import COUNT_OFF_LOOP_BYTES, create_app
 from tokenguard.errors import APIError
+from tokenguard.media import vision_cost
 from tokenguard.mock import FIRST_WORD
 from tokenguard.settings import parse_settings
-from tokenguard.tokens import COUNT_CACHE, count_chat_prompt, count_text
+from tokenguard.tokens import COUNT_CACHE, _encoding_name_of, count_chat_prompt, count_text
 from tokenguard.windows import StoreError
 
 CONFIG = {
@@ -323,6 +324,35 @@ BAD_BODIES = [
         "not valid UTF-8",
     ),
     (b"[" * 100_000 + b"]" * 100_000, None, None),
+    # every field an upstream reads as a reply's length or choice count is checked
+    *[
+        (
+            json.dumps({"model": "gpt-4o", "messages": MESSAGES, name: bad}).encode(),
+            name,
+            message,
+        )
+        for name, bad, message in (
+            ("n_predict", -1, "at least 1"),
+            ("n_predict", "50000", "integer"),
+            ("max_new_tokens", 0, "at least 1"),
+            ("max_output_tokens", 1.5, "integer"),
+            ("max_completion_tokens", 2**31, "at most"),
+            ("min_tokens", -1, "from 0"),
+            ("min_tokens", "5", "from 0"),
+            ("n_cmpl", 0, "at least 1"),
+            ("best_of", 21, "at most"),
+        )
+    ],
+    (
+        json.dumps({"model": "gpt-4o", "messages": MESSAGES, "n": 3, "best_of": 2}).encode(),
+        "best_of",
+        "at least n",
+    ),
+    (
+        json.dumps({"model": "m" * 257, "messages": MESSAGES}).encode(),
+        "model",
+        "at most 256 characters",
+    ),
 ]
 
 
@@ -442,6 +472,49 @@ async def test_streaming_without_usage_has_no_usage_field(client) -> None:  # ty
     assert events[-1] == "[DONE]"
     assert all("usage" not in e for e in events[:-1])
     assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+async def test_every_length_field_and_choice_is_reserved(client) -> None:  # type: ignore[no-untyped-def]
+    # The reservation is the longest reply named in any field an upstream reads, times
+    # every choice generated (the mock answers n of them, at most that long).
+    limit = 100_000
+    cases = [
+        ({"max_tokens": 1, "n_predict": 500}, 500),
+        ({"max_new_tokens": 40}, 40),
+        ({"max_output_tokens": 7, "max_completion_tokens": 9}, 9),
+        ({"max_tokens": 5, "n": 2, "best_of": 3}, 15),
+        ({"max_tokens": 5, "n_cmpl": 4}, 20),
+    ]
+    for fields, expected in cases:
+        before = (await used(client, "sk-big"))["output_tokens"]["used"]
+        response = await chat(client, **fields)
+        assert response.status_code == 200, fields
+        remaining = int(response.headers["x-ratelimit-remaining-output-tokens"])
+        assert limit - before - remaining == expected, fields
+
+
+async def test_a_model_name_too_long_is_refused_before_anything_keeps_it(  # type: ignore[no-untyped-def]
+    app, client, caplog
+) -> None:
+    gateway = app.extensions["tokenguard"]
+    model = "m" * 3000  # (the app's body cap is 4 KiB; tests/test_hostile_input.py: 200 kB)
+    await used(client, "sk-big")  # (the key's rows without a model: every answer's headers)
+    caches = (_encoding_name_of.cache_info().currsize, vision_cost.cache_info().currsize)
+    templates = len(gateway.limiter._templates)  # (the limiter's row cache, by model)
+    for path, body in (
+        ("/v1/chat/completions", {"messages": MESSAGES}),
+        ("/v1/completions", {"prompt": "hi"}),
+        ("/v1/embeddings", {"input": "hi"}),
+    ):
+        response = await client.post(path, json={**body, "model": model}, headers=auth("sk-big"))
+        assert response.status_code == 400, path
+        error = (await response.get_json())["error"]
+        assert error["param"] == "model" and model not in error["message"]
+    assert (_encoding_name_of.cache_info().currsize, vision_cost.cache_info().currsize) == caches
+    assert len(gateway.limiter._templates) == templates
+    assert model not in gateway.metrics.exposition().decode()
+    assert gateway.feed.queued == 0
+    assert all(model not in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(

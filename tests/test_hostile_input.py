@@ -283,6 +283,21 @@ CASES = [
     bad("model missing", chat_body(model=...), "model"),
     bad("model empty", chat_body(model=""), "model"),
     bad("model a number", chat_body(model=4), "model"),
+    # -- huge model names: refused before any cache, metric label, log line or event
+    *[
+        Case(
+            f"a model of {size} characters on {path}",
+            (request(json.dumps({**body, "model": "m" * size}).encode(), path=path),),
+            400,
+            param="model",
+        )
+        for size in (257, 200_000)
+        for path, body in (
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+            ("/v1/completions", {"prompt": "hi"}),
+            ("/v1/embeddings", {"input": "hi"}),
+        )
+    ],
     bad('max_tokens "100"', chat_body(max_tokens="100"), "max_tokens"),
     bad("max_tokens 1.5", chat_body(max_tokens=1.5), "max_tokens"),
     bad("max_tokens 1e3", f'{{"model":"gpt-4o",{MESSAGE},"max_tokens":1e3}}', "max_tokens"),

@@ -25,6 +25,7 @@ from tokenguard import mock
 from tokenguard.chat import ChatRequest, parse_json, validate_chat
 from tokenguard.errors import APIError, http_error, invalid
 from tokenguard.feed import Feed, serve_websocket
+from tokenguard.forwarding import forwarded_body
 from tokenguard.hardening import check_request_framing, drain_request_body
 from tokenguard.keyring import Keyring
 from tokenguard.limiter import (
@@ -259,19 +260,20 @@ class Gateway:
         return key
 
     def output_reservation(self, key: ApiKey, chat: ChatRequest, input_tokens: int = 0) -> int:
-        """Output tokens to reserve: the named max_tokens x n, else the key's default.
+        """Output tokens to reserve: the longest reply the request names (in any length
+        field an upstream reads) times the choices it generates, else the key's default.
 
         The default is clamped to what the tightest enforced output (or total-tokens)
         limit allows per choice, so a request that names no max_tokens is never refused
         just for the default being large.
         """
         if chat.max_tokens is not None:
-            return chat.max_tokens * chat.n
+            return chat.max_tokens * chat.choices
         per_choice = key.limits.default_max_tokens
         cap = self.limiter.output_cap(key, chat.model, input_tokens)
         if cap is not None:
-            per_choice = max(1, min(per_choice, cap // chat.n))
-        return per_choice * chat.n
+            per_choice = max(1, min(per_choice, cap // chat.choices))
+        return per_choice * chat.choices
 
     async def settle(
         self, decision: Decision, output_tokens: int, input_tokens: int | None = None
@@ -338,15 +340,16 @@ class Gateway:
             reply = mock.mock_reply(chat.model, chat.messages, chat.n, per_choice)
             return await self._answer(mock.CHAT, reply, chat.stream, chat.include_usage, 0, None)
         input_tokens = await self.count_tokens(
-            len(data), count_chat_prompt, chat.model, chat.messages, chat.tools, chat.functions
-        )
+            len(data), count_chat_prompt,
+            chat.model, chat.messages, chat.tools, chat.functions, chat.tool_texts,
+        )  # fmt: skip
         output_tokens = self.output_reservation(key, chat, input_tokens)
         cost = Cost(requests=1, input_tokens=input_tokens, output_tokens=output_tokens)
         decision = await self.admit(key, cost, chat.model)
         if route is not None:
             headers = ratelimit_headers(decision.admission.states)
             return await self._proxy_chat(route, chat, input_tokens, decision, headers)
-        reply = mock.mock_reply(chat.model, chat.messages, chat.n, output_tokens // chat.n)
+        reply = mock.mock_reply(chat.model, chat.messages, chat.n, output_tokens // chat.choices)
         return await self._answer(
             mock.CHAT, reply, chat.stream, chat.include_usage, input_tokens, decision
         )
@@ -442,9 +445,14 @@ class Gateway:
             )
             output_tokens = req.max_tokens * req.choices
             decision = await self.admit(key, Cost(1, input_tokens, output_tokens), req.model)
-            # Named explicitly: upstreams differ in their default (llama.cpp: unbounded).
-            body = {**body, "max_tokens": req.max_tokens}
         if route is not None:
+            # The length named explicitly (OpenAI's default of 16 when the request names
+            # none): upstreams differ in their default (llama.cpp: unbounded).
+            body = forwarded_body(
+                body,
+                per_choice=req.max_tokens if decision is not None else None,
+                allowed=route.forward_fields,
+            )
             headers = ratelimit_headers(decision.admission.states) if decision else {}
             return await self._proxy(
                 route, "/completions", body, req.model, req.stream, req.include_usage,
@@ -469,9 +477,10 @@ class Gateway:
             input_tokens = await self.count_tokens(len(data), prompt_tokens, req.model, req.input)
             decision = await self.admit(key, Cost(1, input_tokens, 0), req.model)
         if route is not None:
+            body = forwarded_body(req.body, per_choice=None, allowed=route.forward_fields)
             headers = ratelimit_headers(decision.admission.states) if decision else {}
             return await self._proxy(
-                route, "/embeddings", req.body, req.model, False, False,
+                route, "/embeddings", body, req.model, False, False,
                 input_tokens, decision, headers,
             )  # fmt: skip
         body = mock.embedding_body(
@@ -507,13 +516,15 @@ class Gateway:
         decision: Decision | None,
         headers: dict[str, str],
     ) -> Response:
-        body = chat.body
-        if decision is not None and chat.max_tokens is None:
-            # The upstream must stop where the reservation does, or output could exceed
-            # the limit: the reservation per choice, named explicitly (in the field the
-            # route's models accept).
-            cap = decision.cost.output_tokens // chat.n
-            body = {**body, route.output_limit_field: cap}
+        # The upstream must stop where the reservation does, or output could exceed the
+        # limit: no length field above the reservation per choice, and one named
+        # explicitly (in the field the route's models accept).
+        body = forwarded_body(
+            chat.body,
+            per_choice=None if decision is None else decision.cost.output_tokens // chat.choices,
+            limit_field=route.output_limit_field,
+            allowed=route.forward_fields,
+        )
         return await self._proxy(
             route, "/chat/completions", body, chat.model, chat.stream, chat.include_usage,
             input_tokens, decision, headers,
