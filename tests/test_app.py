@@ -12,9 +12,10 @@ import trio
 from drivers.memory import MemoryStore
 from tokenguard.app import COUNT_OFF_LOOP_BYTES, create_app
 from tokenguard.errors import APIError
+from tokenguard.limiter import Cost
 from tokenguard.media import vision_cost
 from tokenguard.mock import FIRST_WORD
-from tokenguard.settings import parse_settings
+from tokenguard.settings import digest_of, parse_settings
 from tokenguard.tokens import COUNT_CACHE, _encoding_name_of, count_chat_prompt, count_text
 from tokenguard.windows import StoreError
 
@@ -515,6 +516,84 @@ async def test_a_model_name_too_long_is_refused_before_anything_keeps_it(  # typ
     assert model not in gateway.metrics.exposition().decode()
     assert gateway.feed.queued == 0
     assert all(model not in r.getMessage() for r in caplog.records)
+
+
+class CountingStore(MemoryStore):
+    """The memory store, counting the calls the app makes to it."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.calls: list[str] = []
+
+    async def admit(self, partition, rows):  # type: ignore[no-untyped-def]
+        self.calls.append("admit")
+        return await super().admit(partition, rows)
+
+    async def usage(self, partition, rows):  # type: ignore[no-untyped-def]
+        self.calls.append("usage")
+        return await super().usage(partition, rows)
+
+
+PRECHECK_CONFIG = {
+    "server": {"max_body_bytes": 2 * 1024 * 1024},
+    "keys": [
+        {"key": "sk-rpm", "name": "rpm", "rpm": 1, "input_tpm": 10**9},
+        {"key": "sk-conc", "name": "conc", "max_concurrent": 1, "input_tpm": 10**9},
+    ],
+}
+
+
+def large_text() -> str:
+    """~900 KiB of text never seen before (so counting it would be a cache miss)."""
+    seed = time.perf_counter_ns()
+    return " ".join(f"w{seed}x{i}" for i in range(900 * 1024 // 24))[: 900 * 1024]
+
+
+async def test_a_key_at_its_rpm_is_refused_before_its_large_prompt_is_counted() -> None:
+    store = CountingStore(FakeClock())
+    client = create_app(parse_settings(PRECHECK_CONFIG, "<test>"), store).test_client()
+    # An ordinary body: one store call (the admission), no pre-check.
+    assert (await chat(client, "sk-rpm", max_tokens=1)).status_code == 200
+    assert store.calls == ["admit"]
+    misses = COUNT_CACHE.misses
+    text = large_text()
+    big = {"messages": [{"role": "user", "content": text}], "max_tokens": 1}
+    refused = await chat(client, "sk-rpm", **big)
+    assert refused.status_code == 429
+    error = (await refused.get_json())["error"]
+    assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
+    assert "Limit 1, Used 1, Requested 1" in error["message"]
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert COUNT_CACHE.misses == misses  # the prompt was never counted
+    assert store.calls == ["admit", "usage"]  # and nothing was admitted
+    # The very 429 an admission gives: same message, same retry-after to the ms.
+    small = await chat(client, "sk-rpm", max_tokens=1)
+    assert small.status_code == 429
+    assert (await small.get_json())["error"] == error
+    for header in ("retry-after", "retry-after-ms", "x-ratelimit-reset-requests"):
+        assert refused.headers[header] == small.headers[header], header
+
+
+async def test_a_key_at_its_max_concurrent_is_refused_before_its_large_prompt_is_counted() -> None:
+    store = CountingStore(FakeClock())
+    app = create_app(parse_settings(PRECHECK_CONFIG, "<test>"), store)
+    gateway = app.extensions["tokenguard"]
+    in_flight = await gateway.limiter.admit(
+        gateway.keyring.by_digest(digest_of("sk-conc")), Cost(1, 1, 1)
+    )
+    assert in_flight.admitted
+    misses = COUNT_CACHE.misses
+    big = {"messages": [{"role": "user", "content": large_text()}], "max_tokens": 1}
+    refused = await chat(app.test_client(), "sk-conc", **big)
+    assert refused.status_code == 429
+    assert (await refused.get_json())["error"]["type"] == "concurrency"
+    assert refused.headers["retry-after"] == "1"
+    assert COUNT_CACHE.misses == misses
+    # Once the request in flight ends, the same prompt is counted and admitted.
+    await gateway.limiter.settle(in_flight, output_tokens=1)
+    admitted = await chat(app.test_client(), "sk-conc", **big)
+    assert admitted.status_code == 200
+    assert COUNT_CACHE.misses == misses + 1
 
 
 @pytest.mark.parametrize(

@@ -71,7 +71,10 @@ def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None
 # releases the GIL while it encodes, so the event loop goes on serving the node's other
 # requests meanwhile (a 1 MiB prompt takes ~50 ms to count; one prompt after another
 # would otherwise hold every other request up that long). Below it, the thread hop
-# (~0.1 ms) costs more than counting in place. At most COUNTING_THREADS at once.
+# (~0.1 ms) costs more than counting in place. At most COUNTING_THREADS at once. Such a
+# request's key is first checked for room (Limiter.precheck: one store read), so a key
+# already at its rpm or max_concurrent is refused before that work; below it, the one
+# store call of the admission costs less than the check would.
 COUNT_OFF_LOOP_BYTES = 64 * 1024
 COUNTING_THREADS = 2
 
@@ -220,12 +223,38 @@ class Gateway:
             else None
         )
 
-    async def count_tokens(self, body_size: int, count: Callable[..., int], *args: Any) -> int:
-        """``count(*args)``, a prompt's token count: in place, or in a worker thread when
-        the request's body is ``COUNT_OFF_LOOP_BYTES`` or more (see there)."""
+    async def count_tokens(
+        self,
+        key: ApiKey | None,
+        model: str,
+        body_size: int,
+        count: Callable[..., int],
+        *args: Any,
+    ) -> int:
+        """``count(*args)``, a prompt's token count: in place, or, when the request's
+        body is ``COUNT_OFF_LOOP_BYTES`` or more (see there), in a worker thread once
+        ``key`` (if given) is known to have room for the request: a key that is already
+        out gets its 429 (``rate_limit_error``) without the prompt being counted."""
         if body_size < COUNT_OFF_LOOP_BYTES:
             return count(*args)
+        if key is not None:
+            await self.refuse_if_out(key, model)
         return await trio.to_thread.run_sync(count, *args, limiter=self._counting)
+
+    async def refuse_if_out(self, key: ApiKey, model: str) -> None:
+        """Raise the 429 an admission of ``key`` for ``model`` is certain to get, if it is
+        (``Limiter.precheck``), logged and fed like any refusal."""
+        decision = await self.limiter.precheck(key, model)
+        if decision is not None:
+            record = self.request_log.current()
+            record.model, record.decision = model, decision_label(decision)
+            raise self._refused(decision, model)
+
+    def _refused(self, decision: Decision, model: str) -> APIError:
+        """A refusal's feed event and metric; the 429 to raise."""
+        self.feed.rejected(decision, model)  # queued, never awaited
+        self.metrics.rejected(decision)
+        return rate_limit_error(decision, self.settings.window_seconds)
 
     def authenticate(self) -> ApiKey:
         """The key named by the request's bearer token, or a 401/400 APIError.
@@ -340,7 +369,7 @@ class Gateway:
             reply = mock.mock_reply(chat.model, chat.messages, chat.n, per_choice)
             return await self._answer(mock.CHAT, reply, chat.stream, chat.include_usage, 0, None)
         input_tokens = await self.count_tokens(
-            len(data), count_chat_prompt,
+            key, chat.model, len(data), count_chat_prompt,
             chat.model, chat.messages, chat.tools, chat.functions, chat.tool_texts,
         )  # fmt: skip
         output_tokens = self.output_reservation(key, chat, input_tokens)
@@ -369,9 +398,7 @@ class Gateway:
         if decision.would_refuse:
             self.shadow_refused(decision)
         if not decision.admitted:
-            self.feed.rejected(decision, model)  # queued, never awaited
-            self.metrics.rejected(decision)
-            raise rate_limit_error(decision, self.settings.window_seconds)
+            raise self._refused(decision, model)
         self.feed.admitted(decision, model)
         if decision.near_limits:
             self.feed.near_limit(decision, model)
@@ -441,7 +468,7 @@ class Gateway:
         body, decision, input_tokens = req.body, None, 0
         if self.settings.limiting:
             input_tokens = await self.count_tokens(
-                len(data), prompt_tokens, req.model, req.prompt, req.suffix
+                key, req.model, len(data), prompt_tokens, req.model, req.prompt, req.suffix
             )
             output_tokens = req.max_tokens * req.choices
             decision = await self.admit(key, Cost(1, input_tokens, output_tokens), req.model)
@@ -474,7 +501,9 @@ class Gateway:
         route = self.route(req.model)
         decision, input_tokens = None, 0
         if self.settings.limiting:
-            input_tokens = await self.count_tokens(len(data), prompt_tokens, req.model, req.input)
+            input_tokens = await self.count_tokens(
+                key, req.model, len(data), prompt_tokens, req.model, req.input
+            )
             decision = await self.admit(key, Cost(1, input_tokens, 0), req.model)
         if route is not None:
             body = forwarded_body(req.body, per_choice=None, allowed=route.forward_fields)
