@@ -9,6 +9,7 @@ or ``n``, and bills all of it in its usage block. Clients: raw httpx (headers, b
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,11 @@ import pytest
 import trio
 
 from tests.proxy_upstreams import ReceivedRequest, fixed, scripted_upstream
+from tests.test_metrics import parse, value
 from tests.test_proxy import MESSAGES, PROXY_KEY, proxy_node, settings_of, used
 from tokenguard.chat import OUTPUT_LENGTH_FIELDS
 from tokenguard.settings import ConfigError
+from tokenguard.tokens import count_chat_prompt
 
 HEADERS = {"Authorization": f"Bearer {PROXY_KEY}"}
 OUTPUT_LIMIT = 100_000  # the proxy key's output_tpm (tests/test_proxy.py)
@@ -173,6 +176,36 @@ forward_fields = ["temperature", "n_predict"]
             # Other routes forward every field.
             await post(client, proxy_url, max_tokens=3, **extras)
             assert upstream.received[-1].body["top_p"] == 0.9
+
+
+async def test_the_counting_error_per_model_is_a_metric(workdir: Path) -> None:
+    prompt = count_chat_prompt("gpt-4o", MESSAGES)
+    reply = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "gpt-4o",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": prompt + 100, "completion_tokens": 1, "total_tokens": 0},
+    }
+    with trio.fail_after(60):
+        async with (
+            scripted_upstream(fixed(200, reply)) as upstream,
+            proxy_node(workdir, upstream.base_url) as (proxy_url, _),
+            httpx.AsyncClient(timeout=20) as client,
+        ):
+            for _ in range(2):
+                assert (await post(client, proxy_url, max_tokens=5)).status_code == 200
+            samples = parse((await client.get(f"{proxy_url}/metrics")).text)
+    gpt = {"model": "gpt-4o"}
+    assert value(samples, "tokenguard_upstream_prompt_reports_total", **gpt) == 2
+    assert value(samples, "tokenguard_upstream_prompt_miscounts_total", **gpt) == 2
+    counted = value(samples, "tokenguard_upstream_prompt_tokens_total", source="counted", **gpt)
+    reported = value(samples, "tokenguard_upstream_prompt_tokens_total", source="upstream", **gpt)
+    assert (counted, reported) == (2 * prompt, 2 * (prompt + 100))
+    assert math.isclose(reported / counted - 1, 100 / prompt)
 
 
 # --- forward_fields in the config ----------------------------------------------------------

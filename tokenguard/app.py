@@ -647,10 +647,12 @@ class Gateway:
 
     def _upstream_input(self, model: str, counted: int, usage: ReportedUsage | None) -> int | None:
         """The upstream's prompt_tokens when it differs from our count (the difference
-        is logged per model), else ``None``: nothing to correct."""
+        is logged per model, and counted in the metrics), else ``None``: nothing to
+        correct."""
         if usage is None or usage.prompt_tokens is None or self.upstream is None:
             return None
         self.upstream.drift.record(model, counted, usage.prompt_tokens)
+        self.metrics.input_counted(model, counted, usage.prompt_tokens)
         return None if usage.prompt_tokens == counted else usage.prompt_tokens
 
     async def usage(self) -> Response:
