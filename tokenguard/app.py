@@ -224,21 +224,15 @@ class Gateway:
         )
 
     async def count_tokens(
-        self,
-        key: ApiKey | None,
-        model: str,
-        body_size: int,
-        count: Callable[..., int],
-        *args: Any,
+        self, key: ApiKey, model: str, body_size: int, count: Callable[..., int], *args: Any
     ) -> int:
-        """``count(*args)``, a prompt's token count: in place, or, when the request's
-        body is ``COUNT_OFF_LOOP_BYTES`` or more (see there), in a worker thread once
-        ``key`` (if given) is known to have room for the request: a key that is already
-        out gets its 429 (``rate_limit_error``) without the prompt being counted."""
+        """``count(*args)``, the prompt's token count of a request of ``key`` for
+        ``model``: in place, or, when its body is ``COUNT_OFF_LOOP_BYTES`` or more (see
+        there), in a worker thread once the key is known to have room for the request:
+        a key that is already out gets its 429 (``rate_limit_error``) uncounted."""
         if body_size < COUNT_OFF_LOOP_BYTES:
             return count(*args)
-        if key is not None:
-            await self.refuse_if_out(key, model)
+        await self.refuse_if_out(key, model)
         return await trio.to_thread.run_sync(count, *args, limiter=self._counting)
 
     async def refuse_if_out(self, key: ApiKey, model: str) -> None:

@@ -5,8 +5,11 @@ Everything here runs before the limiter: a body that fails any check is refused 
 Python's default, because a lenient reader is a quota bypass: duplicate keys (we and the
 upstream could read different ``max_tokens``), ``NaN``/``Infinity``, lone surrogates and
 absurd nesting are refused. The checks of the fields every endpoint shares
-(:func:`request_model`, :func:`positive_int`, :func:`stream_flags`, :func:`check_text`)
-serve the legacy completions and embeddings too (:mod:`tokenguard.prompts`).
+(:func:`request_model`, :func:`positive_int`, :func:`stream_flags`, :func:`check_text`,
+and the reply's length and choices: :func:`output_length`, :func:`generated_choices`)
+serve the legacy completions and embeddings too (:mod:`tokenguard.prompts`). A reply's
+length is read from every field a known OpenAI-compatible server reads as one
+(:data:`OUTPUT_LENGTH_FIELDS`), since the upstream may honour any of them.
 """
 
 from __future__ import annotations
