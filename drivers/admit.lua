@@ -1,7 +1,7 @@
 -- admit.lua: check every row and, only if all fit, consume every row; atomically.
 -- Times in milliseconds, from the Redis server's own clock (TIME); amounts in the
 -- row's units. Runs after counter.lua (now, a, int, encode, summary, newest_live,
--- keep, leases).
+-- keep, leases, retry_ms).
 --
 -- KEYS[i]  the counter hash (or, for a lease row, the lease set) of row i
 -- ARGV[1]  (packed, see counter.lua) five integers per row i, a[5i-4 .. 5i]:
@@ -27,27 +27,6 @@
 
 local rows = #KEYS
 local lease_id = a[5 * rows + 1]
-
--- When a request of `amount` fits, if no other traffic comes: the moment the oldest
--- live buckets (ascending, buckets oldest .. top) have left enough room. Refusals only.
-local function retry_ms(key, oldest, top, span, bucket_ms, used, amount, limit)
-  local fields = {}
-  for b = oldest, top do
-    fields[#fields + 1] = int(b)
-  end
-  local values = redis.call('HMGET', key, unpack(fields))
-  local freed = 0
-  for j = 1, #fields do
-    local v = tonumber(values[j])
-    if v ~= nil and v > 0 then
-      freed = freed + v
-      if used - freed + amount <= limit then
-        return (oldest + j + span) * bucket_ms - now -- bucket oldest + j - 1 leaves
-      end
-    end
-  end
-  return -1
-end
 
 -- Per distinct key, a record of its counter, shared by every row naming it (a key
 -- named twice is one counter, as in the memory driver): r[S] start, r[U] used, r[N]

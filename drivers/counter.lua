@@ -174,3 +174,25 @@ local function leases(key)
   end
   return used, reset
 end
+
+-- When a request of `amount` fits, if no other traffic comes: the moment the oldest
+-- live buckets (ascending, buckets oldest .. top) have left enough room (ms from now;
+-- -1: never within them). For a row that does not fit only.
+local function retry_ms(key, oldest, top, span, bucket_ms, used, amount, limit)
+  local fields = {}
+  for b = oldest, top do
+    fields[#fields + 1] = int(b)
+  end
+  local values = redis.call('HMGET', key, unpack(fields))
+  local freed = 0
+  for j = 1, #fields do
+    local v = tonumber(values[j])
+    if v ~= nil and v > 0 then
+      freed = freed + v
+      if used - freed + amount <= limit then
+        return (oldest + j + span) * bucket_ms - now -- bucket oldest + j - 1 leaves
+      end
+    end
+  end
+  return -1
+end

@@ -342,7 +342,9 @@ class MemoryStore(WindowStore):
                 continue
             bucket = buckets[i]
             if bucket < now_ms // row.bucket_ms - row.span:
-                continue  # that bucket already left the window: nothing to refund
+                if delta < 0 or bucket == NOT_RESERVED:
+                    continue  # that bucket already left the window: nothing to refund
+                bucket = now_ms // row.bucket_ms  # a charge is never dropped: counted now
             counter = counters.get(row.counter)
             if counter is None:
                 counter = self._counter(reservation.partition, row)
@@ -369,7 +371,7 @@ class MemoryStore(WindowStore):
             if counter is None:
                 counter = _Leases() if row.is_lease else _Counter(row)
             _, used = counter.current(now_ms)
-            states.append(counter.state(row, now_ms, used, 0))
+            states.append(counter.state(row, now_ms, used, row.amount))
         return tuple(states)
 
     async def publish(self, channel: str, messages: Sequence[bytes]) -> None:

@@ -1216,9 +1216,16 @@ class RedisStore(WindowStore):
         ints: list[int] = []
         for r in rows:
             ints += (r.window_ms, -1) if r.is_lease else (r.bucket_ms, r.span)
+            ints += (r.limit, r.amount)
         values = _unpack(await self._call(USAGE, keys, _pack(ints)))
         return tuple(
-            RowState(row=row, used=values[2 * i], reset_after=values[2 * i + 1] / 1000)
+            RowState(
+                row=row,
+                used=values[4 * i],
+                reset_after=values[4 * i + 1] / 1000,
+                fits=values[4 * i + 2] == 1,
+                retry_after=None if values[4 * i + 3] < 0 else values[4 * i + 3] / 1000,
+            )
             for i, row in enumerate(rows)
         )
 

@@ -9,10 +9,13 @@
 --          bucket_ms, span, bucket, delta (a lease row: span -1, the rest ignored);
 --          then the lease id to release from every lease row (0: none).
 --
--- A bucket that has already left its window is not touched (the refund would land in
--- no window at all); a bucket never goes below 0 (a bucket at 0 is deleted). Rows may
--- name the same counter, even in different buckets (a write-back after an outage):
--- they are applied one after the other.
+-- A refund (delta < 0) to a bucket that has already left its window is dropped (it
+-- would land in no window at all); a charge (delta > 0) to such a bucket is added to
+-- the current bucket instead: what was really used is never dropped. A bucket of -1
+-- (NOT_RESERVED: a shadow row that was not consumed) is never touched. A bucket never
+-- goes below 0 (a bucket at 0 is deleted). Rows may name the same counter, even in
+-- different buckets (a write-back after an outage): they are applied one after the
+-- other.
 -- Returns the number of buckets changed and leases released.
 
 local lease_id = a[4 * #KEYS + 1]
@@ -20,7 +23,11 @@ local changed = 0
 for i = 1, #KEYS do
   local key = KEYS[i]
   local bucket_ms, span, bucket, delta = a[4 * i - 3], a[4 * i - 2], a[4 * i - 1], a[4 * i]
-  local oldest = math.floor(now / bucket_ms) - span
+  local current = math.floor(now / bucket_ms)
+  local oldest = current - span
+  if span >= 0 and delta > 0 and bucket >= 0 and bucket < oldest then
+    bucket = current
+  end
   if span < 0 then
     changed = changed + redis.call('ZREM', key, int(lease_id))
   elseif delta ~= 0 and bucket >= oldest then

@@ -11,9 +11,13 @@ import trio
 
 from drivers.memory import MemoryStore
 from tokenguard.app import COUNT_OFF_LOOP_BYTES, create_app
+from tokenguard.errors import APIError
+from tokenguard.limiter import Cost
+from tokenguard.media import vision_cost
 from tokenguard.mock import FIRST_WORD
-from tokenguard.settings import parse_settings
-from tokenguard.tokens import COUNT_CACHE, count_chat_prompt, count_text
+from tokenguard.settings import digest_of, parse_settings
+from tokenguard.tokens import COUNT_CACHE, _encoding_name_of, count_chat_prompt, count_text
+from tokenguard.windows import StoreError
 
 CONFIG = {
     "server": {"max_body_bytes": 4096},
@@ -321,6 +325,35 @@ BAD_BODIES = [
         "not valid UTF-8",
     ),
     (b"[" * 100_000 + b"]" * 100_000, None, None),
+    # every field an upstream reads as a reply's length or choice count is checked
+    *[
+        (
+            json.dumps({"model": "gpt-4o", "messages": MESSAGES, name: bad}).encode(),
+            name,
+            message,
+        )
+        for name, bad, message in (
+            ("n_predict", -1, "at least 1"),
+            ("n_predict", "50000", "integer"),
+            ("max_new_tokens", 0, "at least 1"),
+            ("max_output_tokens", 1.5, "integer"),
+            ("max_completion_tokens", 2**31, "at most"),
+            ("min_tokens", -1, "from 0"),
+            ("min_tokens", "5", "from 0"),
+            ("n_cmpl", 0, "at least 1"),
+            ("best_of", 21, "at most"),
+        )
+    ],
+    (
+        json.dumps({"model": "gpt-4o", "messages": MESSAGES, "n": 3, "best_of": 2}).encode(),
+        "best_of",
+        "at least n",
+    ),
+    (
+        json.dumps({"model": "m" * 257, "messages": MESSAGES}).encode(),
+        "model",
+        "at most 256 characters",
+    ),
 ]
 
 
@@ -440,6 +473,160 @@ async def test_streaming_without_usage_has_no_usage_field(client) -> None:  # ty
     assert events[-1] == "[DONE]"
     assert all("usage" not in e for e in events[:-1])
     assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+async def test_every_length_field_and_choice_is_reserved(client) -> None:  # type: ignore[no-untyped-def]
+    # The reservation is the longest reply named in any field an upstream reads, times
+    # every choice generated (the mock answers n of them, at most that long).
+    limit = 100_000
+    cases = [
+        ({"max_tokens": 1, "n_predict": 500}, 500),
+        ({"max_new_tokens": 40}, 40),
+        ({"max_output_tokens": 7, "max_completion_tokens": 9}, 9),
+        ({"max_tokens": 5, "n": 2, "best_of": 3}, 15),
+        ({"max_tokens": 5, "n_cmpl": 4}, 20),
+    ]
+    for fields, expected in cases:
+        before = (await used(client, "sk-big"))["output_tokens"]["used"]
+        response = await chat(client, **fields)
+        assert response.status_code == 200, fields
+        remaining = int(response.headers["x-ratelimit-remaining-output-tokens"])
+        assert limit - before - remaining == expected, fields
+
+
+async def test_a_model_name_too_long_is_refused_before_anything_keeps_it(  # type: ignore[no-untyped-def]
+    app, client, caplog
+) -> None:
+    gateway = app.extensions["tokenguard"]
+    model = "m" * 3000  # (the app's body cap is 4 KiB; tests/test_hostile_input.py: 200 kB)
+    await used(client, "sk-big")  # (the key's rows without a model: every answer's headers)
+    caches = (_encoding_name_of.cache_info().currsize, vision_cost.cache_info().currsize)
+    templates = len(gateway.limiter._templates)  # (the limiter's row cache, by model)
+    for path, body in (
+        ("/v1/chat/completions", {"messages": MESSAGES}),
+        ("/v1/completions", {"prompt": "hi"}),
+        ("/v1/embeddings", {"input": "hi"}),
+    ):
+        response = await client.post(path, json={**body, "model": model}, headers=auth("sk-big"))
+        assert response.status_code == 400, path
+        error = (await response.get_json())["error"]
+        assert error["param"] == "model" and model not in error["message"]
+    assert (_encoding_name_of.cache_info().currsize, vision_cost.cache_info().currsize) == caches
+    assert len(gateway.limiter._templates) == templates
+    assert model not in gateway.metrics.exposition().decode()
+    assert gateway.feed.queued == 0
+    assert all(model not in r.getMessage() for r in caplog.records)
+
+
+class CountingStore(MemoryStore):
+    """The memory store, counting the calls the app makes to it."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.calls: list[str] = []
+
+    async def admit(self, partition, rows):  # type: ignore[no-untyped-def]
+        self.calls.append("admit")
+        return await super().admit(partition, rows)
+
+    async def usage(self, partition, rows):  # type: ignore[no-untyped-def]
+        self.calls.append("usage")
+        return await super().usage(partition, rows)
+
+
+PRECHECK_CONFIG = {
+    "server": {"max_body_bytes": 2 * 1024 * 1024},
+    "keys": [
+        {"key": "sk-rpm", "name": "rpm", "rpm": 1, "input_tpm": 10**9},
+        {"key": "sk-conc", "name": "conc", "max_concurrent": 1, "input_tpm": 10**9},
+    ],
+}
+
+
+def large_text() -> str:
+    """~900 KiB of text never seen before (so counting it would be a cache miss)."""
+    seed = time.perf_counter_ns()
+    return " ".join(f"w{seed}x{i}" for i in range(900 * 1024 // 24))[: 900 * 1024]
+
+
+async def test_a_key_at_its_rpm_is_refused_before_its_large_prompt_is_counted() -> None:
+    store = CountingStore(FakeClock())
+    client = create_app(parse_settings(PRECHECK_CONFIG, "<test>"), store).test_client()
+    # An ordinary body: one store call (the admission), no pre-check.
+    assert (await chat(client, "sk-rpm", max_tokens=1)).status_code == 200
+    assert store.calls == ["admit"]
+    misses = COUNT_CACHE.misses
+    text = large_text()
+    big = {"messages": [{"role": "user", "content": text}], "max_tokens": 1}
+    refused = await chat(client, "sk-rpm", **big)
+    assert refused.status_code == 429
+    error = (await refused.get_json())["error"]
+    assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
+    assert "Limit 1, Used 1, Requested 1" in error["message"]
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert COUNT_CACHE.misses == misses  # the prompt was never counted
+    assert store.calls == ["admit", "usage"]  # and nothing was admitted
+    # The very 429 an admission gives: same message, same retry-after to the ms.
+    small = await chat(client, "sk-rpm", max_tokens=1)
+    assert small.status_code == 429
+    assert (await small.get_json())["error"] == error
+    for header in ("retry-after", "retry-after-ms", "x-ratelimit-reset-requests"):
+        assert refused.headers[header] == small.headers[header], header
+
+
+async def test_a_key_at_its_max_concurrent_is_refused_before_its_large_prompt_is_counted() -> None:
+    store = CountingStore(FakeClock())
+    app = create_app(parse_settings(PRECHECK_CONFIG, "<test>"), store)
+    gateway = app.extensions["tokenguard"]
+    in_flight = await gateway.limiter.admit(
+        gateway.keyring.by_digest(digest_of("sk-conc")), Cost(1, 1, 1)
+    )
+    assert in_flight.admitted
+    misses = COUNT_CACHE.misses
+    big = {"messages": [{"role": "user", "content": large_text()}], "max_tokens": 1}
+    refused = await chat(app.test_client(), "sk-conc", **big)
+    assert refused.status_code == 429
+    assert (await refused.get_json())["error"]["type"] == "concurrency"
+    assert refused.headers["retry-after"] == "1"
+    assert COUNT_CACHE.misses == misses
+    # Once the request in flight ends, the same prompt is counted and admitted.
+    await gateway.limiter.settle(in_flight, output_tokens=1)
+    admitted = await chat(app.test_client(), "sk-conc", **big)
+    assert admitted.status_code == 200
+    assert COUNT_CACHE.misses == misses + 1
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "logged"),
+    [
+        (ValueError("a bug"), 500, "unexpected error on websocket /boom"),
+        (StoreError("down"), 503, "store unavailable: down"),
+        (APIError(400, "nope"), 400, None),
+    ],
+)
+async def test_error_handlers_answer_websocket_requests_too(  # type: ignore[no-untyped-def]
+    app, caplog, raised, status, logged
+) -> None:
+    @app.websocket("/boom")
+    async def boom() -> None:
+        raise raised
+
+    with pytest.raises(BaseException) as caught:  # noqa: PT011 (the test client wraps it)
+        async with app.test_client().websocket("/boom") as ws:
+            await ws.receive()
+    (rejected,) = [
+        e for e in getattr(caught.value, "exceptions", [caught.value]) if hasattr(e, "response")
+    ]
+    assert rejected.response.status_code == status
+    assert set(json.loads(await rejected.response.get_data())["error"]) == {
+        "message", "type", "param", "code"
+    }  # fmt: skip
+    # One line of the handler's own (none for a client's error), and no second failure
+    # of the handler itself ("Not within a request context").
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == (logged is not None)
+    assert all(e.startswith(logged) for e in errors if logged)
+    assert not any("context" in r.getMessage() for r in caplog.records)
 
 
 # --- large prompts ---------------------------------------------------------------------

@@ -34,6 +34,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from trio_websocket import ConnectionClosed, open_websocket_url
 from werkzeug.datastructures import Headers
 
 from drivers.memory import MemoryStore
@@ -282,6 +283,21 @@ CASES = [
     bad("model missing", chat_body(model=...), "model"),
     bad("model empty", chat_body(model=""), "model"),
     bad("model a number", chat_body(model=4), "model"),
+    # -- huge model names: refused before any cache, metric label, log line or event
+    *[
+        Case(
+            f"a model of {size} characters on {path}",
+            (request(json.dumps({**body, "model": "m" * size}).encode(), path=path),),
+            400,
+            param="model",
+        )
+        for size in (257, 200_000)
+        for path, body in (
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+            ("/v1/completions", {"prompt": "hi"}),
+            ("/v1/embeddings", {"input": "hi"}),
+        )
+    ],
     bad('max_tokens "100"', chat_body(max_tokens="100"), "max_tokens"),
     bad("max_tokens 1.5", chat_body(max_tokens=1.5), "max_tokens"),
     bad("max_tokens 1e3", f'{{"model":"gpt-4o",{MESSAGE},"max_tokens":1e3}}', "max_tokens"),
@@ -788,6 +804,47 @@ def test_fuzzed_requests_never_5xx_and_only_200s_consume(
     assert used == FUZZ_COUNTS["200"]  # quota is consumed by 200s only
     problems = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not problems, [r.getMessage() for r in problems]
+
+
+# --- the usage feed before authentication -------------------------------------------------
+
+FEED_CASES = [
+    # id, first message, close code
+    ("longer than the auth cap", "x" * 8_000, 1008),
+    ("far longer: hypercorn's cap", "x" * 1_000_000, 1009),
+    ("deep nesting under the cap", "[" * 4_000, 1008),
+    ("deep nesting far past the cap", "[" * 200_000, 1009),
+    ("not JSON", "sk-h", 1008),
+    ("a JSON array", '["auth", "sk-h"]', 1008),
+    ("another type", '{"type": "hello", "token": "sk-h"}', 1008),
+    ("a token that is not a string", '{"type": "auth", "token": 5}', 1008),
+    ("a lone surrogate", '{"type": "auth", "token": "\\ud800"}', 1008),
+    ("duplicate keys", '{"type": "auth", "token": "sk-h", "token": "x"}', 1008),
+    ("bytes that are not UTF-8", b'{"type": "auth", "token": "\xff"}', 1008),
+    ("an unknown key", '{"type": "auth", "token": "sk-unknown"}', 1008),
+]
+
+
+@pytest.mark.parametrize(
+    ("message", "code"), [c[1:] for c in FEED_CASES], ids=[c[0] for c in FEED_CASES]
+)
+async def test_the_feed_closes_bad_first_messages_unparsed_with_one_line(
+    node: Node, message: str | bytes, code: int
+) -> None:
+    url = f"ws://127.0.0.1:{node.port}/v1/usage/stream"
+    with trio.fail_after(15):
+        async with open_websocket_url(url, message_queue_size=1) as ws:
+            try:
+                await ws.send_message(message)
+            except ConnectionClosed:
+                pass  # hypercorn closed it before the whole message was sent
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+    assert closed.value.reason.code == code
+    if code == 1008:
+        assert "closed a websocket before authentication" in node.log()
+    async with httpx.AsyncClient(timeout=5) as client:
+        assert (await client.get(f"{node.url}/healthz")).status_code == 200
 
 
 # --- last: the node never logged a traceback -----------------------------------------------

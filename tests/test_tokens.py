@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import os
 import subprocess
 import sys
@@ -25,14 +26,12 @@ import tiktoken_ext.openai_public as openai_public
 
 from tokenguard import tokens
 from tokenguard.tokens import (
-    IMAGE_DEFAULT_TOKENS,
-    IMAGE_LOW_DETAIL_TOKENS,
-    OTHER_PART_TOKENS,
     EncodingDataError,
     count_chat_prompt,
     count_text,
     encoding_for_model,
     encoding_name_for,
+    tool_json,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +126,7 @@ def test_cookbook_example_messages(model: str, expected: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "expected"),
+    ("model", "api"),
     [
         ("gpt-3.5-turbo", 105),  # cookbook
         ("gpt-4", 105),  # cookbook
@@ -135,8 +134,34 @@ def test_cookbook_example_messages(model: str, expected: int) -> None:
         ("gpt-4o-mini", 101),  # cookbook
     ],
 )
-def test_cookbook_tools_example(model: str, expected: int) -> None:
-    assert count_chat_prompt(model, COOKBOOK_TOOL_MESSAGES, tools=COOKBOOK_TOOLS) == expected
+def test_cookbook_tools_example_costs_at_least_the_api_and_the_json(model: str, api: int) -> None:
+    # A definition costs the larger of the cookbook's scheme and its JSON's tokens, so
+    # never less than the API's own count, and never less than its JSON.
+    counted = count_chat_prompt(model, COOKBOOK_TOOL_MESSAGES, tools=COOKBOOK_TOOLS)
+    messages = count_chat_prompt(model, COOKBOOK_TOOL_MESSAGES)
+    func_end = 12  # the cookbook's closing overhead
+    json_tokens = count_text(model, tool_json(COOKBOOK_TOOLS[0]))
+    assert counted == messages + json_tokens + func_end
+    assert counted >= api
+
+
+def test_every_part_of_a_schema_counts() -> None:
+    # $defs, items, anyOf, default and the parameters' own description cost nothing
+    # in the cookbook's scheme; 100k tokens of text there counted as 29.
+    text = " ".join(f"word{i}" for i in range(50_000))
+    for where in ("$defs", "items", "anyOf", "default", "description"):
+        tool = copy.deepcopy(COOKBOOK_TOOLS[0])
+        tool["function"]["parameters"][where] = {"def": {"description": text}}
+        counted = count_chat_prompt("gpt-4o", [], tools=[tool])
+        assert counted >= count_text("gpt-4o", text), where
+        assert counted >= count_text("gpt-4o", tool_json(tool)), where
+
+
+def test_the_validators_tool_texts_count_the_same() -> None:
+    texts = [tool_json(t) for t in COOKBOOK_TOOLS]
+    assert count_chat_prompt(
+        "gpt-4o", COOKBOOK_TOOL_MESSAGES, tools=COOKBOOK_TOOLS, tool_texts=texts
+    ) == count_chat_prompt("gpt-4o", COOKBOOK_TOOL_MESSAGES, tools=COOKBOOK_TOOLS)
 
 
 def test_legacy_functions_count_like_tools() -> None:
@@ -290,15 +315,19 @@ def test_text_parts_count_like_plain_content() -> None:
     )
 
 
-def test_image_and_other_parts_are_estimated() -> None:
+def test_media_parts_cost_what_tokenguard_media_prices() -> None:
+    # (Each kind in detail: tests/test_media.py.)
     empty = count_chat_prompt("gpt-4o", _user([]))
-    low = {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}}
-    high = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
-    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    remote = {"type": "image_url", "image_url": {"url": "https://x/y.png"}}
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA" * 250, "format": "mp3"}}
     file = {"type": "file", "file": {"file_id": "file-abc"}}
-    assert count_chat_prompt("gpt-4o", _user([low])) == empty + IMAGE_LOW_DETAIL_TOKENS
-    assert count_chat_prompt("gpt-4o", _user([high])) == empty + IMAGE_DEFAULT_TOKENS
-    assert count_chat_prompt("gpt-4o", _user([audio, file])) == empty + 2 * OTHER_PART_TOKENS
+    video = {"type": "video_url", "video_url": {"url": "https://x/y.mp4"}}
+    assert count_chat_prompt("gpt-4o", _user([remote])) == empty + 85 + 8 * 170
+    assert count_chat_prompt("gpt-4.1-mini", _user([remote])) - count_chat_prompt(
+        "gpt-4.1-mini", _user([])
+    ) == math.ceil(1536 * 1.62)
+    assert count_chat_prompt("gpt-4o", _user([audio])) == empty + math.ceil(750 * 10 / 1000)
+    assert count_chat_prompt("gpt-4o", _user([file, video])) == empty + 2 * 1000
 
 
 def test_none_content_and_minimal_message() -> None:

@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Any
 
 import trio
-from quart import Response, g, request, websocket
+from quart import Response, g, has_request_context, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -25,6 +25,7 @@ from tokenguard import mock
 from tokenguard.chat import ChatRequest, parse_json, validate_chat
 from tokenguard.errors import APIError, http_error, invalid
 from tokenguard.feed import Feed, serve_websocket
+from tokenguard.forwarding import forwarded_body
 from tokenguard.hardening import check_request_framing, drain_request_body
 from tokenguard.keyring import Keyring
 from tokenguard.limiter import (
@@ -70,7 +71,10 @@ def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None
 # releases the GIL while it encodes, so the event loop goes on serving the node's other
 # requests meanwhile (a 1 MiB prompt takes ~50 ms to count; one prompt after another
 # would otherwise hold every other request up that long). Below it, the thread hop
-# (~0.1 ms) costs more than counting in place. At most COUNTING_THREADS at once.
+# (~0.1 ms) costs more than counting in place. At most COUNTING_THREADS at once. Such a
+# request's key is first checked for room (Limiter.precheck: one store read), so a key
+# already at its rpm or max_concurrent is refused before that work; below it, the one
+# store call of the admission costs less than the check would.
 COUNT_OFF_LOOP_BYTES = 64 * 1024
 COUNTING_THREADS = 2
 
@@ -89,7 +93,18 @@ def _stash_headers(decision: Decision | None) -> None:
 
 
 def _drop_stashed_headers() -> None:
-    request.scope.pop(STASHED_HEADERS, None)
+    if has_request_context():  # (a websocket's handshake has no rate-limit headers)
+        request.scope.pop(STASHED_HEADERS, None)
+
+
+def _where() -> str:
+    """What the app is answering, for a log line: ``POST /v1/...`` or
+    ``websocket /v1/usage/stream`` (error handlers serve both kinds of request)."""
+    if has_request_context():
+        return f"{request.method} {request.path}"
+    if has_websocket_context():
+        return f"websocket {websocket.path}"
+    return "(no request)"
 
 
 def send_stashed_headers(app: ASGIApp) -> ASGIApp:
@@ -208,12 +223,32 @@ class Gateway:
             else None
         )
 
-    async def count_tokens(self, body_size: int, count: Callable[..., int], *args: Any) -> int:
-        """``count(*args)``, a prompt's token count: in place, or in a worker thread when
-        the request's body is ``COUNT_OFF_LOOP_BYTES`` or more (see there)."""
+    async def count_tokens(
+        self, key: ApiKey, model: str, body_size: int, count: Callable[..., int], *args: Any
+    ) -> int:
+        """``count(*args)``, the prompt's token count of a request of ``key`` for
+        ``model``: in place, or, when its body is ``COUNT_OFF_LOOP_BYTES`` or more (see
+        there), in a worker thread once the key is known to have room for the request:
+        a key that is already out gets its 429 (``rate_limit_error``) uncounted."""
         if body_size < COUNT_OFF_LOOP_BYTES:
             return count(*args)
+        await self.refuse_if_out(key, model)
         return await trio.to_thread.run_sync(count, *args, limiter=self._counting)
+
+    async def refuse_if_out(self, key: ApiKey, model: str) -> None:
+        """Raise the 429 an admission of ``key`` for ``model`` is certain to get, if it is
+        (``Limiter.precheck``), logged and fed like any refusal."""
+        decision = await self.limiter.precheck(key, model)
+        if decision is not None:
+            record = self.request_log.current()
+            record.model, record.decision = model, decision_label(decision)
+            raise self._refused(decision, model)
+
+    def _refused(self, decision: Decision, model: str) -> APIError:
+        """A refusal's feed event and metric; the 429 to raise."""
+        self.feed.rejected(decision, model)  # queued, never awaited
+        self.metrics.rejected(decision)
+        return rate_limit_error(decision, self.settings.window_seconds)
 
     def authenticate(self) -> ApiKey:
         """The key named by the request's bearer token, or a 401/400 APIError.
@@ -248,19 +283,20 @@ class Gateway:
         return key
 
     def output_reservation(self, key: ApiKey, chat: ChatRequest, input_tokens: int = 0) -> int:
-        """Output tokens to reserve: the named max_tokens x n, else the key's default.
+        """Output tokens to reserve: the longest reply the request names (in any length
+        field an upstream reads) times the choices it generates, else the key's default.
 
         The default is clamped to what the tightest enforced output (or total-tokens)
         limit allows per choice, so a request that names no max_tokens is never refused
         just for the default being large.
         """
         if chat.max_tokens is not None:
-            return chat.max_tokens * chat.n
+            return chat.max_tokens * chat.choices
         per_choice = key.limits.default_max_tokens
         cap = self.limiter.output_cap(key, chat.model, input_tokens)
         if cap is not None:
-            per_choice = max(1, min(per_choice, cap // chat.n))
-        return per_choice * chat.n
+            per_choice = max(1, min(per_choice, cap // chat.choices))
+        return per_choice * chat.choices
 
     async def settle(
         self, decision: Decision, output_tokens: int, input_tokens: int | None = None
@@ -327,15 +363,16 @@ class Gateway:
             reply = mock.mock_reply(chat.model, chat.messages, chat.n, per_choice)
             return await self._answer(mock.CHAT, reply, chat.stream, chat.include_usage, 0, None)
         input_tokens = await self.count_tokens(
-            len(data), count_chat_prompt, chat.model, chat.messages, chat.tools, chat.functions
-        )
+            key, chat.model, len(data), count_chat_prompt,
+            chat.model, chat.messages, chat.tools, chat.functions, chat.tool_texts,
+        )  # fmt: skip
         output_tokens = self.output_reservation(key, chat, input_tokens)
         cost = Cost(requests=1, input_tokens=input_tokens, output_tokens=output_tokens)
         decision = await self.admit(key, cost, chat.model)
         if route is not None:
             headers = ratelimit_headers(decision.admission.states)
             return await self._proxy_chat(route, chat, input_tokens, decision, headers)
-        reply = mock.mock_reply(chat.model, chat.messages, chat.n, output_tokens // chat.n)
+        reply = mock.mock_reply(chat.model, chat.messages, chat.n, output_tokens // chat.choices)
         return await self._answer(
             mock.CHAT, reply, chat.stream, chat.include_usage, input_tokens, decision
         )
@@ -355,9 +392,7 @@ class Gateway:
         if decision.would_refuse:
             self.shadow_refused(decision)
         if not decision.admitted:
-            self.feed.rejected(decision, model)  # queued, never awaited
-            self.metrics.rejected(decision)
-            raise rate_limit_error(decision, self.settings.window_seconds)
+            raise self._refused(decision, model)
         self.feed.admitted(decision, model)
         if decision.near_limits:
             self.feed.near_limit(decision, model)
@@ -427,13 +462,18 @@ class Gateway:
         body, decision, input_tokens = req.body, None, 0
         if self.settings.limiting:
             input_tokens = await self.count_tokens(
-                len(data), prompt_tokens, req.model, req.prompt, req.suffix
+                key, req.model, len(data), prompt_tokens, req.model, req.prompt, req.suffix
             )
             output_tokens = req.max_tokens * req.choices
             decision = await self.admit(key, Cost(1, input_tokens, output_tokens), req.model)
-            # Named explicitly: upstreams differ in their default (llama.cpp: unbounded).
-            body = {**body, "max_tokens": req.max_tokens}
         if route is not None:
+            # The length named explicitly (OpenAI's default of 16 when the request names
+            # none): upstreams differ in their default (llama.cpp: unbounded).
+            body = forwarded_body(
+                body,
+                per_choice=req.max_tokens if decision is not None else None,
+                allowed=route.forward_fields,
+            )
             headers = ratelimit_headers(decision.admission.states) if decision else {}
             return await self._proxy(
                 route, "/completions", body, req.model, req.stream, req.include_usage,
@@ -455,12 +495,15 @@ class Gateway:
         route = self.route(req.model)
         decision, input_tokens = None, 0
         if self.settings.limiting:
-            input_tokens = await self.count_tokens(len(data), prompt_tokens, req.model, req.input)
+            input_tokens = await self.count_tokens(
+                key, req.model, len(data), prompt_tokens, req.model, req.input
+            )
             decision = await self.admit(key, Cost(1, input_tokens, 0), req.model)
         if route is not None:
+            body = forwarded_body(req.body, per_choice=None, allowed=route.forward_fields)
             headers = ratelimit_headers(decision.admission.states) if decision else {}
             return await self._proxy(
-                route, "/embeddings", req.body, req.model, False, False,
+                route, "/embeddings", body, req.model, False, False,
                 input_tokens, decision, headers,
             )  # fmt: skip
         body = mock.embedding_body(
@@ -496,13 +539,15 @@ class Gateway:
         decision: Decision | None,
         headers: dict[str, str],
     ) -> Response:
-        body = chat.body
-        if decision is not None and chat.max_tokens is None:
-            # The upstream must stop where the reservation does, or output could exceed
-            # the limit: the reservation per choice, named explicitly (in the field the
-            # route's models accept).
-            cap = decision.cost.output_tokens // chat.n
-            body = {**body, route.output_limit_field: cap}
+        # The upstream must stop where the reservation does, or output could exceed the
+        # limit: no length field above the reservation per choice, and one named
+        # explicitly (in the field the route's models accept).
+        body = forwarded_body(
+            chat.body,
+            per_choice=None if decision is None else decision.cost.output_tokens // chat.choices,
+            limit_field=route.output_limit_field,
+            allowed=route.forward_fields,
+        )
         return await self._proxy(
             route, "/chat/completions", body, chat.model, chat.stream, chat.include_usage,
             input_tokens, decision, headers,
@@ -596,10 +641,12 @@ class Gateway:
 
     def _upstream_input(self, model: str, counted: int, usage: ReportedUsage | None) -> int | None:
         """The upstream's prompt_tokens when it differs from our count (the difference
-        is logged per model), else ``None``: nothing to correct."""
+        is logged per model, and counted in the metrics), else ``None``: nothing to
+        correct."""
         if usage is None or usage.prompt_tokens is None or self.upstream is None:
             return None
         self.upstream.drift.record(model, counted, usage.prompt_tokens)
+        self.metrics.input_counted(model, counted, usage.prompt_tokens)
         return None if usage.prompt_tokens == counted else usage.prompt_tokens
 
     async def usage(self) -> Response:
@@ -826,9 +873,7 @@ def create_app(
 
     @app.errorhandler(HTTPException)
     async def on_http_error(error: HTTPException) -> Response:
-        unknown_url = (
-            f"Unknown request URL: {request.method} {request.path}. Please check the URL for typos."
-        )
+        unknown_url = f"Unknown request URL: {_where()}. Please check the URL for typos."
         answer = http_error(error, unknown_url=unknown_url, max_body_bytes=settings.max_body_bytes)
         return await gateway.error_response(answer)
 
@@ -852,7 +897,7 @@ def create_app(
     @app.errorhandler(Exception)
     async def on_unexpected(error: Exception) -> Response:
         _drop_stashed_headers()
-        log.exception("unexpected error on %s %s", request.method, request.path)
+        log.exception("unexpected error on %s", _where())
         return _json(
             APIError(
                 500, "The server had an error processing your request.", "server_error"

@@ -5,8 +5,11 @@ Everything here runs before the limiter: a body that fails any check is refused 
 Python's default, because a lenient reader is a quota bypass: duplicate keys (we and the
 upstream could read different ``max_tokens``), ``NaN``/``Infinity``, lone surrogates and
 absurd nesting are refused. The checks of the fields every endpoint shares
-(:func:`request_model`, :func:`positive_int`, :func:`stream_flags`, :func:`check_text`)
-serve the legacy completions and embeddings too (:mod:`tokenguard.prompts`).
+(:func:`request_model`, :func:`positive_int`, :func:`stream_flags`, :func:`check_text`,
+and the reply's length and choices: :func:`output_length`, :func:`generated_choices`)
+serve the legacy completions and embeddings too (:mod:`tokenguard.prompts`). A reply's
+length is read from every field a known OpenAI-compatible server reads as one
+(:data:`OUTPUT_LENGTH_FIELDS`), since the upstream may honour any of them.
 """
 
 from __future__ import annotations
@@ -17,10 +20,34 @@ from typing import Any
 import attrs
 
 from tokenguard.errors import APIError, invalid
+from tokenguard.tokens import tool_json
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 MAX_TOKENS_CEILING = 2**31 - 1
 MAX_N = 128  # OpenAI's own cap on `n`
+MAX_BEST_OF = 20  # OpenAI's cap on `best_of`
+# A model name is refused beyond this, before anything keeps it (a cache, a metric
+# label, a log line, a feed event): real ones are far shorter.
+MAX_MODEL_CHARS = 256
+
+# The body fields through which the OpenAI-compatible servers tokenguard knows cap a
+# reply's length, per choice. Each one a request names counts (the reservation is the
+# largest), and none is forwarded above the reservation (tokenguard.forwarding):
+#   max_tokens             OpenAI, vLLM, llama.cpp, SGLang, TGI, Ollama
+#   max_completion_tokens  OpenAI, vLLM (wins over max_tokens), llama.cpp, SGLang
+#   max_output_tokens      OpenAI's and vLLM's Responses API
+#   n_predict              llama.cpp's server (wins over both of the first two)
+#   max_new_tokens         text-generation-inference, SGLang's native API
+OUTPUT_LENGTH_FIELDS = (
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n_predict",
+    "max_new_tokens",
+)
+# A floor on the reply's length (vLLM, SGLang, TensorRT-LLM): lowered to the
+# reservation when it is above it (tokenguard.forwarding).
+MIN_LENGTH_FIELD = "min_tokens"
 
 
 @attrs.frozen
@@ -30,12 +57,18 @@ class ChatRequest:
     body: dict[str, Any]
     model: str
     messages: list[dict[str, Any]]
-    max_tokens: int | None  # per choice; None when the request names no limit
-    n: int
+    # Per choice: the largest of the request's OUTPUT_LENGTH_FIELDS; None when it names
+    # none of them.
+    max_tokens: int | None
+    n: int  # choices returned
+    choices: int  # choices the upstream generates (and bills): see generated_choices
     stream: bool
     include_usage: bool
     tools: list[dict[str, Any]] | None
     functions: list[dict[str, Any]] | None
+    # The compact JSON of each tool definition, then of each legacy function, as the
+    # validator serialised them (the tokenizer counts them, and need not serialise again).
+    tool_texts: tuple[str, ...] = ()
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -102,8 +135,47 @@ def request_model(body: Any) -> str:
         raise invalid("you must provide a model parameter", "model")
     if not isinstance(model, str) or not model.strip():
         raise invalid("model must be a non-empty string", "model")
+    if len(model) > MAX_MODEL_CHARS:
+        raise invalid(
+            f"model must be at most {MAX_MODEL_CHARS} characters long, got {len(model)}",
+            "model",
+        )
     check_text(model, "model")
     return model
+
+
+def output_length(body: dict[str, Any]) -> int | None:
+    """The longest reply per choice that ``body`` asks for, in any of
+    :data:`OUTPUT_LENGTH_FIELDS` (the largest: an upstream may honour any one of them);
+    ``None`` when it names none. Each must be an integer in ``1..MAX_TOKENS_CEILING``
+    and ``min_tokens`` one in ``0..MAX_TOKENS_CEILING``, or it is a 400 naming it."""
+    longest = None
+    for name in OUTPUT_LENGTH_FIELDS:
+        value = positive_int(body, name, MAX_TOKENS_CEILING)
+        if value is not None and (longest is None or value > longest):
+            longest = value
+    floor = body.get(MIN_LENGTH_FIELD)
+    whole = isinstance(floor, int) and not isinstance(floor, bool)
+    if floor is not None and not (whole and 0 <= floor <= MAX_TOKENS_CEILING):
+        raise invalid(
+            f"{MIN_LENGTH_FIELD} must be an integer from 0 to {MAX_TOKENS_CEILING}",
+            MIN_LENGTH_FIELD,
+        )
+    return longest
+
+
+def generated_choices(body: dict[str, Any]) -> tuple[int, int]:
+    """``(n, generated)``: the choices a request gets back, and the choices an upstream
+    generates (and bills) for each of its prompts: the largest of ``n``, ``n_cmpl``
+    (llama.cpp's own name for ``n``, which wins over it there) and ``best_of`` (vLLM and
+    legacy completions generate that many, and return the best ``n``). A 400 naming
+    the field when one is not an integer in range, or ``best_of`` is below ``n``."""
+    n = positive_int(body, "n", MAX_N) or 1
+    n_cmpl = positive_int(body, "n_cmpl", MAX_N) or 1
+    best_of = positive_int(body, "best_of", MAX_BEST_OF)
+    if best_of is not None and best_of < n:
+        raise invalid(f"best_of ({best_of}) must be at least n ({n})", "best_of")
+    return n, max(n, n_cmpl, best_of or 1)
 
 
 def stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -182,7 +254,9 @@ def _check_message(i: int, message: Any) -> None:
             raise invalid(f"{where} must be a string", where)
 
 
-def _check_tools(body: dict[str, Any], name: str) -> list[dict[str, Any]] | None:
+def _check_tools(body: dict[str, Any], name: str, texts: list[str]) -> list[dict[str, Any]] | None:
+    """``body[name]`` (``tools`` or ``functions``), checked; appends each definition's
+    compact JSON (what :func:`tokenguard.tokens.tool_json` makes) to ``texts``."""
     tools = body.get(name)
     if tools is None:
         return None
@@ -194,7 +268,9 @@ def _check_tools(body: dict[str, Any], name: str) -> list[dict[str, Any]] | None
         fn = tool.get("function", tool) if name == "tools" else tool
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise invalid(f"{name}[{j}] needs a function name", f"{name}[{j}]")
-        check_text(json.dumps(fn, ensure_ascii=False), f"{name}[{j}]")
+        text = tool_json(tool)
+        check_text(text, f"{name}[{j}]")
+        texts.append(text)
     return tools
 
 
@@ -210,29 +286,34 @@ def validate_chat(body: Any) -> ChatRequest:
         raise invalid("messages must contain at least one message", "messages")
     for i, message in enumerate(messages):
         _check_message(i, message)
-    max_tokens = positive_int(body, "max_tokens", MAX_TOKENS_CEILING)
-    max_completion = positive_int(body, "max_completion_tokens", MAX_TOKENS_CEILING)
-    # Both given: reserve the larger, since the upstream may honour either one.
-    named = [v for v in (max_tokens, max_completion) if v is not None]
-    n = positive_int(body, "n", MAX_N) or 1
+    max_tokens = output_length(body)
+    n, choices = generated_choices(body)
     stream, include_usage = stream_flags(body)
+    tool_texts: list[str] = []
+    tools = _check_tools(body, "tools", tool_texts)
+    functions = _check_tools(body, "functions", tool_texts)
     return ChatRequest(
         body=body,
         model=model,
         messages=messages,
-        max_tokens=max(named) if named else None,
+        max_tokens=max_tokens,
         n=n,
+        choices=choices,
         stream=stream,
         include_usage=include_usage,
-        tools=_check_tools(body, "tools"),
-        functions=_check_tools(body, "functions"),
+        tools=tools,
+        functions=functions,
+        tool_texts=tuple(tool_texts),
     )
 
 
 __all__ = [
+    "OUTPUT_LENGTH_FIELDS",
     "APIError",
     "ChatRequest",
     "check_text",
+    "generated_choices",
+    "output_length",
     "parse_json",
     "positive_int",
     "request_model",

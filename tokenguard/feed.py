@@ -54,9 +54,11 @@ import attrs
 import trio
 from quart import Response, Websocket
 
+from tokenguard.chat import check_text, parse_json
 from tokenguard.errors import APIError
 from tokenguard.keyring import Keyring
 from tokenguard.limiter import Decision, Limiter, tightest_by_dimension
+from tokenguard.resilience import LogThrottle
 from tokenguard.settings import DIMENSIONS, ApiKey, Settings, digest_of
 from tokenguard.windows import RowState, StoreError, WindowStore
 
@@ -88,6 +90,14 @@ SNAPSHOT_SECONDS = 1.0
 # Store reads in flight at once for one round of snapshots.
 SNAPSHOT_READS = 8
 AUTH_SECONDS = 5.0
+# The first message, before authentication, is at most this long (bytes of UTF-8): an
+# auth message is ~100 bytes; anything longer is closed with 1008 unparsed.
+AUTH_MESSAGE_BYTES = 4096
+# hypercorn's cap on every websocket message (tokenguard.node sets it): one larger is
+# closed by hypercorn with 1009 (message too big) once this much of it was buffered. A
+# feed socket reads nothing but the auth message, so this only bounds the memory a
+# client can make the node hold before its message is seen.
+WEBSOCKET_MESSAGE_BYTES = 64 * 1024
 # WebSocket close codes (RFC 6455).
 CLOSE_POLICY = 1008
 CLOSE_GOING_AWAY = 1001
@@ -251,6 +261,7 @@ class Feed:
         self._probe: dict[str, bool] = {}  # key name -> snapshot even at zero usage
         self._snapshot_now = trio.Event()
         self._cancel = trio.CancelScope()
+        self._refusal_log = LogThrottle()
         self.dropped_outgoing = 0
         self.publish_failures = 0
         self.dropped_by_departed = 0  # dropped_total of the subscribers that left
@@ -357,6 +368,18 @@ class Feed:
         )
 
     # -- who sees what
+
+    def refused_unauthenticated(self, problem: str) -> None:
+        """A socket closed (1008) before authentication for ``problem``: one log line,
+        at most one a second (with the count of those held back), never a traceback."""
+        held = self._refusal_log.ready()
+        if held is not None:
+            log.warning(
+                "usage feed: closed a websocket before authentication (1008): %s "
+                "(%d more since the last line)",
+                problem,
+                held,
+            )
 
     def viewer_for(self, token: str, key_filter: str | None) -> Viewer | str:
         """The viewer a bearer token is, or why it is refused (a message for 1008).
@@ -597,25 +620,51 @@ def _bearer(value: str) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-async def _token_of(websocket: Websocket) -> str | None:
-    """The Authorization header's bearer token, else a first auth message's; ``None``
-    for anything else (two headers, a malformed header, no auth message in time)."""
+NO_TOKEN = "no valid bearer token"
+AUTH_MESSAGE = 'the first message must be {"type": "auth", "token": "..."}'
+
+
+async def _token_of(websocket: Websocket) -> tuple[str | None, str | None]:
+    """The Authorization header's bearer token, else a first auth message's, and
+    ``None``; or ``None`` and why there is none (two headers, a malformed header, no
+    auth message in time, a first message that is not one: see
+    :func:`_auth_message_token`)."""
     headers = websocket.headers.getlist("Authorization")
     if len(headers) > 1:
-        return None
+        return None, NO_TOKEN
     if headers:
-        return _bearer(headers[0])
+        token = _bearer(headers[0])
+        return token, None if token else NO_TOKEN
     with trio.move_on_after(AUTH_SECONDS):
-        raw = await websocket.receive()
-        try:
-            message = json.loads(raw)
-        except ValueError:
-            return None
-        if isinstance(message, Mapping) and message.get("type") == "auth":
-            token = message.get("token")
-            if isinstance(token, str) and token:
-                return token
-    return None
+        return _auth_message_token(await websocket.receive())
+    return None, NO_TOKEN
+
+
+def _auth_message_token(raw: str | bytes) -> tuple[str | None, str | None]:
+    """The token of a first message ``{"type": "auth", "token": "..."}``, or why not.
+
+    Unauthenticated input: refused unread past :data:`AUTH_MESSAGE_BYTES`, then read
+    with the request bodies' strict JSON reader (:func:`tokenguard.chat.parse_json`:
+    no deep nesting, duplicate keys, lone surrogates...), never raising."""
+    if len(raw) > AUTH_MESSAGE_BYTES:
+        return None, f"the first message is longer than {AUTH_MESSAGE_BYTES} bytes"
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if len(data) > AUTH_MESSAGE_BYTES:
+        return None, f"the first message is longer than {AUTH_MESSAGE_BYTES} bytes"
+    try:
+        message = parse_json(data)
+    except APIError:
+        return None, "the first message is not valid JSON"
+    if not isinstance(message, Mapping) or message.get("type") != "auth":
+        return None, AUTH_MESSAGE
+    token = message.get("token")
+    if not isinstance(token, str) or not token:
+        return None, AUTH_MESSAGE
+    try:
+        check_text(token, "token")
+    except APIError:
+        return None, "the token is not valid Unicode"
+    return token, None
 
 
 def origin_allowed(origins: Sequence[str], host: str | None, allowed: frozenset[str]) -> bool:
@@ -670,13 +719,15 @@ async def serve_websocket(feed: Feed, websocket: Websocket) -> Response | None:
             )
         )
     await websocket.accept()
-    token = await _token_of(websocket)
+    token, problem = await _token_of(websocket)
     key_filter = websocket.args.get("key") or None
     batch = websocket.args.get("batch", "0")
-    viewer = "no valid bearer token" if token is None else feed.viewer_for(token, key_filter)
+    viewer = (problem or NO_TOKEN) if token is None else feed.viewer_for(token, key_filter)
     if not isinstance(viewer, str) and batch not in ("0", "1"):
         viewer = "batch must be 0 or 1"
     if isinstance(viewer, str):
+        if problem is not None:
+            feed.refused_unauthenticated(problem)
         await websocket.close(CLOSE_POLICY, viewer)
         return
     batched = batch == "1"

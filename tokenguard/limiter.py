@@ -172,6 +172,22 @@ class Limiter:
         ]
         return min(caps, default=None)
 
+    async def precheck(self, key: ApiKey, model: str | None = None) -> Decision | None:
+        """The refusal an admission of ``key`` for ``model`` is certain to get, whatever
+        its tokens, or ``None`` when it may fit; nothing is consumed. One
+        :meth:`~tokenguard.windows.WindowStore.usage` read of the key's rows, asking 1
+        request and 1 lease (``max_concurrent``) and 0 tokens: it refuses a key with no
+        room for one more request, or already above a token limit (its ``retry_after``
+        is then when the key is back at the limit: the admission itself may have to
+        wait longer). Worth a store call only for a request whose tokens are costly to
+        count."""
+        cost = Cost(requests=1)
+        states = await self.store.usage(partition_of(key), self.rows(key, cost, model))
+        admission = Admission(admitted=False, states=states)
+        if not admission.refusing:
+            return None
+        return Decision(key=key, cost=cost, admission=admission, model=model)
+
     async def admit(self, key: ApiKey, cost: Cost, model: str | None = None) -> Decision:
         admission = await self.store.admit(partition_of(key), self.rows(key, cost, model))
         if admission.would_refuse:

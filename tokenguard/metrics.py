@@ -103,6 +103,20 @@ class _KeySeries:
         self.output_settled = 0
 
 
+class _InputCount:
+    """One model's prompt counts against its upstream's: answers that reported a
+    ``prompt_tokens``, how many of them differed from tokenguard's count, and both
+    sums (read at scrape time, like :class:`_KeySeries`)."""
+
+    __slots__ = ("answers", "differed", "counted", "reported")
+
+    def __init__(self) -> None:
+        self.answers = 0
+        self.differed = 0
+        self.counted = 0
+        self.reported = 0
+
+
 class Metrics:
     """One node's metrics, in their own :attr:`registry`; :meth:`exposition` is what
     ``GET /metrics`` answers.
@@ -176,12 +190,18 @@ class Metrics:
         )
         self._keys: dict[str, _KeySeries] = {}
         self._models = BoundedLabel()
+        self._input_counts: dict[str, _InputCount] = {}
         self.registry.register(NodeCollector(self, store=store, feed=feed, limiter=limiter))
 
     @property
     def keys_seen(self) -> Mapping[str, _KeySeries]:
         """The counters of every key name admitted so far (read at scrape time)."""
         return self._keys
+
+    @property
+    def input_counts(self) -> Mapping[str, _InputCount]:
+        """Per model (bounded), prompt counts against the upstream's (scrape time)."""
+        return self._input_counts
 
     def _key(self, name: str) -> _KeySeries:
         series = self._keys.get(name)
@@ -228,6 +248,18 @@ class Metrics:
         series.output_settled += output_tokens
         if input_tokens is not None:
             series.input_settled += input_tokens
+
+    def input_counted(self, model: str, counted: int, reported: int) -> None:
+        """An upstream reported ``reported`` prompt tokens for a prompt tokenguard
+        counted as ``counted`` (proxy mode): the counting error, per model (bounded)."""
+        label = self._models(model)
+        series = self._input_counts.get(label)
+        if series is None:
+            series = self._input_counts[label] = _InputCount()
+        series.answers += 1
+        series.differed += counted != reported
+        series.counted += counted
+        series.reported += reported
 
     def store_call(self, operation: str, seconds: float) -> None:
         """A store call that was answered (``GuardedStore.observe_call``)."""
@@ -288,6 +320,7 @@ class NodeCollector(Collector):
         info.add_metric([str(self.metrics.node_id)], 1)
         yield info
         yield from self._per_key()
+        yield from self._input_counts()
         yield from self._count_cache()
         if isinstance(self.store, GuardedStore):
             yield from self._store(self.store)
@@ -295,6 +328,37 @@ class NodeCollector(Collector):
             yield from self._feed(self.feed)
         if self.limiter is not None:
             yield from self._limiter(self.limiter)
+
+    def _input_counts(self) -> Iterator[Metric]:
+        """Proxy mode: per model, the prompt tokens tokenguard counted against what the
+        upstream reported for the same prompts (their ratio is the counting error)."""
+        families = (
+            CounterMetricFamily(
+                "tokenguard_upstream_prompt_reports",
+                "Upstream answers that reported prompt_tokens, by model (bounded).",
+                labels=["model"],
+            ),
+            CounterMetricFamily(
+                "tokenguard_upstream_prompt_miscounts",
+                "Upstream answers whose prompt_tokens differed from tokenguard's count (the "
+                "request was settled to the upstream's), by model (bounded).",
+                labels=["model"],
+            ),
+            CounterMetricFamily(
+                "tokenguard_upstream_prompt_tokens",
+                "Prompt tokens of the answers that reported them: as tokenguard counted them "
+                "(source counted) and as the upstream reported them (source upstream), by "
+                "model (bounded).",
+                labels=["model", "source"],
+            ),
+        )
+        reports, miscounts, tokens = families
+        for model, series in list(self.metrics.input_counts.items()):
+            reports.add_metric([model], series.answers)
+            miscounts.add_metric([model], series.differed)
+            tokens.add_metric([model, "counted"], series.counted)
+            tokens.add_metric([model, "upstream"], series.reported)
+        yield from families
 
     def _count_cache(self) -> Iterator[Metric]:
         """The process's remembered prompt counts (tokenguard.tokens.COUNT_CACHE)."""

@@ -18,6 +18,7 @@ from hypercorn.trio import serve
 
 from tokenguard.admin import check_admin_bind, create_admin_app
 from tokenguard.app import create_app
+from tokenguard.feed import WEBSOCKET_MESSAGE_BYTES
 from tokenguard.hardening import (
     KEEP_ALIVE_TIMEOUT,
     MAX_HEADER_BYTES,
@@ -63,6 +64,9 @@ def hypercorn_config(
     config.graceful_timeout = grace
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT  # also bounds a trickled request head
     config.h11_max_incomplete_size = MAX_HEADER_BYTES
+    # The only websocket (the usage feed) reads one small message: none is held whole
+    # past this (hypercorn closes a larger one with 1009).
+    config.websocket_max_message_size = WEBSOCKET_MESSAGE_BYTES
     install_protocol_errors()  # hypercorn's own 400/431 answers get OpenAI's body too
     install_shielded_recycle()  # an early answer must not leave a keep-alive socket deaf
     config.accesslog = None

@@ -14,9 +14,9 @@ from typing import Any
 import attrs
 
 from tokenguard.chat import (
-    MAX_N,
-    MAX_TOKENS_CEILING,
     check_text,
+    generated_choices,
+    output_length,
     positive_int,
     request_model,
     stream_flags,
@@ -28,7 +28,6 @@ from tokenguard.tokens import count_text
 Prompt = tuple[str | tuple[int, ...], ...]
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-MAX_BEST_OF = 20  # OpenAI's cap
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's cap on an embeddings batch
 TOKEN_ID_CEILING = 2**31 - 1
 ENCODING_FORMATS = ("float", "base64")
@@ -39,22 +38,25 @@ class CompletionRequest:
     """A validated ``POST /v1/completions`` body; ``body`` is the parsed JSON, untouched.
 
     ``choices`` is how many completions the upstream generates (and bills): every prompt
-    of a batch times ``max(n, best_of)``.
+    of a batch times ``generated`` (:func:`tokenguard.chat.generated_choices`: the
+    largest of ``n``, ``n_cmpl`` and ``best_of``).
     """
 
     body: dict[str, Any]
     model: str
     prompt: Prompt
     suffix: str | None
-    max_tokens: int  # per choice
+    # Per choice: the largest of the request's length fields (tokenguard.chat.
+    # OUTPUT_LENGTH_FIELDS), or OpenAI's default of 16 when it names none.
+    max_tokens: int
     n: int
-    best_of: int
+    generated: int  # per prompt
     stream: bool
     include_usage: bool
 
     @property
     def choices(self) -> int:
-        return len(self.prompt) * max(self.n, self.best_of)
+        return len(self.prompt) * self.generated
 
 
 @attrs.frozen
@@ -118,11 +120,8 @@ def validate_completion(body: Any) -> CompletionRequest:
         if not isinstance(suffix, str):
             raise invalid("suffix must be a string", "suffix")
         check_text(suffix, "suffix")
-    max_tokens = positive_int(body, "max_tokens", MAX_TOKENS_CEILING)
-    n = positive_int(body, "n", MAX_N) or 1
-    best_of = positive_int(body, "best_of", MAX_BEST_OF) or n
-    if best_of < n:
-        raise invalid(f"best_of ({best_of}) must be at least n ({n})", "best_of")
+    max_tokens = output_length(body)
+    n, generated = generated_choices(body)
     stream, include_usage = stream_flags(body)
     return CompletionRequest(
         body=body,
@@ -131,7 +130,7 @@ def validate_completion(body: Any) -> CompletionRequest:
         suffix=suffix,
         max_tokens=DEFAULT_COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens,
         n=n,
-        best_of=best_of,
+        generated=generated,
         stream=stream,
         include_usage=include_usage,
     )

@@ -162,6 +162,9 @@ class UpstreamRoute:
     # The chat field through which tokenguard caps the reply at the reservation when the
     # client named none: OpenAI's reasoning models (o1, o3...) refuse ``max_tokens``.
     output_limit_field: str = "max_tokens"
+    # The only body fields forwarded (besides those tokenguard needs and sets: see
+    # tokenguard/forwarding.py); ``None``: every field.
+    forward_fields: frozenset[str] | None = None
 
 
 OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")
@@ -469,6 +472,7 @@ def _upstream_route(
     output_limit_field = reader.str(
         "output_limit_field", parent.output_limit_field if parent else "max_tokens"
     )
+    forward_fields = _forward_fields(reader, parent.forward_fields if parent else None)
     if output_limit_field not in OUTPUT_LIMIT_FIELDS:
         reader.fail(
             f"must be one of {', '.join(OUTPUT_LIMIT_FIELDS)}, got {output_limit_field!r}",
@@ -498,7 +502,29 @@ def _upstream_route(
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         output_limit_field=output_limit_field,
+        forward_fields=forward_fields,
     )
+
+
+# A body field name: what JSON keys of the OpenAI-compatible APIs look like.
+FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+
+
+def _forward_fields(reader: _Reader, default: frozenset[str] | None) -> frozenset[str] | None:
+    """``forward_fields``: a list of distinct body field names (may be empty)."""
+    if "forward_fields" not in reader.table:
+        return default
+    values = reader.table.pop("forward_fields")
+    example = 'a list of body field names, e.g. ["temperature", "top_p", "stop"]'
+    if not isinstance(values, list):
+        reader.fail(f"must be {example}, got {values!r}", "forward_fields")
+    for value in values:
+        if not isinstance(value, str) or not FIELD_NAME.fullmatch(value):
+            reader.fail(f"must be {example}; {value!r} is not a field name", "forward_fields")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        reader.fail(f"names {', '.join(repeated)} more than once", "forward_fields")
+    return frozenset(values)
 
 
 def _upstream(reader: _Reader, environ: Mapping[str, str]) -> UpstreamSettings:

@@ -31,12 +31,19 @@ current OpenAI chat models. For the legacy models that makes counts approximate.
 
 Chat prompts are counted as in OpenAI's cookbook "How to count tokens with tiktoken"
 (checked there against the live API): 3 tokens per message, the encoded value of every
-message field (role, content, name, ...), +1 per ``name``, +3 for reply priming, and
-tool/function definitions with its ``num_tokens_for_tools`` scheme. Parts the cookbook
-does not cover are *estimates*, documented at their constants below: image, audio and
-file content parts, assistant ``tool_calls``/``function_call``, and nested parameter
-schemas. OpenAI may change its prompt format per model, so treat counts for models other
-than the cookbook's (gpt-3.5-turbo, gpt-4, gpt-4o, gpt-4o-mini) as close estimates.
+message field (role, content, name, ...), +1 per ``name``, +3 for reply priming. Tool
+and function definitions cost the larger of the cookbook's ``num_tokens_for_tools``
+scheme and the tokens of their compact JSON (:func:`tool_json`): the scheme reads only
+names, descriptions and flat properties, so everything else in a schema (``$defs``,
+``items``, ``anyOf``, ``default``, the parameters' own description...) would cost
+nothing; the JSON is never less than what reaches the model (which sees a terser
+rendering), so a definition is never under-counted (the cookbook's weather tool: 101
+tokens by the API, 123 here). Image, audio and file parts are priced by
+:mod:`tokenguard.media` (OpenAI's image formulas per model, from the image's header;
+estimates from the decoded size for audio and files); assistant
+``tool_calls``/``function_call`` are estimates. OpenAI may change its prompt format per
+model, so treat counts for models other than the cookbook's (gpt-3.5-turbo, gpt-4,
+gpt-4o, gpt-4o-mini) as close estimates.
 
 Counts of texts of :data:`CACHED_MIN_CHARS` or more are remembered (:class:`CountCache`,
 :data:`COUNT_CACHE`): chat clients resend a conversation's history, system prompt
@@ -59,7 +66,7 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -68,6 +75,15 @@ import tiktoken
 import tiktoken.load
 import tiktoken.model
 import tiktoken_ext.openai_public as _openai_public
+
+from tokenguard.media import (
+    UNSEEN_PART_TOKENS,
+    VisionCost,
+    audio_tokens,
+    file_tokens,
+    image_tokens,
+    vision_cost,
+)
 
 __all__ = [
     "CACHED_MIN_CHARS",
@@ -81,6 +97,7 @@ __all__ = [
     "encoding_for_model",
     "encoding_name_for",
     "preload",
+    "tool_json",
 ]
 
 SHIPPED_ENCODINGS: tuple[str, ...] = ("cl100k_base", "o200k_base")
@@ -94,16 +111,6 @@ _SAME_RANKS_AS: dict[str, str] = {"o200k_harmony": "o200k_base"}
 TOKENS_PER_MESSAGE = 3  # <|start|>{role/name}\n{content}<|end|>\n
 TOKENS_PER_NAME = 1
 REPLY_PRIMING_TOKENS = 3  # every reply is primed with <|start|>assistant<|message|>
-
-# --- estimates for content the cookbook does not cover ------------------------------
-# Images: OpenAI bills 85 tokens for a "low" detail image. For "high"/"auto" the cost
-# depends on the image size (85 + 170 per 512px tile), which we cannot know without
-# fetching/decoding the image; 765 is the figure for a 1024x1024 image, a common size.
-IMAGE_LOW_DETAIL_TOKENS = 85
-IMAGE_DEFAULT_TOKENS = 765
-# Audio, files (PDF etc.) and unknown part types: their cost depends on duration/pages
-# we do not decode here, so a flat estimate is charged per part.
-OTHER_PART_TOKENS = 1000
 
 # Tool schemas nested deeper than this are counted as their JSON text rather than
 # walked, so a hostile schema cannot exhaust the stack.
@@ -374,30 +381,45 @@ def count_chat_prompt(
     messages: list[dict],
     tools: list[dict] | None = None,
     functions: list[dict] | None = None,
+    tool_texts: Sequence[str] | None = None,
 ) -> int:
     """Return the prompt tokens a chat completion request will be billed for.
 
     ``messages`` are Chat Completions messages; ``content`` may be a string, ``None`` or
     a list of content parts. ``tools`` (``{"type": "function", "function": {...}}``) and
-    the legacy ``functions`` (the function objects themselves) are counted together.
+    the legacy ``functions`` (the function objects themselves) are counted together;
+    ``tool_texts``, when the caller has them, are their :func:`tool_json` texts in that
+    order (tools first), so they are not serialised again.
 
-    Exact for the cases in OpenAI's cookbook (plain messages with ``name``; flat
-    function schemas); an estimate for images, audio, files, assistant tool calls and
-    nested schemas (see the module constants). Never raises on unexpected shapes or
-    types; raises only :class:`EncodingDataError` (bad package data). The result is at
-    least ``REPLY_PRIMING_TOKENS``.
+    Exact for the cases in OpenAI's cookbook (plain messages with ``name``); tool
+    definitions at least their JSON's tokens; media parts as :mod:`tokenguard.media`
+    prices them. Never raises on unexpected shapes or types; raises only
+    :class:`EncodingDataError` (bad package data). The result is at least
+    ``REPLY_PRIMING_TOKENS``.
     """
     name = encoding_name_for(model)
     encoding = _get_encoding(name)
+    vision = vision_cost(model) if isinstance(model, str) else vision_cost("")
     total = REPLY_PRIMING_TOKENS
     if isinstance(messages, list | tuple):
         for message in messages:
-            total += _count_message(encoding, message)
+            total += _count_message(encoding, vision, message)
     elif messages is not None:
-        total += _count_message(encoding, messages)
+        total += _count_message(encoding, vision, messages)
     definitions = [*_as_list(tools), *_as_list(functions)]
-    total += _count_tool_definitions(encoding, _TOOL_COSTS[name], definitions)
+    if tool_texts is None or len(tool_texts) != len(definitions):
+        tool_texts = [tool_json(d) for d in definitions]
+    total += _count_tool_definitions(encoding, _TOOL_COSTS[name], definitions, tool_texts)
     return total
+
+
+def tool_json(definition: Any) -> str:
+    """The text a tool definition is counted as, at least: the compact JSON of its
+    function object (``{"type": "function", "function": {...}}``), or of the whole
+    definition otherwise (a legacy function, another tool type)."""
+    if isinstance(definition, Mapping) and isinstance(definition.get("function"), Mapping):
+        definition = definition["function"]
+    return _as_text(definition)
 
 
 # ---------------------------------------------------------------------------------
@@ -439,7 +461,7 @@ def _as_list(value: Any) -> list[Any]:
     return [value]
 
 
-def _count_message(encoding: tiktoken.Encoding, message: Any) -> int:
+def _count_message(encoding: tiktoken.Encoding, vision: VisionCost, message: Any) -> int:
     if not isinstance(message, Mapping):
         return TOKENS_PER_MESSAGE + _count(encoding, message)
     total = TOKENS_PER_MESSAGE
@@ -448,7 +470,7 @@ def _count_message(encoding: tiktoken.Encoding, message: Any) -> int:
     # than ignoring it.
     for key, value in message.items():
         if key == "content":
-            total += _count_content(encoding, value)
+            total += _count_content(encoding, vision, value)
         elif key == "tool_calls":
             total += sum(_count_tool_call(encoding, call) for call in _as_list(value))
         elif key == "function_call":
@@ -460,15 +482,15 @@ def _count_message(encoding: tiktoken.Encoding, message: Any) -> int:
     return total
 
 
-def _count_content(encoding: tiktoken.Encoding, content: Any) -> int:
+def _count_content(encoding: tiktoken.Encoding, vision: VisionCost, content: Any) -> int:
     if content is None or isinstance(content, str):
         return _count(encoding, content)
     if isinstance(content, list | tuple):
-        return sum(_count_part(encoding, part) for part in content)
+        return sum(_count_part(encoding, vision, part) for part in content)
     return _count(encoding, content)
 
 
-def _count_part(encoding: tiktoken.Encoding, part: Any) -> int:
+def _count_part(encoding: tiktoken.Encoding, vision: VisionCost, part: Any) -> int:
     if not isinstance(part, Mapping):
         return _count(encoding, part)
     kind = part.get("type")
@@ -477,11 +499,14 @@ def _count_part(encoding: tiktoken.Encoding, part: Any) -> int:
     if kind == "refusal":
         return _count(encoding, part.get("refusal"))
     if kind == "image_url":
-        image = part.get("image_url")
-        detail = image.get("detail") if isinstance(image, Mapping) else None
-        return IMAGE_LOW_DETAIL_TOKENS if detail == "low" else IMAGE_DEFAULT_TOKENS
-    # input_audio, file, and part types this module does not know yet.
-    return OTHER_PART_TOKENS
+        return image_tokens(vision, part.get("image_url"))
+    if kind == "input_audio":
+        return audio_tokens(part.get("input_audio"))
+    if kind == "file":
+        return file_tokens(vision, part.get("file"))
+    # A part type this module does not know (a remote audio or video URL...): its
+    # content is not in the request, or is counted as the text it is.
+    return max(UNSEEN_PART_TOKENS, _count(encoding, part))
 
 
 def _count_tool_call(encoding: tiktoken.Encoding, call: Any) -> int:
@@ -517,25 +542,34 @@ _TOOL_COSTS: dict[str, _ToolCosts] = {
 
 
 def _count_tool_definitions(
-    encoding: tiktoken.Encoding, costs: _ToolCosts, definitions: list[Any]
+    encoding: tiktoken.Encoding,
+    costs: _ToolCosts,
+    definitions: list[Any],
+    texts: Sequence[str],
 ) -> int:
+    """Each definition: the larger of the cookbook's scheme and its JSON's tokens
+    (``texts``, one per definition); then the cookbook's closing overhead once."""
     if not definitions:
         return 0
     total = 0
-    for definition in definitions:
-        total += costs.func_init
-        function = definition
-        if isinstance(definition, Mapping) and isinstance(definition.get("function"), Mapping):
-            function = definition["function"]  # tools=[{"type": "function", "function": ...}]
-        if not isinstance(function, Mapping):
-            total += _count(encoding, function)
-            continue
-        description = _as_text(function.get("description")).removesuffix(".")
-        total += _count(encoding, f"{_as_text(function.get('name'))}:{description}")
-        parameters = function.get("parameters")
-        if isinstance(parameters, Mapping):
-            total += _count_properties(encoding, costs, parameters.get("properties"), 0)
+    for definition, text in zip(definitions, texts, strict=True):
+        total += max(_cookbook_definition(encoding, costs, definition), _count(encoding, text))
     return total + costs.func_end
+
+
+def _cookbook_definition(encoding: tiktoken.Encoding, costs: _ToolCosts, definition: Any) -> int:
+    total = costs.func_init
+    function = definition
+    if isinstance(definition, Mapping) and isinstance(definition.get("function"), Mapping):
+        function = definition["function"]  # tools=[{"type": "function", "function": ...}]
+    if not isinstance(function, Mapping):
+        return total + _count(encoding, function)
+    description = _as_text(function.get("description")).removesuffix(".")
+    total += _count(encoding, f"{_as_text(function.get('name'))}:{description}")
+    parameters = function.get("parameters")
+    if isinstance(parameters, Mapping):
+        total += _count_properties(encoding, costs, parameters.get("properties"), 0)
+    return total
 
 
 def _count_properties(

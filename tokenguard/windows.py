@@ -342,8 +342,13 @@ class WindowStore(abc.ABC):
         """Add ``deltas[i]`` (possibly negative) to the bucket where row *i* was reserved,
         and release the reservation's lease (if any), in one call.
 
-        A bucket that has already left its window is not touched; a count never goes
-        below zero. Releasing a lease that expired or was released already is a no-op.
+        A refund (a negative delta) to a bucket that has already left its window is a
+        no-op: it would credit a window it was never in. A charge (a positive delta: an
+        upstream that used more than was reserved) to such a bucket is added to the
+        current bucket instead, so what was really used always counts, for a whole
+        window from now; a request that outlived its window is never free. A row whose
+        bucket is :data:`NOT_RESERVED` is never touched. A count never goes below zero.
+        Releasing a lease that expired or was released already is a no-op.
         Raises ``ValueError`` when ``deltas`` is not one per row
         (:meth:`Reservation.check_deltas`).
         """
@@ -361,7 +366,14 @@ class WindowStore(abc.ABC):
 
     @abc.abstractmethod
     async def usage(self, partition: str, rows: Sequence[Row]) -> tuple[RowState, ...]:
-        """Read the rows' current state without consuming anything (amounts ignored)."""
+        """Read the rows' current state without consuming anything.
+
+        Each row's amount is checked as :meth:`admit` checks it, never added: ``fits``
+        says whether it would fit now, and ``retry_after`` (for a row that does not)
+        when it would, exactly as an admission would report them. So a caller can tell
+        that a request is already out before doing the work its full cost needs (a row
+        of amount 0 fits unless its usage is above its limit).
+        """
 
     # -- publish/subscribe: messages between the nodes that share this store
 

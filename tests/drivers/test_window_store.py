@@ -407,7 +407,7 @@ async def test_a_refund_lands_in_the_reserved_bucket_and_leaves_with_it(
             assert used(after) == 6
 
 
-async def test_a_settlement_after_the_bucket_left_is_a_no_op(harness: Harness) -> None:
+async def test_a_refund_after_the_bucket_left_is_a_no_op(harness: Harness) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         row = harness.row(limit=10)
         first = await harness.align()
@@ -416,9 +416,44 @@ async def test_a_settlement_after_the_bucket_left_is_a_no_op(harness: Harness) -
         await harness.sleep_until(leaves(first) + MARGIN_MS)
         fresh = (await harness.admit([attrs.evolve(row, amount=3)])).value
         assert fresh.admitted and fresh.states[0].used == 3
-        await harness.store.settle(old.reservation, [+4])
         await harness.store.settle(old.reservation, [-5])
         assert used(await harness.usage([row])) == 3
+
+
+async def test_a_charge_after_the_bucket_left_counts_in_the_current_bucket(
+    harness: Harness,
+) -> None:
+    # An upstream that used more than was reserved, reported after the reservation's
+    # bucket left the window: the excess is charged now, for a whole window, not dropped.
+    with trio.fail_after(TEST_TIMEOUT):
+        row = harness.row(limit=10, dimension="output_tokens")
+        first = await harness.align()
+        old = (await harness.admit([attrs.evolve(row, amount=2)])).value
+        assert old.admitted and old.reservation.buckets == (first,)
+        late = first + SPAN + 2  # `first` left the window one bucket before
+        await harness.sleep_until(late * BUCKET_MS + MARGIN_MS)
+        charged = await harness.observe(harness.store.settle, old.reservation, [7])
+        after = await harness.usage([row])
+        if charged.after(late * BUCKET_MS) and after.before((late + 1) * BUCKET_MS):
+            assert used(after) == 7
+            refused = (await harness.admit([attrs.evolve(row, amount=4)])).value
+            assert not refused.admitted and refused.states[0].used == 7
+        # It leaves with the bucket it was charged in, not before.
+        await harness.sleep_until(leaves(late) - (1 if harness.exact else MARGIN_MS))
+        before = await harness.usage([row])
+        if before.before(leaves(late)) and charged.before((late + 1) * BUCKET_MS):
+            assert used(before) == 7
+        await harness.sleep_until(leaves(late) + (0 if harness.exact else MARGIN_MS))
+        assert used(await harness.usage([row])) == 0
+
+
+async def test_a_row_that_was_not_reserved_is_never_charged(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        await harness.align()
+        row = harness.row(limit=10, dimension="output_tokens")
+        unreserved = Reservation("p", (row,), (NOT_RESERVED,))
+        await harness.store.settle(unreserved, [5])
+        assert used(await harness.usage([row])) == 0
 
 
 async def test_a_count_never_goes_below_zero(harness: Harness) -> None:
@@ -510,8 +545,7 @@ async def test_usage_reports_used_remaining_and_reset(harness: Harness) -> None:
         await harness.sleep_until((first + 1) * BUCKET_MS + MARGIN_MS)
         assert (await harness.admit([attrs.evolve(row, amount=4)])).value.admitted
 
-        # Amounts in the rows passed to usage() are ignored, even impossible ones.
-        snapshot = await harness.usage([attrs.evolve(row, amount=1000)])
+        snapshot = await harness.usage([row])
         state = snapshot.value[0]
         assert (state.used, state.remaining, state.fits) == (7, 3, True)
         reset = leaves(first + 1)  # the newest non-empty bucket leaves
@@ -521,6 +555,39 @@ async def test_usage_reports_used_remaining_and_reset(harness: Harness) -> None:
             assert reset - snapshot.end <= round(state.reset_after * 1000) <= reset - snapshot.start
         # And nothing was consumed by looking.
         assert used(await harness.usage([row])) == 7
+
+
+async def test_usage_checks_amounts_as_admit_would_and_consumes_nothing(
+    harness: Harness,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        row = harness.row(limit=5)
+        lease = harness.row(limit=1, dimension="concurrent", window_ms=5000)
+        first = await harness.align()
+        assert (await harness.admit([attrs.evolve(row, amount=2), lease])).value.admitted
+        await harness.sleep_until((first + 1) * BUCKET_MS + MARGIN_MS)
+        assert (await harness.admit([attrs.evolve(row, amount=3)])).value.admitted
+
+        ask = [attrs.evolve(row, amount=2), lease, attrs.evolve(row, amount=6)]
+        checked = await harness.usage(ask)
+        refused = await harness.admit(ask)
+        assert not refused.value.admitted
+        assert [s.used for s in checked.value] == [s.used for s in refused.value.states]
+        assert [s.fits for s in checked.value] == [s.fits for s in refused.value.states]
+        assert not any(s.fits for s in checked.value)
+        fits_later, lease_full, never = checked.value
+        moment = leaves(first)
+        if harness.exact:
+            assert fits_later.retry_after == (moment - checked.start) / 1000
+        else:
+            waited = round(fits_later.retry_after * 1000)
+            assert moment - checked.end <= waited <= moment - checked.start
+        assert lease_full.retry_after == 1.0 and lease_full.used == 1
+        assert never.retry_after is None and never.never_fits
+        # Amounts that fit; and nothing was consumed by looking.
+        small = await harness.usage([attrs.evolve(row, amount=0)])
+        assert small.value[0].fits and small.value[0].retry_after is None
+        assert used(small) == 5
 
 
 # --- independence and concurrency ------------------------------------------------------
