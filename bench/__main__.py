@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import decisions, feed, load, proxy, suite, tokens
+from bench import decisions, fake_upstream, feed, load, proxy, suite, tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tokens.add_arguments(tokens_parser)
     tokens_parser.set_defaults(run=tokens.main)
+    fake_parser = commands.add_parser(
+        "fake-upstream",
+        help="an honest fake llama.cpp- or vLLM-like upstream with a ledger of what it billed",
+        description="Serve an OpenAI-compatible fake upstream that generates and bills every "
+        "token it is asked for, whatever the client does; GET /ledger lists what it billed.",
+    )
+    fake_upstream.add_arguments(fake_parser)
+    fake_parser.set_defaults(run=fake_upstream.main)
     return parser
 
 
