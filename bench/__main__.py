@@ -1,6 +1,7 @@
 """``python -m bench``: the benchmark commands, one argparse subcommand each.
 
-``load`` (see :mod:`bench.load`) drives chat traffic at nodes and audits the result.
+``load`` (see :mod:`bench.load`) drives chat traffic at nodes and audits the result;
+``load --proxy-audit FLAVOUR`` (:mod:`bench.proxy_audit`) audits proxy mode instead.
 A subcommand registers its arguments on its own subparser and sets ``run`` to a
 function taking the parsed namespace and returning the exit code, so adding one
 (``suite``, say) is one more ``add_parser`` block here.
@@ -12,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import decisions, fake_upstream, feed, load, proxy, suite, tokens
+from bench import decisions, fake_upstream, feed, load, proxy, proxy_audit, suite, tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
         "throughput, latency, statuses and an accuracy audit of the rate limits.",
     )
     load.add_arguments(load_parser)
-    load_parser.set_defaults(run=load.main)
+    proxy_audit.add_arguments(load_parser)  # --proxy-audit FLAVOUR: the audit's proxy mode
+    load_parser.set_defaults(
+        run=lambda args: (proxy_audit.main if args.proxy_audit else load.main)(args)
+    )
     decisions_parser = commands.add_parser(
         "decisions",
         help="store-only decisions per second, no HTTP",
