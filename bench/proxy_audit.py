@@ -1,19 +1,21 @@
 """The proxy accuracy audit: hostile clients against three proxy nodes in front of an honest
 upstream, and what that upstream billed per key and per sliding window, against the limits.
 
-``python -m bench load --proxy-audit llama|vllm [--duration 60] [--concurrency 12]
+``python -m bench load --proxy-audit llama|vllm [--duration 60] [--concurrency 16]
 [--seed 0] [--behaviours plain,length_fields,tools,abandon,stall] [--json FILE]`` starts
 
 * an honest fake upstream (``bench/fake_upstream.py``, its own process, the flavour
   named; it generates and bills every token it is asked for, whatever the client does),
   paced at :data:`TTFT` then :data:`TOKENS_PER_SECOND`;
-* ``tokenguard serve --nodes 3`` (an embedded Redis) in front of it, with three keys
+* ``tokenguard serve --nodes 3 --reuse-port`` (an embedded Redis; the nodes share one
+  port, and the kernel spreads the client's connections over them) in front of it, with
+  three keys
   whose limits (:data:`LIMITS`, per :data:`WINDOW`-second window in
   :data:`BUCKET`-second buckets) the load hits over and over, a route whose
   ``client_idle_timeout`` is :data:`CLIENT_IDLE_TIMEOUT` and the other defaults;
 
 then sends ``--concurrency`` requests at a time for ``--duration`` seconds, each from a
-key, to a node and of a behaviour drawn from one ``random.Random(--seed)``:
+key and of a behaviour drawn from one ``random.Random(--seed)``:
 
 ``plain``          a chat, ``max_tokens`` 16-256, streamed one time in three, read whole;
 ``length_fields``  ``max_tokens`` 4 and a length field the upstream may read instead:
@@ -64,8 +66,8 @@ import trio
 
 from bench.audit import DIMENSION_LABELS, Billing, OverAdmission, audit_billing
 from bench.fake_upstream import FLAVOURS
+from bench.feed import _free_port
 from bench.stalled_client import read_to_end, stalled_request
-from bench.suite import free_ports
 from tokenguard.redis_server import stop_process
 from tokenguard.settings import Limits
 
@@ -78,6 +80,8 @@ CLIENT_IDLE_TIMEOUT = 2.0
 STALL_HOLD = CLIENT_IDLE_TIMEOUT + 8.0
 TTFT, TOKENS_PER_SECOND = 0.05, 5000.0
 START_TIMEOUT = 60.0
+NODES = 3
+CHAT_LINE = "POST /v1/chat/completions "  # a node's request log line for a chat
 # A schema that costs ~3,000 tokens of text, all of it in $defs.
 BIG_DEFS = {"Note": {"type": "string", "description": " ".join(["schema"] * 3000)}}
 
@@ -307,7 +311,7 @@ def billings(ledger: Sequence[dict[str, Any]], sent: Sequence[Sent]) -> tuple[li
 class ProxyAuditOptions:
     flavour: str
     duration: float = 60.0
-    concurrency: int = 12
+    concurrency: int = 16
     seed: int = 0
     behaviours: tuple[str, ...] = BEHAVIOURS
 
@@ -319,6 +323,7 @@ class ProxyAuditResult:
     over: tuple[OverAdmission, ...]
     billed_requests: int
     unmatched: int
+    per_node: tuple[int, ...] = ()  # chat requests each node logged
 
     @property
     def definite_overspend(self) -> int:
@@ -333,12 +338,16 @@ async def run_proxy_audit(options: ProxyAuditOptions, directory: Path) -> ProxyA
         upstream_url = found.group(1)
         config = directory / "proxy-audit.toml"
         config.write_text(audit_config(upstream_url))
-        port = free_ports(3)
-        serve = [sys.executable, "-m", "tokenguard", "serve", "--nodes", "3", "--port", str(port)]
-        serve += ["--state-dir", str(directory / "state"), "--config", str(config)]
+        # The three nodes share one port, as behind a load balancer: the kernel spreads
+        # the connections over them.
+        port = _free_port()
+        serve = [sys.executable, "-m", "tokenguard", "serve", "--nodes", str(NODES)]
+        serve += ["--reuse-port"]
+        serve += ["--port", str(port), "--state-dir", str(directory / "state")]
+        serve += ["--config", str(config)]
         healthy = re.compile(r"nodes healthy after")
         async with running_command(serve, directory / "nodes.log", healthy):
-            urls = [f"http://127.0.0.1:{port + i}" for i in range(3)]
+            urls = [f"http://127.0.0.1:{port}"]
             sent = await run_hostile_load(
                 urls,
                 behaviours=options.behaviours,
@@ -350,7 +359,11 @@ async def run_proxy_audit(options: ProxyAuditOptions, directory: Path) -> ProxyA
             ledger = await ledger_when_done(upstream_url)
     bills, unmatched = billings(ledger, sent)
     over = audit_billing(bills, {k: LIMITS for k in KEYS}, WINDOW)
-    return ProxyAuditResult(options, tuple(sent), over, len(bills), unmatched)
+    per_node = tuple(
+        _text_of(directory / "state" / "logs" / f"node-{i}.log").count(CHAT_LINE)
+        for i in range(NODES)
+    )
+    return ProxyAuditResult(options, tuple(sent), over, len(bills), unmatched, per_node)
 
 
 def format_report(result: ProxyAuditResult) -> str:
@@ -368,6 +381,7 @@ def format_report(result: ProxyAuditResult) -> str:
         + ", ".join(f"{b} {s}: {n}" for (b, s), n in sorted(statuses.items())),
         f"  stalled streams the node cut (no [DONE]): {sum(1 for s in stalls if s.cut)} of "
         f"{len(stalls)} admitted",
+        "  chat requests each node served: " + ", ".join(map(str, result.per_node)),
         f"  the upstream billed {result.billed_requests} requests"
         + (f" ({result.unmatched} not matched to a request sent)" if result.unmatched else ""),
         "  billed within one window, definite / possible:",

@@ -89,6 +89,8 @@ async def test_a_short_run_of_stalls_and_abandoned_streams_spends_nothing_past_t
         result = await run_proxy_audit(options, workdir)
     stalls = [s for s in result.sent if s.behaviour == "stall" and s.status == 200]
     assert result.billed_requests > 0 and result.unmatched == 0
+    # Every billed request went through one of the three nodes (their request logs).
+    assert len(result.per_node) == 3 and sum(result.per_node) >= result.billed_requests
     assert stalls and all(s.cut for s in stalls)  # the nodes cut every stalled reader
     assert result.definite_overspend == 0, format_report(result)
     assert "definite over-spend: none (ok)" in format_report(result)
