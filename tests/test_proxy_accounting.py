@@ -8,7 +8,9 @@ tokenguard charged (``/v1/usage``). Issue #15's holes:
 
 * 3: a stream the client abandons, or stops reading, is paid in full;
 * 4: one key's stalled streams cannot take the upstream pool from the other keys, and
-  a full pool is said to be full.
+  a full pool is said to be full;
+* 1 and 2 (fixed elsewhere): a length field the upstream reads instead of
+  ``max_tokens``, and a tool schema's ``$defs``, never spend past the limits.
 """
 
 from __future__ import annotations
@@ -37,18 +39,26 @@ from tests.test_proxy import node
 
 FLAVOURS = ("llama", "vllm")
 MODEL = "gpt-4o"
-SECRETS = {"alice": "sk-accounting-alice", "bob": "sk-accounting-bob"}
+SECRETS = {
+    "alice": "sk-accounting-alice",
+    "bob": "sk-accounting-bob",
+    "carol": "sk-accounting-carol",
+}
+# carol's limits are small enough to hit; alice's and bob's far above any scenario.
+TIGHT = {"input_tpm": 2_000, "output_tpm": 10_000}
 LONG = 30_000  # tokens: a stream far larger than any socket buffer
 QUESTION = {"role": "user", "content": "Tell me everything about rate limits."}
 
 
 def accounting_config(base_url: str, *, route: str = "", pool: str = "") -> str:
-    """A proxy node in front of ``base_url`` with two keys, alice and bob, whose limits
-    are far above the scenario (so only the accounting shows); ``route``: more fields of
-    the route, ``pool``: ``max_connections`` and ``key_share``."""
+    """A proxy node in front of ``base_url`` with three keys: alice and bob, whose limits
+    are far above the scenario (so only the accounting shows), and carol, whose are
+    :data:`TIGHT`; ``route``: more fields of the route, ``pool``: ``max_connections`` and
+    ``key_share``."""
     keys = "".join(
         f'[[keys]]\nkey = "{secret}"\nname = "{name}"\nrpm = 1000\n'
-        "input_tpm = 1000000\noutput_tpm = 1000000\n\n"
+        f"input_tpm = {TIGHT['input_tpm'] if name == 'carol' else 1_000_000}\n"
+        f"output_tpm = {TIGHT['output_tpm'] if name == 'carol' else 1_000_000}\n\n"
         for name, secret in SECRETS.items()
     )
     return f"""
@@ -252,3 +262,69 @@ async def test_a_full_pool_is_said_to_be_full_not_a_read_timeout(
             assert await upstream.billed("bob") == Billed()
             bob = await charged(url, "bob")
             assert (bob.requests, bob.output_tokens) == (1, 0)
+
+
+# --- holes 1 and 2: what the upstream reads beyond max_tokens and the messages -----------
+
+# A field each upstream reads for its output length that tokenguard did not: llama.cpp
+# reads n_predict before max_tokens; vLLM generates best_of sequences (neither server
+# reads max_new_tokens, which is Hugging Face TGI's).
+BYPASSES = {
+    "llama": {"max_tokens": 1, "n_predict": 5_000},
+    "vllm": {"max_tokens": 100, "best_of": 50},
+}
+
+
+async def send_at_once(url: str, bodies: list[dict[str, Any]]) -> list[int]:
+    """POST every body for carol at the same time; their statuses."""
+    statuses: list[int] = []
+    async with httpx.AsyncClient(timeout=60) as client:
+
+        async def one(body: dict[str, Any]) -> None:
+            answer = await client.post(
+                f"{url}/v1/chat/completions", json=body, headers=auth("carol")
+            )
+            statuses.append(answer.status_code)
+
+        async with trio.open_nursery() as nursery:
+            for body in bodies:
+                nursery.start_soon(one, body)
+    return statuses
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_a_length_field_the_upstream_reads_never_spends_past_the_output_limit(
+    workdir: Path, flavour: str
+) -> None:
+    """Ten requests at once, each naming a tiny max_tokens and a length field the
+    upstream reads instead: whatever is admitted, the upstream must not generate past
+    carol's output limit, and she pays what it billed."""
+    body = {**chat("carol", 1, stream=False), **BYPASSES[flavour]}
+    with trio.fail_after(120):
+        # Slow enough that all ten are admitted before any is settled.
+        async with proxied(workdir, flavour, tokens_per_second=1_000) as (url, upstream):
+            await send_at_once(url, [body] * 10)
+            billed = await upstream.billed("carol")
+            assert billed.output_tokens <= TIGHT["output_tpm"], billed
+            assert await charged_once_settled(url, "carol", billed) == billed
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_a_tool_schemas_defs_are_paid_for_and_never_spend_past_the_input_limit(
+    workdir: Path, flavour: str
+) -> None:
+    """Five requests whose tool schema holds ~20,000 tokens of text in ``$defs``: the
+    upstream reads all of it, so it must not read more than carol's input limit in a
+    window, and she pays at least what it billed."""
+    defs = {"Note": {"type": "string", "description": " ".join(["schema"] * 20_000)}}
+    tool = {
+        "type": "function",
+        "function": {"name": "f", "parameters": {"type": "object", "$defs": defs}},
+    }
+    body = {**chat("carol", 10, stream=False), "tools": [tool]}
+    with trio.fail_after(120):
+        async with proxied(workdir, flavour) as (url, upstream):
+            await send_at_once(url, [body] * 5)
+            billed = await upstream.billed("carol")
+            assert billed.input_tokens <= TIGHT["input_tpm"], billed
+            assert (await charged(url, "carol")).input_tokens >= billed.input_tokens
