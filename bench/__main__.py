@@ -1,6 +1,7 @@
 """``python -m bench``: the benchmark commands, one argparse subcommand each.
 
-``load`` (see :mod:`bench.load`) drives chat traffic at nodes and audits the result.
+``load`` (see :mod:`bench.load`) drives chat traffic at nodes and audits the result;
+``load --proxy-audit FLAVOUR`` (:mod:`bench.proxy_audit`) audits proxy mode instead.
 A subcommand registers its arguments on its own subparser and sets ``run`` to a
 function taking the parsed namespace and returning the exit code, so adding one
 (``suite``, say) is one more ``add_parser`` block here.
@@ -12,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import decisions, feed, load, proxy, suite, tokens
+from bench import decisions, fake_upstream, feed, load, proxy, proxy_audit, suite, tokens
 from bench.simulate import cli as simulate
 
 
@@ -28,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
         "throughput, latency, statuses and an accuracy audit of the rate limits.",
     )
     load.add_arguments(load_parser)
-    load_parser.set_defaults(run=load.main)
+    proxy_audit.add_arguments(load_parser)  # --proxy-audit FLAVOUR: the audit's proxy mode
+    load_parser.set_defaults(
+        run=lambda args: (proxy_audit.main if args.proxy_audit else load.main)(args)
+    )
     decisions_parser = commands.add_parser(
         "decisions",
         help="store-only decisions per second, no HTTP",
@@ -71,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_arguments(simulate_parser)
     simulate_parser.set_defaults(run=simulate.main)
+    fake_parser = commands.add_parser(
+        "fake-upstream",
+        help="an honest fake llama.cpp- or vLLM-like upstream with a ledger of what it billed",
+        description="Serve an OpenAI-compatible fake upstream that generates and bills every "
+        "token it is asked for, whatever the client does; GET /ledger lists what it billed.",
+    )
+    fake_upstream.add_arguments(fake_parser)
+    fake_parser.set_defaults(run=fake_upstream.main)
     return parser
 
 

@@ -85,6 +85,13 @@ note, since it inflates "unused" and "unexplained".
 
 **Verdict.** :attr:`AuditReport.ok` is false on any definite over-admission or header
 inconsistency; possible over-admission, under-admission and foreign usage are figures.
+
+**Upstream billing (proxy mode).** :func:`audit_billing` checks the same guarantee
+against what an upstream really billed (``bench/proxy_audit.py``): each billed request is
+a :class:`Billing` whose amounts are the upstream's, and whose admission lies between
+its client's send (``start``) and the upstream's receipt of it (``end``): tokenguard
+forwards a request only once admitted. Definite and possible sets are as above; a
+definite set billed more than a limit is spending the limiter let through.
 """
 
 from __future__ import annotations
@@ -660,6 +667,25 @@ def _foreign_usage(
     return found
 
 
+def _over_admission(
+    key: str,
+    dimension: str,
+    limit: int,
+    spans: Sequence[Span],
+    maybe: Sequence[Span],
+    window: float,
+) -> OverAdmission:
+    """The peaks of ``spans`` (certainly admitted) and ``maybe`` (possibly admitted)."""
+    return OverAdmission(
+        key=key,
+        dimension=dimension,
+        limit=limit,
+        admitted_total=sum(s.amount for s in spans),
+        definite=definite_peak(spans, window, limit),
+        possible=possible_peak(maybe, window, limit),
+    )
+
+
 def _audit_key(
     key: str, key_obs: Sequence[Observation], limits: Limits, window: float, bucket: float
 ) -> tuple[list[OverAdmission], list[UnderAdmission]]:
@@ -678,16 +704,7 @@ def _audit_key(
             for o in unknown
         ]
         maybe = [s for s in maybe if s.amount > 0]
-        over.append(
-            OverAdmission(
-                key=key,
-                dimension=dimension,
-                limit=limit,
-                admitted_total=sum(s.amount for s in spans),
-                definite=definite_peak(spans, window, limit),
-                possible=possible_peak(maybe, window, limit),
-            )
-        )
+        over.append(_over_admission(key, dimension, limit, spans, maybe, window))
 
         refusals = [
             o
@@ -798,6 +815,48 @@ def audit_dict(report: AuditReport) -> dict[str, Any]:
         )
     data["headers"]["counts"] = report.headers.counts()
     return data
+
+
+# --- upstream billing (the proxy audit) -----------------------------------------------
+
+
+@attrs.frozen
+class Billing:
+    """One request an upstream billed: for key ``key``, admitted at some moment within
+    ``[start, end]`` (its client sent it; the upstream received it), billed
+    ``input_tokens`` and ``output_tokens``."""
+
+    id: int
+    key: str
+    start: float
+    end: float = attrs.field(validator=_not_before_start)
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def amount(self, dimension: str) -> int:
+        if dimension == "requests":
+            return 1
+        return self.input_tokens if dimension == "input_tokens" else self.output_tokens
+
+
+def audit_billing(
+    bills: Iterable[Billing], limits: Mapping[str, Limits], window: float
+) -> tuple[OverAdmission, ...]:
+    """Per key in ``limits`` and limited dimension: the most the upstream billed within
+    one window, definitely and possibly (``admitted_total`` is all it billed)."""
+    by_key: dict[str, list[Billing]] = {key: [] for key in limits}
+    for bill in bills:
+        if bill.key in by_key:
+            by_key[bill.key].append(bill)
+    found = []
+    for key, key_bills in by_key.items():
+        for dimension in DIMENSIONS:
+            limit = limits[key].limit(dimension)
+            if limit is None:
+                continue
+            spans = [Span(b.start, b.end, b.amount(dimension), b.id) for b in key_bills]
+            found.append(_over_admission(key, dimension, limit, spans, spans, window))
+    return tuple(found)
 
 
 # --- the report -------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Guarantees:
   ``async with``, however it is left: SIGTERM, SIGKILL after ``stop_grace`` seconds,
   reaped; then every descendant it ever had (as far as the snapshots taken by
   :meth:`TokenguardProcess.descendants` saw) is SIGKILLed if still alive. A test that
-  fails never leaves a node or a redis-server behind.
+  fails never leaves a node or a redis-server behind. :func:`running_process` does the
+  same for any command (the fake upstreams of ``bench/fake_upstream.py``).
 * :func:`running_cluster` is ``tokenguard serve --nodes N`` that returns only once the
   startup table is printed and every node answers ``/healthz``; it retries on fresh
   ports if one was taken in between.
@@ -201,13 +202,36 @@ async def running_tokenguard(
     ``env`` entries are added to this process's environment.
     """
     argv = [*tokenguard_command(), *args]
+    async with running_process(
+        argv, output_path=output_path, env=env, stop_grace=stop_grace
+    ) as proc:
+        yield proc
+
+
+@contextlib.asynccontextmanager
+async def running_process(
+    argv: Sequence[str],
+    *,
+    output_path: Path,
+    env: Mapping[str, str] | None = None,
+    stop_grace: float = STOP_GRACE,
+    cwd: Path | None = None,
+) -> AsyncIterator[TokenguardProcess]:
+    """``argv`` for the duration of the ``async with``, stopped as the module docstring
+    says; its output is printed if the body raises. ``env`` entries are added to this
+    process's environment."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     # A local file for the child's output: opened and closed without awaiting anything.
     with open(output_path, "ab") as output:  # noqa: ASYNC230
         process = await trio.lowlevel.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=full_env
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=cwd,
         )
-    proc = TokenguardProcess(process=process, argv=argv, output_path=output_path)
+    proc = TokenguardProcess(process=process, argv=list(argv), output_path=output_path)
     try:
         yield proc
     except BaseException:

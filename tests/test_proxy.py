@@ -33,7 +33,7 @@ from tests.proxy_upstreams import (
     sse_event,
 )
 from tests.test_metrics import node_metric
-from tokenguard.app import create_app
+from tokenguard.app import RELAYED_STREAM, close_relayed_stream, create_app
 from tokenguard.settings import ConfigError, parse_settings
 from tokenguard.tokens import count_chat_prompt, count_text
 
@@ -57,14 +57,21 @@ rpm = 100000
 
 
 def proxy_config(
-    base_url: str, *, read_timeout: float = 10, extra: str = "", default: bool = True
+    base_url: str,
+    *,
+    read_timeout: float = 10,
+    extra: str = "",
+    default: bool = True,
+    route_extra: str = "",
 ) -> str:
     """A proxy node's config: three exact models routed to ``base_url`` (through the
-    default route, or each on its own with ``default=False``: other models get 404)."""
+    default route, or each on its own with ``default=False``: other models get 404);
+    ``route_extra``: more fields of that route."""
     route = f"""base_url = "{base_url}"
 api_key_env = "{SECRET_ENV}"
 connect_timeout = 2
 read_timeout = {read_timeout}
+{route_extra}
 """
     models = ("gpt-4o", "gpt-3.5-turbo-instruct", "text-embedding-3-small")
     tables = "".join(f'[upstream.models."{m}"]\n' + ("" if default else route) for m in models)
@@ -216,10 +223,8 @@ async def test_sdk_through_proxy_gets_the_upstreams_answers(workdir: Path) -> No
             assert UPSTREAM_SECRET not in proxy.output() and PROXY_KEY not in proxy.output()
 
 
-async def test_slow_upstream_streams_as_it_goes_and_times_out_with_a_refund(
-    workdir: Path,
-) -> None:
-    # 150 ms per token: a stream's events are never 1 s apart, a whole 20-token reply is.
+async def test_a_slow_upstreams_stream_is_relayed_as_it_arrives(workdir: Path) -> None:
+    # 150 ms per token: a stream's events are never 1 s apart.
     async with (
         node(workdir, "upstream", upstream_config(token_delay_ms=150)) as (upstream_url, _),
         proxy_node(workdir, f"{upstream_url}/v1", read_timeout=1.0) as (proxy_url, _),
@@ -245,51 +250,87 @@ async def test_slow_upstream_streams_as_it_goes_and_times_out_with_a_refund(
         assert len(arrivals) == 10
         assert arrivals[-1] - arrivals[0] > 1.0
         assert min(b - a for a, b in zip(arrivals, arrivals[1:], strict=False)) > 0.05
+        assert (await used(proxy_url))["output_tokens"] == 10
 
+
+@pytest.mark.parametrize(("policy", "kept"), [(None, 20), ("keep", 20), ("refund", 0)])
+async def test_a_read_timeout_after_the_request_went_out_keeps_the_reservation_unless_refunded(
+    workdir: Path, policy: str | None, kept: int
+) -> None:
+    """The upstream got the request and may bill it: a 504 keeps the output reservation
+    (by default), or refunds it on a route whose ``on_upstream_error`` says so."""
+    route_extra = f'on_upstream_error = "{policy}"' if policy else ""
+    # 150 ms per token: a whole 20-token reply takes 3 s, past the 1 s read timeout.
+    async with (
+        node(workdir, "upstream", upstream_config(token_delay_ms=150)) as (upstream_url, _),
+        proxy_node(workdir, f"{upstream_url}/v1", read_timeout=1.0, route_extra=route_extra) as (
+            proxy_url,
+            _,
+        ),
+        httpx.AsyncClient(timeout=10) as client,
+    ):
         with trio.fail_after(20):
-            async with httpx.AsyncClient(timeout=10) as client:
-                started = time.monotonic()
-                response = await client.post(
-                    f"{proxy_url}/v1/chat/completions",
-                    json={"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20},
-                    headers=headers,
-                )
-                elapsed = time.monotonic() - started
-            assert response.status_code == 504
-            assert 0.9 < elapsed < 2.5
-            error = response.json()["error"]
-            assert error["code"] == "upstream_timeout" and error["type"] == "server_error"
-            assert "1 s" in error["message"]
-            assert response.headers["x-ratelimit-limit-requests"] == "50"
-            # The 20 reserved output tokens were refunded; the request counts.
-            assert await used(proxy_url) == {
-                "requests": 2,
-                "input_tokens": 2 * count_chat_prompt("gpt-4o", MESSAGES),
-                "output_tokens": 10,
-            }
+            response = await client.post(
+                f"{proxy_url}/v1/chat/completions",
+                json={"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20},
+                headers={"Authorization": f"Bearer {PROXY_KEY}"},
+            )
+        assert response.status_code == 504
+        error = response.json()["error"]
+        assert error["code"] == "upstream_timeout" and error["type"] == "server_error"
+        assert "did not answer within 1 s" in error["message"]
+        assert response.headers["x-ratelimit-limit-requests"] == "50"
+        assert await used(proxy_url) == {
+            "requests": 1,
+            "input_tokens": count_chat_prompt("gpt-4o", MESSAGES),
+            "output_tokens": kept,
+        }
 
 
 # --- a scripted upstream --------------------------------------------------------------------
 
 
-async def test_stream_dropped_mid_way_settles_the_relayed_tokens(workdir: Path) -> None:
-    role = {
-        **content_chunk(""),
-        "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}],
-    }
-    events = [sse_event(role)] + [sse_event(content_chunk(w)) for w in ("OK", " the", " rate")]
+async def test_a_model_no_route_serves_is_a_404_that_costs_nothing(workdir: Path) -> None:
     with trio.fail_after(40):
         async with (
-            scripted_upstream(dropping(events)) as upstream,
+            scripted_upstream(fixed(200, {})) as upstream,
             proxy_node(workdir, upstream.base_url, default=False) as (proxy_url, _),
         ):
             via = sdk(proxy_url, PROXY_KEY)
-            # No default route: a model no route serves is a 404 that costs nothing.
             with pytest.raises(openai.NotFoundError) as caught:
                 await in_thread(
                     lambda: via.chat.completions.create(model="gpt-9", messages=MESSAGES)
                 )
             assert caught.value.code == "model_not_found"
+            assert upstream.received == []
+            assert await used(proxy_url) == {"requests": 0, "input_tokens": 0, "output_tokens": 0}
+
+
+DROPPED_TEXT = ("OK", " the", " rate")
+
+
+@pytest.mark.parametrize(
+    ("policy", "output"),
+    [(None, DEFAULT_MAX_TOKENS), ("refund", count_text("gpt-4o", "".join(DROPPED_TEXT)))],
+)
+async def test_a_stream_dropped_mid_way_keeps_the_reservation_unless_refunded(
+    workdir: Path, policy: str | None, output: int
+) -> None:
+    """The upstream broke its stream after the request went out: it may bill the whole
+    reply, so the reservation is kept, unless the route refunds upstream failures (then
+    the key pays the tokens the upstream sent)."""
+    role = {
+        **content_chunk(""),
+        "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}],
+    }
+    events = [sse_event(role)] + [sse_event(content_chunk(w)) for w in DROPPED_TEXT]
+    route_extra = f'on_upstream_error = "{policy}"' if policy else ""
+    with trio.fail_after(40):
+        async with (
+            scripted_upstream(dropping(events)) as upstream,
+            proxy_node(workdir, upstream.base_url, route_extra=route_extra) as (proxy_url, _),
+        ):
+            via = sdk(proxy_url, PROXY_KEY)
             received: list[str] = []
 
             def stream() -> None:
@@ -301,7 +342,7 @@ async def test_stream_dropped_mid_way_settles_the_relayed_tokens(workdir: Path) 
             with pytest.raises(openai.APIError) as caught:
                 await in_thread(stream)
             assert "closed the connection in the middle of the stream" in caught.value.message
-            assert "".join(received) == "OK the rate"
+            assert "".join(received) == "".join(DROPPED_TEXT)
 
             # What the upstream was sent: the validated body, tokenguard's credential, the
             # reservation as max_tokens, and a request for the usage chunk.
@@ -315,15 +356,15 @@ async def test_stream_dropped_mid_way_settles_the_relayed_tokens(workdir: Path) 
                 "max_tokens": DEFAULT_MAX_TOKENS,
                 "stream_options": {"include_usage": True},
             }
-            # No usage came: settled to the relayed text's tokens, once the proxy has
-            # seen the drop (another process: poll).
+            # No usage came: settled once the proxy has seen the drop (another process:
+            # poll).
             with trio.fail_after(5):
-                while (await used(proxy_url))["output_tokens"] != 3:  # noqa: ASYNC110
+                while (await used(proxy_url))["output_tokens"] != output:  # noqa: ASYNC110
                     await trio.sleep(0.05)
             assert await used(proxy_url) == {
                 "requests": 1,
                 "input_tokens": count_chat_prompt("gpt-4o", MESSAGES),
-                "output_tokens": count_text("gpt-4o", "OK the rate"),
+                "output_tokens": output,
             }
 
 
@@ -479,6 +520,40 @@ output_limit_field = "max_completion_tokens"
     assert "max_tokens" not in reasoning_body
 
 
+class ClosingRecorder:
+    """Stands for a relayed stream: counts its closes."""
+
+    def __init__(self) -> None:
+        self.closes = 0
+
+    async def aclose(self) -> None:
+        self.closes += 1
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_a_relayed_stream_the_response_never_iterated_is_closed_when_the_request_ends(
+    fails: bool,
+) -> None:
+    """A client that leaves while the answer's headers go out: quart never iterates (so
+    never closes) the body; the stream is closed all the same (its upstream response,
+    its key's slot, its settlement)."""
+    stream = ClosingRecorder()
+    scope: dict[str, Any] = {"type": "http"}
+
+    async def handler(scope: Any, receive: Any, send: Any) -> None:
+        scope[RELAYED_STREAM] = stream
+        if fails:
+            raise trio.BrokenResourceError("the client left")
+
+    app = close_relayed_stream(handler)
+    if fails:
+        with pytest.raises(trio.BrokenResourceError):
+            await app(scope, None, None)  # type: ignore[arg-type]
+    else:
+        await app(scope, None, None)  # type: ignore[arg-type]
+    assert stream.closes == 1 and RELAYED_STREAM not in scope
+
+
 # --- configuration ----------------------------------------------------------------------
 
 
@@ -519,6 +594,44 @@ base_url = "http://127.0.0.1:8080/v1"
     assert upstream.model_ids() == ("llama-3",)
     assert "sk-main-secret" not in repr(settings)
     assert not settings_of("").upstream.enabled
+
+
+def test_a_routes_stream_and_failure_policies_default_and_are_inherited() -> None:
+    settings = settings_of(
+        """
+[upstream]
+base_url = "https://api.example.com/v1"
+client_idle_timeout = 5
+on_client_gone = "drain"
+key_share = 0.5
+
+[upstream.models."llama-*"]
+base_url = "http://127.0.0.1:8080/v1"
+on_upstream_error = "refund"
+"""
+    )
+    upstream = settings.upstream
+    default, llama = upstream.route("gpt-4o"), upstream.route("llama-3")
+    assert (default.client_idle_timeout, default.on_client_gone, default.on_upstream_error) == (
+        5.0,
+        "drain",
+        "keep",
+    )
+    # Another server, yet the same policies unless it sets its own.
+    assert (llama.client_idle_timeout, llama.on_client_gone, llama.on_upstream_error) == (
+        5.0,
+        "drain",
+        "refund",
+    )
+    assert (upstream.max_connections, upstream.key_share) == (100, 0.5)
+    bare = settings_of('[upstream]\nbase_url = "https://x/v1"').upstream
+    route = bare.route("m")
+    assert (route.client_idle_timeout, route.on_client_gone, route.on_upstream_error) == (
+        30.0,
+        "cancel",
+        "keep",
+    )
+    assert (bare.key_share, bare.connections_per_key) == (0.25, 25)
 
 
 @pytest.mark.parametrize(
@@ -565,6 +678,38 @@ base_url = "http://127.0.0.1:8080/v1"
             '[upstream]\nbase_url = "https://x/v1"\napi_key_env = "not a name"',
             {},
             "proxy.toml: upstream.api_key_env: must be an environment variable name",
+        ),
+        (
+            '[upstream]\nbase_url = "https://x/v1"\non_client_gone = "ignore"',
+            {},
+            "proxy.toml: upstream.on_client_gone: must be one of cancel, drain, got 'ignore'",
+        ),
+        (
+            '[upstream]\nbase_url = "https://x/v1"\n[upstream.models."m"]\n'
+            'on_upstream_error = "free"',
+            {},
+            "proxy.toml: upstream.models.m.on_upstream_error: must be one of keep, refund, "
+            "got 'free'",
+        ),
+        (
+            '[upstream]\nbase_url = "https://x/v1"\nclient_idle_timeout = 0',
+            {},
+            "proxy.toml: upstream.client_idle_timeout: must be more than 0 seconds",
+        ),
+        (
+            '[upstream]\nbase_url = "https://x/v1"\nkey_share = 0',
+            {},
+            "proxy.toml: upstream.key_share: must be more than 0 and at most 1, got 0",
+        ),
+        (
+            '[upstream]\nbase_url = "https://x/v1"\nkey_share = 1.5',
+            {},
+            "proxy.toml: upstream.key_share: must be more than 0 and at most 1, got 1.5",
+        ),
+        (
+            '[upstream]\nbase_url = "https://x/v1"\n[upstream.models."m"]\nkey_share = 0.5',
+            {},
+            "proxy.toml: upstream.models.m.key_share: unknown key",
         ),
         (
             '[upstream]\nbase_url = "https://x/v1"\n[upstream.models."m"]\nkey = "sk-inline"',

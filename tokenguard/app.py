@@ -42,6 +42,7 @@ from tokenguard.metrics import CONTENT_TYPE, Metrics, bearer_matches
 from tokenguard.prompts import prompt_tokens, validate_completion, validate_embedding
 from tokenguard.resilience import GuardedStore, LogThrottle
 from tokenguard.rules import describe_limit, describe_scope
+from tokenguard.send_deadline import SEND_DEADLINE, SendDeadlines
 from tokenguard.settings import ApiKey, Settings, UpstreamRoute, digest_of
 from tokenguard.settler import Settler
 from tokenguard.tokens import count_chat_prompt
@@ -50,8 +51,10 @@ from tokenguard.upstream import (
     ReportedUsage,
     StreamTally,
     Upstream,
+    UpstreamFailure,
     UpstreamReply,
     reply_tokens,
+    stream_output,
 )
 from tokenguard.windows import LEASE_RETRY_SECONDS, RowState, StoreError, WindowStore
 
@@ -125,6 +128,29 @@ def send_stashed_headers(app: ASGIApp) -> ASGIApp:
         await app(scope, receive, send_with_stashed)
 
     return sending
+
+
+# A relayed upstream stream waits in the ASGI scope until its response is over, and
+# :func:`close_relayed_stream` closes it then: quart closes a response body it iterated,
+# but not one it never reached (a client that left while the headers were going out).
+RELAYED_STREAM = "tokenguard.relayed_stream"
+
+
+def close_relayed_stream(app: ASGIApp) -> ASGIApp:
+    """``app`` whose relayed stream (if a handler left one in the scope) is closed once
+    the app is done with the request, however it ended: the upstream response closed,
+    the key's slot of the pool released, the stream settled (idempotent: a stream quart
+    closed already is left as it is)."""
+
+    async def closing(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await app(scope, receive, send)
+        finally:
+            stream = scope.pop(RELAYED_STREAM, None)
+            if stream is not None:
+                await stream.aclose()  # shielded inside
+
+    return closing
 
 
 def _seconds_text(seconds: float) -> str:
@@ -213,6 +239,8 @@ class Gateway:
             node_id=settings.node_id, store=store, feed=self.feed, limiter=self.limiter
         )
         self.request_log = RequestLog(on_finish=self.metrics.request_finished)
+        # A streamed answer whose client takes no bytes for its deadline is cut.
+        self.send_deadlines = SendDeadlines(on_stall=self.metrics.client_stalled)
         # Refunds are settled in the background, off the reply's latency (settler.py).
         self.settler = Settler(self._settle_now)
         self._counting = trio.CapacityLimiter(COUNTING_THREADS)  # see COUNT_OFF_LOOP_BYTES
@@ -567,30 +595,40 @@ class Gateway:
     ) -> Response:
         """Forward an admitted request and answer with the upstream's reply (any status,
         with tokenguard's ``x-ratelimit-*`` headers); settle it when it is over. A 502 or
-        504 (unreachable, timed out) refunds the output reservation. A streamed request
-        always asks the upstream for its usage chunk."""
+        504 refunds the output reservation when the request never reached the upstream,
+        else as the route's ``on_upstream_error`` says. A streamed request always asks
+        the upstream for its usage chunk, and is sent under the route's
+        ``client_idle_timeout`` (:mod:`tokenguard.send_deadline`)."""
         assert self.upstream is not None
+        key = g.key.key_id  # whose share of the upstream pool the request takes
 
         async def finish(tally: StreamTally) -> None:
             if decision is None:
                 return
             await self._settle_to_usage(
-                decision, model, lambda: tally.counted_tokens(model), tally.usage, input_tokens
+                decision,
+                model,
+                lambda: stream_output(tally, model, decision.cost.output_tokens, route),
+                tally.usage,
+                input_tokens,
             )
 
         try:
             if stream:
                 asked = _with_usage_asked(body)
                 reply = await self.upstream.stream(
-                    route, path, asked, model, include_usage=include_usage, finish=finish
+                    route, path, asked, model, key=key, include_usage=include_usage, finish=finish
                 )
             else:
-                reply = await self.upstream.post(route, path, body, model)
-        except APIError:
+                reply = await self.upstream.post(route, path, body, model, key=key)
+        except UpstreamFailure as failure:
             if decision is not None:
-                await self.settle(decision, 0)
+                kept = failure.sent and route.on_upstream_error == "keep"
+                await self.settle(decision, decision.cost.output_tokens if kept else 0)
             raise
         if isinstance(reply, RelayedStream):
+            request.scope[RELAYED_STREAM] = reply
+            request.scope[SEND_DEADLINE] = route.client_idle_timeout
             return _event_stream(reply, headers)
         if decision is not None:
             await self._settle_reply(decision, reply, model, input_tokens)
@@ -761,9 +799,10 @@ def create_app(
     app.url_map.merge_slashes = False
     gateway = Gateway(settings, store, closing=shutdown, keyring=keyring)
     app.extensions["tokenguard"] = gateway
-    # Every HTTP request is recorded, logged once its response ended, and counted.
-    app.asgi_app = gateway.request_log.wrap(  # type: ignore[method-assign]
-        send_stashed_headers(app.asgi_app)
+    # Every HTTP request is recorded, logged once its response ended, and counted; the
+    # send deadlines hold the server's own send, so they wrap everything else.
+    app.asgi_app = gateway.send_deadlines.wrap(  # type: ignore[method-assign]
+        gateway.request_log.wrap(close_relayed_stream(send_stashed_headers(app.asgi_app)))
     )
     if isinstance(store, GuardedStore):
         store.observe_call = gateway.metrics.store_call
@@ -789,9 +828,11 @@ def create_app(
         @app.before_serving
         async def open_upstream() -> None:
             await app.nursery.start(upstream.run)
+            await app.nursery.start(gateway.send_deadlines.run)
 
         @app.after_serving
         async def close_upstream() -> None:
+            gateway.send_deadlines.stop()
             upstream.stop()
 
     # The live usage feed: its tasks live as long as the app serves (quart-trio's

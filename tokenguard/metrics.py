@@ -58,8 +58,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 # is 100 ms.
 STORE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 MAX_MODEL_LABELS = 50
-# Upstream outcomes that are not the upstream's failure.
-NOT_ERRORS = frozenset({"ok", "client_closed"})
+# Upstream outcomes that are not the upstream's failure (a key past its share of the
+# pool waited for its own requests).
+NOT_ERRORS = frozenset({"ok", "client_closed", "key_share"})
 OTHER = "other"
 
 
@@ -188,6 +189,12 @@ class Metrics:
             ["model", "outcome"],
             registry=r,
         )
+        self.client_stalls = Counter(
+            "tokenguard_client_stalls",
+            "Streamed answers cut because their client took no bytes for the route's "
+            "client_idle_timeout.",
+            registry=r,
+        )
         self._keys: dict[str, _KeySeries] = {}
         self._models = BoundedLabel()
         self._input_counts: dict[str, _InputCount] = {}
@@ -261,15 +268,19 @@ class Metrics:
         series.counted += counted
         series.reported += reported
 
+    def client_stalled(self, scope: object) -> None:
+        """A stream's client took no bytes for its deadline: the node cut it."""
+        self.client_stalls.inc()
+
     def store_call(self, operation: str, seconds: float) -> None:
         """A store call that was answered (``GuardedStore.observe_call``)."""
         self.store_seconds.labels(operation).observe(seconds)
 
     def upstream_result(self, model: str, seconds: float, outcome: str) -> None:
         """One upstream request ended (``Upstream.on_result``): ``outcome`` is ``ok``,
-        ``client_closed`` (the client left mid-stream) or what went wrong
-        (``http_<status>``, ``timeout``, ``connect_error``, ``dropped``); model names
-        are bounded."""
+        ``client_closed`` (the client left mid-stream, or was cut for stalling) or what
+        went wrong (``http_<status>``, ``timeout``, ``connect_error``, ``pool_timeout``,
+        ``key_share``, ``dropped``); model names are bounded."""
         model = self._models(model)
         self.upstream_seconds.labels(model, outcome).observe(seconds)
         if outcome not in NOT_ERRORS:

@@ -140,8 +140,21 @@ class MockSettings:
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 600.0
+DEFAULT_CLIENT_IDLE_TIMEOUT = 30.0
 DEFAULT_UPSTREAM_CONNECTIONS = 100
+# No key holds more than this share of a node's upstream connections at once.
+DEFAULT_KEY_SHARE = 0.25
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")
+# What a stream whose client left (or stalled past client_idle_timeout) costs its key:
+# "cancel": the upstream request is closed at once and the whole output reservation is
+# kept; "drain": the upstream is read on (nothing relayed) to its usage, at most
+# read_timeout, and the key pays what the upstream reports.
+CLIENT_GONE_POLICIES = ("cancel", "drain")
+# What a 502/504 costs once the request reached the upstream (a timeout or a broken
+# connection after it was sent; the upstream may bill it): "keep" the whole output
+# reservation, or "refund" it (to what was relayed, for a stream).
+UPSTREAM_ERROR_POLICIES = ("keep", "refund")
 
 
 @attrs.frozen
@@ -151,6 +164,10 @@ class UpstreamRoute:
     ``pattern`` is an fnmatch glob on the request's model (``None``: the default route,
     ``[upstream]`` itself). ``api_key`` is read from the environment variable
     ``api_key_env`` when the config is loaded; it is never in a repr, a log or a file.
+    ``client_idle_timeout``: a relayed stream whose client takes no bytes for that long
+    is cut; ``on_client_gone`` and ``on_upstream_error`` (see
+    :data:`CLIENT_GONE_POLICIES`, :data:`UPSTREAM_ERROR_POLICIES`) say what such ends
+    cost the key.
     """
 
     pattern: str | None
@@ -165,9 +182,18 @@ class UpstreamRoute:
     # The only body fields forwarded (besides those tokenguard needs and sets: see
     # tokenguard/forwarding.py); ``None``: every field.
     forward_fields: frozenset[str] | None = None
+    client_idle_timeout: float = DEFAULT_CLIENT_IDLE_TIMEOUT
+    on_client_gone: str = "cancel"
+    on_upstream_error: str = "keep"
 
 
-OUTPUT_LIMIT_FIELDS = ("max_tokens", "max_completion_tokens")
+# A route's fields read the same way, inherited from the default route when left out.
+ROUTE_SECONDS = ("connect_timeout", "read_timeout", "client_idle_timeout")
+ROUTE_CHOICES = {
+    "output_limit_field": OUTPUT_LIMIT_FIELDS,
+    "on_client_gone": CLIENT_GONE_POLICIES,
+    "on_upstream_error": UPSTREAM_ERROR_POLICIES,
+}
 
 
 @attrs.frozen
@@ -175,14 +201,22 @@ class UpstreamSettings:
     """``[upstream]``: proxy mode when any route is set; the built-in mock otherwise.
 
     ``routes``: the per-model routes in file order, then the default (if any).
+    ``key_share``: the share of ``max_connections`` one key may hold at once (at least
+    one connection), so that no key's requests can take the whole pool.
     """
 
     routes: tuple[UpstreamRoute, ...] = ()
     max_connections: int = DEFAULT_UPSTREAM_CONNECTIONS
+    key_share: float = DEFAULT_KEY_SHARE
 
     @property
     def enabled(self) -> bool:
         return bool(self.routes)
+
+    @property
+    def connections_per_key(self) -> int:
+        """The upstream connections one key may hold at once."""
+        return max(1, math.floor(self.max_connections * self.key_share))
 
     def route(self, model: str) -> UpstreamRoute | None:
         """The route for ``model``: an exact name first, then the first matching glob
@@ -463,22 +497,15 @@ def _upstream_route(
     base_url = own_url or (parent.base_url if parent else None)
     inherit_key = parent is not None and own_url is None
     api_key_env = reader.str("api_key_env", parent.api_key_env if inherit_key else None)
-    connect_timeout = reader.number(
-        "connect_timeout", parent.connect_timeout if parent else DEFAULT_CONNECT_TIMEOUT
-    )
-    read_timeout = reader.number(
-        "read_timeout", parent.read_timeout if parent else DEFAULT_READ_TIMEOUT
-    )
-    output_limit_field = reader.str(
-        "output_limit_field", parent.output_limit_field if parent else "max_tokens"
-    )
+    inherited = parent if parent is not None else UpstreamRoute(pattern=None, base_url="")
+    seconds = {key: reader.number(key, getattr(inherited, key)) for key in ROUTE_SECONDS}
+    choices = {}
+    for key, allowed in ROUTE_CHOICES.items():
+        choices[key] = reader.str(key, getattr(inherited, key))
+        if choices[key] not in allowed:
+            reader.fail(f"must be one of {', '.join(allowed)}, got {choices[key]!r}", key)
     forward_fields = _forward_fields(reader, parent.forward_fields if parent else None)
-    if output_limit_field not in OUTPUT_LIMIT_FIELDS:
-        reader.fail(
-            f"must be one of {', '.join(OUTPUT_LIMIT_FIELDS)}, got {output_limit_field!r}",
-            "output_limit_field",
-        )
-    for key, value in (("connect_timeout", connect_timeout), ("read_timeout", read_timeout)):
+    for key, value in seconds.items():
         if value <= 0:
             reader.fail(f"must be more than 0 seconds, got {value:g}", key)
     if base_url is None:
@@ -499,9 +526,8 @@ def _upstream_route(
         base_url=base_url,
         api_key_env=api_key_env,
         api_key=api_key,
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        output_limit_field=output_limit_field,
+        **seconds,
+        **choices,
         forward_fields=forward_fields,
     )
 
@@ -530,6 +556,9 @@ def _forward_fields(reader: _Reader, default: frozenset[str] | None) -> frozense
 def _upstream(reader: _Reader, environ: Mapping[str, str]) -> UpstreamSettings:
     """``[upstream]`` (the default route) and ``[upstream.models."<glob>"]`` routes."""
     max_connections = reader.int("max_connections", DEFAULT_UPSTREAM_CONNECTIONS)
+    key_share = reader.number("key_share", DEFAULT_KEY_SHARE)
+    if not 0 < key_share <= 1:
+        reader.fail(f"must be more than 0 and at most 1, got {key_share:g}", "key_share")
     models = reader.sub("models")
     default = _upstream_route(reader, None, None, environ)
     routes: list[UpstreamRoute] = []
@@ -545,7 +574,9 @@ def _upstream(reader: _Reader, environ: Mapping[str, str]) -> UpstreamSettings:
     reader.done()
     if default is not None:
         routes.append(default)
-    return UpstreamSettings(routes=tuple(routes), max_connections=max_connections)
+    return UpstreamSettings(
+        routes=tuple(routes), max_connections=max_connections, key_share=key_share
+    )
 
 
 def _bearer_token(

@@ -10,19 +10,30 @@ Guarantees:
 
 * What the upstream receives is the JSON tokenguard validated and counted, re-serialised
   (never the client's raw bytes).
+* No key holds more than its share of the pool (:mod:`tokenguard.pool_shares`,
+  ``[upstream] key_share``): a request of a key past its share waits for one of that
+  key's own requests to end, at most ``connect_timeout``, then gets a 429 (type
+  ``concurrency``); a request that waits as long for the pool itself gets a 503
+  ``upstream_busy``, said as such, never as a read timeout.
 * A connection error is a 502, a timeout a 504, both in OpenAI's error shape
-  (:class:`~tokenguard.errors.APIError`), raised before any byte reaches the client.
+  (:class:`UpstreamFailure`, which says whether the request may have reached the
+  upstream), raised before any byte reaches the client.
 * A stream is relayed event by event as it arrives (:class:`RelayedStream`), never
   buffered; the upstream's usage chunk is dropped when the client did not ask for it;
-  what was relayed is tallied (:class:`StreamTally`) so the app can settle to the
-  upstream's usage, or to the tokens of the relayed text when there is none. The
-  upstream response is always closed, however the stream ends (client gone included).
+  everything the upstream sent is tallied (:class:`StreamTally`), taken by the client or
+  not, so the app can settle to the upstream's usage, or to the tokens of the text the
+  upstream generated when there is none. When the client leaves first (or is cut for
+  stalling), the route's ``on_client_gone`` decides: ``cancel`` closes the upstream
+  response at once, ``drain`` reads it on, relaying nothing, to its end (at most
+  ``read_timeout``). The upstream response and the key's slot are always released,
+  however the stream ends.
 * The credential never appears in a repr, a log line or an error message.
 
 Every upstream call ends in one ``on_result(model, seconds, outcome)`` call, if set (for
 metrics): ``outcome`` is ``"ok"``, ``"http_<status>"`` (a non-2xx answer, passed through
-to the client), ``"timeout"``, ``"connect_error"``, ``"dropped"`` (a stream broken
-mid-way) or ``"client_closed"`` (the client left mid-stream).
+to the client), ``"timeout"``, ``"connect_error"``, ``"pool_timeout"`` (no connection of
+the pool freed in time), ``"key_share"`` (the key's share stayed full), ``"dropped"`` (a
+stream broken mid-way) or ``"client_closed"`` (the client left, or was cut, mid-stream).
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ import httpx2
 import trio
 
 from tokenguard.errors import APIError
+from tokenguard.pool_shares import PoolShares, ShareTimeout, Slot
 from tokenguard.resilience import LogThrottle
 from tokenguard.settings import UpstreamRoute, UpstreamSettings
 from tokenguard.tokens import count_text
@@ -60,29 +72,71 @@ CLOSE_SECONDS = 5.0  # closing an upstream response never holds a request longer
 ResultObserver = Callable[[str, float, str], None]
 
 
-def bad_gateway(message: str) -> APIError:
-    return APIError(502, message, "server_error", code="upstream_unavailable")
+@attrs.define(eq=False)
+class UpstreamFailure(APIError):
+    """tokenguard's own answer when the upstream could not answer: a 502, 503 or 504 in
+    OpenAI's shape (or the 429 of a key past its share of the pool). ``outcome`` names it
+    for metrics; ``sent`` says whether the request may have reached the upstream (a
+    timeout or a broken connection after it went out), which may then bill it."""
+
+    outcome: str = "connect_error"
+    sent: bool = False
 
 
-def gateway_timeout(message: str) -> APIError:
-    return APIError(504, message, "server_error", code="upstream_timeout")
+# Never sent: no connection was made, or none was free.
+UNSENT = (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout)
 
 
-def _failure(exc: httpx2.HTTPError, route: UpstreamRoute) -> tuple[str, APIError]:
-    """The outcome and the client's error for a failed upstream call. The message names
-    the route's host, never its credential."""
+def _failure(exc: httpx2.HTTPError, route: UpstreamRoute, pool_size: int) -> UpstreamFailure:
+    """The client's error for a failed upstream call. The message names the route's
+    host, never its credential."""
     where = httpx2.URL(route.base_url).host
+    sent = not isinstance(exc, UNSENT)
+    if isinstance(exc, httpx2.PoolTimeout):
+        return UpstreamFailure(
+            503,
+            f"All {pool_size} connections of this node to the upstream servers are in use; "
+            f"none freed within {route.connect_timeout:g} s. Please retry shortly.",
+            "server_error",
+            code="upstream_busy",
+            headers={"retry-after": "1"},
+            outcome="pool_timeout",
+        )
     if isinstance(exc, httpx2.ConnectTimeout):
-        return "timeout", gateway_timeout(
+        message = (
             f"The upstream server ({where}) did not accept a connection within "
             f"{route.connect_timeout:g} s."
         )
+        return _timeout(message, sent)
     if isinstance(exc, httpx2.TimeoutException):
-        return "timeout", gateway_timeout(
-            f"The upstream server ({where}) did not answer within {route.read_timeout:g} s."
-        )
-    return "connect_error", bad_gateway(
-        f"The upstream server ({where}) could not be reached: {type(exc).__name__}."
+        message = f"The upstream server ({where}) did not answer within {route.read_timeout:g} s."
+        return _timeout(message, sent)
+    return UpstreamFailure(
+        502,
+        f"The upstream server ({where}) could not be reached: {type(exc).__name__}.",
+        "server_error",
+        code="upstream_unavailable",
+        outcome="connect_error",
+        sent=sent,
+    )
+
+
+def _timeout(message: str, sent: bool) -> UpstreamFailure:
+    return UpstreamFailure(
+        504, message, "server_error", code="upstream_timeout", outcome="timeout", sent=sent
+    )
+
+
+def _share_full(slots: int, waited: float) -> UpstreamFailure:
+    return UpstreamFailure(
+        429,
+        f"This key already holds its share of this node's upstream connections ({slots} "
+        f"at once); none of them freed within {waited:g} s. Please try again once one "
+        "of its requests has ended.",
+        "concurrency",
+        code="rate_limit_exceeded",
+        headers={"retry-after": "1"},
+        outcome="key_share",
     )
 
 
@@ -126,6 +180,7 @@ class Upstream:
         self.settings = settings
         self.on_result = on_result
         self.drift = InputDrift()
+        self.shares = PoolShares(settings.connections_per_key)
         self._client: httpx2.AsyncClient | None = None
         self._serving = trio.CancelScope()
 
@@ -159,6 +214,16 @@ class Upstream:
         if self.on_result is not None:
             self.on_result(model, trio.current_time() - started, outcome)
 
+    async def _take_slot(self, route: UpstreamRoute, key: str, model: str, started: float) -> Slot:
+        """A slot of ``key``'s share of the pool, waited for at most ``connect_timeout``
+        (the pool's own wait); the 429 of :func:`_share_full` otherwise."""
+        try:
+            return await self.shares.acquire(key, route.connect_timeout)
+        except ShareTimeout:
+            failure = _share_full(self.shares.slots, route.connect_timeout)
+            self.report(model, started, failure.outcome)
+            raise failure from None
+
     async def _open(
         self, route: UpstreamRoute, path: str, body: dict[str, Any], model: str, started: float
     ) -> httpx2.Response:
@@ -179,30 +244,36 @@ class Upstream:
         try:
             return await client.send(request, stream=True)
         except httpx2.HTTPError as exc:
-            outcome, error = _failure(exc, route)
-            self.report(model, started, outcome)
-            raise error from None
+            failure = _failure(exc, route, self.settings.max_connections)
+            self.report(model, started, failure.outcome)
+            raise failure from None
 
     async def post(
-        self, route: UpstreamRoute, path: str, body: dict[str, Any], model: str
+        self, route: UpstreamRoute, path: str, body: dict[str, Any], model: str, *, key: str
     ) -> UpstreamReply:
-        """Forward a request and read the whole answer (any status); raise a 502/504
-        :class:`APIError` when the upstream cannot be reached or times out."""
+        """Forward a request for ``key`` (a key id: whose share of the pool it takes) and
+        read the whole answer (any status); raise an :class:`UpstreamFailure` when the
+        upstream cannot be reached or times out, or the pool or the key's share stays
+        full."""
         started = trio.current_time()
-        response = await self._open(route, path, body, model, started)
-        return await self._read_whole(route, response, model, started)
+        slot = await self._take_slot(route, key, model, started)
+        try:
+            response = await self._open(route, path, body, model, started)
+            return await self._read_whole(route, response, model, started)
+        finally:
+            slot.release()
 
     async def _read_whole(
         self, route: UpstreamRoute, response: httpx2.Response, model: str, started: float
     ) -> UpstreamReply:
         """Read an opened answer whole and close it; its outcome is reported either way,
-        and a read that fails raises the 502/504 :class:`APIError` of :func:`_failure`."""
+        and a read that fails raises the :class:`UpstreamFailure` of :func:`_failure`."""
         try:
             content = await response.aread()
         except httpx2.HTTPError as exc:
-            outcome, error = _failure(exc, route)
-            self.report(model, started, outcome)
-            raise error from None
+            failure = _failure(exc, route, self.settings.max_connections)
+            self.report(model, started, failure.outcome)
+            raise failure from None
         finally:
             await _close(response)
         self.report(model, started, _outcome(response.status_code))
@@ -215,25 +286,36 @@ class Upstream:
         body: dict[str, Any],
         model: str,
         *,
+        key: str,
         include_usage: bool,
         finish: Callable[[StreamTally], Awaitable[None]],
     ) -> UpstreamReply | RelayedStream:
-        """Forward a streamed request. A 200 event stream is returned as a
+        """Forward a streamed request for ``key``. A 200 event stream is returned as a
         :class:`RelayedStream` (the caller must iterate or ``aclose`` it; ``finish`` is
-        awaited once it ends, with its tally); any other answer is read whole and
-        returned as an :class:`UpstreamReply`. Raises 502/504 as :meth:`post`."""
+        awaited once it ends, with its tally; the key's slot is held until then); any
+        other answer is read whole and returned as an :class:`UpstreamReply`. Raises as
+        :meth:`post`."""
         started = trio.current_time()
-        response = await self._open(route, path, body, model, started)
-        kind = response.headers.get("content-type", "")
-        if response.status_code == 200 and kind.startswith("text/event-stream"):
-            return RelayedStream(
-                response,
-                model=model,
-                include_usage=include_usage,
-                finish=finish,
-                report=lambda outcome: self.report(model, started, outcome),
-            )
-        return await self._read_whole(route, response, model, started)
+        slot = await self._take_slot(route, key, model, started)
+        try:
+            response = await self._open(route, path, body, model, started)
+            kind = response.headers.get("content-type", "")
+            if response.status_code == 200 and kind.startswith("text/event-stream"):
+                relayed = RelayedStream(
+                    response,
+                    model=model,
+                    include_usage=include_usage,
+                    finish=finish,
+                    report=lambda outcome: self.report(model, started, outcome),
+                    release=slot.release,
+                    drain_seconds=route.read_timeout if route.on_client_gone == "drain" else None,
+                )
+                slot = None  # the stream releases it
+                return relayed
+            return await self._read_whole(route, response, model, started)
+        finally:
+            if slot is not None:
+                slot.release()
 
 
 def _outcome(status: int) -> str:
@@ -307,22 +389,46 @@ def reply_tokens(model: str, body: Any) -> int:
 
 @attrs.define
 class StreamTally:
-    """What a relayed stream carried: the text relayed per choice (only events the
-    client took), the upstream's usage if it reported one, whether ``[DONE]`` came,
-    and the failure (``"timeout"``/``"dropped"``) that ended it early, if any."""
+    """What an upstream event stream carried: the text generated per choice (every
+    event the upstream sent, whether the client took it or not), the upstream's usage if
+    it reported one, whether ``[DONE]`` came, whether the upstream's body ended, the
+    failure (``"timeout"``/``"dropped"``) that ended it early, if any, and whether the
+    client left (or was cut) before the end."""
 
     texts: dict[int, list[str]] = attrs.field(factory=dict)
     usage: ReportedUsage | None = None
     done: bool = False
+    ended: bool = False
     failure: str | None = None
+    client_gone: bool = False
+
+    @property
+    def complete(self) -> bool:
+        """The upstream's body ended without a failure: all it generated was seen."""
+        return self.ended and self.failure is None
 
     def add(self, parts: list[tuple[int, str]]) -> None:
         for index, text in parts:
             self.texts.setdefault(index, []).append(text)
 
     def counted_tokens(self, model: str) -> int:
-        """Tokens of the relayed text, counted per choice in the model's encoding."""
+        """Tokens of the generated text, counted per choice in the model's encoding."""
         return sum(count_text(model, "".join(parts)) for parts in self.texts.values())
+
+
+def stream_output(tally: StreamTally, model: str, reserved: int, route: UpstreamRoute) -> int:
+    """The output tokens a stream costs when the upstream reported no usage: the tokens
+    of the text it generated, when its body ended normally; otherwise at least the whole
+    reservation ``reserved`` (the upstream may have generated, and billed, all of it):
+    when the client left or stalled and the stream was cancelled (or its drain did not
+    finish), and when the upstream broke mid-way, unless the route's
+    ``on_upstream_error`` is ``"refund"`` (then the text generated until then)."""
+    counted = tally.counted_tokens(model)
+    if tally.complete:
+        return counted
+    if tally.failure is not None and route.on_upstream_error == "refund":
+        return counted
+    return max(reserved, counted)
 
 
 def _sse_data(event: bytes) -> bytes | None:
@@ -344,12 +450,15 @@ class RelayedStream:
     (bytes, each ending in a blank line), yielded as they arrive.
 
     Events pass unchanged, except the upstream's usage-only chunk when the client did
-    not ask for usage (tokenguard asks the upstream for it, to settle exactly). An event's
-    text counts in :attr:`tally` only once the client takes the next one (or the stream
-    ends): a client that leaves is charged for what it was sent. A timeout or a broken
+    not ask for usage (tokenguard asks the upstream for it, to settle exactly). Every
+    event's text is tallied as it is read from the upstream: what the upstream generated,
+    which the client pays for whether it took it or not. A timeout or a broken
     connection mid-stream ends the stream with an error event in OpenAI's shape.
-    :meth:`aclose` (idempotent; quart calls it however the response ends) closes the
-    upstream response and then awaits ``finish(tally)``, shielded.
+    :meth:`aclose` (idempotent; quart calls it however the response ends) is shielded:
+    if the upstream had not finished (the client left, or was cut for stalling) it
+    drains it first when ``drain_seconds`` is set (reading on, relaying nothing, for at
+    most that long), then closes the upstream response, releases the key's slot
+    (``release``) and awaits ``finish(tally)``.
     """
 
     def __init__(
@@ -360,6 +469,8 @@ class RelayedStream:
         include_usage: bool,
         finish: Callable[[StreamTally], Awaitable[None]],
         report: Callable[[str], None],
+        release: Callable[[], None] = lambda: None,
+        drain_seconds: float | None = None,
     ) -> None:
         self.model = model
         self.include_usage = include_usage
@@ -368,44 +479,40 @@ class RelayedStream:
         self._chunks = response.aiter_bytes()
         self._finish = finish
         self._report = report
+        self._release = release
+        self._drain_seconds = drain_seconds
         self._buffer = b""
-        self._ready: deque[tuple[bytes, list[tuple[int, str]]]] = deque()
-        self._taken: list[tuple[int, str]] = []
-        self._ended = False
+        self._ready: deque[bytes] = deque()
         self._closed = False
 
     def __aiter__(self) -> RelayedStream:
         return self
 
     async def __anext__(self) -> bytes:
-        # The client asked for more: the previous event was taken.
-        self.tally.add(self._taken)
-        self._taken = []
         while not self._ready:
-            if self._ended or self._closed:
+            if self.tally.ended or self._closed:
                 await self.aclose()
                 raise StopAsyncIteration
             await self._read()
-        event, self._taken = self._ready.popleft()
-        return event
+        return self._ready.popleft()
 
     async def _read(self) -> None:
         try:
             chunk = await self._chunks.__anext__()
         except StopAsyncIteration:
-            self._ended = True
+            self.tally.ended = True
             if self._buffer.strip():
                 self._consider(self._buffer.rstrip(b"\n"))
             self._buffer = b""
             return
         except httpx2.HTTPError as exc:
-            self._ended = True
+            self.tally.ended = True
             timed_out = isinstance(exc, httpx2.TimeoutException)
             self.tally.failure = "timeout" if timed_out else "dropped"
             what = "stopped sending (read timeout)" if timed_out else "closed the connection"
             message = f"The upstream server {what} in the middle of the stream."
             code = "upstream_timeout" if timed_out else "upstream_unavailable"
-            self._ready.append((_stream_error_event(message, code), []))
+            self._ready.append(_stream_error_event(message, code))
             return
         self._buffer += chunk
         if b"\r" in self._buffer:
@@ -416,9 +523,8 @@ class RelayedStream:
                 self._consider(event)
 
     def _consider(self, event: bytes) -> None:
-        """Queue one event for the client (or drop it), noting its text and usage."""
+        """Queue one event for the client (or drop it), tallying its text and usage."""
         data = _sse_data(event)
-        parts: list[tuple[int, str]] = []
         if data == b"[DONE]":
             self.tally.done = True
         elif data is not None:
@@ -429,34 +535,43 @@ class RelayedStream:
             if isinstance(chunk, dict):
                 usage = ReportedUsage.of(chunk.get("usage"))
                 choices = chunk.get("choices")
+                for choice in choices if isinstance(choices, list) else []:
+                    index = choice.get("index", 0) if isinstance(choice, dict) else 0
+                    index = index if isinstance(index, int) else 0
+                    self.tally.add([(index, text) for text in _choice_texts(choice, "delta")])
                 if usage is not None:
                     self.tally.usage = usage
                     if not self.include_usage and not choices:
                         return  # the usage chunk tokenguard asked for, not the client
-                for choice in choices if isinstance(choices, list) else []:
-                    index = choice.get("index", 0) if isinstance(choice, dict) else 0
-                    index = index if isinstance(index, int) else 0
-                    parts.extend((index, text) for text in _choice_texts(choice, "delta"))
-        self._ready.append((event + b"\n\n", parts))
+        self._ready.append(event + b"\n\n")
+
+    async def _drain(self, seconds: float) -> None:
+        """Read the upstream on to its end, relaying nothing, for at most ``seconds``."""
+        with trio.move_on_after(seconds):
+            while not self.tally.ended:
+                self._ready.clear()
+                await self._read()
+        self._ready.clear()
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._ended and not self._ready:
-            # Everything was taken: the last event counts too.
-            self.tally.add(self._taken)
-            self._taken = []
-        if self.tally.failure is not None:
-            outcome = self.tally.failure if self.tally.failure == "timeout" else "dropped"
-        elif self._ended:
-            outcome = "ok"
-        else:
-            outcome = "client_closed"
         with trio.CancelScope(shield=True):
+            if not self.tally.ended:
+                self.tally.client_gone = True
+                if self._drain_seconds is not None:
+                    await self._drain(self._drain_seconds)
+            if self.tally.failure is not None:
+                outcome = self.tally.failure
+            elif self.tally.client_gone:
+                outcome = "client_closed"
+            else:
+                outcome = "ok"
             with trio.move_on_after(CLOSE_SECONDS):
                 await self._chunks.aclose()
             await _close(self._response)
+            self._release()
             self._report(outcome)
             await self._finish(self.tally)
 

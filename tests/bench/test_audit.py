@@ -13,10 +13,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.audit import (
+    Billing,
     Observation,
     Refusal,
     Span,
     audit,
+    audit_billing,
     audit_dict,
     definite_peak,
     dominance_sums,
@@ -393,3 +395,45 @@ def test_peaks_match_brute_force(spans: list[Span], window: int) -> None:
 def test_dominance_sums_match_brute_force(items, queries) -> None:
     expected = [sum(a for x, y, a in items if x <= qx and y >= qy) for qx, qy in queries]
     assert dominance_sums(items, queries) == expected
+
+
+# --- upstream billing (the proxy audit) ----------------------------------------------------
+
+
+def billed(id: int, t: float, *, output: int, key: str = "k", received: float = 0.01) -> Billing:
+    """A request sent at ``t`` that the upstream received ``received`` s later."""
+    return Billing(id=id, key=key, start=t, end=t + received, input_tokens=10, output_tokens=output)
+
+
+def test_billing_over_the_limit_within_one_window_is_definite_over_spend() -> None:
+    bills = [billed(0, 0, output=600), billed(1, 30, output=600), billed(2, 59, output=600)]
+    (requests, input_tokens, output) = audit_billing(
+        bills, {"k": Limits(rpm=10, input_tpm=100, output_tpm=1000)}, WINDOW
+    )
+    assert (requests.definite.amount, input_tokens.definite.amount) == (3, 30)
+    assert output.admitted_total == 1800
+    assert (output.definite.amount, output.definite_excess) == (1800, 800)
+    assert output.definite.members == (0, 1, 2)
+
+
+def test_billing_spread_over_two_windows_is_no_over_spend_and_only_possibly_near() -> None:
+    # Sent 61 s apart and received at once: never within one window, not even possibly.
+    bills = [billed(0, 0, output=600), billed(1, 61, output=600)]
+    (output,) = audit_billing(bills, {"k": Limits(output_tpm=1000)}, WINDOW)
+    assert (output.definite.amount, output.definite_excess) == (600, 0)
+    assert output.possible.amount == 600
+    # The first received 2 s after it was sent: admitted as late as t=2, it may have
+    # been within 60 s of the second.
+    late = [billed(0, 0, output=600, received=2), billed(1, 61, output=600)]
+    (output,) = audit_billing(late, {"k": Limits(output_tpm=1000)}, WINDOW)
+    assert (output.definite_excess, output.possible_excess) == (0, 200)
+
+
+def test_billing_is_audited_per_key_and_other_keys_are_left_out() -> None:
+    bills = [billed(0, 0, output=900, key="a"), billed(1, 1, output=900, key="b")]
+    bills.append(billed(2, 2, output=900, key="stranger"))
+    found = audit_billing(bills, {"a": Limits(output_tpm=1000), "b": Limits(output_tpm=1000)}, 60)
+    assert [(o.key, o.definite.amount, o.definite_excess) for o in found] == [
+        ("a", 900, 0),
+        ("b", 900, 0),
+    ]
