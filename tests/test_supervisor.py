@@ -99,9 +99,7 @@ def test_explicit_memory_store_with_several_nodes_is_a_clear_error(
 
 
 @pytest.mark.parametrize("problem", ["group-writable", "world-writable", "another user's"])
-def test_a_state_dir_others_may_write_or_own_is_refused(
-    problem: str, capsys: pytest.CaptureFixture[str], workdir: Path
-) -> None:
+async def test_a_state_dir_others_may_write_or_own_is_refused(problem: str, workdir: Path) -> None:
     """It holds the registry snapshot (whoever writes it adds keys) and the embedded
     Redis's data: one clear line, exit 2, nothing started or created in it."""
     state = workdir / "state"
@@ -114,13 +112,14 @@ def test_a_state_dir_others_may_write_or_own_is_refused(
         os.chown(state, 65534, 65534)  # nobody's
     else:
         state = Path("/")  # root's
-    status = cli.main(
-        ["serve", "--nodes", "2", "--port", str(free_ports(2)), "--state-dir", str(state)]
-    )
-    err = capsys.readouterr().err
-    assert status == 2
-    assert err.count("\n") == 1 and err.startswith(f"tokenguard: state dir {state} "), err
-    assert ("owned by uid" if problem == "another user's" else "may be written") in err
+    args = ["serve", "--nodes", "2", "--port", str(free_ports(2)), "--state-dir", str(state)]
+    with trio.fail_after(30):
+        async with running_tokenguard(args, output_path=workdir / "out") as proc:
+            status = await proc.wait()
+            output = proc.output()
+    assert status == 2, output
+    assert output.count("\n") == 1 and output.startswith(f"tokenguard: state dir {state} "), output
+    assert ("owned by uid" if problem == "another user's" else "may be written") in output
     assert not (state / "supervisor.lock").exists()
 
 
