@@ -141,7 +141,7 @@ def test_clock_offset_shifts_time_time(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def test_second_supervisor_on_a_state_dir_fails_clearly(workdir: Path) -> None:
     state = workdir / "state"
-    state.mkdir()
+    state.mkdir(mode=0o700)  # (one others may write is refused before its lock is tried)
     # Hold the lock as a running supervisor would.
     fd = os.open(state / "supervisor.lock", os.O_RDWR | os.O_CREAT)
     try:
