@@ -321,6 +321,33 @@ async def test_a_node_that_starts_with_the_store_down_uses_its_snapshot(
         assert Keyring(settings, MemoryStore()).by_name("config-key") is not None
 
 
+async def test_a_store_that_lost_its_data_while_every_node_was_down_gets_the_snapshot_back(
+    tmp_path: Path,
+) -> None:
+    """Every node restarts on an empty store: the first one's seeding writes the
+    snapshot's admin-made key and tombstone into it, not only the config."""
+    path = tmp_path / "registry.json"
+    settings = settings_of()
+    with trio.fail_after(TEST_TIMEOUT):
+        earlier = Keyring(settings, MemoryStore())
+        await earlier.refresh()
+        await earlier.create_key("made", MADE, tier="free")
+        await earlier.revoke_key("config-key")
+        records = {k: v for k, v in earlier.view.records.items() if k != MARKER}
+        write_snapshot(path, Snapshot(records=records, marker=earlier.marker))
+
+        empty = MemoryStore()
+        await Keyring(settings, empty, snapshot=path).refresh()
+        _, stored = await empty.registry_load()
+        assert stored[(KEY, "made")] == records[(KEY, "made")]
+        assert KeyRecord.from_json(stored[(KEY, "config-key")]).revoked
+        # A node with no snapshot, from the config alone, then reads them there.
+        fresh = Keyring(settings, empty)
+        assert fresh.by_name("config-key") is not None
+        await fresh.refresh()
+        assert fresh.by_name("config-key") is None and fresh.by_digest(MADE) is not None
+
+
 @pytest.mark.parametrize("problem", ["group-writable", "another owner", "garbage", "old format"])
 def test_an_unusable_snapshot_is_refused_and_the_config_used(
     tmp_path: Path, problem: str, caplog: pytest.LogCaptureFixture
