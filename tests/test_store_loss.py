@@ -158,13 +158,16 @@ async def admit_round_robin(client: httpx.AsyncClient, urls: list[str], count: i
 
 async def assert_limits_shared(client: httpx.AsyncClient, urls: list[str], before: int) -> None:
     """Every node reads the same usage, ``before`` (each node wrote its own admissions
-    back), and the nodes together admit what is left of the limit, no more."""
+    back), and the nodes together admit what is left of the limit, no more. Usage is
+    read with every node on the store (``/readyz`` 200), not on its local windows."""
+    await wait_ready(client, urls)
     for url in urls:
         while await used(client, url) < before:  # noqa: ASYNC110 (write-backs landing)
             await trio.sleep(0.05)
     assert [await used(client, url) for url in urls] == [before] * len(urls)
     statuses = await admit_round_robin(client, urls, LIMIT)
     assert statuses == {200: LIMIT - before, 429: before}, statuses
+    await wait_ready(client, urls)
     assert [await used(client, url) for url in urls] == [LIMIT] * len(urls)
 
 
@@ -209,7 +212,6 @@ async def test_redis_restarted_empty_under_three_nodes(workdir: Path) -> None:
                 await trio.sleep(0.5)  # the watch goes on over the restored registry
                 nursery.cancel_scope.cancel()
             keys.assert_never_changed()
-            await wait_ready(client, cluster.urls)
             await assert_limits_shared(client, cluster.urls, BEFORE)
             output = node_logs(cluster)
     print(f"\nRedis restarted empty: the registry back {restored:.2f} s after it answered")
@@ -253,6 +255,7 @@ async def test_flushall_under_load_on_three_nodes(workdir: Path) -> None:
             statuses = Counter(a.status for a in answers)
             admitted = statuses[200]
             await trio.sleep(0.5)  # the last write-backs land
+            await wait_ready(client, cluster.urls)  # (usage read from the store)
             counted = [await used(client, url) for url in cluster.urls]
     print(
         f"\nFLUSHALL under load: {len(answers)} answers {dict(statuses)}, {before} admitted "
@@ -314,7 +317,6 @@ async def test_a_sentinel_failover_to_a_replica_without_the_registry(tmp_path: P
                 group.replica.host,
                 group.replica.port,
             )
-            await wait_ready(client, [url])
             await assert_limits_shared(client, [url], BEFORE)
             output = node.output()
     print(f"\nsentinel failover: the registry on the new master {restored:.2f} s after the kill")
