@@ -29,7 +29,7 @@ from tokenguard.keyring import KEY, MARKER, POLL_SECONDS, TIER, KeyRecord, Keyri
 from tokenguard.resilience import GuardedStore
 from tokenguard.settings import Settings, digest_of, parse_settings
 from tokenguard.snapshot import Snapshot, SnapshotError, read_snapshot, write_snapshot
-from tokenguard.windows import Row, open_store
+from tokenguard.windows import Registry, Row, open_store
 
 TEST_TIMEOUT = 20.0
 CONFIG: dict[str, Any] = {
@@ -291,6 +291,18 @@ async def test_the_snapshot_follows_the_view_atomically_0600_and_without_keys(
     assert snapshot.version == keyring.version and MARKER not in snapshot.records
 
 
+async def snapshot_of_admin_changes(settings: Settings, path: Path) -> Registry:
+    """A node creates ``made`` and revokes ``config-key`` through its keyring and its
+    view is saved at ``path``, as a running node's snapshot would be; its records."""
+    earlier = Keyring(settings, MemoryStore())
+    await earlier.refresh()
+    await earlier.create_key("made", MADE, tier="free")
+    await earlier.revoke_key("config-key")
+    records = {k: v for k, v in earlier.view.records.items() if k != MARKER}
+    write_snapshot(path, Snapshot(records=records, marker=earlier.marker))
+    return records
+
+
 async def test_a_node_that_starts_with_the_store_down_uses_its_snapshot(
     tmp_path: Path,
 ) -> None:
@@ -301,12 +313,7 @@ async def test_a_node_that_starts_with_the_store_down_uses_its_snapshot(
     path = tmp_path / "registry.json"
     settings = settings_of()
     with trio.fail_after(TEST_TIMEOUT):
-        earlier = Keyring(settings, MemoryStore())
-        await earlier.refresh()
-        await earlier.create_key("made", MADE, tier="free")
-        await earlier.revoke_key("config-key")
-        records = {k: v for k, v in earlier.view.records.items() if k != MARKER}
-        write_snapshot(path, Snapshot(records=records, marker=earlier.marker))
+        await snapshot_of_admin_changes(settings, path)
 
         async with open_store(GuardedStore(MemoryStore())) as down:
             down._trip("test: the store is down")  # type: ignore[attr-defined]
@@ -329,12 +336,7 @@ async def test_a_store_that_lost_its_data_while_every_node_was_down_gets_the_sna
     path = tmp_path / "registry.json"
     settings = settings_of()
     with trio.fail_after(TEST_TIMEOUT):
-        earlier = Keyring(settings, MemoryStore())
-        await earlier.refresh()
-        await earlier.create_key("made", MADE, tier="free")
-        await earlier.revoke_key("config-key")
-        records = {k: v for k, v in earlier.view.records.items() if k != MARKER}
-        write_snapshot(path, Snapshot(records=records, marker=earlier.marker))
+        records = await snapshot_of_admin_changes(settings, path)
 
         empty = MemoryStore()
         await Keyring(settings, empty, snapshot=path).refresh()
