@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Self
 
@@ -34,6 +34,7 @@ from tokenguard.windows import (
     Row,
     RowState,
     WindowStore,
+    redact_url,
 )
 
 # times in milliseconds, as in the Redis driver's Lua scripts, so both drivers round alike
@@ -49,11 +50,14 @@ class _Counter:
     (:data:`_NO_LOW`/:data:`_NO_HIGH` when there is none), maintained on every change
     so that a decision costs O(1) per row, not O(buckets). ``alerted``: the bucket in which the
     row last crossed its ``alert_at`` (see :attr:`tokenguard.windows.Row.alert_at`).
+    ``row``: the row it was made for (its counter, window and buckets are every such
+    row's; its limit and amount mean nothing here).
     """
 
-    __slots__ = ("buckets", "bucket_ms", "span", "total", "low", "high", "alerted")
+    __slots__ = ("row", "buckets", "bucket_ms", "span", "total", "low", "high", "alerted")
 
     def __init__(self, row: Row) -> None:
+        self.row = row
         self.buckets: dict[int, int] = {}
         self.bucket_ms = row.bucket_ms
         self.span = row.span
@@ -192,7 +196,7 @@ class MemoryStore(WindowStore):
     def from_url(cls, url: str) -> Self:
         rest = url.removeprefix("memory://")
         if rest not in ("", "/"):
-            raise ValueError(f"memory:// takes no host, path or options, got {url!r}")
+            raise ValueError(f"memory:// takes no host, path or options, got {redact_url(url)!r}")
         return cls(url="memory://")
 
     def _now_ms(self) -> int:
@@ -407,6 +411,10 @@ class MemoryStore(WindowStore):
         await trio.lowlevel.checkpoint()
         return self._registry_version, dict(self._registry)
 
+    async def registry_get(self, kind: str, name: str) -> str | None:
+        await trio.lowlevel.checkpoint()
+        return self._registry.get((kind, name))
+
     async def registry_put(
         self, kind: str, name: str, record: str | None, *, expect: RegistryExpect = ANYTHING
     ) -> int | None:
@@ -432,6 +440,19 @@ class MemoryStore(WindowStore):
             while True:
                 await trio.sleep(self.sweep_seconds)
                 self.sweep()
+
+    def held_buckets(self) -> Iterator[tuple[str, Row, int, int]]:
+        """Every bucket with a positive amount still in its window, as
+        ``(partition, row, bucket, amount)`` (lease rows left out). It reads the live
+        counters: consume it with no await in between for a consistent snapshot."""
+        now_ms = self._now_ms()
+        for partition, counters in list(self._partitions.items()):
+            for counter in list(counters.values()):
+                if type(counter) is not _Counter:
+                    continue
+                counter.current(now_ms)  # (drops the buckets that left the window)
+                for bucket, amount in list(counter.buckets.items()):
+                    yield partition, counter.row, bucket, amount
 
     def sweep(self) -> int:
         """Drop stale buckets and empty counters; return how many counters remain."""

@@ -42,6 +42,12 @@ Guarantees:
   version counter under the hash tag ``{registry}``, written and read by
   ``registry_put.lua`` / ``registry_load.lua`` (atomic, one slot: Cluster-safe), sent
   with ``EVAL`` from a thread of its own, off the pipelines. No expiry.
+* The server's ``maxmemory-policy`` is read (``CONFIG GET``) at start, again within
+  ``EVICTION_POLL`` of the store answering after a lost connection (a restart, a
+  failover), and every ``EVICTION_RECHECK`` seconds: ``eviction_policy``, ``"unknown"``
+  when the server refuses to say. One that can evict counters or the registry
+  (``volatile-*``, ``allkeys-*``: :func:`tokenguard.windows.evictable`) is logged as a
+  warning.
 
 Raises:
 
@@ -65,7 +71,6 @@ import inspect
 import itertools
 import logging
 import math
-import re
 import secrets
 import struct
 import threading
@@ -100,6 +105,8 @@ from tokenguard.windows import (
     RowState,
     StoreError,
     WindowStore,
+    evictable,
+    redact_url,
 )
 
 log = logging.getLogger(__name__)
@@ -123,6 +130,11 @@ PUBSUB_POLL = 0.2
 PUBSUB_READ_BATCH = 1000
 SUBSCRIPTION_BUFFER = 4096
 RESUBSCRIBE_BACKOFF = (0.05, 2.0)
+# The server's maxmemory-policy is read at start, within this long (s) of the store
+# answering again after a lost connection (a restart, a failover), and at least this
+# often (s) besides (CONFIG SET changes it without a reconnect).
+EVICTION_POLL = 1.0
+EVICTION_RECHECK = 60.0
 
 # Redis errors that mean "this node does not own the slot (any more)": the cluster
 # client's own execute_command follows the redirect and refreshes its slot table.
@@ -140,6 +152,9 @@ _TOPOLOGY_CHANGING = (
 )
 # What redis-py raises: its own errors, and the cluster client's (not a RedisError).
 _REDIS_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
+# A reply that means the connection was lost: the next one is a reconnect, maybe to
+# another server (a restart, a failover).
+_CONNECTION_LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 # --- scripts --------------------------------------------------------------------------
@@ -296,21 +311,6 @@ def _split_url(rest: str) -> tuple[str | None, str, str, str]:
     userinfo = before_query[:at] if at >= 0 else None
     hostlist, slash, path = before_query[at + 1 :].partition("/")
     return userinfo, hostlist, slash + path, query
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for logs and ``store.url``)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    userinfo, hostlist, path, query = _split_url(rest)
-    query = re.sub(r"(^|&)(sentinel_password=)[^&]*", r"\1\2***", query)
-    if userinfo is not None and ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":***"
-    return (
-        f"{scheme}://{userinfo + '@' if userinfo is not None else ''}{hostlist}{path}"
-        f"{'?' + query if query else ''}"
-    )
 
 
 def _parse_hosts(url: str, hostlist: str, default_port: int) -> tuple[tuple[str, int], ...]:
@@ -738,6 +738,11 @@ class RedisStore(WindowStore):
         self.pubsub_dropped = 0  # messages dropped for subscriptions that were full
         # Registry calls never take a flusher's thread either.
         self._registry_thread = trio.CapacityLimiter(1)
+        # The server's maxmemory-policy (WindowStore.eviction_policy), read again once
+        # a connection was lost (_policy_stale, set from any thread) and the store
+        # answers, on a thread of its own.
+        self._policy_stale = False
+        self._policy_thread = trio.CapacityLimiter(1)
         # Lease ids: unique to this store object, whatever other node shares the store.
         # (an integer below 2**53, exact in Lua: 23 random bits, then a 30-bit counter)
         self._lease_base = secrets.randbits(23) << 30
@@ -776,6 +781,7 @@ class RedisStore(WindowStore):
                     nursery.start_soon(self._flush_forever)
                 nursery.start_soon(self._refunds_forever)
                 nursery.start_soon(self.leases.renew_forever, self.renew)
+                nursery.start_soon(self._eviction_policy_forever)
                 task_status.started()
         finally:
             self._running = self._started = False
@@ -795,13 +801,78 @@ class RedisStore(WindowStore):
         try:
             client.ping()
             self._load_scripts(client)
+            self._read_eviction_policy(client)
         except BaseException:
             client.close()
             raise
         return client
 
+    def _read_eviction_policy(self, client: redis.Redis | RedisCluster) -> None:
+        """Read the server's ``maxmemory-policy`` into ``eviction_policy`` (blocking:
+        in a worker thread), and log a warning when it can evict what the store keeps
+        (at the first read and whenever it changes). ``"unknown"`` when the server
+        refuses ``CONFIG GET`` (managed Redis, ACLs): not an error. Raises redis-py's
+        errors when the server cannot be reached."""
+        try:
+            if isinstance(client, RedisCluster):
+                # Each primary has its own: the one that evicts the most counts.
+                nodes = [client.get_redis_connection(n) for n in client.get_primaries()]
+            else:
+                nodes = [client]
+            policies = []
+            for node in nodes:
+                value = node.config_get("maxmemory-policy").get("maxmemory-policy")
+                if isinstance(value, bytes):
+                    value = value.decode()
+                policies.append(value or "unknown")
+            policy = max(policies, key=lambda p: len(evictable(p) or ()), default="unknown")
+        except redis.exceptions.ResponseError as exc:
+            policy = "unknown"
+            if self.eviction_policy != policy:
+                log.info("store %s: maxmemory-policy unknown (%s)", self.url, exc)
+        self._policy_stale = False
+        if policy == self.eviction_policy:
+            return
+        self.eviction_policy = policy
+        evicts = evictable(policy)
+        if evicts:
+            log.warning(
+                "store %s: maxmemory-policy %s can evict %s when Redis's memory is full "
+                "(windows: limits admit more; registry: keys refused until it is written "
+                "back); use noeviction (docs/redis.md)",
+                self.url,
+                policy,
+                " and ".join(evicts),
+            )
+
+    async def _eviction_policy_forever(self) -> None:
+        """Read the eviction policy again once a connection was lost (within
+        ``EVICTION_POLL`` of the store answering again) and every ``EVICTION_RECHECK``."""
+        last = trio.current_time()
+        while True:
+            await trio.sleep(EVICTION_POLL)
+            if not self._policy_stale and trio.current_time() - last < EVICTION_RECHECK:
+                continue
+            client = self._client
+            if client is None:
+                continue
+            try:
+                await trio.to_thread.run_sync(
+                    self._read_eviction_policy,
+                    client,
+                    limiter=self._policy_thread,
+                    abandon_on_cancel=True,
+                )
+            except _REDIS_ERRORS:
+                self._policy_stale = True  # not answering yet: try again
+            else:
+                last = trio.current_time()
+
     def _load_scripts(self, client: redis.Redis | RedisCluster) -> None:
-        """SCRIPT LOAD every script (on every primary, for a cluster)."""
+        """SCRIPT LOAD every script (on every primary, for a cluster). Also at start
+        and after ``NOSCRIPT``: a server that lost its scripts may be a new one (a
+        restart, a failover), whose eviction policy is read again."""
+        self._policy_stale = True
         for script in SCRIPTS:
             sha = client.script_load(script.source)
             if isinstance(sha, bytes):
@@ -927,6 +998,8 @@ class RedisStore(WindowStore):
         packed = [pack_evalsha(c.script.sha_bytes, c.keys, c.argv) for c in calls]
         self._count(round_trips=1)
         replies = await wire.roundtrip(packed)
+        if replies and isinstance(replies[-1], _CONNECTION_LOST):  # (fills the rest)
+            self._policy_stale = True
         if replies and type(replies[0]) is redis.exceptions.ConnectionError:
             # Dropped before any reply (a stale connection after a restart): once more,
             # except settlements: one that did run must not run twice.
@@ -1019,6 +1092,8 @@ class RedisStore(WindowStore):
         for (pool, indexes), group_replies in zip(groups, results, strict=True):
             for i, reply in zip(indexes, group_replies, strict=True):
                 replies[i] = reply
+            if group_replies and isinstance(group_replies[-1], _CONNECTION_LOST):
+                self._policy_stale = True  # (a failure fills the rest of the group)
             if group_replies and type(group_replies[0]) is redis.exceptions.ConnectionError:
                 pool.disconnect(inuse_connections=False)  # its idle sockets are stale too
                 retry = [i for i in indexes if calls[i].script is not SETTLE]
@@ -1242,11 +1317,19 @@ class RedisStore(WindowStore):
                 command, client, *args, limiter=self._registry_thread, abandon_on_cancel=abandon
             )
         except _REDIS_ERRORS as exc:
+            if isinstance(exc, _CONNECTION_LOST):
+                self._policy_stale = True
             raise _store_error(exc) from exc
 
     async def registry_version(self) -> int:
         value = await self._registry_call(lambda client: client.get(REGISTRY_VERSION))
         return int(value or 0)
+
+    async def registry_get(self, kind: str, name: str) -> str | None:
+        value = await self._registry_call(
+            lambda client: client.hget(REGISTRY_RECORDS, f"{kind}/{name}")
+        )
+        return None if value is None else value.decode()
 
     async def registry_load(self) -> tuple[int, Registry]:
         version, flat = await self._registry_call(

@@ -287,7 +287,8 @@ async def running_cluster(
     ``async with`` ends; yields once the startup table is printed and every node
     answers /healthz (TooSlowError after ``START_TIMEOUT`` s). The supervisor's output
     is ``state_dir/supervisor.out``."""
-    await trio.Path(state_dir).mkdir(parents=True, exist_ok=True)
+    # Yours only (the supervisor refuses a state dir others may write), whatever the umask.
+    await trio.Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
     output_path = state_dir / "supervisor.out"
     reuse_port = "--reuse-port" in args
     for attempt in range(attempts):

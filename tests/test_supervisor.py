@@ -98,6 +98,31 @@ def test_explicit_memory_store_with_several_nodes_is_a_clear_error(
     assert not (workdir / "supervisor.lock").exists()  # refused before starting anything
 
 
+@pytest.mark.parametrize("problem", ["group-writable", "world-writable", "another user's"])
+async def test_a_state_dir_others_may_write_or_own_is_refused(problem: str, workdir: Path) -> None:
+    """It holds the registry snapshot (whoever writes it adds keys) and the embedded
+    Redis's data: one clear line, exit 2, nothing started or created in it."""
+    state = workdir / "state"
+    state.mkdir(mode=0o700)
+    if problem == "group-writable":
+        state.chmod(0o770)
+    elif problem == "world-writable":
+        state.chmod(0o707)
+    elif os.geteuid() == 0:
+        os.chown(state, 65534, 65534)  # nobody's
+    else:
+        state = Path("/")  # root's
+    args = ["serve", "--nodes", "2", "--port", str(free_ports(2)), "--state-dir", str(state)]
+    with trio.fail_after(30):
+        async with running_tokenguard(args, output_path=workdir / "out") as proc:
+            status = await proc.wait()
+            output = proc.output()
+    assert status == 2, output
+    assert output.count("\n") == 1 and output.startswith(f"tokenguard: state dir {state} "), output
+    assert ("owned by uid" if problem == "another user's" else "may be written") in output
+    assert not (state / "supervisor.lock").exists()
+
+
 def test_state_dir_whose_socket_path_is_too_long_is_refused() -> None:
     with pytest.raises(SupervisorError, match="choose a shorter --state-dir"):
         Supervisor(nodes=2, state_dir=Path("/tmp") / ("d" * 120))
@@ -116,7 +141,7 @@ def test_clock_offset_shifts_time_time(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def test_second_supervisor_on_a_state_dir_fails_clearly(workdir: Path) -> None:
     state = workdir / "state"
-    state.mkdir()
+    state.mkdir(mode=0o700)  # (one others may write is refused before its lock is tried)
     # Hold the lock as a running supervisor would.
     fd = os.open(state / "supervisor.lock", os.O_RDWR | os.O_CREAT)
     try:

@@ -8,8 +8,11 @@ private Redis for them to share. It prints a table of URLs once every node is he
 Exit status: 0 after a clean stop (Ctrl-C or SIGTERM); 1 when a node cannot listen or
 reach its store, or the cluster could not be started (the message names the child and
 quotes its log); 2 for a usage or config error (bad config, ``--store memory://`` with
-several nodes, a state dir held by another supervisor, an unknown store scheme).
-Errors are one line each, never a traceback.
+several nodes, a state dir held by another supervisor, another user's or writable by
+others, an unknown store scheme). Errors are one line each, never a traceback.
+
+The store URL comes from ``--store``, else ``$TOKENGUARD_STORE_URL``, else the config's
+``[store] url``; a password in it is shown as ``***`` in every line printed or logged.
 """
 
 from __future__ import annotations
@@ -41,14 +44,16 @@ from tokenguard.settings import (
     load_settings,
 )
 from tokenguard.supervisor import (
+    STORE_URL_ENV,
     StateDirBusy,
+    StateDirUnsafe,
     Supervisor,
     SupervisorError,
     check_driver,
     cluster_store_url,
     default_state_dir,
 )
-from tokenguard.windows import StoreError, UnknownStoreScheme
+from tokenguard.windows import StoreError, UnknownStoreScheme, redact_url, store_from_url
 
 log = logging.getLogger("tokenguard.cli")
 
@@ -84,14 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--store",
-        help="window-store URL, overriding the config's [store] url (with --nodes > 1 and "
-        "none given, an embedded redis-server is started)",
+        help=f"window-store URL, overriding ${STORE_URL_ENV} and the config's [store] url "
+        "(with --nodes > 1 and none given, an embedded redis-server is started); a URL with "
+        f"a password is better given in ${STORE_URL_ENV}: a command line is visible to all",
     )
     serve.add_argument("--nodes", type=_positive, default=1, help="node processes (default 1)")
     serve.add_argument(
         "--state-dir",
-        help="with --nodes > 1: the embedded Redis's socket and append-only file, the lock "
-        "and the logs (default: the user cache dir, e.g. ~/.cache/tokenguard)",
+        help="with --nodes > 1: the embedded Redis's socket and append-only file, the lock, "
+        "the logs and the registry snapshot (default: the user cache dir, e.g. "
+        "~/.cache/tokenguard); yours, and writable by you only",
+    )
+    serve.add_argument(
+        "--registry-snapshot",
+        type=Path,
+        help="keep this node's view of the key registry in this file (0600), and start "
+        "from it when the store cannot be reached, so that keys revoked through the admin "
+        "API stay refused (with --nodes > 1: STATE_DIR/registry.json by default)",
     )
     serve.add_argument(
         "--reuse-port",
@@ -171,11 +185,18 @@ def _settings(args: argparse.Namespace) -> Settings:
     }
     if args.on_store_error:
         changes["on_store_error"] = args.on_store_error
-    if args.store:
-        changes["store_url"] = args.store
+    store_url = _store_url(args)
+    if store_url:
+        changes["store_url"] = store_url
     if args.no_limits:
         changes["limiting"] = False
     return attrs.evolve(settings, **changes)
+
+
+def _store_url(args: argparse.Namespace) -> str | None:
+    """``--store``, else ``$TOKENGUARD_STORE_URL`` (how the supervisor passes it: a
+    password in it then shows on no command line), else ``None`` (the config's)."""
+    return args.store or os.environ.get(STORE_URL_ENV, "").strip() or None
 
 
 CLOCK_OFFSET_ENV = "TOKENGUARD_CLOCK_OFFSET_SECONDS"
@@ -238,10 +259,12 @@ async def _run_single(args: argparse.Namespace, settings: Settings) -> None:
                 shutdown=shutdown,
                 admin_port=args.admin_port,
                 admin_host=args.admin_host,
+                registry_snapshot=args.registry_snapshot,
                 task_status=task_status,
             )
         )
-        print(f"tokenguard node {settings.node_id} serving on {url} (store {settings.store_url})")
+        store = redact_url(settings.store_url)
+        print(f"tokenguard node {settings.node_id} serving on {url} (store {store})")
         if not args.config and not args.supervised:
             _print_demo_banner(url)
         sys.stdout.flush()
@@ -264,6 +287,11 @@ def _serve_node(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"tokenguard: config error: {exc}", file=sys.stderr)
         return 2
+    try:
+        store_from_url(settings.store_url)  # (parses only): a bad URL is a usage error
+    except ValueError as exc:  # (its message shows no password)
+        print(f"tokenguard: {exc}", file=sys.stderr)
+        return 2
     status = 0
     try:
         trio.run(_run_single, args, settings)
@@ -272,7 +300,8 @@ def _serve_node(args: argparse.Namespace) -> int:
         status = 2
     except* StoreError as group:
         for exc in _leaves(group):
-            print(f"tokenguard: store {settings.store_url} unavailable: {exc}", file=sys.stderr)
+            store = redact_url(settings.store_url)
+            print(f"tokenguard: store {store} unavailable: {exc}", file=sys.stderr)
         status = 1
     except* OSError as group:
         # hypercorn's bind: a port in use, an address not on this host, no permission.
@@ -293,7 +322,7 @@ def _cluster(args: argparse.Namespace) -> Supervisor:
     supervisor = Supervisor(
         nodes=args.nodes,
         state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
-        store_url=cluster_store_url(args.store, configured.store_url),
+        store_url=cluster_store_url(_store_url(args), configured.store_url),
         host=args.host,
         port=args.port,
         config=Path(args.config) if args.config else None,
@@ -302,6 +331,7 @@ def _cluster(args: argparse.Namespace) -> Supervisor:
         log_to_stdout=args.log_to_stdout,
         admin_port=args.admin_port,
         admin_host=args.admin_host,
+        registry_snapshot=args.registry_snapshot,
         node_args=(
             *(("--no-limits",) if args.no_limits else ()),
             *(("--on-store-error", args.on_store_error) if args.on_store_error else ()),
@@ -322,7 +352,7 @@ def _print_table(supervisor: Supervisor, urls: list[str], args: argparse.Namespa
         rows.append((f"nodes 0-{n - 1}", f"{urls[0]}  (one port shared through SO_REUSEPORT)"))
     else:
         rows += [(f"node {i}", url) for i, url in enumerate(urls)]
-    store = supervisor.shared_store_url
+    store = redact_url(supervisor.shared_store_url)
     redis = supervisor.redis_child
     if redis is not None and redis.process is not None:
         store += f"  (embedded redis-server, pid {redis.process.pid}, append-only)"
@@ -417,7 +447,7 @@ def _serve_cluster(args: argparse.Namespace) -> int:
     status = 0
     try:
         trio.run(_run_cluster, args, supervisor)
-    except* StateDirBusy as group:
+    except* (StateDirBusy, StateDirUnsafe) as group:
         _print_errors(group)
         status = 2
     except* (SupervisorError, RedisBinaryNotFound) as group:

@@ -1,5 +1,6 @@
 """The live view of API keys and tiers: held in the store's registry, seeded from the
-config, the same on every node within a second of any change.
+config, the same on every node within a second of any change, and never lost with the
+store's data.
 
 Records (JSON text in :meth:`~tokenguard.windows.WindowStore.registry_put`'s registry):
 
@@ -8,6 +9,8 @@ Records (JSON text in :meth:`~tokenguard.windows.WindowStore.registry_put`'s reg
   tier and team, and its *own* limit fields (resolved over its tier's, as the config
   does, so that a tier changed later changes its keys); or, once revoked, a tombstone
   (``revoked``) that keeps the name from being seeded again from the config.
+* ``("meta", "epoch")``: the **marker** (:class:`Marker`, a random epoch), written LAST
+  by whoever seeds an empty registry: a registry without it has lost its data.
 
 Teams stay in the config only (``[teams.NAME]``): a key may name any configured team.
 
@@ -17,14 +20,35 @@ tier or key absent from the store is written; one the store has *from the config
 effect on restart), and one written by the config earlier but no longer in it is
 removed. A record changed through the admin API (``source = "admin"``: created,
 changed, revoked) is never touched by the config again: after an admin change the
-store wins. Every write is a compare-and-set, so nodes seeding at once, or an admin
-call racing a seed, never lose a write.
+store wins. Then it adopts the store's marker, or writes one if there is none. Every
+write is a compare-and-set, so nodes seeding at once, or an admin call racing a seed,
+never lose a write.
 
-**Propagation.** :meth:`Keyring.run` polls the registry's version every
-``poll_seconds`` (0.25 s: one ``GET`` on Redis) and reloads on change, so a change
-made through any node applies on every node within a second, whatever happened to
-pub/sub connections meanwhile; a write through this node applies here at once. When
-the store cannot be read the node keeps its last view (at start: the config's).
+**Propagation.** :meth:`Keyring.run` polls the registry's version and its marker every
+``poll_seconds`` (0.25 s: a ``GET`` and an ``HGET`` on Redis) and reloads on a change,
+so a change made through any node applies on every node within a second, whatever
+happened to pub/sub connections meanwhile; a write through this node applies here at
+once. When the store cannot be read the node keeps its last view.
+
+**Store loss.** A registry whose marker is gone (a Redis restarted without persistence,
+``FLUSHALL``, a failover to a replica that never got it, eviction) or is another one
+than this node adopted (another node found it gone first and wrote its own view back;
+it may be at the very version number this node last saw) is never applied as it is.
+The node writes its last view back: every record the store lacks or holds an older
+version of (:func:`newer`: an admin record over the config's, then the later
+``updated_at``; a tombstone wins a tie, so a revoked key is never brought back), then
+the marker (or adopts the one another node wrote meanwhile), each a compare-and-set,
+and only then reloads. It also calls ``on_store_loss`` once (the node's guarded store
+then writes its local windows back: tokenguard/resilience.py). Config keys are thus
+never refused because the store forgot them, and admin-made keys and revocations
+survive as long as one node, or the snapshot, remembers them.
+
+**Snapshot.** With ``snapshot`` (a path), the node writes every view it loads from the
+store to that file (tokenguard/snapshot.py: atomic, 0600, digests only) and, at start,
+builds its first view from the config and that file: the snapshot's admin records and
+tombstones win over the config's, as in the store. A node that starts while the store
+is down thus refuses a key revoked earlier. What can still be lost: an admin change
+made while every node that saw it, and the snapshot, are gone together.
 
 **Revocation.** A revoked key is simply absent from the view: it is refused exactly
 like a key that never existed. :meth:`Keyring.watching` gives an event set when a
@@ -36,9 +60,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -52,12 +78,15 @@ from tokenguard.settings import (
     Settings,
     limits_from_table,
 )
+from tokenguard.snapshot import Snapshot, SnapshotError, read_snapshot, write_snapshot
 from tokenguard.windows import Registry, StoreError, WindowStore
 
 log = logging.getLogger("tokenguard.keyring")
 
 KEY = "key"
 TIER = "tier"
+META = "meta"
+MARKER = (META, "epoch")
 POLL_SECONDS = 0.25
 # One registry call from the poll loop or the seeding may take this long.
 STORE_WAIT = 1.0
@@ -208,6 +237,72 @@ def config_records(settings: Settings) -> Registry:
 
 
 @attrs.frozen
+class Marker:
+    """The registry's marker: written last by whoever seeds an empty registry, so a
+    registry without it has lost its data. Nodes compare it whole (its text): another
+    marker is another epoch of the registry."""
+
+    epoch: str
+    seeded_at: int  # Unix seconds
+    node: int  # the node that wrote it
+
+    def to_json(self) -> str:
+        return _encode({"epoch": self.epoch, "seeded_at": self.seeded_at, "node": self.node})
+
+    @classmethod
+    def new(cls, node: int) -> Marker:
+        return cls(epoch=secrets.token_hex(8), seeded_at=int(time.time()), node=node)
+
+
+def epoch_of(marker: str | None) -> str | None:
+    """The epoch a marker record names, for logs (``None``: no marker)."""
+    if marker is None:
+        return None
+    try:
+        return str(json.loads(marker)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return marker
+
+
+def _rank(text: str | None) -> tuple[int, int, int]:
+    """How recent a record is: an admin-made one over the config's, then the later
+    ``updated_at``, then a tombstone over a live record. A record that does not parse
+    (or none) ranks below every other."""
+    if text is None:
+        return (-1, 0, 0)
+    try:
+        data = json.loads(text)
+        return (
+            1 if data.get("source") == "admin" else 0,
+            int(data.get("updated_at") or 0),
+            1 if data.get("revoked") else 0,
+        )
+    except (ValueError, TypeError, AttributeError):
+        return (-1, 0, 0)
+
+
+def newer(mine: str, theirs: str | None) -> bool:
+    """True if record ``mine`` should replace ``theirs`` (``None``: absent) when a
+    view is written back into a registry: ``theirs`` is absent, or older (see
+    :func:`_rank`). A tombstone wins a tie, so a revoked key is never brought back; two
+    versions from the config tie, and the store's stays."""
+    return mine != theirs and _rank(mine) > _rank(theirs)
+
+
+def initial_records(settings: Settings, saved: Registry) -> Registry:
+    """A node's first view before it reads the store: the config's records, over which
+    the admin-made records and tombstones of ``saved`` (a snapshot) win, as they do in
+    the store (the snapshot's records from a config are left out: the config is now
+    this one)."""
+    records = config_records(settings)
+    for (kind, name), text in saved.items():
+        if kind in (KEY, TIER) and not _from_config(text):
+            if newer(text, records.get((kind, name))):
+                records[(kind, name)] = text
+    return records
+
+
+@attrs.frozen
 class View:
     """The keys and tiers a node enforces, built from one version of the registry."""
 
@@ -292,21 +387,53 @@ class Keyring:
     """One node's live keys and tiers (see the module docstring).
 
     Before :meth:`run` has read the store (or with a store that keeps no registry) the
-    view is the config's. Lookups never await and never fail.
+    view is the config's, with the ``snapshot``'s admin records and tombstones over it.
+    Lookups never await and never fail. ``on_store_loss`` is called (no arguments, no
+    await) once each time the registry is found lost or written anew by another node.
     """
 
     def __init__(
-        self, settings: Settings, store: WindowStore, *, poll_seconds: float = POLL_SECONDS
+        self,
+        settings: Settings,
+        store: WindowStore,
+        *,
+        poll_seconds: float = POLL_SECONDS,
+        snapshot: Path | None = None,
+        on_store_loss: Callable[[], object] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.poll_seconds = poll_seconds
-        self.view = build_view(settings, None, config_records(settings))
+        self.snapshot = snapshot
+        self.on_store_loss = on_store_loss
+        saved = self._read_snapshot()
+        self.view = build_view(settings, None, initial_records(settings, saved))
+        self.marker: str | None = None  # the registry's marker this node adopted
         self.seeded = False
         self.reloads = 0  # views built from the store
+        self.restores = 0  # registries found lost (or written anew) and written back
+        self._restoring = False  # one found so, not yet written back
+        self._lock = trio.Lock()  # one reconciliation with the store at a time
         self._watchers: dict[str, tuple[trio.Event, int]] = {}
         self._cancel = trio.CancelScope()
         self._failing = False
+        self._snapshot_due = trio.Event()
+        self._snapshot_failing = False
+
+    def _read_snapshot(self) -> Registry:
+        if self.snapshot is None:
+            return {}
+        try:
+            saved = read_snapshot(self.snapshot)
+        except (SnapshotError, OSError) as exc:
+            log.error("keyring: registry snapshot not used (the config's view only): %s", exc)
+            return {}
+        if saved is None:
+            return {}
+        log.info(
+            "keyring: registry snapshot %s read (%d records)", self.snapshot, len(saved.records)
+        )
+        return saved.records
 
     # -- lookups: never await
 
@@ -331,6 +458,11 @@ class Keyring:
     @property
     def version(self) -> int | None:
         return self.view.version
+
+    @property
+    def epoch(self) -> str | None:
+        """The epoch of the registry's marker this node adopted (``None``: none yet)."""
+        return epoch_of(self.marker)
 
     def key_record(self, name: str) -> KeyRecord | None:
         """The key's record in the view (``None``: none, or revoked)."""
@@ -367,15 +499,18 @@ class Keyring:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Seed the registry and load it (waiting at most ``STARTUP_WAIT``), then poll
-        its version until cancelled or :meth:`stop`. Store failures are logged, never
-        raised: the last view stays."""
+        it until cancelled or :meth:`stop`; write the snapshot whenever the view
+        changes. Store failures are logged, never raised: the last view stays."""
         with self._cancel:
-            with trio.move_on_after(STARTUP_WAIT):
-                await self._poll_once()
-            task_status.started()
-            while True:
-                await trio.sleep(self.poll_seconds)
-                await self._poll_once()
+            async with trio.open_nursery() as nursery:
+                if self.snapshot is not None:
+                    nursery.start_soon(self._snapshots_forever, self.snapshot)
+                with trio.move_on_after(STARTUP_WAIT):
+                    await self._poll_once()
+                task_status.started()
+                while True:
+                    await trio.sleep(self.poll_seconds)
+                    await self._poll_once()
 
     def stop(self) -> None:
         self._cancel.cancel()
@@ -383,8 +518,6 @@ class Keyring:
     async def _poll_once(self) -> None:
         try:
             with trio.fail_after(STORE_WAIT):
-                if not self.seeded:
-                    await self.seed()
                 await self.refresh()
         except (StoreError, trio.TooSlowError) as exc:
             if not self._failing:
@@ -396,53 +529,156 @@ class Keyring:
             self._failing = False
 
     async def refresh(self, *, force: bool = False) -> bool:
-        """Reload the view if the registry's version changed (or ``force``); True if
-        it was reloaded. Raises :class:`StoreError`."""
-        if not force and self.view.version is not None:
-            if await self.store.registry_version() == self.view.version:
+        """Reload the view if the registry's version or marker changed (or ``force``);
+        True if it was reloaded. Seeds the registry first if this node has not yet;
+        writes the view back first into a registry found lost or written anew (see the
+        module docstring). Until both succeeded the view stays as it was, and the next
+        call tries again. Raises :class:`StoreError`."""
+        async with self._lock:
+            if not self.seeded:
+                if not await self._seed():
+                    return False
+            elif not force:
+                version = await self.store.registry_version()
+                marker = await self.store.registry_get(*MARKER)
+                if version == self.view.version and marker == self.marker:
+                    return False
+            version, records = await self.store.registry_load()
+            if records.get(MARKER) != self.marker:
+                if not await self._restore(records):
+                    return False
+                version, records = await self.store.registry_load()
+                if records.get(MARKER) != self.marker:
+                    return False  # lost again meanwhile: the next call writes it back
+            if version == self.view.version and records == self.view.records:
                 return False
-        version, records = await self.store.registry_load()
-        if version == self.view.version and records == self.view.records:
-            return False
-        self._apply(build_view(self.settings, version, records, self.view))
-        return True
+            self._apply(build_view(self.settings, version, records, self.view))
+            return True
 
     def _apply(self, view: View) -> None:
         self.view = view
         self.reloads += 1
+        self._snapshot_due.set()
         for digest, (event, _) in self._watchers.items():
             if digest not in view.keys_by_digest:
                 event.set()
 
     async def seed(self) -> None:
-        """Write the config's tiers and keys into the registry (see the module
-        docstring for which win). Raises :class:`StoreError`."""
-        wanted = config_records(self.settings)
+        """Write the config's tiers and keys (and the snapshot's admin records) into
+        the registry, see the module docstring for which win; then adopt its marker,
+        or write one. Raises :class:`StoreError`."""
+        async with self._lock:
+            await self._seed()
+
+    async def _seed(self) -> bool:
+        """:meth:`seed`; True once done (``seeded``), False to try again later."""
         _, records = await self.store.registry_load()
+        wanted = {k: v for k, v in self.view.records.items() if k[0] != META}
+        records, done = await self._write_back(wanted, records, seeding=True)
+        config = config_records(self.settings)
+        for (kind, name), current in list(records.items()):
+            if (kind, name) not in config and kind in (KEY, TIER) and _from_config(current):
+                # Seeded by a config that had it; this one does not: remove it.
+                await self.store.registry_put(kind, name, None, expect=current)
+        if done and await self._adopt_marker(records):
+            self.seeded = True
+        return self.seeded
+
+    async def _restore(self, records: Registry) -> bool:
+        """The registry (``records``, just read) has lost its marker, or has another
+        one: write this node's view back where the store lacks it or holds older, then
+        adopt the marker (writing one if there is none). True once done."""
+        wanted = {k: v for k, v in self.view.records.items() if k[0] != META}
+        if not self._restoring:
+            self._restoring = True
+            self.restores += 1
+            log.warning(
+                "keyring: the registry %s: writing this node's view back (%d records)",
+                "lost its marker (the store lost its data)"
+                if MARKER not in records
+                else f"was written anew by another node (epoch {epoch_of(records[MARKER])})",
+                len(wanted),
+            )
+            if self.on_store_loss is not None:
+                try:
+                    self.on_store_loss()
+                except Exception:
+                    log.exception("keyring: on_store_loss failed")
+        for _ in range(WRITE_ATTEMPTS):
+            records, done = await self._write_back(wanted, records, seeding=False)
+            if not done:
+                return False
+            if await self._adopt_marker(records):
+                self._restoring = False
+                log.warning("keyring: registry written back (epoch %s)", self.epoch)
+                return True
+            _, records = await self.store.registry_load()
+        return False
+
+    async def _write_back(
+        self, wanted: Registry, records: Registry, *, seeding: bool
+    ) -> tuple[Registry, bool]:
+        """Write each of ``wanted`` that the store (``records``, as last read) lacks or
+        holds an older version of (:func:`newer`; when ``seeding``, a config record
+        also replaces the store's version from a config), each a compare-and-set,
+        retried against fresh reads. Returns the store's records as last read, and
+        whether every write got through."""
+        records = dict(records)
+        done = True
         # Tiers first: a key's tier must be there when its record appears.
-        order = sorted(wanted, key=lambda kind_name: (kind_name[0] != TIER, kind_name))
-        for kind, name in order:
+        for kind, name in sorted(wanted, key=lambda kind_name: (kind_name[0] != TIER, kind_name)):
             text = wanted[(kind, name)]
             for _ in range(WRITE_ATTEMPTS):
                 current = records.get((kind, name))
-                if current is not None and current != text and not _from_config(current):
-                    log.info(
-                        "keyring: %s %r was changed through the admin API: the store's "
-                        "version wins over the config's",
-                        kind,
-                        name,
-                    )
-                    break
-                if current == text:
+                if not _replaces(text, current, seeding=seeding):
+                    if seeding and current not in (None, text) and _from_config(text):
+                        log.info(
+                            "keyring: %s %r was changed through the admin API: the "
+                            "store's version wins over the config's",
+                            kind,
+                            name,
+                        )
                     break
                 if await self.store.registry_put(kind, name, text, expect=current) is not None:
+                    records[(kind, name)] = text
                     break
                 _, records = await self.store.registry_load()
-        for (kind, name), current in records.items():
-            if (kind, name) not in wanted and kind in (KEY, TIER) and _from_config(current):
-                # Seeded by a config that had it; this one does not: remove it.
-                await self.store.registry_put(kind, name, None, expect=current)
-        self.seeded = True
+            else:
+                done = False
+        return records, done
+
+    async def _adopt_marker(self, records: Registry) -> bool:
+        """Adopt the registry's marker, or write one (last, compare-and-set) if it has
+        none. False if another writer's came first: the caller writes back against it."""
+        marker = records.get(MARKER)
+        if marker is None:
+            marker = Marker.new(self.settings.node_id).to_json()
+            if await self.store.registry_put(*MARKER, marker, expect=None) is None:
+                return False
+        if marker != self.marker:
+            self.marker = marker
+            self._snapshot_due.set()
+        return True
+
+    async def _snapshots_forever(self, path: Path) -> None:
+        """Write the view to the snapshot file whenever it changed (the latest view:
+        changes made while one is written are coalesced into the next)."""
+        while True:
+            await self._snapshot_due.wait()
+            self._snapshot_due = trio.Event()
+            view = self.view
+            if view.version is None:
+                continue  # the config's own view: nothing read from the store yet
+            records = {k: v for k, v in view.records.items() if k[0] != META}
+            snapshot = Snapshot(records=records, marker=self.marker, version=view.version)
+            try:
+                await trio.to_thread.run_sync(write_snapshot, path, snapshot)
+            except OSError as exc:
+                if not self._snapshot_failing:
+                    log.error("keyring: cannot write the registry snapshot %s: %s", path, exc)
+                    self._snapshot_failing = True
+            else:
+                self._snapshot_failing = False
 
     # -- admin changes: each a compare-and-set, then applied here at once
 
@@ -572,6 +808,17 @@ class Keyring:
         record = TierRecord(limits=dict(limits), source="admin", updated_at=int(time.time()))
         old, _ = await self._write(TIER, name, lambda current: record.to_json())
         return old is None
+
+
+def _replaces(text: str, current: str | None, *, seeding: bool) -> bool:
+    """Whether a write-back puts ``text`` over the store's ``current``: when it is
+    :func:`newer`, or, ``seeding``, when both come from a config (the config a node
+    starts with is the config's latest word)."""
+    if text == current:
+        return False
+    if seeding and current is not None and _from_config(text) and _from_config(current):
+        return True
+    return newer(text, current)
 
 
 def _from_config(text: str) -> bool:

@@ -43,6 +43,7 @@ from prometheus_client.registry import Collector
 from tokenguard.resilience import GuardedStore
 from tokenguard.settings import digest_of
 from tokenguard.tokens import COUNT_CACHE
+from tokenguard.windows import evictable
 
 if TYPE_CHECKING:
     from tokenguard.feed import Feed
@@ -404,6 +405,17 @@ class NodeCollector(Collector):
         )
         policy.add_metric([store.policy], 1)
         yield policy
+        if store.eviction_policy is not None:
+            evicts = evictable(store.eviction_policy)
+            eviction = GaugeMetricFamily(
+                "tokenguard_store_eviction_policy_info",
+                "The store server's maxmemory-policy, and what of the store's data it may "
+                "evict: none, windows, registry,windows or unknown (always 1).",
+                labels=["policy", "evicts"],
+            )
+            what = "unknown" if evicts is None else ",".join(evicts) or "none"
+            eviction.add_metric([store.eviction_policy, what], 1)
+            yield eviction
         for name, doc, value in (
             ("store_failures", "Store calls that failed or missed their deadline.", stats.failures),
             ("store_timeouts", "Store calls that missed their deadline.", stats.timeouts),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from pathlib import Path
 
 import trio
 from hypercorn.config import Config
@@ -27,7 +28,7 @@ from tokenguard.hardening import (
 )
 from tokenguard.keyring import Keyring
 from tokenguard.metrics import is_loopback
-from tokenguard.resilience import guarded_store
+from tokenguard.resilience import GuardedStore, guarded_store
 from tokenguard.settings import Settings
 from tokenguard.tokens import preload
 from tokenguard.windows import open_store
@@ -85,6 +86,7 @@ async def serve_node(
     shutdown: trio.Event | None = None,
     admin_port: int | None = None,
     admin_host: str = "127.0.0.1",
+    registry_snapshot: Path | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve one node until cancelled or until ``shutdown`` is set (then drain and return).
@@ -94,7 +96,9 @@ async def serve_node(
     port, and a supervisor probes each node's health on its own socket instead.
     ``admin_port``, if given, serves the admin API (tokenguard/admin.py) on
     ``admin_host:admin_port``; ConfigError (before anything starts) for a non-loopback
-    ``admin_host`` without a long enough admin token.
+    ``admin_host`` without a long enough admin token. ``registry_snapshot``, if given,
+    is the file the node keeps its view of the key registry in (tokenguard/snapshot.py)
+    and starts from when the store cannot be reached.
     """
     if admin_port is not None:
         check_admin_bind(admin_host, settings)
@@ -105,8 +109,15 @@ async def serve_node(
     # Behind deadlines, a breaker and the failure policy (tokenguard/resilience.py): a
     # node starts, and keeps serving, while its store is down.
     async with open_store(guarded_store(settings)) as store:
-        # The live keys and tiers, shared by the API and the admin API.
-        keyring = Keyring(settings, store)
+        # The live keys and tiers, shared by the API and the admin API. When the store
+        # lost its data, the keyring writes the registry back and has the guarded store
+        # write this node's windows back.
+        keyring = Keyring(
+            settings,
+            store,
+            snapshot=registry_snapshot,
+            on_store_loss=store.restore_windows if isinstance(store, GuardedStore) else None,
+        )
         app = create_app(settings, store, shutdown=shutdown, keyring=keyring)
         config = hypercorn_config(
             host, port, grace=grace, reuse_port=reuse_port, unix_socket=unix_socket

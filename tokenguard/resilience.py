@@ -41,6 +41,11 @@ Every node wraps its shared store (Redis) in a :class:`GuardedStore`, itself a
   - ``open``: every admission is granted unchecked; each one is counted
     (``fail_open_admissions``) and logged (at most one line a second, with the count).
 
+* A store that comes back **without its data** (no persistence, ``FLUSHALL``, a
+  failover to a replica that lacks it, eviction): :meth:`GuardedStore.restore_windows`,
+  called by the keyring when it finds the registry lost, writes what the local windows
+  hold (policy ``local``: everything this node admitted in the current windows) back
+  into the store's very buckets.
 * A store that cannot be reached at start does not stop the node: it starts with the
   breaker open, and :meth:`GuardedStore.run` keeps trying to start the store, once a
   ``probe_interval``.
@@ -77,6 +82,7 @@ from tokenguard.windows import (
     RowState,
     StoreError,
     WindowStore,
+    evictable,
     store_from_url,
 )
 
@@ -309,10 +315,46 @@ class GuardedStore(WindowStore):
             body["holding_seconds"] = round(holding, 3)
         if self.stats.last_error is not None:
             body["last_error"] = self.stats.last_error
+        policy = self.eviction_policy
+        if policy is not None:
+            body["eviction_policy"] = policy
+            evicts = evictable(policy)
+            body["evictable"] = None if evicts is None else list(evicts)
         return body
 
     def share(self, limit: int) -> int:
         return node_share(limit, self.cluster_size, self.node_id, spread=self.spread)
+
+    @property
+    def eviction_policy(self) -> str | None:  # type: ignore[override]
+        return self.primary.eviction_policy
+
+    # -- after the store lost its data
+
+    def restore_windows(self) -> int:
+        """The store lost its data (a restart with no persistence, ``FLUSHALL``, a
+        failover to a replica without it, eviction: the keyring finds its registry's
+        marker gone or changed). Queue what this node's local windows hold, bucket by
+        bucket, to be added into the store's very buckets (settle-style), so that the
+        fresh store counts what this node admitted in the current windows; returns
+        how many buckets were queued.
+
+        Policy ``local`` only: it alone mirrors every admission into the local windows.
+        The write-back runs in the background, like that of local admissions (at once
+        while the breaker is closed, else when it closes); what fails is kept for the
+        next one. What the store admitted after it lost its data, before this runs, is
+        then counted twice, as is the part of other nodes' usage the local windows
+        were seeded with: fewer admissions, never more.
+        """
+        if self.policy != "local":
+            return 0
+        # What was not written back yet is in the windows too: replaced, not added.
+        self._unsynced = {
+            (partition, row.counter, bucket): [row, amount]
+            for partition, row, bucket, amount in self.fallback.held_buckets()
+        }
+        self._unsynced_soon.set()
+        return len(self._unsynced)
 
     # -- lifecycle
 
@@ -790,6 +832,10 @@ class GuardedStore(WindowStore):
     async def registry_load(self) -> tuple[int, Registry]:
         self._registry_open()
         return await self.primary.registry_load()
+
+    async def registry_get(self, kind: str, name: str) -> str | None:
+        self._registry_open()
+        return await self.primary.registry_get(kind, name)
 
     async def registry_put(
         self, kind: str, name: str, record: str | None, *, expect: RegistryExpect = ANYTHING

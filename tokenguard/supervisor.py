@@ -19,7 +19,13 @@ Guarantees:
   append-only file). No child outlives :meth:`Supervisor.run`.
 * On Linux every child also gets SIGTERM if the supervisor dies without cleaning up
   (``kill -9``): see :meth:`ChildProcess.spawn`.
-* One supervisor per state directory: a second one fails with :class:`StateDirBusy`.
+* One supervisor per state directory: a second one fails with :class:`StateDirBusy`;
+  an existing one owned by another user, or that others may write, is refused
+  (:class:`StateDirUnsafe`): it holds the nodes' registry snapshot and the embedded
+  Redis's data.
+* The store URL (which may hold a password) reaches each node in its environment
+  (``$TOKENGUARD_STORE_URL``: readable by this user only), never on its command line,
+  which every local user can read (``ps``, ``/proc/PID/cmdline``).
 
 This module knows processes, not HTTP apps: a node is an argv and a health probe.
 """
@@ -47,7 +53,7 @@ import platformdirs
 import trio
 
 from tokenguard.redis_server import RedisServerSpec, find_redis_binary
-from tokenguard.windows import ENTRY_POINT_GROUP, UnknownStoreScheme
+from tokenguard.windows import ENTRY_POINT_GROUP, UnknownStoreScheme, redact_url
 
 log = logging.getLogger("tokenguard.supervisor")
 
@@ -61,6 +67,14 @@ REDIS_STOP_GRACE = 10.0
 UNIX_PATH_MAX = 107
 """Longest unix socket path Linux accepts (``sun_path`` is 108 bytes with the NUL)."""
 
+STORE_URL_ENV = "TOKENGUARD_STORE_URL"
+"""The environment variable that gives ``serve`` its store URL (``--store`` wins over
+it, it wins over the config's ``[store] url``): how the supervisor tells each node, so
+that a password in the URL is on no command line."""
+
+REGISTRY_SNAPSHOT = "registry.json"
+"""The nodes' registry snapshot, in the state directory (tokenguard/snapshot.py)."""
+
 
 class SupervisorError(Exception):
     """The cluster cannot run as asked; the message says why and what to change."""
@@ -68,6 +82,10 @@ class SupervisorError(Exception):
 
 class StateDirBusy(SupervisorError):
     """Another supervisor (or a child of one, still stopping) holds the state directory."""
+
+
+class StateDirUnsafe(SupervisorError):
+    """The state directory is another user's, or others may write it."""
 
 
 class ChildStartError(SupervisorError):
@@ -90,7 +108,7 @@ def cluster_store_url(explicit: str | None, configured: str | None) -> str | Non
     if explicit is not None:
         if urlsplit(explicit).scheme == "memory":
             raise SupervisorError(
-                f"--store {explicit} cannot be shared by several node processes (each "
+                f"--store {redact_url(explicit)} cannot be shared by several node processes (each "
                 f"would count alone, admitting up to N times every limit); leave --store "
                 f"out to run an embedded redis-server, or give a redis:// URL"
             )
@@ -110,7 +128,9 @@ def check_driver(url: str) -> None:
     installed = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
     if scheme not in installed:
         known = ", ".join(sorted(f"{name}://" for name in installed)) or "none installed"
-        raise UnknownStoreScheme(f"no window-store driver for {url!r}; known schemes: {known}")
+        raise UnknownStoreScheme(
+            f"no window-store driver for {redact_url(url)!r}; known schemes: {known}"
+        )
 
 
 # --- Backoff ---------------------------------------------------------------------------
@@ -543,9 +563,23 @@ def hold_state_dir(state_dir: Path) -> Iterator[int]:
     Yields the lock's file descriptor. Children inherit it (``pass_fds``), so the lock
     stays held until the last of them exits too: a new supervisor cannot start a second
     redis-server on an append-only file an old one is still flushing. Raises
-    :class:`StateDirBusy` naming the holder's pid if the lock is taken.
+    :class:`StateDirBusy` naming the holder's pid if the lock is taken, and
+    :class:`StateDirUnsafe` (before touching anything in it) for a directory another
+    user owns, or that its group or others may write: whoever can write there could
+    replace the registry snapshot (and add keys) or the embedded Redis's data.
     """
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = os.stat(state_dir)
+    if info.st_uid != os.geteuid():
+        raise StateDirUnsafe(
+            f"state dir {state_dir} is owned by uid {info.st_uid}, not by this user "
+            f"(uid {os.geteuid()}); give a --state-dir of your own"
+        )
+    if info.st_mode & 0o022:
+        raise StateDirUnsafe(
+            f"state dir {state_dir} may be written by its group or others (mode "
+            f"{info.st_mode & 0o777:o}); chmod go-w it, or give another --state-dir"
+        )
     lock_path = state_dir / "supervisor.lock"
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -589,6 +623,7 @@ class Supervisor:
     log_to_stdout: bool = False
     admin_port: int | None = None  # node i serves the admin API on admin_port + i
     admin_host: str = "127.0.0.1"
+    registry_snapshot: Path | None = None  # None: STATE_DIR/registry.json
     node_args: tuple[str, ...] = ()
     policy: HealthPolicy = HealthPolicy()
     backoff: Backoff = Backoff()
@@ -633,6 +668,13 @@ class Supervisor:
     @property
     def redis_socket(self) -> Path:
         return self.state_dir / "redis.sock"
+
+    @property
+    def snapshot_path(self) -> Path:
+        """Where every node keeps its view of the key registry (tokenguard/snapshot.py)."""
+        if self.registry_snapshot is not None:
+            return Path(self.registry_snapshot).absolute()
+        return self.state_dir / REGISTRY_SNAPSHOT
 
     @property
     def shared_store_url(self) -> str:
@@ -684,8 +726,8 @@ class Supervisor:
             "--node-id", str(node_id),
             "--host", self.host,
             "--port", str(self.node_port(node_id)),
-            "--store", self.shared_store_url,
             "--grace", str(self.grace),
+            "--registry-snapshot", str(self.snapshot_path),
         ]  # fmt: skip
         if self.config is not None:
             argv += ["--config", str(self.config)]
@@ -703,8 +745,9 @@ class Supervisor:
             probe=lambda: probe_healthz(target, node_id),
             stop_grace=self.grace + NODE_STOP_MARGIN,
             log_path=self._log_path(f"node-{node_id}"),
-            # Unbuffered, so a node's log shows what it did right before a crash.
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # Unbuffered, so a node's log shows what it did right before a crash. The
+            # store URL in the environment, never on the command line (a password).
+            env={**os.environ, "PYTHONUNBUFFERED": "1", STORE_URL_ENV: self.shared_store_url},
             pass_fds=(lock_fd,),
         )
 

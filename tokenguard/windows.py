@@ -29,7 +29,8 @@ from __future__ import annotations
 import abc
 import enum
 import math
-from collections.abc import AsyncIterator, Sequence
+import re
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib.metadata import entry_points
 from typing import Literal, Self
@@ -283,6 +284,22 @@ RegistryExpect = str | None | Literal[_Anything.ANYTHING]
 Registry = dict[tuple[str, str], str]
 """The registry's records: ``(kind, name) -> record`` (JSON text, see tokenguard/keyring.py)."""
 
+EVICTS_NOTHING: tuple[str, ...] = ()
+EVICTABLE = {"allkeys": ("registry", "windows"), "volatile": ("windows",)}
+"""What a server's memory policy (Redis's ``maxmemory-policy``, by its prefix) may evict
+of what a store keeps: every driver gives each window counter and lease set a TTL (it
+leaves when its newest bucket does) and the registry none, so ``volatile-*`` evicts
+counters only and ``allkeys-*`` both; ``noeviction`` refuses writes instead."""
+
+
+def evictable(policy: str | None) -> tuple[str, ...] | None:
+    """What ``policy`` may evict: some of ``("registry", "windows")``; ``()`` for a
+    policy that evicts nothing (``noeviction``, or no server at all: ``None``); ``None``
+    when the policy is not known (``"unknown"``: the server refused to say)."""
+    if policy is None or policy == "noeviction":
+        return EVICTS_NOTHING
+    return EVICTABLE.get(policy.partition("-")[0])
+
 
 def bucket_count(window_ms: int, bucket_ms: int) -> int:
     """How many buckets before the current one a row sums over (``ceil(window/bucket)``).
@@ -293,6 +310,25 @@ def bucket_count(window_ms: int, bucket_ms: int) -> int:
     ``s``; and at most ``window_ms + bucket_ms`` after it.
     """
     return -(-window_ms // bucket_ms)
+
+
+def redact_url(url: str) -> str:
+    """The store URL with every password in it (``user:PASSWORD@``, a
+    ``...password=`` query option) replaced by ``***``: what any log line, printed
+    line, error message or ``store.url`` shows of a store URL. Never raises.
+
+    Query passwords run to the next ``&``; then the user information ends at the last
+    ``@``. So a password holding ``@``, ``/`` or ``?`` (which should be
+    percent-encoded) is hidden whole too: at worst more is hidden, never less.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    rest = re.sub(r"([?&][A-Za-z_]*password=)[^&]*", r"\1***", rest)
+    at = rest.rfind("@")
+    if at >= 0 and ":" in rest[:at]:
+        rest = rest[:at].split(":", 1)[0] + ":***" + rest[at:]
+    return f"{scheme}://{rest}"
 
 
 class WindowStore(abc.ABC):
@@ -312,6 +348,10 @@ class WindowStore(abc.ABC):
     checkpoint: an in-process store). Such a call cannot be cancelled halfway nor slow
     a request, so callers may skip what guards against that (a shielded scope, moving
     a settlement off the request path)."""
+    eviction_policy: str | None = None
+    """What the store's server does when its memory is full (Redis's
+    ``maxmemory-policy``), as last read: ``"unknown"`` when the server refused to say,
+    ``None`` for a store with no server. See :func:`evictable`."""
     last_sent: float = -math.inf
     """When this store last sent calls to its server (``trio.current_time()``); stays
     ``-inf`` for a store with no server. A caller judging the server by how long it
@@ -413,6 +453,12 @@ class WindowStore(abc.ABC):
         """Every record and the version they are at, read atomically."""
         raise StoreError(f"store {self.url} keeps no registry")
 
+    async def registry_get(self, kind: str, name: str) -> str | None:
+        """One record (``None``: there is none). Cheap in drivers that override it;
+        this default reads every record."""
+        _, records = await self.registry_load()
+        return records.get((kind, name))
+
     async def registry_put(
         self, kind: str, name: str, record: str | None, *, expect: RegistryExpect = ANYTHING
     ) -> int | None:
@@ -428,6 +474,15 @@ class WindowStore(abc.ABC):
         """
         raise StoreError(f"store {self.url} keeps no registry")
 
+    # -- what an in-process store holds (the local windows of tokenguard/resilience.py)
+
+    def held_buckets(self) -> Iterator[tuple[str, Row, int, int]]:
+        """``(partition, row, bucket, amount)`` for every bucket with a positive amount
+        still in its window (lease rows not included), so that they can be added,
+        settle-style, into another store. Only a store in this process can say; the
+        default holds nothing."""
+        return iter(())
+
 
 def store_from_url(url: str) -> WindowStore:
     """Find the driver registered for the URL's scheme and build a store from the URL.
@@ -441,7 +496,9 @@ def store_from_url(url: str) -> WindowStore:
         if ep.name == scheme:
             return ep.load().from_url(url)
     known = ", ".join(sorted(f"{ep.name}://" for ep in drivers)) or "none installed"
-    raise UnknownStoreScheme(f"no window-store driver for {url!r}; known schemes: {known}")
+    raise UnknownStoreScheme(
+        f"no window-store driver for {redact_url(url)!r}; known schemes: {known}"
+    )
 
 
 @asynccontextmanager

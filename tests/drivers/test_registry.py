@@ -93,6 +93,19 @@ async def test_writing_what_is_there_succeeds_without_a_write(store: WindowStore
         assert await store.registry_version() == 1
 
 
+async def test_one_record_is_read_alone(store: WindowStore) -> None:
+    """``registry_get``: what the keyring polls the marker with, every 0.25 s."""
+    with trio.fail_after(TEST_TIMEOUT):
+        assert await store.registry_get("meta", "epoch") is None
+        await store.registry_put("meta", "epoch", '{"epoch":"e1"}')
+        await store.registry_put("key", "a/b", "v")
+        assert await store.registry_get("meta", "epoch") == '{"epoch":"e1"}'
+        assert await store.registry_get("key", "a/b") == "v"
+        assert await store.registry_get("key", "a") is None
+        await store.registry_put("meta", "epoch", None)
+        assert await store.registry_get("meta", "epoch") is None
+
+
 async def test_names_and_records_round_trip(store: WindowStore) -> None:
     names = ["a/b/c", "bot@example.com", "x:y+z", "ünïcödé", "k" * 100]
     record = json.dumps({"text": 'é \u2603 "quoted"\n', "n": 1}, ensure_ascii=False)
@@ -173,11 +186,13 @@ async def test_the_guarded_store_passes_the_registry_through(redis_server: Redis
             assert await guarded.registry_put("key", "k", "v", expect=None) == 1
             assert await guarded.registry_load() == (1, {("key", "k"): "v"})
             assert await guarded.registry_version() == 1
+            assert await guarded.registry_get("key", "k") == "v"
             guarded._trip("test: the store is down")  # type: ignore[attr-defined]
             start = trio.current_time()
             for call in (
                 guarded.registry_version(),
                 guarded.registry_load(),
+                guarded.registry_get("key", "k"),
                 guarded.registry_put("key", "k", "w"),
             ):
                 with pytest.raises(StoreError):
@@ -190,6 +205,7 @@ async def test_a_driver_without_a_registry_says_so() -> None:
     class Bare(MemoryStore):
         registry_version = WindowStore.registry_version
         registry_load = WindowStore.registry_load
+        registry_get = WindowStore.registry_get
         registry_put = WindowStore.registry_put
 
     store = Bare()
@@ -198,6 +214,8 @@ async def test_a_driver_without_a_registry_says_so() -> None:
             await store.registry_version()
         with pytest.raises(StoreError, match="keeps no registry"):
             await store.registry_put("key", "k", None)
+        with pytest.raises(StoreError, match="keeps no registry"):
+            await store.registry_get("key", "k")  # (the default reads every record)
 
 
 async def test_two_nodes_keyrings_agree_within_a_second(
@@ -221,7 +239,8 @@ async def test_two_nodes_keyrings_agree_within_a_second(
             await nursery.start(one.run)
             seeded = await one_store.registry_version()
             await nursery.start(two.run)
-            assert await two_store.registry_version() == seeded == 2  # tier t, key a
+            # tier t, key a, then the marker
+            assert await two_store.registry_version() == seeded == 3
             await one.create_key("b", digest_of("sk-b"), tier="t", limits={"tpm": 9})
             start = trio.current_time()
             while two.by_digest(digest_of("sk-b")) is None:  # noqa: ASYNC110
