@@ -5,8 +5,6 @@ A plant is a list of attribute patches on product modules (named in
 after it: the product has no flag for them. Adding one is one entry in :data:`PLANTS`.
 Each one's description says which invariant should catch it.
 
-(``no-marker``, seeding the registry without its marker, joins the list once the
-registry has a marker: one entry patching the seeding to leave it out.)
 """
 
 from __future__ import annotations
@@ -56,6 +54,12 @@ def _whole_limit(self: Any, limit: int) -> int:
     return limit
 
 
+async def _adopt_without_writing(self: Any, records: Any) -> bool:
+    # Seeds and adopts as usual, but never writes the marker.
+    self.marker = records.get(MODULES["keyring"].MARKER)
+    return True
+
+
 PLANTS: dict[str, Plant] = {
     "no-deadline": Plant(
         "store calls have no deadline (no cap, no watchdog): a hung store holds every "
@@ -76,6 +80,12 @@ PLANTS: dict[str, Plant] = {
         "caught by `local-share` / `over-admission`",
         (Patch("resilience", "GuardedStore.share", _whole_limit),),
         frozenset({"local-share", "over-admission"}),
+    ),
+    "no-marker": Plant(
+        "the registry is seeded without its marker, so a store that lost its data is not "
+        "told from one never written: config keys refused; caught by `unknown-key`",
+        (Patch("keyring", "Keyring._adopt_marker", _adopt_without_writing),),
+        frozenset({"unknown-key"}),
     ),
 }
 

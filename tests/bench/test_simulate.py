@@ -21,14 +21,13 @@ from bench.simulate.plants import PLANTS
 from bench.simulate.runner import Options, simulate
 
 ROOT = Path(__file__).resolve().parents[2]
-# The run kept in tox; the store-loss fault is left out until the store-loss fix
-# (issue #14) lands: today it refuses config keys (test_..._store_loss below).
+# The run kept in tox: every fault kind.
 SMALL_RUN_SEEDS = 40
-WITHOUT_STORE_LOSS = parse_kinds("-store-loss")
+ALL_FAULTS = parse_kinds("all")
 
 
 def test_a_small_run_holds_every_invariant_on_this_code():
-    options = Options(minutes=1, faults=WITHOUT_STORE_LOSS)
+    options = Options(minutes=1, faults=ALL_FAULTS)
     for seed in range(SMALL_RUN_SEEDS):
         outcome = simulate(seed, options)
         assert outcome.violation is None, describe(outcome, options, 40)
@@ -37,7 +36,7 @@ def test_a_small_run_holds_every_invariant_on_this_code():
 
 @pytest.mark.parametrize("plant", sorted(PLANTS))
 def test_each_planted_bug_is_found_within_the_default_seeds_and_its_seed_replays(plant):
-    options = Options(minutes=1, faults=WITHOUT_STORE_LOSS, plant=plant)
+    options = Options(minutes=1, faults=ALL_FAULTS, plant=plant)
     caught = None
     for seed in range(DEFAULT_SEEDS):
         outcome = simulate(seed, options)
@@ -52,7 +51,7 @@ def test_each_planted_bug_is_found_within_the_default_seeds_and_its_seed_replays
     assert again.trace_hash == caught.trace_hash
     assert again.violation == caught.violation
     # The same seed without the bug holds.
-    assert simulate(caught.seed, Options(minutes=1, faults=WITHOUT_STORE_LOSS)).violation is None
+    assert simulate(caught.seed, Options(minutes=1, faults=ALL_FAULTS)).violation is None
 
 
 def test_the_same_seed_gives_the_same_trace_hash_twice_and_another_seed_another():
@@ -117,22 +116,11 @@ def test_an_unknown_fault_kind_is_refused_naming_it(text):
 # -- regression seeds: real bugs the simulator found (docs/reliability.md) --------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue #14: after the store comes back empty, nodes load the empty registry "
-    "and refuse every config key as unknown",
-)
 def test_seed_1_keeps_serving_config_keys_through_a_store_loss():
     outcome = simulate(1, Options(minutes=1, faults=("store-loss",)))
     assert outcome.violation is None, outcome.violation
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue #14: a key created through the admin API is gone once the store comes back empty",
-)
 def test_seed_33_keeps_a_created_key_through_a_store_loss():
     outcome = simulate(33, Options(minutes=1))
     assert outcome.violation is None, outcome.violation
