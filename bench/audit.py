@@ -1,6 +1,6 @@
 """The accuracy audit of a load run: pure functions from observed requests to a verdict.
 
-The server's guarantee (:mod:`tokenguard.windows`): for each key and each limited
+The server's guarantee (:mod:`tokenguard.store.window_store`): for each key and each limited
 dimension, within ANY interval of ``window`` seconds (closed: an amount admitted at
 ``t`` is still counted at ``t + window``), the admitted amounts add up to at most the
 limit. This module checks that guarantee from the outside, from what a client saw, and
@@ -103,7 +103,7 @@ from typing import Any
 
 import attrs
 
-from tokenguard.settings import DIMENSIONS, Limits
+from tokenguard.config.settings import DIMENSIONS, Limits
 
 HEADER_NAMES = {
     "requests": "requests",

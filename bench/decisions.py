@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from tokenguard.windows import Row, WindowStore, open_store, store_from_url
+from tokenguard.store.window_store import Row, WindowStore, open_store, store_from_url
 
 DIMENSIONS = ("requests", "input_tokens", "output_tokens")
 

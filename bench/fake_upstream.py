@@ -33,10 +33,10 @@ What a fake guarantees:
   own: a client that reads slowly, stalls or disconnects changes nothing about what is
   generated and billed (llama.cpp and vLLM would stop on a disconnect; a fake that does
   not is the worst case a limiter must survive). A generated token is one word of
-  :data:`tokenguard.mock.WORDS`, one token in both shipped encodings.
+  :data:`tokenguard.upstreams.mock.WORDS`, one token in both shipped encodings.
 
 * **Billed input is a generous, documented measure**, in the model's encoding
-  (:func:`tokenguard.tokens.count_text`): per chat message 3 tokens, plus the tokens of
+  (:func:`tokenguard.counting.tokens.count_text`): per chat message 3 tokens, plus the tokens of
   its ``role``, of its text (a string ``content``, or each text part's ``text``), of
   each other content part as compact JSON (images included, data URLs and all), and of
   every other field of the message as compact JSON (``name``, ``tool_calls`` ...);
@@ -77,9 +77,9 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from tokenguard.logs import Receive, Scope, Send
-from tokenguard.mock import FIRST_WORD, WORDS
-from tokenguard.tokens import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE, count_text
+from tokenguard.counting.tokens import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE, count_text
+from tokenguard.observe.logs import Receive, Scope, Send
+from tokenguard.upstreams.mock import FIRST_WORD, WORDS
 
 FLAVOURS = ("llama", "vllm")
 DEFAULT_CONTEXT_TOKENS = 131072

@@ -56,8 +56,8 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from bench.load import KeySpec, LoadOptions, TokenRange, percentiles, run_load
-from tokenguard.redis_server import RedisServerSpec, run_redis_server, stop_process
-from tokenguard.settings import ADMIN_TOKEN_ENV
+from tokenguard.cluster.redis_server import RedisServerSpec, run_redis_server, stop_process
+from tokenguard.config.settings import ADMIN_TOKEN_ENV
 
 ADMIN_TOKEN = "bench-feed-admin-token-0123456789"
 START_TIMEOUT = 30.0

@@ -2,7 +2,7 @@
 
 ``python -m bench tokens`` counts chat prompts in this process (no HTTP, no store), the
 way a node counts a request's input, in two workloads, each with the count cache
-(:class:`tokenguard.tokens.CountCache`) on and off, taking turns:
+(:class:`tokenguard.counting.tokens.CountCache`) on and off, taking turns:
 
 ``conversation``  one chat growing turn by turn, every request resending the whole
                   history (a long system prompt, then user and assistant messages), as
@@ -24,7 +24,7 @@ from typing import Any
 
 import attrs
 
-from tokenguard import tokens
+from tokenguard.counting import tokens
 
 MODEL = "gpt-4o"
 WORKLOADS = ("conversation", "unique")

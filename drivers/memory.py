@@ -21,8 +21,8 @@ from typing import Self
 import attrs
 import trio
 
-from tokenguard.leases import HeldLeases
-from tokenguard.windows import (
+from tokenguard.store.leases import HeldLeases
+from tokenguard.store.window_store import (
     ANYTHING,
     LEASE_RETRY_SECONDS,
     NOT_RESERVED,
@@ -49,7 +49,7 @@ class _Counter:
     ``total`` is their sum and ``low``/``high`` the oldest and newest bucket kept
     (:data:`_NO_LOW`/:data:`_NO_HIGH` when there is none), maintained on every change
     so that a decision costs O(1) per row, not O(buckets). ``alerted``: the bucket in which the
-    row last crossed its ``alert_at`` (see :attr:`tokenguard.windows.Row.alert_at`).
+    row last crossed its ``alert_at`` (see :attr:`tokenguard.store.window_store.Row.alert_at`).
     ``row``: the row it was made for (its counter, window and buckets are every such
     row's; its limit and amount mean nothing here).
     """
@@ -433,7 +433,7 @@ class MemoryStore(WindowStore):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Drop idle keys' counters every ``sweep_seconds``, so memory follows active keys;
-        renew the leases of live requests (:class:`~tokenguard.leases.HeldLeases`)."""
+        renew the leases of live requests (:class:`~tokenguard.store.leases.HeldLeases`)."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.leases.renew_forever, self.renew)
             task_status.started()

@@ -38,7 +38,7 @@ Guarantees:
   a subscription buffers at most ``SUBSCRIPTION_BUFFER`` messages, then drops new ones
   (``pubsub_dropped``).
 
-* The registry (API keys and tiers, :mod:`tokenguard.keyring`) is one hash and a
+* The registry (API keys and tiers, :mod:`tokenguard.limiting.keyring`) is one hash and a
   version counter under the hash tag ``{registry}``, written and read by
   ``registry_put.lua`` / ``registry_load.lua`` (atomic, one slot: Cluster-safe), sent
   with ``EVAL`` from a thread of its own, off the pipelines. No expiry.
@@ -46,12 +46,12 @@ Guarantees:
   ``EVICTION_POLL`` of the store answering after a lost connection (a restart, a
   failover), and every ``EVICTION_RECHECK`` seconds: ``eviction_policy``, ``"unknown"``
   when the server refuses to say. One that can evict counters or the registry
-  (``volatile-*``, ``allkeys-*``: :func:`tokenguard.windows.evictable`) is logged as a
+  (``volatile-*``, ``allkeys-*``: :func:`tokenguard.store.window_store.evictable`) is logged as a
   warning.
 
 Raises:
 
-* :class:`~tokenguard.windows.StoreError` for every failure of Redis or of the network
+* :class:`~tokenguard.store.window_store.StoreError` for every failure of Redis or of the network
   (connection refused or lost, timeouts, server errors, cluster down), from ``admit``,
   ``settle`` and ``usage``, and from :meth:`RedisStore.run` when the server cannot be
   reached at start. Socket timeouts default to 1 s (``?timeout=``).
@@ -92,8 +92,8 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from tokenguard.leases import HeldLeases
-from tokenguard.windows import (
+from tokenguard.store.leases import HeldLeases
+from tokenguard.store.window_store import (
     ANYTHING,
     NOT_RESERVED,
     Admission,
@@ -705,7 +705,7 @@ def _unpack(reply: bytes) -> tuple[int, ...]:
 class RedisStore(WindowStore):
     """Window store on Redis (standalone, TLS, unix socket, Sentinel or Cluster).
 
-    Use it inside :meth:`run` (or :func:`tokenguard.windows.open_store`). ``calls``
+    Use it inside :meth:`run` (or :func:`tokenguard.store.window_store.open_store`). ``calls``
     counts script calls and ``round_trips`` the pipelines sent for them (a cluster batch
     sends one per node it touches, at once), including script loads and retries.
     """

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import short_tmp_dir
-from tests.redis_servers import (
+from tests.support.processes import short_tmp_dir
+from tests.support.redis_servers import (
     RedisClusterServers,
     RedisServer,
     running_redis_cluster,

@@ -2,6 +2,6 @@
 
 import sys
 
-from tokenguard.cli import main
+from tokenguard.cli.main import main
 
 sys.exit(main())

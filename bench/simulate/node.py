@@ -2,10 +2,10 @@
 
 A :class:`SimNode` is one incarnation of node ``index`` (a crash ends it; the node's
 restart is a new one): its :class:`~bench.simulate.store.FaultyStore` connection to
-the shared store, a :class:`~tokenguard.resilience.GuardedStore` over it (deadlines,
+the shared store, a :class:`~tokenguard.store.guarded.GuardedStore` over it (deadlines,
 breaker, the ``[store] on_store_error`` policy, local windows on the node's own
-clock, which clock skew moves), the :class:`~tokenguard.keyring.Keyring`, and the
-app's :class:`~tokenguard.app.Gateway` (limiter, settler, output reservation) in
+clock, which clock skew moves), the :class:`~tokenguard.limiting.keyring.Keyring`, and the
+app's :class:`~tokenguard.api.app.Gateway` (limiter, settler, output reservation) in
 front of a :class:`Witness` that reports every settlement to the oracle.
 
 :meth:`SimNode.chat` is one chat completion through the gateway as the HTTP handler

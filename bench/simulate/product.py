@@ -11,17 +11,19 @@ from __future__ import annotations
 
 from drivers import memory as memory_driver
 from drivers.memory import MemoryStore
-from tokenguard import keyring as keyring_module
-from tokenguard import resilience as resilience_module
-from tokenguard import settler as settler_module
-from tokenguard.app import Gateway
-from tokenguard.chat import validate_chat
-from tokenguard.errors import APIError
-from tokenguard.feed import OUTGOING_LIMIT, Viewer
-from tokenguard.keyring import KEY, POLL_SECONDS, TIER, KeyRecord, Keyring, KeyringError
-from tokenguard.leases import HeldLeases
-from tokenguard.limiter import TEMPLATE_CACHE, Cost, Decision
-from tokenguard.resilience import (
+from tokenguard.api.app import Gateway
+from tokenguard.api.chat import validate_chat
+from tokenguard.api.errors import APIError
+from tokenguard.config.settings import ApiKey, Settings, digest_of, parse_settings
+from tokenguard.limiting import keyring as keyring_module
+from tokenguard.limiting import settler as settler_module
+from tokenguard.limiting.keyring import KEY, POLL_SECONDS, TIER, KeyRecord, Keyring, KeyringError
+from tokenguard.limiting.limiter import TEMPLATE_CACHE, Cost, Decision
+from tokenguard.limiting.rules import partition_of
+from tokenguard.limiting.settler import Settler
+from tokenguard.observe.feed import OUTGOING_LIMIT, Viewer
+from tokenguard.store import guarded as resilience_module
+from tokenguard.store.guarded import (
     MAX_WAIT_FACTOR,
     SEEN_LIMIT,
     GuardedStore,
@@ -29,10 +31,8 @@ from tokenguard.resilience import (
     UncheckedReservation,
     node_share,
 )
-from tokenguard.rules import partition_of
-from tokenguard.settings import ApiKey, Settings, digest_of, parse_settings
-from tokenguard.settler import Settler
-from tokenguard.windows import (
+from tokenguard.store.leases import HeldLeases
+from tokenguard.store.window_store import (
     ANYTHING,
     CONCURRENT,
     NOT_RESERVED,

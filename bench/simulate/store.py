@@ -6,10 +6,10 @@ registry alike), the faults in effect (:mod:`bench.simulate.faults`), the calls 
 serving, and publish/subscribe between the nodes.
 
 :class:`FaultyStore` is one node's connection to it, a
-:class:`~tokenguard.windows.WindowStore` that the node's guarded store uses as its
+:class:`~tokenguard.store.window_store.WindowStore` that the node's guarded store uses as its
 primary, like the Redis driver: it keeps and renews the leases of its own admissions
-(:class:`~tokenguard.leases.HeldLeases`), tells when it last sent calls
-(``last_sent``), and fails with :class:`~tokenguard.windows.StoreError`. What a call
+(:class:`~tokenguard.store.leases.HeldLeases`), tells when it last sent calls
+(``last_sent``), and fails with :class:`~tokenguard.store.window_store.StoreError`. What a call
 meets, in order:
 
 * the node's own stall: nothing is sent while the node is stalled;

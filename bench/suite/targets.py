@@ -138,7 +138,7 @@ class Target:
             except OSError:
                 continue
             for line in text.splitlines():
-                if "tokenguard.resilience" in line and "WARNING" in line:
+                if "tokenguard.store.guarded" in line and "WARNING" in line:
                     warnings += 1
                     opened += " unavailable (" in line
         return warnings, opened

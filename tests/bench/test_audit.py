@@ -26,10 +26,10 @@ from bench.audit import (
     parse_refusal,
     possible_peak,
 )
-from tokenguard.app import rate_limit_error
-from tokenguard.limiter import Cost, Decision
-from tokenguard.settings import ApiKey, Limits
-from tokenguard.windows import Admission, Row, RowState
+from tokenguard.api.app import rate_limit_error
+from tokenguard.config.settings import ApiKey, Limits
+from tokenguard.limiting.limiter import Cost, Decision
+from tokenguard.store.window_store import Admission, Row, RowState
 
 WINDOW, BUCKET = 60.0, 5.0
 LATENCY = 0.001

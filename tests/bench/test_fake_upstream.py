@@ -20,8 +20,8 @@ from bench.fake_upstream import (
     llama_ask,
     vllm_ask,
 )
-from tests.honest_upstreams import Billed, key_message, running_fake_upstream, take_events
-from tokenguard.tokens import count_chat_prompt, count_text
+from tests.support.honest_upstreams import Billed, key_message, running_fake_upstream, take_events
+from tokenguard.counting.tokens import count_chat_prompt, count_text
 
 CONTEXT = 1000
 PROMPT = 40  # input tokens of the asks below: what fits the context is CONTEXT - PROMPT

@@ -254,11 +254,11 @@ def test_redis_benchmark_csv_and_connection_args() -> None:
 
 
 GUARD_LINES = """\
-2026-11-28 11:56:11,573 node-0 tokenguard.resilience WARNING store call failed (1 in a row; \
+2026-11-28 11:56:11,573 node-0 tokenguard.store.guarded WARNING store call failed (1 in a row; \
 policy local applies): store unix:///s/redis.sock: no answer within 100 ms
-2026-11-28 11:56:11,574 node-0 tokenguard.resilience WARNING store unix:///s/redis.sock \
+2026-11-28 11:56:11,574 node-0 tokenguard.store.guarded WARNING store unix:///s/redis.sock \
 unavailable (store unix:///s/redis.sock: no answer within 100 ms): breaker open
-2026-11-28 11:56:11,575 node-0 tokenguard.feed WARNING usage feed: cannot publish
+2026-11-28 11:56:11,575 node-0 tokenguard.observe.feed WARNING usage feed: cannot publish
 """
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench import tokens as bench_tokens
-from tokenguard import tokens
+from tokenguard.counting import tokens
 
 
 def test_the_workloads_are_what_they_claim() -> None:

@@ -18,9 +18,15 @@ from drivers.memory import MemoryStore
 from drivers.redis import RedisStore
 from tests.drivers import test_window_store as suite
 from tests.drivers.test_window_store import MARGIN_MS, TEST_TIMEOUT, Driver, Harness, leaves
-from tests.test_resilience import guarded
-from tokenguard.resilience import LocalReservation
-from tokenguard.windows import CONCURRENT, LEASE_RETRY_SECONDS, Admission, Row, open_store
+from tests.store.test_guarded import guarded
+from tokenguard.store.guarded import LocalReservation
+from tokenguard.store.window_store import (
+    CONCURRENT,
+    LEASE_RETRY_SECONDS,
+    Admission,
+    Row,
+    open_store,
+)
 
 # The same stores as the window-store suite: its fixtures, by name.
 driver = suite.driver

@@ -28,16 +28,16 @@ from drivers.redis import (
     key_name,
     parse_redis_url,
 )
-from tests.redis_servers import (
+from tests.support.redis_servers import (
     RedisClusterServers,
     RedisServer,
     free_port,
     running_redis_server,
     start_redis_sentinel,
 )
-from tokenguard.limiter import Cost, Limiter
-from tokenguard.settings import ApiKey, Limits, digest_of
-from tokenguard.windows import CONCURRENT, Row, StoreError, open_store, store_from_url
+from tokenguard.config.settings import ApiKey, Limits, digest_of
+from tokenguard.limiting.limiter import Cost, Limiter
+from tokenguard.store.window_store import CONCURRENT, Row, StoreError, open_store, store_from_url
 
 TEST_TIMEOUT = 15.0
 

@@ -12,8 +12,8 @@ import redis.exceptions
 import trio
 
 from drivers.redis import RedisStore, pack_command, reply_reader
-from tests.redis_servers import RedisServer
-from tokenguard.windows import StoreError, open_store
+from tests.support.redis_servers import RedisServer
+from tokenguard.store.window_store import StoreError, open_store
 
 
 @pytest.mark.parametrize(

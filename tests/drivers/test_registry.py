@@ -18,11 +18,11 @@ import trio
 
 from drivers.memory import MemoryStore
 from drivers.redis import REGISTRY_RECORDS, REGISTRY_VERSION, RedisStore
-from tests.redis_servers import RedisClusterServers, RedisServer
-from tokenguard.keyring import Keyring
-from tokenguard.resilience import GuardedStore
-from tokenguard.settings import digest_of, parse_settings
-from tokenguard.windows import StoreError, WindowStore, open_store
+from tests.support.redis_servers import RedisClusterServers, RedisServer
+from tokenguard.config.settings import digest_of, parse_settings
+from tokenguard.limiting.keyring import Keyring
+from tokenguard.store.guarded import GuardedStore
+from tokenguard.store.window_store import StoreError, WindowStore, open_store
 
 TEST_TIMEOUT = 15.0
 

@@ -25,8 +25,8 @@ import trio
 
 from drivers.memory import MemoryStore
 from drivers.redis import RedisStore
-from tests.redis_servers import RedisClusterServers, RedisServer
-from tokenguard.windows import (
+from tests.support.redis_servers import RedisClusterServers, RedisServer
+from tokenguard.store.window_store import (
     NOT_RESERVED,
     Admission,
     Reservation,

@@ -1,0 +1,172 @@
+"""Config validation of the richer limits: windows, total tokens, teams, per-model rules,
+modes. Every error names the file and the dotted key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tokenguard.config.settings import (
+    RULE_FIELDS,
+    ConfigError,
+    Limits,
+    ModelRule,
+    load_settings,
+    parse_settings,
+)
+
+EXAMPLE = """\
+[limits]
+mode = "enforce"            # the default of every tier, team and key
+
+[tiers.pro]
+rpm = 60
+rpd = 5000
+tpm = 90000
+[tiers.pro.models."gpt-4o*"]
+rpm = 20
+
+[teams.research]
+rph = 600
+output_tpd = 2000000
+mode = "shadow"             # try the team's limits on live traffic first
+[teams.research.models."gpt-4.1*"]
+tpd = 500000
+mode = "enforce"
+
+[[keys]]
+key = "sk-alice"
+name = "alice"
+tier = "pro"
+team = "research"
+input_tph = 400000
+models = { "gpt-4o*" = { tpm = 30000 }, "o3*" = { rpd = 50 } }
+"""
+
+
+def parse(doc: dict[str, Any]) -> Any:
+    return parse_settings(doc, "cfg.toml")
+
+
+def error_of(doc: dict[str, Any]) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse(doc)
+    return str(info.value)
+
+
+def test_the_documented_example_parses(tmp_path: Path) -> None:
+    path = tmp_path / "example.toml"
+    path.write_text(EXAMPLE)
+    settings = load_settings(path)
+    (alice,) = settings.keys
+    assert alice.team is not None and alice.team.name == "research"
+    assert alice.team.limits.mode == "shadow"
+    assert alice.team.limits.rules() == [
+        ("requests", "hour", 600),
+        ("output_tokens", "day", 2_000_000),
+    ]
+    assert alice.team.limits.models == (ModelRule("gpt-4.1*", Limits(tpd=500_000), mode="enforce"),)
+    limits = alice.limits
+    assert (limits.rpm, limits.rpd, limits.tpm, limits.input_tph) == (60, 5000, 90000, 400000)
+    assert limits.mode == "enforce"
+    # The tier's rule for gpt-4o* and the key's are merged field by field.
+    assert limits.models == (
+        ModelRule("gpt-4o*", Limits(rpm=20, tpm=30000)),
+        ModelRule("o3*", Limits(rpd=50)),
+    )
+
+
+def test_the_readme_example_is_the_same() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert EXAMPLE in readme
+
+
+def test_every_window_field_is_accepted_and_validated() -> None:
+    assert len(RULE_FIELDS) == 13  # 4 dimensions x 3 windows, and max_concurrent
+    key = parse({"keys": [{"key": "k", "name": "a", **{f: 7 for f in RULE_FIELDS}}]}).keys[0]
+    assert len(key.limits.rules()) == 13
+    for field in ("rph", "output_tpd", "tpm", "max_concurrent"):
+        message = error_of({"keys": [{"key": "k", "name": "a", field: 0}]})
+        assert message == f"cfg.toml: keys[0].{field}: must be at least 1, got 0"
+        message = error_of({"tiers": {"x": {field: "10"}}})
+        assert message == f"cfg.toml: tiers.x.{field}: must be an integer, got '10'"
+    assert "keys[0].rpw: unknown key" in error_of({"keys": [{"key": "k", "name": "a", "rpw": 1}]})
+
+
+def test_modes() -> None:
+    settings = parse(
+        {
+            "limits": {"mode": "shadow"},
+            "tiers": {"t": {"rpm": 1}, "e": {"rpm": 1, "mode": "enforce"}},
+            "keys": [
+                {"key": "k1", "name": "a"},
+                {"key": "k2", "name": "b", "tier": "t"},
+                {"key": "k3", "name": "c", "tier": "e"},
+                {"key": "k4", "name": "d", "tier": "e", "mode": "shadow"},
+            ],
+        }
+    )
+    assert settings.mode == "shadow"
+    assert [k.limits.mode for k in settings.keys] == ["shadow", "shadow", "enforce", "shadow"]
+    assert error_of({"limits": {"mode": "dry-run"}}) == (
+        "cfg.toml: limits.mode: must be one of enforce, shadow, got 'dry-run'"
+    )
+    assert error_of({"teams": {"t": {"mode": "off"}}}).startswith("cfg.toml: teams.t.mode:")
+    assert "keys[0].models.gpt-4o.mode: must be one of" in error_of(
+        {"keys": [{"key": "k", "name": "a", "models": {"gpt-4o": {"rpm": 1, "mode": "x"}}}]}
+    )
+    assert "limits.rpm: unknown key" in error_of({"limits": {"rpm": 3}})
+
+
+def test_teams() -> None:
+    assert error_of({"keys": [{"key": "k", "name": "a", "team": "nope"}]}) == (
+        "cfg.toml: keys[0].team: unknown team 'nope' (known: [])"
+    )
+    assert "teams.a{b}: a team name may only use" in error_of({"teams": {"a{b}": {"rpm": 1}}})
+    assert "teams.a:b: a team name may only use" in error_of({"teams": {"a:b": {"rpm": 1}}})
+    # A team has no output reservation of its own: that is a key's (or tier's).
+    assert "teams.t.default_max_tokens: unknown key" in error_of(
+        {"teams": {"t": {"default_max_tokens": 10}}}
+    )
+    assert "teams.t.tier: unknown key" in error_of({"teams": {"t": {"tier": "x"}}})
+    team = parse({"teams": {"t.1_x-y": {}}}).teams["t.1_x-y"]
+    assert team.limits.rules() == []
+
+
+def test_model_rules() -> None:
+    def rules(models: Any) -> str:
+        return error_of({"keys": [{"key": "k", "name": "a", "models": models}]})
+
+    assert rules({"gpt-4o": {}}) == (
+        "cfg.toml: keys[0].models.gpt-4o: sets no limit (give one of "
+        + ", ".join(RULE_FIELDS)
+        + ")"
+    )
+    assert rules({"gpt-4o": 5}) == "cfg.toml: keys[0].models.gpt-4o: must be a table, got int"
+    assert rules([]) == "cfg.toml: keys[0].models: must be a table, got list"
+    assert "models.gpt-4o.default_max_tokens: unknown key" in rules(
+        {"gpt-4o": {"rpm": 1, "default_max_tokens": 5}}
+    )
+    assert "models.gpt-4o.models: unknown key" in rules({"gpt-4o": {"rpm": 1, "models": {}}})
+    assert "models.'': a model pattern must not be empty" in rules({"": {"rpm": 1}})
+    assert "models.gpt-4o.rpd: must be at least 1" in rules({"gpt-4o": {"rpd": -1}})
+
+
+def test_toml_table_and_inline_forms_are_the_same() -> None:
+    tables = tomllib.loads(
+        '[[keys]]\nkey = "k"\nname = "a"\n[keys.models."gpt-4o*"]\nrpm = 5\n'
+        '[keys.models."o1"]\ntpd = 9\n'
+    )
+    inline = tomllib.loads(
+        '[[keys]]\nkey = "k"\nname = "a"\nmodels = {"gpt-4o*" = {rpm = 5}, "o1" = {tpd = 9}}\n'
+    )
+    assert parse(tables).keys == parse(inline).keys
+
+
+def test_existing_configs_are_unchanged() -> None:
+    key = parse({"keys": [{"key": "k", "name": "a", "rpm": 3, "output_tpm": 9}]}).keys[0]
+    assert key.limits == Limits(rpm=3, output_tpm=9)
+    assert key.team is None and key.limits.models == ()

@@ -1,0 +1,462 @@
+"""Prometheus metrics: a node's ``GET /metrics`` and the supervisor's ``--metrics-port``.
+
+What is shown: the counters move with traffic, exactly (N admitted requests are N in
+``tokenguard_requests_total``, a 429 is one refusal of its dimension, the tokens
+reserved and settled add up to the replies' usage blocks), shadow-mode would-refusals
+and ``on_store_error = "open"`` admissions are counted, store and upstream latency are
+observed, the feed's subscribers and dropped events are read when scraped, the metrics
+token guards the route, and, with real processes, each node of ``serve --nodes 2`` and
+the supervisor serve their metrics, and a node killed with SIGKILL shows up as a
+restart and is up again. Every scrape is parsed with prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from drivers.memory import MemoryStore
+from tests.observe.test_feed import running_node, subscriber
+from tests.store.test_guarded import guarded
+from tests.support.processes import free_ports, running_cluster, write_config
+from tokenguard.api.app import create_app
+from tokenguard.cli import main as cli
+from tokenguard.config.settings import METRICS_TOKEN_ENV, ConfigError, digest_of, parse_settings
+from tokenguard.limiting.limiter import Cost
+from tokenguard.observe.feed import Viewer
+from tokenguard.observe.metrics import BoundedLabel, Metrics, scrape_response, supervisor_registry
+
+TEST_TIMEOUT = 30.0
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "Count the tokens of this request, please."}]
+CONFIG: dict[str, Any] = {
+    "keys": [
+        {"key": "sk-alice", "name": "alice", "rpm": 3, "output_tpm": 10_000},
+        {"key": "sk-bob", "name": "bob", "rpm": 1000},
+        {"key": "sk-shadow", "name": "shade", "rpm": 1, "mode": "shadow"},
+    ],
+}
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    """Every sample of a scrape, by (sample name, labels)."""
+    found: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0 for a series that does not exist (yet)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def node_metric(client: httpx.AsyncClient, url: str, name: str) -> float:
+    """The value of the unlabelled sample ``name`` in the ``/metrics`` of the node at
+    ``url`` (a real process); fails if the node does not report it."""
+    response = await client.get(f"{url}/metrics")
+    assert response.status_code == 200, response.text
+    samples = parse(response.text)
+    assert (name, frozenset()) in samples, f"no {name} in /metrics"
+    return samples[(name, frozenset())]
+
+
+def names(samples: Samples) -> set[str]:
+    return {name for name, _ in samples}
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def scrape(client: Any, headers: dict[str, str] | None = None) -> Samples:
+    answer = await client.get("/metrics", headers=headers or {})
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain; version=")
+    return parse((await answer.get_data()).decode())
+
+
+async def chat(client: Any, key: str, **body: Any) -> Any:
+    payload = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20, **body}
+    return await client.post(CHAT, json=payload, headers=auth(key))
+
+
+def usage_of_stream(text: str) -> dict[str, int]:
+    """The usage chunk of a streamed reply (``include_usage``)."""
+    for line in text.splitlines():
+        if line.startswith("data: {") and '"usage":{' in line:
+            usage = json.loads(line.removeprefix("data: "))["usage"]
+            if usage:
+                return usage
+    raise AssertionError(f"no usage chunk in {text!r}")
+
+
+# --- in one process: the app and the memory store -----------------------------------------
+
+
+async def test_the_counters_move_with_traffic_exactly() -> None:
+    app = create_app(parse_settings(CONFIG, "<test>", environ={}), MemoryStore())
+    client = app.test_client()
+    before = await scrape(client)
+    assert value(before, "tokenguard_requests_total", path=CHAT, status="200", key="alice") == 0
+    assert value(before, "tokenguard_node_info", node="0") == 1
+
+    prompt = completion = 0
+    for stream in (False, True, False):
+        # (quart's test client buffers only a few chunks of a stream: a short one.)
+        extra = {"stream": True, "stream_options": {"include_usage": True}, "max_tokens": 5}
+        answer = await chat(client, "sk-alice", **(extra if stream else {}))
+        assert answer.status_code == 200
+        if stream:
+            usage = usage_of_stream((await answer.get_data()).decode())
+        else:
+            usage = (await answer.get_json())["usage"]
+        prompt += usage["prompt_tokens"]
+        completion += usage["completion_tokens"]
+    refused = await chat(client, "sk-alice")
+    assert refused.status_code == 429
+    assert (await client.post(CHAT, json={}, headers=auth("sk-wrong"))).status_code == 401
+    assert (await client.get("/no/such/path")).status_code == 404
+
+    after = await scrape(client)
+    requests = "tokenguard_requests_total"
+    assert value(after, requests, path=CHAT, status="200", key="alice") == 3
+    assert value(after, requests, path=CHAT, status="429", key="alice") == 1
+    assert value(after, requests, path=CHAT, status="401", key="") == 1
+    assert value(after, requests, path="other", status="404", key="") == 1
+    assert value(after, requests, path="/metrics", status="200", key="") == 1  # the first
+    assert value(after, "tokenguard_request_duration_seconds_count", path=CHAT) == 5
+    assert value(after, "tokenguard_admitted_total", key="alice") == 3
+    assert value(after, "tokenguard_rejected_total", key="alice", dimension="requests") == 1
+    reserved = "tokenguard_tokens_reserved_total"
+    assert value(after, reserved, key="alice", direction="input") == prompt
+    assert value(after, reserved, key="alice", direction="output") == 20 + 5 + 20
+    settled = "tokenguard_tokens_settled_total"
+    assert value(after, settled, key="alice", direction="output") == completion
+    assert completion > 0
+    # Label values are key names, never keys.
+    text = (await (await client.get("/metrics")).get_data()).decode()
+    assert "sk-alice" not in text and "sk-wrong" not in text
+
+
+async def test_remembered_prompt_counts_are_counted() -> None:
+    """A long message sent twice is counted once: the second time is a hit."""
+    app = create_app(parse_settings(CONFIG, "<test>", environ={}), MemoryStore())
+    client = app.test_client()
+    before = await scrape(client)
+    long = "Remember this system prompt, every turn of the chat sends it again. " * 8
+    messages = [{"role": "system", "content": long}, {"role": "user", "content": "Hi"}]
+    for _ in range(2):
+        answer = await chat(client, "sk-alice", messages=messages)
+        assert answer.status_code == 200
+    after = await scrape(client)
+    hits, misses = (
+        value(after, f"tokenguard_token_count_cache_{n}_total")
+        - value(before, f"tokenguard_token_count_cache_{n}_total")
+        for n in ("hits", "misses")
+    )
+    assert (hits, misses) in ((1, 1), (2, 0))  # ((2, 0): a rerun in this process)
+    assert value(after, "tokenguard_token_count_cache_entries") >= 1
+
+
+async def test_shadow_mode_would_refusals_are_counted_by_dimension() -> None:
+    client = create_app(parse_settings(CONFIG, "<test>", environ={}), MemoryStore()).test_client()
+    for _ in range(3):
+        assert (await chat(client, "sk-shadow")).status_code == 200
+    samples = await scrape(client)
+    shadow = "tokenguard_shadow_refusals_total"
+    assert value(samples, shadow, key="shade", dimension="requests") == 2
+    assert value(samples, "tokenguard_admitted_total", key="shade") == 3
+    assert value(samples, "tokenguard_rejected_total", key="shade", dimension="requests") == 0
+
+
+async def test_near_limit_crossings_and_concurrency_refusals_are_counted() -> None:
+    config = {
+        "limits": {"near_limit_ratio": 0.5},
+        "keys": [{"key": "sk-near", "name": "near", "rpm": 6, "max_concurrent": 1}],
+    }
+    app = create_app(parse_settings(config, "<test>", environ={}), MemoryStore())
+    client = app.test_client()
+    crossings = "tokenguard_near_limit_crossings_total"
+    for _ in range(2):  # one at a time: each lease is given back when its reply ends
+        assert (await chat(client, "sk-near")).status_code == 200
+    assert value(await scrape(client), crossings, dimension="requests") == 0  # 2 of 6
+    assert (await chat(client, "sk-near")).status_code == 200  # 3 of 6: crossed
+    gateway = app.extensions["tokenguard"]
+    held = await gateway.limiter.admit(gateway.settings.keys[0], Cost(requests=1), "gpt-4o")
+    assert held.admitted  # the 4th request, in flight: it holds the only lease
+    refused = await chat(client, "sk-near")
+    assert refused.status_code == 429
+    samples = await scrape(client)
+    assert value(samples, crossings, dimension="requests") >= 1
+    assert value(samples, "tokenguard_rejected_total", key="near", dimension="concurrent") == 1
+
+
+async def test_the_metrics_token_guards_the_route() -> None:
+    token = "a-metrics-token-of-some-length"
+    settings = parse_settings({**CONFIG, "metrics": {"token": token}}, "<test>", environ={})
+    client = create_app(settings, MemoryStore()).test_client()
+    for headers in ({}, auth("wrong-token"), auth("sk-bob"), {"Authorization": token}):
+        answer = await client.get("/metrics", headers=headers)
+        assert answer.status_code == 401, headers
+        error = (await answer.get_json())["error"]
+        assert error["code"] == "invalid_metrics_token" and "metrics token" in error["message"]
+    samples = await scrape(client, auth(token))
+    assert value(samples, "tokenguard_node_info", node="0") == 1
+
+
+def test_the_metrics_token_setting() -> None:
+    env_token = "from-the-environment-0123"
+    settings = parse_settings({"metrics": {"token": "x" * 16}}, "<t>", environ={})
+    assert settings.metrics.token_digest is not None and "x" * 16 not in repr(settings)
+    overridden = parse_settings({}, "<t>", environ={METRICS_TOKEN_ENV: env_token})
+    assert overridden.metrics.token_digest not in (None, settings.metrics.token_digest)
+    assert parse_settings({}, "<t>", environ={}).metrics.token_digest is None
+    with pytest.raises(ConfigError, match=r"<t>: metrics\.token: .* at least 16"):
+        parse_settings({"metrics": {"token": "short"}}, "<t>", environ={})
+    with pytest.raises(ConfigError, match=r"<t>: metrics\.tokens: unknown key"):
+        parse_settings({"metrics": {"tokens": "x" * 16}}, "<t>", environ={})
+
+
+async def test_store_calls_and_open_policy_admissions_are_counted(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    config = {"store": {"url": "redis://127.0.0.1:1/0"}, "keys": CONFIG["keys"][1:2]}
+    async with guarded("open") as (store, primary):
+        client = create_app(parse_settings(config, "<test>", environ={}), store).test_client()
+        assert (await chat(client, "sk-bob")).status_code == 200
+        samples = await scrape(client)
+        assert value(samples, "tokenguard_store_call_seconds_count", operation="admit") == 1
+        assert value(samples, "tokenguard_store_breaker_open") == 0
+        assert value(samples, "tokenguard_store_policy_info", policy="open") == 1
+        primary.mode = "fail"
+        for _ in range(5):
+            assert (await chat(client, "sk-bob")).status_code == 200
+        samples = await scrape(client)
+        assert value(samples, "tokenguard_store_fail_open_admissions_total") == 5
+        assert value(samples, "tokenguard_store_breaker_open") == 1
+        assert value(samples, "tokenguard_store_breaker_openings_total") == 1
+        assert value(samples, "tokenguard_store_failures_total") == 3  # then the breaker
+        assert value(samples, "tokenguard_admitted_total", key="bob") == 6
+        # Failed calls are failures, not latencies.
+        assert value(samples, "tokenguard_store_call_seconds_count", operation="admit") == 1
+
+
+async def test_a_memory_store_node_has_no_store_metrics() -> None:
+    client = create_app(parse_settings(CONFIG, "<test>", environ={}), MemoryStore()).test_client()
+    assert not any(name.startswith("tokenguard_store_") for name in names(await scrape(client)))
+
+
+# --- a real node (hypercorn, websockets) ---------------------------------------------------
+
+
+async def test_feed_subscribers_and_dropped_events_are_read_when_scraped() -> None:
+    admin = "admin-token-for-the-metrics-tests"
+    config = {**CONFIG, "feed": {"admin_token": admin, "backlog": 2}}
+    settings = parse_settings(config, "<test>", environ={})
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_node(settings) as node, httpx.AsyncClient(base_url=node.url) as http:
+
+            async def metrics() -> Samples:
+                answer = await http.get("/metrics")
+                assert answer.status_code == 200
+                return parse(answer.text)
+
+            assert value(await metrics(), "tokenguard_feed_subscribers") == 0
+            async with subscriber(node.ws_url, "sk-bob") as ws:
+                await ws.get_message()  # "ready": the subscription is registered
+                assert value(await metrics(), "tokenguard_feed_subscribers") == 1
+            # The server notices the close (a scrape is the only thing to wait on).
+            while value(await metrics(), "tokenguard_feed_subscribers") != 0:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+            # A subscriber that takes nothing: its backlog of 2 overflows.
+            with node.feed.subscription(Viewer("admin")) as stuck:
+                for _ in range(4):
+                    answer = await http.post(
+                        CHAT,
+                        json={"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 5},
+                        headers=auth("sk-bob"),
+                    )
+                    assert answer.status_code == 200
+                # 8 events (admitted + settled per request), 2 kept: a counter to watch.
+                while stuck.dropped_total < 6:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+                live = stuck.dropped_total
+                dropped = value(
+                    await metrics(), "tokenguard_feed_dropped_events_total", stage="subscriber"
+                )
+                assert dropped == stuck.dropped_total
+            # Counted still once the subscriber is gone.
+            samples = await metrics()
+            assert (
+                value(samples, "tokenguard_feed_dropped_events_total", stage="subscriber") >= live
+            )
+            assert value(samples, "tokenguard_feed_dropped_events_total", stage="publish") == 0
+
+
+async def test_upstream_failures_are_counted_by_model_and_outcome() -> None:
+    port = free_ports()  # nothing listens there: every forward is a connection error
+    config = {**CONFIG, "upstream": {"base_url": f"http://127.0.0.1:{port}/v1"}}
+    settings = parse_settings(config, "<test>", environ={})
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_node(settings) as node, httpx.AsyncClient(base_url=node.url) as http:
+            body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 5}
+            for _ in range(2):
+                answer = await http.post(CHAT, json=body, headers=auth("sk-bob"))
+                assert answer.status_code == 502
+            samples = parse((await http.get("/metrics")).text)
+    errors = "tokenguard_upstream_errors_total"
+    assert value(samples, errors, model="gpt-4o", outcome="connect_error") == 2
+    seconds = "tokenguard_upstream_request_seconds_count"
+    assert value(samples, seconds, model="gpt-4o", outcome="connect_error") == 2
+    assert value(samples, "tokenguard_requests_total", path=CHAT, status="502", key="bob") == 2
+
+
+# --- values and the raw scrape endpoint -----------------------------------------------------
+
+
+def test_model_labels_are_bounded() -> None:
+    label = BoundedLabel(limit=2)
+    assert [label(m) for m in ("a", "b", "c", "a", "d", "b")] == [
+        "a",
+        "b",
+        "other",
+        "a",
+        "other",
+        "b",
+    ]
+    metrics = Metrics(node_id=3, store=MemoryStore())
+    for i in range(100):
+        metrics.upstream_result(f"model-{i}", 0.01, "timeout")
+    samples = parse(metrics.exposition().decode())
+    models = {
+        dict(labels)["model"]
+        for name, labels in samples
+        if name == "tokenguard_upstream_errors_total"
+    }
+    assert len(models) == 51 and "other" in models
+
+
+def test_the_raw_scrape_endpoint_answers_only_get_metrics() -> None:
+    class Nodes:
+        nodes = 2
+        node_children: list[Any] = []
+        redis_child = None
+
+    registry = supervisor_registry(Nodes())  # type: ignore[arg-type]
+
+    def status(head: bytes, digest: str | None = None) -> bytes:
+        return scrape_response(head, registry, digest).split(b"\r\n", 1)[0]
+
+    assert status(b"GET /metrics HTTP/1.1\r\nHost: x") == b"HTTP/1.1 200 OK"
+    assert status(b"GET /metrics?x=1 HTTP/1.0") == b"HTTP/1.1 200 OK"
+    assert status(b"GET / HTTP/1.1") == b"HTTP/1.1 404 Not Found"
+    assert status(b"POST /metrics HTTP/1.1") == b"HTTP/1.1 405 Method Not Allowed"
+    assert status(b"garbage") == b"HTTP/1.1 400 Bad Request"
+    digest = digest_of("the-supervisor-token")
+    assert status(b"GET /metrics HTTP/1.1", digest) == b"HTTP/1.1 401 Unauthorized"
+    good = b"GET /metrics HTTP/1.1\r\nAuthorization: Bearer the-supervisor-token"
+    assert status(good, digest) == b"HTTP/1.1 200 OK"
+    head = scrape_response(b"HEAD /metrics HTTP/1.1", registry, None)
+    assert head.endswith(b"\r\n\r\n")  # no body
+
+
+# --- real processes: serve --nodes 2 --metrics-port -----------------------------------------
+
+
+async def poll(url: str, until: Any, client: httpx.AsyncClient) -> Samples:
+    """Scrape ``url`` until ``until(samples)`` holds (the caller bounds the time)."""
+    while True:
+        try:
+            answer = await client.get(url)
+            if answer.status_code == 200:
+                samples = parse(answer.text)
+                if until(samples):
+                    return samples
+        except httpx.TransportError:
+            pass
+        await trio.sleep(0.1)
+
+
+@pytest.mark.slow
+async def test_a_cluster_serves_node_and_supervisor_metrics_and_counts_restarts(
+    workdir: Path,
+) -> None:
+    config = write_config(
+        workdir / "tokenguard.toml",
+        '[[keys]]\nkey = "sk-cluster"\nname = "cluster"\nrpm = 1000\n',
+    )
+    metrics_port = free_ports()
+    with trio.fail_after(90):
+        async with (
+            running_cluster(
+                workdir / "state",
+                nodes=2,
+                config=config,
+                args=["--metrics-port", str(metrics_port)],
+            ) as cluster,
+            httpx.AsyncClient(timeout=5) as http,
+        ):
+            supervisor_url = f"http://127.0.0.1:{metrics_port}/metrics"
+            assert f"127.0.0.1:{metrics_port}/metrics" in cluster.supervisor.output()
+            for i, url in enumerate(cluster.urls):
+                answer = await http.post(
+                    url + CHAT,
+                    json={"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 5},
+                    headers=auth("sk-cluster"),
+                )
+                assert answer.status_code == 200
+                samples = parse((await http.get(url + "/metrics")).text)
+                assert value(samples, "tokenguard_node_info", node=str(i)) == 1
+                requests = "tokenguard_requests_total"
+                assert value(samples, requests, path=CHAT, status="200", key="cluster") == 1
+                # The nodes share the embedded Redis through a GuardedStore: timed.
+                count = "tokenguard_store_call_seconds_count"
+                assert value(samples, count, operation="admit") == 1
+                assert value(samples, "tokenguard_store_breaker_open") == 0
+
+            up, restarts = (
+                "tokenguard_supervisor_node_up",
+                "tokenguard_supervisor_node_restarts_total",
+            )
+            samples = await poll(
+                supervisor_url,
+                lambda s: all(value(s, up, node=n) == 1 for n in ("0", "1")),
+                http,
+            )
+            assert value(samples, restarts, node="1") == 0
+            assert value(samples, "tokenguard_supervisor_redis_up") == 1
+            assert value(samples, "tokenguard_supervisor_nodes") == 2
+            assert (await http.get(supervisor_url.replace("/metrics", "/"))).status_code == 404
+
+            os.kill(cluster.node_pid(1), signal.SIGKILL)
+            samples = await poll(
+                supervisor_url,
+                lambda s: value(s, restarts, node="1") == 1 and value(s, up, node="1") == 1,
+                http,
+            )
+            assert value(samples, restarts, node="0") == 0
+            assert value(samples, up, node="0") == 1
+            # The new node 1 counts from zero.
+            fresh = parse((await http.get(cluster.urls[1] + "/metrics")).text)
+            requests = "tokenguard_requests_total"
+            assert value(fresh, requests, path=CHAT, status="200", key="cluster") == 0
+
+
+def test_metrics_port_needs_a_supervisor(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--metrics-port", "9100"])
+    assert exit_info.value.code == 2
+    assert "--metrics-port needs --nodes > 1" in capsys.readouterr().err

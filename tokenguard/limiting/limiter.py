@@ -1,0 +1,388 @@
+"""The limiter: turns a key's rules and a request's cost into store rows, and back.
+
+Admission reserves, for one request, 1 request, its counted input tokens and its
+worst-case output tokens (``max_tokens`` x ``n``) in every row that applies to it (the
+key's limits over every window, its team's, the per-model rules that match: see
+:mod:`tokenguard.limiting.rules`), all or nothing, in one store call. Settlement later refunds
+the output tokens the reply did not use, into the very buckets that were charged, in
+every output and total-tokens row. The limiter knows nothing of HTTP or of any driver:
+it talks to a :class:`~tokenguard.store.window_store.WindowStore`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import attrs
+
+from tokenguard.config.settings import DEFAULT_LEASE_SECONDS, ApiKey
+from tokenguard.limiting.rules import RowTemplate, partition_of, templates
+from tokenguard.store.window_store import (
+    NOT_RESERVED,
+    Admission,
+    Reservation,
+    Row,
+    RowState,
+    WindowStore,
+)
+
+# (key, model) -> row templates; cleared when it grows past this (models are client input).
+TEMPLATE_CACHE = 4096
+
+
+@attrs.frozen
+class Cost:
+    """What one request asks for in each dimension."""
+
+    requests: int = 1
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    @property
+    def concurrent(self) -> int:
+        """A request takes one lease in each ``max_concurrent`` row."""
+        return 1
+
+    def amount(self, dimension: str) -> int:
+        return getattr(self, dimension)
+
+
+@attrs.frozen
+class Decision:
+    """A request's admission, by row; the refusal (if any) and how to settle it.
+
+    In shadow mode (rows with ``enforce=False``) a request may be admitted although
+    enforcing would have refused it: :attr:`would_refuse`, with the row that would have
+    refused in :attr:`shadow_refusal` (for the feed's ``would_reject`` events, metrics
+    and logs).
+    """
+
+    key: ApiKey
+    cost: Cost
+    admission: Admission
+    model: str | None = None
+
+    @property
+    def admitted(self) -> bool:
+        return self.admission.admitted
+
+    @property
+    def reservation(self) -> Reservation | None:
+        return self.admission.reservation
+
+    def state(self, dimension: str) -> RowState | None:
+        """The first row of ``dimension``: the key's own, per [window], when it has one."""
+        for s in self.admission.states:
+            if s.row.dimension == dimension:
+                return s
+        return None
+
+    @property
+    def refusal(self) -> RowState | None:
+        """The refusing (enforced) row that waits longest (a never-fitting one first)."""
+        return _longest_wait(self.admission.refusing)
+
+    @property
+    def would_refuse(self) -> bool:
+        """Admitted only because the rows that refused are in shadow mode."""
+        return self.admission.would_refuse
+
+    @property
+    def shadow_refusal(self) -> RowState | None:
+        """The shadow row that would have refused, waiting longest; ``None`` if none."""
+        return _longest_wait(self.admission.shadow_refusing)
+
+    @property
+    def near_limits(self) -> tuple[RowState, ...]:
+        """The rows whose near-limit mark this admission crossed first in their window
+        (cluster-wide: the store tells one admission per window and counter)."""
+        return tuple(s for s in self.admission.states if s.near_limit)
+
+
+def _longest_wait(refusing: tuple[RowState, ...]) -> RowState | None:
+    if not refusing:
+        return None
+    never = [s for s in refusing if s.never_fits]
+    if never:
+        return never[0]
+    return max(refusing, key=lambda s: s.retry_after or 0.0)
+
+
+class Limiter:
+    """Admission and settlement of requests against one window store.
+
+    ``window_seconds``/``bucket_seconds`` are the per-minute ([window]) rules' window;
+    hour and day rules have fixed windows (:mod:`tokenguard.limiting.rules`); ``lease_seconds``
+    is the lease time of ``max_concurrent``; ``near_limit_ratio`` where enforced rows
+    signal that they are nearly used up (0: never). ``shadow_refusals`` counts
+    admissions that shadow mode let through; ``near_limit_crossings`` counts, per
+    dimension, the near-limit marks this node's admissions crossed first.
+    """
+
+    def __init__(
+        self,
+        store: WindowStore,
+        *,
+        window_seconds: int,
+        bucket_seconds: int,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        near_limit_ratio: float = 0.0,
+    ) -> None:
+        self.store = store
+        self.window_seconds = window_seconds
+        self.bucket_seconds = bucket_seconds
+        self.lease_seconds = lease_seconds
+        self.near_limit_ratio = near_limit_ratio
+        self.shadow_refusals = 0
+        self.near_limit_crossings: dict[str, int] = {}
+        self._templates: dict[tuple[int, str | None], tuple[ApiKey, tuple[RowTemplate, ...]]] = {}
+
+    def templates(self, key: ApiKey, model: str | None = None) -> tuple[RowTemplate, ...]:
+        """The rows (without amounts) a request of ``key`` for ``model`` is checked
+        against; cached per key object and model."""
+        cache_key = (id(key), model)
+        cached = self._templates.get(cache_key)
+        if cached is not None and cached[0] is key:
+            return cached[1]
+        if len(self._templates) >= TEMPLATE_CACHE:
+            self._templates.clear()
+        found = templates(
+            key,
+            model,
+            window_ms=self.window_seconds * 1000,
+            bucket_ms=self.bucket_seconds * 1000,
+            lease_ms=max(1, round(self.lease_seconds * 1000)),
+            near_limit_ratio=self.near_limit_ratio,
+        )
+        self._templates[cache_key] = (key, found)
+        return found
+
+    def rows(self, key: ApiKey, cost: Cost | None = None, model: str | None = None) -> list[Row]:
+        """One row per limit that applies (unlimited dimensions have none)."""
+        return [t.row(cost.amount(t.dimension) if cost else 0) for t in self.templates(key, model)]
+
+    def output_cap(
+        self, key: ApiKey, model: str | None = None, input_tokens: int = 0
+    ) -> int | None:
+        """The most output tokens any request of ``key`` for ``model`` could ever be
+        admitted with: the smallest enforced output limit, or total-tokens limit less
+        the input. ``None``: no enforced limit on output."""
+        caps = [
+            t.limit if t.dimension == "output_tokens" else t.limit - input_tokens
+            for t in self.templates(key, model)
+            if t.enforce and t.dimension in ("output_tokens", "total_tokens")
+        ]
+        return min(caps, default=None)
+
+    async def precheck(self, key: ApiKey, model: str | None = None) -> Decision | None:
+        """The refusal an admission of ``key`` for ``model`` is certain to get, whatever
+        its tokens, or ``None`` when it may fit; nothing is consumed. One
+        :meth:`~tokenguard.store.window_store.WindowStore.usage` read of the key's rows, asking 1
+        request and 1 lease (``max_concurrent``) and 0 tokens: it refuses a key with no
+        room for one more request, or already above a token limit (its ``retry_after``
+        is then when the key is back at the limit: the admission itself may have to
+        wait longer). Worth a store call only for a request whose tokens are costly to
+        count."""
+        cost = Cost(requests=1)
+        states = await self.store.usage(partition_of(key), self.rows(key, cost, model))
+        admission = Admission(admitted=False, states=states)
+        if not admission.refusing:
+            return None
+        return Decision(key=key, cost=cost, admission=admission, model=model)
+
+    async def admit(self, key: ApiKey, cost: Cost, model: str | None = None) -> Decision:
+        admission = await self.store.admit(partition_of(key), self.rows(key, cost, model))
+        if admission.would_refuse:
+            self.shadow_refusals += 1
+        if admission.admitted:
+            for state in admission.states:
+                if state.near_limit:
+                    dimension = state.row.dimension
+                    self.near_limit_crossings[dimension] = (
+                        self.near_limit_crossings.get(dimension, 0) + 1
+                    )
+        return Decision(key=key, cost=cost, admission=admission, model=model)
+
+    async def settle(
+        self, decision: Decision, *, output_tokens: int, input_tokens: int | None = None
+    ) -> None:
+        """Correct the reservation to what the request really used, and release its
+        lease (``max_concurrent``): call it once the request has ended, stream included.
+
+        ``output_tokens`` replaces the reserved worst case (usually a refund) in every
+        output and total-tokens row; ``input_tokens``, when given, replaces the counted
+        prompt size in every input and total-tokens row. Nothing happens for a refused
+        request, nor for rows that were not consumed (shadow rows that did not fit).
+        """
+        reservation = decision.reservation
+        if reservation is None:
+            return
+        cost = decision.cost
+        output_delta = output_tokens - cost.output_tokens
+        input_delta = 0 if input_tokens is None else input_tokens - cost.input_tokens
+        by_dimension = {
+            "output_tokens": output_delta,
+            "input_tokens": input_delta,
+            "total_tokens": output_delta + input_delta,
+        }
+        deltas = [
+            by_dimension.get(row.dimension, 0) if bucket != NOT_RESERVED else 0
+            for row, bucket in zip(reservation.rows, reservation.buckets, strict=True)
+        ]
+        if any(deltas) or reservation.lease is not None:
+            await self.store.settle(reservation, deltas)
+
+    async def usage(self, key: ApiKey, model: str | None = None) -> tuple[RowState, ...]:
+        return await self.store.usage(partition_of(key), self.rows(key, model=model))
+
+
+def tightest_by_dimension(states: Iterable[RowState]) -> dict[str, RowState]:
+    """Per dimension, the tightest enforced row (over every scope and window): what a
+    client is told about that dimension. Dimensions without a row are absent."""
+    return _tightest_with_shares(states)[0]
+
+
+def _tightest_with_shares(
+    states: Iterable[RowState],
+) -> tuple[dict[str, RowState], dict[str, float]]:
+    # On every response: the share of its limit each row has left, computed once per
+    # row without the properties (on a tie, the first row in order wins).
+    out: dict[str, RowState] = {}
+    shares: dict[str, float] = {}
+    for s in states:
+        row = s.row
+        if not row.enforce:
+            continue
+        limit = row.limit
+        left = limit - s.used
+        share = left / limit if left > 0 else 0.0
+        dimension = row.dimension
+        best = shares.get(dimension)
+        if best is None or share < best:
+            out[dimension] = s
+            shares[dimension] = share
+    return out, shares
+
+
+# --- OpenAI's rate-limit headers ----------------------------------------------------------
+
+
+# The text of each millisecond count's fraction of a second: "" for 0, ".25" for 250
+# (formatting it per header, on every response, cost more than the rest).
+_FRACTIONS = ("",) + tuple(f".{ms:03d}".rstrip("0") for ms in range(1, 1000))
+
+
+def openai_duration(seconds: float) -> str:
+    """Format a duration as OpenAI does in ``x-ratelimit-reset-*``: ``6m0s``, ``1s``, ``250ms``.
+
+    Rounded up to the millisecond, so a client that waits this long is never early.
+    """
+    # (Less a nanosecond's share: a float like 250.00000000003 ms is 250 ms, not 251.)
+    ms = math.ceil(seconds * 1000 - 1e-6)
+    if ms <= 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    whole, fraction = divmod(rest, 1000)
+    text = f"{whole}{_FRACTIONS[fraction]}s"
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    if minutes:
+        return f"{minutes}m{text}"
+    return text
+
+
+_HEADER_NAMES = {
+    "requests": "requests",
+    "input_tokens": "input-tokens",
+    "output_tokens": "output-tokens",
+}
+
+
+# Per header family (a dimension, or "tokens"): its three names, formatted once.
+_HEADER_TRIPLES = {
+    name: (
+        f"x-ratelimit-limit-{name}",
+        f"x-ratelimit-remaining-{name}",
+        f"x-ratelimit-reset-{name}",
+    )
+    for name in (*_HEADER_NAMES.values(), "tokens")
+}
+
+
+# The same names as ASGI header names (bytes): the hot path's form.
+_RAW_TRIPLES = {
+    name: tuple(header.encode("ascii") for header in triple)
+    for name, triple in _HEADER_TRIPLES.items()
+}
+_RAW_TRIPLES_BY_DIMENSION = {
+    dimension: _RAW_TRIPLES[name] for dimension, name in _HEADER_NAMES.items()
+}
+# The dimensions whose tightest row the ``*-tokens`` headers report.
+_TOKEN_DIMENSIONS = frozenset(("input_tokens", "output_tokens", "total_tokens"))
+
+
+def ratelimit_header_fields(states: tuple[RowState, ...]) -> list[tuple[bytes, bytes]]:
+    """OpenAI's ``x-ratelimit-*`` headers for a request's rows, as ASGI header pairs
+    (lowercase ASCII names and values, as bytes): what every admitted request's
+    response carries, built without a str-to-bytes step per header.
+
+    Each header reports the tightest enforced row of its dimension over every scope and
+    window (the smallest share of its limit remaining): ``*-requests`` of the request
+    rows, ``*-input-tokens`` and ``*-output-tokens`` of theirs, and ``*-tokens`` of the
+    input, output and total-tokens rows together. Shadow rows are never reported;
+    unlimited dimensions have no headers.
+    """
+    fields: list[tuple[bytes, bytes]] = []
+    by_dimension, shares = _tightest_with_shares(states)
+    tokens: RowState | None = None
+    tokens_share = 0.0
+    tokens_values: tuple[bytes, bytes, bytes] | None = None
+    for dimension, state in by_dimension.items():
+        triple = _RAW_TRIPLES_BY_DIMENSION.get(dimension)
+        values = None
+        if triple is not None:
+            values = _header_values(state)
+            fields += _paired(triple, values)
+        if dimension in _TOKEN_DIMENSIONS:
+            share = shares[dimension]
+            if tokens is None or share < tokens_share:
+                # The tokens family usually repeats a dimension's row: formatted once.
+                tokens, tokens_share, tokens_values = state, share, values
+    if tokens is not None:
+        fields += _paired(_RAW_TRIPLES["tokens"], tokens_values or _header_values(tokens))
+    return fields
+
+
+def _paired(
+    names: tuple[bytes, ...], values: tuple[bytes, bytes, bytes]
+) -> tuple[tuple[bytes, bytes], ...]:
+    return (names[0], values[0]), (names[1], values[1]), (names[2], values[2])
+
+
+def _header_values(state: RowState) -> tuple[bytes, bytes, bytes]:
+    limit = state.row.limit
+    left = limit - state.used
+    reset = openai_duration(state.reset_after).encode("ascii")
+    return b"%d" % limit, b"%d" % left if left > 0 else b"0", reset
+
+
+def ratelimit_headers(states: tuple[RowState, ...]) -> dict[str, str]:
+    """:func:`ratelimit_header_fields` as a ``{name: value}`` dict of str."""
+    return {
+        name.decode("ascii"): value.decode("ascii")
+        for name, value in ratelimit_header_fields(states)
+    }
+
+
+def retry_headers(seconds: float) -> dict[str, str]:
+    """``retry-after`` (whole seconds, rounded up) and ``retry-after-ms``."""
+    ms = max(1, math.ceil(round(seconds * 1000, 6)))
+    return {"retry-after": str(math.ceil(ms / 1000)), "retry-after-ms": str(ms)}

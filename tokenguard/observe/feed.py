@@ -1,0 +1,796 @@
+"""The live usage feed of one node: its events out to the cluster, the cluster's in to
+its websocket subscribers.
+
+Out: the request path calls :meth:`Feed.admitted`, :meth:`Feed.rejected` and
+:meth:`Feed.settled`, which only append to a bounded queue (they never await, never
+raise for a full queue: past ``outgoing_limit`` the oldest queued events are dropped and
+counted in ``dropped_outgoing``). One publisher task drains the queue in batches, one
+store message per batch (newline-separated JSON events), at most one batch per
+``PUBLISH_SECONDS`` unless a full one waits, through
+:meth:`~tokenguard.store.window_store.WindowStore.publish`, so every node sharing the store gets
+them, this one included. Only while someone watches (:attr:`Feed.watched`): a node with
+local subscribers announces it on the same channel at once and every
+``PRESENCE_SECONDS``, and a node builds and publishes events only while it has local
+subscribers or heard an announcement within ``PRESENCE_TTL``; otherwise the three calls
+return at once. A new session sends ``ready`` once its node's announcement came back
+through the store (:meth:`Feed.announced`), so events after ``ready`` are not missed
+for want of presence; events from just before may be.
+
+In: one subscription to the store's channel hands each event to the local subscribers
+allowed to see it (:class:`Viewer`). Each :class:`Subscriber` has its own backlog of at
+most ``backlog`` events; beyond it its oldest events are dropped, and the next thing it
+takes is the count of them (sent as a ``lagged`` message). A slow subscriber therefore
+costs a bounded amount of memory and never slows anyone else. A snapshot task reads,
+every second, the usage of every key that had an event in the last window (plus one
+bucket), and hands a ``snapshot`` to the local subscribers that see that key.
+
+Ordering: the events of one node reach every subscriber in the order that node produced
+them (one publisher task, one message per batch, the store keeps a publisher's order).
+Events of different nodes interleave in arrival order. Delivery is at most once.
+
+:func:`serve_websocket` is one websocket session at ``/v1/usage/stream``: the bearer
+token (``Authorization`` header, or a first ``{"type": "auth", "token": ...}`` message
+within ``AUTH_SECONDS``), then the events, each with an ``id`` counting up from 1 in
+that stream: one event per message, or with ``?batch=1`` every pending event in one
+message, one per line. A bad token, or none in time, closes the socket with 1008
+before any event is sent. Event fields are documented in ``docs/usage-feed.md``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import secrets
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import attrs
+import trio
+from quart import Response, Websocket
+
+from tokenguard.api.chat import check_text, parse_json
+from tokenguard.api.errors import APIError
+from tokenguard.config.settings import DIMENSIONS, ApiKey, Settings, digest_of
+from tokenguard.limiting.keyring import Keyring
+from tokenguard.limiting.limiter import Decision, Limiter, tightest_by_dimension
+from tokenguard.store.guarded import LogThrottle
+from tokenguard.store.window_store import RowState, StoreError, WindowStore
+
+log = logging.getLogger("tokenguard.observe.feed")
+
+CHANNEL = "tokenguard:usage-feed"
+# Events waiting to be published; past it the oldest are dropped (a store outage).
+OUTGOING_LIMIT = 10_000
+# Events per published message, at most.
+PUBLISH_BATCH = 500
+# At most one published message per PUBLISH_SECONDS (unless a full batch is waiting):
+# under load the events of that time go out as one store message (one PUBLISH, one
+# message for every node to read, one wakeup of each subscriber's session, one websocket
+# message in batched mode; with 10 batched subscribers, ~0.2 ms of node CPU per request
+# less than publishing at once). The first event after a quiet spell goes out at once;
+# an event waits at most this long.
+PUBLISH_SECONDS = 0.02
+# Events a default-mode session takes from its backlog at once (what a stuck sender
+# holds beyond the backlog).
+SEND_MOST = 64
+# Batched mode (`?batch=1`): one websocket message carries every event pending for the
+# subscriber (newline-separated JSON), at most BATCH_MOST of them (about 100 KiB: well
+# under the 1 MiB a trio-websocket client takes by default, whatever `[feed] backlog`
+# is). Events come in one store message per PUBLISH_SECONDS per node, so under load
+# a message carries that time's events, with no wait of its own (each websocket
+# message costs the node some 40 us of CPU, mostly the socket write, whatever its size).
+BATCH_MOST = 256
+SNAPSHOT_SECONDS = 1.0
+# Store reads in flight at once for one round of snapshots.
+SNAPSHOT_READS = 8
+AUTH_SECONDS = 5.0
+# The first message, before authentication, is at most this long (bytes of UTF-8): an
+# auth message is ~100 bytes; anything longer is closed with 1008 unparsed.
+AUTH_MESSAGE_BYTES = 4096
+# hypercorn's cap on every websocket message (tokenguard.cluster.node sets it): one larger is
+# closed by hypercorn with 1009 (message too big) once this much of it was buffered. A
+# feed socket reads nothing but the auth message, so this only bounds the memory a
+# client can make the node hold before its message is seen.
+WEBSOCKET_MESSAGE_BYTES = 64 * 1024
+# WebSocket close codes (RFC 6455).
+CLOSE_POLICY = 1008
+CLOSE_GOING_AWAY = 1001
+RESUBSCRIBE_SECONDS = (0.1, 5.0)
+# Presence: events are built and published only while someone in the cluster watches.
+# A node with local subscribers announces it on the channel at once and then every
+# PRESENCE_SECONDS; a node publishes while it has local subscribers or heard an
+# announcement in the last PRESENCE_TTL seconds (a few announcements may be lost).
+PRESENCE_SECONDS = 0.5
+PRESENCE_TTL = 2.0
+PRESENCE_PREFIX = b'{"type":"watching"'
+# How long a new session waits for its node's announcement to come back through the
+# store (by then every node sharing the store has it) before it sends `ready` anyway.
+PRESENCE_ECHO_SECONDS = 1.0
+
+
+def now_ms() -> int:
+    """The server timestamp of events: milliseconds since the Unix epoch."""
+    return time.time_ns() // 1_000_000
+
+
+def usage_entry(state: RowState) -> dict[str, Any]:
+    return {
+        "used": state.used,
+        "limit": state.limit,
+        "remaining": state.remaining,
+        "reset_seconds": state.reset_after,
+    }
+
+
+def usage_of(states: Sequence[RowState]) -> dict[str, Any]:
+    """Per dimension, the tightest enforced row's entry (over every scope and window, as
+    ``/v1/usage`` reports it); ``None`` for an unlimited dimension. ``total_tokens``
+    only when some rule limits it."""
+    by_dimension = tightest_by_dimension(states)
+    usage = {d: usage_entry(by_dimension[d]) if d in by_dimension else None for d in DIMENSIONS}
+    if "total_tokens" in by_dimension:
+        usage["total_tokens"] = usage_entry(by_dimension["total_tokens"])
+    return usage
+
+
+def limit_of(state: RowState) -> dict[str, Any]:
+    """Which limit a row is: dimension, scope (``key`` or ``team``), window, numbers."""
+    row = state.row
+    return {
+        "dimension": row.dimension,
+        "scope": "team" if row.scope.startswith("team:") else "key",
+        "window_seconds": row.window_ms / 1000,
+        "limit": state.limit,
+        "used": state.used,
+        "requested": row.amount,
+    }
+
+
+@attrs.frozen
+class Viewer:
+    """Who a subscriber is. ``role="key"``: the key named ``key``, which sees only its
+    own events. ``role="admin"``: sees every key, or only ``key`` when it is set."""
+
+    role: Literal["key", "admin"]
+    key: str | None = None
+
+    def sees(self, key_name: str) -> bool:
+        return self.key is None or self.key == key_name
+
+
+class Subscriber:
+    """One local subscriber: a backlog of encoded events (without their stream ``id``),
+    at most ``limit`` long, or one delivered batch long when it had kept up (see
+    :meth:`offer_all`); the oldest are dropped beyond it and counted until taken."""
+
+    def __init__(self, viewer: Viewer, limit: int) -> None:
+        self.viewer = viewer
+        self.limit = limit
+        self.dropped = 0
+        self.dropped_total = 0  # never reset: the node's metrics
+        self._backlog: deque[str] = deque()
+        self._wakeup = trio.Event()
+
+    @property
+    def pending(self) -> int:
+        """Events waiting to be sent."""
+        return len(self._backlog)
+
+    def offer_all(self, bodies: list[str]) -> None:
+        """Queue the events of one delivered batch; never blocks. A subscriber that had
+        kept up (nothing pending) takes the batch whole even past ``limit``: a node's
+        events arrive in batches of up to PUBLISH_SECONDS (at most PUBLISH_BATCH), and
+        such a burst is not a lag. Otherwise the oldest beyond ``limit`` are dropped."""
+        if not bodies:
+            return
+        backlog = self._backlog
+        limit = self.limit if backlog else max(self.limit, len(bodies))
+        backlog.extend(bodies)
+        excess = len(backlog) - limit
+        if excess > 0:
+            for _ in range(excess):
+                backlog.popleft()
+            self.dropped += excess
+            self.dropped_total += excess
+        self._wakeup.set()
+
+    def offer(self, body: str) -> None:
+        """Queue one event (a snapshot); never blocks."""
+        self.offer_all([body])
+
+    async def take(self, most: int = SEND_MOST) -> tuple[int, list[str]]:
+        """Wait for events; return (events dropped since the last take, up to ``most``
+        events, oldest first). Taking a bounded number at a time keeps what a stuck
+        sender holds small: the backlog stays the bound."""
+        while not self._backlog and not self.dropped:
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+        dropped, self.dropped = self.dropped, 0
+        backlog = self._backlog
+        if len(backlog) <= most:
+            taken = list(backlog)
+            backlog.clear()
+        else:
+            taken = [backlog.popleft() for _ in range(most)]
+        return dropped, taken
+
+
+class Feed:
+    """The event bus of one node (see the module docstring). Run it with :meth:`run`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: WindowStore,
+        limiter: Limiter,
+        *,
+        channel: str = CHANNEL,
+        outgoing_limit: int = OUTGOING_LIMIT,
+        snapshot_seconds: float = SNAPSHOT_SECONDS,
+        publish_seconds: float = PUBLISH_SECONDS,
+        closing: trio.Event | None = None,
+        keyring: Keyring | None = None,
+    ) -> None:
+        self.node_id = settings.node_id
+        self.store = store
+        self.limiter = limiter
+        self.channel = channel
+        self.backlog = settings.feed.backlog
+        self.allowed_origins = settings.feed.allowed_origins
+        self.outgoing_limit = outgoing_limit
+        self.snapshot_seconds = snapshot_seconds
+        self.publish_seconds = publish_seconds
+        # Set when the node starts to shut down: sessions then close with 1001.
+        self.closing = closing if closing is not None else trio.Event()
+        # The live keys (tokenguard/keyring.py); the config's when none is given.
+        self.keyring = keyring if keyring is not None else Keyring(settings, store)
+        self._admin_digest = settings.feed.admin_digest
+        # A key is active while its amounts may still count: a window and a bucket.
+        self._active_seconds = settings.window_seconds + settings.bucket_seconds
+        self._outgoing: deque[dict[str, Any]] = deque()
+        self._outgoing_ready = trio.Event()
+        self._seq = 0
+        self._subscribers: set[Subscriber] = set()
+        self._active: dict[str, float] = {}  # key name -> trio time of its last event
+        self._probe: dict[str, bool] = {}  # key name -> snapshot even at zero usage
+        self._snapshot_now = trio.Event()
+        self._cancel = trio.CancelScope()
+        self._refusal_log = LogThrottle()
+        self.dropped_outgoing = 0
+        self.publish_failures = 0
+        self.dropped_by_departed = 0  # dropped_total of the subscribers that left
+        # Presence (see PRESENCE_SECONDS): this node's announcement, told apart from
+        # other nodes' by a random instance id; until when a heard one holds.
+        self._presence = json.dumps(
+            {"type": "watching", "node": self.node_id, "instance": secrets.token_hex(8)},
+            separators=(",", ":"),
+        ).encode()
+        self._watched_until = -math.inf
+        self._echoed_at = -math.inf  # trio time this node last heard its own
+        self._echo = trio.Event()  # set (and replaced) each time it hears its own
+        self._announce_now = trio.Event()
+
+    @property
+    def _keys_by_digest(self) -> Mapping[str, ApiKey]:
+        return self.keyring.keys_by_digest
+
+    @property
+    def _keys_by_name(self) -> Mapping[str, ApiKey]:
+        return self.keyring.keys_by_name
+
+    # -- producing: on the request path, never awaits
+
+    @property
+    def watched(self) -> bool:
+        """Whether some subscriber, on this node or another, may see events now. Only
+        then are events built and published (nobody watching costs nothing)."""
+        return bool(self._subscribers) or trio.current_time() < self._watched_until
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Queue ``event`` for every node's subscribers; adds ``node``, ``seq``, ``ts``."""
+        self._seq += 1
+        event["node"] = self.node_id
+        event["seq"] = self._seq
+        event["ts"] = now_ms()
+        if len(self._outgoing) >= self.outgoing_limit:
+            self._outgoing.popleft()
+            self.dropped_outgoing += 1
+        self._outgoing.append(event)
+        self._outgoing_ready.set()
+
+    def admitted(self, decision: Decision, model: str) -> None:
+        """``admitted``, then ``would_reject`` if only shadow mode let it through."""
+        if not self.watched:
+            return
+        cost = decision.cost
+        self.emit(
+            {
+                "type": "admitted",
+                "key": decision.key.name,
+                "model": model,
+                "reserved": {
+                    "input_tokens": cost.input_tokens,
+                    "output_tokens": cost.output_tokens,
+                },
+                "usage": usage_of(decision.admission.states),
+            }
+        )
+        shadow = decision.shadow_refusal if decision.would_refuse else None
+        if shadow is not None:
+            self.emit(
+                {"type": "would_reject", "key": decision.key.name, "model": model}
+                | limit_of(shadow)
+            )
+
+    def rejected(self, decision: Decision, model: str) -> None:
+        if not self.watched:
+            return
+        state = decision.refusal
+        if state is None:
+            return
+        self.emit(
+            {"type": "rejected", "key": decision.key.name, "model": model}
+            | limit_of(state)
+            | {"retry_after": decision.admission.retry_after}
+        )
+
+    def near_limit(self, decision: Decision, model: str) -> None:
+        """``near_limit`` for each row whose near-limit mark this admission crossed
+        first in its window (the store tells one admission per window and counter,
+        whichever node made it: so one event per window, cluster-wide)."""
+        if not self.watched:
+            return
+        for state in decision.near_limits:
+            self.emit(
+                {"type": "near_limit", "key": decision.key.name, "model": model}
+                | limit_of(state)
+                | {"ratio": round(state.used / state.limit, 4), "alert_at": state.row.alert_at}
+            )
+
+    def settled(self, decision: Decision, output_tokens: int) -> None:
+        if not self.watched:
+            return
+        reserved = decision.cost.output_tokens
+        self.emit(
+            {
+                "type": "settled",
+                "key": decision.key.name,
+                "reserved_output_tokens": reserved,
+                "output_tokens": output_tokens,
+                "refund": reserved - output_tokens,
+            }
+        )
+
+    # -- who sees what
+
+    def refused_unauthenticated(self, problem: str) -> None:
+        """A socket closed (1008) before authentication for ``problem``: one log line,
+        at most one a second (with the count of those held back), never a traceback."""
+        held = self._refusal_log.ready()
+        if held is not None:
+            log.warning(
+                "usage feed: closed a websocket before authentication (1008): %s "
+                "(%d more since the last line)",
+                problem,
+                held,
+            )
+
+    def viewer_for(self, token: str, key_filter: str | None) -> Viewer | str:
+        """The viewer a bearer token is, or why it is refused (a message for 1008).
+
+        A key's token may name only its own key as filter; the admin token may name
+        any configured key. With no admin token configured there is no admin view.
+        """
+        digest = digest_of(token)
+        key = self._keys_by_digest.get(digest)
+        if key is not None:
+            if key_filter not in (None, key.name):
+                return "a key's token sees only that key's events"
+            return Viewer("key", key.name)
+        admin = self._admin_digest
+        if admin is not None and hmac.compare_digest(digest, admin):
+            if key_filter is not None and key_filter not in self._keys_by_name:
+                return "unknown key name"
+            return Viewer("admin", key_filter)
+        return "invalid token"
+
+    @contextmanager
+    def subscription(self, viewer: Viewer) -> Iterator[Subscriber]:
+        """Register a local subscriber for the duration of the ``with``. Its first
+        snapshots come at once: its own key's (even at zero), or, for the admin, every
+        key in use (or the filtered key's)."""
+        subscriber = Subscriber(viewer, self.backlog)
+        self._subscribers.add(subscriber)
+        if viewer.key is not None:
+            self._probe[viewer.key] = True
+        else:
+            for name in self._keys_by_name:
+                self._probe.setdefault(name, False)
+        self._snapshot_now.set()
+        self._announce_now.set()
+        try:
+            yield subscriber
+        finally:
+            self._subscribers.discard(subscriber)
+            self.dropped_by_departed += subscriber.dropped_total
+
+    async def announced(self) -> None:
+        """Return once every node sharing the store knows this node has subscribers
+        (its announcement came back through the store), or after
+        ``PRESENCE_ECHO_SECONDS`` (the store is slow or down). Events made before
+        then may be missing; call it after :meth:`subscription` is entered."""
+        if trio.current_time() - self._echoed_at < PRESENCE_TTL - PRESENCE_SECONDS:
+            return  # announced recently: every node still counts this one as watched
+        echo = self._echo
+        with trio.move_on_after(PRESENCE_ECHO_SECONDS):
+            await echo.wait()
+
+    @property
+    def subscribers(self) -> tuple[Subscriber, ...]:
+        """The local subscribers, now."""
+        return tuple(self._subscribers)
+
+    @property
+    def queued(self) -> int:
+        """Events waiting to be published (at most ``outgoing_limit``)."""
+        return len(self._outgoing)
+
+    # -- background work
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Publish, listen and snapshot until cancelled or :meth:`stop`. Started once
+        the store subscription is up (or its first attempt failed: it is retried)."""
+        with self._cancel:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._listen_forever)
+                nursery.start_soon(self._publish_forever)
+                nursery.start_soon(self._snapshot_forever)
+                nursery.start_soon(self._announce_forever)
+                task_status.started()
+
+    def stop(self) -> None:
+        """End :meth:`run` (the node is shutting down)."""
+        self._cancel.cancel()
+
+    async def _publish_forever(self) -> None:
+        # One task, one message in flight: a node's events keep their order.
+        failing = False  # log when publishing starts failing and when it recovers
+        while True:
+            if not self._outgoing:
+                self._outgoing_ready = trio.Event()
+                await self._outgoing_ready.wait()
+            started = trio.current_time()
+            outgoing = self._outgoing
+            batch = [outgoing.popleft() for _ in range(min(PUBLISH_BATCH, len(outgoing)))]
+            message = "\n".join(
+                json.dumps(e, ensure_ascii=False, separators=(",", ":")) for e in batch
+            ).encode()
+            try:
+                await self.store.publish(self.channel, [message])
+            except StoreError as exc:
+                if not failing:
+                    log.warning("usage feed: cannot publish, dropping events: %s", exc)
+                    failing = True
+                self.publish_failures += len(batch)
+            else:
+                if failing:
+                    log.warning(
+                        "usage feed: publishing again (%d events dropped so far)",
+                        self.publish_failures,
+                    )
+                    failing = False
+            # Gather the events of the next moment into one message (PUBLISH_SECONDS).
+            if len(outgoing) < PUBLISH_BATCH:
+                await trio.sleep_until(started + self.publish_seconds)
+
+    async def _announce_forever(self) -> None:
+        # At once when a subscriber arrives, then every PRESENCE_SECONDS while any stay.
+        while True:
+            with trio.move_on_after(PRESENCE_SECONDS if self._subscribers else math.inf):
+                await self._announce_now.wait()
+            self._announce_now = trio.Event()
+            if not self._subscribers:
+                continue
+            try:
+                await self.store.publish(self.channel, [self._presence])
+            except StoreError as exc:
+                log.debug("usage feed: cannot announce subscribers: %s", exc)
+
+    def _heard(self, message: bytes) -> None:
+        now = trio.current_time()
+        self._watched_until = now + PRESENCE_TTL
+        if message == self._presence:
+            self._echoed_at = now
+            self._echo.set()
+            self._echo = trio.Event()
+
+    async def _listen_forever(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        backoff = RESUBSCRIBE_SECONDS[0]
+        started = False
+        while True:
+            try:
+                async with self.store.subscribe(self.channel) as messages:
+                    backoff = RESUBSCRIBE_SECONDS[0]
+                    if not started:
+                        started = True
+                        task_status.started()
+                    async for message in messages:
+                        self._deliver(message)
+            except StoreError as exc:
+                log.warning("usage feed: cannot subscribe (retrying): %s", exc)
+            if not started:
+                started = True
+                task_status.started()  # serve anyway; events come once subscribed
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, RESUBSCRIBE_SECONDS[1])
+
+    def _deliver(self, message: bytes) -> None:
+        """Hand one published batch to the local subscribers that see each event."""
+        if message.startswith(PRESENCE_PREFIX):
+            self._heard(message)  # an announcement, never batched with events
+            return
+        if not self._subscribers:
+            return  # nobody here: not even worth parsing
+        now = trio.current_time()
+        events: list[tuple[str, str]] = []  # (key name, encoded event)
+        for line in message.split(b"\n"):
+            try:
+                event = json.loads(line)
+                key = event["key"]
+            except (ValueError, TypeError, KeyError):
+                log.warning("usage feed: ignoring a malformed event %r", line[:200])
+                continue
+            self._active[key] = now
+            events.append((key, line.decode()))
+        for subscriber in self._subscribers:
+            viewer = subscriber.viewer
+            subscriber.offer_all([body for key, body in events if viewer.sees(key)])
+
+    async def _snapshot_forever(self) -> None:
+        while True:
+            with trio.move_on_after(self.snapshot_seconds):
+                await self._snapshot_now.wait()
+            self._snapshot_now = trio.Event()
+            await self._snapshot_round()
+
+    async def _snapshot_round(self) -> None:
+        """One snapshot per active (or probed) key that some local subscriber sees."""
+        now = trio.current_time()
+        for name, last in list(self._active.items()):
+            if now - last > self._active_seconds:
+                del self._active[name]
+        probe, self._probe = self._probe, {}
+        if not self._subscribers:
+            return
+        names = {*self._active, *probe}
+        wanted = [
+            n
+            for n in names
+            if n in self._keys_by_name and any(s.viewer.sees(n) for s in self._subscribers)
+        ]
+        limit = trio.CapacityLimiter(SNAPSHOT_READS)
+
+        async def one(name: str) -> None:
+            key = self._keys_by_name[name]
+            async with limit:
+                try:
+                    states = await self.limiter.usage(key)
+                except StoreError as exc:
+                    log.debug("usage feed: no snapshot of %s: %s", name, exc)
+                    return
+            if name not in self._active and not probe.get(name):
+                if not any(s.used for s in states):
+                    return  # probed for an admin, and idle: nothing to show
+                self._active[name] = now
+            self._offer_snapshot(key, states)
+
+        async with trio.open_nursery() as nursery:
+            for name in wanted:
+                nursery.start_soon(one, name)
+
+    def _offer_snapshot(self, key: ApiKey, states: Sequence[RowState]) -> None:
+        event = {
+            "type": "snapshot",
+            "key": key.name,
+            "window_seconds": self.limiter.window_seconds,
+            "usage": usage_of(states),
+            "node": self.node_id,
+            "ts": now_ms(),
+        }
+        body = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        for subscriber in self._subscribers:
+            if subscriber.viewer.sees(key.name):
+                subscriber.offer(body)
+
+
+# --- one websocket session ------------------------------------------------------------
+
+
+def _bearer(value: str) -> str | None:
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+NO_TOKEN = "no valid bearer token"
+AUTH_MESSAGE = 'the first message must be {"type": "auth", "token": "..."}'
+
+
+async def _token_of(websocket: Websocket) -> tuple[str | None, str | None]:
+    """The Authorization header's bearer token, else a first auth message's, and
+    ``None``; or ``None`` and why there is none (two headers, a malformed header, no
+    auth message in time, a first message that is not one: see
+    :func:`_auth_message_token`)."""
+    headers = websocket.headers.getlist("Authorization")
+    if len(headers) > 1:
+        return None, NO_TOKEN
+    if headers:
+        token = _bearer(headers[0])
+        return token, None if token else NO_TOKEN
+    with trio.move_on_after(AUTH_SECONDS):
+        return _auth_message_token(await websocket.receive())
+    return None, NO_TOKEN
+
+
+def _auth_message_token(raw: str | bytes) -> tuple[str | None, str | None]:
+    """The token of a first message ``{"type": "auth", "token": "..."}``, or why not.
+
+    Unauthenticated input: refused unread past :data:`AUTH_MESSAGE_BYTES`, then read
+    with the request bodies' strict JSON reader (:func:`tokenguard.api.chat.parse_json`:
+    no deep nesting, duplicate keys, lone surrogates...), never raising."""
+    if len(raw) > AUTH_MESSAGE_BYTES:
+        return None, f"the first message is longer than {AUTH_MESSAGE_BYTES} bytes"
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if len(data) > AUTH_MESSAGE_BYTES:
+        return None, f"the first message is longer than {AUTH_MESSAGE_BYTES} bytes"
+    try:
+        message = parse_json(data)
+    except APIError:
+        return None, "the first message is not valid JSON"
+    if not isinstance(message, Mapping) or message.get("type") != "auth":
+        return None, AUTH_MESSAGE
+    token = message.get("token")
+    if not isinstance(token, str) or not token:
+        return None, AUTH_MESSAGE
+    try:
+        check_text(token, "token")
+    except APIError:
+        return None, "the token is not valid Unicode"
+    return token, None
+
+
+def origin_allowed(origins: Sequence[str], host: str | None, allowed: frozenset[str]) -> bool:
+    """Whether a handshake with these ``Origin`` headers may open the feed: none (not a
+    browser: ``tokenguard watch``, scripts), or one that is the node's own origin (its
+    ``host[:port]`` is the request's ``Host``) or in ``allowed`` (lower-case
+    ``scheme://host[:port]``). Two ``Origin`` headers, or ``null``, are refused."""
+    if not origins:
+        return True
+    if len(origins) > 1:
+        return False
+    origin = origins[0].strip().lower().rstrip("/")
+    if origin in allowed:
+        return True
+    parts = urlsplit(origin)
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.netloc)
+        and host is not None
+        and parts.netloc == host.strip().lower()
+    )
+
+
+def _refusal(error: APIError) -> Response:
+    body = json.dumps(error.body(), ensure_ascii=False, separators=(",", ":"))
+    return Response(body, status=error.status, content_type="application/json")
+
+
+async def serve_websocket(feed: Feed, websocket: Websocket) -> Response | None:
+    """One subscriber's session, from the handshake until it or the node leaves.
+
+    Refused before the handshake completes (an HTTP 403 with OpenAI's error body, which
+    the handler must return): a browser page of an origin not allowed
+    (:func:`origin_allowed`; ``[feed] allowed_origins``), so no other site's page can
+    ride a user's token. Refused after it (1008, nothing else sent): no token, a bad
+    one, a filter it may not use, a ``batch`` that is neither ``0`` nor ``1``.
+    Accepted: a ``ready`` message, then events, ``lagged`` when some were dropped for
+    it; on node shutdown the socket closes with 1001.
+
+    By default each message carries one event. With ``?batch=1`` each message carries
+    every event pending for the subscriber when it is taken (at most ``BATCH_MOST``),
+    newline-separated, a ``lagged`` first when there is one, each with its own ``id``.
+    """
+    origins = websocket.headers.getlist("Origin")
+    if not origin_allowed(origins, websocket.headers.get("Host"), feed.allowed_origins):
+        return _refusal(
+            APIError(
+                403,
+                f"Origin {origins[0][:200]!r} may not open the usage feed "
+                "(see [feed] allowed_origins).",
+                code="origin_not_allowed",
+            )
+        )
+    await websocket.accept()
+    token, problem = await _token_of(websocket)
+    key_filter = websocket.args.get("key") or None
+    batch = websocket.args.get("batch", "0")
+    viewer = (problem or NO_TOKEN) if token is None else feed.viewer_for(token, key_filter)
+    if not isinstance(viewer, str) and batch not in ("0", "1"):
+        viewer = "batch must be 0 or 1"
+    if isinstance(viewer, str):
+        if problem is not None:
+            feed.refused_unauthenticated(problem)
+        await websocket.close(CLOSE_POLICY, viewer)
+        return
+    batched = batch == "1"
+    next_id = 1
+
+    def numbered(body: str) -> str:
+        # An encoded event, `{"type":...}`, with this stream's next id put first.
+        nonlocal next_id
+        text = f'{{"id":{next_id},{body[1:]}'
+        next_id += 1
+        return text
+
+    def control(event: dict[str, Any]) -> str:
+        event = {**event, "node": feed.node_id, "ts": now_ms()}
+        return numbered(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+
+    # A key's socket closes (1008) once the keyring sees its key revoked; the admin
+    # token comes from the config and is never revoked.
+    revocation = (
+        feed.keyring.watching(digest_of(token))
+        if viewer.role == "key" and token is not None
+        else nullcontext(trio.Event())
+    )
+    with feed.subscription(viewer) as subscriber, revocation as revoked:
+        async with trio.open_nursery() as nursery:
+
+            async def discard_incoming() -> None:
+                # Read (and ignore) what the client sends, so a disconnect is noticed
+                # and quart's bounded receive queue never fills.
+                while True:
+                    await websocket.receive()
+
+            async def close_on_shutdown() -> None:
+                await feed.closing.wait()
+                nursery.cancel_scope.cancel()
+
+            async def close_on_revocation() -> None:
+                await revoked.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(discard_incoming)
+            nursery.start_soon(close_on_shutdown)
+            nursery.start_soon(close_on_revocation)
+            # Every node publishes before `ready`: events after it are all delivered.
+            await feed.announced()
+            await websocket.send(
+                control({"type": "ready", "role": viewer.role, "key": viewer.key, "batch": batched})
+            )
+            if batched:
+                while True:
+                    dropped, bodies = await subscriber.take(BATCH_MOST)
+                    lines = [control({"type": "lagged", "dropped": dropped})] if dropped else []
+                    lines += map(numbered, bodies)
+                    await websocket.send("\n".join(lines))
+            else:
+                while True:
+                    dropped, bodies = await subscriber.take()
+                    if dropped:
+                        await websocket.send(control({"type": "lagged", "dropped": dropped}))
+                    for body in bodies:
+                        await websocket.send(numbered(body))
+    if revoked.is_set():
+        await websocket.close(CLOSE_POLICY, "API key revoked")
+        return
+    # Only reached on shutdown: a client that left cancels the whole handler.
+    await websocket.close(CLOSE_GOING_AWAY, "node shutting down")

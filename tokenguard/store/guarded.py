@@ -1,0 +1,878 @@
+"""What a node does when its shared window store fails: :class:`GuardedStore`.
+
+Every node wraps its shared store (Redis) in a :class:`GuardedStore`, itself a
+:class:`~tokenguard.store.window_store.WindowStore`, so the limiter and the app know nothing of it:
+
+* **A deadline on every call** (``timeout``, 100 ms by default): a call fails once the
+  store has answered nothing, to it or to any other call, for ``timeout`` since it was
+  made or since calls were last sent to the store, whichever is later, and in any case
+  after ``MAX_WAIT_FACTOR`` (10) times that. So a dead or hung store costs each call
+  ``timeout`` (from the last pipeline that went out: in a burst, a few milliseconds
+  after the call), while calls queued behind a store that keeps answering (a burst on
+  a busy machine), or sent late because this node stalled (a GC pass), are not
+  failures. A call that misses it is abandoned (the Redis driver takes a call that has
+  not been sent off its queue, and drops the reply of one that has; its worker threads
+  and pipelines are bounded, so nothing piles up) and counts as a failure, like a
+  :class:`StoreError`.
+* **A circuit breaker** (:class:`Breaker`): ``threshold`` (3) failures in a row open it.
+  While it is open no request touches the store at all, so a dead or hung Redis adds no
+  latency; a background task probes the store once a ``probe_interval`` (1 s) with one
+  read. When a probe succeeds, the breaker closes (after the write-back below).
+* **The failure policy** answers every call the store did not (a failure, or an open
+  breaker):
+
+  - ``local``: the node admits against windows of its own (a memory store) in which
+    every limit is divided among the ``cluster_size`` nodes (:func:`node_share`), so
+    the nodes together admit no more than the limit. The local windows also count
+    what this node admitted through the store before the outage (every admission and
+    settlement is mirrored into them: a few microseconds of in-process work), so a node
+    that spent its share just before the outage does not get it again. An admission is
+    counted there from the moment it is sent to the store (and taken back if the store
+    refuses or fails), so admissions still in flight when the breaker opens are
+    counted by the local admissions made meanwhile. When the store
+    is back, what was admitted locally is written back into it (added to the very
+    buckets it was counted in) *before* the breaker closes, so the shared windows know
+    about the outage's traffic; then, for a probe interval more, the node admits only
+    what the store *and* its share allow (the other nodes are writing theirs back).
+    A local admission made while the breaker was still closed is written back as soon
+    as the store answers again.
+  - ``closed``: every such call raises :class:`StoreError` (the app answers 503 with
+    ``retry-after: 1``).
+  - ``open``: every admission is granted unchecked; each one is counted
+    (``fail_open_admissions``) and logged (at most one line a second, with the count).
+
+* A store that comes back **without its data** (no persistence, ``FLUSHALL``, a
+  failover to a replica that lacks it, eviction): :meth:`GuardedStore.restore_windows`,
+  called by the keyring when it finds the registry lost, writes what the local windows
+  hold (policy ``local``: everything this node admitted in the current windows) back
+  into the store's very buckets.
+* A store that cannot be reached at start does not stop the node: it starts with the
+  breaker open, and :meth:`GuardedStore.run` keeps trying to start the store, once a
+  ``probe_interval``.
+
+Where each reservation comes from is remembered (its type): a reservation of the local
+windows is settled there, one of the store in the store (and mirrored locally), one of
+the ``open`` policy nowhere.
+
+Publish/subscribe go to the store unchanged, except that a publish fails at once while
+the breaker is open.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, contextmanager
+from typing import Any, Literal, Self
+
+import attrs
+import trio
+
+from tokenguard.config.settings import STORE_ERROR_POLICIES, Settings
+from tokenguard.store.window_store import (
+    ANYTHING,
+    NOT_RESERVED,
+    Admission,
+    Registry,
+    RegistryExpect,
+    Reservation,
+    Row,
+    RowState,
+    StoreError,
+    WindowStore,
+    evictable,
+    store_from_url,
+)
+
+log = logging.getLogger("tokenguard.store.guarded")
+
+POLICIES = STORE_ERROR_POLICIES
+Policy = Literal["local", "closed", "open"]
+DEFAULT_POLICY: Policy = "local"
+DEFAULT_TIMEOUT_MS = 100
+BREAKER_THRESHOLD = 3
+PROBE_INTERVAL = 1.0
+# A write-back of the outage's local admissions gets this long per call (it is one
+# call per key, sent concurrently, once, when the store is back).
+WRITE_BACK_TIMEOUT = 2.0
+WRITE_BACK_CONCURRENCY = 64
+# When a request fits the real limit but not this node's share of it, the local
+# windows cannot tell when it will: retry after this long (the store may be back).
+RETRY_AFTER_SHARE = 1.0
+# After an outage (policy local, several nodes), a node admits only what both the store
+# and its own share allow for a probe interval and this long, while the other nodes
+# write their outage's admissions back.
+HOLD_MARGIN = 0.25
+# A local admission made while the breaker is closed is written back this soon.
+SYNC_DELAY = 0.01
+# A watchdog woken this late (s) was stalled itself: it waits this long more.
+STALL_GRACE = 0.02
+# However busy the store, no call waits more than this many times the timeout.
+MAX_WAIT_FACTOR = 10
+# Counters whose cluster-wide usage a node remembers at most (then it forgets the
+# oldest half): about 100 bytes each.
+SEEN_LIMIT = 100_000
+# A limit no amount reaches: the local mirror of a store admission only adds.
+UNCHECKED_LIMIT = 2**53
+# The probe reads one counter no key ever uses.
+PROBE_PARTITION = "tg-probe"
+PROBE_ROW = Row(scope="probe", dimension="requests", window_ms=1000, bucket_ms=1000, limit=1)
+
+
+def node_share(limit: int, cluster_size: int, node_id: int, *, spread: bool = True) -> int:
+    """This node's part of ``limit`` when each of ``cluster_size`` nodes counts alone.
+
+    The parts add up to exactly ``limit``: every node gets ``limit // cluster_size``,
+    and with ``spread`` nodes ``0 .. r-1`` (``r = limit % cluster_size``) one more. That
+    needs node ids ``0 .. cluster_size-1``, each used once (the supervisor's); without
+    ``spread`` (nodes over several machines, ids not unique) the remainder is left
+    unused. A limit below ``cluster_size`` gives some nodes (or, without ``spread``,
+    all) a share of 0: that key is refused on them until the store is back.
+    """
+    if cluster_size <= 1:
+        return limit
+    base, extra = divmod(limit, cluster_size)
+    return base + (1 if spread and node_id % cluster_size < extra else 0)
+
+
+@attrs.frozen
+class Breaker:
+    """A circuit breaker's state: consecutive failures, and since when it is open.
+
+    ``opened_at`` is a ``time.monotonic()`` value, or ``None`` while closed. Only
+    :meth:`close` closes an open breaker (a successful probe): a success of some call
+    that was already on its way does not.
+    """
+
+    threshold: int = BREAKER_THRESHOLD
+    failures: int = 0
+    opened_at: float | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened_at is not None
+
+    @property
+    def state(self) -> str:
+        return "open" if self.is_open else "closed"
+
+    def failed(self, now: float) -> Breaker:
+        failures = self.failures + 1
+        opened_at = self.opened_at
+        if opened_at is None and failures >= self.threshold:
+            opened_at = now
+        return attrs.evolve(self, failures=failures, opened_at=opened_at)
+
+    def succeeded(self) -> Breaker:
+        if self.is_open or not self.failures:
+            return self
+        return attrs.evolve(self, failures=0)
+
+    def open(self, now: float) -> Breaker:
+        if self.is_open:
+            return self
+        return attrs.evolve(self, failures=max(self.failures, self.threshold), opened_at=now)
+
+    def close(self) -> Breaker:
+        return attrs.evolve(self, failures=0, opened_at=None)
+
+
+@attrs.frozen
+class LocalReservation(Reservation):
+    """A reservation in the node's local windows (policy ``local``). ``epoch`` tells
+    whether it was written back to the store yet (see ``GuardedStore._take_unsynced``)."""
+
+    epoch: int = 0
+
+
+@attrs.frozen
+class UncheckedReservation(Reservation):
+    """A reservation of the ``open`` policy: nothing was counted, nothing to settle."""
+
+
+class LogThrottle:
+    """At most one log line per ``interval`` seconds; counts the lines it held back."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._last = -math.inf
+        self.suppressed = 0
+
+    def ready(self) -> int | None:
+        """``None``: stay quiet. Otherwise log now; the number held back since the last."""
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self.suppressed += 1
+            return None
+        self._last = now
+        held, self.suppressed = self.suppressed, 0
+        return held
+
+
+@attrs.define
+class GuardStats:
+    """Counters for ``/readyz`` and ``/metrics`` (read when scraped)."""
+
+    failures: int = 0  # store calls that failed or missed their deadline
+    timeouts: int = 0  # ... of which missed the deadline
+    breaker_opened: int = 0
+    local_admissions: int = 0  # admitted by the local windows (policy local)
+    local_refusals: int = 0
+    fail_open_admissions: int = 0  # admitted unchecked (policy open)
+    refused_unavailable: int = 0  # calls answered with StoreError (policy closed)
+    written_back: int = 0  # counter buckets written back to the store after an outage
+    settlements_dropped: int = 0  # settlements of store reservations while it was down
+    last_error: str | None = None
+    last_outage_seconds: float | None = None
+
+
+class GuardedStore(WindowStore):
+    """The node's store: ``primary`` behind deadlines, a breaker and a failure policy.
+
+    ``cluster_size`` and ``node_id`` size this node's share of each limit for the
+    ``local`` policy (see :func:`node_share`; ``spread`` as there). ``fallback`` is the
+    local windows (a fresh ``memory://`` store by default).
+    """
+
+    def __init__(
+        self,
+        primary: WindowStore,
+        *,
+        policy: Policy = DEFAULT_POLICY,
+        timeout: float = DEFAULT_TIMEOUT_MS / 1000,
+        cluster_size: int = 1,
+        node_id: int = 0,
+        spread: bool = True,
+        threshold: int = BREAKER_THRESHOLD,
+        probe_interval: float = PROBE_INTERVAL,
+        fallback: WindowStore | None = None,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"on_store_error must be one of {', '.join(POLICIES)}: {policy!r}")
+        if not timeout > 0:
+            raise ValueError(f"the store timeout must be > 0, got {timeout!r}")
+        self.primary = primary
+        self.url = primary.url
+        self.policy: Policy = policy
+        self.timeout = timeout
+        self.cluster_size = max(1, cluster_size)
+        self.node_id = node_id
+        self.spread = spread
+        self.probe_interval = probe_interval
+        self.fallback = fallback if fallback is not None else store_from_url("memory://")
+        self.breaker = Breaker(threshold=threshold)
+        self.stats = GuardStats()
+        # Told (operation, seconds) of every call the store answered: the node's store
+        # latency metric (tokenguard/metrics.py).
+        self.observe_call: Callable[[str, float], None] | None = None
+        self._primary_running = False
+        self._nursery: trio.Nursery | None = None
+        # Local admissions not yet written back: (partition, counter, bucket) -> [row, amount]
+        self._unsynced: dict[tuple[str, str, int], list[Any]] = {}
+        self._epoch = 0
+        # The cluster-wide usage this node last saw per counter, from the store's own
+        # replies: (partition, counter) -> (used, trio.current_time()). Seeds the local
+        # windows when they take over (see _seed_from_cluster).
+        self._seen: dict[tuple[str, str], tuple[int, float]] = {}
+        self._recovering = False
+        self._hold_until = -math.inf  # trio.current_time(); see _admit_holding
+        # The deadline watchdog: calls waiting on the store (their start times), and
+        # when the store last answered (trio.current_time()).
+        self._waiting: dict[trio.CancelScope, float] = {}
+        self._last_answer = -math.inf
+        self._calls_waiting = trio.Event()
+        self._unsynced_soon = trio.Event()  # see _sync_forever
+        self._open_log = LogThrottle()
+        self._failure_log = LogThrottle()
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        return cls(store_from_url(url))
+
+    # -- state
+
+    def status(self) -> dict[str, Any]:
+        """The store's state, for ``/readyz``."""
+        breaker = self.breaker
+        body: dict[str, Any] = {
+            "store": "ok" if not breaker.is_open else "unavailable",
+            "breaker": breaker.state,
+            "policy": self.policy,
+            "consecutive_failures": breaker.failures,
+            "failures": self.stats.failures,
+            "timeouts": self.stats.timeouts,
+            "local_admissions": self.stats.local_admissions,
+            "fail_open_admissions": self.stats.fail_open_admissions,
+            "last_outage_seconds": self.stats.last_outage_seconds,
+        }
+        if breaker.opened_at is not None:
+            body["open_for_seconds"] = round(time.monotonic() - breaker.opened_at, 3)
+        holding = self._hold_until - trio.current_time()
+        if not breaker.is_open and holding > 0:
+            # Back on the store, but within this node's share too for this long more.
+            body["holding_seconds"] = round(holding, 3)
+        if self.stats.last_error is not None:
+            body["last_error"] = self.stats.last_error
+        policy = self.eviction_policy
+        if policy is not None:
+            body["eviction_policy"] = policy
+            evicts = evictable(policy)
+            body["evictable"] = None if evicts is None else list(evicts)
+        return body
+
+    def share(self, limit: int) -> int:
+        return node_share(limit, self.cluster_size, self.node_id, spread=self.spread)
+
+    @property
+    def eviction_policy(self) -> str | None:  # type: ignore[override]
+        return self.primary.eviction_policy
+
+    # -- after the store lost its data
+
+    def restore_windows(self) -> int:
+        """The store lost its data (a restart with no persistence, ``FLUSHALL``, a
+        failover to a replica without it, eviction: the keyring finds its registry's
+        marker gone or changed). Queue what this node's local windows hold, bucket by
+        bucket, to be added into the store's very buckets (settle-style), so that the
+        fresh store counts what this node admitted in the current windows; returns
+        how many buckets were queued.
+
+        Policy ``local`` only: it alone mirrors every admission into the local windows.
+        The write-back runs in the background, like that of local admissions (at once
+        while the breaker is closed, else when it closes); what fails is kept for the
+        next one. What the store admitted after it lost its data, before this runs, is
+        then counted twice, as is the part of other nodes' usage the local windows
+        were seeded with: fewer admissions, never more.
+        """
+        if self.policy != "local":
+            return 0
+        # What was not written back yet is in the windows too: replaced, not added.
+        self._unsynced = {
+            (partition, row.counter, bucket): [row, amount]
+            for partition, row, bucket, amount in self.fallback.held_buckets()
+        }
+        self._unsynced_soon.set()
+        return len(self._unsynced)
+
+    # -- lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the local windows and the store (or, if it cannot be reached, start
+        with the breaker open); probe while the breaker is open."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.fallback.run)
+            try:
+                await nursery.start(self.primary.run)
+            except StoreError as exc:
+                self._trip(f"cannot reach the store at start: {exc}")
+            else:
+                self._primary_running = True
+            nursery.start_soon(self._probe_forever)
+            nursery.start_soon(self._watchdog)
+            nursery.start_soon(self._sync_forever)
+            task_status.started()
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await trio.sleep(self.probe_interval)
+            if self.breaker.is_open and not self._recovering:
+                await self.probe()
+
+    async def _sync_forever(self) -> None:
+        """Write back local admissions made while the breaker was still closed (one of
+        the failures before it opens) as soon as the store answers a call again, not at
+        the end of some later outage."""
+        while True:
+            await self._unsynced_soon.wait()
+            self._unsynced_soon = trio.Event()
+            await trio.sleep(SYNC_DELAY)  # gather a few
+            if self.breaker.is_open or self._recovering or not self._unsynced:
+                continue  # the recovery writes them back
+            await self._write_back(self._take_unsynced())  # on failure: kept for later
+
+    async def probe(self) -> bool:
+        """One probe (starting the store first if it never started); on success, write
+        back the local admissions and close the breaker. True if it closed."""
+        if not self._primary_running:
+            assert self._nursery is not None
+            try:
+                await self._nursery.start(self.primary.run)
+            except StoreError as exc:
+                self.stats.last_error = str(exc)
+                return False
+            self._primary_running = True
+        try:
+            with self._deadline():
+                await self.primary.usage(PROBE_PARTITION, [PROBE_ROW])
+        except StoreError as exc:
+            self.stats.last_error = str(exc)
+            return False
+        return await self._recover()
+
+    # -- the breaker
+
+    @contextmanager
+    def _deadline(self, seconds: float | None = None) -> Iterator[None]:
+        """Run the body within the deadline; a missed deadline is a StoreError."""
+        seconds = self.timeout if seconds is None else seconds
+        with trio.move_on_after(seconds) as scope:
+            yield
+        if scope.cancelled_caught:
+            self.stats.timeouts += 1
+            raise StoreError(f"store {self.url}: no answer within {seconds * 1000:g} ms")
+
+    def _failed(self, exc: StoreError) -> None:
+        self.stats.failures += 1
+        self.stats.last_error = str(exc)
+        was_open = self.breaker.is_open
+        self.breaker = self.breaker.failed(time.monotonic())
+        if self.breaker.is_open and not was_open:
+            self._opened(str(exc))
+        elif not was_open:
+            held = self._failure_log.ready()
+            if held is not None:
+                log.warning(
+                    "store call failed (%d in a row; policy %s applies): %s",
+                    self.breaker.failures,
+                    self.policy,
+                    exc,
+                )
+
+    def _trip(self, why: str) -> None:
+        self.stats.last_error = why
+        if not self.breaker.is_open:
+            self.breaker = self.breaker.open(time.monotonic())
+            self._opened(why)
+
+    def _opened(self, why: str) -> None:
+        self.stats.breaker_opened += 1
+        what = {
+            "local": f"each node admits against its own windows at 1/{self.cluster_size} "
+            "of every limit",
+            "closed": "requests are refused with 503",
+            "open": "requests are admitted unchecked (and counted)",
+        }[self.policy]
+        log.warning(
+            "store %s unavailable (%s): breaker open, policy %s: %s; probing every %g s",
+            self.url,
+            why,
+            self.policy,
+            what,
+            self.probe_interval,
+        )
+
+    async def _primary(self, call: Any, *args: Any) -> Any:
+        """``await call(*args)`` on the store within its deadline; record the outcome.
+
+        The deadline: the call fails once the store has answered nothing (to it or to
+        any other call) for ``timeout`` since it was made or last sent calls, whichever
+        is later (see :meth:`_watchdog`), and in any case after
+        ``MAX_WAIT_FACTOR * timeout``.
+        """
+        start = trio.current_time()
+        try:
+            with trio.CancelScope(deadline=start + MAX_WAIT_FACTOR * self.timeout) as scope:
+                self._waiting[scope] = start
+                self._calls_waiting.set()  # (a no-op unless the watchdog is idle)
+                try:
+                    result = await call(*args)
+                finally:
+                    del self._waiting[scope]
+            if scope.cancelled_caught:
+                self.stats.timeouts += 1
+                raise StoreError(f"store {self.url}: no answer within {self.timeout * 1000:g} ms")
+        except StoreError as exc:
+            self._failed(exc)
+            raise
+        self._last_answer = trio.current_time()
+        if self.observe_call is not None:
+            self.observe_call(call.__name__, self._last_answer - start)
+        self.breaker = self.breaker.succeeded()
+        if self._unsynced and not self.breaker.is_open:
+            self._unsynced_soon.set()  # the store answers: tell it what it missed
+        return result
+
+    async def _watchdog(self) -> None:
+        """Cancel the calls that waited ``timeout`` with no answer from the store.
+
+        One task for all calls: it sleeps until the oldest waiting call's deadline,
+        ``max(its start, the last answer, the last send) + timeout``, and moves it on
+        whenever the store answered or was sent calls meanwhile. So a long queue behind
+        a store that keeps answering (a burst, a busy machine) is not a failure, nor is
+        a pipeline that went out late because this node stalled before sending it (a
+        GC pass in a burst), while a hung or dead store costs each call ``timeout``
+        from when it was last sent anything. When it wakes more than ``STALL_GRACE`` late,
+        the node itself was stalled: replies that arrived meanwhile get that long to
+        be read first.
+        """
+        while True:
+            starts = [t for scope, t in self._waiting.items() if not scope.cancel_called]
+            if not starts:
+                self._calls_waiting = trio.Event()
+                await self._calls_waiting.wait()
+                continue
+            now = trio.current_time()
+            # Progress: the store answered, or was sent calls (those waiting to be sent
+            # wait on this node, not on the store).
+            progress = max(self._last_answer, self.primary.last_sent)
+            due = max(min(starts), progress) + self.timeout
+            if due > now:
+                await trio.sleep_until(due)
+                if trio.current_time() - due > STALL_GRACE:
+                    # Woken late: this process was not running (a GC pass, a busy CPU),
+                    # and the store's replies may be waiting, unread, in the socket.
+                    # Let them be read before judging the store.
+                    await trio.sleep(STALL_GRACE)
+                continue
+            for scope, start in list(self._waiting.items()):
+                if max(start, progress) + self.timeout <= now:
+                    scope.cancel()
+            await trio.lowlevel.checkpoint()
+
+    # -- recovery: write the outage's local admissions back, then close
+
+    def _take_unsynced(self) -> dict[tuple[str, str, int], list[Any]]:
+        """The local admissions not yet written back; the local reservations made so far
+        are from now on settled locally only (their amounts travel as they are now)."""
+        batch, self._unsynced = self._unsynced, {}
+        if batch:
+            self._epoch += 1
+        return batch
+
+    async def _write_back(self, batch: dict[tuple[str, str, int], list[Any]]) -> bool:
+        by_partition: dict[str, list[tuple[Row, int, int]]] = {}
+        for (partition, _, bucket), (row, amount) in batch.items():
+            if amount > 0:
+                by_partition.setdefault(partition, []).append((row, bucket, amount))
+        failed: list[str] = []
+        limiter = trio.CapacityLimiter(WRITE_BACK_CONCURRENCY)
+
+        async def one(partition: str, entries: list[tuple[Row, int, int]]) -> None:
+            reservation = Reservation(
+                partition=partition,
+                rows=tuple(row for row, _, _ in entries),
+                buckets=tuple(bucket for _, bucket, _ in entries),
+            )
+            async with limiter:
+                try:
+                    with self._deadline(max(self.timeout, WRITE_BACK_TIMEOUT)):
+                        await self.primary.settle(reservation, [a for _, _, a in entries])
+                except StoreError as exc:
+                    self.stats.last_error = f"write-back failed: {exc}"
+                    failed.append(partition)
+
+        async with trio.open_nursery() as nursery:
+            for partition, entries in by_partition.items():
+                nursery.start_soon(one, partition, entries)
+        if failed:
+            # Put back what did not get through (as it was: at worst, counted twice).
+            lost = set(failed)
+            for key, entry in batch.items():
+                if key[0] in lost:
+                    mine = self._unsynced.setdefault(key, [entry[0], 0])
+                    mine[1] += entry[1]
+            return False
+        self.stats.written_back += sum(len(v) for v in by_partition.values())
+        return True
+
+    async def _recover(self) -> bool:
+        if self._recovering:
+            return False
+        self._recovering = True
+        try:
+            # Requests keep going to the local windows meanwhile: repeat until a round
+            # finds nothing new, then switch with no await in between.
+            for _ in range(10):
+                batch = self._take_unsynced()
+                if not batch:
+                    break
+                if not await self._write_back(batch):
+                    return False
+            opened_at = self.breaker.opened_at
+            self.breaker = self.breaker.close()
+            if self.policy == "local" and self.cluster_size > 1:
+                # Every other node writes its outage back within a probe interval.
+                self._hold_until = trio.current_time() + self.probe_interval + HOLD_MARGIN
+            outage = None if opened_at is None else time.monotonic() - opened_at
+            self.stats.last_outage_seconds = None if outage is None else round(outage, 3)
+            log.warning(
+                "store %s is back%s: breaker closed, %d counters written back",
+                self.url,
+                "" if outage is None else f" after {outage:.1f} s",
+                self.stats.written_back,
+            )
+            if self._unsynced:  # the last round's stragglers: write them back too
+                leftover = self._take_unsynced()
+                if not await self._write_back(leftover):
+                    log.warning(
+                        "store %s: could not write back %d counters", self.url, len(leftover)
+                    )
+            return True
+        finally:
+            self._recovering = False
+
+    # -- the WindowStore interface
+
+    async def admit(self, partition: str, rows: Sequence[Row]) -> Admission:
+        if not self.breaker.is_open:
+            if self.policy == "local" and trio.current_time() < self._hold_until:
+                return await self._admit_holding(partition, rows)
+            # Mirror: the local windows count what this node admits through the store,
+            # from the moment it asks (so that a local admission made while this call
+            # is in flight, the breaker having opened meanwhile, counts it too).
+            mirror = await self._precount(partition, rows) if self.policy == "local" else None
+            try:
+                admission = await self._primary(self.primary.admit, partition, rows)
+            except StoreError:
+                if mirror is not None:
+                    await self._uncount(mirror)
+            else:
+                if mirror is not None and admission.reservation is None:
+                    await self._uncount(mirror)
+                if self.policy == "local" and self.cluster_size > 1:
+                    self._saw(partition, admission.states)
+                return admission
+        return await self._degraded_admit(partition, rows)
+
+    async def _precount(self, partition: str, rows: Sequence[Row]) -> Reservation | None:
+        """Add an admission's amounts to the local windows unchecked (the store decides,
+        not they); the reservation to undo it with."""
+        return await self._add_locally(partition, [r for r in rows if not r.is_lease])
+
+    async def _add_locally(self, partition: str, rows: Sequence[Row]) -> Reservation | None:
+        """Add each row's amount to the local windows in the current bucket, whatever
+        their limits (an admission that always fits); ``None`` if there was nothing."""
+        counted = [
+            attrs.evolve(row, limit=UNCHECKED_LIMIT, enforce=True, alert_at=0)
+            for row in rows
+            if row.amount
+        ]
+        if not counted:
+            return None
+        return (await self.fallback.admit(partition, counted)).reservation
+
+    async def _uncount(self, mirror: Reservation | None) -> None:
+        if mirror is not None:
+            await self.fallback.settle(mirror, [-row.amount for row in mirror.rows])
+
+    async def _admit_holding(self, partition: str, rows: Sequence[Row]) -> Admission:
+        """Right after an outage: the store AND this node's share must both admit.
+
+        Other nodes may not have written their outage back yet (each probes on its own
+        second), so the store may count less than was admitted; within its share, this
+        node cannot take what another node used. The local admission is the mirror.
+        """
+        local = await self._admit_local(partition, rows)
+        if local.reservation is None:
+            return local
+        try:
+            admission = await self._primary(self.primary.admit, partition, rows)
+        except StoreError:
+            return local  # as in the outage: the store is told when it is back
+        self.stats.local_admissions -= 1
+        self._unsynced_add(local.reservation, -1)
+        if admission.reservation is None:  # the store refused: undo the local part
+            await self.fallback.settle(local.reservation, [-r.amount for r in rows])
+        return admission
+
+    async def _degraded_admit(self, partition: str, rows: Sequence[Row]) -> Admission:
+        if self.policy == "closed":
+            self.stats.refused_unavailable += 1
+            raise StoreError(f"store {self.url} unavailable (policy closed)")
+        if self.policy == "open":
+            self.stats.fail_open_admissions += 1
+            held = self._open_log.ready()
+            if held is not None:
+                log.warning(
+                    "store unavailable, policy open: admitted key id %s unchecked "
+                    "(%d such admissions so far, %d since the last line)",
+                    partition,
+                    self.stats.fail_open_admissions,
+                    held + 1,
+                )
+            states = tuple(RowState(row=row, used=0, reset_after=0.0) for row in rows)
+            reservation = UncheckedReservation(
+                partition=partition, rows=tuple(rows), buckets=(0,) * len(rows)
+            )
+            return Admission(admitted=True, states=states, reservation=reservation)
+        return await self._admit_local(partition, rows)
+
+    def _saw(self, partition: str, states: Sequence[RowState]) -> None:
+        now = trio.current_time()
+        seen = self._seen
+        for state in states:
+            row = state.row
+            if row.enforce and not row.is_lease:
+                seen[(partition, row.counter)] = (state.used, now)
+        if len(seen) > SEEN_LIMIT:  # forget the oldest half (dicts keep insertion order)
+            for key in list(seen)[: len(seen) // 2]:
+                del seen[key]
+
+    async def _seed_from_cluster(self, partition: str, rows: Sequence[Row]) -> None:
+        """Before the first local admission of a partition's counters: make the local
+        windows leave this node no more than its part of what the whole cluster had
+        left when it last saw the counter, if that is less than its share minus what it
+        admitted itself. (Nodes whose traffic was uneven: one that spent more than its
+        share before the outage used up the others' parts too.) The seed sits in the
+        current bucket and leaves with it, a window later.
+        """
+        now = trio.current_time()
+        for row in rows:
+            seen = self._seen.pop((partition, row.counter), None)
+            if seen is None or row.is_lease or not row.enforce:
+                continue
+            used, when = seen
+            if now - when >= row.window_ms / 1000:
+                continue  # everything it counted has left the window since
+            share = self.share(row.limit)
+            probe = attrs.evolve(row, limit=share, amount=0)
+            (own,) = await self.fallback.usage(partition, [probe])
+            left_by_share = share - own.used
+            left_in_cluster = self.share(max(0, row.limit - used))
+            seed = left_by_share - left_in_cluster
+            if seed > 0:
+                await self._add_locally(partition, [attrs.evolve(row, amount=seed)])
+
+    async def _admit_local(self, partition: str, rows: Sequence[Row]) -> Admission:
+        """Admit against this node's share of every limit, in the local windows."""
+        if self._seen:
+            await self._seed_from_cluster(partition, rows)
+        shared = [attrs.evolve(row, limit=self.share(row.limit)) for row in rows]
+        admission = await self.fallback.admit(partition, shared)
+        reservation = admission.reservation
+        if reservation is None:
+            self.stats.local_refusals += 1
+            states = tuple(
+                attrs.evolve(state, retry_after=RETRY_AFTER_SHARE)
+                if state.never_fits and state.row.amount <= row.limit
+                else state
+                for state, row in zip(admission.states, rows, strict=True)
+            )
+            return attrs.evolve(admission, states=states)
+        self.stats.local_admissions += 1
+        local = LocalReservation(
+            partition=reservation.partition,
+            rows=reservation.rows,
+            buckets=reservation.buckets,
+            lease=reservation.lease,  # (the same object: the local store renews it)
+            epoch=self._epoch,
+        )
+        self._unsynced_add(local, 1)
+        return attrs.evolve(admission, reservation=local)
+
+    def _unsynced_add(self, reservation: Reservation, sign: int) -> None:
+        for row, bucket in zip(reservation.rows, reservation.buckets, strict=True):
+            # (not a shadow row it did not consume; not a lease: those stay local)
+            if row.amount and bucket != NOT_RESERVED and not row.is_lease:
+                key = (reservation.partition, row.counter, bucket)
+                entry = self._unsynced.setdefault(key, [row, 0])
+                entry[1] = max(0, entry[1] + sign * row.amount)
+                if not entry[1]:
+                    del self._unsynced[key]
+
+    async def settle(self, reservation: Reservation, deltas: Sequence[int]) -> None:
+        if isinstance(reservation, UncheckedReservation):
+            return
+        if isinstance(reservation, LocalReservation):
+            await self.fallback.settle(reservation, deltas)
+            if reservation.epoch == self._epoch:  # not written back yet: travels settled
+                for row, bucket, delta in zip(
+                    reservation.rows, reservation.buckets, deltas, strict=True
+                ):
+                    entry = self._unsynced.get((reservation.partition, row.counter, bucket))
+                    if entry is not None and delta:
+                        entry[1] = max(0, entry[1] + delta)
+            return
+        if self.policy == "local":
+            await self.fallback.settle(reservation, deltas)  # the mirror
+        if self.breaker.is_open:
+            # Not sent: the reservation stays whole in the store until its bucket
+            # leaves the window (fewer admissions, never more).
+            self.stats.settlements_dropped += 1
+            return
+        await self._primary(self.primary.settle, reservation, deltas)
+
+    async def usage(self, partition: str, rows: Sequence[Row]) -> tuple[RowState, ...]:
+        if not self.breaker.is_open:
+            try:
+                return await self._primary(self.primary.usage, partition, rows)
+            except StoreError:
+                if self.policy == "closed":
+                    raise
+        if self.policy == "closed":
+            raise StoreError(f"store {self.url} unavailable (policy closed)")
+        if self.policy == "open":
+            return tuple(RowState(row=row, used=0, reset_after=0.0) for row in rows)
+        shared = [attrs.evolve(row, limit=self.share(row.limit)) for row in rows]
+        return await self.fallback.usage(partition, shared)
+
+    async def publish(self, channel: str, messages: Sequence[bytes]) -> None:
+        if self.breaker.is_open:
+            raise StoreError(f"store {self.url} unavailable: not published")
+        await self.primary.publish(channel, messages)
+
+    def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self.primary.subscribe(channel)
+
+    # The registry (keys, tiers) goes to the store unchanged, outside the breaker's
+    # count: its callers bound their own waits and keep their last view on a failure.
+    # While the breaker is open it fails at once, like publish.
+
+    def _registry_open(self) -> None:
+        if self.breaker.is_open:
+            raise StoreError(f"store {self.url} unavailable: registry not reached")
+
+    async def registry_version(self) -> int:
+        self._registry_open()
+        return await self.primary.registry_version()
+
+    async def registry_load(self) -> tuple[int, Registry]:
+        self._registry_open()
+        return await self.primary.registry_load()
+
+    async def registry_get(self, kind: str, name: str) -> str | None:
+        self._registry_open()
+        return await self.primary.registry_get(kind, name)
+
+    async def registry_put(
+        self, kind: str, name: str, record: str | None, *, expect: RegistryExpect = ANYTHING
+    ) -> int | None:
+        self._registry_open()
+        return await self.primary.registry_put(kind, name, record, expect=expect)
+
+
+def guarded_store(settings: Settings) -> WindowStore:
+    """The store a node uses: ``settings.store_url``'s, in a :class:`GuardedStore`
+    unless it is ``memory://`` (in-process: it cannot fail)."""
+    store = store_from_url(settings.store_url)
+    if settings.store_url.startswith("memory:"):
+        return store
+    if settings.cluster_size is not None:  # nodes over several machines: ids may repeat
+        cluster_size, spread = settings.cluster_size, False
+    else:  # the supervisor's nodes: ids 0 .. n-1
+        cluster_size, spread = settings.supervised_nodes, True
+    return GuardedStore(
+        store,
+        policy=settings.on_store_error,  # type: ignore[arg-type]
+        timeout=settings.store_timeout_ms / 1000,
+        cluster_size=cluster_size,
+        node_id=settings.node_id,
+        spread=spread,
+    )
+
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "DEFAULT_TIMEOUT_MS",
+    "POLICIES",
+    "Breaker",
+    "GuardedStore",
+    "LocalReservation",
+    "LogThrottle",
+    "UncheckedReservation",
+    "guarded_store",
+    "node_share",
+]

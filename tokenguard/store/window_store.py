@@ -1,0 +1,514 @@
+"""The window-store interface: sliding-window counters, admitted all-or-nothing.
+
+Every limit tokenguard enforces is a :class:`Row`: *scope* (whose counter, e.g. one
+API key), *dimension* (requests, input tokens, output tokens), a sliding window of
+``window`` seconds counted in buckets of ``bucket`` seconds, a ``limit`` and the
+``amount`` a request asks for. An admission is a list of rows that a store checks and
+consumes together, atomically: either every row fits and every amount is added, or
+nothing is added at all. Richer limits (daily quotas, team scopes, per-model rules)
+are more rows of the same call, not a new interface.
+
+The guarantee every driver gives, for each row: within ANY interval of ``window``
+seconds, the amounts admitted never add up to more than ``limit``. An amount is
+remembered from the moment it is admitted until the end of the bucket ``n`` buckets
+later, where ``n = ceil(window / bucket)``; that is between ``window`` and
+``window + bucket``, never less. See :func:`bucket_count`.
+
+Times are the store's own clock, in milliseconds internally (the Redis driver uses the
+Redis server's ``TIME`` so that nodes with skewed clocks agree); the values returned
+here are seconds as floats.
+
+Drivers live outside the core, in the ``drivers`` package or any third-party
+distribution, and are found through the ``tokenguard.drivers`` entry-point group by
+the store URL's scheme (see :func:`store_from_url`). The core never imports a driver
+by name.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import math
+import re
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from importlib.metadata import entry_points
+from typing import Literal, Self
+from urllib.parse import urlsplit
+
+import attrs
+import trio
+
+ENTRY_POINT_GROUP = "tokenguard.drivers"
+
+
+class StoreError(Exception):
+    """The store could not answer (connection lost, timeout, server error).
+
+    Raised by drivers instead of their client library's own exceptions, so the app can
+    answer 503 rather than fail with a 500.
+    """
+
+
+class UnknownStoreScheme(ValueError):
+    """No installed driver handles the store URL's scheme."""
+
+
+@attrs.frozen(slots=False, init=False)
+class Row:
+    """One limit to check and consume within an admission.
+
+    ``limit`` is never ``None`` here: an unlimited dimension simply has no row.
+    ``window_ms`` and ``bucket_ms`` are whole milliseconds (settings speak seconds; tests
+    use sub-second windows against a real Redis clock); ``amount`` may be 0 (a row that
+    is checked but not consumed, e.g. to read it).
+
+    ``enforce=False`` makes a *shadow* row: checked exactly like the others, in the same
+    atomic call, but its not fitting does not refuse the admission. It is consumed only
+    when every row of the admission fits (as it would be if it were enforced: a request
+    it would refuse counts nothing in it), so a shadow counter counts exactly what an
+    enforcing one would. See :attr:`Admission.would_refuse`.
+
+    A row of dimension :data:`CONCURRENT` is a *lease* row: ``limit`` requests in flight
+    at once in its scope, counted as leases (see :class:`Lease`) that expire
+    ``window_ms`` after they were taken or last renewed; ``amount`` is 1 (take a lease)
+    or 0 (read); ``bucket_ms`` is not used.
+
+    ``alert_at`` (0: never) asks the store to report, in :attr:`RowState.near_limit`,
+    the first admission that brings the row's usage to ``alert_at`` or more within a
+    window (the store remembers it for every node: once per window per counter).
+    """
+
+    scope: str
+    dimension: str
+    window_ms: int
+    bucket_ms: int
+    limit: int
+    amount: int = 0
+    enforce: bool = True
+    alert_at: int = 0
+    # Derived once, here: the drivers read them for every row of every call.
+    counter: str = attrs.field(init=False, eq=False, repr=False)
+    """A name unique to this counter: same scope, dimension and window share it (a
+    lease row: same scope; its lease time may change between requests)."""
+    span: int = attrs.field(init=False, eq=False, repr=False)
+    """Buckets before the current one that the row sums over: see :func:`bucket_count`."""
+    is_lease: bool = attrs.field(init=False, eq=False, repr=False)
+
+    def __init__(
+        self,
+        scope: str,
+        dimension: str,
+        window_ms: int,
+        bucket_ms: int,
+        limit: int,
+        amount: int = 0,
+        enforce: bool = True,
+        alert_at: int = 0,
+    ) -> None:
+        # Written straight into the instance dict: a Row is built per rule per request
+        # (and read per row by the drivers), and attrs' frozen __init__ (one
+        # object.__setattr__ per field) cost twice as much. Same fields, same checks
+        # (none), same result as the generated one.
+        d = self.__dict__
+        d["scope"] = scope
+        d["dimension"] = dimension
+        d["window_ms"] = window_ms
+        d["bucket_ms"] = bucket_ms
+        d["limit"] = limit
+        d["amount"] = amount
+        d["enforce"] = enforce
+        d["alert_at"] = alert_at
+        if dimension == CONCURRENT:
+            d["counter"] = f"{scope}:{CONCURRENT}"
+            d["is_lease"] = True
+        else:
+            d["counter"] = f"{scope}:{dimension}:{window_ms}:{bucket_ms}"
+            d["is_lease"] = False
+        d["span"] = -(-window_ms // bucket_ms)  # bucket_count(), inlined
+
+
+@attrs.frozen(slots=False, init=False)
+class RowState:
+    """What one row looks like after an admission (or in a usage snapshot).
+
+    ``used`` counts the amount just admitted when the admission succeeded.
+    ``reset_after`` is the number of seconds until ``used`` falls back to 0 if no
+    other traffic comes. ``retry_after`` is set only for a row that did not fit: the
+    seconds until its amount would fit if no other traffic came, or ``None`` when it can
+    never fit because the amount exceeds the limit itself. (A lease row: ``used`` is
+    the leases held, ``reset_after`` when the last of them expires unless renewed, and
+    ``retry_after`` :data:`LEASE_RETRY_SECONDS`: nobody knows when a request ends.)
+    ``near_limit``: this admission is the first to bring ``used`` to the row's
+    ``alert_at`` in its window (see :class:`Row`).
+    """
+
+    row: Row
+    used: int
+    reset_after: float
+    fits: bool = True
+    retry_after: float | None = None
+    near_limit: bool = False
+
+    def __init__(
+        self,
+        row: Row,
+        used: int,
+        reset_after: float,
+        fits: bool = True,
+        retry_after: float | None = None,
+        near_limit: bool = False,
+    ) -> None:
+        # One per row per admission: straight into the instance dict, as Row does.
+        d = self.__dict__
+        d["row"] = row
+        d["used"] = used
+        d["reset_after"] = reset_after
+        d["fits"] = fits
+        d["retry_after"] = retry_after
+        d["near_limit"] = near_limit
+
+    @property
+    def limit(self) -> int:
+        return self.row.limit
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.row.limit - self.used)
+
+    @property
+    def never_fits(self) -> bool:
+        return not self.fits and self.retry_after is None
+
+
+@attrs.frozen
+class Reservation:
+    """Where an admission put its amounts: one absolute bucket index per row.
+
+    Settlement adds a delta to exactly these buckets, so a refund lands in the bucket
+    that was charged and leaves the window when that bucket does. A row that was not
+    consumed (a shadow row that did not fit) has bucket :data:`NOT_RESERVED`: a bucket
+    older than any window, so every driver's settlement leaves it alone.
+
+    ``lease`` is the lease taken in the admission's lease rows (their bucket is 0), if
+    any: settlement releases it, :meth:`WindowStore.renew` extends it.
+    """
+
+    partition: str
+    rows: tuple[Row, ...]
+    buckets: tuple[int, ...]
+    lease: Lease | None = None
+
+    def check_deltas(self, deltas: Sequence[int]) -> None:
+        """Raise ``ValueError`` unless ``deltas`` holds one delta per row (what
+        :meth:`WindowStore.settle` takes)."""
+        if not len(self.rows) == len(self.buckets) == len(deltas):
+            raise ValueError(f"{len(deltas)} deltas for a reservation of {len(self.rows)} rows")
+
+
+@attrs.frozen(eq=False)
+class Lease:
+    """One admitted request's place in its lease rows (``max_concurrent``).
+
+    It is held in every lease row of ``rows`` under ``id`` until it is released (by
+    :meth:`WindowStore.settle` of its reservation) or expires: ``row.window_ms`` after
+    it was taken or last renewed (:meth:`WindowStore.renew`), on the store's clock. So
+    a node that dies, or a request that is never settled, holds a slot for at most one
+    lease time. Compared by identity (drivers keep the leases they renew weakly, see
+    :class:`tokenguard.store.leases.HeldLeases`).
+    """
+
+    partition: str
+    id: str
+    rows: tuple[Row, ...]
+
+
+@attrs.frozen
+class Admission:
+    """The outcome of :meth:`WindowStore.admit`.
+
+    ``states`` has one entry per requested row, in order. ``reservation`` is set if and
+    only if ``admitted``. ``admitted`` depends on the enforcing rows only; shadow rows
+    that did not fit are in :attr:`shadow_refusing`.
+    """
+
+    admitted: bool
+    states: tuple[RowState, ...]
+    reservation: Reservation | None = None
+
+    @property
+    def refusing(self) -> tuple[RowState, ...]:
+        """The enforcing rows that did not fit (empty when admitted)."""
+        return tuple(s for s in self.states if not s.fits and s.row.enforce)
+
+    @property
+    def shadow_refusing(self) -> tuple[RowState, ...]:
+        """The shadow rows that did not fit: what enforcing them would have refused."""
+        return tuple(s for s in self.states if not s.fits and not s.row.enforce)
+
+    @property
+    def would_refuse(self) -> bool:
+        """Admitted, but enforcing every row (shadow ones too) would have refused it."""
+        return self.admitted and any(not s.fits for s in self.states)
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds until every row would fit, or ``None`` if some row never can.
+
+        Each row's own wait only shrinks as time passes, so the request fits once the
+        longest of them has passed. 0.0 for an admitted request.
+        """
+        waits = [s.retry_after for s in self.refusing]
+        if any(w is None for w in waits):
+            return None
+        return max(waits, default=0.0)
+
+
+NOT_RESERVED = -1
+"""The bucket of a reservation's row that was not consumed (see :class:`Reservation`)."""
+
+CONCURRENT = "concurrent"
+"""The dimension of a lease row: requests in flight (see :class:`Row`)."""
+LEASE_RETRY_SECONDS = 1.0
+"""``retry_after`` of a lease row that is full: a slot frees when some request ends,
+which nobody can foresee, so clients are told to try again soon."""
+
+
+class _Anything(enum.Enum):
+    ANYTHING = "anything"
+
+
+ANYTHING = _Anything.ANYTHING
+"""``registry_put(..., expect=ANYTHING)``: write whatever the record is now."""
+RegistryExpect = str | None | Literal[_Anything.ANYTHING]
+Registry = dict[tuple[str, str], str]
+"""The registry's records: ``(kind, name) -> record`` (JSON text, see tokenguard/keyring.py)."""
+
+EVICTS_NOTHING: tuple[str, ...] = ()
+EVICTABLE = {"allkeys": ("registry", "windows"), "volatile": ("windows",)}
+"""What a server's memory policy (Redis's ``maxmemory-policy``, by its prefix) may evict
+of what a store keeps: every driver gives each window counter and lease set a TTL (it
+leaves when its newest bucket does) and the registry none, so ``volatile-*`` evicts
+counters only and ``allkeys-*`` both; ``noeviction`` refuses writes instead."""
+
+
+def evictable(policy: str | None) -> tuple[str, ...] | None:
+    """What ``policy`` may evict: some of ``("registry", "windows")``; ``()`` for a
+    policy that evicts nothing (``noeviction``, or no server at all: ``None``); ``None``
+    when the policy is not known (``"unknown"``: the server refused to say)."""
+    if policy is None or policy == "noeviction":
+        return EVICTS_NOTHING
+    return EVICTABLE.get(policy.partition("-")[0])
+
+
+def bucket_count(window_ms: int, bucket_ms: int) -> int:
+    """How many buckets before the current one a row sums over (``ceil(window/bucket)``).
+
+    With the current bucket ``c`` (``now_ms // bucket_ms``), usage is the sum of buckets
+    ``c-n .. c``. An amount admitted in bucket ``c-n`` at time ``s`` is forgotten only
+    once the clock enters bucket ``c+1``, at least ``n * bucket_ms >= window_ms`` after
+    ``s``; and at most ``window_ms + bucket_ms`` after it.
+    """
+    return -(-window_ms // bucket_ms)
+
+
+def redact_url(url: str) -> str:
+    """The store URL with every password in it (``user:PASSWORD@``, a
+    ``...password=`` query option) replaced by ``***``: what any log line, printed
+    line, error message or ``store.url`` shows of a store URL. Never raises.
+
+    Query passwords run to the next ``&``; then the user information ends at the last
+    ``@``. So a password holding ``@``, ``/`` or ``?`` (which should be
+    percent-encoded) is hidden whole too: at worst more is hidden, never less.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    rest = re.sub(r"([?&][A-Za-z_]*password=)[^&]*", r"\1***", rest)
+    at = rest.rfind("@")
+    if at >= 0 and ":" in rest[:at]:
+        rest = rest[:at].split(":", 1)[0] + ":***" + rest[at:]
+    return f"{scheme}://{rest}"
+
+
+class WindowStore(abc.ABC):
+    """Sliding-window counters shared by every node that uses the same store.
+
+    Every method is safe to call from many trio tasks at once. Drivers raise
+    :class:`StoreError` when the backing service fails; they never consume anything
+    when they raise before the admission was applied.
+
+    Lifecycle: a store is used inside :meth:`run` (or :func:`open_store`), which sets up
+    connections and background tasks and calls ``task_status.started()`` once ready.
+    """
+
+    url: str
+    never_waits: bool = False
+    """True for a store whose :meth:`admit` and :meth:`settle` never wait (no trio
+    checkpoint: an in-process store). Such a call cannot be cancelled halfway nor slow
+    a request, so callers may skip what guards against that (a shielded scope, moving
+    a settlement off the request path)."""
+    eviction_policy: str | None = None
+    """What the store's server does when its memory is full (Redis's
+    ``maxmemory-policy``), as last read: ``"unknown"`` when the server refused to say,
+    ``None`` for a store with no server. See :func:`evictable`."""
+    last_sent: float = -math.inf
+    """When this store last sent calls to its server (``trio.current_time()``); stays
+    ``-inf`` for a store with no server. A caller judging the server by how long it
+    takes to answer counts from here too: a call that waited for its turn to be sent
+    (an event loop stalled by a GC pass or a starved CPU) was not the server's delay."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_url(cls, url: str) -> Self:
+        """Build a store from its URL; raise ``ValueError`` naming what is wrong."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the store until cancelled. The default needs no background work."""
+        task_status.started()
+        await trio.sleep_forever()
+
+    @abc.abstractmethod
+    async def admit(self, partition: str, rows: Sequence[Row]) -> Admission:
+        """Check every row and, only if all fit, add every amount; atomically.
+
+        ``partition`` groups counters that must live together (the Redis driver uses it
+        as the hash tag, so one admission touches one cluster slot): all rows of an
+        admission are stored under it.
+        """
+
+    @abc.abstractmethod
+    async def settle(self, reservation: Reservation, deltas: Sequence[int]) -> None:
+        """Add ``deltas[i]`` (possibly negative) to the bucket where row *i* was reserved,
+        and release the reservation's lease (if any), in one call.
+
+        A refund (a negative delta) to a bucket that has already left its window is a
+        no-op: it would credit a window it was never in. A charge (a positive delta: an
+        upstream that used more than was reserved) to such a bucket is added to the
+        current bucket instead, so what was really used always counts, for a whole
+        window from now; a request that outlived its window is never free. A row whose
+        bucket is :data:`NOT_RESERVED` is never touched. A count never goes below zero.
+        Releasing a lease that expired or was released already is a no-op.
+        Raises ``ValueError`` when ``deltas`` is not one per row
+        (:meth:`Reservation.check_deltas`).
+        """
+
+    async def renew(self, leases: Sequence[Lease]) -> None:
+        """Extend each lease still held to its lease time from now (the store's clock).
+
+        A lease that expired or was released stays gone (it is never taken again here).
+        Drivers with leases renew the leases of their own admissions by themselves, in
+        :meth:`run`, while the requests holding them are alive (see
+        :class:`tokenguard.store.leases.HeldLeases`). Raises :class:`StoreError`; the default,
+        for a driver without leases, always does.
+        """
+        raise StoreError(f"store {self.url} keeps no leases")
+
+    @abc.abstractmethod
+    async def usage(self, partition: str, rows: Sequence[Row]) -> tuple[RowState, ...]:
+        """Read the rows' current state without consuming anything.
+
+        Each row's amount is checked as :meth:`admit` checks it, never added: ``fits``
+        says whether it would fit now, and ``retry_after`` (for a row that does not)
+        when it would, exactly as an admission would report them. So a caller can tell
+        that a request is already out before doing the work its full cost needs (a row
+        of amount 0 fits unless its usage is above its limit).
+        """
+
+    # -- publish/subscribe: messages between the nodes that share this store
+
+    @abc.abstractmethod
+    async def publish(self, channel: str, messages: Sequence[bytes]) -> None:
+        """Send ``messages``, in order, to every current subscriber of ``channel``, on
+        every node that uses this store (this one included).
+
+        Delivery is at most once: a subscriber that does not keep up, or whose
+        connection is being re-established, loses messages; a publisher is never
+        blocked by a subscriber. Messages of one publisher arrive in the order it
+        published them. Raises :class:`StoreError` when the store cannot take them.
+        """
+
+    @abc.abstractmethod
+    def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """``async with store.subscribe(channel) as messages: async for m in messages``.
+
+        Once the ``async with`` is entered, every message published to ``channel``
+        afterwards is delivered (at most once, see :meth:`publish`) until it is left.
+        A driver re-establishes a lost subscription by itself. Raises
+        :class:`StoreError` on entering when the store cannot be reached.
+        """
+
+    # -- the registry: small versioned records (API keys, tiers) every node reads
+
+    async def registry_version(self) -> int:
+        """The registry's version: 0 while it was never written, and one more after
+        every write that changed it. Cheap: nodes poll it to notice changes.
+
+        Raises :class:`StoreError` when the store cannot answer, or keeps no registry
+        (the default for a driver without one).
+        """
+        raise StoreError(f"store {self.url} keeps no registry")
+
+    async def registry_load(self) -> tuple[int, Registry]:
+        """Every record and the version they are at, read atomically."""
+        raise StoreError(f"store {self.url} keeps no registry")
+
+    async def registry_get(self, kind: str, name: str) -> str | None:
+        """One record (``None``: there is none). Cheap in drivers that override it;
+        this default reads every record."""
+        _, records = await self.registry_load()
+        return records.get((kind, name))
+
+    async def registry_put(
+        self, kind: str, name: str, record: str | None, *, expect: RegistryExpect = ANYTHING
+    ) -> int | None:
+        """Set the record ``(kind, name)`` (``None`` deletes it) and bump the version,
+        atomically, if the record now is ``expect`` (``None``: absent; the default:
+        anything). Returns the version after the call, or ``None`` when ``expect`` did
+        not match and nothing was written.
+
+        Idempotent: when the record already is ``record`` the call succeeds without a
+        write (the version is unchanged), so a call resent after a lost reply is never
+        reported as a conflict. (So two writers of the same record both succeed: a
+        record is a whole state, not an increment.) ``kind`` never contains ``/``.
+        """
+        raise StoreError(f"store {self.url} keeps no registry")
+
+    # -- what an in-process store holds (the local windows of tokenguard/resilience.py)
+
+    def held_buckets(self) -> Iterator[tuple[str, Row, int, int]]:
+        """``(partition, row, bucket, amount)`` for every bucket with a positive amount
+        still in its window (lease rows not included), so that they can be added,
+        settle-style, into another store. Only a store in this process can say; the
+        default holds nothing."""
+        return iter(())
+
+
+def store_from_url(url: str) -> WindowStore:
+    """Find the driver registered for the URL's scheme and build a store from the URL.
+
+    Raises :class:`UnknownStoreScheme` naming the installed schemes when none matches,
+    and ``ValueError`` from the driver for a malformed URL.
+    """
+    scheme = urlsplit(url).scheme
+    drivers = entry_points(group=ENTRY_POINT_GROUP)
+    for ep in drivers:
+        if ep.name == scheme:
+            return ep.load().from_url(url)
+    known = ", ".join(sorted(f"{ep.name}://" for ep in drivers)) or "none installed"
+    raise UnknownStoreScheme(
+        f"no window-store driver for {redact_url(url)!r}; known schemes: {known}"
+    )
+
+
+@asynccontextmanager
+async def open_store(store: WindowStore | str) -> AsyncIterator[WindowStore]:
+    """Run a store (or the store for a URL) for the duration of the ``async with``."""
+    if isinstance(store, str):
+        store = store_from_url(store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        try:
+            yield store
+        finally:
+            nursery.cancel_scope.cancel()
