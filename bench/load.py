@@ -295,7 +295,7 @@ def make_prompt(rng: random.Random, tokens: int) -> str:
 
 
 def output_reservation(plan: Plan) -> int | None:
-    """The output tokens the server reserves for a plan, as ``Gateway.output_reservation``
+    """The output tokens the server reserves for a plan, as ``Pipeline.output_reservation``
     computes them (n is always 1 here); ``None`` when the key's limits are unknown."""
     if plan.max_tokens is not None:
         return plan.max_tokens

@@ -5,7 +5,7 @@ restart is a new one): its :class:`~bench.simulate.store.FaultyStore` connection
 the shared store, a :class:`~tokenguard.store.guarded.GuardedStore` over it (deadlines,
 breaker, the ``[store] on_store_error`` policy, local windows on the node's own
 clock, which clock skew moves), the :class:`~tokenguard.limiting.keyring.Keyring`, and the
-app's :class:`~tokenguard.api.app.Gateway` (limiter, settler, output reservation) in
+node's :class:`~tokenguard.api.gateway.Gateway` (limiter, settler, output reservation) in
 front of a :class:`Witness` that reports every settlement to the oracle.
 
 :meth:`SimNode.chat` is one chat completion through the gateway as the HTTP handler
@@ -27,8 +27,10 @@ import trio
 
 from bench.simulate.product import (
     ANYTHING,
+    OPENAI,
     Admission,
     APIError,
+    ChatDialect,
     Cost,
     Gateway,
     GuardedStore,
@@ -44,7 +46,6 @@ from bench.simulate.product import (
     StoreError,
     WindowStore,
     partition_of,
-    validate_chat,
 )
 from bench.simulate.store import FaultyStore, SimStore
 
@@ -138,7 +139,8 @@ class SimNode:
         )
         self.keyring = Keyring(settings, self.guarded)
         witness = Witness(self.guarded, self._settling)
-        self.gateway = Gateway(settings, witness, keyring=self.keyring)
+        self.gateway = Gateway.build(settings, witness, keyring=self.keyring)
+        self.dialect = ChatDialect()
         self._cancel = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self.in_flight = 0
@@ -216,21 +218,21 @@ class SimNode:
         if self.stalled:
             await self.wait_unstalled()
         oracle = self.oracle
-        key = self.keyring.by_digest(request.digest)  # as Gateway.authenticate
+        key = self.keyring.by_digest(request.digest)  # as Pipeline.authenticate
         if self.dead:
             return
         oracle.authenticated(self, request, key)
         if key is None:
             return
-        chat = validate_chat(request.body)
-        reserved = self.gateway.output_reservation(key, chat, request.input_tokens)
+        chat = self.dialect.parse(request.body)
+        reserved = self.gateway.pipeline.output_reservation(key, chat, request.input_tokens)
         cost = Cost(requests=1, input_tokens=request.input_tokens, output_tokens=reserved)
         # The rows as the limiter asks for them (a local admission's carry its share).
         rows = self.gateway.limiter.rows(key, cost, chat.model)
         oracle.attempting(rows, partition_of(key))
         started = trio.current_time()
         try:
-            decision = await self.gateway.admit(key, cost, chat.model)
+            decision = await self.gateway.admissions.admit(key, cost, chat.model, OPENAI)
         except APIError as error:
             if not self.dead:
                 oracle.answered(self, request, key, started, error.status, None, rows)
@@ -249,7 +251,7 @@ class SimNode:
         if self.dead:
             return
         oracle.finished(self, decision, produced)
-        await self.gateway.settle(decision, produced)
+        await self.gateway.admissions.settle(decision, produced)
 
     # -- what the end-of-run checks read
 

@@ -1,7 +1,7 @@
 """Every name the simulation takes from tokenguard and its drivers, imported here only.
 
 The simulation runs the product's own parts (the guarded store, the keyring, the
-limiter and settler behind the app's :class:`Gateway`, the memory driver); the other
+limiter and settler of the node's :class:`Gateway`, the memory driver); the other
 modules of this package import them from here, so moving a product module elsewhere
 is a change to this file alone. The planted bugs (:mod:`bench.simulate.plants`) name
 the modules they patch through :data:`MODULES`.
@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from drivers import memory as memory_driver
 from drivers.memory import MemoryStore
-from tokenguard.api.app import Gateway
-from tokenguard.api.chat import validate_chat
-from tokenguard.api.errors import APIError
+from tokenguard.api.dialect import OPENAI
+from tokenguard.api.dialects.chat import ChatDialect
+from tokenguard.api.gateway import Gateway
 from tokenguard.config.settings import ApiKey, Settings, digest_of, parse_settings
+from tokenguard.errors import APIError
 from tokenguard.limiting import keyring as keyring_module
 from tokenguard.limiting import settler as settler_module
 from tokenguard.limiting.keyring import KEY, POLL_SECONDS, TIER, KeyRecord, Keyring, KeyringError
@@ -57,7 +58,9 @@ MODULES = {
 
 __all__ = [
     "ANYTHING",
+    "OPENAI",
     "APIError",
+    "ChatDialect",
     "ApiKey",
     "Admission",
     "CONCURRENT",
@@ -96,5 +99,4 @@ __all__ = [
     "node_share",
     "parse_settings",
     "partition_of",
-    "validate_chat",
 ]

@@ -26,7 +26,8 @@ from bench.audit import (
     parse_refusal,
     possible_peak,
 )
-from tokenguard.api.app import rate_limit_error
+from tokenguard.api.dialect import OPENAI
+from tokenguard.api.ratelimit import rate_limit_error
 from tokenguard.config.settings import ApiKey, Limits
 from tokenguard.limiting.limiter import Cost, Decision
 from tokenguard.store.window_store import Admission, Row, RowState
@@ -298,7 +299,7 @@ def _message(dimension: str, limit: int, used: int, amount: int, window: int = 6
     state = RowState(row, used, 10.0, fits=False, retry_after=None if never else 3.5)
     key = ApiKey(name="k", digest="0" * 64, limits=Limits())
     decision = Decision(key, Cost(), Admission(admitted=False, states=(state,)))
-    return rate_limit_error(decision, window).message
+    return rate_limit_error(decision, OPENAI).message
 
 
 def test_parse_refusal_reads_the_apps_own_messages() -> None:

@@ -6,14 +6,10 @@ import pytest
 import trio
 
 from drivers.memory import MemoryStore
+from tokenguard.api.dialect import OPENAI
+from tokenguard.api.ratelimit import openai_duration, retry_headers
 from tokenguard.config.settings import ApiKey, Limits, digest_of
-from tokenguard.limiting.limiter import (
-    Cost,
-    Limiter,
-    openai_duration,
-    ratelimit_headers,
-    retry_headers,
-)
+from tokenguard.limiting.limiter import Cost, Limiter
 
 
 class FakeClock:
@@ -231,7 +227,7 @@ def test_retry_headers_round_up() -> None:
 async def test_headers_report_tighter_token_dimension(limiter: Limiter) -> None:
     key = make_key(rpm=10, input_tpm=1000, output_tpm=100)
     decision = await limiter.admit(key, Cost(input_tokens=100, output_tokens=50))
-    headers = ratelimit_headers(decision.admission.states)
+    headers = OPENAI.ratelimit_headers(decision.admission.states)
     assert headers["x-ratelimit-limit-requests"] == "10"
     assert headers["x-ratelimit-remaining-requests"] == "9"
     assert headers["x-ratelimit-remaining-input-tokens"] == "900"

@@ -9,8 +9,9 @@ import pytest
 
 from drivers.memory import MemoryStore
 from tokenguard.api.app import create_app
+from tokenguard.api.dialect import OPENAI
 from tokenguard.config.settings import ApiKey, Settings, parse_settings
-from tokenguard.limiting.limiter import Cost, Limiter, ratelimit_headers
+from tokenguard.limiting.limiter import Cost, Limiter
 from tokenguard.limiting.rules import DAY, HOUR, partition_of
 from tokenguard.store.window_store import NOT_RESERVED
 
@@ -149,7 +150,7 @@ async def test_total_tokens_count_input_and_output_together(clock: FakeClock) ->
     assert refused.refusal is not None and refused.refusal.row.dimension == "total_tokens"
     assert (await limiter.admit(key, Cost(input_tokens=5, output_tokens=5))).admitted
     # The headers' "tokens" now report the total (0% left), not input/output (>90%).
-    headers = ratelimit_headers(refused.admission.states)
+    headers = OPENAI.ratelimit_headers(refused.admission.states)
     assert headers["x-ratelimit-limit-tokens"] == "100"
     assert headers["x-ratelimit-remaining-tokens"] == "10"
 
@@ -203,7 +204,7 @@ async def test_headers_report_the_tightest_scope(clock: FakeClock) -> None:
     limiter = limiter_of(clock)
     b = key_of(settings, "b")
     decision = await limiter.admit(b, Cost(output_tokens=100))
-    headers = ratelimit_headers(decision.admission.states)
+    headers = OPENAI.ratelimit_headers(decision.admission.states)
     # b: 9 of 10 left (90%); the team: 2 of 3 (67%).
     assert headers["x-ratelimit-limit-requests"] == "3"
     assert headers["x-ratelimit-remaining-requests"] == "2"
@@ -320,7 +321,7 @@ async def test_a_shadow_refusal_is_admitted_and_reported(clock: FakeClock) -> No
     assert set(decision.reservation.buckets) == {NOT_RESERVED}
     assert [s.used for s in await limiter.usage(key)] == [1, 1]
     # Shadow rows are not reported to the client.
-    assert ratelimit_headers(decision.admission.states) == {}
+    assert OPENAI.ratelimit_headers(decision.admission.states) == {}
 
 
 async def test_enforced_key_with_a_shadow_team(clock: FakeClock) -> None:

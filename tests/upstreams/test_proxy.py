@@ -33,7 +33,8 @@ from tests.support.proxy_upstreams import (
     scripted_upstream,
     sse_event,
 )
-from tokenguard.api.app import RELAYED_STREAM, close_relayed_stream, create_app
+from tokenguard.api.app import create_app
+from tokenguard.api.responses import RELAYED_STREAM, close_relayed_stream
 from tokenguard.config.settings import ConfigError, parse_settings
 from tokenguard.counting.tokens import count_chat_prompt, count_text
 

@@ -20,7 +20,7 @@ Guarantees:
   A wrong or missing token is a 401, before any route is looked up.
 * The listener binds 127.0.0.1 unless told otherwise; :func:`check_admin_bind` refuses
   (ConfigError) a non-loopback address unless the admin token has 32 bytes or more.
-* Bodies are strict JSON (:func:`tokenguard.api.chat.parse_json`) of at most 64 KiB, limit
+* Bodies are strict JSON (:func:`tokenguard.strict_json.parse_json`) of at most 64 KiB, limit
   fields exactly as in the config (same names, same checks); every error is OpenAI's
   shape: 400 for a bad field, 404 for an unknown name, 409 for a name taken, 503 when
   the store cannot be reached. Changes are compare-and-set writes to the store's
@@ -40,11 +40,10 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from tokenguard.api.chat import parse_json
-from tokenguard.api.errors import APIError, http_error, invalid
 from tokenguard.api.hardening import drain_request_body
 from tokenguard.cli.keys import new_key
 from tokenguard.config.settings import KEY_IDENTITY_FIELDS, ConfigError, Settings, digest_of
+from tokenguard.errors import APIError, http_error, invalid
 from tokenguard.limiting.keyring import (
     KeyRecord,
     Keyring,
@@ -53,6 +52,7 @@ from tokenguard.limiting.keyring import (
     table_of,
 )
 from tokenguard.store.window_store import StoreError, WindowStore
+from tokenguard.strict_json import parse_json
 
 log = logging.getLogger("tokenguard.api.admin")
 

@@ -37,7 +37,7 @@ import h11
 import trio
 from quart import Response, request
 
-from tokenguard.api.errors import APIError, invalid
+from tokenguard.errors import APIError, invalid
 
 # How long hypercorn's handing of the end of a request to the app may take, shielded.
 RECYCLE_TIMEOUT = 5.0

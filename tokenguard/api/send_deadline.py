@@ -5,7 +5,7 @@ the client's socket took the bytes, and waits, shielded from cancellation, while
 client reads nothing and the socket's buffers are full. Without a deadline a client that
 stops reading would hold its request forever, and with it, in proxy mode, its upstream
 connection and its key's share of the pool. A handler puts the stream's deadline in the
-ASGI scope (``scope[SEND_DEADLINE] = seconds``, the route's ``client_idle_timeout``);
+ASGI scope (:func:`limit_sends`, with the route's ``client_idle_timeout``);
 :meth:`SendDeadlines.wrap` then watches every ``http.response.body`` send of that
 response, and :meth:`SendDeadlines.run` (a task of the app's) cuts the connection of any
 send that waited longer, as if the client had hung up.
@@ -37,15 +37,22 @@ from collections.abc import Callable
 
 import attrs
 import trio
+from quart import request
 
+from tokenguard.observe.log_throttle import LogThrottle
 from tokenguard.observe.logs import ASGIApp, Message, Receive, Scope, Send
-from tokenguard.store.guarded import LogThrottle
 
 log = logging.getLogger("tokenguard.api.send_deadline")
 
 SEND_DEADLINE = "tokenguard.api.send_deadline"  # scope key: seconds a body send may wait
 TICK = 0.25  # how often the watchdog looks at the sends in progress
 CUT_SECONDS = 5.0  # cutting a connection never takes the watchdog longer
+
+
+def limit_sends(seconds: float) -> None:
+    """Cut the current request's response when one of its sends waits ``seconds`` for
+    the client."""
+    request.scope[SEND_DEADLINE] = seconds
 
 
 @attrs.define(eq=False)

@@ -115,7 +115,7 @@ def vision_cost(model: str) -> VisionCost:
     """How ``model`` bills images: the first :data:`VISION_COSTS` prefix it starts
     with, else gpt-4o's tiles (gpt-4o, gpt-4.1, gpt-4.5, gpt-4-turbo, and models
     tokenguard does not know). Cached: clients name few models (and none longer than
-    tokenguard.api.chat.MAX_MODEL_CHARS)."""
+    tokenguard.api.request_body.MAX_MODEL_CHARS)."""
     for prefix, cost in VISION_COSTS:
         if model.startswith(prefix):
             return cost

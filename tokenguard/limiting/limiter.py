@@ -11,7 +11,6 @@ it talks to a :class:`~tokenguard.store.window_store.WindowStore`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import attrs
@@ -244,10 +243,10 @@ class Limiter:
 def tightest_by_dimension(states: Iterable[RowState]) -> dict[str, RowState]:
     """Per dimension, the tightest enforced row (over every scope and window): what a
     client is told about that dimension. Dimensions without a row are absent."""
-    return _tightest_with_shares(states)[0]
+    return tightest_with_shares(states)[0]
 
 
-def _tightest_with_shares(
+def tightest_with_shares(
     states: Iterable[RowState],
 ) -> tuple[dict[str, RowState], dict[str, float]]:
     # On every response: the share of its limit each row has left, computed once per
@@ -267,122 +266,3 @@ def _tightest_with_shares(
             out[dimension] = s
             shares[dimension] = share
     return out, shares
-
-
-# --- OpenAI's rate-limit headers ----------------------------------------------------------
-
-
-# The text of each millisecond count's fraction of a second: "" for 0, ".25" for 250
-# (formatting it per header, on every response, cost more than the rest).
-_FRACTIONS = ("",) + tuple(f".{ms:03d}".rstrip("0") for ms in range(1, 1000))
-
-
-def openai_duration(seconds: float) -> str:
-    """Format a duration as OpenAI does in ``x-ratelimit-reset-*``: ``6m0s``, ``1s``, ``250ms``.
-
-    Rounded up to the millisecond, so a client that waits this long is never early.
-    """
-    # (Less a nanosecond's share: a float like 250.00000000003 ms is 250 ms, not 251.)
-    ms = math.ceil(seconds * 1000 - 1e-6)
-    if ms <= 0:
-        return "0s"
-    if ms < 1000:
-        return f"{ms}ms"
-    hours, rest = divmod(ms, 3_600_000)
-    minutes, rest = divmod(rest, 60_000)
-    whole, fraction = divmod(rest, 1000)
-    text = f"{whole}{_FRACTIONS[fraction]}s"
-    if hours:
-        return f"{hours}h{minutes}m{text}"
-    if minutes:
-        return f"{minutes}m{text}"
-    return text
-
-
-_HEADER_NAMES = {
-    "requests": "requests",
-    "input_tokens": "input-tokens",
-    "output_tokens": "output-tokens",
-}
-
-
-# Per header family (a dimension, or "tokens"): its three names, formatted once.
-_HEADER_TRIPLES = {
-    name: (
-        f"x-ratelimit-limit-{name}",
-        f"x-ratelimit-remaining-{name}",
-        f"x-ratelimit-reset-{name}",
-    )
-    for name in (*_HEADER_NAMES.values(), "tokens")
-}
-
-
-# The same names as ASGI header names (bytes): the hot path's form.
-_RAW_TRIPLES = {
-    name: tuple(header.encode("ascii") for header in triple)
-    for name, triple in _HEADER_TRIPLES.items()
-}
-_RAW_TRIPLES_BY_DIMENSION = {
-    dimension: _RAW_TRIPLES[name] for dimension, name in _HEADER_NAMES.items()
-}
-# The dimensions whose tightest row the ``*-tokens`` headers report.
-_TOKEN_DIMENSIONS = frozenset(("input_tokens", "output_tokens", "total_tokens"))
-
-
-def ratelimit_header_fields(states: tuple[RowState, ...]) -> list[tuple[bytes, bytes]]:
-    """OpenAI's ``x-ratelimit-*`` headers for a request's rows, as ASGI header pairs
-    (lowercase ASCII names and values, as bytes): what every admitted request's
-    response carries, built without a str-to-bytes step per header.
-
-    Each header reports the tightest enforced row of its dimension over every scope and
-    window (the smallest share of its limit remaining): ``*-requests`` of the request
-    rows, ``*-input-tokens`` and ``*-output-tokens`` of theirs, and ``*-tokens`` of the
-    input, output and total-tokens rows together. Shadow rows are never reported;
-    unlimited dimensions have no headers.
-    """
-    fields: list[tuple[bytes, bytes]] = []
-    by_dimension, shares = _tightest_with_shares(states)
-    tokens: RowState | None = None
-    tokens_share = 0.0
-    tokens_values: tuple[bytes, bytes, bytes] | None = None
-    for dimension, state in by_dimension.items():
-        triple = _RAW_TRIPLES_BY_DIMENSION.get(dimension)
-        values = None
-        if triple is not None:
-            values = _header_values(state)
-            fields += _paired(triple, values)
-        if dimension in _TOKEN_DIMENSIONS:
-            share = shares[dimension]
-            if tokens is None or share < tokens_share:
-                # The tokens family usually repeats a dimension's row: formatted once.
-                tokens, tokens_share, tokens_values = state, share, values
-    if tokens is not None:
-        fields += _paired(_RAW_TRIPLES["tokens"], tokens_values or _header_values(tokens))
-    return fields
-
-
-def _paired(
-    names: tuple[bytes, ...], values: tuple[bytes, bytes, bytes]
-) -> tuple[tuple[bytes, bytes], ...]:
-    return (names[0], values[0]), (names[1], values[1]), (names[2], values[2])
-
-
-def _header_values(state: RowState) -> tuple[bytes, bytes, bytes]:
-    limit = state.row.limit
-    left = limit - state.used
-    reset = openai_duration(state.reset_after).encode("ascii")
-    return b"%d" % limit, b"%d" % left if left > 0 else b"0", reset
-
-
-def ratelimit_headers(states: tuple[RowState, ...]) -> dict[str, str]:
-    """:func:`ratelimit_header_fields` as a ``{name: value}`` dict of str."""
-    return {
-        name.decode("ascii"): value.decode("ascii")
-        for name, value in ratelimit_header_fields(states)
-    }
-
-
-def retry_headers(seconds: float) -> dict[str, str]:
-    """``retry-after`` (whole seconds, rounded up) and ``retry-after-ms``."""
-    ms = max(1, math.ceil(round(seconds * 1000, 6)))
-    return {"retry-after": str(math.ceil(ms / 1000)), "retry-after-ms": str(ms)}

@@ -54,13 +54,13 @@ import attrs
 import trio
 from quart import Response, Websocket
 
-from tokenguard.api.chat import check_text, parse_json
-from tokenguard.api.errors import APIError
 from tokenguard.config.settings import DIMENSIONS, ApiKey, Settings, digest_of
+from tokenguard.errors import APIError
 from tokenguard.limiting.keyring import Keyring
 from tokenguard.limiting.limiter import Decision, Limiter, tightest_by_dimension
-from tokenguard.store.guarded import LogThrottle
+from tokenguard.observe.log_throttle import LogThrottle
 from tokenguard.store.window_store import RowState, StoreError, WindowStore
+from tokenguard.strict_json import check_text, parse_json
 
 log = logging.getLogger("tokenguard.observe.feed")
 
@@ -644,7 +644,7 @@ def _auth_message_token(raw: str | bytes) -> tuple[str | None, str | None]:
     """The token of a first message ``{"type": "auth", "token": "..."}``, or why not.
 
     Unauthenticated input: refused unread past :data:`AUTH_MESSAGE_BYTES`, then read
-    with the request bodies' strict JSON reader (:func:`tokenguard.api.chat.parse_json`:
+    with the request bodies' strict JSON reader (:func:`tokenguard.strict_json.parse_json`:
     no deep nesting, duplicate keys, lone surrogates...), never raising."""
     if len(raw) > AUTH_MESSAGE_BYTES:
         return None, f"the first message is longer than {AUTH_MESSAGE_BYTES} bytes"

@@ -31,13 +31,18 @@ connection.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from tokenguard.config.settings import digest_of
@@ -55,9 +60,6 @@ if TYPE_CHECKING:
 NAMESPACE = "tokenguard"
 # Request and upstream latencies: from a fast mock answer to a long generation.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-# Store calls: a local Redis answers in well under a millisecond; the default deadline
-# is 100 ms.
-STORE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 MAX_MODEL_LABELS = 50
 # Upstream outcomes that are not the upstream's failure (a key past its share of the
 # pool waited for its own requests).
@@ -124,9 +126,8 @@ class Metrics:
     ``GET /metrics`` answers.
 
     ``store``, ``feed`` and ``limiter`` are read at scrape time (see
-    :class:`NodeCollector`). ``path_source`` gives the app's routes (``create_app``
-    sets it); read once, at the first finished request, those without a variable part
-    are the ``path`` label's values, and any other path is ``other``.
+    :class:`NodeCollector`). ``paths`` are the app's routes: those without a variable
+    part are the ``path`` label's values, and any other path is ``other``.
     """
 
     def __init__(
@@ -136,10 +137,10 @@ class Metrics:
         store: WindowStore,
         feed: Feed | None = None,
         limiter: Limiter | None = None,
+        paths: Iterable[str] = (),
     ) -> None:
         self.node_id = node_id
-        self.path_source: Callable[[], Iterable[str]] = tuple
-        self._paths: frozenset[str] | None = None
+        self._paths = frozenset(p for p in paths if "<" not in p)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -167,14 +168,6 @@ class Metrics:
             "Completions admitted only because the refusing limits are in shadow mode, by "
             "key name and the dimension that would have refused.",
             ["key", "dimension"],
-            registry=r,
-        )
-        self.store_seconds = Histogram(
-            "tokenguard_store_call_seconds",
-            "Duration of the calls to the shared window store that it answered, by "
-            "operation (admit, settle, usage).",
-            ["operation"],
-            buckets=STORE_BUCKETS,
             registry=r,
         )
         self.upstream_seconds = Histogram(
@@ -221,10 +214,7 @@ class Metrics:
 
     def request_finished(self, record: RequestRecord) -> None:
         """One HTTP request ended (``RequestLog``'s ``on_finish``)."""
-        paths = self._paths
-        if paths is None:
-            paths = self._paths = frozenset(p for p in self.path_source() if "<" not in p)
-        path = record.path if record.path in paths else OTHER
+        path = record.path if record.path in self._paths else OTHER
         status = "none" if record.status is None else str(record.status)
         self.requests.labels(path, status, record.key or "").inc()
         if record.latency_ms is not None:
@@ -272,10 +262,6 @@ class Metrics:
     def client_stalled(self, scope: object) -> None:
         """A stream's client took no bytes for its deadline: the node cut it."""
         self.client_stalls.inc()
-
-    def store_call(self, operation: str, seconds: float) -> None:
-        """A store call that was answered (``GuardedStore.observe_call``)."""
-        self.store_seconds.labels(operation).observe(seconds)
 
     def upstream_result(self, model: str, seconds: float, outcome: str) -> None:
         """One upstream request ended (``Upstream.on_result``): ``outcome`` is ``ok``,
@@ -392,6 +378,16 @@ class NodeCollector(Collector):
 
     def _store(self, store: GuardedStore) -> Iterator[Metric]:
         stats = store.stats
+        durations = HistogramMetricFamily(
+            "tokenguard_store_call_seconds",
+            "Duration of the calls to the shared window store that it answered, by "
+            "operation (admit, settle, usage).",
+            labels=["operation"],
+        )
+        for operation, seconds in stats.call_seconds.sums.items():
+            buckets = stats.call_seconds.cumulative(operation)
+            durations.add_metric([operation], buckets, sum_value=seconds)
+        yield durations
         yield _gauge(
             "tokenguard_store_breaker_open",
             "1 while the circuit breaker in front of the shared store is open (requests "

@@ -63,7 +63,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, contextmanager
 from typing import Any, Literal, Self
 
@@ -71,6 +71,8 @@ import attrs
 import trio
 
 from tokenguard.config.settings import STORE_ERROR_POLICIES, Settings
+from tokenguard.observe.log_throttle import LogThrottle
+from tokenguard.store.call_durations import CallDurations
 from tokenguard.store.window_store import (
     ANYTHING,
     NOT_RESERVED,
@@ -192,25 +194,6 @@ class UncheckedReservation(Reservation):
     """A reservation of the ``open`` policy: nothing was counted, nothing to settle."""
 
 
-class LogThrottle:
-    """At most one log line per ``interval`` seconds; counts the lines it held back."""
-
-    def __init__(self, interval: float = 1.0) -> None:
-        self.interval = interval
-        self._last = -math.inf
-        self.suppressed = 0
-
-    def ready(self) -> int | None:
-        """``None``: stay quiet. Otherwise log now; the number held back since the last."""
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self.suppressed += 1
-            return None
-        self._last = now
-        held, self.suppressed = self.suppressed, 0
-        return held
-
-
 @attrs.define
 class GuardStats:
     """Counters for ``/readyz`` and ``/metrics`` (read when scraped)."""
@@ -226,6 +209,8 @@ class GuardStats:
     settlements_dropped: int = 0  # settlements of store reservations while it was down
     last_error: str | None = None
     last_outage_seconds: float | None = None
+    # How long the store took to answer the calls it answered, per operation.
+    call_seconds: CallDurations = attrs.field(factory=CallDurations)
 
 
 class GuardedStore(WindowStore):
@@ -264,9 +249,6 @@ class GuardedStore(WindowStore):
         self.fallback = fallback if fallback is not None else store_from_url("memory://")
         self.breaker = Breaker(threshold=threshold)
         self.stats = GuardStats()
-        # Told (operation, seconds) of every call the store answered: the node's store
-        # latency metric (tokenguard/metrics.py).
-        self.observe_call: Callable[[str, float], None] | None = None
         self._primary_running = False
         self._nursery: trio.Nursery | None = None
         # Local admissions not yet written back: (partition, counter, bucket) -> [row, amount]
@@ -488,8 +470,7 @@ class GuardedStore(WindowStore):
             self._failed(exc)
             raise
         self._last_answer = trio.current_time()
-        if self.observe_call is not None:
-            self.observe_call(call.__name__, self._last_answer - start)
+        self.stats.call_seconds.observe(call.__name__, self._last_answer - start)
         self.breaker = self.breaker.succeeded()
         if self._unsynced and not self.breaker.is_open:
             self._unsynced_soon.set()  # the store answers: tell it what it missed

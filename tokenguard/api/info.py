@@ -1,0 +1,84 @@
+"""What a key may read about itself: ``GET /v1/usage`` and ``GET /v1/models``.
+
+Both authenticate as OpenAI's APIs do and answer with the key's rate-limit headers;
+neither consumes anything. ``/v1/usage`` is tokenguard's own: per dimension the
+tightest enforced row over every window and scope, and every row (shadow ones too).
+``/v1/models`` lists, in proxy mode, the exact model names of ``[upstream.models]``,
+else the mock's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Response
+
+from tokenguard.api.dialect import OPENAI
+from tokenguard.api.pipeline import Pipeline
+from tokenguard.api.responses import json_response
+from tokenguard.config.settings import Settings
+from tokenguard.limiting.limiter import tightest_by_dimension
+from tokenguard.store.window_store import RowState
+
+MOCK_MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4", "gpt-3.5-turbo")
+
+
+def usage_entry(state: RowState) -> dict[str, Any]:
+    return {
+        "limit": state.limit,
+        "used": state.used,
+        "remaining": state.remaining,
+        "reset_seconds": state.reset_after,
+    }
+
+
+class Info:
+    """The handlers of ``/v1/usage`` and ``/v1/models`` (see the module docstring)."""
+
+    def __init__(self, settings: Settings, pipeline: Pipeline) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+
+    async def usage(self) -> Response:
+        key = self.pipeline.authenticate(OPENAI)
+        states = await self.pipeline.limiter.usage(key)
+        by_dimension = tightest_by_dimension(states)
+        dimensions: dict[str, Any] = {}
+        for dimension in ("requests", "input_tokens", "output_tokens", "total_tokens"):
+            state = by_dimension.get(dimension)
+            if state is not None or dimension != "total_tokens":
+                dimensions[dimension] = None if state is None else usage_entry(state)
+        body = {
+            "object": "usage",
+            "key": key.name,
+            "window_seconds": self.settings.window_seconds,
+            "bucket_seconds": self.settings.bucket_seconds,
+            "dimensions": dimensions,
+            "limits": [
+                {
+                    "scope": "team" if s.row.scope.startswith("team:") else "key",
+                    "dimension": s.row.dimension,
+                    "window_seconds": s.row.window_ms / 1000,
+                    "mode": "enforce" if s.row.enforce else "shadow",
+                    **usage_entry(s),
+                }
+                for s in states
+            ],
+        }
+        return json_response(body, headers=OPENAI.ratelimit_headers(states))
+
+    async def models(self) -> Response:
+        key = self.pipeline.authenticate(OPENAI)
+        states = await self.pipeline.limiter.usage(key)
+        if self.settings.upstream.enabled:
+            models, owner = self.settings.upstream.model_ids(), "tokenguard-upstream"
+        else:
+            models, owner = MOCK_MODELS, "tokenguard-mock"
+        body = {
+            "object": "list",
+            "data": [
+                {"id": model, "object": "model", "created": 0, "owned_by": owner}
+                for model in models
+            ],
+        }
+        return json_response(body, headers=OPENAI.ratelimit_headers(states))

@@ -1,0 +1,67 @@
+"""Answering from the built-in mock upstream (no ``[upstream]`` route).
+
+The dialect writes the answer (:meth:`~tokenguard.api.dialect.Dialect.mock_answer`); here
+it is paced by ``[mock] token_delay_ms`` and sent, and the request settled to the tokens
+the client got: a whole answer's, or, for a stream, those of the events the client took
+(a client that leaves mid-stream is charged for what it was sent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+
+import trio
+from quart import Response
+
+from tokenguard.api.admission import Admissions
+from tokenguard.api.dialect import Dialect, Exchange
+from tokenguard.api.responses import event_stream, json_response, stash_headers
+from tokenguard.limiting.limiter import Decision
+
+
+class MockAnswers:
+    """Answers from the mock, paced ``token_delay`` seconds per output token."""
+
+    def __init__(self, admissions: Admissions, token_delay: float) -> None:
+        self.admissions = admissions
+        self.token_delay = token_delay
+
+    async def answer(
+        self,
+        dialect: Dialect,
+        exchange: Exchange,
+        per_choice: int,
+        input_tokens: int,
+        decision: Decision | None,
+    ) -> Response:
+        """The mock's answer to ``exchange``, at most ``per_choice`` tokens a choice, with
+        ``decision``'s rate-limit headers; ``decision`` (if any) settled to what was sent."""
+        answer = dialect.mock_answer(exchange, per_choice, input_tokens)
+        if decision is not None:
+            states = decision.admission.states
+            stash_headers(dialect.conventions.ratelimit_header_fields(states))
+        if exchange.stream:
+            return event_stream(self._stream(answer.events, decision), {})
+        try:
+            if self.token_delay:
+                await trio.sleep(self.token_delay * answer.output_tokens)
+        finally:
+            if decision is not None:
+                await self.admissions.settle(decision, answer.output_tokens)
+        return json_response(answer.body)
+
+    async def _stream(
+        self, events: Iterable[tuple[bytes, int]], decision: Decision | None
+    ) -> AsyncIterator[bytes]:
+        sent = 0
+        try:
+            for event, tokens in events:
+                if self.token_delay and tokens:
+                    await trio.sleep(self.token_delay)
+                yield event
+                # Counted only once the event was taken: a client that left mid-stream
+                # is charged for what it was sent, not for what it would have been.
+                sent += tokens
+        finally:
+            if decision is not None:
+                await self.admissions.settle(decision, sent)

@@ -1,0 +1,92 @@
+"""What an upstream says it spent, and how that compares with tokenguard's own count.
+
+:class:`ReportedUsage` is an answer's usage in the limiter's terms (input tokens that
+count against input limits, output tokens), whatever the API's own field names; each
+dialect reads its API's usage block into one. :class:`InputDrift` remembers, per model,
+how tokenguard's input count compared with the upstream's, and logs a difference (at
+most a line per model every :data:`DRIFT_LOG_SECONDS`), so a miscounted model shows up.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+
+from tokenguard.observe.log_throttle import LogThrottle
+
+log = logging.getLogger("tokenguard.upstreams.usage")
+
+DRIFT_LOG_SECONDS = 10.0
+DRIFT_MODELS = 1024  # models are client input: the per-model drift table is bounded
+
+
+def token_count(value: Any) -> int | None:
+    """``value`` if it is a count of tokens (a non-negative int, not a bool), else
+    ``None``: an upstream's usage block is read defensively."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+@attrs.frozen
+class ReportedUsage:
+    """An upstream's own account of an answer: ``input_tokens`` as they count against
+    input limits, ``output_tokens``; ``None`` for a figure absent or invalid."""
+
+    input_tokens: int | None
+    output_tokens: int | None
+
+    @classmethod
+    def of_openai(cls, usage: Any) -> ReportedUsage | None:
+        """An OpenAI chat or completions ``usage`` block (``prompt_tokens``,
+        ``completion_tokens``); ``None`` when there is none."""
+        if not isinstance(usage, dict):
+            return None
+        return cls(
+            token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
+        )
+
+
+@attrs.define
+class ModelDrift:
+    """One model's input-token drift: how many upstream answers reported usage, how
+    many of them disagreed with tokenguard's count, and the net difference."""
+
+    reported: int = 0
+    differed: int = 0
+    net: int = 0  # sum of (upstream's input tokens - tokenguard's count)
+    log_throttle: LogThrottle = attrs.field(factory=lambda: LogThrottle(DRIFT_LOG_SECONDS))
+
+
+class InputDrift:
+    """Per model (at most :data:`DRIFT_MODELS`), how tokenguard's input-token count
+    compares with the upstream's; a difference is logged, throttled per model."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, ModelDrift] = {}
+
+    def record(self, model: str, counted: int, reported: int) -> None:
+        drift = self.models.get(model)
+        if drift is None:
+            if len(self.models) >= DRIFT_MODELS:
+                self.models.clear()
+            drift = self.models[model] = ModelDrift()
+        drift.reported += 1
+        if reported == counted:
+            return
+        drift.differed += 1
+        drift.net += reported - counted
+        if drift.log_throttle.ready() is not None:
+            log.warning(
+                "input tokens of model %r: counted %d, the upstream reported %d (%+d); "
+                "%d of %d answers differed, net %+d tokens; settled to the upstream's count",
+                model,
+                counted,
+                reported,
+                reported - counted,
+                drift.differed,
+                drift.reported,
+                drift.net,
+            )
