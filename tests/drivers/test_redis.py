@@ -364,6 +364,23 @@ async def test_a_refund_rides_with_the_next_call_or_goes_alone_soon(redis_url: s
             assert trio.current_time() - start < REFUND_DELAY
 
 
+@pytest.mark.parametrize("deployment", ["redis", "redis-cluster"])
+async def test_the_store_notes_when_it_wrote_calls_and_heard_their_replies(
+    request: pytest.FixtureRequest, deployment: str
+) -> None:
+    """``last_sent`` and ``last_heard`` (what the guarded store judges the server by)
+    are noted by the pipelines themselves, on trio's clock: the write, then the read,
+    both before the caller resumes (on the driver's own trio connection for a single
+    Redis; in redis-py's worker thread for a cluster)."""
+    with trio.fail_after(TEST_TIMEOUT):
+        url = request.getfixturevalue("redis_url" if deployment == "redis" else "redis_cluster_url")
+        async with open_store(url) as store:
+            for _ in range(3):
+                before = trio.current_time()
+                await store.admit("p", [a_row()])
+                assert before <= store.last_sent <= store.last_heard <= trio.current_time()
+
+
 async def test_two_nodes_sharing_redis_admit_exactly_the_limit(redis_url: str) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         async with open_store(redis_url) as node1, open_store(redis_url) as node2:
