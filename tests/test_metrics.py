@@ -13,6 +13,7 @@ restart and is up again. Every scrape is parsed with prometheus_client's own par
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -21,18 +22,20 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from drivers.memory import MemoryStore
 from tests.processes import free_ports, running_cluster, write_config
 from tests.test_feed import running_node, subscriber
-from tests.test_resilience import guarded
+from tests.test_resilience import guarded, pipelined
 from tokenguard import cli
 from tokenguard.app import create_app
 from tokenguard.feed import Viewer
 from tokenguard.limiter import Cost
 from tokenguard.metrics import BoundedLabel, Metrics, scrape_response, supervisor_registry
 from tokenguard.settings import METRICS_TOKEN_ENV, ConfigError, digest_of, parse_settings
+from tokenguard.stalls import PROBE_PERIOD
 
 TEST_TIMEOUT = 30.0
 CHAT = "/v1/chat/completions"
@@ -252,6 +255,31 @@ async def test_store_calls_and_open_policy_admissions_are_counted(
         assert value(samples, "tokenguard_admitted_total", key="bob") == 6
         # Failed calls are failures, not latencies.
         assert value(samples, "tokenguard_store_call_seconds_count", operation="admit") == 1
+
+
+async def test_node_stalls_and_the_calls_they_cut_are_counted_apart_from_failures(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A request waits on a store that never answers while the node stalls for 2 s: it
+    gets the policy's answer (closed: 503), counted as stalled out, not as a failure;
+    the stall is counted in seconds."""
+    config = {"store": {"url": "redis://127.0.0.1:1/0"}, "keys": CONFIG["keys"][1:2]}
+    async with pipelined() as (store, primary):
+        client = create_app(parse_settings(config, "<test>", environ={}), store).test_client()
+        primary.latency = math.inf
+
+        async def stall() -> None:
+            await trio.sleep(0.01)
+            autojump_clock.jump(2.0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stall)
+            assert (await chat(client, "sk-bob")).status_code == 503
+        samples = await scrape(client)
+        assert value(samples, "tokenguard_store_stalled_out_total") == 1
+        assert value(samples, "tokenguard_store_failures_total") == 0
+        stalled = value(samples, "tokenguard_store_node_stalled_seconds_total")
+        assert 2.0 - PROBE_PERIOD - 1e-9 <= stalled <= 2.0 + 1e-9  # (float sums)
 
 
 async def test_a_memory_store_node_has_no_store_metrics() -> None:
