@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import decisions, feed, load, proxy, suite, tokens
+from bench import decisions, feed, load, proxy, stress, suite, tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tokens.add_arguments(tokens_parser)
     tokens_parser.set_defaults(run=tokens.main)
+    stress_parser = commands.add_parser(
+        "stress-tests",
+        help="the whole test suite, round after round, beside CPU-burning processes",
+        description="Run the test suite (python -m pytest) round after round beside "
+        "processes that burn the CPU; stop at the first failing round; print rounds "
+        "passed and each round's wall time. Arguments after -- go to pytest.",
+    )
+    stress.add_arguments(stress_parser)
+    stress_parser.set_defaults(run=stress.main)
     return parser
 
 

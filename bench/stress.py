@@ -1,0 +1,125 @@
+"""``python -m bench stress-tests``: the whole test suite, round after round, beside
+processes that burn the CPU, as on a busy CI machine.
+
+Each round runs ``python -m pytest -q -p no:cacheprovider [PYTEST ARGS]`` in the
+project's root directory with this very interpreter, so in the virtualenv the command is
+run from (what tox's ``py`` environment runs: ``pytest {posargs:-q}``; not tox itself,
+which would first build an environment of its own and then run ruff as well). All the
+while, ``--burners`` processes (default 2: as many as the CI machine's cores) spin on
+the CPU at the same priority, from before the first round until the last ends.
+
+The rounds stop at the first that fails. Printed: each round's result and wall time as
+it ends, then ``N of M rounds passed`` and the wall time of each round run. The exit
+status is 0 when every round passed, else the failing round's pytest status (or 2 for a
+bad command line). The burners are always stopped, however the command ends.
+
+    python -m bench stress-tests --rounds 3
+    python -m bench stress-tests --rounds 1 --burners 2 -- -x tests/test_faults.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import attrs
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTEST = ("-m", "pytest", "-q", "-p", "no:cacheprovider")
+# What a burner runs: a busy loop, all of one core for as long as it is let run.
+BURNER_CODE = "while True: pass"
+
+
+@attrs.frozen
+class Round:
+    number: int
+    status: int  # pytest's exit status
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.status == 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of the whole suite (default 3)"
+    )
+    parser.add_argument(
+        "--burners",
+        type=int,
+        default=2,
+        help="CPU-burning processes beside the suite (default 2)",
+    )
+    parser.add_argument(
+        "pytest_args",
+        nargs="*",
+        metavar="PYTEST ARGS",
+        help="after --: more arguments for pytest (e.g. -- -x tests/test_faults.py)",
+    )
+
+
+@contextmanager
+def burning(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``count`` busy-loop processes for the duration of the block; killed after it."""
+    burners: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(count):
+            burners.append(subprocess.Popen([sys.executable, "-c", BURNER_CODE]))
+        yield burners
+    finally:
+        for burner in burners:
+            burner.kill()
+        for burner in burners:
+            burner.wait()
+
+
+def run_rounds(rounds: int, burners: int, pytest_args: Sequence[str]) -> list[Round]:
+    """Run up to ``rounds`` rounds of the suite beside ``burners`` burners; stop at the
+    first round that fails. Returns the rounds run, each printed as it ends."""
+    command = [sys.executable, *PYTEST, *pytest_args]
+    done: list[Round] = []
+    with burning(burners):
+        for number in range(1, rounds + 1):
+            print(f"round {number}/{rounds}: {' '.join(command[1:])}", flush=True)
+            start = time.monotonic()
+            status = subprocess.run(command, cwd=ROOT, check=False).returncode
+            done.append(Round(number, status, time.monotonic() - start))
+            outcome = "passed" if status == 0 else f"FAILED (pytest exit status {status})"
+            print(f"round {number}/{rounds}: {outcome} in {done[-1].seconds:.0f} s", flush=True)
+            if status != 0:
+                break
+    return done
+
+
+def summary(rounds: int, done: Sequence[Round]) -> str:
+    """``N of M rounds passed``, the failing round if any, and each round's wall time."""
+    passed = sum(r.passed for r in done)
+    failed = [r.number for r in done if not r.passed]
+    times = ", ".join(f"{r.seconds:.0f} s" for r in done)
+    line = f"{passed} of {rounds} rounds passed"
+    if failed:
+        line += f" (round {failed[0]} failed, the rounds stopped there)"
+    return f"{line}; wall time per round: {times}"
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.rounds < 1 or args.burners < 0:
+        print("stress-tests: --rounds must be >= 1 and --burners >= 0", file=sys.stderr)
+        return 2
+    print(
+        f"stress-tests: {args.rounds} round(s) of the test suite in {ROOT}, "
+        f"beside {args.burners} CPU burner(s)",
+        flush=True,
+    )
+    done = run_rounds(args.rounds, args.burners, args.pytest_args)
+    print(summary(args.rounds, done), flush=True)
+    return next((r.status for r in done if not r.passed), 0)
+
+
+__all__ = ["BURNER_CODE", "Round", "add_arguments", "main", "run_rounds", "summary"]
