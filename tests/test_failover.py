@@ -44,7 +44,7 @@ import redis.crc
 import trio
 
 from drivers.redis import key_name
-from tests.processes import running_cluster, write_config
+from tests.processes import START_TIMEOUT, running_cluster, write_config
 from tests.redis_servers import (
     RedisSentinelGroup,
     RedisServer,
@@ -289,7 +289,7 @@ READY_BOUND = 15.0  # from the kill to every node's /readyz ok again (generous)
 LOAD_AFTER_READY = 1.5  # at least this much load once every node is back ...
 LOAD_AFTER_LIMIT = 0.5  # ... and this much once the new master has the whole limit
 NODES_ANSWER_BOUND = 2.0  # any answer, whatever the phase (generous)
-NODES_TEST_TIMEOUT = 60.0
+NODES_TEST_TIMEOUT = START_TIMEOUT + 60
 
 
 @attrs.define

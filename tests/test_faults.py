@@ -40,6 +40,7 @@ import trio
 from drivers.redis import RedisStore
 from tests.latency_proxy import LatencyProxy, running_proxy
 from tests.processes import (
+    START_TIMEOUT,
     free_ports,
     running_cluster,
     running_tokenguard,
@@ -451,7 +452,10 @@ async def test_redis_killed_for_10_s_under_load_policy_local(workdir: Path) -> N
     Redis answers again; and over the whole test (well inside one window) the cluster
     admits no more than rpm = 300, Redis having been told of every admission."""
     limit = 300
-    with trio.fail_after(120), running_redis_server(workdir / "redis", appendonly=True) as server:
+    with (
+        trio.fail_after(START_TIMEOUT + 120),
+        running_redis_server(workdir / "redis", appendonly=True) as server,
+    ):
         config = write_config(
             workdir / "c.toml",
             f'[store]\nurl = "{server.url}"\n\n'
@@ -516,14 +520,14 @@ async def test_a_node_starts_while_redis_is_down_and_joins_it_when_it_comes(
     """Redis down when the node starts: the node serves anyway (policy ``local``),
     ``/readyz`` says 503, ``/healthz`` 200; Redis started: the node joins it by itself,
     without a restart."""
-    with trio.fail_after(60), running_redis_server(workdir / "redis") as server:
+    with trio.fail_after(START_TIMEOUT + 60), running_redis_server(workdir / "redis") as server:
         server.stop()  # its port stays reserved for it in the URL
         config = write_config(workdir / "c.toml", '[[keys]]\nkey = "sk-d"\nname = "d"\nrpm = 4\n')
         port = free_ports()
         url = f"http://127.0.0.1:{port}"
         args = ["serve", "--store", server.url, "--config", str(config), "--port", str(port)]
         async with running_tokenguard(args, output_path=workdir / "node.out") as node:
-            with trio.fail_after(20):
+            with trio.fail_after(START_TIMEOUT):
                 await wait_healthy(url)
             async with httpx.AsyncClient(timeout=5) as client:
                 status, body = await readyz(client, url)
@@ -548,7 +552,10 @@ async def test_dead_then_hung_redis_under_each_policy(workdir: Path) -> None:
     ``retry-after: 1``; ``open`` admits and counts (in /readyz and in its log);
     ``local`` admits within its windows, even while Redis hangs (the guard's deadline,
     then its breaker: every node's ``/readyz`` says so); each node is back by itself."""
-    with trio.fail_after(120), running_redis_server(workdir / "redis", appendonly=True) as server:
+    with (
+        trio.fail_after(START_TIMEOUT + 120),
+        running_redis_server(workdir / "redis", appendonly=True) as server,
+    ):
         config = write_config(
             workdir / "c.toml", '[[keys]]\nkey = "sk-p"\nname = "p"\nrpm = 1000\n'
         )
@@ -572,7 +579,7 @@ async def test_dead_then_hung_redis_under_each_policy(workdir: Path) -> None:
                 output_path=workdir / "local.out",
             ),
         ):  # fmt: skip
-            with trio.fail_after(20):
+            with trio.fail_after(START_TIMEOUT):
                 for url in urls:
                     await wait_healthy(url)
             results: dict[str, list[tuple[str, float, httpx.Response]]] = {p: [] for p in policies}
@@ -633,7 +640,10 @@ async def test_a_redis_crash_loses_at_most_a_second_of_admissions(workdir: Path)
     practice none: Redis writes the append-only file before it replies, and a killed
     process loses nothing the kernel has; only a crash of the machine loses the
     unsynced second."""
-    with trio.fail_after(60), running_redis_server(workdir / "redis", appendonly=True) as server:
+    with (
+        trio.fail_after(START_TIMEOUT + 60),
+        running_redis_server(workdir / "redis", appendonly=True) as server,
+    ):
         config = write_config(
             workdir / "c.toml", '[[keys]]\nkey = "sk-c"\nname = "c"\nrpm = 1000000\n'
         )
@@ -643,12 +653,13 @@ async def test_a_redis_crash_loses_at_most_a_second_of_admissions(workdir: Path)
         async with running_tokenguard(
             [*args, "--on-store-error", "closed"], output_path=workdir / "node.out"
         ):
-            with trio.fail_after(20):
+            with trio.fail_after(START_TIMEOUT):
                 await wait_healthy(url)
             answers: list[Answer] = []
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(load_forever, [url], "sk-c", answers, 8, 0.0)
-                await trio.sleep(1.5)
+                while sum(a.status == 200 for a in answers) < 150:  # noqa: ASYNC110
+                    await trio.sleep(0.05)  # (however long a slow machine takes)
                 server.kill()
                 killed = trio.current_time()
                 await trio.sleep(0.3)
@@ -658,7 +669,7 @@ async def test_a_redis_crash_loses_at_most_a_second_of_admissions(workdir: Path)
             assert {a.status for a in answers} <= {200, 503}
             await trio.to_thread.run_sync(server.start)
             async with httpx.AsyncClient(timeout=5) as client:
-                with trio.fail_after(5):
+                with trio.fail_after(60):
                     await wait_ready(client, [url])
                 usage = await client.get(
                     f"{url}/v1/usage", headers={"Authorization": "Bearer sk-c"}
@@ -703,7 +714,7 @@ async def test_a_node_killed_mid_stream_keeps_its_reservation_until_the_window_e
         bucket=1,
     )
     prompt = _prompt_with_long_reply(40)
-    with trio.fail_after(60):
+    with trio.fail_after(START_TIMEOUT + 60):
         async with running_cluster(workdir / "state", nodes=2, config=config) as cluster:
             victim = cluster.node_pid(0)
             async with httpx.AsyncClient(timeout=10) as client:
@@ -733,7 +744,7 @@ async def test_a_node_killed_mid_stream_keeps_its_reservation_until_the_window_e
                 # The other node sees the reservation whole: 500 reserved, none free.
                 refused = await chat(client, cluster.urls[1], "sk-s", max_tokens=1)
                 assert refused.status_code == 429
-                with trio.fail_after(10):
+                with trio.fail_after(START_TIMEOUT):
                     await wait_healthy(cluster.urls[0], node_id=0)
                 while True:
                     sent = trio.current_time()
@@ -779,9 +790,9 @@ async def test_sigterm_under_load_finishes_every_request_and_takes_no_new_ones(
     prompt = _prompt_with_long_reply(tokens)
     grace = 30.0  # the requests need 1.2 s: a slow machine has time to finish them
     args = ["serve", "--config", str(config), "--port", str(port), "--grace", str(grace)]
-    with trio.fail_after(60):
+    with trio.fail_after(START_TIMEOUT + 60):
         async with running_tokenguard(args, output_path=workdir / "node.out") as node:
-            with trio.fail_after(20):
+            with trio.fail_after(START_TIMEOUT):
                 await wait_healthy(url)
             outcomes: list[str] = []
             limits = httpx.Limits(max_connections=100)

@@ -40,7 +40,7 @@ from tokenguard.node import hypercorn_config
 from tokenguard.settings import ADMIN_TOKEN_ENV, ConfigError, Settings, parse_settings
 from tokenguard.windows import WindowStore, open_store
 
-TEST_TIMEOUT = 20.0
+TEST_TIMEOUT = 120.0  # a hang guard: 400 requests take a starved machine a while
 ADMIN = "admin-token-for-the-feed-tests"
 CONFIG: dict[str, Any] = {
     "feed": {"admin_token": ADMIN},

@@ -26,7 +26,7 @@ import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from drivers.memory import MemoryStore
-from tests.processes import free_ports, running_cluster, write_config
+from tests.processes import START_TIMEOUT, free_ports, running_cluster, write_config
 from tests.test_feed import running_node, subscriber
 from tests.test_resilience import guarded, pipelined
 from tokenguard import cli
@@ -427,7 +427,7 @@ async def test_a_cluster_serves_node_and_supervisor_metrics_and_counts_restarts(
         '[[keys]]\nkey = "sk-cluster"\nname = "cluster"\nrpm = 1000\n',
     )
     metrics_port = free_ports()
-    with trio.fail_after(90):
+    with trio.fail_after(START_TIMEOUT + 90):
         async with (
             running_cluster(
                 workdir / "state",
