@@ -11,7 +11,12 @@ the CPU at the same priority, from before the first round until the last ends.
 The rounds stop at the first that fails. Printed: each round's result and wall time as
 it ends, then ``N of M rounds passed`` and the wall time of each round run. The exit
 status is 0 when every round passed, else the failing round's pytest status (or 2 for a
-bad command line). The burners are always stopped, however the command ends.
+bad command line).
+
+However the command ends, nothing it started is left behind: the burners die with it
+(``PR_SET_PDEATHSIG``, even if it is killed), and when it is stopped (Ctrl-C, or
+SIGTERM, which it turns into an interrupt of pytest) pytest is let stop its tests'
+processes first, for up to ``STOP_GRACE`` seconds.
 
     python -m bench stress-tests --rounds 3
     python -m bench stress-tests --rounds 1 --burners 2 -- -x tests/test_faults.py
@@ -20,19 +25,25 @@ bad command line). The burners are always stopped, however the command ends.
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 import attrs
+
+from tokenguard.supervisor import _die_with_parent_hook
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTEST = ("-m", "pytest", "-q", "-p", "no:cacheprovider")
 # What a burner runs: a busy loop, all of one core for as long as it is let run.
 BURNER_CODE = "while True: pass"
+# How long an interrupted pytest is given to stop its tests' processes (s).
+STOP_GRACE = 60.0
 
 
 @attrs.frozen
@@ -70,7 +81,11 @@ def burning(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
     burners: list[subprocess.Popen[bytes]] = []
     try:
         for _ in range(count):
-            burners.append(subprocess.Popen([sys.executable, "-c", BURNER_CODE]))
+            burners.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", BURNER_CODE], preexec_fn=_die_with_parent_hook()
+                )
+            )
         yield burners
     finally:
         for burner in burners:
@@ -88,13 +103,35 @@ def run_rounds(rounds: int, burners: int, pytest_args: Sequence[str]) -> list[Ro
         for number in range(1, rounds + 1):
             print(f"round {number}/{rounds}: {' '.join(command[1:])}", flush=True)
             start = time.monotonic()
-            status = subprocess.run(command, cwd=ROOT, check=False).returncode
+            status = run_pytest(command)
             done.append(Round(number, status, time.monotonic() - start))
             outcome = "passed" if status == 0 else f"FAILED (pytest exit status {status})"
             print(f"round {number}/{rounds}: {outcome} in {done[-1].seconds:.0f} s", flush=True)
             if status != 0:
                 break
     return done
+
+
+def run_pytest(command: Sequence[str]) -> int:
+    """Run pytest to its end; its exit status. Interrupted (Ctrl-C, or SIGTERM made an
+    interrupt by :func:`main`), it first lets pytest stop: Ctrl-C reached pytest too
+    (the terminal's whole process group); SIGTERM is passed on to it as an interrupt."""
+    process = subprocess.Popen(command, cwd=ROOT)
+    try:
+        return process.wait()
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt):
+            process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise
+
+
+def _interrupted(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
 
 
 def summary(rounds: int, done: Sequence[Round]) -> str:
@@ -117,9 +154,10 @@ def main(args: argparse.Namespace) -> int:
         f"beside {args.burners} CPU burner(s)",
         flush=True,
     )
+    signal.signal(signal.SIGTERM, _interrupted)  # so that the cleanup above runs
     done = run_rounds(args.rounds, args.burners, args.pytest_args)
     print(summary(args.rounds, done), flush=True)
     return next((r.status for r in done if not r.passed), 0)
 
 
-__all__ = ["BURNER_CODE", "Round", "add_arguments", "main", "run_rounds", "summary"]
+__all__ = ["BURNER_CODE", "Round", "add_arguments", "main", "run_pytest", "run_rounds", "summary"]

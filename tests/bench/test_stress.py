@@ -8,8 +8,10 @@ after ``--``) that records each round and the burners it found running beside it
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,10 +21,11 @@ from bench.stress import ROOT, Round, summary
 
 # A test module for the rounds: round N (counted in rounds.json) fails if N is in
 # FAIL_ROUNDS; every round notes the burner processes beside it (its parent's
-# children running the burner's code).
+# children running the burner's code) and its own pid, then, with HOLD, waits.
 ROUND_TEST = """
 import json
 import os
+import time
 from pathlib import Path
 
 from bench.procfs import children, cmdline
@@ -30,6 +33,7 @@ from bench.stress import BURNER_CODE
 
 LOG = Path({log!r})
 FAIL_ROUNDS = {fail_rounds!r}
+HOLD = {hold!r}
 
 
 def test_one_round():
@@ -37,26 +41,38 @@ def test_one_round():
     burners = [
         pid for pid in children(os.getppid()) if cmdline(pid).endswith("-c " + BURNER_CODE)
     ]
-    rounds.append(burners)
+    rounds.append([burners, os.getpid()])
     LOG.write_text(json.dumps(rounds))
     assert len(rounds) not in FAIL_ROUNDS
+    if HOLD:
+        time.sleep(600)
 """
 
 
-def stress(tmp_path: Path, *args: str, fail_rounds: tuple[int, ...] = ()) -> tuple[int, str, list]:
+def round_test(tmp_path: Path, fail_rounds: tuple[int, ...] = (), hold: bool = False) -> Path:
     test = tmp_path / "test_round.py"
     log = tmp_path / "rounds.json"
-    test.write_text(ROUND_TEST.format(log=str(log), fail_rounds=fail_rounds))
+    test.write_text(ROUND_TEST.format(log=str(log), fail_rounds=fail_rounds, hold=hold))
+    return test
+
+
+def rounds_seen(tmp_path: Path) -> list[list]:
+    """Per round run: [the burners' pids, pytest's pid]."""
+    log = tmp_path / "rounds.json"
+    return json.loads(log.read_text()) if log.exists() else []
+
+
+def stress(tmp_path: Path, *args: str, fail_rounds: tuple[int, ...] = ()) -> tuple[int, str, list]:
+    test = round_test(tmp_path, fail_rounds)
     done = subprocess.run(
         [sys.executable, "-m", "bench", "stress-tests", *args, "--", str(test)],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         check=False,
     )
-    rounds = json.loads(log.read_text()) if log.exists() else []
-    return done.returncode, done.stdout + done.stderr, rounds
+    return done.returncode, done.stdout + done.stderr, [b for b, _ in rounds_seen(tmp_path)]
 
 
 @pytest.mark.slow
@@ -80,6 +96,35 @@ def test_the_rounds_stop_at_the_first_that_fails(tmp_path: Path) -> None:
     assert not any(alive(pid) for pid in rounds[0])
     assert "round 2/4: FAILED (pytest exit status 1)" in output
     assert "1 of 4 rounds passed (round 2 failed, the rounds stopped there)" in output
+
+
+@pytest.mark.slow
+def test_stopped_with_sigterm_it_leaves_nothing_running(tmp_path: Path) -> None:
+    """SIGTERM in the middle of a round: pytest is interrupted (and reports), the
+    burners are stopped, nothing is left running."""
+    test = round_test(tmp_path, hold=True)
+    command = subprocess.Popen(
+        [sys.executable, "-m", "bench", "stress-tests", "--burners", "2", "--", str(test)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300  # a hang guard
+        while not rounds_seen(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ((burners, pytest_pid),) = rounds_seen(tmp_path)
+        command.send_signal(signal.SIGTERM)
+        output, _ = command.communicate(timeout=300)
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()
+    assert command.returncode == 128 + signal.SIGTERM, output
+    assert len(burners) == 2
+    assert not any(alive(pid) for pid in [*burners, pytest_pid])
+    assert "KeyboardInterrupt" in output  # pytest was interrupted, and reported it
 
 
 @pytest.mark.parametrize("args", [["--rounds", "0"], ["--burners", "-1"]])
