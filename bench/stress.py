@@ -155,6 +155,10 @@ def main(args: argparse.Namespace) -> int:
         flush=True,
     )
     signal.signal(signal.SIGTERM, _interrupted)  # so that the cleanup above runs
+    # Started where SIGINT is ignored (a background job of a script), the command would
+    # pass that on to pytest and every process of the suite: a handler of its own
+    # makes Ctrl-C work here and resets SIGINT to its default in each child.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     done = run_rounds(args.rounds, args.burners, args.pytest_args)
     print(summary(args.rounds, done), flush=True)
     return next((r.status for r in done if not r.passed), 0)
