@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from drivers.memory import MemoryStore
 from tests.processes import START_TIMEOUT, free_ports, running_cluster, write_config
 from tests.test_feed import running_node, subscriber
-from tests.test_resilience import guarded, pipelined
+from tests.test_resilience import guarded, pipelined, stall
 from tokenguard import cli
 from tokenguard.app import create_app
 from tokenguard.feed import Viewer
@@ -268,12 +268,8 @@ async def test_node_stalls_and_the_calls_they_cut_are_counted_apart_from_failure
         client = create_app(parse_settings(config, "<test>", environ={}), store).test_client()
         primary.latency = math.inf
 
-        async def stall() -> None:
-            await trio.sleep(0.01)
-            autojump_clock.jump(2.0)
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(stall)
+            nursery.start_soon(stall(autojump_clock, 0.01, 2.0))
             assert (await chat(client, "sk-bob")).status_code == 503
         samples = await scrape(client)
         assert value(samples, "tokenguard_store_stalled_out_total") == 1

@@ -240,6 +240,19 @@ async def burst(
     return outcomes
 
 
+def stall(
+    clock: trio.testing.MockClock, at: float, seconds: float
+) -> Callable[[], Awaitable[None]]:
+    """A task for :func:`burst`: ``at`` seconds in, the node stalls for ``seconds`` (the
+    mock clock jumps: time passes, no task runs), as a task blocking its loop would."""
+
+    async def stalling() -> None:
+        await trio.sleep(at)
+        clock.jump(seconds)
+
+    return stalling
+
+
 # --- values -------------------------------------------------------------------------------
 
 
@@ -405,12 +418,7 @@ async def test_a_node_stall_while_calls_wait_is_not_counted_against_the_store(
     which the node was running for 60 ms: no call fails, the breaker stays closed."""
     async with pipelined() as (store, primary):
         primary.latency = 0.16
-
-        async def stall() -> None:
-            await trio.sleep(0.025)
-            autojump_clock.jump(0.1)
-
-        outcomes = await burst(store, stall)
+        outcomes = await burst(store, stall(autojump_clock, 0.025, 0.1))
         assert outcomes == [(pytest.approx(0.16), "admitted")] * 20
         assert store.stats.failures == 0 and not store.breaker.is_open
         # The probe saw the stall: all of it but what came before its next due time.
@@ -442,12 +450,7 @@ async def test_a_hung_store_costs_each_call_its_timeout_plus_the_nodes_own_stall
     what the probe could not see of the stall: at most one probe period)."""
     async with pipelined() as (store, primary):
         primary.latency = math.inf
-
-        async def stall() -> None:
-            await trio.sleep(0.025)
-            autojump_clock.jump(0.1)
-
-        outcomes = await burst(store, stall)
+        outcomes = await burst(store, stall(autojump_clock, 0.025, 0.1))
         assert {outcome for _, outcome in outcomes} == {"failed"}
         assert all(0.2 - PROBE_PERIOD - 1e-9 <= t <= 0.2 + 1e-9 for t, _ in outcomes), outcomes
         assert store.stats.timeouts == 20 and store.breaker.is_open
@@ -486,12 +489,7 @@ async def test_a_reply_that_came_in_during_a_long_stall_is_read_not_judged_late(
     when it runs again, its calls are past even their hard cap (1 s), yet their replies
     are in, and they are read before anything is judged: none fails."""
     async with pipelined() as (store, primary):
-
-        async def stall() -> None:
-            await trio.sleep(0.01)
-            autojump_clock.jump(2.0)
-
-        outcomes = await burst(store, stall)
+        outcomes = await burst(store, stall(autojump_clock, 0.01, 2.0))
         assert outcomes == [(pytest.approx(2.01), "admitted")] * 20
         assert store.stats.failures == 0 and store.stats.stalled_out == 0
 
@@ -504,12 +502,7 @@ async def test_replies_still_being_read_after_a_long_stall_are_all_read(
     letting the reader run while it takes replies in, so none is judged late."""
     async with pipelined() as (store, primary):
         primary.per_read = 2
-
-        async def stall() -> None:
-            await trio.sleep(0.01)
-            autojump_clock.jump(2.0)
-
-        outcomes = await burst(store, stall)
+        outcomes = await burst(store, stall(autojump_clock, 0.01, 2.0))
         assert outcomes == [(pytest.approx(2.01), "admitted")] * 20
         assert store.stats.stalled_out == 0
 
@@ -523,12 +516,7 @@ async def test_a_stall_past_the_hard_cap_fails_the_calls_without_blaming_the_sto
     them. A call made after the stall fails on its deadline as usual."""
     async with pipelined() as (store, primary):
         primary.latency = math.inf
-
-        async def stall() -> None:
-            await trio.sleep(0.01)
-            autojump_clock.jump(2.0)
-
-        outcomes = await burst(store, stall)
+        outcomes = await burst(store, stall(autojump_clock, 0.01, 2.0))
         assert outcomes == [(pytest.approx(2.01), "failed")] * 20
         assert store.stats.stalled_out == 20
         assert store.stats.failures == store.stats.timeouts == 0
