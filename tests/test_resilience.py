@@ -442,6 +442,25 @@ async def test_a_hung_store_costs_each_call_its_timeout_after_the_send(
         assert store.stats.timeouts == 20 and store.breaker.is_open
 
 
+async def test_a_call_is_cut_on_its_own_deadline_beside_a_longer_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A write-back (a 2 s deadline) waits on a hung store; a request's call made 50 ms
+    later still fails 100 ms after its send, not when the write-back's time is up."""
+    async with pipelined() as (store, primary):
+        primary.latency = math.inf
+
+        async def write_back() -> None:
+            with pytest.raises(StoreError), store._deadline(2.0):
+                await primary.usage("k", rows())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_back)
+            await trio.sleep(0.05)
+            outcomes = await burst(store, trio.lowlevel.checkpoint, count=1)
+        assert outcomes == [(pytest.approx(0.1), "failed")]
+
+
 async def test_a_hung_store_costs_each_call_its_timeout_plus_the_nodes_own_stall(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

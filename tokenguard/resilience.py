@@ -323,7 +323,12 @@ class GuardedStore(WindowStore):
         # answered one (trio.current_time()).
         self._waiting: dict[trio.CancelScope, _Wait] = {}
         self._last_answer = -math.inf
-        self._calls_waiting = trio.Event()
+        # While the watchdog sleeps, the shortest deadline of the calls it knows (inf:
+        # none). A call with a shorter one (a request's beside a write-back's) may be
+        # due before the watchdog's next look: it wakes it. (With equal deadlines, a
+        # later call is never due sooner.)
+        self._watchdog_shortest = math.inf
+        self._rejudge = trio.Event()
         self._unsynced_soon = trio.Event()  # see _sync_forever
         self._open_log = LogThrottle()
         self._failure_log = LogThrottle()
@@ -437,7 +442,8 @@ class GuardedStore(WindowStore):
         wait = _Wait(start, timeout, start + max(timeout, MAX_WAIT_FACTOR * self.timeout))
         with trio.CancelScope() as scope:
             self._waiting[scope] = wait
-            self._calls_waiting.set()  # (a no-op unless the watchdog is idle)
+            if timeout < self._watchdog_shortest:
+                self._rejudge.set()
             try:
                 yield
             finally:
@@ -559,16 +565,17 @@ class GuardedStore(WindowStore):
         """
         while True:
             live = [wait for scope, wait in self._waiting.items() if not scope.cancel_called]
-            if not live:
-                self._calls_waiting = trio.Event()
-                await self._calls_waiting.wait()
-                continue
             now = trio.current_time()
             progress = self._progress()
-            due = min(min(self._due(wait, progress, now)) for wait in live)
+            due = min((min(self._due(wait, progress, now)) for wait in live), default=math.inf)
             if due > now:
-                await trio.sleep_until(due)
-                self.stalls.woke(due, trio.current_time())
+                self._watchdog_shortest = min((w.timeout for w in live), default=math.inf)
+                self._rejudge = trio.Event()
+                with trio.move_on_at(due) as timer:
+                    await self._rejudge.wait()
+                self._watchdog_shortest = -math.inf  # awake: it sees new calls itself
+                if timer.cancelled_caught:
+                    self.stalls.woke(due, trio.current_time())
                 continue
             await self._read_turns()
             now = trio.current_time()
