@@ -14,9 +14,9 @@ status is 0 when every round passed, else the failing round's pytest status (or 
 bad command line).
 
 However the command ends, nothing it started is left behind: the burners die with it
-(``PR_SET_PDEATHSIG``, even if it is killed), and when it is stopped (Ctrl-C, or
-SIGTERM, which it turns into an interrupt of pytest) pytest is let stop its tests'
-processes first, for up to ``STOP_GRACE`` seconds.
+(``PR_SET_PDEATHSIG``, even if it is killed), and when it is stopped (Ctrl-C or
+SIGTERM) pytest and every process its tests started (pytest runs in a process group
+of its own) get SIGTERM, then SIGKILL if any is left after ``STOP_GRACE`` seconds.
 
     python -m bench stress-tests --rounds 3
     python -m bench stress-tests --rounds 1 --burners 2 -- -x tests/test_faults.py
@@ -25,6 +25,8 @@ processes first, for up to ``STOP_GRACE`` seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -42,8 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTEST = ("-m", "pytest", "-q", "-p", "no:cacheprovider")
 # What a burner runs: a busy loop, all of one core for as long as it is let run.
 BURNER_CODE = "while True: pass"
-# How long an interrupted pytest is given to stop its tests' processes (s).
-STOP_GRACE = 60.0
+# How long the processes of an interrupted round are given to stop after SIGTERM (s).
+STOP_GRACE = 20.0
 
 
 @attrs.frozen
@@ -113,21 +115,38 @@ def run_rounds(rounds: int, burners: int, pytest_args: Sequence[str]) -> list[Ro
 
 
 def run_pytest(command: Sequence[str]) -> int:
-    """Run pytest to its end; its exit status. Interrupted (Ctrl-C, or SIGTERM made an
-    interrupt by :func:`main`), it first lets pytest stop: Ctrl-C reached pytest too
-    (the terminal's whole process group); SIGTERM is passed on to it as an interrupt."""
-    process = subprocess.Popen(command, cwd=ROOT)
+    """Run pytest to its end, in a process group of its own; its exit status.
+
+    Interrupted (Ctrl-C, or SIGTERM made an exception by :func:`main`), it stops the
+    whole group, pytest and what its tests started, before passing the interrupt on.
+    (Not an interrupt of pytest alone: inside a trio test, pytest takes it for that
+    test's failure and goes on with the next.)
+    """
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
     try:
         return process.wait()
-    except BaseException as exc:
-        if not isinstance(exc, KeyboardInterrupt):
-            process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    except BaseException:
+        stop_group(process)
         raise
+
+
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to ``process``'s group, SIGKILL to what is left of it after
+    ``STOP_GRACE`` seconds; reap ``process``."""
+    group = process.pid
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE
+    while time.monotonic() < deadline:
+        process.poll()
+        try:
+            os.killpg(group, 0)  # anyone left?
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+    process.wait()
 
 
 def _interrupted(signum: int, frame: FrameType | None) -> None:
@@ -164,4 +183,13 @@ def main(args: argparse.Namespace) -> int:
     return next((r.status for r in done if not r.passed), 0)
 
 
-__all__ = ["BURNER_CODE", "Round", "add_arguments", "main", "run_pytest", "run_rounds", "summary"]
+__all__ = [
+    "BURNER_CODE",
+    "Round",
+    "add_arguments",
+    "main",
+    "run_pytest",
+    "run_rounds",
+    "stop_group",
+    "summary",
+]
