@@ -178,7 +178,11 @@ def main(args: argparse.Namespace) -> int:
     # pass that on to pytest and every process of the suite: a handler of its own
     # makes Ctrl-C work here and resets SIGINT to its default in each child.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    done = run_rounds(args.rounds, args.burners, args.pytest_args)
+    try:
+        done = run_rounds(args.rounds, args.burners, args.pytest_args)
+    except KeyboardInterrupt:
+        print("stress-tests: interrupted; the round's processes were stopped", file=sys.stderr)
+        return 128 + signal.SIGINT
     print(summary(args.rounds, done), flush=True)
     return next((r.status for r in done if not r.passed), 0)
 
