@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import decisions, fake_upstream, feed, load, proxy, proxy_audit, suite, tokens
+from bench import decisions, fake_upstream, feed, load, proxy, proxy_audit, stress, suite, tokens
 from bench.simulate import cli as simulate
 
 
@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fake_upstream.add_arguments(fake_parser)
     fake_parser.set_defaults(run=fake_upstream.main)
+    stress_parser = commands.add_parser(
+        "stress-tests",
+        help="the whole test suite, round after round, beside CPU-burning processes",
+        description="Run the test suite (python -m pytest) round after round beside "
+        "processes that burn the CPU; stop at the first failing round; print rounds "
+        "passed and each round's wall time. Arguments after -- go to pytest.",
+    )
+    stress.add_arguments(stress_parser)
+    stress_parser.set_defaults(run=stress.main)
     return parser
 
 

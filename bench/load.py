@@ -147,7 +147,8 @@ def keys_from_config(path: str | Path, only: Sequence[str] = ()) -> tuple[list[K
 
 @attrs.frozen
 class LoadOptions:
-    """Everything a run needs. ``requests``/``duration``: whichever ends first."""
+    """Everything a run needs. ``requests``/``duration``: whichever ends first (but
+    each of the ``concurrency`` workers sends at least one request)."""
 
     urls: tuple[str, ...] = attrs.field(converter=lambda urls: tuple(u.rstrip("/") for u in urls))
     keys: tuple[KeySpec, ...] = attrs.field(converter=tuple)
@@ -626,11 +627,15 @@ async def run_load(
     stop_at = wall0 + options.duration if options.duration is not None else math.inf
 
     async def worker(client: httpx.AsyncClient) -> None:
+        # Every worker sends at least one request, even if it only starts after the
+        # duration (a starved machine): a run always measures something.
+        first = True
         while (
             (total is None or planner.issued < total)
-            and time.monotonic() < stop_at
+            and (first or time.monotonic() < stop_at)
             and not (stop is not None and stop.is_set())
         ):
+            first = False
             record = await send_one(client, planner.next(), options.timeout)
             records.append(record)
             if meter is not None:
@@ -805,15 +810,18 @@ async def _run_interruptible(options: LoadOptions, progress: TextIO | None) -> L
     """Run the load; a first Ctrl-C stops it early and still reports, a second aborts."""
     stop = trio.Event()
 
-    async def on_interrupt() -> None:
+    async def on_interrupt(
+        *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         with trio.open_signal_receiver(signal.SIGINT) as signals:
+            task_status.started()
             async for _ in signals:
                 print("\nbench load: stopping; Ctrl-C again to abort", file=sys.stderr)
                 stop.set()
                 return
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(on_interrupt)
+        await nursery.start(on_interrupt)  # no request before Ctrl-C is caught
         result = await run_load(options, progress=progress, stop=stop)
         nursery.cancel_scope.cancel()
     return result

@@ -470,13 +470,16 @@ def _connection(pool: redis.ConnectionPool) -> redis.connection.Connection:
     return pool.get_connection()
 
 
-def exchange(groups: Sequence[tuple[redis.ConnectionPool, list[bytes]]]) -> list[list[Any]]:
+def exchange(
+    groups: Sequence[tuple[redis.ConnectionPool, list[bytes]]], traffic: Traffic | None = None
+) -> list[list[Any]]:
     """Send each group's packed commands on one connection of its pool, every group
     before reading any (so the nodes of a cluster work at once), and read the replies.
 
     Returns, per group, a reply or an exception per command: an error reply is its
     ``ResponseError``; a connection failure fills the rest of the group. A connection
-    that failed or was left with unread replies is closed, never reused.
+    that failed or was left with unread replies is closed, never reused. ``traffic``
+    is told of each group written and of each reply read, as it happens.
     """
     connections: list[redis.connection.Connection | None] = []
     results: list[list[Any]] = []
@@ -486,6 +489,8 @@ def exchange(groups: Sequence[tuple[redis.ConnectionPool, list[bytes]]]) -> list
             try:
                 connection = _connection(pool)
                 connection.send_packed_command([b"".join(packed)])
+                if traffic is not None:
+                    traffic.note_sent()
             except _REDIS_ERRORS as exc:
                 if connection is not None:
                     connection.disconnect()
@@ -504,6 +509,8 @@ def exchange(groups: Sequence[tuple[redis.ConnectionPool, list[bytes]]]) -> list
                         replies.append(connection.read_response())
                     except redis.exceptions.ResponseError as exc:
                         replies.append(exc)
+                    if traffic is not None:
+                        traffic.note_heard()
             except _REDIS_ERRORS as exc:
                 connection.disconnect()
                 replies += [exc] * (len(packed) - len(replies))
@@ -517,6 +524,31 @@ def exchange(groups: Sequence[tuple[redis.ConnectionPool, list[bytes]]]) -> list
             if connection is not None:
                 pool.release(connection)
     return results
+
+
+class Traffic:
+    """When a store's pipelines were last written to its server, and when the server
+    was last heard from (a reply, or part of one), on the clock of the trio run that
+    uses the store (``trio.current_time()``, ``-inf`` before anything happened).
+
+    Noted the moment it happens, by the flushers' own connections in trio and by
+    redis-py's in worker threads alike (a float assignment: atomic under the GIL), so
+    that a caller judging the server by its replies (tokenguard/resilience.py) counts
+    from the real write, and sees the replies already in before its task runs.
+    """
+
+    __slots__ = ("clock", "sent", "heard")
+
+    def __init__(self, clock: trio.abc.Clock) -> None:
+        self.clock = clock
+        self.sent = -math.inf
+        self.heard = -math.inf
+
+    def note_sent(self) -> None:
+        self.sent = self.clock.current_time()
+
+    def note_heard(self) -> None:
+        self.heard = self.clock.current_time()
 
 
 # --- the driver's own connections: standalone Redis on trio's sockets -----------------
@@ -544,10 +576,12 @@ class _Wire:
     TLS), on trio's sockets: a pipeline goes out and its replies come back with no
     thread hop and no lock. Connects (``AUTH``, ``SELECT``) on first use; any failure
     closes it, and the next use connects again. ``timeout`` bounds connecting, and a
-    whole pipeline's write and replies."""
+    whole pipeline's write and replies. ``traffic``, if given, is told of every write
+    and of every chunk of replies read."""
 
-    def __init__(self, target: RedisTarget) -> None:
+    def __init__(self, target: RedisTarget, traffic: Traffic | None = None) -> None:
         self.target = target
+        self.traffic = traffic
         self._stream: trio.abc.Stream | None = None
         self._reader = reply_reader()
 
@@ -652,14 +686,19 @@ class _Wire:
         stream = self._stream
         assert stream is not None
         reader = self._reader
+        traffic = self.traffic
         with trio.fail_after(self.target.timeout):
             await stream.send_all(b"".join(packed))
+            if traffic is not None:
+                traffic.note_sent()
             while len(replies) < len(packed):
                 reply = reader.gets()
                 if reply is False:
                     data = await stream.receive_some(65536)
                     if not data:
                         raise redis.exceptions.ConnectionError("Connection closed by server.")
+                    if traffic is not None:
+                        traffic.note_heard()
                     reader.feed(data)
                     continue
                 replies.append(reply)
@@ -718,6 +757,7 @@ class RedisStore(WindowStore):
         self._count_lock = threading.Lock()
         self._client: redis.Redis | RedisCluster | None = None
         self._threads = trio.CapacityLimiter(target.pipelines)
+        self._traffic: Traffic | None = None  # the pipelines' writes and replies, in run()
         self._pending: list[_Call] = []
         self._in_flight: set[_Call] = set()
         self._busy = 0  # flushers with a pipeline in flight
@@ -754,6 +794,16 @@ class RedisStore(WindowStore):
         """Parse the URL (``ValueError`` if malformed); connects only in :meth:`run`."""
         return cls(parse_redis_url(url), url=url)
 
+    @property  # type: ignore[override]
+    def last_sent(self) -> float:
+        """When a pipeline of calls was last written to the server (the write done)."""
+        return -math.inf if self._traffic is None else self._traffic.sent
+
+    @property  # type: ignore[override]
+    def last_heard(self) -> float:
+        """When a reply to a pipeline (or part of one) was last read from the server."""
+        return -math.inf if self._traffic is None else self._traffic.heard
+
     # -- lifecycle
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -775,6 +825,7 @@ class RedisStore(WindowStore):
             raise
         self._running = True
         self._wakeup = trio.Event()
+        self._traffic = Traffic(trio.lowlevel.current_clock())
         try:
             async with trio.open_nursery() as nursery:
                 for _ in range(self.target.pipelines):
@@ -938,7 +989,7 @@ class RedisStore(WindowStore):
         goes out as that many pipelines at once: Redis runs one while Python packs the
         next and hands out the replies of the last.
         """
-        wire = _Wire(self.target) if self._native else None
+        wire = _Wire(self.target, self._traffic) if self._native else None
         try:
             await self._flush_with(wire)
         finally:
@@ -967,7 +1018,6 @@ class RedisStore(WindowStore):
                 self._wakeup = trio.Event()
             self._busy += 1
             self._in_flight.update(calls)
-            self.last_sent = trio.current_time()
             try:
                 if wire is not None:
                     replies = await self._execute_native(wire, calls)
@@ -1087,7 +1137,10 @@ class RedisStore(WindowStore):
         less.
         """
         self._count(round_trips=len(groups))
-        results = exchange([(pool, [packed[i] for i in indexes]) for pool, indexes in groups])
+        traffic = self._traffic
+        results = exchange(
+            [(pool, [packed[i] for i in indexes]) for pool, indexes in groups], traffic
+        )
         again: list[tuple[redis.ConnectionPool, list[int]]] = []
         for (pool, indexes), group_replies in zip(groups, results, strict=True):
             for i, reply in zip(indexes, group_replies, strict=True):
@@ -1101,7 +1154,9 @@ class RedisStore(WindowStore):
                     again.append((pool, retry))
         if again:
             self._count(round_trips=len(again))
-            results = exchange([(pool, [packed[i] for i in indexes]) for pool, indexes in again])
+            results = exchange(
+                [(pool, [packed[i] for i in indexes]) for pool, indexes in again], traffic
+            )
             for (_, indexes), group_replies in zip(again, results, strict=True):
                 for i, reply in zip(indexes, group_replies, strict=True):
                     replies[i] = reply

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import attrs
 import httpx
@@ -294,6 +296,19 @@ async def test_token_bound_keys(node: list[str], config_path: Path) -> None:
         assert under.max_unexplained == 0
 
 
+async def test_each_worker_sends_a_request_even_after_the_duration(node: list[str]) -> None:
+    """A run whose duration is over before its workers start (on a starved machine, a
+    short one can be) still measures something: one request per worker."""
+    options = LoadOptions(
+        urls=tuple(node), keys=(parse_key("sk-bench-nobody,name=nobody"),), duration=0.0,
+        concurrency=3, stream_share=0.0, timeout=20,
+    )  # fmt: skip
+    with trio.fail_after(120):
+        result = await run_load(options)
+    assert result.summary.requests == 3
+    assert result.summary.statuses == {"401": 3}  # (a key the node does not know)
+
+
 async def test_transport_errors_are_counted_by_kind() -> None:
     dead = f"http://127.0.0.1:{free_port_block(1)}"
     options = LoadOptions(
@@ -352,6 +367,22 @@ def test_cli_fails_on_over_admission(node: list[str], tmp_path: Path) -> None:
     assert "limit mismatch" in run.stdout
 
 
+def read_until(stream: IO[str], text: str, timeout: float) -> str:
+    """Read a pipe until ``text`` is in what it gave; that. ``TimeoutError`` after
+    ``timeout`` seconds, ``EOFError`` if it closes first."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in seen:
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError(f"no {text!r} within {timeout} s: {seen!r}")
+        chunk = os.read(stream.fileno(), 4096)
+        if not chunk:
+            raise EOFError(f"closed before {text!r}: {seen!r}")
+        seen += chunk
+    return seen.decode()
+
+
 def test_cli_reports_after_ctrl_c(node: list[str], config_path: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench", "load", "--url", node[0], "--config", str(config_path),
@@ -359,9 +390,13 @@ def test_cli_reports_after_ctrl_c(node: list[str], config_path: Path, tmp_path: 
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        time.sleep(2.5)
+        # Interrupted once its progress line shows refusals (rpm 5 spent), however long
+        # that took.
+        assert proc.stderr is not None
+        started = read_until(proc.stderr, "429:", timeout=120)
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=30)
+        stdout, stderr = proc.communicate(timeout=120)
+        stderr = started + stderr
     finally:
         if proc.poll() is None:
             proc.kill()

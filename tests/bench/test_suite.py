@@ -40,6 +40,7 @@ from bench.wrk import (
     run_wrk,
     streamed_slots,
 )
+from tests.support.processes import START_TIMEOUT
 
 TINY = Profile(
     name="tiny",
@@ -334,7 +335,7 @@ def no_children_left(before: set[int]) -> None:
 async def test_suite_tiny_startup_decisions_memory(tmp_path: Path) -> None:
     before = set(children(os.getpid()))
     output = tmp_path / "docs" / "performance.md"
-    with trio.fail_after(60):
+    with trio.fail_after(4 * START_TIMEOUT):
         result = await run_tiny(["startup", "decisions", "tokens", "memory"], output, client="load")
     assert result.ok
     markdown = output.read_text()
@@ -357,7 +358,7 @@ async def test_suite_tiny_startup_decisions_memory(tmp_path: Path) -> None:
 async def test_suite_tiny_stores_with_wrk(tmp_path: Path) -> None:
     before = set(children(os.getpid()))
     output = tmp_path / "performance.md"
-    with trio.fail_after(60):
+    with trio.fail_after(4 * START_TIMEOUT):
         result = await run_tiny(["stores", "rules"], output, client="wrk")
     assert result.ok
     check_report(result.markdown, output, ["stores", "rules"])
@@ -384,7 +385,7 @@ async def test_suite_tiny_proxy_and_feed(tmp_path: Path) -> None:
     in the headline and goals, every process gone afterwards."""
     before = set(children(os.getpid()))
     output = tmp_path / "performance.md"
-    with trio.fail_after(120):
+    with trio.fail_after(4 * START_TIMEOUT):
         result = await run_tiny(["proxy", "feed"], output, client="load")
     assert result.ok
     markdown = result.markdown

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from drivers.redis import REGISTRY_RECORDS, REGISTRY_VERSION
-from tests.support.processes import free_ports, running_tokenguard, wait_healthy
+from tests.support.processes import START_TIMEOUT, free_ports, running_tokenguard, wait_healthy
 from tests.support.redis_servers import RedisServer
 from tokenguard.cli import main as cli
 from tokenguard.cli.keys import new_key, parse_assignments
@@ -99,7 +99,7 @@ async def test_keys_never_reach_redis_or_the_log(tmp_path: Path, redis_server: R
     url = f"http://127.0.0.1:{port}"
     args = ["serve", "--config", str(config), "--port", str(port), "--store", redis_server.url]
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-    with trio.fail_after(30):
+    with trio.fail_after(START_TIMEOUT + 30):
         async with running_tokenguard(args, output_path=tmp_path / "node.out") as node:
             await wait_healthy(url)
             async with httpx.AsyncClient(timeout=10) as client:

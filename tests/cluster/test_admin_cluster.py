@@ -20,7 +20,13 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from tests.support.processes import Cluster, free_ports, running_cluster, write_config
+from tests.support.processes import (
+    START_TIMEOUT,
+    Cluster,
+    free_ports,
+    running_cluster,
+    write_config,
+)
 from tokenguard.cli import main as cli
 from tokenguard.cli.keys import run_keys_command
 from tokenguard.config.settings import ADMIN_TOKEN_ENV
@@ -86,7 +92,7 @@ async def until(check: Any, *args: Any) -> float:
 async def cluster(workdir: Path) -> Any:
     config = write_config(workdir / "tokenguard.toml", CONFIG)
     admin_port = free_ports(3)
-    with trio.fail_after(60):
+    with trio.fail_after(START_TIMEOUT + 60):
         async with running_cluster(
             workdir / "state",
             nodes=3,

@@ -59,7 +59,7 @@ from tests.store.test_faults import (
     readyz,
     wait_ready,
 )
-from tests.support.processes import running_cluster, write_config
+from tests.support.processes import START_TIMEOUT, running_cluster, write_config
 from tests.support.redis_servers import (
     RedisSentinelGroup,
     RedisServer,
@@ -288,8 +288,7 @@ READY_POLL = 0.05  # how often each node's /readyz is read after the kill
 READY_BOUND = 15.0  # from the kill to every node's /readyz ok again (generous)
 LOAD_AFTER_READY = 1.5  # at least this much load once every node is back ...
 LOAD_AFTER_LIMIT = 0.5  # ... and this much once the new master has the whole limit
-NODES_ANSWER_BOUND = 2.0  # any answer, whatever the phase (generous)
-NODES_TEST_TIMEOUT = 60.0
+NODES_TEST_TIMEOUT = START_TIMEOUT + 60
 
 
 @attrs.define
@@ -384,7 +383,7 @@ async def test_three_node_processes_ride_out_a_sentinel_failover_under_load(
     steady load over every node (raw HTTP round-robin and the openai SDK at random);
     the master is SIGKILLed mid-load, Sentinel promotes the replica, the load goes on
     until every node is back on the store and the key's limit is spent. Every answer is
-    a 200 or an OpenAI-shaped 429 within ``NODES_ANSWER_BOUND``; no node restarts;
+    a 200 or an OpenAI-shaped 429, none waiting for the failover; no node restarts;
     every node's ``/readyz`` is ok again within ``READY_BOUND`` of the kill, its breaker
     having opened once; the key gets no more than its limit over the three phases, and
     the new master's usage counts every 200."""
@@ -474,7 +473,10 @@ async def test_three_node_processes_ride_out_a_sentinel_failover_under_load(
     )
 
     assert set(statuses) <= {200, 429}, statuses  # no 5xx, no connection error
-    assert slowest.seconds < NODES_ANSWER_BOUND, slowest
+    # No request waits for the failover: those made in the first half of the time
+    # Sentinel took were all answered before it named the replica.
+    early = [a for a in answers if killed <= a.at < killed + (promoted - killed) / 2]
+    assert early and all(a.at + a.seconds < promoted for a in early), early
     for a in answers:
         if a.status == 429:
             assert_openai_429(a)

@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from tests.observe.test_feed import collect, next_event, of_type, subscriber
-from tests.support.processes import running_cluster
+from tests.support.processes import START_TIMEOUT, running_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +101,7 @@ async def test_streams_in_flight_never_exceed_max_concurrent_across_nodes(
 ) -> None:
     config = workdir / "c.toml"
     config.write_text(CONFIG.format(token_delay_ms=TOKEN_DELAY_MS))
-    with trio.fail_after(120):
+    with trio.fail_after(START_TIMEOUT + 120):
         async with running_cluster(workdir / "state", nodes=3, config=config) as cluster:
             limits = httpx.Limits(max_connections=100)
             async with httpx.AsyncClient(timeout=30, limits=limits) as client:
@@ -167,7 +167,7 @@ async def _until_killed(flight: InFlight, client: httpx.AsyncClient, url: str) -
 async def test_near_limit_is_seen_once_per_window_across_nodes(workdir: Path) -> None:
     config = workdir / "c.toml"
     config.write_text(CONFIG.format(token_delay_ms=0))
-    with trio.fail_after(120):
+    with trio.fail_after(START_TIMEOUT + 120):
         async with running_cluster(workdir / "state", nodes=3, config=config) as cluster:
             ws_url = cluster.urls[2].replace("http://", "ws://") + "/v1/usage/stream"
             async with (

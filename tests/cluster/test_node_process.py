@@ -11,7 +11,7 @@ import openai
 import pytest
 import trio
 
-from tests.support.processes import free_ports, running_tokenguard, wait_healthy
+from tests.support.processes import START_TIMEOUT, free_ports, running_tokenguard, wait_healthy
 from tokenguard.counting.tokens import count_text
 
 CONFIG = """
@@ -42,7 +42,7 @@ async def node(tmp_path: Path):  # type: ignore[no-untyped-def]
     args = ["serve", "--config", str(config), "--port", str(port)]
     async with running_tokenguard(args, output_path=tmp_path / "node.out") as proc:
         url = f"http://127.0.0.1:{port}"
-        with trio.fail_after(20):
+        with trio.fail_after(START_TIMEOUT):
             await wait_healthy(url)
         yield url, proc
 
@@ -177,7 +177,7 @@ async def test_demo_config_banner_and_bad_config(tmp_path: Path) -> None:
     async with running_tokenguard(
         ["serve", "--port", str(port)], output_path=tmp_path / "demo.out"
     ) as proc:
-        with trio.fail_after(20):
+        with trio.fail_after(START_TIMEOUT):
             output = await proc.wait_output("sk-demo-free")
     assert f"http://127.0.0.1:{port}" in output
     bad = tmp_path / "bad.toml"
@@ -186,7 +186,7 @@ async def test_demo_config_banner_and_bad_config(tmp_path: Path) -> None:
         ["serve", "--config", str(bad), "--port", str(free_ports())],
         output_path=tmp_path / "bad.out",
     ) as proc:
-        with trio.fail_after(20):
+        with trio.fail_after(START_TIMEOUT):
             status = await proc.wait()
     assert status == 2
     assert f"{bad}: tiers.free.rmp: unknown key" in proc.output()

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import trio
 
-from tests.support.processes import running_cluster
+from tests.support.processes import START_TIMEOUT, running_cluster
 
 MODEL = "gpt-4o"
 
@@ -38,7 +38,7 @@ async def test_a_team_limit_is_shared_across_nodes(workdir: Path) -> None:
         '[[keys]]\nkey = "sk-b"\nname = "b"\nteam = "research"\nrpm = 10\n\n'
         '[[keys]]\nkey = "sk-c"\nname = "c"\nrpm = 10\n'
     )
-    with trio.fail_after(90):
+    with trio.fail_after(START_TIMEOUT + 90):
         async with running_cluster(workdir / "state", nodes=3, config=config) as cluster:
             node0, node1, node2 = cluster.urls
             async with httpx.AsyncClient(timeout=30) as client:
@@ -67,7 +67,7 @@ async def test_a_day_quota_and_shadow_mode_across_nodes(workdir: Path) -> None:
         '[[keys]]\nkey = "sk-enforce"\nname = "enforce"\ntier = "daily"\n\n'
         '[[keys]]\nkey = "sk-shadow"\nname = "shadow"\ntier = "daily"\nmode = "shadow"\n'
     )
-    with trio.fail_after(90):
+    with trio.fail_after(START_TIMEOUT + 90):
         async with running_cluster(workdir / "state", nodes=3, config=config) as cluster:
             node0, _, node2 = cluster.urls
             async with httpx.AsyncClient(timeout=30) as client:

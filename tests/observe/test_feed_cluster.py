@@ -23,7 +23,13 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from tests.observe.test_feed import collect, next_events, of_type, refused_code, subscriber
-from tests.support.processes import TokenguardProcess, free_ports, running_tokenguard, wait_healthy
+from tests.support.processes import (
+    START_TIMEOUT,
+    TokenguardProcess,
+    free_ports,
+    running_tokenguard,
+    wait_healthy,
+)
 from tokenguard.config.settings import ADMIN_TOKEN_ENV
 
 pytestmark = pytest.mark.slow
@@ -80,7 +86,7 @@ async def running_nodes(
             if processes is not None:
                 processes.append(process)
             urls.append(f"http://127.0.0.1:{port + node_id}")
-        with trio.fail_after(30):
+        with trio.fail_after(START_TIMEOUT):
             for node_id, url in enumerate(urls):
                 await wait_healthy(url, node_id=node_id)
         yield urls
@@ -118,7 +124,7 @@ async def test_events_cross_nodes_in_order_and_keys_stay_apart(
     carries the events pending at that moment."""
     store_url = request.getfixturevalue("redis_url" if store == "redis" else "redis_cluster_url")
     batched = query == "?batch=1"
-    with trio.fail_after(90):
+    with trio.fail_after(START_TIMEOUT + 90):
         async with running_nodes(tmp_path, store_url, 3) as urls:
             admin_headers = [(b"Authorization", f"Bearer {ADMIN}".encode())]
             alpha_headers = [(b"Authorization", b"Bearer sk-alpha")]
@@ -163,7 +169,7 @@ async def test_events_cross_nodes_in_order_and_keys_stay_apart(
 
 
 async def test_bad_tokens_are_refused_with_1008(redis_url: str, tmp_path: Path) -> None:
-    with trio.fail_after(60):
+    with trio.fail_after(START_TIMEOUT + 60):
         async with running_nodes(tmp_path, redis_url, 2) as urls:
             async with subscriber(ws_url(urls[1]), "sk-nobody") as ws:
                 assert await refused_code(ws) == 1008
@@ -197,7 +203,7 @@ async def test_a_stalled_subscriber_does_not_slow_the_request_path(
     (`python -m bench feed`, the suite's `feed` section), not a timed test's."""
     slowest = 0.0
     answered = 0
-    with trio.fail_after(120):
+    with trio.fail_after(START_TIMEOUT + 120):
         async with running_nodes(tmp_path, redis_url, 1, backlog=100) as (url,):
             pool = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
             async with httpx.AsyncClient(timeout=30, limits=pool) as client:
@@ -235,7 +241,7 @@ async def test_a_stopping_node_closes_its_subscribers_at_once(
     """SIGTERM: the node's subscribers are closed with 1001 at once, not after the
     node's grace period (10 s), so a watcher reconnects to the restarted node quickly."""
     processes: list[TokenguardProcess] = []
-    with trio.fail_after(60):
+    with trio.fail_after(START_TIMEOUT + 60):
         async with running_nodes(tmp_path, redis_url, 1, processes=processes) as (url,):
             headers = [(b"Authorization", b"Bearer sk-alpha")]
             async with open_websocket_url(ws_url(url), extra_headers=headers) as ws:

@@ -24,7 +24,13 @@ import pytest
 import trio
 
 from drivers.memory import MemoryStore
-from tests.support.processes import free_ports, running_tokenguard, wait_healthy, write_config
+from tests.support.processes import (
+    START_TIMEOUT,
+    free_ports,
+    running_tokenguard,
+    wait_healthy,
+    write_config,
+)
 from tokenguard.api.app import create_app
 from tokenguard.cli import main as cli
 from tokenguard.config.settings import parse_settings
@@ -85,7 +91,7 @@ async def test_a_json_line_per_request_with_its_fields_and_no_secret(tmp_path: P
         return [chunk.usage for chunk in stream if chunk.usage][-1]
 
     async with running_tokenguard(args, output_path=tmp_path / "node.out") as proc:
-        with trio.fail_after(30):
+        with trio.fail_after(START_TIMEOUT + 30):
             await wait_healthy(url)
             completion = await trio.to_thread.run_sync(plain)
             usage = await trio.to_thread.run_sync(streamed)

@@ -13,6 +13,7 @@ restart and is up again. Every scrape is parsed with prometheus_client's own par
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -21,18 +22,20 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from drivers.memory import MemoryStore
 from tests.observe.test_feed import running_node, subscriber
-from tests.store.test_guarded import guarded
-from tests.support.processes import free_ports, running_cluster, write_config
+from tests.store.test_guarded import guarded, pipelined, stall
+from tests.support.processes import START_TIMEOUT, free_ports, running_cluster, write_config
 from tokenguard.api.app import create_app
 from tokenguard.cli import main as cli
 from tokenguard.config.settings import METRICS_TOKEN_ENV, ConfigError, digest_of, parse_settings
 from tokenguard.limiting.limiter import Cost
 from tokenguard.observe.feed import Viewer
 from tokenguard.observe.metrics import BoundedLabel, Metrics, scrape_response, supervisor_registry
+from tokenguard.store.stalls import PROBE_PERIOD
 
 TEST_TIMEOUT = 30.0
 CHAT = "/v1/chat/completions"
@@ -254,6 +257,27 @@ async def test_store_calls_and_open_policy_admissions_are_counted(
         assert value(samples, "tokenguard_store_call_seconds_count", operation="admit") == 1
 
 
+async def test_node_stalls_and_the_calls_they_cut_are_counted_apart_from_failures(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A request waits on a store that never answers while the node stalls for 2 s: it
+    gets the policy's answer (closed: 503), counted as stalled out, not as a failure;
+    the stall is counted in seconds."""
+    config = {"store": {"url": "redis://127.0.0.1:1/0"}, "keys": CONFIG["keys"][1:2]}
+    async with pipelined() as (store, primary):
+        client = create_app(parse_settings(config, "<test>", environ={}), store).test_client()
+        primary.latency = math.inf
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stall(autojump_clock, 0.01, 2.0))
+            assert (await chat(client, "sk-bob")).status_code == 503
+        samples = await scrape(client)
+        assert value(samples, "tokenguard_store_stalled_out_total") == 1
+        assert value(samples, "tokenguard_store_failures_total") == 0
+        stalled = value(samples, "tokenguard_store_node_stalled_seconds_total")
+        assert 2.0 - PROBE_PERIOD - 1e-9 <= stalled <= 2.0 + 1e-9  # (float sums)
+
+
 async def test_a_memory_store_node_has_no_store_metrics() -> None:
     client = create_app(parse_settings(CONFIG, "<test>", environ={}), MemoryStore()).test_client()
     assert not any(name.startswith("tokenguard_store_") for name in names(await scrape(client)))
@@ -399,7 +423,7 @@ async def test_a_cluster_serves_node_and_supervisor_metrics_and_counts_restarts(
         '[[keys]]\nkey = "sk-cluster"\nname = "cluster"\nrpm = 1000\n',
     )
     metrics_port = free_ports()
-    with trio.fail_after(90):
+    with trio.fail_after(START_TIMEOUT + 90):
         async with (
             running_cluster(
                 workdir / "state",

@@ -10,9 +10,12 @@ Real Redis, slow networks and real processes are in tests/test_faults.py.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from tokenguard.store.guarded import (
     guarded_store,
     node_share,
 )
+from tokenguard.store.stalls import PROBE_PERIOD, StallMeter
 from tokenguard.store.window_store import (
     Admission,
     Reservation,
@@ -58,12 +62,8 @@ class FlakyStore(MemoryStore):
 
     def __init__(self, clock: Callable[[], float]) -> None:
         super().__init__(clock=clock, url="flaky://")
-        self.mode = "ok"  # "ok", "fail", "hang", "serial" or "late"
+        self.mode = "ok"  # "ok", "fail", "hang" or "serial"
         self.start_failures = 0
-        # "late": calls wait for ``send`` (the node's turn to send its pipeline), then
-        # the store answers ``latency`` after (never, if infinite).
-        self.send = trio.Event()
-        self.latency = 0.08
         self.calls = 0
         self.started = 0
         self._one_at_a_time = trio.Lock()
@@ -84,10 +84,6 @@ class FlakyStore(MemoryStore):
         if self.mode == "serial":  # one call at a time, 40 ms each: a queue
             async with self._one_at_a_time:
                 await trio.sleep(0.04)
-        if self.mode == "late":
-            await self.send.wait()
-            self.last_sent = trio.current_time()
-            await trio.sleep(self.latency)
 
     async def admit(self, partition: str, rows: Sequence[Row]) -> Admission:
         await self._gate()
@@ -100,6 +96,93 @@ class FlakyStore(MemoryStore):
     async def usage(self, partition: str, rows: Sequence[Row]) -> tuple[RowState, ...]:
         await self._gate()
         return await super().usage(partition, rows)
+
+
+@attrs.define(eq=False)
+class Pending:
+    """A call in a :class:`PipelinedStore`: what the server runs, and its caller's wait."""
+
+    run: Callable[[], Awaitable[Any]]
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: Any = None
+
+
+class PipelinedStore(MemoryStore):
+    """A shared store played the way the Redis driver works, on trio's clock.
+
+    Calls queue up and go out together, as one pipeline, once ``send`` is set (then
+    ``last_sent``). The server answers the pipeline's first call ``latency`` after the
+    send (never, if infinite) and each next one ``spacing`` after the one before, on its
+    own, whatever the node does meanwhile. The node's reader task takes each reply in as
+    it comes (``last_heard``) and, once the pipeline's last one is in, wakes its callers
+    (a scheduling round later, like any task). A stall of the node (a task jumping the
+    mock clock: no task runs) thus delays the reader, never the server.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(clock=clock, url="pipelined://")
+        self.send = trio.Event()
+        self.send.set()
+        self.latency = 0.05
+        self.spacing = 0.0
+        self.per_read = math.inf  # replies the reader takes in per step (a buffer's worth)
+        self._queue: list[Pending] = []
+        self._queued = trio.Event()
+        self._arrive, self._arrived = trio.open_memory_channel[tuple[Pending, bool]](math.inf)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._send_forever, nursery)
+            nursery.start_soon(self._read_forever)
+            await super().run(task_status=task_status)
+
+    async def _send_forever(self, nursery: trio.Nursery) -> None:
+        while True:
+            await self._queued.wait()
+            await self.send.wait()
+            self._queued = trio.Event()
+            pipeline, self._queue = self._queue, []
+            self.last_sent = trio.current_time()
+            nursery.start_soon(self._serve, pipeline, self.latency, self.spacing)
+
+    async def _serve(self, pipeline: list[Pending], latency: float, spacing: float) -> None:
+        await trio.sleep(latency)
+        for i, pending in enumerate(pipeline):
+            if i and spacing:
+                await trio.sleep(spacing)
+            self._arrive.send_nowait((pending, i == len(pipeline) - 1))
+
+    async def _read_forever(self) -> None:
+        pipeline: list[Pending] = []
+        while True:
+            arrived = [await self._arrived.receive()]
+            with contextlib.suppress(trio.WouldBlock):  # what is in, up to a buffer's worth
+                while len(arrived) < self.per_read:
+                    arrived.append(self._arrived.receive_nowait())
+            self.last_heard = trio.current_time()
+            for pending, last in arrived:
+                pending.result = await pending.run()
+                pipeline.append(pending)
+                if last:
+                    for each in pipeline:
+                        each.done.set()
+                    pipeline = []
+
+    async def _pipelined(self, run: Callable[[], Awaitable[Any]]) -> Any:
+        pending = Pending(run)
+        self._queue.append(pending)
+        self._queued.set()
+        await pending.done.wait()
+        return pending.result
+
+    async def admit(self, partition: str, rows: Sequence[Row]) -> Admission:
+        return await self._pipelined(functools.partial(super().admit, partition, rows))
+
+    async def settle(self, reservation: Reservation, deltas: Sequence[int]) -> None:
+        await self._pipelined(functools.partial(super().settle, reservation, deltas))
+
+    async def usage(self, partition: str, rows: Sequence[Row]) -> tuple[RowState, ...]:
+        return await self._pipelined(functools.partial(super().usage, partition, rows))
 
 
 async def breaker_closed(store: GuardedStore) -> None:
@@ -127,6 +210,54 @@ async def guarded(
     )
     async with open_store(store):
         yield store, primary
+
+
+@asynccontextmanager
+async def pipelined(
+    stalls: StallMeter | None = None,
+) -> AsyncIterator[tuple[GuardedStore, PipelinedStore]]:
+    """A guarded store (policy closed, timeout 100 ms) on a :class:`PipelinedStore`."""
+    primary = PipelinedStore(trio_clock)
+    store = GuardedStore(
+        primary, policy="closed", fallback=MemoryStore(clock=trio_clock), stalls=stalls
+    )
+    async with open_store(store):
+        yield store, primary
+
+
+async def burst(
+    store: GuardedStore, meanwhile: Callable[[], Awaitable[None]], count: int = 20
+) -> list[tuple[float, str]]:
+    """``count`` admissions at once (rpm 1000) while ``meanwhile`` runs beside them:
+    each one's duration and outcome (``admitted``, or ``failed``: a StoreError)."""
+    outcomes: list[tuple[float, str]] = []
+
+    async def one() -> None:
+        start = trio.current_time()
+        try:
+            await store.admit("k", rows(rpm=1000))
+            outcomes.append((trio.current_time() - start, "admitted"))
+        except StoreError:
+            outcomes.append((trio.current_time() - start, "failed"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(meanwhile)
+        for _ in range(count):
+            nursery.start_soon(one)
+    return outcomes
+
+
+def stall(
+    clock: trio.testing.MockClock, at: float, seconds: float
+) -> Callable[[], Awaitable[None]]:
+    """A task for :func:`burst`: ``at`` seconds in, the node stalls for ``seconds`` (the
+    mock clock jumps: time passes, no task runs), as a task blocking its loop would."""
+
+    async def stalling() -> None:
+        await trio.sleep(at)
+        clock.jump(seconds)
+
+    return stalling
 
 
 # --- values -------------------------------------------------------------------------------
@@ -272,28 +403,186 @@ async def test_a_pipeline_sent_late_by_a_stalled_node_is_not_the_stores_delay(
     pass in a burst: time passes, no task runs); the store answers 80 ms after it was
     sent them, 141 ms after they were made: none fails, for the store kept within its
     100 ms. A store that never answers still fails them 100 ms after it was sent them."""
-    async with guarded("closed") as (store, primary):
-        primary.mode = "late"
-        for latency, outcome, took in ((0.08, "admitted", 0.141), (math.inf, "503", 0.161)):
+    async with pipelined() as (store, primary):
+
+        async def stall_then_send() -> None:
+            await trio.sleep(0.001)  # every call made and queued
+            autojump_clock.jump(0.06)  # the stall: no task runs meanwhile
+            primary.send.set()
+
+        for latency, outcome, took in ((0.08, "admitted", 0.141), (math.inf, "failed", 0.161)):
             primary.latency, primary.send = latency, trio.Event()
-            outcomes: list[tuple[float, str]] = []
-
-            async def one(outcomes: list[tuple[float, str]] = outcomes) -> None:
-                start = trio.current_time()
-                try:
-                    await store.admit("k", rows(rpm=1000))
-                    outcomes.append((trio.current_time() - start, "admitted"))
-                except StoreError:
-                    outcomes.append((trio.current_time() - start, "503"))
-
-            async with trio.open_nursery() as nursery:
-                for _ in range(20):
-                    nursery.start_soon(one)
-                await trio.sleep(0.001)  # every call made and queued
-                autojump_clock.jump(0.06)  # the stall: no task runs meanwhile
-                primary.send.set()
+            outcomes = await burst(store, stall_then_send)
             assert outcomes == [(pytest.approx(took), outcome)] * 20
         assert store.stats.failures == store.stats.timeouts == 20
+
+
+async def test_a_node_stall_while_calls_wait_is_not_counted_against_the_store(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """20 calls are sent at once; 25 ms later the node stalls for 100 ms (a task blocks
+    the loop: time passes, no task runs); the store answers 160 ms after the send, of
+    which the node was running for 60 ms: no call fails, the breaker stays closed."""
+    async with pipelined() as (store, primary):
+        primary.latency = 0.16
+        outcomes = await burst(store, stall(autojump_clock, 0.025, 0.1))
+        assert outcomes == [(pytest.approx(0.16), "admitted")] * 20
+        assert store.stats.failures == 0 and not store.breaker.is_open
+        # The probe saw the stall: all of it but what came before its next due time.
+        assert 0.1 - PROBE_PERIOD - 1e-9 <= store.stalls.total <= 0.1 + 1e-9  # (float sums)
+
+
+async def test_a_hung_store_costs_each_call_its_timeout_after_the_send(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """20 calls are made; the node sends them 40 ms later (its pipelines were busy); the
+    store never answers: each call fails 100 ms after the send, and the breaker opens."""
+    async with pipelined() as (store, primary):
+        primary.latency, primary.send = math.inf, trio.Event()
+
+        async def send_later() -> None:
+            await trio.sleep(0.04)
+            primary.send.set()
+
+        outcomes = await burst(store, send_later)
+        assert outcomes == [(pytest.approx(0.14), "failed")] * 20
+        assert store.stats.timeouts == 20 and store.breaker.is_open
+
+
+async def test_a_call_is_cut_on_its_own_deadline_beside_a_longer_one(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A write-back (a 2 s deadline) waits on a hung store; a request's call made 50 ms
+    later still fails 100 ms after its send, not when the write-back's time is up."""
+    async with pipelined() as (store, primary):
+        primary.latency = math.inf
+
+        async def write_back() -> None:
+            with pytest.raises(StoreError), store._deadline(2.0):
+                await primary.usage("k", rows())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_back)
+            await trio.sleep(0.05)
+            outcomes = await burst(store, trio.lowlevel.checkpoint, count=1)
+        assert outcomes == [(pytest.approx(0.1), "failed")]
+
+
+async def test_a_hung_store_costs_each_call_its_timeout_plus_the_nodes_own_stall(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The store never answers and the node stalls for 100 ms while the calls wait: each
+    call fails once the node has run for 100 ms since the send, 200 ms after it (less
+    what the probe could not see of the stall: at most one probe period)."""
+    async with pipelined() as (store, primary):
+        primary.latency = math.inf
+        outcomes = await burst(store, stall(autojump_clock, 0.025, 0.1))
+        assert {outcome for _, outcome in outcomes} == {"failed"}
+        assert all(0.2 - PROBE_PERIOD - 1e-9 <= t <= 0.2 + 1e-9 for t, _ in outcomes), outcomes
+        assert store.stats.timeouts == 20 and store.breaker.is_open
+
+
+async def test_a_reply_in_by_the_deadline_is_read_before_the_deadline_is_judged(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The store's replies arrive exactly at the calls' deadline, in the same scheduling
+    round as the watchdog's wake: the watchdog lets the reader take them in before it
+    judges, so no call fails."""
+    async with pipelined() as (store, primary):
+        primary.latency = store.timeout
+        outcomes = await burst(store, trio.lowlevel.checkpoint)
+        assert outcomes == [(pytest.approx(0.1), "admitted")] * 20
+        assert store.stats.failures == 0
+
+
+async def test_replies_that_keep_coming_in_for_a_long_pipeline_are_progress(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """One pipeline of 20 calls whose replies come in one by one, 20 ms apart, the first
+    50 ms after the send: its callers are woken only once the last one is in (430 ms
+    after the send), but the store was heard from all along, so none fails."""
+    async with pipelined() as (store, primary):
+        primary.latency, primary.spacing = 0.05, 0.02
+        outcomes = await burst(store, trio.lowlevel.checkpoint)
+        assert outcomes == [(pytest.approx(0.43), "admitted")] * 20
+        assert store.stats.failures == 0
+
+
+async def test_a_reply_that_came_in_during_a_long_stall_is_read_not_judged_late(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The store answers 50 ms after the send, but the node stalls for 2 s from 10 ms on:
+    when it runs again, its calls are past even their hard cap (1 s), yet their replies
+    are in, and they are read before anything is judged: none fails."""
+    async with pipelined() as (store, primary):
+        outcomes = await burst(store, stall(autojump_clock, 0.01, 2.0))
+        assert outcomes == [(pytest.approx(2.01), "admitted")] * 20
+        assert store.stats.failures == 0 and store.stats.stalled_out == 0
+
+
+async def test_replies_still_being_read_after_a_long_stall_are_all_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """As above, but the 20 replies that came in during the stall are read two at a time
+    (a buffer's worth per scheduling round, ten rounds in all): the watchdog keeps
+    letting the reader run while it takes replies in, so none is judged late."""
+    async with pipelined() as (store, primary):
+        primary.per_read = 2
+        outcomes = await burst(store, stall(autojump_clock, 0.01, 2.0))
+        assert outcomes == [(pytest.approx(2.01), "admitted")] * 20
+        assert store.stats.stalled_out == 0
+
+
+async def test_a_stall_past_the_hard_cap_fails_the_calls_without_blaming_the_store(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The store never answers and the node stalls for 2 s: the calls end at the hard
+    cap (no call waits longer, however stalled the node), as a StoreError, but the store
+    had no 100 ms of the node's running time to answer them: the breaker does not count
+    them. A call made after the stall fails on its deadline as usual."""
+    async with pipelined() as (store, primary):
+        primary.latency = math.inf
+        outcomes = await burst(store, stall(autojump_clock, 0.01, 2.0))
+        assert outcomes == [(pytest.approx(2.01), "failed")] * 20
+        assert store.stats.stalled_out == 20
+        assert store.stats.failures == store.stats.timeouts == 0
+        assert store.status()["consecutive_failures"] == 0
+        with pytest.raises(StoreError):
+            await store.admit("k", rows())
+        assert store.stats.timeouts == 1
+
+
+async def test_a_gc_pause_while_calls_wait_is_not_counted_against_the_store(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A garbage-collection pass of 50 ms (its start and stop seen by ``gc.callbacks``;
+    the loop-lag probe is off here, so only they can tell) while 20 calls wait on a
+    store answering 140 ms after the send: none fails. Without the pass, the same store
+    fails them at 100 ms."""
+    pause = [0.0]  # how long the next pass takes (then 0: passes the interpreter
+    # starts by itself meanwhile take no time on the mock clock)
+
+    def paused(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start" and pause[0]:
+            autojump_clock.jump(pause[0])
+            pause[0] = 0.0
+
+    for seconds, outcome in ((0.05, "admitted"), (0.0, "failed")):
+
+        async def collect(seconds: float = seconds) -> None:
+            await trio.sleep(0.03)
+            pause[0] = seconds
+            gc.collect()
+
+        async with pipelined(StallMeter(period=3600)) as (store, primary):
+            primary.latency = 0.14
+            gc.callbacks.append(paused)  # after the meter's own: it sees the start first
+            try:
+                outcomes = await burst(store, collect)
+            finally:
+                gc.callbacks.remove(paused)
+            assert {o for _, o in outcomes} == {outcome}
+            assert store.stalls.total == pytest.approx(seconds)
 
 
 async def test_the_breaker_probes_once_a_second_and_closes_when_the_store_is_back(

@@ -55,7 +55,7 @@ from tokenguard.observe.logs import LOG_FORMATS, configure_logging
 from tokenguard.observe.metrics import serve_metrics, supervisor_registry
 from tokenguard.store.window_store import StoreError, UnknownStoreScheme, redact_url, store_from_url
 
-log = logging.getLogger("tokenguard.cli.main")
+log = logging.getLogger("tokenguard.cli")
 
 
 def _port(text: str) -> int:
@@ -218,7 +218,7 @@ def apply_clock_offset(environ: Mapping[str, str] = os.environ) -> float:
     offset_ns = round(offset * 1e9)
     time.time = lambda: real_time() + offset
     time.time_ns = lambda: real_time_ns() + offset_ns
-    logging.getLogger("tokenguard.cli.main").warning(
+    logging.getLogger("tokenguard.cli").warning(
         "%s=%g: this process's clock is shifted (a test-only setting)", CLOCK_OFFSET_ENV, offset
     )
     return offset

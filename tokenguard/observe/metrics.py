@@ -415,6 +415,18 @@ class NodeCollector(Collector):
         for name, doc, value in (
             ("store_failures", "Store calls that failed or missed their deadline.", stats.failures),
             ("store_timeouts", "Store calls that missed their deadline.", stats.timeouts),
+            (
+                "store_stalled_out",
+                "Store calls cut at the hard cap while this node itself was stalled "
+                "(answered by on_store_error, not counted as failures).",
+                stats.stalled_out,
+            ),
+            (
+                "store_node_stalled_seconds",
+                "Seconds this node's event loop was stalled (GC passes, a starved CPU, "
+                "its own busy tasks): left out of every store deadline.",
+                store.stalls.total,
+            ),
             ("store_breaker_openings", "Times the breaker opened.", stats.breaker_opened),
             (
                 "store_fail_open_admissions",

@@ -3,21 +3,36 @@
 Every node wraps its shared store (Redis) in a :class:`GuardedStore`, itself a
 :class:`~tokenguard.store.window_store.WindowStore`, so the limiter and the app know nothing of it:
 
-* **A deadline on every call** (``timeout``, 100 ms by default): a call fails once the
-  store has answered nothing, to it or to any other call, for ``timeout`` since it was
-  made or since calls were last sent to the store, whichever is later, and in any case
-  after ``MAX_WAIT_FACTOR`` (10) times that. So a dead or hung store costs each call
-  ``timeout`` (from the last pipeline that went out: in a burst, a few milliseconds
-  after the call), while calls queued behind a store that keeps answering (a burst on
-  a busy machine), or sent late because this node stalled (a GC pass), are not
-  failures. A call that misses it is abandoned (the Redis driver takes a call that has
+* **A deadline on every call** (``timeout``, 100 ms by default), judged by one
+  watchdog task for all calls. A call fails on it only when the store had the time to
+  answer and did not: once ``timeout`` of this node's *running* time has passed since
+  the call was made or since the store last showed progress, whichever is later.
+  Progress is the store answering any call of this node, being written calls (the
+  driver notes when a pipeline's write is done: ``WindowStore.last_sent``), or being
+  heard from (its replies read, before their callers run: ``last_heard``). Running
+  time leaves out this node's own stalls (a GC pass, a starved CPU, a loop held by its
+  own tasks), measured by a :class:`~tokenguard.store.stalls.StallMeter` (a loop-lag probe and
+  ``gc.callbacks``). Before cutting any call, the watchdog lets the replies already in
+  be read (a few scheduling rounds for the driver's reader, more while it is still
+  reading). So a dead or hung store costs each call ``timeout`` after its send (plus
+  the node's stalls meanwhile), while calls queued behind a store that keeps answering
+  (a burst on a busy machine), sent late because this node stalled, or answered while
+  it did not run, are not failures.
+
+  Whatever happens, no call waits more than ``MAX_WAIT_FACTOR`` (10) times the timeout
+  of wall time from when it was made (a store that answers others but never it: one
+  Redis Cluster master hung). A call cut there before the store had ``timeout`` of the
+  node's running time (the node stalled for most of it) fails with
+  :class:`NodeStalled`: the policy answers it, but the breaker does not count it. A
+  call that misses its deadline is abandoned (the Redis driver takes a call that has
   not been sent off its queue, and drops the reply of one that has; its worker threads
   and pipelines are bounded, so nothing piles up) and counts as a failure, like a
   :class:`StoreError`.
-* **A circuit breaker** (:class:`Breaker`): ``threshold`` (3) failures in a row open it.
-  While it is open no request touches the store at all, so a dead or hung Redis adds no
-  latency; a background task probes the store once a ``probe_interval`` (1 s) with one
-  read. When a probe succeeds, the breaker closes (after the write-back below).
+* **A circuit breaker** (:class:`Breaker`): ``threshold`` (3) failures in a row open it
+  (the node's own stalls are never failures: see above). While it is open no request
+  touches the store at all, so a dead or hung Redis adds no latency; a background task
+  probes the store once a ``probe_interval`` (1 s) with one read. When a probe
+  succeeds, the breaker closes (after the write-back below).
 * **The failure policy** answers every call the store did not (a failure, or an open
   breaker):
 
@@ -73,6 +88,7 @@ import trio
 from tokenguard.config.settings import STORE_ERROR_POLICIES, Settings
 from tokenguard.observe.log_throttle import LogThrottle
 from tokenguard.store.call_durations import CallDurations
+from tokenguard.store.stalls import StallMeter
 from tokenguard.store.window_store import (
     ANYTHING,
     NOT_RESERVED,
@@ -109,10 +125,16 @@ RETRY_AFTER_SHARE = 1.0
 HOLD_MARGIN = 0.25
 # A local admission made while the breaker is closed is written back this soon.
 SYNC_DELAY = 0.01
-# A watchdog woken this late (s) was stalled itself: it waits this long more.
-STALL_GRACE = 0.02
-# However busy the store, no call waits more than this many times the timeout.
+# However busy the store or stalled the node, no call waits more than this many times
+# the timeout (wall time, from when it was made).
 MAX_WAIT_FACTOR = 10
+# Before judging a call late, the watchdog lets this many scheduling rounds pass: a
+# reply already in a socket reaches the driver's reader within two (the I/O poll, then
+# the reader's step), and one more is margin. As long as the store is heard from in
+# them (a long pipeline's replies, read a buffer at a time), as many again, up to
+# MAX_READ_TURNS in all.
+READ_TURNS = 3
+MAX_READ_TURNS = 30
 # Counters whose cluster-wide usage a node remembers at most (then it forgets the
 # oldest half): about 100 bytes each.
 SEEN_LIMIT = 100_000
@@ -181,6 +203,26 @@ class Breaker:
         return attrs.evolve(self, failures=0, opened_at=None)
 
 
+class NodeStalled(StoreError):
+    """A store call reached the hard cap (``MAX_WAIT_FACTOR`` times the timeout) before
+    the store had the timeout of this node's running time to answer it: the node itself
+    was stalled. The caller gets the failure policy's answer, as for any
+    :class:`StoreError`, but the store is not blamed (the breaker does not count it)."""
+
+
+@attrs.define(eq=False)
+class _Wait:
+    """A store call the watchdog judges: made at ``start``, given ``timeout`` of this
+    node's running time without news from the store, and never more than ``cap``
+    (a ``trio.current_time()``). ``verdict`` is set when it is cut: ``"store"`` (the
+    store had the time and did not answer) or ``"stalled"`` (the node did not run)."""
+
+    start: float
+    timeout: float
+    cap: float
+    verdict: str | None = None
+
+
 @attrs.frozen
 class LocalReservation(Reservation):
     """A reservation in the node's local windows (policy ``local``). ``epoch`` tells
@@ -200,6 +242,7 @@ class GuardStats:
 
     failures: int = 0  # store calls that failed or missed their deadline
     timeouts: int = 0  # ... of which missed the deadline
+    stalled_out: int = 0  # calls cut at the hard cap while the node was stalled (not failures)
     breaker_opened: int = 0
     local_admissions: int = 0  # admitted by the local windows (policy local)
     local_refusals: int = 0
@@ -218,7 +261,9 @@ class GuardedStore(WindowStore):
 
     ``cluster_size`` and ``node_id`` size this node's share of each limit for the
     ``local`` policy (see :func:`node_share`; ``spread`` as there). ``fallback`` is the
-    local windows (a fresh ``memory://`` store by default).
+    local windows (a fresh ``memory://`` store by default). ``stalls`` measures this
+    node's own stalls, which no deadline counts against the store (a
+    :class:`~tokenguard.store.stalls.StallMeter` of its own by default, run by :meth:`run`).
     """
 
     def __init__(
@@ -233,6 +278,7 @@ class GuardedStore(WindowStore):
         threshold: int = BREAKER_THRESHOLD,
         probe_interval: float = PROBE_INTERVAL,
         fallback: WindowStore | None = None,
+        stalls: StallMeter | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"on_store_error must be one of {', '.join(POLICIES)}: {policy!r}")
@@ -247,6 +293,7 @@ class GuardedStore(WindowStore):
         self.spread = spread
         self.probe_interval = probe_interval
         self.fallback = fallback if fallback is not None else store_from_url("memory://")
+        self.stalls = stalls if stalls is not None else StallMeter()
         self.breaker = Breaker(threshold=threshold)
         self.stats = GuardStats()
         self._primary_running = False
@@ -260,11 +307,16 @@ class GuardedStore(WindowStore):
         self._seen: dict[tuple[str, str], tuple[int, float]] = {}
         self._recovering = False
         self._hold_until = -math.inf  # trio.current_time(); see _admit_holding
-        # The deadline watchdog: calls waiting on the store (their start times), and
-        # when the store last answered (trio.current_time()).
-        self._waiting: dict[trio.CancelScope, float] = {}
+        # The deadline watchdog: calls waiting on the store, and when the store last
+        # answered one (trio.current_time()).
+        self._waiting: dict[trio.CancelScope, _Wait] = {}
         self._last_answer = -math.inf
-        self._calls_waiting = trio.Event()
+        # While the watchdog sleeps, the shortest deadline of the calls it knows (inf:
+        # none). A call with a shorter one (a request's beside a write-back's) may be
+        # due before the watchdog's next look: it wakes it. (With equal deadlines, a
+        # later call is never due sooner.)
+        self._watchdog_shortest = math.inf
+        self._rejudge = trio.Event()
         self._unsynced_soon = trio.Event()  # see _sync_forever
         self._open_log = LogThrottle()
         self._failure_log = LogThrottle()
@@ -285,6 +337,8 @@ class GuardedStore(WindowStore):
             "consecutive_failures": breaker.failures,
             "failures": self.stats.failures,
             "timeouts": self.stats.timeouts,
+            "stalled_out": self.stats.stalled_out,
+            "node_stalled_seconds": round(self.stalls.total, 3),
             "local_admissions": self.stats.local_admissions,
             "fail_open_admissions": self.stats.fail_open_admissions,
             "last_outage_seconds": self.stats.last_outage_seconds,
@@ -345,6 +399,7 @@ class GuardedStore(WindowStore):
         with the breaker open); probe while the breaker is open."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.stalls.run)
             await nursery.start(self.fallback.run)
             try:
                 await nursery.start(self.primary.run)
@@ -398,15 +453,39 @@ class GuardedStore(WindowStore):
 
     @contextmanager
     def _deadline(self, seconds: float | None = None) -> Iterator[None]:
-        """Run the body within the deadline; a missed deadline is a StoreError."""
-        seconds = self.timeout if seconds is None else seconds
-        with trio.move_on_after(seconds) as scope:
-            yield
-        if scope.cancelled_caught:
-            self.stats.timeouts += 1
-            raise StoreError(f"store {self.url}: no answer within {seconds * 1000:g} ms")
+        """Run the body (a store call) under the watchdog's judgement; a call it cuts
+        raises :class:`StoreError` (:class:`NodeStalled` if the store is not to blame).
+
+        ``seconds`` (default: ``timeout``) of this node's running time without news from
+        the store, counted from when the call was made or the store last showed
+        progress (see :meth:`_watchdog`), and never more than ``MAX_WAIT_FACTOR`` times
+        ``timeout`` (or ``seconds``, if longer) of wall time.
+        """
+        timeout = self.timeout if seconds is None else seconds
+        start = trio.current_time()
+        wait = _Wait(start, timeout, start + max(timeout, MAX_WAIT_FACTOR * self.timeout))
+        with trio.CancelScope() as scope:
+            self._waiting[scope] = wait
+            if timeout < self._watchdog_shortest:
+                self._rejudge.set()
+            try:
+                yield
+            finally:
+                del self._waiting[scope]
+        if not scope.cancelled_caught:
+            return
+        if wait.verdict == "stalled":
+            self.stats.stalled_out += 1
+            raise NodeStalled(
+                f"store {self.url}: no answer within {(wait.cap - start) * 1000:g} ms, "
+                "this node stalled meanwhile (not counted against the store)"
+            )
+        self.stats.timeouts += 1
+        raise StoreError(f"store {self.url}: no answer within {timeout * 1000:g} ms")
 
     def _failed(self, exc: StoreError) -> None:
+        if isinstance(exc, NodeStalled):
+            return  # not the store's failure: the breaker does not count it
         self.stats.failures += 1
         self.stats.last_error = str(exc)
         was_open = self.breaker.is_open
@@ -447,25 +526,12 @@ class GuardedStore(WindowStore):
         )
 
     async def _primary(self, call: Any, *args: Any) -> Any:
-        """``await call(*args)`` on the store within its deadline; record the outcome.
-
-        The deadline: the call fails once the store has answered nothing (to it or to
-        any other call) for ``timeout`` since it was made or last sent calls, whichever
-        is later (see :meth:`_watchdog`), and in any case after
-        ``MAX_WAIT_FACTOR * timeout``.
-        """
+        """``await call(*args)`` on the store within its deadline (:meth:`_deadline`);
+        record the outcome for the breaker."""
         start = trio.current_time()
         try:
-            with trio.CancelScope(deadline=start + MAX_WAIT_FACTOR * self.timeout) as scope:
-                self._waiting[scope] = start
-                self._calls_waiting.set()  # (a no-op unless the watchdog is idle)
-                try:
-                    result = await call(*args)
-                finally:
-                    del self._waiting[scope]
-            if scope.cancelled_caught:
-                self.stats.timeouts += 1
-                raise StoreError(f"store {self.url}: no answer within {self.timeout * 1000:g} ms")
+            with self._deadline():
+                result = await call(*args)
         except StoreError as exc:
             self._failed(exc)
             raise
@@ -476,42 +542,83 @@ class GuardedStore(WindowStore):
             self._unsynced_soon.set()  # the store answers: tell it what it missed
         return result
 
-    async def _watchdog(self) -> None:
-        """Cancel the calls that waited ``timeout`` with no answer from the store.
+    def _progress(self) -> float:
+        """When the store last showed progress: answered a call of this node, was
+        written calls, or was heard from (its replies read, their callers not yet run)."""
+        primary = self.primary
+        return max(self._last_answer, primary.last_sent, primary.last_heard)
 
-        One task for all calls: it sleeps until the oldest waiting call's deadline,
-        ``max(its start, the last answer, the last send) + timeout``, and moves it on
-        whenever the store answered or was sent calls meanwhile. So a long queue behind
-        a store that keeps answering (a burst, a busy machine) is not a failure, nor is
-        a pipeline that went out late because this node stalled before sending it (a
-        GC pass in a burst), while a hung or dead store costs each call ``timeout``
-        from when it was last sent anything. When it wakes more than ``STALL_GRACE`` late,
-        the node itself was stalled: replies that arrived meanwhile get that long to
-        be read first.
+    def _due(self, wait: _Wait, progress: float, now: float) -> tuple[float, float]:
+        """When ``wait`` is due for the store's lack of answer, and when at the latest.
+
+        The first: ``timeout`` after its start or the store's last progress, whichever
+        is later, plus the node's own stalls since then (as far as measured by
+        ``now``). The second: its hard cap.
+        """
+        origin = max(wait.start, progress)
+        return origin + wait.timeout + self.stalls.stalled(origin, now), wait.cap
+
+    def _verdict(self, wait: _Wait, progress: float, now: float) -> str | None:
+        """``None`` while ``wait`` may wait on; else whom its end is blamed on."""
+        store_due, cap = self._due(wait, progress, now)
+        if store_due <= now:
+            return "store"
+        if cap > now:
+            return None
+        # The hard cap: the store is to blame only if it had the timeout of this node's
+        # running time since the call was made.
+        running = now - wait.start - self.stalls.stalled(wait.start, now)
+        return "store" if running >= wait.timeout else "stalled"
+
+    async def _watchdog(self) -> None:
+        """Cut the calls that waited long enough for the store (one task for all calls).
+
+        A call is due ``timeout`` after it was made or after the store last showed
+        progress (:meth:`_progress`: it answered, was written calls, or was heard
+        from), whichever is later, not counting the time this node itself was stalled
+        meanwhile (:class:`~tokenguard.store.stalls.StallMeter`: a GC pass, a starved CPU, a
+        loop held by its own tasks); and in any case at its hard cap. So a dead or hung
+        store costs each call ``timeout`` after its send, plus the node's own stalls;
+        a queue behind a store that keeps answering is no failure, nor a pipeline sent
+        late by a stalled node, nor a reply that came in while the node did not run.
+
+        The watchdog sleeps until the earliest due time and reports its own lateness
+        as a stall. Before cutting anything it lets the replies already in be read
+        (:meth:`_read_turns`): they answer their calls, and move the progress on.
         """
         while True:
-            starts = [t for scope, t in self._waiting.items() if not scope.cancel_called]
-            if not starts:
-                self._calls_waiting = trio.Event()
-                await self._calls_waiting.wait()
-                continue
+            live = [wait for scope, wait in self._waiting.items() if not scope.cancel_called]
             now = trio.current_time()
-            # Progress: the store answered, or was sent calls (those waiting to be sent
-            # wait on this node, not on the store).
-            progress = max(self._last_answer, self.primary.last_sent)
-            due = max(min(starts), progress) + self.timeout
+            progress = self._progress()
+            due = min((min(self._due(wait, progress, now)) for wait in live), default=math.inf)
             if due > now:
-                await trio.sleep_until(due)
-                if trio.current_time() - due > STALL_GRACE:
-                    # Woken late: this process was not running (a GC pass, a busy CPU),
-                    # and the store's replies may be waiting, unread, in the socket.
-                    # Let them be read before judging the store.
-                    await trio.sleep(STALL_GRACE)
+                self._watchdog_shortest = min((w.timeout for w in live), default=math.inf)
+                self._rejudge = trio.Event()
+                with trio.move_on_at(due) as timer:
+                    await self._rejudge.wait()
+                self._watchdog_shortest = -math.inf  # awake: it sees new calls itself
+                if timer.cancelled_caught:
+                    self.stalls.woke(due, trio.current_time())
                 continue
-            for scope, start in list(self._waiting.items()):
-                if max(start, progress) + self.timeout <= now:
-                    scope.cancel()
-            await trio.lowlevel.checkpoint()
+            await self._read_turns()
+            now = trio.current_time()
+            progress = self._progress()
+            for scope, wait in list(self._waiting.items()):
+                if not scope.cancel_called:
+                    wait.verdict = self._verdict(wait, progress, now)
+                    if wait.verdict is not None:
+                        scope.cancel()
+
+    async def _read_turns(self) -> None:
+        """Let the replies already in be read: ``READ_TURNS`` scheduling rounds, then as
+        many again while the store was heard from since the last ones began (at most
+        ``MAX_READ_TURNS`` in all)."""
+        for _ in range(MAX_READ_TURNS // READ_TURNS):
+            began = trio.current_time()
+            for _ in range(READ_TURNS):
+                await trio.lowlevel.checkpoint()
+            if self._progress() < began:
+                return
 
     # -- recovery: write the outage's local admissions back, then close
 
@@ -852,7 +959,7 @@ __all__ = [
     "Breaker",
     "GuardedStore",
     "LocalReservation",
-    "LogThrottle",
+    "NodeStalled",
     "UncheckedReservation",
     "guarded_store",
     "node_share",

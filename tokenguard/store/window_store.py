@@ -353,10 +353,16 @@ class WindowStore(abc.ABC):
     ``maxmemory-policy``), as last read: ``"unknown"`` when the server refused to say,
     ``None`` for a store with no server. See :func:`evictable`."""
     last_sent: float = -math.inf
-    """When this store last sent calls to its server (``trio.current_time()``); stays
-    ``-inf`` for a store with no server. A caller judging the server by how long it
-    takes to answer counts from here too: a call that waited for its turn to be sent
-    (an event loop stalled by a GC pass or a starved CPU) was not the server's delay."""
+    """When this store last finished writing calls to its server
+    (``trio.current_time()``); stays ``-inf`` for a store with no server. A caller
+    judging the server by how long it takes to answer counts from here too: a call that
+    waited for its turn to be sent (an event loop stalled by a GC pass or a starved
+    CPU) was not the server's delay."""
+    last_heard: float = -math.inf
+    """When this store last read anything its server answered (a reply, or part of
+    one), the moment it was read, before any caller was woken with it; ``-inf`` for a
+    store with no server. A caller judging the server sees from here that the server
+    is answering even while the replies still wait for their callers' tasks to run."""
 
     @classmethod
     @abc.abstractmethod
