@@ -41,7 +41,9 @@ import httpx
 import trio
 
 from bench.audit import AuditReport, Observation, audit, audit_dict, format_audit, parse_refusal
-from tokenguard.config.settings import ConfigError, Limits, digest_of, load_settings
+from tokenguard.config.loading import load_settings
+from tokenguard.config.settings import ConfigError
+from tokenguard.model import Limits, digest_of
 from tokenguard.upstreams.mock import WORDS
 
 CLIENT_BOUND_SHARE = 0.85

@@ -69,7 +69,7 @@ from bench.fake_upstream import FLAVOURS
 from bench.feed import _free_port
 from bench.stalled_client import read_to_end, stalled_request
 from tokenguard.cluster.redis_server import stop_process
-from tokenguard.config.settings import Limits
+from tokenguard.model import Limits
 
 BEHAVIOURS = ("plain", "length_fields", "tools", "abandon", "stall")
 KEYS = ("alice", "bob", "carol")

@@ -10,6 +10,6 @@ from __future__ import annotations
 
 from tokenguard.cluster.redis_server import RedisServerSpec, find_redis_binary, ping
 from tokenguard.cluster.supervisor import ChildProcess
-from tokenguard.config.settings import Limits
+from tokenguard.model import Limits
 
 __all__ = ["ChildProcess", "Limits", "RedisServerSpec", "find_redis_binary", "ping"]

@@ -22,13 +22,9 @@ from drivers.memory import MemoryStore
 from tokenguard.api.admin import check_admin_bind, create_admin_app, is_loopback
 from tokenguard.api.app import create_app
 from tokenguard.cli import main as cli
-from tokenguard.config.settings import (
-    ConfigError,
-    Settings,
-    digest_of,
-    limits_from_table,
-    parse_settings,
-)
+from tokenguard.config.limits_table import limits_from_table
+from tokenguard.config.loading import parse_settings
+from tokenguard.config.settings import ConfigError, Settings
 from tokenguard.limiting.keyring import (
     KEY,
     TIER,
@@ -38,6 +34,7 @@ from tokenguard.limiting.keyring import (
     config_records,
     table_of,
 )
+from tokenguard.model import digest_of
 from tokenguard.store.guarded import GuardedStore
 from tokenguard.store.window_store import WindowStore, open_store
 

@@ -41,7 +41,7 @@ from bench.load import (
     run_load,
     write_json,
 )
-from tokenguard.config.settings import Limits, digest_of
+from tokenguard.model import Limits, digest_of
 
 REPO = Path(__file__).resolve().parents[2]
 RPM = 40

@@ -35,8 +35,8 @@ from tests.support.redis_servers import (
     running_redis_server,
     start_redis_sentinel,
 )
-from tokenguard.config.settings import ApiKey, Limits, digest_of
 from tokenguard.limiting.limiter import Cost, Limiter
+from tokenguard.model import ApiKey, Limits, digest_of
 from tokenguard.store.window_store import CONCURRENT, Row, StoreError, open_store, store_from_url
 
 TEST_TIMEOUT = 15.0

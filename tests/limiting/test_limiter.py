@@ -6,7 +6,6 @@ import pytest
 import trio
 
 from drivers.memory import MemoryStore
-from tokenguard.config.settings import ApiKey, Limits, digest_of
 from tokenguard.limiting.limiter import (
     Cost,
     Limiter,
@@ -14,6 +13,7 @@ from tokenguard.limiting.limiter import (
     ratelimit_headers,
     retry_headers,
 )
+from tokenguard.model import ApiKey, Limits, digest_of
 
 
 class FakeClock:

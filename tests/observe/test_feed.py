@@ -35,7 +35,8 @@ from trio_websocket import (
 from drivers.memory import MemoryStore
 from tokenguard.api.app import create_app
 from tokenguard.cluster.node import hypercorn_config
-from tokenguard.config.settings import ADMIN_TOKEN_ENV, ConfigError, Settings, parse_settings
+from tokenguard.config.loading import parse_settings
+from tokenguard.config.settings import ADMIN_TOKEN_ENV, ConfigError, Settings
 from tokenguard.observe import feed as feed_module
 from tokenguard.observe.feed import Feed, Subscriber, Viewer
 from tokenguard.store.window_store import WindowStore, open_store

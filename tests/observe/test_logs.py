@@ -27,7 +27,7 @@ from drivers.memory import MemoryStore
 from tests.support.processes import free_ports, running_tokenguard, wait_healthy, write_config
 from tokenguard.api.app import create_app
 from tokenguard.cli import main as cli
-from tokenguard.config.settings import parse_settings
+from tokenguard.config.loading import parse_settings
 from tokenguard.observe.logs import JsonFormatter, RequestLine, TextFormatter
 
 SECRET = "sk-log-test-0123456789-secret"

@@ -24,7 +24,8 @@ import trio
 from drivers.memory import MemoryStore
 from tokenguard.api.app import create_app
 from tokenguard.cli import main as cli
-from tokenguard.config.settings import ConfigError, Settings, parse_settings
+from tokenguard.config.loading import parse_settings
+from tokenguard.config.settings import ConfigError, Settings
 from tokenguard.store.guarded import (
     Breaker,
     GuardedStore,

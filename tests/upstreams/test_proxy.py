@@ -34,7 +34,8 @@ from tests.support.proxy_upstreams import (
     sse_event,
 )
 from tokenguard.api.app import RELAYED_STREAM, close_relayed_stream, create_app
-from tokenguard.config.settings import ConfigError, parse_settings
+from tokenguard.config.loading import parse_settings
+from tokenguard.config.settings import ConfigError
 from tokenguard.counting.tokens import count_chat_prompt, count_text
 
 UPSTREAM_SECRET = "sk-upstream-credential-4242"

@@ -43,14 +43,8 @@ from tokenguard.cluster.supervisor import (
     cluster_store_url,
     default_state_dir,
 )
-from tokenguard.config.settings import (
-    DEMO_CONFIG,
-    STORE_ERROR_POLICIES,
-    ConfigError,
-    Settings,
-    demo_settings,
-    load_settings,
-)
+from tokenguard.config.loading import DEMO_CONFIG, demo_settings, load_settings
+from tokenguard.config.settings import STORE_ERROR_POLICIES, ConfigError, Settings
 from tokenguard.observe.logs import LOG_FORMATS, configure_logging
 from tokenguard.observe.metrics import serve_metrics, supervisor_registry
 from tokenguard.store.window_store import StoreError, UnknownStoreScheme, redact_url, store_from_url

@@ -70,15 +70,10 @@ from typing import Any
 import attrs
 import trio
 
-from tokenguard.config.settings import (
-    RULE_FIELDS,
-    ApiKey,
-    ConfigError,
-    Limits,
-    Settings,
-    limits_from_table,
-)
+from tokenguard.config.limits_table import limits_from_table
+from tokenguard.config.settings import ConfigError, Settings
 from tokenguard.limiting.snapshot import Snapshot, SnapshotError, read_snapshot, write_snapshot
+from tokenguard.model import RULE_FIELDS, ApiKey, Limits
 from tokenguard.store.window_store import Registry, StoreError, WindowStore
 
 log = logging.getLogger("tokenguard.limiting.keyring")

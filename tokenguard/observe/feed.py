@@ -56,9 +56,10 @@ from quart import Response, Websocket
 
 from tokenguard.api.chat import check_text, parse_json
 from tokenguard.api.errors import APIError
-from tokenguard.config.settings import DIMENSIONS, ApiKey, Settings, digest_of
+from tokenguard.config.settings import Settings
 from tokenguard.limiting.keyring import Keyring
 from tokenguard.limiting.limiter import Decision, Limiter, tightest_by_dimension
+from tokenguard.model import DIMENSIONS, ApiKey, digest_of
 from tokenguard.store.guarded import LogThrottle
 from tokenguard.store.window_store import RowState, StoreError, WindowStore
 

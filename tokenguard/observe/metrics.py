@@ -40,8 +40,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tokenguard.config.settings import digest_of
 from tokenguard.counting.tokens import COUNT_CACHE
+from tokenguard.model import digest_of
 from tokenguard.store.guarded import GuardedStore
 from tokenguard.store.window_store import evictable
 
