@@ -18,8 +18,9 @@ from tokenguard.config.loading import parse_settings
 from tokenguard.config.settings import Settings
 from tokenguard.limiting import keyring as keyring_module
 from tokenguard.limiting import settler as settler_module
-from tokenguard.limiting.keyring import KEY, POLL_SECONDS, TIER, KeyRecord, Keyring, KeyringError
+from tokenguard.limiting.keyring import POLL_SECONDS, Keyring
 from tokenguard.limiting.limiter import TEMPLATE_CACHE, Cost, Decision
+from tokenguard.limiting.registry import KEY, TIER, KeyRecord, KeyringError
 from tokenguard.limiting.settler import Settler
 from tokenguard.model import ApiKey, digest_of, partition_of
 from tokenguard.observe.feed import OUTGOING_LIMIT, Viewer

@@ -25,15 +25,8 @@ from tokenguard.cli import main as cli
 from tokenguard.config.limits_table import limits_from_table
 from tokenguard.config.loading import parse_settings
 from tokenguard.config.settings import ConfigError, Settings
-from tokenguard.limiting.keyring import (
-    KEY,
-    TIER,
-    KeyRecord,
-    Keyring,
-    build_view,
-    config_records,
-    table_of,
-)
+from tokenguard.limiting.keyring import Keyring
+from tokenguard.limiting.registry import KEY, TIER, KeyRecord, build_view, config_records, table_of
 from tokenguard.model import digest_of
 from tokenguard.store.guarded import GuardedStore
 from tokenguard.store.window_store import WindowStore, open_store

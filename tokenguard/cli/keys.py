@@ -38,7 +38,7 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from tokenguard.config.settings import ADMIN_TOKEN_ENV
-from tokenguard.limiting.keyring import NAME_PATTERN
+from tokenguard.limiting.registry import NAME_PATTERN
 from tokenguard.model import RULE_FIELDS, digest_of
 
 PREFIX = "tg-"
