@@ -56,6 +56,7 @@ from quart import Response, Websocket
 
 from tokenguard.api.chat import check_text, parse_json
 from tokenguard.api.errors import APIError
+from tokenguard.bearer import bearer_token
 from tokenguard.config.settings import Settings
 from tokenguard.limiting.keyring import Keyring
 from tokenguard.limiting.limiter import Decision, Limiter, tightest_by_dimension
@@ -615,12 +616,6 @@ class Feed:
 # --- one websocket session ------------------------------------------------------------
 
 
-def _bearer(value: str) -> str | None:
-    scheme, _, token = value.strip().partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
-
-
 NO_TOKEN = "no valid bearer token"
 AUTH_MESSAGE = 'the first message must be {"type": "auth", "token": "..."}'
 
@@ -634,7 +629,7 @@ async def _token_of(websocket: Websocket) -> tuple[str | None, str | None]:
     if len(headers) > 1:
         return None, NO_TOKEN
     if headers:
-        token = _bearer(headers[0])
+        token = bearer_token(headers[0])
         return token, None if token else NO_TOKEN
     with trio.move_on_after(AUTH_SECONDS):
         return _auth_message_token(await websocket.receive())

@@ -30,7 +30,6 @@ connection.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +39,8 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tokenguard.bearer import bearer_matches
 from tokenguard.counting.tokens import COUNT_CACHE
-from tokenguard.model import digest_of
 from tokenguard.store.guarded import GuardedStore
 from tokenguard.store.window_store import evictable
 
@@ -583,19 +582,6 @@ def supervisor_registry(supervisor: Supervisor) -> CollectorRegistry:
 
 MAX_HEAD_BYTES = 16384
 SCRAPE_TIMEOUT = 10.0
-
-
-def bearer_matches(authorization: str | None, token_digest: str | None) -> bool:
-    """True if no token is required, or ``authorization`` is ``Bearer <the token>``
-    (compared by digest, in constant time)."""
-    if token_digest is None:
-        return True
-    if authorization is None:
-        return False
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return False
-    return hmac.compare_digest(digest_of(token.strip()), token_digest)
 
 
 def _response(status: str, body: bytes, content_type: str, extra: str = "") -> bytes:
