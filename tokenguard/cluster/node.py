@@ -28,8 +28,8 @@ from tokenguard.api.hardening import (
 from tokenguard.config.settings import Settings
 from tokenguard.counting.tokens import preload
 from tokenguard.limiting.keyring import Keyring
+from tokenguard.loopback import is_loopback
 from tokenguard.observe.feed import WEBSOCKET_MESSAGE_BYTES
-from tokenguard.observe.metrics import is_loopback
 from tokenguard.store.guarded import GuardedStore, guarded_store
 from tokenguard.store.window_store import open_store
 

@@ -667,11 +667,6 @@ async def serve_metrics(
     await trio.serve_listeners(handler, listeners)
 
 
-def is_loopback(host: str) -> bool:
-    """True for a loopback bind address (``127.0.0.0/8``, ``::1``, ``localhost``)."""
-    return host == "localhost" or host.startswith("127.") or host == "::1"
-
-
 __all__ = [
     "CONTENT_TYPE",
     "BoundedLabel",
@@ -679,7 +674,6 @@ __all__ = [
     "NodeCollector",
     "SupervisorCollector",
     "bearer_matches",
-    "is_loopback",
     "scrape_response",
     "serve_metrics",
     "supervisor_registry",
