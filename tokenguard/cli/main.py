@@ -32,6 +32,7 @@ import trio
 from tokenguard.api.admin import check_admin_bind
 from tokenguard.cli import watch
 from tokenguard.cli.keys import add_keys_parser, run_keys_command
+from tokenguard.cluster.metrics_server import serve_metrics, supervisor_registry
 from tokenguard.cluster.redis_server import RedisBinaryNotFound
 from tokenguard.cluster.supervisor import (
     STORE_URL_ENV,
@@ -46,7 +47,6 @@ from tokenguard.cluster.supervisor import (
 from tokenguard.config.loading import DEMO_CONFIG, demo_settings, load_settings
 from tokenguard.config.settings import STORE_ERROR_POLICIES, ConfigError, Settings
 from tokenguard.observe.logs import LOG_FORMATS, configure_logging
-from tokenguard.observe.metrics import serve_metrics, supervisor_registry
 from tokenguard.store.window_store import StoreError, UnknownStoreScheme, redact_url, store_from_url
 
 log = logging.getLogger("tokenguard.cli.main")
