@@ -17,28 +17,23 @@ Two kinds of metrics, by cost:
   failure counters (:class:`~tokenguard.store.guarded.GuardStats`, including admissions
   made under ``on_store_error = "open"``), the usage feed's subscribers and dropped
   events, the limiter's near-limit crossings. :class:`NodeCollector` reads them from
-  the objects that already keep them.
+  the objects that already keep them (:mod:`tokenguard.observe.node_collector`).
 
 Label values are bounded: key *names* from the config (never keys or digests),
 dimensions, status codes, the app's own paths (any other path is ``other``) and model
 names only where the set is bounded (:class:`BoundedLabel`).
-
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from tokenguard.bearer import bearer_matches
-from tokenguard.counting.tokens import COUNT_CACHE
-from tokenguard.store.guarded import GuardedStore
-from tokenguard.store.window_store import evictable
+from tokenguard.observe.node_collector import NodeCollector
 
 if TYPE_CHECKING:
     from tokenguard.limiting.limiter import Decision, Limiter
@@ -46,7 +41,6 @@ if TYPE_CHECKING:
     from tokenguard.observe.logs import RequestRecord
     from tokenguard.store.window_store import WindowStore
 
-NAMESPACE = "tokenguard"
 # Request and upstream latencies: from a fast mock answer to a long generation.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 # Store calls: a local Redis answers in well under a millisecond; the default deadline
@@ -291,240 +285,10 @@ class Metrics:
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(name, doc, value=value)
-
-
-def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, doc, value=value)
-
-
-class NodeCollector(Collector):
-    """The node's state, read when scraped: the per-key admission and token counters
-    (plain integers), and what the store, feed and limiter already keep."""
-
-    def __init__(
-        self,
-        metrics: Metrics,
-        *,
-        store: WindowStore,
-        feed: Feed | None,
-        limiter: Limiter | None,
-    ) -> None:
-        self.metrics = metrics
-        self.store = store
-        self.feed = feed
-        self.limiter = limiter
-
-    def describe(self) -> Iterable[Metric]:
-        return ()  # (names are not registered ahead: collect() reads live objects)
-
-    def collect(self) -> Iterator[Metric]:
-        info = GaugeMetricFamily(
-            "tokenguard_node_info", "This node's id (always 1).", labels=["node"]
-        )
-        info.add_metric([str(self.metrics.node_id)], 1)
-        yield info
-        yield from self._per_key()
-        yield from self._input_counts()
-        yield from self._count_cache()
-        if isinstance(self.store, GuardedStore):
-            yield from self._store(self.store)
-        if self.feed is not None:
-            yield from self._feed(self.feed)
-        if self.limiter is not None:
-            yield from self._limiter(self.limiter)
-
-    def _input_counts(self) -> Iterator[Metric]:
-        """Proxy mode: per model, the prompt tokens tokenguard counted against what the
-        upstream reported for the same prompts (their ratio is the counting error)."""
-        families = (
-            CounterMetricFamily(
-                "tokenguard_upstream_prompt_reports",
-                "Upstream answers that reported prompt_tokens, by model (bounded).",
-                labels=["model"],
-            ),
-            CounterMetricFamily(
-                "tokenguard_upstream_prompt_miscounts",
-                "Upstream answers whose prompt_tokens differed from tokenguard's count (the "
-                "request was settled to the upstream's), by model (bounded).",
-                labels=["model"],
-            ),
-            CounterMetricFamily(
-                "tokenguard_upstream_prompt_tokens",
-                "Prompt tokens of the answers that reported them: as tokenguard counted them "
-                "(source counted) and as the upstream reported them (source upstream), by "
-                "model (bounded).",
-                labels=["model", "source"],
-            ),
-        )
-        reports, miscounts, tokens = families
-        for model, series in list(self.metrics.input_counts.items()):
-            reports.add_metric([model], series.answers)
-            miscounts.add_metric([model], series.differed)
-            tokens.add_metric([model, "counted"], series.counted)
-            tokens.add_metric([model, "upstream"], series.reported)
-        yield from families
-
-    def _count_cache(self) -> Iterator[Metric]:
-        """The process's remembered prompt counts (tokenguard.counting.tokens.COUNT_CACHE)."""
-        yield _counter(
-            "tokenguard_token_count_cache_hits",
-            "Texts whose token count was remembered (not counted again).",
-            COUNT_CACHE.hits,
-        )
-        yield _counter(
-            "tokenguard_token_count_cache_misses",
-            "Texts long enough to remember whose count was not known: counted, then kept.",
-            COUNT_CACHE.misses,
-        )
-        yield _gauge(
-            "tokenguard_token_count_cache_entries",
-            "Token counts remembered now.",
-            len(COUNT_CACHE),
-        )
-
-    def _store(self, store: GuardedStore) -> Iterator[Metric]:
-        stats = store.stats
-        yield _gauge(
-            "tokenguard_store_breaker_open",
-            "1 while the circuit breaker in front of the shared store is open (requests "
-            "then follow on_store_error), else 0.",
-            1 if store.breaker.is_open else 0,
-        )
-        policy = GaugeMetricFamily(
-            "tokenguard_store_policy_info",
-            "The on_store_error policy (always 1).",
-            labels=["policy"],
-        )
-        policy.add_metric([store.policy], 1)
-        yield policy
-        if store.eviction_policy is not None:
-            evicts = evictable(store.eviction_policy)
-            eviction = GaugeMetricFamily(
-                "tokenguard_store_eviction_policy_info",
-                "The store server's maxmemory-policy, and what of the store's data it may "
-                "evict: none, windows, registry,windows or unknown (always 1).",
-                labels=["policy", "evicts"],
-            )
-            what = "unknown" if evicts is None else ",".join(evicts) or "none"
-            eviction.add_metric([store.eviction_policy, what], 1)
-            yield eviction
-        for name, doc, value in (
-            ("store_failures", "Store calls that failed or missed their deadline.", stats.failures),
-            ("store_timeouts", "Store calls that missed their deadline.", stats.timeouts),
-            ("store_breaker_openings", "Times the breaker opened.", stats.breaker_opened),
-            (
-                "store_fail_open_admissions",
-                'Admissions granted unchecked while the store was down (on_store_error = "open").',
-                stats.fail_open_admissions,
-            ),
-            (
-                "store_local_admissions",
-                'Admissions by this node\'s local windows (on_store_error = "local").',
-                stats.local_admissions,
-            ),
-            (
-                "store_local_refusals",
-                'Refusals by this node\'s local windows (on_store_error = "local").',
-                stats.local_refusals,
-            ),
-            (
-                "store_unavailable_refusals",
-                'Calls answered 503 while the store was down (on_store_error = "closed").',
-                stats.refused_unavailable,
-            ),
-            (
-                "store_settlements_dropped",
-                "Settlements not sent while the breaker was open (reservations kept whole).",
-                stats.settlements_dropped,
-            ),
-            (
-                "store_written_back",
-                "Counter buckets written back to the store after an outage.",
-                stats.written_back,
-            ),
-        ):
-            yield _counter(f"{NAMESPACE}_{name}", doc, value)
-
-    def _per_key(self) -> Iterator[Metric]:
-        admitted = CounterMetricFamily(
-            "tokenguard_admitted",
-            "Completions admitted by the limiter (shadow-mode and store-outage admissions "
-            "included), by key name.",
-            labels=["key"],
-        )
-        reserved = CounterMetricFamily(
-            "tokenguard_tokens_reserved",
-            "Tokens reserved at admission: input (counted prompt) and output (max_tokens "
-            "x n, or the default), by key name.",
-            labels=["key", "direction"],
-        )
-        settled = CounterMetricFamily(
-            "tokenguard_tokens_settled",
-            "Tokens settled after the reply: what was really used (output; input when an "
-            "upstream reports another prompt size), by key name.",
-            labels=["key", "direction"],
-        )
-        for name, series in list(self.metrics.keys_seen.items()):
-            admitted.add_metric([name], series.admitted)
-            reserved.add_metric([name, "input"], series.input_reserved)
-            reserved.add_metric([name, "output"], series.output_reserved)
-            if series.input_settled:  # (only an upstream's other prompt size)
-                settled.add_metric([name, "input"], series.input_settled)
-            settled.add_metric([name, "output"], series.output_settled)
-        yield from (admitted, reserved, settled)
-
-    def _feed(self, feed: Feed) -> Iterator[Metric]:
-        yield _gauge(
-            "tokenguard_feed_subscribers",
-            "Websocket subscribers of the usage feed on this node.",
-            len(feed.subscribers),
-        )
-        yield _gauge(
-            "tokenguard_feed_queued_events", "Events waiting to be published.", feed.queued
-        )
-        dropped = CounterMetricFamily(
-            "tokenguard_feed_dropped_events",
-            "Usage-feed events dropped: before publishing (store down: queue full), or "
-            "for a subscriber that fell behind its backlog.",
-            labels=["stage"],
-        )
-        dropped.add_metric(["publish"], feed.dropped_outgoing)
-        live = sum(s.dropped_total for s in feed.subscribers)
-        dropped.add_metric(["subscriber"], feed.dropped_by_departed + live)
-        yield dropped
-        yield _counter(
-            "tokenguard_feed_publish_failures",
-            "Batches of usage-feed events the store did not take.",
-            feed.publish_failures,
-        )
-
-    def _limiter(self, limiter: Limiter) -> Iterator[Metric]:
-        # Near-limit crossings (the limiter counts them, by dimension, once a key's use
-        # crosses the near-limit ratio of a limit; see docs/metrics.md). Read only if
-        # this limiter keeps them.
-        crossings: Mapping[Any, int] | None = getattr(limiter, "near_limit_crossings", None)
-        if isinstance(crossings, Mapping):
-            family = CounterMetricFamily(
-                "tokenguard_near_limit_crossings",
-                "Times a key's use crossed the near-limit ratio of a limit, by dimension.",
-                labels=["dimension"],
-            )
-            by_dimension: dict[str, int] = {}
-            for label, count in crossings.items():
-                dimension = label[-1] if isinstance(label, tuple) else str(label)
-                by_dimension[dimension] = by_dimension.get(dimension, 0) + count
-            for dimension, count in sorted(by_dimension.items()):
-                family.add_metric([dimension], count)
-            yield family
-
-
 __all__ = [
     "CONTENT_TYPE",
     "BoundedLabel",
     "Metrics",
-    "NodeCollector",
     # Re-exported for tokenguard/api/app.py, which still imports it from here; its home
     # is tokenguard.bearer.
     "bearer_matches",
