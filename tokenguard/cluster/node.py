@@ -29,7 +29,7 @@ from tokenguard.config.settings import Settings
 from tokenguard.counting.tokens import preload
 from tokenguard.limiting.keyring import Keyring
 from tokenguard.loopback import is_loopback
-from tokenguard.observe.feed import WEBSOCKET_MESSAGE_BYTES
+from tokenguard.observe.feed_session import WEBSOCKET_MESSAGE_BYTES
 from tokenguard.store.guarded import GuardedStore, guarded_store
 from tokenguard.store.window_store import open_store
 
