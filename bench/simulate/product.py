@@ -23,7 +23,8 @@ from tokenguard.limiting.limiter import TEMPLATE_CACHE, Cost, Decision
 from tokenguard.limiting.registry import KEY, TIER, KeyRecord, KeyringError
 from tokenguard.limiting.settler import Settler
 from tokenguard.model import ApiKey, digest_of, partition_of
-from tokenguard.observe.feed import OUTGOING_LIMIT, Viewer
+from tokenguard.observe.feed import OUTGOING_LIMIT
+from tokenguard.observe.subscriber import Viewer
 from tokenguard.store import guarded as resilience_module
 from tokenguard.store.guarded import (
     MAX_WAIT_FACTOR,

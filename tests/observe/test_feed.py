@@ -39,7 +39,8 @@ from tokenguard.config.loading import parse_settings
 from tokenguard.config.settings import ADMIN_TOKEN_ENV, ConfigError, Settings
 from tokenguard.observe import feed as feed_module
 from tokenguard.observe import feed_session
-from tokenguard.observe.feed import Feed, Subscriber, Viewer
+from tokenguard.observe.feed import Feed
+from tokenguard.observe.subscriber import Subscriber, Viewer
 from tokenguard.store.window_store import WindowStore, open_store
 
 TEST_TIMEOUT = 20.0

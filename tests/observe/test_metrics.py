@@ -34,8 +34,8 @@ from tokenguard.config.loading import parse_settings
 from tokenguard.config.settings import METRICS_TOKEN_ENV, ConfigError
 from tokenguard.limiting.limiter import Cost
 from tokenguard.model import digest_of
-from tokenguard.observe.feed import Viewer
 from tokenguard.observe.metrics import BoundedLabel, Metrics
+from tokenguard.observe.subscriber import Viewer
 
 TEST_TIMEOUT = 30.0
 CHAT = "/v1/chat/completions"

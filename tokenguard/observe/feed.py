@@ -17,12 +17,13 @@ through the store (:meth:`Feed.announced`), so events after ``ready`` are not mi
 for want of presence; events from just before may be.
 
 In: one subscription to the store's channel hands each event to the local subscribers
-allowed to see it (:class:`Viewer`). Each :class:`Subscriber` has its own backlog of at
-most ``backlog`` events; beyond it its oldest events are dropped, and the next thing it
-takes is the count of them (sent as a ``lagged`` message). A slow subscriber therefore
-costs a bounded amount of memory and never slows anyone else. A snapshot task reads,
-every second, the usage of every key that had an event in the last window (plus one
-bucket), and hands a ``snapshot`` to the local subscribers that see that key.
+allowed to see it (:mod:`tokenguard.observe.subscriber`). Each subscriber has its own
+backlog of at most ``backlog`` events; beyond it its oldest events are dropped, and the
+next thing it takes is the count of them (sent as a ``lagged`` message). A slow
+subscriber therefore costs a bounded amount of memory and never slows anyone else. A
+snapshot task reads, every second, the usage of every key that had an event in the last
+window (plus one bucket), and hands a ``snapshot`` to the local subscribers that see
+that key.
 
 Ordering: the events of one node reach every subscriber in the order that node produced
 them (one publisher task, one message per batch, the store keeps a publisher's order).
@@ -44,15 +45,15 @@ import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
-import attrs
 import trio
 
 from tokenguard.config.settings import Settings
 from tokenguard.limiting.keyring import Keyring
 from tokenguard.limiting.limiter import Decision, Limiter, tightest_by_dimension
 from tokenguard.model import DIMENSIONS, ApiKey, digest_of
+from tokenguard.observe.subscriber import Subscriber, Viewer
 from tokenguard.store.guarded import LogThrottle
 from tokenguard.store.window_store import RowState, StoreError, WindowStore
 
@@ -70,9 +71,6 @@ PUBLISH_BATCH = 500
 # less than publishing at once). The first event after a quiet spell goes out at once;
 # an event waits at most this long.
 PUBLISH_SECONDS = 0.02
-# Events a default-mode session takes from its backlog at once (what a stuck sender
-# holds beyond the backlog).
-SEND_MOST = 64
 SNAPSHOT_SECONDS = 1.0
 # Store reads in flight at once for one round of snapshots.
 SNAPSHOT_READS = 8
@@ -125,75 +123,6 @@ def limit_of(state: RowState) -> dict[str, Any]:
         "used": state.used,
         "requested": row.amount,
     }
-
-
-@attrs.frozen
-class Viewer:
-    """Who a subscriber is. ``role="key"``: the key named ``key``, which sees only its
-    own events. ``role="admin"``: sees every key, or only ``key`` when it is set."""
-
-    role: Literal["key", "admin"]
-    key: str | None = None
-
-    def sees(self, key_name: str) -> bool:
-        return self.key is None or self.key == key_name
-
-
-class Subscriber:
-    """One local subscriber: a backlog of encoded events (without their stream ``id``),
-    at most ``limit`` long, or one delivered batch long when it had kept up (see
-    :meth:`offer_all`); the oldest are dropped beyond it and counted until taken."""
-
-    def __init__(self, viewer: Viewer, limit: int) -> None:
-        self.viewer = viewer
-        self.limit = limit
-        self.dropped = 0
-        self.dropped_total = 0  # never reset: the node's metrics
-        self._backlog: deque[str] = deque()
-        self._wakeup = trio.Event()
-
-    @property
-    def pending(self) -> int:
-        """Events waiting to be sent."""
-        return len(self._backlog)
-
-    def offer_all(self, bodies: list[str]) -> None:
-        """Queue the events of one delivered batch; never blocks. A subscriber that had
-        kept up (nothing pending) takes the batch whole even past ``limit``: a node's
-        events arrive in batches of up to PUBLISH_SECONDS (at most PUBLISH_BATCH), and
-        such a burst is not a lag. Otherwise the oldest beyond ``limit`` are dropped."""
-        if not bodies:
-            return
-        backlog = self._backlog
-        limit = self.limit if backlog else max(self.limit, len(bodies))
-        backlog.extend(bodies)
-        excess = len(backlog) - limit
-        if excess > 0:
-            for _ in range(excess):
-                backlog.popleft()
-            self.dropped += excess
-            self.dropped_total += excess
-        self._wakeup.set()
-
-    def offer(self, body: str) -> None:
-        """Queue one event (a snapshot); never blocks."""
-        self.offer_all([body])
-
-    async def take(self, most: int = SEND_MOST) -> tuple[int, list[str]]:
-        """Wait for events; return (events dropped since the last take, up to ``most``
-        events, oldest first). Taking a bounded number at a time keeps what a stuck
-        sender holds small: the backlog stays the bound."""
-        while not self._backlog and not self.dropped:
-            self._wakeup = trio.Event()
-            await self._wakeup.wait()
-        dropped, self.dropped = self.dropped, 0
-        backlog = self._backlog
-        if len(backlog) <= most:
-            taken = list(backlog)
-            backlog.clear()
-        else:
-            taken = [backlog.popleft() for _ in range(most)]
-        return dropped, taken
 
 
 class Feed:

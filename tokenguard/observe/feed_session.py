@@ -29,7 +29,8 @@ from tokenguard.bearer import bearer_token
 from tokenguard.model import digest_of
 
 if TYPE_CHECKING:
-    from tokenguard.observe.feed import Feed, Subscriber, Viewer
+    from tokenguard.observe.feed import Feed
+    from tokenguard.observe.subscriber import Subscriber, Viewer
 
 # Batched mode (`?batch=1`): one websocket message carries every event pending for the
 # subscriber (newline-separated JSON), at most BATCH_MOST of them (about 100 KiB: well
