@@ -51,8 +51,9 @@ import trio
 
 from tokenguard.config.settings import Settings
 from tokenguard.limiting.keyring import Keyring
-from tokenguard.limiting.limiter import Decision, Limiter, tightest_by_dimension
-from tokenguard.model import DIMENSIONS, ApiKey, digest_of
+from tokenguard.limiting.limiter import Decision, Limiter
+from tokenguard.limiting.usage import usage_by_dimension
+from tokenguard.model import ApiKey, digest_of
 from tokenguard.observe.subscriber import Subscriber, Viewer
 from tokenguard.store.guarded import LogThrottle
 from tokenguard.store.window_store import RowState, StoreError, WindowStore
@@ -90,26 +91,6 @@ PRESENCE_ECHO_SECONDS = 1.0
 def now_ms() -> int:
     """The server timestamp of events: milliseconds since the Unix epoch."""
     return time.time_ns() // 1_000_000
-
-
-def usage_entry(state: RowState) -> dict[str, Any]:
-    return {
-        "used": state.used,
-        "limit": state.limit,
-        "remaining": state.remaining,
-        "reset_seconds": state.reset_after,
-    }
-
-
-def usage_of(states: Sequence[RowState]) -> dict[str, Any]:
-    """Per dimension, the tightest enforced row's entry (over every scope and window, as
-    ``/v1/usage`` reports it); ``None`` for an unlimited dimension. ``total_tokens``
-    only when some rule limits it."""
-    by_dimension = tightest_by_dimension(states)
-    usage = {d: usage_entry(by_dimension[d]) if d in by_dimension else None for d in DIMENSIONS}
-    if "total_tokens" in by_dimension:
-        usage["total_tokens"] = usage_entry(by_dimension["total_tokens"])
-    return usage
 
 
 def limit_of(state: RowState) -> dict[str, Any]:
@@ -227,7 +208,7 @@ class Feed:
                     "input_tokens": cost.input_tokens,
                     "output_tokens": cost.output_tokens,
                 },
-                "usage": usage_of(decision.admission.states),
+                "usage": usage_by_dimension(decision.admission.states),
             }
         )
         shadow = decision.shadow_refusal if decision.would_refuse else None
@@ -510,7 +491,7 @@ class Feed:
             "type": "snapshot",
             "key": key.name,
             "window_seconds": self.limiter.window_seconds,
-            "usage": usage_of(states),
+            "usage": usage_by_dimension(states),
         }
         body = json.dumps(self.stamped(event), ensure_ascii=False, separators=(",", ":"))
         for subscriber in self._subscribers:
