@@ -560,7 +560,8 @@ def test_serve_refuses_a_public_admin_bind_without_a_long_token(
 
 
 def test_the_supervisor_checks_admin_ports(tmp_path: Any) -> None:
-    from tokenguard.cluster.supervisor import Supervisor, SupervisorError
+    from tokenguard.cluster.errors import SupervisorError
+    from tokenguard.cluster.supervisor import Supervisor
 
     ok = Supervisor(nodes=3, state_dir=tmp_path, port=20000, admin_port=20003)
     spec = ok._node_spec(2, lock_fd=0)

@@ -34,12 +34,9 @@ from tests.support.processes import (
 )
 from tests.support.redis_servers import running_redis_server
 from tokenguard.cli import main as cli
-from tokenguard.cluster.supervisor import (
-    Backoff,
-    Supervisor,
-    SupervisorError,
-    cluster_store_url,
-)
+from tokenguard.cluster.children import Backoff
+from tokenguard.cluster.errors import SupervisorError
+from tokenguard.cluster.supervisor import Supervisor, cluster_store_url
 from tokenguard.upstreams import mock
 
 MODEL = "gpt-4o"

@@ -32,18 +32,11 @@ import trio
 from tokenguard.api.admin import check_admin_bind
 from tokenguard.cli import watch
 from tokenguard.cli.keys import add_keys_parser, run_keys_command
+from tokenguard.cluster.errors import StateDirBusy, StateDirUnsafe, SupervisorError
 from tokenguard.cluster.metrics_server import serve_metrics, supervisor_registry
 from tokenguard.cluster.redis_server import RedisBinaryNotFound
-from tokenguard.cluster.supervisor import (
-    STORE_URL_ENV,
-    StateDirBusy,
-    StateDirUnsafe,
-    Supervisor,
-    SupervisorError,
-    check_driver,
-    cluster_store_url,
-    default_state_dir,
-)
+from tokenguard.cluster.state_dir import default_state_dir
+from tokenguard.cluster.supervisor import STORE_URL_ENV, Supervisor, check_driver, cluster_store_url
 from tokenguard.config.loading import DEMO_CONFIG, demo_settings, load_settings
 from tokenguard.config.settings import STORE_ERROR_POLICIES, ConfigError, Settings
 from tokenguard.observe.logs import LOG_FORMATS, configure_logging
