@@ -23,11 +23,9 @@ started.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -36,6 +34,7 @@ from pathlib import Path
 import attrs
 import redis
 
+from tokenguard.cluster.children import die_with_parent
 from tokenguard.cluster.redis_server import RedisServerSpec, find_redis_binary, ping
 
 START_TIMEOUT = 10.0
@@ -57,13 +56,6 @@ class ServerExited(RuntimeError):
 def answers(spec: RedisServerSpec, timeout: float = 0.5) -> bool:
     """True if a server listens and answers PING, even if only to ask for a password."""
     return ping(spec, timeout, accept_noauth=True)
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL the server when its parent thread dies."""
-    PR_SET_PDEATHSIG = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @attrs.define
@@ -135,7 +127,7 @@ class RedisServer:
                 stderr=subprocess.STDOUT,
                 # Only from the main thread: PDEATHSIG fires when the forking *thread*
                 # exits, and trio's worker threads come and go.
-                preexec_fn=_die_with_parent if sys.platform == "linux" and main_thread else None,
+                preexec_fn=die_with_parent(signal.SIGKILL) if main_thread else None,
             )
         deadline = time.monotonic() + timeout
         while not answers(self.spec):
