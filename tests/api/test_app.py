@@ -13,8 +13,9 @@ from drivers.memory import MemoryStore
 from tokenguard.api.app import COUNT_OFF_LOOP_BYTES, create_app
 from tokenguard.api.errors import APIError
 from tokenguard.config.loading import parse_settings
+from tokenguard.counting import COUNT_CACHE, count_chat_prompt, count_text
+from tokenguard.counting.encodings import _encoding_name_of
 from tokenguard.counting.media import vision_cost
-from tokenguard.counting.tokens import COUNT_CACHE, _encoding_name_of, count_chat_prompt, count_text
 from tokenguard.limiting.limiter import Cost
 from tokenguard.model import digest_of
 from tokenguard.store.window_store import StoreError

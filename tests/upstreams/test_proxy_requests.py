@@ -30,7 +30,7 @@ from tests.support.proxy_upstreams import (
 from tests.upstreams.test_proxy import MESSAGES, PROXY_KEY, proxy_node, settings_of, used
 from tokenguard.api.chat import OUTPUT_LENGTH_FIELDS
 from tokenguard.config.settings import ConfigError
-from tokenguard.counting.tokens import count_chat_prompt
+from tokenguard.counting import count_chat_prompt
 
 HEADERS = {"Authorization": f"Bearer {PROXY_KEY}"}
 OUTPUT_LIMIT = 100_000  # the proxy key's output_tpm (tests/test_proxy.py)

@@ -26,7 +26,7 @@ from tokenguard.api.hardening import (
     install_shielded_recycle,
 )
 from tokenguard.config.settings import Settings
-from tokenguard.counting.tokens import preload
+from tokenguard.counting import preload
 from tokenguard.limiting.keyring import Keyring
 from tokenguard.loopback import is_loopback
 from tokenguard.observe.feed_session import WEBSOCKET_MESSAGE_BYTES

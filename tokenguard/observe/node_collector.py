@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tokenguard.counting.tokens import COUNT_CACHE
+from tokenguard.counting import COUNT_CACHE
 from tokenguard.store.guarded import GuardedStore
 from tokenguard.store.window_store import evictable
 
@@ -105,7 +105,7 @@ class NodeCollector(Collector):
         yield from families
 
     def _count_cache(self) -> Iterator[Metric]:
-        """The process's remembered prompt counts (tokenguard.counting.tokens.COUNT_CACHE)."""
+        """The process's remembered prompt counts (tokenguard.counting.COUNT_CACHE)."""
         yield _counter(
             "tokenguard_token_count_cache_hits",
             "Texts whose token count was remembered (not counted again).",
