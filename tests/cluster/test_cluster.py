@@ -29,7 +29,7 @@ from tests.support.processes import (
     write_config,
 )
 from tests.support.redis_servers import running_redis_server
-from tokenguard.cli.main import CLOCK_OFFSET_ENV
+from tokenguard.cli.serve import CLOCK_OFFSET_ENV
 from tokenguard.counting import count_chat_prompt
 
 MODEL = "gpt-4o"

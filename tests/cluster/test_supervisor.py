@@ -34,6 +34,7 @@ from tests.support.processes import (
 )
 from tests.support.redis_servers import running_redis_server
 from tokenguard.cli import main as cli
+from tokenguard.cli import serve
 from tokenguard.cluster.children import Backoff
 from tokenguard.cluster.errors import SupervisorError
 from tokenguard.cluster.supervisor import Supervisor, cluster_store_url
@@ -131,10 +132,10 @@ def test_clock_offset_shifts_time_time(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(time, "time", time.time)
     monkeypatch.setattr(time, "time_ns", time.time_ns)
     before = time.time()
-    assert cli.apply_clock_offset({cli.CLOCK_OFFSET_ENV: "30"}) == 30.0
+    assert serve.apply_clock_offset({serve.CLOCK_OFFSET_ENV: "30"}) == 30.0
     assert 29.9 < time.time() - before < 31
     assert abs(time.time_ns() / 1e9 - time.time()) < 0.1
-    assert cli.apply_clock_offset({}) == 0.0
+    assert serve.apply_clock_offset({}) == 0.0
 
 
 async def test_second_supervisor_on_a_state_dir_fails_clearly(workdir: Path) -> None:
