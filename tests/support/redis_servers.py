@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -34,19 +33,13 @@ from pathlib import Path
 import attrs
 import redis
 
+from bench.ports import free_ports
 from tokenguard.cluster.children import die_with_parent
 from tokenguard.cluster.redis_server import RedisServerSpec, find_redis_binary, ping
 
 START_TIMEOUT = 10.0
 CLUSTER_TIMEOUT = 30.0
 STOP_GRACE = 5.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (it may be taken again before we use it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class ServerExited(RuntimeError):
@@ -213,7 +206,7 @@ def start_redis_server(
             )
         else:
             spec = RedisServerSpec(
-                state_dir=directory, port=free_port(), appendonly=appendonly, cluster=cluster
+                state_dir=directory, port=free_ports(), appendonly=appendonly, cluster=cluster
             )
         server = RedisServer(spec=spec, extra_args=tuple(extra_args))
         try:
@@ -260,7 +253,7 @@ def start_redis_sentinel(
     last_error: RuntimeError | None = None
     directory.mkdir(parents=True, exist_ok=True)
     for _ in range(attempts):
-        spec = RedisServerSpec(state_dir=directory, port=free_port(), appendonly=False)
+        spec = RedisServerSpec(state_dir=directory, port=free_ports(), appendonly=False)
         config = directory / "sentinel.conf"
         # Sentinel rewrites its config file, so it must be a writable file of its own.
         config.write_text(
