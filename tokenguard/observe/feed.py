@@ -133,7 +133,7 @@ class Feed:
         self.publish_seconds = publish_seconds
         # Set when the node starts to shut down: sessions then close with 1001.
         self.closing = closing if closing is not None else trio.Event()
-        # The live keys (tokenguard/keyring.py); the config's when none is given.
+        # The live keys (tokenguard/limiting/keyring.py); the config's when none is given.
         self.keyring = keyring if keyring is not None else Keyring(settings, store)
         self._admin_digest = settings.feed.admin_digest
         # A key is active while its amounts may still count: a window and a bucket.
