@@ -103,7 +103,7 @@ from typing import Any
 
 import attrs
 
-from tokenguard.config.settings import DIMENSIONS, Limits
+from tokenguard.model import DIMENSIONS, Limits
 
 HEADER_NAMES = {
     "requests": "requests",

@@ -36,7 +36,7 @@ What a fake guarantees:
   :data:`tokenguard.upstreams.mock.WORDS`, one token in both shipped encodings.
 
 * **Billed input is a generous, documented measure**, in the model's encoding
-  (:func:`tokenguard.counting.tokens.count_text`): per chat message 3 tokens, plus the tokens of
+  (:func:`tokenguard.counting.count_text`): per chat message 3 tokens, plus the tokens of
   its ``role``, of its text (a string ``content``, or each text part's ``text``), of
   each other content part as compact JSON (images included, data URLs and all), and of
   every other field of the message as compact JSON (``name``, ``tool_calls`` ...);
@@ -77,7 +77,8 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from tokenguard.counting.tokens import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE, count_text
+from tokenguard.counting import count_text
+from tokenguard.counting.chat_prompt import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE
 from tokenguard.observe.logs import Receive, Scope, Send
 from tokenguard.upstreams.mock import FIRST_WORD, WORDS
 

@@ -39,7 +39,6 @@ import json
 import math
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,8 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from bench.load import KeySpec, LoadOptions, TokenRange, percentiles, run_load
+from bench.ports import SUITE_PORTS, free_ports
+from bench.procfs import cpu_seconds
 from tokenguard.cluster.redis_server import RedisServerSpec, run_redis_server, stop_process
 from tokenguard.config.settings import ADMIN_TOKEN_ENV
 
@@ -140,18 +141,6 @@ class FeedBenchResult:
 # --- processes ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) a process has used so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _wait_healthy(url: str, process: trio.Process) -> None:
     async with httpx.AsyncClient(timeout=1.0) as client:
         while True:
@@ -186,7 +175,7 @@ async def running_nodes(nodes: int, keys: int, directory: Path) -> AsyncIterator
         try:
             urls = []
             for node_id in range(nodes):
-                port = _free_port()
+                port = free_ports(within=SUITE_PORTS)
                 argv = [sys.executable, "-m", "tokenguard", "serve", "--config", str(config)]
                 argv += ["--store", spec.url, "--port", str(port), "--node-id", str(node_id)]
                 # A local file, opened and closed without awaiting anything.

@@ -41,7 +41,9 @@ import httpx
 import trio
 
 from bench.audit import AuditReport, Observation, audit, audit_dict, format_audit, parse_refusal
-from tokenguard.config.settings import ConfigError, Limits, digest_of, load_settings
+from tokenguard.config.loading import load_settings
+from tokenguard.config.settings import ConfigError
+from tokenguard.model import Limits, digest_of
 from tokenguard.upstreams.mock import WORDS
 
 CLIENT_BOUND_SHARE = 0.85
@@ -127,7 +129,7 @@ def parse_key(text: str) -> KeySpec:
 def keys_from_config(path: str | Path, only: Sequence[str] = ()) -> tuple[list[KeySpec], int, int]:
     """Keys with a plaintext ``key`` in a server config, their limits, window and bucket.
 
-    Limits come from :func:`tokenguard.config.settings.load_settings` (so tiers resolve as the
+    Limits come from :func:`tokenguard.config.loading.load_settings` (so tiers resolve as the
     server resolves them); the plaintext is read from the same TOML, since settings keep
     only digests. Keys given only as ``sha256`` cannot be sent and are skipped.
     """

@@ -40,7 +40,8 @@ import attrs
 import httpx
 import trio
 
-from bench.feed import _free_port, _wait_healthy
+from bench.feed import _wait_healthy
+from bench.ports import SUITE_PORTS, free_ports
 from bench.procfs import cpu_seconds
 from bench.wrk import chat_body, chat_script, find_wrk, run_wrk
 
@@ -134,7 +135,7 @@ async def running_pair(directory: Path) -> AsyncIterator[dict[str, Node]]:
             config = directory / f"{name}.toml"
             text = UPSTREAM_CONFIG if name == "upstream" else proxy_config(nodes["upstream"].url)
             config.write_text(text)
-            port = _free_port()
+            port = free_ports(within=SUITE_PORTS)
             argv = [sys.executable, "-m", "tokenguard", "serve", "--config", str(config)]
             argv += ["--port", str(port)] + (["--no-limits"] if name == "upstream" else [])
             # A local file, opened and closed without awaiting anything.

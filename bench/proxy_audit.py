@@ -66,10 +66,10 @@ import trio
 
 from bench.audit import DIMENSION_LABELS, Billing, OverAdmission, audit_billing
 from bench.fake_upstream import FLAVOURS
-from bench.feed import _free_port
+from bench.ports import SUITE_PORTS, free_ports
 from bench.stalled_client import read_to_end, stalled_request
 from tokenguard.cluster.redis_server import stop_process
-from tokenguard.config.settings import Limits
+from tokenguard.model import Limits
 
 BEHAVIOURS = ("plain", "length_fields", "tools", "abandon", "stall")
 KEYS = ("alice", "bob", "carol")
@@ -340,7 +340,7 @@ async def run_proxy_audit(options: ProxyAuditOptions, directory: Path) -> ProxyA
         config.write_text(audit_config(upstream_url))
         # The three nodes share one port, as behind a load balancer: the kernel spreads
         # the connections over them.
-        port = _free_port()
+        port = free_ports(within=SUITE_PORTS)
         serve = [sys.executable, "-m", "tokenguard", "serve", "--nodes", str(NODES)]
         serve += ["--reuse-port"]
         serve += ["--port", str(port), "--state-dir", str(directory / "state")]

@@ -38,7 +38,7 @@ from types import FrameType
 
 import attrs
 
-from tokenguard.cluster.supervisor import _die_with_parent_hook
+from tokenguard.cluster.children import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTEST = ("-m", "pytest", "-q", "-p", "no:cacheprovider")
@@ -85,7 +85,7 @@ def burning(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
         for _ in range(count):
             burners.append(
                 subprocess.Popen(
-                    [sys.executable, "-c", BURNER_CODE], preexec_fn=_die_with_parent_hook()
+                    [sys.executable, "-c", BURNER_CODE], preexec_fn=die_with_parent()
                 )
             )
         yield burners

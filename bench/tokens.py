@@ -2,7 +2,7 @@
 
 ``python -m bench tokens`` counts chat prompts in this process (no HTTP, no store), the
 way a node counts a request's input, in two workloads, each with the count cache
-(:class:`tokenguard.counting.tokens.CountCache`) on and off, taking turns:
+(:class:`tokenguard.counting.CountCache`) on and off, taking turns:
 
 ``conversation``  one chat growing turn by turn, every request resending the whole
                   history (a long system prompt, then user and assistant messages), as
@@ -24,7 +24,7 @@ from typing import Any
 
 import attrs
 
-from tokenguard.counting import tokens
+from tokenguard import counting
 
 MODEL = "gpt-4o"
 WORKLOADS = ("conversation", "unique")
@@ -83,19 +83,19 @@ def unique(options: TokensBenchOptions, seed: int) -> list[list[dict[str, Any]]]
 def _timed(prompts: Sequence[list[dict[str, Any]]], cache: bool) -> float:
     """CPU seconds per prompt, counting ``prompts`` with the cache on or off (emptied
     first: what it knows comes from these prompts only)."""
-    tokens.COUNT_CACHE.clear()
-    tokens.COUNT_CACHE.enabled = cache
+    counting.COUNT_CACHE.clear()
+    counting.COUNT_CACHE.enabled = cache
     try:
         started = time.process_time()
         for messages in prompts:
-            tokens.count_chat_prompt(MODEL, messages)
+            counting.count_chat_prompt(MODEL, messages)
         return (time.process_time() - started) / len(prompts)
     finally:
-        tokens.COUNT_CACHE.enabled = True
+        counting.COUNT_CACHE.enabled = True
 
 
 def run(options: TokensBenchOptions) -> TokensBenchResult:
-    tokens.preload((tokens.encoding_name_for(MODEL),))
+    counting.preload((counting.encoding_name_for(MODEL),))
     seconds: dict[str, dict[str, list[float]]] = {w: {"on": [], "off": []} for w in WORKLOADS}
     sizes: dict[str, float] = {}
     for r in range(options.rounds):
@@ -103,7 +103,7 @@ def run(options: TokensBenchOptions) -> TokensBenchResult:
         made = {"conversation": conversation(options, r), "unique": unique(options, r)}
         for workload, prompts in made.items():
             sizes[workload] = statistics.mean(
-                tokens.count_chat_prompt(MODEL, messages) for messages in prompts
+                counting.count_chat_prompt(MODEL, messages) for messages in prompts
             )
             order = ("on", "off") if r % 2 == 0 else ("off", "on")
             for cache in order:

@@ -113,7 +113,7 @@ def chat_script(
     each wrk thread sends them in turn, starting at its own offset.
 
     Every request's prompt is different (it starts with ``u<thread>-<n> ``): a node
-    remembers the token counts of prompts it has seen (tokenguard.counting.tokens.CountCache),
+    remembers the token counts of prompts it has seen (tokenguard.counting.CountCache),
     and a benchmark that sent one prompt over and over would measure that memory, not
     the counting a new prompt costs."""
     if not secrets:

@@ -14,15 +14,18 @@ from drivers.memory import MemoryStore
 from tokenguard.api.dialect import OPENAI
 from tokenguard.api.dialects.chat import ChatDialect
 from tokenguard.api.gateway import Gateway
-from tokenguard.config.settings import ApiKey, Settings, digest_of, parse_settings
+from tokenguard.config.loading import parse_settings
+from tokenguard.config.settings import Settings
 from tokenguard.errors import APIError
 from tokenguard.limiting import keyring as keyring_module
 from tokenguard.limiting import settler as settler_module
-from tokenguard.limiting.keyring import KEY, POLL_SECONDS, TIER, KeyRecord, Keyring, KeyringError
+from tokenguard.limiting.keyring import POLL_SECONDS, Keyring
 from tokenguard.limiting.limiter import TEMPLATE_CACHE, Cost, Decision
-from tokenguard.limiting.rules import partition_of
+from tokenguard.limiting.registry import KEY, TIER, KeyRecord, KeyringError
 from tokenguard.limiting.settler import Settler
-from tokenguard.observe.feed import OUTGOING_LIMIT, Viewer
+from tokenguard.model import ApiKey, digest_of, partition_of
+from tokenguard.observe.feed import OUTGOING_LIMIT
+from tokenguard.observe.subscriber import Viewer
 from tokenguard.store import guarded as resilience_module
 from tokenguard.store.guarded import (
     MAX_WAIT_FACTOR,

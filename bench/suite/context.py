@@ -21,6 +21,7 @@ import trio
 
 from bench import charts
 from bench.charts import Panel
+from bench.ports import SUITE_PORTS, free_ports
 from bench.procfs import cpu_seconds, rss_kib
 from bench.suite.clients import LoadClient, WrkClient
 from bench.suite.configs import EIGHT_RULES, throughput_config
@@ -39,7 +40,6 @@ from bench.suite.targets import (
     SuiteError,
     Target,
     cluster_pids,
-    free_ports,
     supervisor_ready_seconds,
     tokenguard_command,
     wait_healthy,
@@ -180,7 +180,7 @@ class Suite:
         """Start ``tokenguard serve ... --port P`` on fresh ports (retrying if a port was
         taken meanwhile); the process, node URLs, spawn time and per-node ready times."""
         for attempt in range(3):
-            port = free_ports(nodes)
+            port = free_ports(nodes, within=SUITE_PORTS)
             urls = [f"http://127.0.0.1:{port + i}" for i in range(nodes)]
             argv = [*tokenguard_command(), "serve", *args, "--port", str(port)]
             t0 = trio.current_time()

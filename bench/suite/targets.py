@@ -12,10 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import shlex
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,26 +45,6 @@ def tokenguard_command() -> list[str]:
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)]
     return [sys.executable, "-m", "tokenguard"]
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(n: int = 1) -> int:
-    """The first of ``n`` consecutive free ports (10000-19999: below the ephemeral range
-    and away from the tests' 20000-32000)."""
-    rng = secrets.SystemRandom()
-    for _ in range(200):
-        base = rng.randrange(10000, 20000 - n)
-        if all(_bindable(base + i) for i in range(n)):
-            return base
-    raise SuiteError(f"no {n} consecutive free ports")
 
 
 @attrs.define(eq=False)

@@ -8,8 +8,8 @@ this file is the one to follow them.
 
 from __future__ import annotations
 
+from tokenguard.cluster.children import ChildProcess
 from tokenguard.cluster.redis_server import RedisServerSpec, find_redis_binary, ping
-from tokenguard.cluster.supervisor import ChildProcess
-from tokenguard.config.settings import Limits
+from tokenguard.model import Limits
 
 __all__ = ["ChildProcess", "Limits", "RedisServerSpec", "find_redis_binary", "ping"]

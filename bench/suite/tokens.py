@@ -20,7 +20,7 @@ async def scenario_tokens(suite: Suite) -> Section:
     section.intro = (
         "A node counts every request's prompt with tiktoken before admitting it, and "
         "remembers the counts of texts of 256 characters or more "
-        "(`tokenguard.counting.tokens.CountCache`): chat clients resend a conversation's whole "
+        "(`tokenguard.counting.CountCache`): chat clients resend a conversation's whole "
         "history on every turn. Measured in one process (no HTTP), cache on and off taking "
         "turns, on a growing chat and on prompts never seen before (what the throughput "
         "sections below send: every request's prompt differs)."

@@ -22,22 +22,12 @@ from drivers.memory import MemoryStore
 from tokenguard.api.admin import check_admin_bind, create_admin_app, is_loopback
 from tokenguard.api.app import create_app
 from tokenguard.cli import main as cli
-from tokenguard.config.settings import (
-    ConfigError,
-    Settings,
-    digest_of,
-    limits_from_table,
-    parse_settings,
-)
-from tokenguard.limiting.keyring import (
-    KEY,
-    TIER,
-    KeyRecord,
-    Keyring,
-    build_view,
-    config_records,
-    table_of,
-)
+from tokenguard.config.limits_table import limits_from_table
+from tokenguard.config.loading import parse_settings
+from tokenguard.config.settings import ConfigError, Settings
+from tokenguard.limiting.keyring import Keyring
+from tokenguard.limiting.registry import KEY, TIER, KeyRecord, build_view, config_records, table_of
+from tokenguard.model import digest_of
 from tokenguard.store.guarded import GuardedStore
 from tokenguard.store.window_store import WindowStore, open_store
 
@@ -570,7 +560,8 @@ def test_serve_refuses_a_public_admin_bind_without_a_long_token(
 
 
 def test_the_supervisor_checks_admin_ports(tmp_path: Any) -> None:
-    from tokenguard.cluster.supervisor import Supervisor, SupervisorError
+    from tokenguard.cluster.errors import SupervisorError
+    from tokenguard.cluster.supervisor import Supervisor
 
     ok = Supervisor(nodes=3, state_dir=tmp_path, port=20000, admin_port=20003)
     spec = ok._node_spec(2, lock_fd=0)

@@ -12,11 +12,13 @@ import trio
 from drivers.memory import MemoryStore
 from tokenguard.api.app import create_app
 from tokenguard.api.pipeline import COUNT_OFF_LOOP_BYTES
-from tokenguard.config.settings import digest_of, parse_settings
+from tokenguard.config.loading import parse_settings
+from tokenguard.counting import COUNT_CACHE, count_chat_prompt, count_text
+from tokenguard.counting.encodings import _encoding_name_of
 from tokenguard.counting.media import vision_cost
-from tokenguard.counting.tokens import COUNT_CACHE, _encoding_name_of, count_chat_prompt, count_text
 from tokenguard.errors import APIError
 from tokenguard.limiting.limiter import Cost
+from tokenguard.model import digest_of
 from tokenguard.store.window_store import StoreError
 from tokenguard.upstreams.mock import FIRST_WORD
 

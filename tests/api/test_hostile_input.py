@@ -40,8 +40,8 @@ from werkzeug.datastructures import Headers
 from drivers.memory import MemoryStore
 from tests.support.processes import free_ports, tokenguard_command
 from tokenguard.api.app import create_app
-from tokenguard.config.settings import parse_settings
-from tokenguard.counting.tokens import count_chat_prompt, count_text
+from tokenguard.config.loading import parse_settings
+from tokenguard.counting import count_chat_prompt, count_text
 
 MAX_BODY = 256 * 1024  # the 100,000-deep body (200 kB) fits
 CONFIG = f"""

@@ -26,7 +26,7 @@ from drivers.memory import MemoryStore
 from tokenguard.api import admin as admin_module
 from tokenguard.api.admin import create_admin_app
 from tokenguard.api.app import create_app
-from tokenguard.config.settings import parse_settings
+from tokenguard.config.loading import parse_settings
 from tokenguard.limiting.keyring import Keyring
 from tokenguard.observe import feed as feed_module
 

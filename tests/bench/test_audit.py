@@ -28,8 +28,8 @@ from bench.audit import (
 )
 from tokenguard.api.dialect import OPENAI
 from tokenguard.api.ratelimit import rate_limit_error
-from tokenguard.config.settings import ApiKey, Limits
 from tokenguard.limiting.limiter import Cost, Decision
+from tokenguard.model import ApiKey, Limits
 from tokenguard.store.window_store import Admission, Row, RowState
 
 WINDOW, BUCKET = 60.0, 5.0

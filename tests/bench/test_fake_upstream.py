@@ -21,7 +21,7 @@ from bench.fake_upstream import (
     vllm_ask,
 )
 from tests.support.honest_upstreams import Billed, key_message, running_fake_upstream, take_events
-from tokenguard.counting.tokens import count_chat_prompt, count_text
+from tokenguard.counting import count_chat_prompt, count_text
 
 CONTEXT = 1000
 PROMPT = 40  # input tokens of the asks below: what fits the context is CONTEXT - PROMPT

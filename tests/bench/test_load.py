@@ -17,7 +17,6 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -43,7 +42,8 @@ from bench.load import (
     run_load,
     write_json,
 )
-from tokenguard.config.settings import Limits, digest_of
+from bench.ports import free_ports
+from tokenguard.model import Limits, digest_of
 
 REPO = Path(__file__).resolve().parents[2]
 RPM = 40
@@ -95,25 +95,6 @@ rpm = 5
 """
 
 
-def free_port_block(count: int) -> int:
-    """A port P with P .. P + count - 1 all free right now (node i listens on P + i)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count > 65535:
-            continue
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in range(base, base + count):
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError(f"no block of {count} free ports")
-
-
 def _wait_healthy(proc: subprocess.Popen, urls: list[str], log: Path, seconds: float) -> None:
     """Until every URL's /healthz answers with its own node id, or fail with the log."""
     deadline = time.monotonic() + seconds
@@ -136,7 +117,7 @@ def _wait_healthy(proc: subprocess.Popen, urls: list[str], log: Path, seconds: f
 @contextlib.contextmanager
 def tokenguard_serve(config: Path, workdir: Path, *, nodes: int = 1) -> Iterator[list[str]]:
     """Run ``tokenguard serve`` (``--nodes N`` for a cluster); yield the nodes' URLs."""
-    port = free_port_block(nodes)
+    port = free_ports(nodes)
     argv = [sys.executable, "-m", "tokenguard", "serve", "--config", str(config)]
     argv += ["--port", str(port)]
     if nodes > 1:
@@ -310,7 +291,7 @@ async def test_each_worker_sends_a_request_even_after_the_duration(node: list[st
 
 
 async def test_transport_errors_are_counted_by_kind() -> None:
-    dead = f"http://127.0.0.1:{free_port_block(1)}"
+    dead = f"http://127.0.0.1:{free_ports()}"
     options = LoadOptions(
         urls=(dead,),
         keys=(parse_key("sk-nobody,rpm=5"),),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench import tokens as bench_tokens
-from tokenguard.counting import tokens
+from tokenguard import counting
 
 
 def test_the_workloads_are_what_they_claim() -> None:
@@ -27,6 +27,6 @@ def test_a_tiny_run_reports_both_workloads_and_leaves_the_cache_on() -> None:
     # The chat's later prompts are mostly history the cache knows: far cheaper with it.
     assert result.ratio("conversation") < 0.8
     assert result.tokens_per_prompt["conversation"] > result.tokens_per_prompt["unique"] > 0
-    assert tokens.COUNT_CACHE.enabled
+    assert counting.COUNT_CACHE.enabled
     report = bench_tokens.format_report(result)
     assert "| conversation |" in report and "| unique |" in report

@@ -23,7 +23,8 @@ from tests.support.processes import START_TIMEOUT, free_ports, running_tokenguar
 from tests.support.redis_servers import RedisServer
 from tokenguard.cli import main as cli
 from tokenguard.cli.keys import new_key, parse_assignments
-from tokenguard.config.settings import digest_of, parse_settings
+from tokenguard.config.loading import parse_settings
+from tokenguard.model import digest_of
 
 KEY_PATTERN = re.compile(r"^tg-[A-Za-z0-9_-]{43}$")
 

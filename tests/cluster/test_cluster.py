@@ -30,8 +30,8 @@ from tests.support.processes import (
     write_config,
 )
 from tests.support.redis_servers import running_redis_server
-from tokenguard.cli.main import CLOCK_OFFSET_ENV
-from tokenguard.counting.tokens import count_chat_prompt
+from tokenguard.cli.serve import CLOCK_OFFSET_ENV
+from tokenguard.counting import count_chat_prompt
 
 MODEL = "gpt-4o"
 

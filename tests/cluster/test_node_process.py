@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from tests.support.processes import START_TIMEOUT, free_ports, running_tokenguard, wait_healthy
-from tokenguard.counting.tokens import count_text
+from tokenguard.counting import count_text
 
 CONFIG = """
 [mock]

@@ -50,7 +50,7 @@ from tests.support.redis_servers import (
     wait_replicated,
 )
 from tokenguard.config.settings import ADMIN_TOKEN_ENV
-from tokenguard.limiting.keyring import KEY, KeyRecord
+from tokenguard.limiting.registry import KEY, KeyRecord
 from tokenguard.limiting.snapshot import read_snapshot
 
 pytestmark = pytest.mark.slow

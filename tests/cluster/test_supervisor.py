@@ -35,12 +35,10 @@ from tests.support.processes import (
 )
 from tests.support.redis_servers import running_redis_server
 from tokenguard.cli import main as cli
-from tokenguard.cluster.supervisor import (
-    Backoff,
-    Supervisor,
-    SupervisorError,
-    cluster_store_url,
-)
+from tokenguard.cli import serve
+from tokenguard.cluster.children import Backoff
+from tokenguard.cluster.errors import SupervisorError
+from tokenguard.cluster.supervisor import Supervisor, cluster_store_url
 from tokenguard.upstreams import mock
 
 MODEL = "gpt-4o"
@@ -135,12 +133,12 @@ def test_clock_offset_shifts_time_time(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(time, "time", time.time)
     monkeypatch.setattr(time, "time_ns", time.time_ns)
     real = time.time
-    assert cli.apply_clock_offset({cli.CLOCK_OFFSET_ENV: "30"}) == 30.0
+    assert serve.apply_clock_offset({serve.CLOCK_OFFSET_ENV: "30"}) == 30.0
     before, shifted, after = real(), time.time(), real()
     assert before + 30 <= shifted <= after + 30
     before, shifted_ns, after = time.time(), time.time_ns(), time.time()
     assert before - 1e-6 <= shifted_ns / 1e9 <= after + 1e-6  # the same shift
-    assert cli.apply_clock_offset({}) == 0.0
+    assert serve.apply_clock_offset({}) == 0.0
 
 
 async def test_second_supervisor_on_a_state_dir_fails_clearly(workdir: Path) -> None:

@@ -9,14 +9,9 @@ from typing import Any
 
 import pytest
 
-from tokenguard.config.settings import (
-    RULE_FIELDS,
-    ConfigError,
-    Limits,
-    ModelRule,
-    load_settings,
-    parse_settings,
-)
+from tokenguard.config.loading import load_settings, parse_settings
+from tokenguard.config.settings import ConfigError
+from tokenguard.model import RULE_FIELDS, Limits, ModelRule
 
 EXAMPLE = """\
 [limits]

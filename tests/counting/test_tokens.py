@@ -1,4 +1,4 @@
-"""Tests for tokenguard.counting.tokens: offline loading and OpenAI-exact prompt counting.
+"""Tests for tokenguard.counting: offline loading and OpenAI-exact prompt counting.
 
 Expected figures marked "cookbook" are printed in OpenAI's cookbook notebook
 "How to count tokens with tiktoken" (examples/How_to_count_tokens_with_tiktoken.ipynb),
@@ -24,13 +24,14 @@ import pytest
 import tiktoken.load
 import tiktoken_ext.openai_public as openai_public
 
-from tokenguard.counting import tokens
-from tokenguard.counting.tokens import (
+from tokenguard.counting import (
     EncodingDataError,
+    count_cache,
     count_chat_prompt,
     count_text,
     encoding_for_model,
     encoding_name_for,
+    encodings,
     tool_json,
 )
 
@@ -424,23 +425,23 @@ def test_packaged_files_match_sha256sums() -> None:
     for line in (directory / "SHA256SUMS").read_text().splitlines():
         digest, filename = line.split()
         sums[filename] = digest
-    assert set(sums) == {f"{name}.tiktoken" for name in tokens.SHIPPED_ENCODINGS}
-    for name in tokens.SHIPPED_ENCODINGS:
-        data = tokens._read_packaged(name)
+    assert set(sums) == {f"{name}.tiktoken" for name in encodings.SHIPPED_ENCODINGS}
+    for name in encodings.SHIPPED_ENCODINGS:
+        data = encodings._read_packaged(name)
         assert hashlib.sha256(data).hexdigest() == sums[f"{name}.tiktoken"]
 
 
 def test_hash_mismatch_raises_clear_error() -> None:
     with pytest.raises(EncodingDataError, match=r"SHA-256 mismatch.*o200k_base.*reinstall"):
-        tokens._load_ranks("o200k_base", "0" * 64)
+        encodings._load_ranks("o200k_base", "0" * 64)
 
 
 def test_loader_refuses_unshipped_files_instead_of_downloading() -> None:
     url = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
     with pytest.raises(EncodingDataError, match="not shipped"):
-        tokens._offline_load_tiktoken_bpe(url, "0" * 64)
+        encodings._offline_load_tiktoken_bpe(url, "0" * 64)
     with pytest.raises(EncodingDataError, match="not shipped"):
-        tokens._build_encoding("p50k_base")
+        encodings._build_encoding("p50k_base")
 
 
 def test_corrupt_gzip_raises_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -451,26 +452,26 @@ def test_corrupt_gzip_raises_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
         def read_bytes(self) -> bytes:
             return b"definitely not gzip"
 
-    monkeypatch.setattr(tokens.resources, "files", lambda _: FakeResource())
+    monkeypatch.setattr(encodings.resources, "files", lambda _: FakeResource())
     with pytest.raises(EncodingDataError, match="not valid gzip"):
-        tokens._read_packaged("o200k_base")
+        encodings._read_packaged("o200k_base")
 
 
 def test_parse_ranks_rejects_malformed_lines() -> None:
-    assert tokens._parse_ranks(b"IQ== 0\n\nIg== 1\n", "t") == {b"!": 0, b'"': 1}
+    assert encodings._parse_ranks(b"IQ== 0\n\nIg== 1\n", "t") == {b"!": 0, b'"': 1}
     with pytest.raises(EncodingDataError, match="malformed line"):
-        tokens._parse_ranks(b"IQ== 0\nnot-base64!! 1\n", "t")
+        encodings._parse_ranks(b"IQ== 0\nnot-base64!! 1\n", "t")
     with pytest.raises(EncodingDataError, match="malformed line"):
-        tokens._parse_ranks(b"IQ==\n", "t")
+        encodings._parse_ranks(b"IQ==\n", "t")
 
 
 def test_tiktoken_loader_is_restored_even_on_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(name: str, expected_hash: str) -> dict[bytes, int]:
         raise EncodingDataError("boom")
 
-    monkeypatch.setattr(tokens, "_load_ranks", broken)
+    monkeypatch.setattr(encodings, "_load_ranks", broken)
     with pytest.raises(EncodingDataError, match="boom"):
-        tokens._build_encoding("cl100k_base")
+        encodings._build_encoding("cl100k_base")
     assert openai_public.load_tiktoken_bpe is tiktoken.load.load_tiktoken_bpe
 
 
@@ -512,7 +513,7 @@ def test_counts_in_a_fresh_process_without_network(tmp_path: Path) -> None:
                 raise SystemExit(f"network access attempted: {event} {args!r}")
 
         sys.addaudithook(no_network)
-        from tokenguard.counting.tokens import count_text, count_chat_prompt
+        from tokenguard.counting import count_text, count_chat_prompt
         print(count_text('gpt-4o', 'hi'))
         print(count_text('gpt-4', 'tiktoken is great!'))
         print(count_chat_prompt('gpt-4o', [{'role': 'user', 'content': 'hi'}]))
@@ -549,11 +550,11 @@ def _long_texts() -> list[str]:
 def test_cached_counts_are_the_counts(model: str) -> None:
     """A remembered count is the count: each text counted with the cache (a miss, then a
     hit) equals tiktoken's own count of it, and a chat prompt counted twice too."""
-    cache = tokens.COUNT_CACHE
+    cache = count_cache.COUNT_CACHE
     cache.clear()
-    encoding = tokens.encoding_for_model(model)
+    encoding = encodings.encoding_for_model(model)
     for text in _long_texts():
-        assert len(text) >= tokens.CACHED_MIN_CHARS
+        assert len(text) >= count_cache.CACHED_MIN_CHARS
         exact = len(encoding.encode(text, disallowed_special=()))
         assert count_text(model, text) == exact
         assert count_text(model, text) == exact
@@ -569,8 +570,8 @@ def test_cached_counts_are_the_counts(model: str) -> None:
 
 
 def test_the_count_cache_is_bounded_and_forgets_the_least_recently_used() -> None:
-    cache = tokens.CountCache(entries=3)
-    encoding = tokens.encoding_for_model("gpt-4o")
+    cache = count_cache.CountCache(entries=3)
+    encoding = encodings.encoding_for_model("gpt-4o")
     texts = [f"{i} " + "x y " * 200 for i in range(5)]
     for text in texts[:3]:
         cache.count(encoding, text)
@@ -586,16 +587,16 @@ def test_the_count_cache_is_bounded_and_forgets_the_least_recently_used() -> Non
 
 
 def test_short_texts_and_a_disabled_cache_are_counted_afresh() -> None:
-    cache = tokens.CountCache()
-    encoding = tokens.encoding_for_model("gpt-4o")
-    short = "x" * (tokens.CACHED_MIN_CHARS - 1)
+    cache = count_cache.CountCache()
+    encoding = encodings.encoding_for_model("gpt-4o")
+    short = "x" * (count_cache.CACHED_MIN_CHARS - 1)
     assert (
         cache.count(encoding, short)
         == cache.count(encoding, short)
         == len(encoding.encode_ordinary(short))
     )
     cache.enabled = False
-    long = "y " * tokens.CACHED_MIN_CHARS
+    long = "y " * count_cache.CACHED_MIN_CHARS
     cache.count(encoding, long)
     cache.count(encoding, long)
     assert (cache.hits, cache.misses, len(cache)) == (0, 0, 0)
@@ -604,8 +605,8 @@ def test_short_texts_and_a_disabled_cache_are_counted_afresh() -> None:
 def test_the_count_cache_is_shared_safely_by_threads() -> None:
     """Large prompts are counted in worker threads: 8 threads counting the same texts
     at once all get the exact counts, and each text is remembered once."""
-    cache = tokens.CountCache()
-    encoding = tokens.encoding_for_model("gpt-4o")
+    cache = count_cache.CountCache()
+    encoding = encodings.encoding_for_model("gpt-4o")
     texts = [f"thread {i} " + "words to count " * 100 for i in range(20)]
     expected = [len(encoding.encode_ordinary(t)) for t in texts]
     results: list[list[int]] = []

@@ -20,6 +20,7 @@ import redis.crc
 import trio
 import trio.testing
 
+from bench.ports import free_ports
 from drivers.redis import (
     DEFAULT_TIMEOUT,
     SPLIT_ABOVE,
@@ -31,12 +32,11 @@ from drivers.redis import (
 from tests.support.redis_servers import (
     RedisClusterServers,
     RedisServer,
-    free_port,
     running_redis_server,
     start_redis_sentinel,
 )
-from tokenguard.config.settings import ApiKey, Limits, digest_of
 from tokenguard.limiting.limiter import Cost, Limiter
+from tokenguard.model import ApiKey, Limits, digest_of
 from tokenguard.store.window_store import CONCURRENT, Row, StoreError, open_store, store_from_url
 
 TEST_TIMEOUT = 15.0
@@ -446,7 +446,7 @@ async def test_server_time_is_the_clock_of_the_scripts(redis_url: str) -> None:
 
 async def test_an_unreachable_server_fails_run_with_store_error() -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0?timeout=0.5")
+        store = RedisStore.from_url(f"redis://127.0.0.1:{free_ports()}/0?timeout=0.5")
         async with trio.open_nursery() as nursery:
             with pytest.raises(StoreError, match="cannot use Redis"):
                 await nursery.start(store.run)

@@ -19,8 +19,9 @@ import trio
 from drivers.memory import MemoryStore
 from drivers.redis import REGISTRY_RECORDS, REGISTRY_VERSION, RedisStore
 from tests.support.redis_servers import RedisClusterServers, RedisServer
-from tokenguard.config.settings import digest_of, parse_settings
+from tokenguard.config.loading import parse_settings
 from tokenguard.limiting.keyring import Keyring
+from tokenguard.model import digest_of
 from tokenguard.store.guarded import GuardedStore
 from tokenguard.store.window_store import StoreError, WindowStore, open_store
 

@@ -10,7 +10,8 @@ import trio
 
 from drivers.memory import MemoryStore
 from tokenguard.api.app import create_app
-from tokenguard.config.settings import ConfigError, parse_settings
+from tokenguard.config.loading import parse_settings
+from tokenguard.config.settings import ConfigError
 from tokenguard.limiting.limiter import Cost, Limiter
 from tokenguard.limiting.rules import alert_at, describe_limit, templates
 from tokenguard.store.window_store import CONCURRENT, open_store

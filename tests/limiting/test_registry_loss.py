@@ -25,9 +25,12 @@ import trio
 from drivers.memory import MemoryStore
 from drivers.redis import RedisStore
 from tests.support.redis_servers import RedisServer
-from tokenguard.config.settings import Settings, digest_of, parse_settings
-from tokenguard.limiting.keyring import KEY, MARKER, POLL_SECONDS, TIER, KeyRecord, Keyring, newer
+from tokenguard.config.loading import parse_settings
+from tokenguard.config.settings import Settings
+from tokenguard.limiting.keyring import POLL_SECONDS, Keyring
+from tokenguard.limiting.registry import KEY, MARKER, TIER, KeyRecord, newer
 from tokenguard.limiting.snapshot import Snapshot, SnapshotError, read_snapshot, write_snapshot
+from tokenguard.model import digest_of
 from tokenguard.store.guarded import GuardedStore
 from tokenguard.store.window_store import Registry, Row, open_store
 

@@ -10,9 +10,11 @@ import pytest
 from drivers.memory import MemoryStore
 from tokenguard.api.app import create_app
 from tokenguard.api.dialect import OPENAI
-from tokenguard.config.settings import ApiKey, Settings, parse_settings
+from tokenguard.config.loading import parse_settings
+from tokenguard.config.settings import Settings
 from tokenguard.limiting.limiter import Cost, Limiter
-from tokenguard.limiting.rules import DAY, HOUR, partition_of
+from tokenguard.limiting.rules import DAY, HOUR
+from tokenguard.model import ApiKey, partition_of
 from tokenguard.store.window_store import NOT_RESERVED
 
 # 1_000_800 s is a whole number of hours (278 h) plus 0: every bucket boundary at once.

@@ -35,9 +35,12 @@ from trio_websocket import (
 from drivers.memory import MemoryStore
 from tokenguard.api.app import create_app
 from tokenguard.cluster.node import hypercorn_config
-from tokenguard.config.settings import ADMIN_TOKEN_ENV, ConfigError, Settings, parse_settings
+from tokenguard.config.loading import parse_settings
+from tokenguard.config.settings import ADMIN_TOKEN_ENV, ConfigError, Settings
 from tokenguard.observe import feed as feed_module
-from tokenguard.observe.feed import Feed, Subscriber, Viewer
+from tokenguard.observe import feed_session
+from tokenguard.observe.feed import Feed
+from tokenguard.observe.subscriber import Subscriber, Viewer
 from tokenguard.store.window_store import WindowStore, open_store
 
 TEST_TIMEOUT = 120.0  # a hang guard: 400 requests take a starved machine a while
@@ -282,7 +285,7 @@ async def test_refused_with_1008_and_nothing_leaks(
 async def test_no_token_within_the_time_allowed_is_refused(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(feed_module, "AUTH_SECONDS", 0.3)
+    monkeypatch.setattr(feed_session, "AUTH_SECONDS", 0.3)
     with trio.fail_after(TEST_TIMEOUT):
         async with subscriber(node.ws_url) as ws:
             start = trio.current_time()
@@ -400,7 +403,7 @@ async def test_batched_mode_sends_every_pending_event_in_one_message_in_order(
     with its own ``id``; a message never carries more than ``BATCH_MOST``. Publishing
     every 0.5 s (not 20 ms) makes the batching certain here."""
     node.feed.publish_seconds = 0.5
-    monkeypatch.setattr(feed_module, "BATCH_MOST", 4)
+    monkeypatch.setattr(feed_session, "BATCH_MOST", 4)
     with trio.fail_after(TEST_TIMEOUT):
         async with (
             subscriber(node.ws_url, ADMIN, query="?batch=1") as admin,

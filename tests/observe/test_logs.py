@@ -33,7 +33,8 @@ from tests.support.processes import (
 )
 from tokenguard.api.app import create_app
 from tokenguard.cli import main as cli
-from tokenguard.config.settings import parse_settings
+from tokenguard.cli import serve
+from tokenguard.config.loading import parse_settings
 from tokenguard.observe.logs import JsonFormatter, RequestLine, TextFormatter
 
 SECRET = "sk-log-test-0123456789-secret"
@@ -193,9 +194,9 @@ def test_json_formatter_other_records_and_tracebacks() -> None:
 def test_log_format_reaches_the_nodes_of_a_cluster(tmp_path: Path) -> None:
     parser = cli.build_parser()
     base = ["serve", "--nodes", "2", "--state-dir", str(tmp_path)]
-    json_args = cli._cluster(parser.parse_args([*base, "--log-format", "json"])).node_args
+    json_args = serve._cluster(parser.parse_args([*base, "--log-format", "json"])).node_args
     assert json_args[json_args.index("--log-format") + 1] == "json"
-    assert "--log-format" not in cli._cluster(parser.parse_args(base)).node_args  # text
+    assert "--log-format" not in serve._cluster(parser.parse_args(base)).node_args  # text
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--log-format", "xml"])
 

@@ -31,10 +31,13 @@ from tests.store.test_guarded import guarded, pipelined, stall
 from tests.support.processes import START_TIMEOUT, free_ports, running_cluster, write_config
 from tokenguard.api.app import create_app
 from tokenguard.cli import main as cli
-from tokenguard.config.settings import METRICS_TOKEN_ENV, ConfigError, digest_of, parse_settings
+from tokenguard.cluster.metrics_server import scrape_response, supervisor_registry
+from tokenguard.config.loading import parse_settings
+from tokenguard.config.settings import METRICS_TOKEN_ENV, ConfigError
 from tokenguard.limiting.limiter import Cost
-from tokenguard.observe.feed import Viewer
-from tokenguard.observe.metrics import BoundedLabel, Metrics, scrape_response, supervisor_registry
+from tokenguard.model import digest_of
+from tokenguard.observe.metrics import BoundedLabel, Metrics
+from tokenguard.observe.subscriber import Viewer
 from tokenguard.store.stalls import PROBE_PERIOD
 
 TEST_TIMEOUT = 30.0

@@ -27,7 +27,9 @@ import trio
 from drivers.memory import MemoryStore
 from tokenguard.api.app import create_app
 from tokenguard.cli import main as cli
-from tokenguard.config.settings import ConfigError, Settings, parse_settings
+from tokenguard.cli import serve
+from tokenguard.config.loading import parse_settings
+from tokenguard.config.settings import ConfigError, Settings
 from tokenguard.store.guarded import (
     Breaker,
     GuardedStore,
@@ -970,13 +972,13 @@ def test_guarded_store_from_settings() -> None:
 def test_cli_flags_reach_the_settings_and_the_nodes(tmp_path: Path) -> None:
     parser = cli.build_parser()
     args = parser.parse_args(["serve", "--on-store-error", "closed", "--cluster-size", "3"])
-    settings = cli._settings(args)
+    settings = serve._settings(args)
     assert (settings.on_store_error, settings.supervised_nodes) == ("closed", 3)
-    assert cli._settings(parser.parse_args(["serve"])).on_store_error == "local"
+    assert serve._settings(parser.parse_args(["serve"])).on_store_error == "local"
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--on-store-error", "maybe"])
     args = parser.parse_args(
         ["serve", "--nodes", "3", "--on-store-error", "open", "--state-dir", str(tmp_path)]
     )
-    node_args = cli._cluster(args).node_args
+    node_args = serve._cluster(args).node_args
     assert node_args == ("--on-store-error", "open", "--cluster-size", "3")

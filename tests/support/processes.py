@@ -12,8 +12,8 @@ Guarantees:
 * :func:`running_cluster` is ``tokenguard serve --nodes N`` that returns only once the
   startup table is printed and every node answers ``/healthz``; it retries on fresh
   ports if one was taken in between.
-* :func:`free_ports` returns the first of ``n`` consecutive ports nobody listens on
-  (below Linux's ephemeral range, so client sockets do not take them meanwhile).
+* Ports come from :func:`bench.ports.free_ports` (the tests' range, below Linux's
+  ephemeral range, so client sockets do not take them meanwhile).
 * The ``/proc`` helpers count a zombie as dead: in a container, an orphan may never be
   reaped, but it runs nothing and holds nothing.
 
@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,7 +39,8 @@ import attrs
 import httpx
 import trio
 
-# The /proc readers are shared with the benchmark suite.
+# The /proc readers and the free ports are shared with the benchmark suite.
+from bench.ports import free_ports
 from bench.procfs import alive, children, cmdline, descendants, rss_kib  # noqa: F401
 
 # Hang guards for real processes. A tokenguard process imports for about a second on an
@@ -57,27 +56,6 @@ def tokenguard_command() -> list[str]:
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)]
     return [sys.executable, "-m", "tokenguard"]
-
-
-# --- ports -------------------------------------------------------------------------------
-
-
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(n: int = 1, host: str = "127.0.0.1") -> int:
-    """The first of ``n`` consecutive TCP ports free right now (may be taken later)."""
-    for _ in range(200):
-        base = random.randrange(20000, 32000 - n)
-        if all(_bindable(host, base + i) for i in range(n)):
-            return base
-    raise RuntimeError(f"no {n} consecutive free ports found")
 
 
 @contextlib.contextmanager

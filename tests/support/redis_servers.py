@@ -23,11 +23,8 @@ started.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -36,18 +33,13 @@ from pathlib import Path
 import attrs
 import redis
 
+from bench.ports import free_ports
+from tokenguard.cluster.children import die_with_parent
 from tokenguard.cluster.redis_server import RedisServerSpec, find_redis_binary, ping
 
 START_TIMEOUT = 10.0
 CLUSTER_TIMEOUT = 30.0
 STOP_GRACE = 5.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (it may be taken again before we use it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class ServerExited(RuntimeError):
@@ -57,13 +49,6 @@ class ServerExited(RuntimeError):
 def answers(spec: RedisServerSpec, timeout: float = 0.5) -> bool:
     """True if a server listens and answers PING, even if only to ask for a password."""
     return ping(spec, timeout, accept_noauth=True)
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL the server when its parent thread dies."""
-    PR_SET_PDEATHSIG = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @attrs.define
@@ -135,7 +120,7 @@ class RedisServer:
                 stderr=subprocess.STDOUT,
                 # Only from the main thread: PDEATHSIG fires when the forking *thread*
                 # exits, and trio's worker threads come and go.
-                preexec_fn=_die_with_parent if sys.platform == "linux" and main_thread else None,
+                preexec_fn=die_with_parent(signal.SIGKILL) if main_thread else None,
             )
         deadline = time.monotonic() + timeout
         while not answers(self.spec):
@@ -221,7 +206,7 @@ def start_redis_server(
             )
         else:
             spec = RedisServerSpec(
-                state_dir=directory, port=free_port(), appendonly=appendonly, cluster=cluster
+                state_dir=directory, port=free_ports(), appendonly=appendonly, cluster=cluster
             )
         server = RedisServer(spec=spec, extra_args=tuple(extra_args))
         try:
@@ -268,7 +253,7 @@ def start_redis_sentinel(
     last_error: RuntimeError | None = None
     directory.mkdir(parents=True, exist_ok=True)
     for _ in range(attempts):
-        spec = RedisServerSpec(state_dir=directory, port=free_port(), appendonly=False)
+        spec = RedisServerSpec(state_dir=directory, port=free_ports(), appendonly=False)
         config = directory / "sentinel.conf"
         # Sentinel rewrites its config file, so it must be a writable file of its own.
         config.write_text(

@@ -35,8 +35,9 @@ from tests.support.proxy_upstreams import (
 )
 from tokenguard.api.app import create_app
 from tokenguard.api.responses import RELAYED_STREAM, close_relayed_stream
-from tokenguard.config.settings import ConfigError, parse_settings
-from tokenguard.counting.tokens import count_chat_prompt, count_text
+from tokenguard.config.loading import parse_settings
+from tokenguard.config.settings import ConfigError
+from tokenguard.counting import count_chat_prompt, count_text
 
 UPSTREAM_SECRET = "sk-upstream-credential-4242"
 SECRET_ENV = "TG_TEST_UPSTREAM_KEY"

@@ -29,7 +29,7 @@ from tests.support.proxy_upstreams import (
 )
 from tests.upstreams.test_proxy import MESSAGES, PROXY_KEY, proxy_node, settings_of, used
 from tokenguard.config.settings import ConfigError
-from tokenguard.counting.tokens import count_chat_prompt
+from tokenguard.counting import count_chat_prompt
 from tokenguard.upstreams.forwarding import OUTPUT_LENGTH_FIELDS
 
 HEADERS = {"Authorization": f"Bearer {PROXY_KEY}"}

@@ -30,7 +30,6 @@ Guarantees:
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 from collections.abc import Mapping
@@ -41,8 +40,9 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from tokenguard.api.hardening import drain_request_body
+from tokenguard.bearer import bearer_token
 from tokenguard.cli.keys import new_key
-from tokenguard.config.settings import KEY_IDENTITY_FIELDS, ConfigError, Settings, digest_of
+from tokenguard.config.settings import ConfigError, Settings
 from tokenguard.errors import APIError, http_error, invalid
 from tokenguard.limiting.keyring import (
     KeyRecord,
@@ -51,6 +51,8 @@ from tokenguard.limiting.keyring import (
     TierRecord,
     table_of,
 )
+from tokenguard.loopback import is_loopback
+from tokenguard.model import KEY_IDENTITY_FIELDS, digest_of
 from tokenguard.store.window_store import StoreError, WindowStore
 from tokenguard.strict_json import parse_json
 
@@ -59,16 +61,6 @@ log = logging.getLogger("tokenguard.api.admin")
 MAX_BODY_BYTES = 64 * 1024
 # A token that guards an address other machines can reach must resist guessing.
 MIN_REMOTE_TOKEN_BYTES = 32
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback address (or ``localhost``)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve anywhere
 
 
 def check_admin_bind(host: str, settings: Settings) -> None:
@@ -123,10 +115,7 @@ class AdminAPI:
                 code="admin_disabled",
             )
         values = request.headers.getlist("Authorization")
-        token = ""
-        if len(values) == 1:
-            scheme, _, token = values[0].strip().partition(" ")
-            token = token.strip() if scheme.lower() == "bearer" else ""
+        token = (bearer_token(values[0]) if len(values) == 1 else None) or ""
         # Always compared, whatever was sent: the time taken says nothing.
         if not hmac.compare_digest(digest_of(token), self._admin_digest) or not token:
             raise APIError(

@@ -24,11 +24,11 @@ import trio
 
 from tokenguard.api.dialect import Conventions
 from tokenguard.api.ratelimit import rate_limit_error
-from tokenguard.config.settings import ApiKey
 from tokenguard.errors import APIError
 from tokenguard.limiting.limiter import Cost, Decision, Limiter
 from tokenguard.limiting.rules import describe_limit, describe_scope
 from tokenguard.limiting.settler import Settler
+from tokenguard.model import ApiKey
 from tokenguard.observe.feed import Feed
 from tokenguard.observe.log_throttle import LogThrottle
 from tokenguard.observe.logs import RequestLog, decision_label

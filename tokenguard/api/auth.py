@@ -9,20 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenguard.bearer import bearer_token
 from tokenguard.errors import APIError, invalid
 
 MISSING_BEARER = (
     "You didn't provide an API key. You need to provide your API key in an "
     "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
 )
-
-
-def bearer_token(value: str) -> str | None:
-    """The token of an ``Authorization: Bearer TOKEN`` value; ``None`` when it is not one
-    (RFC 7235: the scheme is case-insensitive)."""
-    scheme, _, token = value.strip().partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
 
 
 def bearer_credential(headers: Any) -> str:

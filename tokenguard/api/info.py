@@ -9,27 +9,15 @@ else the mock's.
 
 from __future__ import annotations
 
-from typing import Any
-
 from quart import Response
 
 from tokenguard.api.dialect import OPENAI
 from tokenguard.api.pipeline import Pipeline
 from tokenguard.api.responses import json_response
 from tokenguard.config.settings import Settings
-from tokenguard.limiting.limiter import tightest_by_dimension
-from tokenguard.store.window_store import RowState
+from tokenguard.limiting.usage import usage_by_dimension, usage_entry
 
 MOCK_MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4", "gpt-3.5-turbo")
-
-
-def usage_entry(state: RowState) -> dict[str, Any]:
-    return {
-        "limit": state.limit,
-        "used": state.used,
-        "remaining": state.remaining,
-        "reset_seconds": state.reset_after,
-    }
 
 
 class Info:
@@ -42,18 +30,12 @@ class Info:
     async def usage(self) -> Response:
         key = self.pipeline.authenticate(OPENAI)
         states = await self.pipeline.limiter.usage(key)
-        by_dimension = tightest_by_dimension(states)
-        dimensions: dict[str, Any] = {}
-        for dimension in ("requests", "input_tokens", "output_tokens", "total_tokens"):
-            state = by_dimension.get(dimension)
-            if state is not None or dimension != "total_tokens":
-                dimensions[dimension] = None if state is None else usage_entry(state)
         body = {
             "object": "usage",
             "key": key.name,
             "window_seconds": self.settings.window_seconds,
             "bucket_seconds": self.settings.bucket_seconds,
-            "dimensions": dimensions,
+            "dimensions": usage_by_dimension(states),
             "limits": [
                 {
                     "scope": "team" if s.row.scope.startswith("team:") else "key",

@@ -31,10 +31,11 @@ from tokenguard.api.dialect import Conventions, Dialect, Exchange
 from tokenguard.api.mock_answers import MockAnswers
 from tokenguard.api.proxy_answers import ProxyAnswers
 from tokenguard.api.request_body import parse_json
-from tokenguard.config.settings import ApiKey, Settings, UpstreamRoute, digest_of
+from tokenguard.config.settings import Settings, UpstreamRoute
 from tokenguard.errors import APIError
 from tokenguard.limiting.keyring import Keyring
 from tokenguard.limiting.limiter import Cost, Decision, Limiter
+from tokenguard.model import ApiKey, digest_of
 from tokenguard.observe.logs import RequestLog
 
 # A request body at least this large has its prompt counted in a worker thread: tiktoken

@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
-from tokenguard.config.settings import ADMIN_TOKEN_ENV, RULE_FIELDS, digest_of
-from tokenguard.limiting.keyring import NAME_PATTERN
+from tokenguard.config.settings import ADMIN_TOKEN_ENV
+from tokenguard.limiting.registry import NAME_PATTERN
+from tokenguard.model import RULE_FIELDS, digest_of
 
 PREFIX = "tg-"
 KEY_BYTES = 32  # 256 bits of entropy

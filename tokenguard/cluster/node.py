@@ -26,10 +26,10 @@ from tokenguard.api.hardening import (
     install_shielded_recycle,
 )
 from tokenguard.config.settings import Settings
-from tokenguard.counting.tokens import preload
+from tokenguard.counting import preload
 from tokenguard.limiting.keyring import Keyring
-from tokenguard.observe.feed import WEBSOCKET_MESSAGE_BYTES
-from tokenguard.observe.metrics import is_loopback
+from tokenguard.loopback import is_loopback
+from tokenguard.observe.feed_session import WEBSOCKET_MESSAGE_BYTES
 from tokenguard.store.guarded import GuardedStore, guarded_store
 from tokenguard.store.window_store import open_store
 

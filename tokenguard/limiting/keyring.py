@@ -2,15 +2,7 @@
 config, the same on every node within a second of any change, and never lost with the
 store's data.
 
-Records (JSON text in :meth:`~tokenguard.store.window_store.WindowStore.registry_put`'s registry):
-
-* ``("tier", NAME)``: :class:`TierRecord`, the tier's limit fields as in the config.
-* ``("key", NAME)``: :class:`KeyRecord`, the key's SHA-256 digest (never the key), its
-  tier and team, and its *own* limit fields (resolved over its tier's, as the config
-  does, so that a tier changed later changes its keys); or, once revoked, a tombstone
-  (``revoked``) that keeps the name from being seeded again from the config.
-* ``("meta", "epoch")``: the **marker** (:class:`Marker`, a random epoch), written LAST
-  by whoever seeds an empty registry: a registry without it has lost its data.
+The records, and which version of one wins, are :mod:`tokenguard.limiting.registry`'s.
 
 Teams stay in the config only (``[teams.NAME]``): a key may name any configured team.
 
@@ -32,23 +24,23 @@ once. When the store cannot be read the node keeps its last view.
 
 **Store loss.** A registry whose marker is gone (a Redis restarted without persistence,
 ``FLUSHALL``, a failover to a replica that never got it, eviction) or is another one
-than this node adopted (another node found it gone first and wrote its own view back;
-it may be at the very version number this node last saw) is never applied as it is.
-The node writes its last view back: every record the store lacks or holds an older
-version of (:func:`newer`: an admin record over the config's, then the later
-``updated_at``; a tombstone wins a tie, so a revoked key is never brought back), then
-the marker (or adopts the one another node wrote meanwhile), each a compare-and-set,
-and only then reloads. It also calls ``on_store_loss`` once (the node's guarded store
-then writes its local windows back: tokenguard/resilience.py). Config keys are thus
-never refused because the store forgot them, and admin-made keys and revocations
-survive as long as one node, or the snapshot, remembers them.
+than this node adopted (another node found it gone first and wrote its own view back; it
+may be at the very version number this node last saw) is never applied as it is. The
+node writes its last view back: every record the store lacks or holds an older version
+of (:func:`~tokenguard.limiting.registry.newer`: an admin record over the config's, then
+the later ``updated_at``; a tombstone wins a tie, so a revoked key is never brought
+back), then the marker (or adopts the one another node wrote meanwhile), each a
+compare-and-set, and only then reloads. It also calls ``on_store_loss`` once (the node's
+guarded store then writes its local windows back: tokenguard/store/guarded.py). Config
+keys are thus never refused because the store forgot them, and admin-made keys and
+revocations survive as long as one node, or the snapshot, remembers them.
 
 **Snapshot.** With ``snapshot`` (a path), the node writes every view it loads from the
-store to that file (tokenguard/snapshot.py: atomic, 0600, digests only) and, at start,
-builds its first view from the config and that file: the snapshot's admin records and
-tombstones win over the config's, as in the store. A node that starts while the store
-is down thus refuses a key revoked earlier. What can still be lost: an admin change
-made while every node that saw it, and the snapshot, are gone together.
+store to that file (tokenguard/limiting/snapshot.py: atomic, 0600, digests only) and, at
+start, builds its first view from the config and that file: the snapshot's admin records
+and tombstones win over the config's, as in the store. A node that starts while the
+store is down thus refuses a key revoked earlier. What can still be lost: an admin
+change made while every node that saw it, and the snapshot, are gone together.
 
 **Revocation.** A revoked key is simply absent from the view: it is refused exactly
 like a key that never existed. :meth:`Keyring.watching` gives an event set when a
@@ -57,36 +49,49 @@ digest stops being valid, which the usage feed uses to close that key's websocke
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import attrs
 import trio
 
-from tokenguard.config.settings import (
-    RULE_FIELDS,
-    ApiKey,
-    ConfigError,
-    Limits,
-    Settings,
-    limits_from_table,
+from tokenguard.config.settings import Settings
+from tokenguard.limiting.registry import (
+    KEY,
+    MARKER,
+    META,
+    TIER,
+    AlreadyExists,
+    Conflict,
+    KeyRecord,
+    Marker,
+    NotFound,
+    TierRecord,
+    View,
+    build_view,
+    check_key,
+    check_name,
+    check_tier,
+    config_records,
+    epoch_of,
+    from_config,
+    initial_records,
+    patched,
+    replaces,
 )
 from tokenguard.limiting.snapshot import Snapshot, SnapshotError, read_snapshot, write_snapshot
+from tokenguard.model import ApiKey, Limits
 from tokenguard.store.window_store import Registry, StoreError, WindowStore
+
+# Re-exported for tokenguard/api/admin.py, which still imports them from here; their
+# home is tokenguard.limiting.registry.
+from tokenguard.limiting.registry import KeyringError, table_of  # noqa: F401  isort: skip
 
 log = logging.getLogger("tokenguard.limiting.keyring")
 
-KEY = "key"
-TIER = "tier"
-META = "meta"
-MARKER = (META, "epoch")
 POLL_SECONDS = 0.25
 # One registry call from the poll loop or the seeding may take this long.
 STORE_WAIT = 1.0
@@ -95,292 +100,6 @@ STORE_WAIT = 1.0
 STARTUP_WAIT = 2.0
 # An admin write retries its compare-and-set this many times against fresh reads.
 WRITE_ATTEMPTS = 5
-# Key and tier names: also what may follow /admin/keys/ in a URL.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:/+-]{0,99}$")
-SOURCES = ("config", "admin")
-
-
-class KeyringError(Exception):
-    """An admin change that cannot be made; ``status`` and ``code`` say how to answer."""
-
-    status = 400
-    code: str | None = None
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-def _invalid(exc: ConfigError, prefix: str) -> KeyringError:
-    """A config-style error (``<where>: <field>: <problem>``) as a 400 naming the field."""
-    message = str(exc).removeprefix(prefix)
-    field, sep, _ = message.partition(": ")
-    return KeyringError(message, field if sep and " " not in field else None)
-
-
-class NotFound(KeyringError):
-    status = 404
-    code = "key_not_found"
-
-
-class AlreadyExists(KeyringError):
-    status = 409
-    code = "key_exists"
-
-
-class Conflict(KeyringError):
-    """Other writers kept changing the record: the caller may retry."""
-
-    status = 409
-    code = "concurrent_change"
-
-
-def _encode(data: Mapping[str, Any]) -> str:
-    return json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-
-
-@attrs.frozen
-class TierRecord:
-    """A tier in the registry: its limit fields (the config's TOML table, parsed)."""
-
-    limits: Mapping[str, Any]
-    source: str = "config"
-    updated_at: int | None = None  # Unix seconds of the last admin change
-
-    def to_json(self) -> str:
-        data: dict[str, Any] = {"limits": self.limits, "source": self.source}
-        if self.updated_at is not None:
-            data["updated_at"] = self.updated_at
-        return _encode(data)
-
-    @classmethod
-    def from_json(cls, text: str) -> TierRecord:
-        data = json.loads(text)
-        return cls(
-            limits=dict(data["limits"]),
-            source=data.get("source", "admin"),
-            updated_at=data.get("updated_at"),
-        )
-
-
-@attrs.frozen
-class KeyRecord:
-    """A key in the registry; ``revoked``: a tombstone (no digest, no limits)."""
-
-    name: str
-    digest: str = ""
-    tier: str | None = None
-    team: str | None = None
-    limits: Mapping[str, Any] = attrs.field(factory=dict)  # its own fields only
-    source: str = "config"
-    revoked: bool = False
-    updated_at: int | None = None
-
-    def to_json(self) -> str:
-        data: dict[str, Any] = {"name": self.name, "source": self.source}
-        if self.revoked:
-            data["revoked"] = True
-        else:
-            data.update(digest=self.digest, tier=self.tier, team=self.team, limits=self.limits)
-        if self.updated_at is not None:
-            data["updated_at"] = self.updated_at
-        return _encode(data)
-
-    @classmethod
-    def from_json(cls, text: str) -> KeyRecord:
-        data = json.loads(text)
-        return cls(
-            name=data["name"],
-            digest=data.get("digest", ""),
-            tier=data.get("tier"),
-            team=data.get("team"),
-            limits=dict(data.get("limits") or {}),
-            source=data.get("source", "admin"),
-            revoked=bool(data.get("revoked", False)),
-            updated_at=data.get("updated_at"),
-        )
-
-
-def table_of(limits: Limits) -> dict[str, Any]:
-    """A limits table (config field names) that :func:`limits_from_table` turns back
-    into ``limits`` itself: every limit set, the reservation default, the mode, the
-    per-model rules."""
-    table: dict[str, Any] = {f: v for f in RULE_FIELDS if (v := getattr(limits, f)) is not None}
-    table["default_max_tokens"] = limits.default_max_tokens
-    table["mode"] = limits.mode
-    if limits.models:
-        models: dict[str, Any] = {}
-        for rule in limits.models:
-            entry = {f: v for f in RULE_FIELDS if (v := getattr(rule.limits, f)) is not None}
-            if rule.mode is not None:
-                entry["mode"] = rule.mode
-            models[rule.pattern] = entry
-        table["models"] = models
-    return table
-
-
-def config_records(settings: Settings) -> Registry:
-    """The records the config seeds: its tiers, and its keys with their own fields."""
-    records: Registry = {}
-    for name, limits in settings.tiers.items():
-        records[(TIER, name)] = TierRecord(limits=table_of(limits)).to_json()
-    for key in settings.keys:
-        record = KeyRecord(
-            name=key.name,
-            digest=key.digest,
-            tier=key.tier,
-            team=None if key.team is None else key.team.name,
-            limits=dict(settings.key_tables.get(key.name, {})),
-        )
-        records[(KEY, key.name)] = record.to_json()
-    return records
-
-
-@attrs.frozen
-class Marker:
-    """The registry's marker: written last by whoever seeds an empty registry, so a
-    registry without it has lost its data. Nodes compare it whole (its text): another
-    marker is another epoch of the registry."""
-
-    epoch: str
-    seeded_at: int  # Unix seconds
-    node: int  # the node that wrote it
-
-    def to_json(self) -> str:
-        return _encode({"epoch": self.epoch, "seeded_at": self.seeded_at, "node": self.node})
-
-    @classmethod
-    def new(cls, node: int) -> Marker:
-        return cls(epoch=secrets.token_hex(8), seeded_at=int(time.time()), node=node)
-
-
-def epoch_of(marker: str | None) -> str | None:
-    """The epoch a marker record names, for logs (``None``: no marker)."""
-    if marker is None:
-        return None
-    try:
-        return str(json.loads(marker)["epoch"])
-    except (ValueError, KeyError, TypeError):
-        return marker
-
-
-def _rank(text: str | None) -> tuple[int, int, int]:
-    """How recent a record is: an admin-made one over the config's, then the later
-    ``updated_at``, then a tombstone over a live record. A record that does not parse
-    (or none) ranks below every other."""
-    if text is None:
-        return (-1, 0, 0)
-    try:
-        data = json.loads(text)
-        return (
-            1 if data.get("source") == "admin" else 0,
-            int(data.get("updated_at") or 0),
-            1 if data.get("revoked") else 0,
-        )
-    except (ValueError, TypeError, AttributeError):
-        return (-1, 0, 0)
-
-
-def newer(mine: str, theirs: str | None) -> bool:
-    """True if record ``mine`` should replace ``theirs`` (``None``: absent) when a
-    view is written back into a registry: ``theirs`` is absent, or older (see
-    :func:`_rank`). A tombstone wins a tie, so a revoked key is never brought back; two
-    versions from the config tie, and the store's stays."""
-    return mine != theirs and _rank(mine) > _rank(theirs)
-
-
-def initial_records(settings: Settings, saved: Registry) -> Registry:
-    """A node's first view before it reads the store: the config's records, over which
-    the admin-made records and tombstones of ``saved`` (a snapshot) win, as they do in
-    the store (the snapshot's records from a config are left out: the config is now
-    this one)."""
-    records = config_records(settings)
-    for (kind, name), text in saved.items():
-        if kind in (KEY, TIER) and not _from_config(text):
-            if newer(text, records.get((kind, name))):
-                records[(kind, name)] = text
-    return records
-
-
-@attrs.frozen
-class View:
-    """The keys and tiers a node enforces, built from one version of the registry."""
-
-    version: int | None  # None: the config's own view (the store not read yet)
-    records: Registry
-    tiers: Mapping[str, Limits]
-    keys_by_digest: Mapping[str, ApiKey]
-    keys_by_name: Mapping[str, ApiKey]
-
-
-def build_view(
-    settings: Settings, version: int | None, records: Registry, previous: View | None = None
-) -> View:
-    """Resolve records into keys and tiers, as settings.py resolves the config's.
-
-    A record that does not parse, a key whose tier or team is unknown, or a second key
-    with a digest already taken is left out (and logged): refused, never unlimited.
-    Keys equal to ``previous``'s are kept as the same objects (the limiter caches rows
-    per key object).
-    """
-    tiers: dict[str, Limits] = {}
-    for (kind, name), text in sorted(records.items()):
-        if kind != TIER:
-            continue
-        try:
-            tier = TierRecord.from_json(text)
-            tiers[name] = limits_from_table(
-                tier.limits, f"registry tier {name!r}", mode=settings.mode
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            log.error("registry: tier %r left out: %s", name, exc)
-    by_digest: dict[str, ApiKey] = {}
-    by_name: dict[str, ApiKey] = {}
-    old = previous.keys_by_name if previous is not None else {}
-    for (kind, name), text in sorted(records.items()):
-        if kind != KEY:
-            continue
-        try:
-            record = KeyRecord.from_json(text)
-            if record.revoked:
-                continue
-            key = resolve_key(settings, tiers, record)
-        except (ValueError, KeyError, TypeError) as exc:
-            log.error("registry: key %r left out (refused): %s", name, exc)
-            continue
-        if key.digest in by_digest:
-            log.error("registry: key %r has the digest of key %r: left out", name, key.name)
-            continue
-        if old.get(name) == key:
-            key = old[name]
-        by_digest[key.digest] = key
-        by_name[name] = key
-    return View(version, dict(records), tiers, by_digest, by_name)
-
-
-def resolve_key(settings: Settings, tiers: Mapping[str, Limits], record: KeyRecord) -> ApiKey:
-    """The key a record describes: its own fields over its tier's; ``ConfigError``
-    (a ``ValueError``) naming the field for invalid ones or an unknown tier or team."""
-    where = f"key {record.name!r}"
-    base = None
-    if record.tier is not None:
-        if record.tier not in tiers:
-            raise ConfigError(
-                f"{where}: tier: unknown tier {record.tier!r} (known: {sorted(tiers)})"
-            )
-        base = tiers[record.tier]
-    team = None
-    if record.team is not None:
-        team = settings.teams.get(record.team)
-        if team is None:
-            known = sorted(settings.teams)
-            raise ConfigError(f"{where}: team: unknown team {record.team!r} (known: {known})")
-    if len(record.digest) != 64 or any(c not in "0123456789abcdef" for c in record.digest):
-        raise ConfigError(f"{where}: the digest is not 64 hex characters")
-    limits = limits_from_table(record.limits, where, base, mode=settings.mode)
-    return ApiKey(
-        name=record.name, digest=record.digest, limits=limits, tier=record.tier, team=team
-    )
 
 
 class Keyring:
@@ -577,7 +296,7 @@ class Keyring:
         records, done = await self._write_back(wanted, records, seeding=True)
         config = config_records(self.settings)
         for (kind, name), current in list(records.items()):
-            if (kind, name) not in config and kind in (KEY, TIER) and _from_config(current):
+            if (kind, name) not in config and kind in (KEY, TIER) and from_config(current):
                 # Seeded by a config that had it; this one does not: remove it.
                 await self.store.registry_put(kind, name, None, expect=current)
         if done and await self._adopt_marker(records):
@@ -630,8 +349,8 @@ class Keyring:
             text = wanted[(kind, name)]
             for _ in range(WRITE_ATTEMPTS):
                 current = records.get((kind, name))
-                if not _replaces(text, current, seeding=seeding):
-                    if seeding and current not in (None, text) and _from_config(text):
+                if not replaces(text, current, seeding=seeding):
+                    if seeding and current not in (None, text) and from_config(text):
                         log.info(
                             "keyring: %s %r was changed through the admin API: the "
                             "store's version wins over the config's",
@@ -694,18 +413,8 @@ class Keyring:
                 return current, text
         raise Conflict(f"the {kind} {name!r} kept changing; retry")
 
-    def _check_name(self, what: str, name: str) -> None:
-        if not NAME_PATTERN.match(name):
-            raise KeyringError(
-                f"a {what} name is 1-100 characters: letters, digits and . _ @ : / + - "
-                f"(starting with a letter or digit), got {name!r}"
-            )
-
     def _validated(self, record: KeyRecord) -> KeyRecord:
-        try:
-            resolve_key(self.settings, self.view.tiers, record)
-        except ConfigError as exc:
-            raise _invalid(exc, f"key {record.name!r}: ") from None
+        check_key(self.settings, self.view.tiers, record)
         return record
 
     async def create_key(
@@ -719,7 +428,7 @@ class Keyring:
     ) -> KeyRecord:
         """Add a key (the name may be that of a revoked one). Raises
         :class:`AlreadyExists`, :class:`KeyringError` for bad fields, StoreError."""
-        self._check_name("key", name)
+        check_name("key", name)
         record = KeyRecord(
             name=name,
             digest=digest,
@@ -750,33 +459,7 @@ class Keyring:
             old = None if current is None else KeyRecord.from_json(current)
             if old is None or old.revoked:
                 raise NotFound(f"No API key named {name!r}.")
-            limits = dict(old.limits)
-            fields: dict[str, Any] = {"tier": old.tier, "team": old.team}
-            for field, value in patch.items():
-                if field in ("tier", "team"):
-                    fields[field] = value
-                elif field == "models" and isinstance(value, Mapping):
-                    models = dict(limits.get("models") or {})
-                    for pattern, rule in value.items():
-                        if rule is None:
-                            models.pop(pattern, None)
-                        else:
-                            models[pattern] = rule
-                    limits["models"] = models
-                    if not models:
-                        del limits["models"]
-                elif value is None:
-                    limits.pop(field, None)
-                else:
-                    limits[field] = value
-            record = attrs.evolve(
-                old,
-                tier=fields["tier"],
-                team=fields["team"],
-                limits=limits,
-                source="admin",
-                updated_at=int(time.time()),
-            )
+            record = patched(old, patch, updated_at=int(time.time()))
             result[:] = [self._validated(record)]
             return record.to_json()
 
@@ -800,29 +483,8 @@ class Keyring:
     async def put_tier(self, name: str, limits: Mapping[str, Any]) -> bool:
         """Set a tier's limits (replacing them whole); True if the tier is new.
         Raises :class:`KeyringError` for bad fields, StoreError."""
-        self._check_name("tier", name)
-        try:
-            limits_from_table(limits, "request body", mode=self.settings.mode)
-        except ConfigError as exc:
-            raise _invalid(exc, "request body: ") from None
+        check_name("tier", name)
+        check_tier(limits, self.settings.mode)
         record = TierRecord(limits=dict(limits), source="admin", updated_at=int(time.time()))
         old, _ = await self._write(TIER, name, lambda current: record.to_json())
         return old is None
-
-
-def _replaces(text: str, current: str | None, *, seeding: bool) -> bool:
-    """Whether a write-back puts ``text`` over the store's ``current``: when it is
-    :func:`newer`, or, ``seeding``, when both come from a config (the config a node
-    starts with is the config's latest word)."""
-    if text == current:
-        return False
-    if seeding and current is not None and _from_config(text) and _from_config(current):
-        return True
-    return newer(text, current)
-
-
-def _from_config(text: str) -> bool:
-    try:
-        return json.loads(text).get("source") == "config"
-    except (ValueError, AttributeError):
-        return False

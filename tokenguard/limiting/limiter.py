@@ -15,8 +15,9 @@ from collections.abc import Iterable
 
 import attrs
 
-from tokenguard.config.settings import DEFAULT_LEASE_SECONDS, ApiKey
-from tokenguard.limiting.rules import RowTemplate, partition_of, templates
+from tokenguard.config.settings import DEFAULT_LEASE_SECONDS
+from tokenguard.limiting.rules import RowTemplate, templates
+from tokenguard.model import ApiKey, partition_of
 from tokenguard.store.window_store import (
     NOT_RESERVED,
     Admission,

@@ -61,7 +61,7 @@ from fnmatch import fnmatchcase
 
 import attrs
 
-from tokenguard.config.settings import ApiKey, Limits, ModelRule
+from tokenguard.model import ApiKey, Limits, ModelRule
 from tokenguard.store.window_store import CONCURRENT, Row
 
 # (window_ms, bucket_ms) of the fixed windows; "minute" is the configured [window],
@@ -104,11 +104,6 @@ def alert_at(limit: int, ratio: float) -> int:
     if ratio <= 0:
         return 0
     return max(1, math.ceil(round(limit * ratio, 9)))  # (5 x 0.8 is 4.000000000000001)
-
-
-def partition_of(key: ApiKey) -> str:
-    """Where all of a key's rows live: its team's partition, or its own."""
-    return f"team:{key.team.name}" if key.team is not None else key.key_id
 
 
 def _limit_templates(

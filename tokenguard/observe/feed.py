@@ -17,23 +17,21 @@ through the store (:meth:`Feed.announced`), so events after ``ready`` are not mi
 for want of presence; events from just before may be.
 
 In: one subscription to the store's channel hands each event to the local subscribers
-allowed to see it (:class:`Viewer`). Each :class:`Subscriber` has its own backlog of at
-most ``backlog`` events; beyond it its oldest events are dropped, and the next thing it
-takes is the count of them (sent as a ``lagged`` message). A slow subscriber therefore
-costs a bounded amount of memory and never slows anyone else. A snapshot task reads,
-every second, the usage of every key that had an event in the last window (plus one
-bucket), and hands a ``snapshot`` to the local subscribers that see that key.
+allowed to see it (:mod:`tokenguard.observe.subscriber`). Each subscriber has its own
+backlog of at most ``backlog`` events; beyond it its oldest events are dropped, and the
+next thing it takes is the count of them (sent as a ``lagged`` message). A slow
+subscriber therefore costs a bounded amount of memory and never slows anyone else. A
+snapshot task reads, every second, the usage of every key that had an event in the last
+window (plus one bucket), and hands a ``snapshot`` to the local subscribers that see
+that key.
 
 Ordering: the events of one node reach every subscriber in the order that node produced
 them (one publisher task, one message per batch, the store keeps a publisher's order).
 Events of different nodes interleave in arrival order. Delivery is at most once.
 
-:func:`serve_websocket` is one websocket session at ``/v1/usage/stream``: the bearer
-token (``Authorization`` header, or a first ``{"type": "auth", "token": ...}`` message
-within ``AUTH_SECONDS``), then the events, each with an ``id`` counting up from 1 in
-that stream: one event per message, or with ``?batch=1`` every pending event in one
-message, one per line. A bad token, or none in time, closes the socket with 1008
-before any event is sent. Event fields are documented in ``docs/usage-feed.md``.
+One websocket session at ``/v1/usage/stream`` is
+:func:`tokenguard.observe.feed_session.serve_websocket`'s. Event fields are documented
+in ``docs/usage-feed.md``.
 """
 
 from __future__ import annotations
@@ -46,21 +44,19 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from contextlib import contextmanager
+from typing import Any
 
-import attrs
 import trio
-from quart import Response, Websocket
 
-from tokenguard.config.settings import DIMENSIONS, ApiKey, Settings, digest_of
-from tokenguard.errors import APIError
+from tokenguard.config.settings import Settings
 from tokenguard.limiting.keyring import Keyring
-from tokenguard.limiting.limiter import Decision, Limiter, tightest_by_dimension
+from tokenguard.limiting.limiter import Decision, Limiter
+from tokenguard.limiting.usage import usage_by_dimension
+from tokenguard.model import ApiKey, digest_of
 from tokenguard.observe.log_throttle import LogThrottle
+from tokenguard.observe.subscriber import Subscriber, Viewer
 from tokenguard.store.window_store import RowState, StoreError, WindowStore
-from tokenguard.strict_json import check_text, parse_json
 
 log = logging.getLogger("tokenguard.observe.feed")
 
@@ -76,31 +72,9 @@ PUBLISH_BATCH = 500
 # less than publishing at once). The first event after a quiet spell goes out at once;
 # an event waits at most this long.
 PUBLISH_SECONDS = 0.02
-# Events a default-mode session takes from its backlog at once (what a stuck sender
-# holds beyond the backlog).
-SEND_MOST = 64
-# Batched mode (`?batch=1`): one websocket message carries every event pending for the
-# subscriber (newline-separated JSON), at most BATCH_MOST of them (about 100 KiB: well
-# under the 1 MiB a trio-websocket client takes by default, whatever `[feed] backlog`
-# is). Events come in one store message per PUBLISH_SECONDS per node, so under load
-# a message carries that time's events, with no wait of its own (each websocket
-# message costs the node some 40 us of CPU, mostly the socket write, whatever its size).
-BATCH_MOST = 256
 SNAPSHOT_SECONDS = 1.0
 # Store reads in flight at once for one round of snapshots.
 SNAPSHOT_READS = 8
-AUTH_SECONDS = 5.0
-# The first message, before authentication, is at most this long (bytes of UTF-8): an
-# auth message is ~100 bytes; anything longer is closed with 1008 unparsed.
-AUTH_MESSAGE_BYTES = 4096
-# hypercorn's cap on every websocket message (tokenguard.cluster.node sets it): one larger is
-# closed by hypercorn with 1009 (message too big) once this much of it was buffered. A
-# feed socket reads nothing but the auth message, so this only bounds the memory a
-# client can make the node hold before its message is seen.
-WEBSOCKET_MESSAGE_BYTES = 64 * 1024
-# WebSocket close codes (RFC 6455).
-CLOSE_POLICY = 1008
-CLOSE_GOING_AWAY = 1001
 RESUBSCRIBE_SECONDS = (0.1, 5.0)
 # Presence: events are built and published only while someone in the cluster watches.
 # A node with local subscribers announces it on the channel at once and then every
@@ -119,26 +93,6 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def usage_entry(state: RowState) -> dict[str, Any]:
-    return {
-        "used": state.used,
-        "limit": state.limit,
-        "remaining": state.remaining,
-        "reset_seconds": state.reset_after,
-    }
-
-
-def usage_of(states: Sequence[RowState]) -> dict[str, Any]:
-    """Per dimension, the tightest enforced row's entry (over every scope and window, as
-    ``/v1/usage`` reports it); ``None`` for an unlimited dimension. ``total_tokens``
-    only when some rule limits it."""
-    by_dimension = tightest_by_dimension(states)
-    usage = {d: usage_entry(by_dimension[d]) if d in by_dimension else None for d in DIMENSIONS}
-    if "total_tokens" in by_dimension:
-        usage["total_tokens"] = usage_entry(by_dimension["total_tokens"])
-    return usage
-
-
 def limit_of(state: RowState) -> dict[str, Any]:
     """Which limit a row is: dimension, scope (``key`` or ``team``), window, numbers."""
     row = state.row
@@ -150,75 +104,6 @@ def limit_of(state: RowState) -> dict[str, Any]:
         "used": state.used,
         "requested": row.amount,
     }
-
-
-@attrs.frozen
-class Viewer:
-    """Who a subscriber is. ``role="key"``: the key named ``key``, which sees only its
-    own events. ``role="admin"``: sees every key, or only ``key`` when it is set."""
-
-    role: Literal["key", "admin"]
-    key: str | None = None
-
-    def sees(self, key_name: str) -> bool:
-        return self.key is None or self.key == key_name
-
-
-class Subscriber:
-    """One local subscriber: a backlog of encoded events (without their stream ``id``),
-    at most ``limit`` long, or one delivered batch long when it had kept up (see
-    :meth:`offer_all`); the oldest are dropped beyond it and counted until taken."""
-
-    def __init__(self, viewer: Viewer, limit: int) -> None:
-        self.viewer = viewer
-        self.limit = limit
-        self.dropped = 0
-        self.dropped_total = 0  # never reset: the node's metrics
-        self._backlog: deque[str] = deque()
-        self._wakeup = trio.Event()
-
-    @property
-    def pending(self) -> int:
-        """Events waiting to be sent."""
-        return len(self._backlog)
-
-    def offer_all(self, bodies: list[str]) -> None:
-        """Queue the events of one delivered batch; never blocks. A subscriber that had
-        kept up (nothing pending) takes the batch whole even past ``limit``: a node's
-        events arrive in batches of up to PUBLISH_SECONDS (at most PUBLISH_BATCH), and
-        such a burst is not a lag. Otherwise the oldest beyond ``limit`` are dropped."""
-        if not bodies:
-            return
-        backlog = self._backlog
-        limit = self.limit if backlog else max(self.limit, len(bodies))
-        backlog.extend(bodies)
-        excess = len(backlog) - limit
-        if excess > 0:
-            for _ in range(excess):
-                backlog.popleft()
-            self.dropped += excess
-            self.dropped_total += excess
-        self._wakeup.set()
-
-    def offer(self, body: str) -> None:
-        """Queue one event (a snapshot); never blocks."""
-        self.offer_all([body])
-
-    async def take(self, most: int = SEND_MOST) -> tuple[int, list[str]]:
-        """Wait for events; return (events dropped since the last take, up to ``most``
-        events, oldest first). Taking a bounded number at a time keeps what a stuck
-        sender holds small: the backlog stays the bound."""
-        while not self._backlog and not self.dropped:
-            self._wakeup = trio.Event()
-            await self._wakeup.wait()
-        dropped, self.dropped = self.dropped, 0
-        backlog = self._backlog
-        if len(backlog) <= most:
-            taken = list(backlog)
-            backlog.clear()
-        else:
-            taken = [backlog.popleft() for _ in range(most)]
-        return dropped, taken
 
 
 class Feed:
@@ -248,7 +133,7 @@ class Feed:
         self.publish_seconds = publish_seconds
         # Set when the node starts to shut down: sessions then close with 1001.
         self.closing = closing if closing is not None else trio.Event()
-        # The live keys (tokenguard/keyring.py); the config's when none is given.
+        # The live keys (tokenguard/limiting/keyring.py); the config's when none is given.
         self.keyring = keyring if keyring is not None else Keyring(settings, store)
         self._admin_digest = settings.feed.admin_digest
         # A key is active while its amounts may still count: a window and a bucket.
@@ -292,6 +177,11 @@ class Feed:
         then are events built and published (nobody watching costs nothing)."""
         return bool(self._subscribers) or trio.current_time() < self._watched_until
 
+    def stamped(self, event: dict[str, Any]) -> dict[str, Any]:
+        """``event`` with this node's id and the server's time (``node``, ``ts``): a
+        message made for local subscribers only (a snapshot, a session's control)."""
+        return {**event, "node": self.node_id, "ts": now_ms()}
+
     def emit(self, event: dict[str, Any]) -> None:
         """Queue ``event`` for every node's subscribers; adds ``node``, ``seq``, ``ts``."""
         self._seq += 1
@@ -318,7 +208,7 @@ class Feed:
                     "input_tokens": cost.input_tokens,
                     "output_tokens": cost.output_tokens,
                 },
-                "usage": usage_of(decision.admission.states),
+                "usage": usage_by_dimension(decision.admission.states),
             }
         )
         shadow = decision.shadow_refusal if decision.would_refuse else None
@@ -601,196 +491,13 @@ class Feed:
             "type": "snapshot",
             "key": key.name,
             "window_seconds": self.limiter.window_seconds,
-            "usage": usage_of(states),
-            "node": self.node_id,
-            "ts": now_ms(),
+            "usage": usage_by_dimension(states),
         }
-        body = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+        body = json.dumps(self.stamped(event), ensure_ascii=False, separators=(",", ":"))
         for subscriber in self._subscribers:
             if subscriber.viewer.sees(key.name):
                 subscriber.offer(body)
 
 
-# --- one websocket session ------------------------------------------------------------
-
-
-def _bearer(value: str) -> str | None:
-    scheme, _, token = value.strip().partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
-
-
-NO_TOKEN = "no valid bearer token"
-AUTH_MESSAGE = 'the first message must be {"type": "auth", "token": "..."}'
-
-
-async def _token_of(websocket: Websocket) -> tuple[str | None, str | None]:
-    """The Authorization header's bearer token, else a first auth message's, and
-    ``None``; or ``None`` and why there is none (two headers, a malformed header, no
-    auth message in time, a first message that is not one: see
-    :func:`_auth_message_token`)."""
-    headers = websocket.headers.getlist("Authorization")
-    if len(headers) > 1:
-        return None, NO_TOKEN
-    if headers:
-        token = _bearer(headers[0])
-        return token, None if token else NO_TOKEN
-    with trio.move_on_after(AUTH_SECONDS):
-        return _auth_message_token(await websocket.receive())
-    return None, NO_TOKEN
-
-
-def _auth_message_token(raw: str | bytes) -> tuple[str | None, str | None]:
-    """The token of a first message ``{"type": "auth", "token": "..."}``, or why not.
-
-    Unauthenticated input: refused unread past :data:`AUTH_MESSAGE_BYTES`, then read
-    with the request bodies' strict JSON reader (:func:`tokenguard.strict_json.parse_json`:
-    no deep nesting, duplicate keys, lone surrogates...), never raising."""
-    if len(raw) > AUTH_MESSAGE_BYTES:
-        return None, f"the first message is longer than {AUTH_MESSAGE_BYTES} bytes"
-    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-    if len(data) > AUTH_MESSAGE_BYTES:
-        return None, f"the first message is longer than {AUTH_MESSAGE_BYTES} bytes"
-    try:
-        message = parse_json(data)
-    except APIError:
-        return None, "the first message is not valid JSON"
-    if not isinstance(message, Mapping) or message.get("type") != "auth":
-        return None, AUTH_MESSAGE
-    token = message.get("token")
-    if not isinstance(token, str) or not token:
-        return None, AUTH_MESSAGE
-    try:
-        check_text(token, "token")
-    except APIError:
-        return None, "the token is not valid Unicode"
-    return token, None
-
-
-def origin_allowed(origins: Sequence[str], host: str | None, allowed: frozenset[str]) -> bool:
-    """Whether a handshake with these ``Origin`` headers may open the feed: none (not a
-    browser: ``tokenguard watch``, scripts), or one that is the node's own origin (its
-    ``host[:port]`` is the request's ``Host``) or in ``allowed`` (lower-case
-    ``scheme://host[:port]``). Two ``Origin`` headers, or ``null``, are refused."""
-    if not origins:
-        return True
-    if len(origins) > 1:
-        return False
-    origin = origins[0].strip().lower().rstrip("/")
-    if origin in allowed:
-        return True
-    parts = urlsplit(origin)
-    return (
-        parts.scheme in ("http", "https")
-        and bool(parts.netloc)
-        and host is not None
-        and parts.netloc == host.strip().lower()
-    )
-
-
-def _refusal(error: APIError) -> Response:
-    body = json.dumps(error.body(), ensure_ascii=False, separators=(",", ":"))
-    return Response(body, status=error.status, content_type="application/json")
-
-
-async def serve_websocket(feed: Feed, websocket: Websocket) -> Response | None:
-    """One subscriber's session, from the handshake until it or the node leaves.
-
-    Refused before the handshake completes (an HTTP 403 with OpenAI's error body, which
-    the handler must return): a browser page of an origin not allowed
-    (:func:`origin_allowed`; ``[feed] allowed_origins``), so no other site's page can
-    ride a user's token. Refused after it (1008, nothing else sent): no token, a bad
-    one, a filter it may not use, a ``batch`` that is neither ``0`` nor ``1``.
-    Accepted: a ``ready`` message, then events, ``lagged`` when some were dropped for
-    it; on node shutdown the socket closes with 1001.
-
-    By default each message carries one event. With ``?batch=1`` each message carries
-    every event pending for the subscriber when it is taken (at most ``BATCH_MOST``),
-    newline-separated, a ``lagged`` first when there is one, each with its own ``id``.
-    """
-    origins = websocket.headers.getlist("Origin")
-    if not origin_allowed(origins, websocket.headers.get("Host"), feed.allowed_origins):
-        return _refusal(
-            APIError(
-                403,
-                f"Origin {origins[0][:200]!r} may not open the usage feed "
-                "(see [feed] allowed_origins).",
-                code="origin_not_allowed",
-            )
-        )
-    await websocket.accept()
-    token, problem = await _token_of(websocket)
-    key_filter = websocket.args.get("key") or None
-    batch = websocket.args.get("batch", "0")
-    viewer = (problem or NO_TOKEN) if token is None else feed.viewer_for(token, key_filter)
-    if not isinstance(viewer, str) and batch not in ("0", "1"):
-        viewer = "batch must be 0 or 1"
-    if isinstance(viewer, str):
-        if problem is not None:
-            feed.refused_unauthenticated(problem)
-        await websocket.close(CLOSE_POLICY, viewer)
-        return
-    batched = batch == "1"
-    next_id = 1
-
-    def numbered(body: str) -> str:
-        # An encoded event, `{"type":...}`, with this stream's next id put first.
-        nonlocal next_id
-        text = f'{{"id":{next_id},{body[1:]}'
-        next_id += 1
-        return text
-
-    def control(event: dict[str, Any]) -> str:
-        event = {**event, "node": feed.node_id, "ts": now_ms()}
-        return numbered(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
-
-    # A key's socket closes (1008) once the keyring sees its key revoked; the admin
-    # token comes from the config and is never revoked.
-    revocation = (
-        feed.keyring.watching(digest_of(token))
-        if viewer.role == "key" and token is not None
-        else nullcontext(trio.Event())
-    )
-    with feed.subscription(viewer) as subscriber, revocation as revoked:
-        async with trio.open_nursery() as nursery:
-
-            async def discard_incoming() -> None:
-                # Read (and ignore) what the client sends, so a disconnect is noticed
-                # and quart's bounded receive queue never fills.
-                while True:
-                    await websocket.receive()
-
-            async def close_on_shutdown() -> None:
-                await feed.closing.wait()
-                nursery.cancel_scope.cancel()
-
-            async def close_on_revocation() -> None:
-                await revoked.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(discard_incoming)
-            nursery.start_soon(close_on_shutdown)
-            nursery.start_soon(close_on_revocation)
-            # Every node publishes before `ready`: events after it are all delivered.
-            await feed.announced()
-            await websocket.send(
-                control({"type": "ready", "role": viewer.role, "key": viewer.key, "batch": batched})
-            )
-            if batched:
-                while True:
-                    dropped, bodies = await subscriber.take(BATCH_MOST)
-                    lines = [control({"type": "lagged", "dropped": dropped})] if dropped else []
-                    lines += map(numbered, bodies)
-                    await websocket.send("\n".join(lines))
-            else:
-                while True:
-                    dropped, bodies = await subscriber.take()
-                    if dropped:
-                        await websocket.send(control({"type": "lagged", "dropped": dropped}))
-                    for body in bodies:
-                        await websocket.send(numbered(body))
-    if revoked.is_set():
-        await websocket.close(CLOSE_POLICY, "API key revoked")
-        return
-    # Only reached on shutdown: a client that left cancels the whole handler.
-    await websocket.close(CLOSE_GOING_AWAY, "node shutting down")
+# Re-exported for tokenguard/api/app.py, which still imports it from here; its home is
+# tokenguard.observe.feed_session (which needs nothing from this module at run time).

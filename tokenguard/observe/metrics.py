@@ -1,8 +1,8 @@
-"""Prometheus metrics: a node's (``GET /metrics``) and the supervisor's (``--metrics-port``).
+"""Prometheus metrics of a node (``GET /metrics``); the supervisor's (``--metrics-port``)
+are :mod:`tokenguard.cluster.metrics_server`'s.
 
 Every metric is documented in ``docs/metrics.md``. There are no module globals: each app
-owns a :class:`Metrics` with its own ``CollectorRegistry``, and a supervisor its own
-registry with a :class:`SupervisorCollector`.
+owns a :class:`Metrics` with its own ``CollectorRegistry``.
 
 Two kinds of metrics, by cost:
 
@@ -17,47 +17,30 @@ Two kinds of metrics, by cost:
   failure counters (:class:`~tokenguard.store.guarded.GuardStats`, including admissions
   made under ``on_store_error = "open"``), the usage feed's subscribers and dropped
   events, the limiter's near-limit crossings. :class:`NodeCollector` reads them from
-  the objects that already keep them.
+  the objects that already keep them (:mod:`tokenguard.observe.node_collector`).
 
 Label values are bounded: key *names* from the config (never keys or digests),
 dimensions, status codes, the app's own paths (any other path is ``other``) and model
 names only where the set is bounded (:class:`BoundedLabel`).
-
-:func:`serve_metrics` is the supervisor's scrape endpoint: a raw HTTP/1.1 responder on
-trio (no thread, unlike ``prometheus_client.start_http_server``), one response per
-connection.
 """
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
-import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
 
-from tokenguard.config.settings import digest_of
-from tokenguard.counting.tokens import COUNT_CACHE
-from tokenguard.store.guarded import GuardedStore
-from tokenguard.store.window_store import evictable
+from tokenguard.bearer import bearer_matches
+from tokenguard.observe.node_collector import NodeCollector
 
 if TYPE_CHECKING:
-    from tokenguard.cluster.supervisor import Supervisor
     from tokenguard.limiting.limiter import Decision, Limiter
     from tokenguard.observe.feed import Feed
     from tokenguard.observe.logs import RequestRecord
     from tokenguard.store.window_store import WindowStore
 
-NAMESPACE = "tokenguard"
 # Request and upstream latencies: from a fast mock answer to a long generation.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 MAX_MODEL_LABELS = 50
@@ -283,426 +266,11 @@ class Metrics:
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(name, doc, value=value)
-
-
-def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, doc, value=value)
-
-
-class NodeCollector(Collector):
-    """The node's state, read when scraped: the per-key admission and token counters
-    (plain integers), and what the store, feed and limiter already keep."""
-
-    def __init__(
-        self,
-        metrics: Metrics,
-        *,
-        store: WindowStore,
-        feed: Feed | None,
-        limiter: Limiter | None,
-    ) -> None:
-        self.metrics = metrics
-        self.store = store
-        self.feed = feed
-        self.limiter = limiter
-
-    def describe(self) -> Iterable[Metric]:
-        return ()  # (names are not registered ahead: collect() reads live objects)
-
-    def collect(self) -> Iterator[Metric]:
-        info = GaugeMetricFamily(
-            "tokenguard_node_info", "This node's id (always 1).", labels=["node"]
-        )
-        info.add_metric([str(self.metrics.node_id)], 1)
-        yield info
-        yield from self._per_key()
-        yield from self._input_counts()
-        yield from self._count_cache()
-        if isinstance(self.store, GuardedStore):
-            yield from self._store(self.store)
-        if self.feed is not None:
-            yield from self._feed(self.feed)
-        if self.limiter is not None:
-            yield from self._limiter(self.limiter)
-
-    def _input_counts(self) -> Iterator[Metric]:
-        """Proxy mode: per model, the prompt tokens tokenguard counted against what the
-        upstream reported for the same prompts (their ratio is the counting error)."""
-        families = (
-            CounterMetricFamily(
-                "tokenguard_upstream_prompt_reports",
-                "Upstream answers that reported prompt_tokens, by model (bounded).",
-                labels=["model"],
-            ),
-            CounterMetricFamily(
-                "tokenguard_upstream_prompt_miscounts",
-                "Upstream answers whose prompt_tokens differed from tokenguard's count (the "
-                "request was settled to the upstream's), by model (bounded).",
-                labels=["model"],
-            ),
-            CounterMetricFamily(
-                "tokenguard_upstream_prompt_tokens",
-                "Prompt tokens of the answers that reported them: as tokenguard counted them "
-                "(source counted) and as the upstream reported them (source upstream), by "
-                "model (bounded).",
-                labels=["model", "source"],
-            ),
-        )
-        reports, miscounts, tokens = families
-        for model, series in list(self.metrics.input_counts.items()):
-            reports.add_metric([model], series.answers)
-            miscounts.add_metric([model], series.differed)
-            tokens.add_metric([model, "counted"], series.counted)
-            tokens.add_metric([model, "upstream"], series.reported)
-        yield from families
-
-    def _count_cache(self) -> Iterator[Metric]:
-        """The process's remembered prompt counts (tokenguard.counting.tokens.COUNT_CACHE)."""
-        yield _counter(
-            "tokenguard_token_count_cache_hits",
-            "Texts whose token count was remembered (not counted again).",
-            COUNT_CACHE.hits,
-        )
-        yield _counter(
-            "tokenguard_token_count_cache_misses",
-            "Texts long enough to remember whose count was not known: counted, then kept.",
-            COUNT_CACHE.misses,
-        )
-        yield _gauge(
-            "tokenguard_token_count_cache_entries",
-            "Token counts remembered now.",
-            len(COUNT_CACHE),
-        )
-
-    def _store(self, store: GuardedStore) -> Iterator[Metric]:
-        stats = store.stats
-        durations = HistogramMetricFamily(
-            "tokenguard_store_call_seconds",
-            "Duration of the calls to the shared window store that it answered, by "
-            "operation (admit, settle, usage).",
-            labels=["operation"],
-        )
-        for operation, seconds in stats.call_seconds.sums.items():
-            buckets = stats.call_seconds.cumulative(operation)
-            durations.add_metric([operation], buckets, sum_value=seconds)
-        yield durations
-        yield _gauge(
-            "tokenguard_store_breaker_open",
-            "1 while the circuit breaker in front of the shared store is open (requests "
-            "then follow on_store_error), else 0.",
-            1 if store.breaker.is_open else 0,
-        )
-        policy = GaugeMetricFamily(
-            "tokenguard_store_policy_info",
-            "The on_store_error policy (always 1).",
-            labels=["policy"],
-        )
-        policy.add_metric([store.policy], 1)
-        yield policy
-        if store.eviction_policy is not None:
-            evicts = evictable(store.eviction_policy)
-            eviction = GaugeMetricFamily(
-                "tokenguard_store_eviction_policy_info",
-                "The store server's maxmemory-policy, and what of the store's data it may "
-                "evict: none, windows, registry,windows or unknown (always 1).",
-                labels=["policy", "evicts"],
-            )
-            what = "unknown" if evicts is None else ",".join(evicts) or "none"
-            eviction.add_metric([store.eviction_policy, what], 1)
-            yield eviction
-        for name, doc, value in (
-            ("store_failures", "Store calls that failed or missed their deadline.", stats.failures),
-            ("store_timeouts", "Store calls that missed their deadline.", stats.timeouts),
-            (
-                "store_stalled_out",
-                "Store calls cut at the hard cap while this node itself was stalled "
-                "(answered by on_store_error, not counted as failures).",
-                stats.stalled_out,
-            ),
-            (
-                "store_node_stalled_seconds",
-                "Seconds this node's event loop was stalled (GC passes, a starved CPU, "
-                "its own busy tasks): left out of every store deadline.",
-                store.stalls.total,
-            ),
-            ("store_breaker_openings", "Times the breaker opened.", stats.breaker_opened),
-            (
-                "store_fail_open_admissions",
-                'Admissions granted unchecked while the store was down (on_store_error = "open").',
-                stats.fail_open_admissions,
-            ),
-            (
-                "store_local_admissions",
-                'Admissions by this node\'s local windows (on_store_error = "local").',
-                stats.local_admissions,
-            ),
-            (
-                "store_local_refusals",
-                'Refusals by this node\'s local windows (on_store_error = "local").',
-                stats.local_refusals,
-            ),
-            (
-                "store_unavailable_refusals",
-                'Calls answered 503 while the store was down (on_store_error = "closed").',
-                stats.refused_unavailable,
-            ),
-            (
-                "store_settlements_dropped",
-                "Settlements not sent while the breaker was open (reservations kept whole).",
-                stats.settlements_dropped,
-            ),
-            (
-                "store_written_back",
-                "Counter buckets written back to the store after an outage.",
-                stats.written_back,
-            ),
-        ):
-            yield _counter(f"{NAMESPACE}_{name}", doc, value)
-
-    def _per_key(self) -> Iterator[Metric]:
-        admitted = CounterMetricFamily(
-            "tokenguard_admitted",
-            "Completions admitted by the limiter (shadow-mode and store-outage admissions "
-            "included), by key name.",
-            labels=["key"],
-        )
-        reserved = CounterMetricFamily(
-            "tokenguard_tokens_reserved",
-            "Tokens reserved at admission: input (counted prompt) and output (max_tokens "
-            "x n, or the default), by key name.",
-            labels=["key", "direction"],
-        )
-        settled = CounterMetricFamily(
-            "tokenguard_tokens_settled",
-            "Tokens settled after the reply: what was really used (output; input when an "
-            "upstream reports another prompt size), by key name.",
-            labels=["key", "direction"],
-        )
-        for name, series in list(self.metrics.keys_seen.items()):
-            admitted.add_metric([name], series.admitted)
-            reserved.add_metric([name, "input"], series.input_reserved)
-            reserved.add_metric([name, "output"], series.output_reserved)
-            if series.input_settled:  # (only an upstream's other prompt size)
-                settled.add_metric([name, "input"], series.input_settled)
-            settled.add_metric([name, "output"], series.output_settled)
-        yield from (admitted, reserved, settled)
-
-    def _feed(self, feed: Feed) -> Iterator[Metric]:
-        yield _gauge(
-            "tokenguard_feed_subscribers",
-            "Websocket subscribers of the usage feed on this node.",
-            len(feed.subscribers),
-        )
-        yield _gauge(
-            "tokenguard_feed_queued_events", "Events waiting to be published.", feed.queued
-        )
-        dropped = CounterMetricFamily(
-            "tokenguard_feed_dropped_events",
-            "Usage-feed events dropped: before publishing (store down: queue full), or "
-            "for a subscriber that fell behind its backlog.",
-            labels=["stage"],
-        )
-        dropped.add_metric(["publish"], feed.dropped_outgoing)
-        live = sum(s.dropped_total for s in feed.subscribers)
-        dropped.add_metric(["subscriber"], feed.dropped_by_departed + live)
-        yield dropped
-        yield _counter(
-            "tokenguard_feed_publish_failures",
-            "Batches of usage-feed events the store did not take.",
-            feed.publish_failures,
-        )
-
-    def _limiter(self, limiter: Limiter) -> Iterator[Metric]:
-        # Near-limit crossings (the limiter counts them, by dimension, once a key's use
-        # crosses the near-limit ratio of a limit; see docs/metrics.md). Read only if
-        # this limiter keeps them.
-        crossings: Mapping[Any, int] | None = getattr(limiter, "near_limit_crossings", None)
-        if isinstance(crossings, Mapping):
-            family = CounterMetricFamily(
-                "tokenguard_near_limit_crossings",
-                "Times a key's use crossed the near-limit ratio of a limit, by dimension.",
-                labels=["dimension"],
-            )
-            by_dimension: dict[str, int] = {}
-            for label, count in crossings.items():
-                dimension = label[-1] if isinstance(label, tuple) else str(label)
-                by_dimension[dimension] = by_dimension.get(dimension, 0) + count
-            for dimension, count in sorted(by_dimension.items()):
-                family.add_metric([dimension], count)
-            yield family
-
-
-# --- the supervisor -----------------------------------------------------------------------
-
-
-class SupervisorCollector(Collector):
-    """The supervisor's children, read when scraped: node restarts and up/down, and the
-    embedded Redis's (when there is one)."""
-
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
-
-    def describe(self) -> Iterable[Metric]:
-        return ()
-
-    def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily(
-            "tokenguard_supervisor_node_up",
-            "1 while the node passes its health probes, else 0.",
-            labels=["node"],
-        )
-        restarts = CounterMetricFamily(
-            "tokenguard_supervisor_node_restarts",
-            "Times the supervisor restarted the node (it exited or failed its probes).",
-            labels=["node"],
-        )
-        for node_id, child in enumerate(self.supervisor.node_children):
-            up.add_metric([str(node_id)], 1 if child.healthy else 0)
-            restarts.add_metric([str(node_id)], child.restarts)
-        yield up
-        yield restarts
-        yield _gauge(
-            "tokenguard_supervisor_nodes", "Node processes supervised.", self.supervisor.nodes
-        )
-        redis = self.supervisor.redis_child
-        if redis is not None:
-            yield _gauge(
-                "tokenguard_supervisor_redis_up",
-                "1 while the embedded redis-server answers PING, else 0.",
-                1 if redis.healthy else 0,
-            )
-            yield _counter(
-                "tokenguard_supervisor_redis_restarts",
-                "Times the supervisor restarted the embedded redis-server.",
-                redis.restarts,
-            )
-
-
-def supervisor_registry(supervisor: Supervisor) -> CollectorRegistry:
-    """A registry holding the supervisor's metrics only."""
-    registry = CollectorRegistry()
-    registry.register(SupervisorCollector(supervisor))
-    return registry
-
-
-# --- a scrape endpoint without a web framework ---------------------------------------------
-
-MAX_HEAD_BYTES = 16384
-SCRAPE_TIMEOUT = 10.0
-
-
-def bearer_matches(authorization: str | None, token_digest: str | None) -> bool:
-    """True if no token is required, or ``authorization`` is ``Bearer <the token>``
-    (compared by digest, in constant time)."""
-    if token_digest is None:
-        return True
-    if authorization is None:
-        return False
-    scheme, _, token = authorization.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return False
-    return hmac.compare_digest(digest_of(token.strip()), token_digest)
-
-
-def _response(status: str, body: bytes, content_type: str, extra: str = "") -> bytes:
-    head = (
-        f"HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n{extra}\r\n"
-    )
-    return head.encode("latin-1") + body
-
-
-def scrape_response(head: bytes, registry: CollectorRegistry, token_digest: str | None) -> bytes:
-    """The whole HTTP response to one request head (request line and headers)."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    plain = "text/plain; charset=utf-8"
-    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-        return _response("400 Bad Request", b"bad request\n", plain)
-    method, target = parts[0], parts[1].split("?", 1)[0]
-    if target != "/metrics":
-        return _response("404 Not Found", b"only /metrics is served here\n", plain)
-    if method not in ("GET", "HEAD"):
-        return _response("405 Method Not Allowed", b"GET /metrics\n", plain, "allow: GET\r\n")
-    authorization = None
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "authorization":
-            authorization = value
-    if not bearer_matches(authorization, token_digest):
-        return _response(
-            "401 Unauthorized",
-            b"a metrics token is required: Authorization: Bearer <[metrics] token>\n",
-            plain,
-            'www-authenticate: Bearer realm="tokenguard metrics"\r\n',
-        )
-    body = generate_latest(registry)
-    response = _response("200 OK", body, CONTENT_TYPE)
-    return response[: len(response) - len(body)] if method == "HEAD" else response
-
-
-async def _answer_scrape(
-    stream: trio.SocketStream, registry: CollectorRegistry, token_digest: str | None
-) -> None:
-    async with stream:
-        with trio.move_on_after(SCRAPE_TIMEOUT):
-            try:
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    if len(head) > MAX_HEAD_BYTES:
-                        return
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        return
-                    head += chunk
-                response = scrape_response(head.split(b"\r\n\r\n", 1)[0], registry, token_digest)
-                await stream.send_all(response)
-            except (OSError, trio.BrokenResourceError):
-                return
-
-
-async def serve_metrics(
-    registry: CollectorRegistry,
-    host: str,
-    port: int,
-    *,
-    token_digest: str | None = None,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``GET /metrics`` from ``registry`` on ``host:port`` until cancelled;
-    ``task_status.started(port)`` once listening (the real port when asked for 0).
-
-    With ``token_digest``, a scrape must send ``Authorization: Bearer <token>`` (401
-    otherwise). Each connection gets one response and is closed; a client that sends
-    no complete request head within ``SCRAPE_TIMEOUT`` seconds is dropped. Raises
-    ``OSError`` if the address cannot be bound.
-    """
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()[1]
-
-    async def handler(stream: trio.SocketStream) -> None:
-        await _answer_scrape(stream, registry, token_digest)
-
-    task_status.started(bound)
-    await trio.serve_listeners(handler, listeners)
-
-
-def is_loopback(host: str) -> bool:
-    """True for a loopback bind address (``127.0.0.0/8``, ``::1``, ``localhost``)."""
-    return host == "localhost" or host.startswith("127.") or host == "::1"
-
-
 __all__ = [
     "CONTENT_TYPE",
     "BoundedLabel",
     "Metrics",
-    "NodeCollector",
-    "SupervisorCollector",
+    # Re-exported for tokenguard/api/app.py, which still imports it from here; its home
+    # is tokenguard.bearer.
     "bearer_matches",
-    "is_loopback",
-    "scrape_response",
-    "serve_metrics",
-    "supervisor_registry",
 ]

@@ -30,7 +30,7 @@ from tokenguard.api.request_body import (
     request_model,
     stream_flags,
 )
-from tokenguard.counting.tokens import count_chat_prompt, tool_json
+from tokenguard.counting import count_chat_prompt, tool_json
 from tokenguard.errors import invalid
 from tokenguard.upstreams.mock import MockReply, mock_reply
 from tokenguard.upstreams.relay import StreamMeter

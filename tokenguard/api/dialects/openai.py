@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tokenguard.counting.tokens import count_text
+from tokenguard.counting import count_text
 from tokenguard.errors import APIError
 from tokenguard.upstreams.relay import StreamMeter
 from tokenguard.upstreams.usage import ReportedUsage

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from tokenguard.api.request_body import check_text
-from tokenguard.counting.tokens import count_text
+from tokenguard.counting import count_text
 from tokenguard.errors import invalid
 
 # A prompt, normalised: each item a string or a tuple of token ids.

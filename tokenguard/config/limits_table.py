@@ -1,0 +1,81 @@
+"""The limits a TOML table of limit fields gives: a tier's, a team's, a key's own.
+
+Read the same way from the config file (:mod:`tokenguard.config.loading`), from the
+key registry (:mod:`tokenguard.limiting.registry`) and from the admin API's bodies, so
+that a limit field means one thing, and is checked one way, wherever it is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenguard.config.reader import TableReader
+from tokenguard.model import MODES, RULE_FIELDS, Limits, ModelRule
+
+
+def read_mode(reader: TableReader, default: str) -> str:
+    mode = reader.str("mode", default)
+    if mode not in MODES:
+        reader.fail(f"must be one of {', '.join(MODES)}, got {mode!r}", "mode")
+    return mode
+
+
+def read_limits(
+    reader: TableReader,
+    base: Limits | None = None,
+    *,
+    mode: str = "enforce",
+    default_max_tokens: bool = True,
+) -> Limits:
+    """The limits of a tier, key or team: ``base`` (a key's tier) field by field, unless
+    the table sets the field. ``mode`` is the default mode (the global one) when there
+    is no base. Per-model rules for a pattern the base also has override it field by
+    field too. ``default_max_tokens=False`` (teams) refuses that field."""
+    base = base or Limits(mode=mode)
+    values = {field: reader.int(field, getattr(base, field)) for field in RULE_FIELDS}
+    own_mode = read_mode(reader, base.mode)
+    reserve = base.default_max_tokens
+    if default_max_tokens:
+        reserve = reader.int("default_max_tokens", base.default_max_tokens)
+    models = _model_rules(reader.sub("models"), base.models)
+    return Limits(**values, default_max_tokens=reserve, mode=own_mode, models=models)
+
+
+def limits_from_table(
+    table: Any,
+    where: str,
+    base: Limits | None = None,
+    *,
+    mode: str = "enforce",
+    default_max_tokens: bool = True,
+) -> Limits:
+    """The limits a table of limit fields gives (the TOML of a tier or a key's own
+    fields, parsed), over ``base`` as for a config key; ConfigError naming ``where``
+    and the field. For limits stored outside the config file (the admin API's)."""
+    reader = TableReader(where, "", table)
+    limits = read_limits(reader, base, mode=mode, default_max_tokens=default_max_tokens)
+    reader.done()
+    return limits
+
+
+def _model_rules(reader: TableReader, base: tuple[ModelRule, ...]) -> tuple[ModelRule, ...]:
+    """``models = {"gpt-4o*" = {rpm = 5}}`` (or ``[....models."gpt-4o*"]`` tables)."""
+    inherited = {rule.pattern: rule for rule in base}
+    rules = dict(inherited)
+    for pattern in list(reader.table):
+        if not pattern.strip():
+            reader.fail("a model pattern must not be empty", repr(pattern))
+        table = reader.sub(pattern)
+        parent = inherited.get(pattern)
+        parent_limits = parent.limits if parent else Limits()
+        values = {field: table.int(field, getattr(parent_limits, field)) for field in RULE_FIELDS}
+        mode = table.str("mode", parent.mode if parent else None)
+        if mode is not None and mode not in MODES:
+            table.fail(f"must be one of {', '.join(MODES)}, got {mode!r}", "mode")
+        table.done()
+        limits = Limits(**values)
+        if not limits.rules():
+            table.fail(f"sets no limit (give one of {', '.join(RULE_FIELDS)})")
+        rules[pattern] = ModelRule(pattern=pattern, limits=limits, mode=mode)
+    reader.done()
+    return tuple(rules.values())

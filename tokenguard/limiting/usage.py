@@ -1,0 +1,37 @@
+"""A key's usage as clients are told it: ``GET /v1/usage`` and the usage feed's events.
+
+One entry per row (:func:`usage_entry`), and per dimension the tightest enforced row
+over every scope and window (:func:`usage_by_dimension`, the same choice as the
+``x-ratelimit-*`` headers: :func:`~tokenguard.limiting.limiter.tightest_by_dimension`).
+Field names and order are documented in ``docs/usage-feed.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from tokenguard.limiting.limiter import tightest_by_dimension
+from tokenguard.model import DIMENSIONS
+from tokenguard.store.window_store import RowState
+
+
+def usage_entry(state: RowState) -> dict[str, Any]:
+    """One row's usage: ``used``, ``limit``, ``remaining`` and ``reset_seconds``."""
+    return {
+        "used": state.used,
+        "limit": state.limit,
+        "remaining": state.remaining,
+        "reset_seconds": state.reset_after,
+    }
+
+
+def usage_by_dimension(states: Iterable[RowState]) -> dict[str, Any]:
+    """Per dimension, the tightest enforced row's entry (over every scope and window);
+    ``None`` for an unlimited dimension. ``total_tokens`` only when some rule limits
+    it."""
+    by_dimension = tightest_by_dimension(states)
+    usage = {d: usage_entry(by_dimension[d]) if d in by_dimension else None for d in DIMENSIONS}
+    if "total_tokens" in by_dimension:
+        usage["total_tokens"] = usage_entry(by_dimension["total_tokens"])
+    return usage
