@@ -184,9 +184,6 @@ async def test_bad_tokens_are_refused_with_1008(redis_url: str, tmp_path: Path) 
 
 STALLED_REQUESTS = 1200
 CONCURRENCY = 16
-# Far above any answer's time on a busy machine (milliseconds): only a request that
-# waited for the stalled subscriber (that is, until it reads again) would come near it.
-ANSWER_BOUND = 5.0
 
 
 async def test_a_stalled_subscriber_does_not_slow_the_request_path(
@@ -194,14 +191,14 @@ async def test_a_stalled_subscriber_does_not_slow_the_request_path(
 ) -> None:
     """An admin subscriber that reads nothing (a 4 KiB socket buffer, one message
     queued: the node's socket to it fills within the first requests) while 1,200
-    requests go through the node, two events each: every request is answered 200, none
-    waits anywhere near ANSWER_BOUND, and once the subscriber reads again it is told it
-    lagged, with the events dropped for it: the node dropped events past its backlog
-    (100) instead of waiting for it or queueing without bound.
+    requests go through the node, two events each: every request is answered 200 (a
+    node that waited for the subscriber would answer none: the hang guard), and once the
+    subscriber reads again it is told it lagged, with the events dropped for it: the
+    node dropped events past its backlog (100) instead of waiting for it or queueing
+    without bound.
 
     What a live subscriber costs the node's throughput is a benchmark's business
     (`python -m bench feed`, the suite's `feed` section), not a timed test's."""
-    slowest = 0.0
     answered = 0
     with trio.fail_after(START_TIMEOUT + 120):
         async with running_nodes(tmp_path, redis_url, 1, backlog=100) as (url,):
@@ -213,12 +210,10 @@ async def test_a_stalled_subscriber_does_not_slow_the_request_path(
                     left = STALLED_REQUESTS
 
                     async def worker() -> None:
-                        nonlocal left, slowest, answered
+                        nonlocal left, answered
                         while left > 0:
                             left -= 1
-                            start = trio.current_time()
                             assert await chat(client, url, "sk-alpha", max_tokens=16) == 200
-                            slowest = max(slowest, trio.current_time() - start)
                             answered += 1
 
                     async with trio.open_nursery() as nursery:
@@ -227,7 +222,6 @@ async def test_a_stalled_subscriber_does_not_slow_the_request_path(
                     # Reading again: what was kept, then how much was dropped.
                     events = await collect(stalled, lambda ev: bool(of_type(ev, "lagged")))
     assert answered == STALLED_REQUESTS
-    assert slowest < ANSWER_BOUND, slowest
     (lagged,) = of_type(events, "lagged")
     kept = len(of_type(events, "admitted")) + len(of_type(events, "settled"))
     assert lagged["dropped"] > 0
