@@ -3,8 +3,9 @@ processes that burn the CPU, as on a busy CI machine.
 
 Each round runs ``python -m pytest -q -p no:cacheprovider [PYTEST ARGS]`` in the
 project's root directory with this very interpreter, so in the virtualenv the command is
-run from (what tox's ``py`` environment runs: ``pytest {posargs:-q}``; not tox itself,
-which would first build an environment of its own and then run ruff as well). All the
+run from (what tox's ``py`` environment runs, but on one worker unless given ``-- -n 2
+--dist loadfile`` as tox gives it; not tox itself, which would first build an
+environment of its own and then run ruff as well). All the
 while, ``--burners`` processes (default 2: as many as the CI machine's cores) spin on
 the CPU at the same priority, from before the first round until the last ends.
 
