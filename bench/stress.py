@@ -84,9 +84,7 @@ def burning(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
     try:
         for _ in range(count):
             burners.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", BURNER_CODE], preexec_fn=die_with_parent()
-                )
+                subprocess.Popen([sys.executable, "-c", BURNER_CODE], preexec_fn=die_with_parent())
             )
         yield burners
     finally:
