@@ -86,7 +86,7 @@ import attrs
 import trio
 
 from tokenguard.config.settings import STORE_ERROR_POLICIES, Settings
-from tokenguard.observe.log_throttle import LogThrottle
+from tokenguard.log_throttle import LogThrottle
 from tokenguard.store.breaker import BREAKER_THRESHOLD, Breaker
 from tokenguard.store.call_durations import CallDurations
 from tokenguard.store.deadlines import NodeStalled, _Deadlines, _Wait
