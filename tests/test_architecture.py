@@ -1,23 +1,27 @@
 """The import graph is the one docs/design.md draws: no package imports one above it.
 
-Every ``import`` and ``from ... import`` in ``tokenguard/`` and ``drivers/`` is read with
-:mod:`ast` (those inside functions and under ``TYPE_CHECKING`` too) and checked against
-:data:`ALLOWED`: what each unit (a package of ``tokenguard``, a top-level module of it,
-or ``drivers``) may import besides itself. An upward import (the store importing the
-API, the counting importing the store...) fails the test that names it.
+The picture is read from the first mermaid ``flowchart`` of docs/design.md: its solid
+arrows (``a --> b``: package ``a`` imports package ``b``) and, transitively, what those
+import. Every package may also import the leaves (:data:`LEAVES`), except the ones
+:data:`RESTRICTED` holds to less. Every ``import`` and ``from ... import`` in
+``tokenguard/`` and ``drivers/`` is read with :mod:`ast` (inside functions and under
+``TYPE_CHECKING`` too) and checked against that: an upward import (the store importing
+the API, the counting importing the store...) fails the test that names its line.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+DESIGN = ROOT / "docs" / "design.md"
 
-# The leaves: small modules every layer may use. Each imports at most other leaves.
-LEAVES = {
+# The leaves: small modules every package may use. Each imports at most these.
+LEAVES: dict[str, set[str]] = {
     "tokenguard.model": set(),
     "tokenguard.errors": set(),
     "tokenguard.loopback": set(),
@@ -25,56 +29,64 @@ LEAVES = {
     "tokenguard.bearer": {"tokenguard.model"},
     "tokenguard.strict_json": {"tokenguard.errors"},
 }
-LEAF_NAMES = set(LEAVES)
-
-# Unit -> the units it may import (besides itself), bottom to top as in docs/design.md.
-ALLOWED: dict[str, set[str]] = {
-    **LEAVES,
-    "tokenguard.counting": set(),
-    "tokenguard.config": {"tokenguard.model"},
-    "tokenguard.store": {"tokenguard.model", "tokenguard.config", "tokenguard.log_throttle"},
+# Packages held to less than the leaves: all they may import besides their own modules.
+RESTRICTED: dict[str, set[str]] = {
     "drivers": {"tokenguard.store", "tokenguard.model"},
-    "tokenguard.limiting": {"tokenguard.model", "tokenguard.config", "tokenguard.store"},
-    "tokenguard.observe": LEAF_NAMES
-    | {"tokenguard.config", "tokenguard.counting", "tokenguard.store", "tokenguard.limiting"},
-    "tokenguard.upstreams": LEAF_NAMES
-    | {"tokenguard.config", "tokenguard.counting", "tokenguard.observe"},
-    "tokenguard.api": LEAF_NAMES
-    | {
-        "tokenguard.config",
-        "tokenguard.counting",
-        "tokenguard.store",
-        "tokenguard.limiting",
-        "tokenguard.observe",
-        "tokenguard.upstreams",
-    },
-    "tokenguard.cluster": LEAF_NAMES
-    | {
-        "tokenguard.config",
-        "tokenguard.counting",
-        "tokenguard.store",
-        "tokenguard.limiting",
-        "tokenguard.observe",
-        "tokenguard.api",
-    },
-    "tokenguard.cli": LEAF_NAMES
-    | {
-        "tokenguard.config",
-        "tokenguard.store",
-        "tokenguard.limiting",
-        "tokenguard.observe",
-        "tokenguard.api",
-        "tokenguard.cluster",
-    },
-    "tokenguard.__main__": {"tokenguard.cli"},
-    "tokenguard": set(),
+    "tokenguard.counting": {"tokenguard.model"},
 }
+# Units that are no package of the picture.
+ENTRY_POINTS: dict[str, set[str]] = {"tokenguard.__main__": {"tokenguard.cli"}, "tokenguard": set()}
 
 # Known exceptions, each with its way out: (importing module, imported unit).
 EXCEPTIONS = {
     # Re-exports LogThrottle for upstreams/usage.py until it imports tokenguard.log_throttle.
     ("tokenguard.observe.log_throttle", "tokenguard.log_throttle"),
 }
+
+
+def drawn_edges(markdown: str) -> dict[str, set[str]]:
+    """The solid arrows of the first mermaid flowchart: unit -> the units it imports.
+
+    A node id names a unit: ``drivers``, ``model`` (the leaves), else a package of
+    tokenguard (``store`` is ``tokenguard.store``)."""
+    match = re.search(r"```mermaid\nflowchart[^\n]*\n(.*?)```", markdown, re.S)
+    assert match, "docs/design.md has no mermaid flowchart"
+    edges: dict[str, set[str]] = {}
+    for line in match.group(1).splitlines():
+        arrow = re.match(r"\s*(\w+)(?:\[[^\]]*\])?\s*-->\s*(\w+)", line)
+        node = re.match(r"\s*(\w+)\[", line)
+        if arrow:
+            edges.setdefault(arrow.group(1), set()).add(arrow.group(2))
+            edges.setdefault(arrow.group(2), set())
+        elif node:
+            edges.setdefault(node.group(1), set())
+    return edges
+
+
+def allowed_imports(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Unit -> every unit it may import: what the picture draws, transitively, and the
+    leaves (less for :data:`RESTRICTED`)."""
+
+    def unit(node: str) -> str:
+        return node if node in ("drivers", "model") else f"tokenguard.{node}"
+
+    def below(node: str, seen: set[str]) -> set[str]:
+        for target in edges[node] - seen:
+            seen.add(target)
+            below(target, seen)
+        return seen
+
+    allowed = {unit(node): {unit(t) for t in below(node, set())} for node in edges}
+    allowed.pop("model", None)
+    for name, targets in allowed.items():
+        targets.discard("model")
+        targets |= set(LEAVES)
+        if name in RESTRICTED:
+            targets &= RESTRICTED[name]
+    return {**allowed, **LEAVES, **ENTRY_POINTS}
+
+
+ALLOWED = allowed_imports(drawn_edges(DESIGN.read_text("utf-8")))
 
 
 def unit_of(module: str) -> str | None:
@@ -139,10 +151,10 @@ def test_every_package_of_tokenguard_has_a_place_in_the_picture() -> None:
     assert units - set(ALLOWED) == set()
 
 
-def test_the_allowed_graph_has_no_cycle() -> None:
-    """Bottom to top: every unit can be placed after all it may import."""
+def test_the_picture_has_no_cycle() -> None:
+    """Bottom to top: every package can be placed after all it imports."""
     placed: set[str] = set()
-    pending = dict(ALLOWED)
+    pending = drawn_edges(DESIGN.read_text("utf-8"))
     while pending:
         ready = [unit for unit, deps in pending.items() if deps - {unit} <= placed]
         assert ready, f"a cycle among {sorted(pending)}"
