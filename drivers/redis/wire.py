@@ -118,7 +118,7 @@ class Traffic:
 
     Noted the moment it happens, by the flushers' own connections in trio and by
     redis-py's in worker threads alike (a float assignment: atomic under the GIL), so
-    that a caller judging the server by its replies (tokenguard/resilience.py) counts
+    that a caller judging the server by its replies (tokenguard/store/guarded.py) counts
     from the real write, and sees the replies already in before its task runs.
     """
 

@@ -106,7 +106,7 @@ async def serve_node(
         shutdown = trio.Event()
     # Load the default encoding before taking traffic, so no request pays ~0.4 s for it.
     await trio.to_thread.run_sync(preload, ("o200k_base",))
-    # Behind deadlines, a breaker and the failure policy (tokenguard/resilience.py): a
+    # Behind deadlines, a breaker and the failure policy (tokenguard/store/guarded.py): a
     # node starts, and keeps serving, while its store is down.
     async with open_store(guarded_store(settings)) as store:
         # The live keys and tiers, shared by the API and the admin API. When the store
