@@ -151,7 +151,7 @@ def _parse_db(url: str, text: str) -> int:
 
 
 def parse_redis_url(url: str) -> RedisTarget:
-    """Parse a store URL (see the module docstring); ``ValueError`` saying what is wrong.
+    """Parse a store URL (see the package docstring); ``ValueError`` saying what is wrong.
 
     Query options: ``timeout`` (seconds, > 0: socket connect and read timeout),
     ``pipelines`` (1-16: round trips in flight at once), ``db`` (``unix://`` only),
@@ -168,6 +168,28 @@ def parse_redis_url(url: str) -> RedisTarget:
         query = dict(parse_qsl(query_text, keep_blank_values=True, strict_parsing=True))
     except ValueError:
         raise _bad(url, f"malformed query string {query_text!r}") from None
+    options = _common_options(url, userinfo, query)
+    if scheme == "unix":
+        target = _unix_target(url, hostlist, path, query, options)
+    elif scheme in ("redis", "rediss"):
+        target = _standalone_target(url, scheme, hostlist, path, query, options)
+    elif scheme == "redis+sentinel":
+        target = _sentinel_target(url, hostlist, path, query, options)
+    else:  # redis+cluster
+        if not hostlist:
+            raise _bad(url, "no host: redis+cluster://host:port[,host:port...]")
+        hosts = _parse_hosts(url, hostlist, DEFAULT_PORT)
+        if path.strip("/") not in ("", "0"):
+            raise _bad(url, "Redis Cluster has database 0 only; drop the path")
+        target = RedisTarget(kind="cluster", hosts=hosts, **options)
+    if query:
+        raise _bad(url, f"unknown option(s) {', '.join(sorted(query))}")
+    return target
+
+
+def _common_options(url: str, userinfo: str | None, query: dict[str, str]) -> dict[str, Any]:
+    """The credentials and the options every scheme takes (``timeout``, ``pipelines``),
+    taken out of ``query``."""
     username = password = None
     if userinfo is not None:
         user_text, colon, password_text = userinfo.partition(":")
@@ -189,56 +211,59 @@ def parse_redis_url(url: str) -> RedisTarget:
         if not text.isdigit() or not 1 <= int(text) <= MAX_PIPELINES:
             raise _bad(url, f"pipelines must be 1 to {MAX_PIPELINES}, got {text!r}")
         options["pipelines"] = int(text)
+    return options
 
-    if scheme == "unix":
-        if hostlist:
-            raise _bad(url, "unix:// takes a socket path, no host: unix:///path/to.sock")
-        if not path or path == "/":
-            raise _bad(url, "no socket path: unix:///path/to.sock")
-        if "db" in query:
-            options["db"] = _parse_db(url, query.pop("db"))
-        target = RedisTarget(kind="standalone", unix_socket=unquote(path), **options)
-    elif scheme in ("redis", "rediss"):
-        if not hostlist:
-            raise _bad(url, f"no host: {scheme}://host:port/db")
-        hosts = _parse_hosts(url, hostlist, DEFAULT_PORT)
-        if len(hosts) != 1:
-            raise _bad(url, f"{scheme}:// takes one host; use redis+cluster:// for several")
-        db_text = path.strip("/")
-        db = _parse_db(url, db_text) if db_text else 0
-        if scheme == "rediss":
-            if "ssl_ca_certs" in query:
-                options["ssl_ca_certs"] = query.pop("ssl_ca_certs")
-            if "ssl_cert_reqs" in query:
-                reqs = query.pop("ssl_cert_reqs")
-                if reqs not in ("required", "optional", "none"):
-                    raise _bad(url, f"ssl_cert_reqs must be required|optional|none, not {reqs!r}")
-                options["ssl_cert_reqs"] = reqs
-        target = RedisTarget(
-            kind="standalone", hosts=hosts, db=db, ssl=scheme == "rediss", **options
-        )
-    elif scheme == "redis+sentinel":
-        if not hostlist:
-            raise _bad(url, "no sentinel host: redis+sentinel://host:port/service_name/db")
-        hosts = _parse_hosts(url, hostlist, DEFAULT_SENTINEL_PORT)
-        segments = [unquote(s) for s in path.strip("/").split("/")] if path.strip("/") else []
-        if not segments or not segments[0]:
-            raise _bad(url, "no service name: redis+sentinel://host:port/service_name/db")
-        if len(segments) > 2:
-            raise _bad(url, "the path must be /service_name or /service_name/db")
-        db = _parse_db(url, segments[1]) if len(segments) == 2 else 0
-        if "sentinel_password" in query:
-            options["sentinel_password"] = query.pop("sentinel_password")
-        target = RedisTarget(
-            kind="sentinel", hosts=hosts, service_name=segments[0], db=db, **options
-        )
-    else:  # redis+cluster
-        if not hostlist:
-            raise _bad(url, "no host: redis+cluster://host:port[,host:port...]")
-        hosts = _parse_hosts(url, hostlist, DEFAULT_PORT)
-        if path.strip("/") not in ("", "0"):
-            raise _bad(url, "Redis Cluster has database 0 only; drop the path")
-        target = RedisTarget(kind="cluster", hosts=hosts, **options)
-    if query:
-        raise _bad(url, f"unknown option(s) {', '.join(sorted(query))}")
-    return target
+
+def _unix_target(
+    url: str, hostlist: str, path: str, query: dict[str, str], options: dict[str, Any]
+) -> RedisTarget:
+    if hostlist:
+        raise _bad(url, "unix:// takes a socket path, no host: unix:///path/to.sock")
+    if not path or path == "/":
+        raise _bad(url, "no socket path: unix:///path/to.sock")
+    if "db" in query:
+        options["db"] = _parse_db(url, query.pop("db"))
+    return RedisTarget(kind="standalone", unix_socket=unquote(path), **options)
+
+
+def _standalone_target(
+    url: str,
+    scheme: str,
+    hostlist: str,
+    path: str,
+    query: dict[str, str],
+    options: dict[str, Any],
+) -> RedisTarget:
+    if not hostlist:
+        raise _bad(url, f"no host: {scheme}://host:port/db")
+    hosts = _parse_hosts(url, hostlist, DEFAULT_PORT)
+    if len(hosts) != 1:
+        raise _bad(url, f"{scheme}:// takes one host; use redis+cluster:// for several")
+    db_text = path.strip("/")
+    db = _parse_db(url, db_text) if db_text else 0
+    if scheme == "rediss":
+        if "ssl_ca_certs" in query:
+            options["ssl_ca_certs"] = query.pop("ssl_ca_certs")
+        if "ssl_cert_reqs" in query:
+            reqs = query.pop("ssl_cert_reqs")
+            if reqs not in ("required", "optional", "none"):
+                raise _bad(url, f"ssl_cert_reqs must be required|optional|none, not {reqs!r}")
+            options["ssl_cert_reqs"] = reqs
+    return RedisTarget(kind="standalone", hosts=hosts, db=db, ssl=scheme == "rediss", **options)
+
+
+def _sentinel_target(
+    url: str, hostlist: str, path: str, query: dict[str, str], options: dict[str, Any]
+) -> RedisTarget:
+    if not hostlist:
+        raise _bad(url, "no sentinel host: redis+sentinel://host:port/service_name/db")
+    hosts = _parse_hosts(url, hostlist, DEFAULT_SENTINEL_PORT)
+    segments = [unquote(s) for s in path.strip("/").split("/")] if path.strip("/") else []
+    if not segments or not segments[0]:
+        raise _bad(url, "no service name: redis+sentinel://host:port/service_name/db")
+    if len(segments) > 2:
+        raise _bad(url, "the path must be /service_name or /service_name/db")
+    db = _parse_db(url, segments[1]) if len(segments) == 2 else 0
+    if "sentinel_password" in query:
+        options["sentinel_password"] = query.pop("sentinel_password")
+    return RedisTarget(kind="sentinel", hosts=hosts, service_name=segments[0], db=db, **options)
