@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 
 import attrs
 
@@ -38,6 +39,9 @@ TEAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 DEFAULT_MAX_TOKENS = 1024
 # The fields of a [[keys]] entry that say which key it is, not what its limits are.
 KEY_IDENTITY_FIELDS = ("name", "key", "sha256", "tier", "team")
+# A minted API key: this prefix, then 256 random bits.
+KEY_PREFIX = "tg-"
+KEY_BYTES = 32
 
 
 @attrs.frozen
@@ -117,6 +121,12 @@ class Team:
 
     name: str
     limits: Limits
+
+
+def new_key() -> str:
+    """A fresh API key: ``tg-`` + 256 random bits (:mod:`secrets`), URL-safe base64 (no
+    padding). Minted by ``tokenguard keys new`` and by the admin API alike."""
+    return KEY_PREFIX + secrets.token_urlsafe(KEY_BYTES)
 
 
 def digest_of(key: str) -> str:

@@ -24,7 +24,7 @@ loss of its data, registry reads by each node). It checks, as they happen:
   the limit; those with a local lease at most the node's share.
 * **deadline**: every admission is answered within ``MAX_WAIT_FACTOR`` times the store
   timeout (plus any stall of the whole event loop meanwhile): the guarded store's
-  deadline (resilience.py).
+  deadline (tokenguard/store/deadlines.py).
 * **unknown-key**: a config key is never refused as unknown unless it was revoked; a
   key created through the admin API is not refused by a node that has read the
   registry since it was created.

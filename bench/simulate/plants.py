@@ -65,7 +65,7 @@ PLANTS: dict[str, Plant] = {
         "store calls have no deadline (no cap, no watchdog): a hung store holds every "
         "request until it answers; caught by `deadline`",
         (
-            Patch("resilience", "MAX_WAIT_FACTOR", math.inf),
+            Patch("deadlines", "MAX_WAIT_FACTOR", math.inf),
             Patch("resilience", "GuardedStore._watchdog", _no_watchdog),
         ),
         frozenset({"deadline"}),

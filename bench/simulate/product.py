@@ -26,16 +26,12 @@ from tokenguard.limiting.settler import Settler
 from tokenguard.model import ApiKey, digest_of, partition_of
 from tokenguard.observe.feed import OUTGOING_LIMIT
 from tokenguard.observe.subscriber import Viewer
+from tokenguard.store import deadlines as deadlines_module
 from tokenguard.store import guarded as resilience_module
-from tokenguard.store.guarded import (
-    MAX_WAIT_FACTOR,
-    SEEN_LIMIT,
-    GuardedStore,
-    LocalReservation,
-    UncheckedReservation,
-    node_share,
-)
+from tokenguard.store.deadlines import MAX_WAIT_FACTOR
+from tokenguard.store.guarded import GuardedStore, UncheckedReservation
 from tokenguard.store.leases import HeldLeases
+from tokenguard.store.local_windows import SEEN_LIMIT, LocalReservation, node_share
 from tokenguard.store.window_store import (
     ANYTHING,
     CONCURRENT,
@@ -53,6 +49,7 @@ from tokenguard.store.window_store import (
 
 MODULES = {
     "resilience": resilience_module,
+    "deadlines": deadlines_module,
     "settler": settler_module,
     "keyring": keyring_module,
     "memory": memory_driver,

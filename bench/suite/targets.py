@@ -107,7 +107,7 @@ class Target:
         """(warnings of the store guard, breaker openings) in the nodes' logs so far.
 
         A node whose store call misses its deadline (or fails) answers from its local
-        fallback windows for a while (``tokenguard/resilience.py``): figures measured
+        fallback windows for a while (``tokenguard/store/guarded.py``): figures measured
         meanwhile are partly the fallback's, so scenarios report these counts."""
         warnings = opened = 0
         for path in self.log_paths:

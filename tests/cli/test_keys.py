@@ -22,9 +22,9 @@ from drivers.redis import REGISTRY_RECORDS, REGISTRY_VERSION
 from tests.support.processes import START_TIMEOUT, free_ports, running_tokenguard, wait_healthy
 from tests.support.redis_servers import RedisServer
 from tokenguard.cli import main as cli
-from tokenguard.cli.keys import new_key, parse_assignments
+from tokenguard.cli.keys import parse_assignments
 from tokenguard.config.loading import parse_settings
-from tokenguard.model import digest_of
+from tokenguard.model import digest_of, new_key
 
 KEY_PATTERN = re.compile(r"^tg-[A-Za-z0-9_-]{43}$")
 

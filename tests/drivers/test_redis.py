@@ -23,12 +23,12 @@ import trio.testing
 from bench.ports import free_ports
 from drivers.redis import (
     DEFAULT_TIMEOUT,
-    SPLIT_ABOVE,
     RedisStore,
     RedisTarget,
     key_name,
     parse_redis_url,
 )
+from drivers.redis.batching import SPLIT_ABOVE
 from tests.support.redis_servers import (
     RedisClusterServers,
     RedisServer,
@@ -333,7 +333,7 @@ async def test_a_refund_rides_with_the_next_call(
     """A refund does not start a pipeline of its own: queued alone, it is not sent
     (its delay is made endless here); the next call takes it along (one round trip for
     both, the refund first)."""
-    monkeypatch.setattr("drivers.redis.REFUND_DELAY", math.inf)
+    monkeypatch.setattr("drivers.redis.batching.REFUND_DELAY", math.inf)
     with trio.fail_after(TEST_TIMEOUT):
         async with open_store(redis_url) as store:
             assert isinstance(store, RedisStore)
@@ -367,7 +367,7 @@ async def test_a_charge_and_a_pipeline_full_of_refunds_go_at_once(
 ) -> None:
     """With the refund delay endless, a charge still goes (it is never held), and so do
     ``SPLIT_ABOVE`` refunds queued together (a pipeline of their own)."""
-    monkeypatch.setattr("drivers.redis.REFUND_DELAY", math.inf)
+    monkeypatch.setattr("drivers.redis.batching.REFUND_DELAY", math.inf)
     with trio.fail_after(TEST_TIMEOUT):
         async with open_store(redis_url) as store:
             admission = await store.admit("charge", [a_row(amount=3, limit=10)])

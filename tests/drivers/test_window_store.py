@@ -773,10 +773,10 @@ async def test_a_subscriber_that_does_not_read_loses_messages_never_blocks(
     """A full subscription drops new messages: the publisher never waits for it, and
     the subscription works again once it is read."""
     import drivers.memory
-    import drivers.redis
+    import drivers.redis.pubsub
 
     monkeypatch.setattr(drivers.memory, "SUBSCRIPTION_BUFFER", 10)
-    monkeypatch.setattr(drivers.redis, "SUBSCRIPTION_BUFFER", 10)
+    monkeypatch.setattr(drivers.redis.pubsub, "SUBSCRIPTION_BUFFER", 10)
     with trio.fail_after(TEST_TIMEOUT):
         async with harness.store.subscribe("chan") as messages:
             for i in range(100):

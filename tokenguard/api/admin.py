@@ -41,7 +41,6 @@ from werkzeug.exceptions import HTTPException
 
 from tokenguard.api.hardening import drain_request_body
 from tokenguard.bearer import bearer_token
-from tokenguard.cli.keys import new_key
 from tokenguard.config.settings import ConfigError, Settings
 from tokenguard.errors import APIError, http_error, invalid
 from tokenguard.limiting.keyring import (
@@ -52,7 +51,7 @@ from tokenguard.limiting.keyring import (
     table_of,
 )
 from tokenguard.loopback import is_loopback
-from tokenguard.model import KEY_IDENTITY_FIELDS, digest_of
+from tokenguard.model import KEY_IDENTITY_FIELDS, digest_of, new_key
 from tokenguard.store.window_store import StoreError, WindowStore
 from tokenguard.strict_json import parse_json
 

@@ -28,9 +28,9 @@ from tokenguard.errors import APIError
 from tokenguard.limiting.limiter import Cost, Decision, Limiter
 from tokenguard.limiting.rules import describe_limit, describe_scope
 from tokenguard.limiting.settler import Settler
+from tokenguard.log_throttle import LogThrottle
 from tokenguard.model import ApiKey
 from tokenguard.observe.feed import Feed
-from tokenguard.observe.log_throttle import LogThrottle
 from tokenguard.observe.logs import RequestLog, decision_label
 from tokenguard.observe.metrics import Metrics
 from tokenguard.store.window_store import StoreError, WindowStore

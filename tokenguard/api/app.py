@@ -32,8 +32,8 @@ from tokenguard.bearer import bearer_matches
 from tokenguard.config.settings import Settings
 from tokenguard.errors import APIError, http_error
 from tokenguard.limiting.keyring import Keyring
+from tokenguard.log_throttle import LogThrottle
 from tokenguard.observe.feed_session import serve_websocket
-from tokenguard.observe.log_throttle import LogThrottle
 from tokenguard.observe.metrics import CONTENT_TYPE
 from tokenguard.store.window_store import StoreError, WindowStore
 

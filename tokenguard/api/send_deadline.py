@@ -39,7 +39,7 @@ import attrs
 import trio
 from quart import request
 
-from tokenguard.observe.log_throttle import LogThrottle
+from tokenguard.log_throttle import LogThrottle
 from tokenguard.observe.logs import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("tokenguard.api.send_deadline")

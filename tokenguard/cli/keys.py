@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import re
-import secrets
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -39,18 +38,11 @@ from urllib.parse import quote
 
 from tokenguard.config.settings import ADMIN_TOKEN_ENV
 from tokenguard.limiting.registry import NAME_PATTERN
-from tokenguard.model import RULE_FIELDS, digest_of
+from tokenguard.model import RULE_FIELDS, digest_of, new_key
 
-PREFIX = "tg-"
-KEY_BYTES = 32  # 256 bits of entropy
 ADMIN_URL_ENV = "TOKENGUARD_ADMIN_URL"
 ADMIN_TIMEOUT = 10.0
 INTEGER = re.compile(r"-?[0-9]+")
-
-
-def new_key() -> str:
-    """A fresh API key: ``tg-`` + 256 random bits, URL-safe base64 (no padding)."""
-    return PREFIX + secrets.token_urlsafe(KEY_BYTES)
 
 
 def config_entry(name: str, digest: str, tier: str | None = None) -> str:

@@ -184,21 +184,30 @@ async def watch(
     """Run the watcher until cancelled (or, without ``reconnect``, the connection
     ends); the exit status."""
     if as_json:
+        return await _watch_json(url, token, out, err, reconnect=reconnect)
+    return await _watch_table(url, token, out, err, reconnect=reconnect)
 
-        def on_event(text: str) -> None:
-            out.write(text + "\n")
-            out.flush()
 
-        def on_state(state: str) -> None:
-            print(f"tokenguard watch: {url}: {state}", file=err, flush=True)
+async def _watch_json(url: str, token: str, out: TextIO, err: TextIO, *, reconnect: bool) -> int:
+    """Each event as one JSON line on ``out``; the connection's state on ``err``."""
 
-        try:
-            await follow(url, token, on_event, on_state, reconnect=reconnect)
-        except Refused as exc:
-            print(f"tokenguard watch: {url}: refused (1008): {exc}", file=err, flush=True)
-            return EXIT_REFUSED
-        return 0
+    def on_event(text: str) -> None:
+        out.write(text + "\n")
+        out.flush()
 
+    def on_state(state: str) -> None:
+        print(f"tokenguard watch: {url}: {state}", file=err, flush=True)
+
+    try:
+        await follow(url, token, on_event, on_state, reconnect=reconnect)
+    except Refused as exc:
+        print(f"tokenguard watch: {url}: refused (1008): {exc}", file=err, flush=True)
+        return EXIT_REFUSED
+    return 0
+
+
+async def _watch_table(url: str, token: str, out: TextIO, err: TextIO, *, reconnect: bool) -> int:
+    """The keys' table, redrawn in place on a terminal (else a fresh copy each time)."""
     board = Board(url)
     terminal = out.isatty()
 

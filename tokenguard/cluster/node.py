@@ -94,10 +94,10 @@ async def serve_node(
     ``unix_socket``, if given, is served too (after the TCP address, which stays the URL
     passed to ``task_status.started``): with ``reuse_port`` several nodes share the TCP
     port, and a supervisor probes each node's health on its own socket instead.
-    ``admin_port``, if given, serves the admin API (tokenguard/admin.py) on
+    ``admin_port``, if given, serves the admin API (tokenguard/api/admin.py) on
     ``admin_host:admin_port``; ConfigError (before anything starts) for a non-loopback
     ``admin_host`` without a long enough admin token. ``registry_snapshot``, if given,
-    is the file the node keeps its view of the key registry in (tokenguard/snapshot.py)
+    is the file the node keeps its view of the key registry in (tokenguard/limiting/snapshot.py)
     and starts from when the store cannot be reached.
     """
     if admin_port is not None:
@@ -106,7 +106,7 @@ async def serve_node(
         shutdown = trio.Event()
     # Load the default encoding before taking traffic, so no request pays ~0.4 s for it.
     await trio.to_thread.run_sync(preload, ("o200k_base",))
-    # Behind deadlines, a breaker and the failure policy (tokenguard/resilience.py): a
+    # Behind deadlines, a breaker and the failure policy (tokenguard/store/guarded.py): a
     # node starts, and keeps serving, while its store is down.
     async with open_store(guarded_store(settings)) as store:
         # The live keys and tiers, shared by the API and the admin API. When the store
@@ -128,20 +128,36 @@ async def serve_node(
                 binds = await servers.start(_serve, app, config, shutdown)
                 url = binds[0]
                 log.info("node %d listening on %s (store %s)", settings.node_id, url, store.url)
-                if settings.metrics.token_digest is None and not is_loopback(host):
-                    log.warning(
-                        "GET /metrics (key names, usage) is open to anyone who can reach "
-                        "%s: set [metrics] token to require one (docs/metrics.md)",
-                        url,
-                    )
+                _warn_if_metrics_open(settings, host, url)
                 if admin_port is not None:
                     admin_app = create_admin_app(settings, store, keyring)
                     admin_config = hypercorn_config(admin_host, admin_port, grace=grace)
-                    admin_binds = await servers.start(_serve, admin_app, admin_config, shutdown)
-                    state = "on" if settings.feed.admin_digest else "OFF (no admin token)"
-                    log.info("node %d admin API on %s: %s", settings.node_id, admin_binds[0], state)
+                    await _serve_admin(servers, admin_app, admin_config, shutdown, settings)
                 task_status.started(url)
             keyring.stop()  # both servers have drained
+
+
+def _warn_if_metrics_open(settings: Settings, host: str, url: str) -> None:
+    """Warn when ``GET /metrics`` needs no token on an address other machines reach."""
+    if settings.metrics.token_digest is None and not is_loopback(host):
+        log.warning(
+            "GET /metrics (key names, usage) is open to anyone who can reach "
+            "%s: set [metrics] token to require one (docs/metrics.md)",
+            url,
+        )
+
+
+async def _serve_admin(
+    servers: trio.Nursery,
+    admin_app: object,
+    admin_config: Config,
+    shutdown: trio.Event,
+    settings: Settings,
+) -> None:
+    """Start the admin API's server in ``servers``; log where, and whether it is on."""
+    admin_binds = await servers.start(_serve, admin_app, admin_config, shutdown)
+    state = "on" if settings.feed.admin_digest else "OFF (no admin token)"
+    log.info("node %d admin API on %s: %s", settings.node_id, admin_binds[0], state)
 
 
 async def _serve(

@@ -53,8 +53,8 @@ from tokenguard.config.settings import Settings
 from tokenguard.limiting.keyring import Keyring
 from tokenguard.limiting.limiter import Decision, Limiter
 from tokenguard.limiting.usage import usage_by_dimension
+from tokenguard.log_throttle import LogThrottle
 from tokenguard.model import ApiKey, digest_of
-from tokenguard.observe.log_throttle import LogThrottle
 from tokenguard.observe.subscriber import Subscriber, Viewer
 from tokenguard.store.window_store import RowState, StoreError, WindowStore
 

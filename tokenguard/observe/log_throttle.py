@@ -1,31 +1,11 @@
-"""At most one log line per interval, however often the thing it reports happens.
+"""The old home of :class:`~tokenguard.log_throttle.LogThrottle`, re-exported.
 
-A node that logs every refused request, store failure or miscount would drown its own
-log (and spend its CPU on it) exactly when something goes wrong at scale. A
-:class:`LogThrottle` says when a line may be written and how many were held back since
-the last one, so the line can say so.
+``LogThrottle`` moved to :mod:`tokenguard.log_throttle` (the store uses it, and the
+store sits below ``observe``). Only ``tokenguard/upstreams/usage.py`` still imports it
+from here; once it imports :mod:`tokenguard.log_throttle`, delete this module
+(``tests/test_architecture.py`` lists it as the one allowed exception).
 """
 
-from __future__ import annotations
+from tokenguard.log_throttle import LogThrottle
 
-import math
-import time
-
-
-class LogThrottle:
-    """At most one log line per ``interval`` seconds; counts the lines it held back."""
-
-    def __init__(self, interval: float = 1.0) -> None:
-        self.interval = interval
-        self._last = -math.inf
-        self.suppressed = 0
-
-    def ready(self) -> int | None:
-        """``None``: stay quiet. Otherwise log now; the number held back since the last."""
-        now = time.monotonic()
-        if now - self._last < self.interval:
-            self.suppressed += 1
-            return None
-        self._last = now
-        held, self.suppressed = self.suppressed, 0
-        return held
+__all__ = ["LogThrottle"]

@@ -128,6 +128,11 @@ class NodeCollector(Collector):
         )
 
     def _store(self, store: GuardedStore) -> Iterator[Metric]:
+        yield from self._store_state(store)
+        yield from self._store_counters(store)
+
+    def _store_state(self, store: GuardedStore) -> Iterator[Metric]:
+        """How long the store's calls take, the breaker, the policy, the eviction policy."""
         stats = store.stats
         durations = HistogramMetricFamily(
             "tokenguard_store_call_seconds",
@@ -163,6 +168,11 @@ class NodeCollector(Collector):
             what = "unknown" if evicts is None else ",".join(evicts) or "none"
             eviction.add_metric([store.eviction_policy, what], 1)
             yield eviction
+
+    def _store_counters(self, store: GuardedStore) -> Iterator[Metric]:
+        """The guarded store's failure counters
+        (:class:`~tokenguard.store.guarded.GuardStats`) and its node's stall time."""
+        stats = store.stats
         for name, doc, value in (
             ("store_failures", "Store calls that failed or missed their deadline.", stats.failures),
             ("store_timeouts", "Store calls that missed their deadline.", stats.timeouts),

@@ -78,20 +78,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager, contextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Self
 
 import attrs
 import trio
 
 from tokenguard.config.settings import STORE_ERROR_POLICIES, Settings
-from tokenguard.observe.log_throttle import LogThrottle
+from tokenguard.log_throttle import LogThrottle
+from tokenguard.store.breaker import BREAKER_THRESHOLD, Breaker
 from tokenguard.store.call_durations import CallDurations
+from tokenguard.store.deadlines import NodeStalled, _Deadlines, _Wait
+from tokenguard.store.local_windows import LocalReservation, _LocalWindows, node_share
 from tokenguard.store.stalls import StallMeter
 from tokenguard.store.window_store import (
     ANYTHING,
-    NOT_RESERVED,
     Admission,
     Registry,
     RegistryExpect,
@@ -103,6 +105,7 @@ from tokenguard.store.window_store import (
     evictable,
     store_from_url,
 )
+from tokenguard.store.write_back import _WriteBack
 
 log = logging.getLogger("tokenguard.store.guarded")
 
@@ -110,125 +113,10 @@ POLICIES = STORE_ERROR_POLICIES
 Policy = Literal["local", "closed", "open"]
 DEFAULT_POLICY: Policy = "local"
 DEFAULT_TIMEOUT_MS = 100
-BREAKER_THRESHOLD = 3
 PROBE_INTERVAL = 1.0
-# A write-back of the outage's local admissions gets this long per call (it is one
-# call per key, sent concurrently, once, when the store is back).
-WRITE_BACK_TIMEOUT = 2.0
-WRITE_BACK_CONCURRENCY = 64
-# When a request fits the real limit but not this node's share of it, the local
-# windows cannot tell when it will: retry after this long (the store may be back).
-RETRY_AFTER_SHARE = 1.0
-# After an outage (policy local, several nodes), a node admits only what both the store
-# and its own share allow for a probe interval and this long, while the other nodes
-# write their outage's admissions back.
-HOLD_MARGIN = 0.25
-# A local admission made while the breaker is closed is written back this soon.
-SYNC_DELAY = 0.01
-# However busy the store or stalled the node, no call waits more than this many times
-# the timeout (wall time, from when it was made).
-MAX_WAIT_FACTOR = 10
-# Before judging a call late, the watchdog lets this many scheduling rounds pass: a
-# reply already in a socket reaches the driver's reader within two (the I/O poll, then
-# the reader's step), and one more is margin. As long as the store is heard from in
-# them (a long pipeline's replies, read a buffer at a time), as many again, up to
-# MAX_READ_TURNS in all.
-READ_TURNS = 3
-MAX_READ_TURNS = 30
-# Counters whose cluster-wide usage a node remembers at most (then it forgets the
-# oldest half): about 100 bytes each.
-SEEN_LIMIT = 100_000
-# A limit no amount reaches: the local mirror of a store admission only adds.
-UNCHECKED_LIMIT = 2**53
 # The probe reads one counter no key ever uses.
 PROBE_PARTITION = "tg-probe"
 PROBE_ROW = Row(scope="probe", dimension="requests", window_ms=1000, bucket_ms=1000, limit=1)
-
-
-def node_share(limit: int, cluster_size: int, node_id: int, *, spread: bool = True) -> int:
-    """This node's part of ``limit`` when each of ``cluster_size`` nodes counts alone.
-
-    The parts add up to exactly ``limit``: every node gets ``limit // cluster_size``,
-    and with ``spread`` nodes ``0 .. r-1`` (``r = limit % cluster_size``) one more. That
-    needs node ids ``0 .. cluster_size-1``, each used once (the supervisor's); without
-    ``spread`` (nodes over several machines, ids not unique) the remainder is left
-    unused. A limit below ``cluster_size`` gives some nodes (or, without ``spread``,
-    all) a share of 0: that key is refused on them until the store is back.
-    """
-    if cluster_size <= 1:
-        return limit
-    base, extra = divmod(limit, cluster_size)
-    return base + (1 if spread and node_id % cluster_size < extra else 0)
-
-
-@attrs.frozen
-class Breaker:
-    """A circuit breaker's state: consecutive failures, and since when it is open.
-
-    ``opened_at`` is a ``time.monotonic()`` value, or ``None`` while closed. Only
-    :meth:`close` closes an open breaker (a successful probe): a success of some call
-    that was already on its way does not.
-    """
-
-    threshold: int = BREAKER_THRESHOLD
-    failures: int = 0
-    opened_at: float | None = None
-
-    @property
-    def is_open(self) -> bool:
-        return self.opened_at is not None
-
-    @property
-    def state(self) -> str:
-        return "open" if self.is_open else "closed"
-
-    def failed(self, now: float) -> Breaker:
-        failures = self.failures + 1
-        opened_at = self.opened_at
-        if opened_at is None and failures >= self.threshold:
-            opened_at = now
-        return attrs.evolve(self, failures=failures, opened_at=opened_at)
-
-    def succeeded(self) -> Breaker:
-        if self.is_open or not self.failures:
-            return self
-        return attrs.evolve(self, failures=0)
-
-    def open(self, now: float) -> Breaker:
-        if self.is_open:
-            return self
-        return attrs.evolve(self, failures=max(self.failures, self.threshold), opened_at=now)
-
-    def close(self) -> Breaker:
-        return attrs.evolve(self, failures=0, opened_at=None)
-
-
-class NodeStalled(StoreError):
-    """A store call reached the hard cap (``MAX_WAIT_FACTOR`` times the timeout) before
-    the store had the timeout of this node's running time to answer it: the node itself
-    was stalled. The caller gets the failure policy's answer, as for any
-    :class:`StoreError`, but the store is not blamed (the breaker does not count it)."""
-
-
-@attrs.define(eq=False)
-class _Wait:
-    """A store call the watchdog judges: made at ``start``, given ``timeout`` of this
-    node's running time without news from the store, and never more than ``cap``
-    (a ``trio.current_time()``). ``verdict`` is set when it is cut: ``"store"`` (the
-    store had the time and did not answer) or ``"stalled"`` (the node did not run)."""
-
-    start: float
-    timeout: float
-    cap: float
-    verdict: str | None = None
-
-
-@attrs.frozen
-class LocalReservation(Reservation):
-    """A reservation in the node's local windows (policy ``local``). ``epoch`` tells
-    whether it was written back to the store yet (see ``GuardedStore._take_unsynced``)."""
-
-    epoch: int = 0
 
 
 @attrs.frozen
@@ -256,7 +144,7 @@ class GuardStats:
     call_seconds: CallDurations = attrs.field(factory=CallDurations)
 
 
-class GuardedStore(WindowStore):
+class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
     """The node's store: ``primary`` behind deadlines, a breaker and a failure policy.
 
     ``cluster_size`` and ``node_id`` size this node's share of each limit for the
@@ -365,33 +253,6 @@ class GuardedStore(WindowStore):
     def eviction_policy(self) -> str | None:  # type: ignore[override]
         return self.primary.eviction_policy
 
-    # -- after the store lost its data
-
-    def restore_windows(self) -> int:
-        """The store lost its data (a restart with no persistence, ``FLUSHALL``, a
-        failover to a replica without it, eviction: the keyring finds its registry's
-        marker gone or changed). Queue what this node's local windows hold, bucket by
-        bucket, to be added into the store's very buckets (settle-style), so that the
-        fresh store counts what this node admitted in the current windows; returns
-        how many buckets were queued.
-
-        Policy ``local`` only: it alone mirrors every admission into the local windows.
-        The write-back runs in the background, like that of local admissions (at once
-        while the breaker is closed, else when it closes); what fails is kept for the
-        next one. What the store admitted after it lost its data, before this runs, is
-        then counted twice, as is the part of other nodes' usage the local windows
-        were seeded with: fewer admissions, never more.
-        """
-        if self.policy != "local":
-            return 0
-        # What was not written back yet is in the windows too: replaced, not added.
-        self._unsynced = {
-            (partition, row.counter, bucket): [row, amount]
-            for partition, row, bucket, amount in self.fallback.held_buckets()
-        }
-        self._unsynced_soon.set()
-        return len(self._unsynced)
-
     # -- lifecycle
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -418,18 +279,6 @@ class GuardedStore(WindowStore):
             if self.breaker.is_open and not self._recovering:
                 await self.probe()
 
-    async def _sync_forever(self) -> None:
-        """Write back local admissions made while the breaker was still closed (one of
-        the failures before it opens) as soon as the store answers a call again, not at
-        the end of some later outage."""
-        while True:
-            await self._unsynced_soon.wait()
-            self._unsynced_soon = trio.Event()
-            await trio.sleep(SYNC_DELAY)  # gather a few
-            if self.breaker.is_open or self._recovering or not self._unsynced:
-                continue  # the recovery writes them back
-            await self._write_back(self._take_unsynced())  # on failure: kept for later
-
     async def probe(self) -> bool:
         """One probe (starting the store first if it never started); on success, write
         back the local admissions and close the breaker. True if it closed."""
@@ -450,38 +299,6 @@ class GuardedStore(WindowStore):
         return await self._recover()
 
     # -- the breaker
-
-    @contextmanager
-    def _deadline(self, seconds: float | None = None) -> Iterator[None]:
-        """Run the body (a store call) under the watchdog's judgement; a call it cuts
-        raises :class:`StoreError` (:class:`NodeStalled` if the store is not to blame).
-
-        ``seconds`` (default: ``timeout``) of this node's running time without news from
-        the store, counted from when the call was made or the store last showed
-        progress (see :meth:`_watchdog`), and never more than ``MAX_WAIT_FACTOR`` times
-        ``timeout`` (or ``seconds``, if longer) of wall time.
-        """
-        timeout = self.timeout if seconds is None else seconds
-        start = trio.current_time()
-        wait = _Wait(start, timeout, start + max(timeout, MAX_WAIT_FACTOR * self.timeout))
-        with trio.CancelScope() as scope:
-            self._waiting[scope] = wait
-            if timeout < self._watchdog_shortest:
-                self._rejudge.set()
-            try:
-                yield
-            finally:
-                del self._waiting[scope]
-        if not scope.cancelled_caught:
-            return
-        if wait.verdict == "stalled":
-            self.stats.stalled_out += 1
-            raise NodeStalled(
-                f"store {self.url}: no answer within {(wait.cap - start) * 1000:g} ms, "
-                "this node stalled meanwhile (not counted against the store)"
-            )
-        self.stats.timeouts += 1
-        raise StoreError(f"store {self.url}: no answer within {timeout * 1000:g} ms")
 
     def _failed(self, exc: StoreError) -> None:
         if isinstance(exc, NodeStalled):
@@ -542,166 +359,6 @@ class GuardedStore(WindowStore):
             self._unsynced_soon.set()  # the store answers: tell it what it missed
         return result
 
-    def _progress(self) -> float:
-        """When the store last showed progress: answered a call of this node, was
-        written calls, or was heard from (its replies read, their callers not yet run)."""
-        primary = self.primary
-        return max(self._last_answer, primary.last_sent, primary.last_heard)
-
-    def _due(self, wait: _Wait, progress: float, now: float) -> tuple[float, float]:
-        """When ``wait`` is due for the store's lack of answer, and when at the latest.
-
-        The first: ``timeout`` after its start or the store's last progress, whichever
-        is later, plus the node's own stalls since then (as far as measured by
-        ``now``). The second: its hard cap.
-        """
-        origin = max(wait.start, progress)
-        return origin + wait.timeout + self.stalls.stalled(origin, now), wait.cap
-
-    def _verdict(self, wait: _Wait, progress: float, now: float) -> str | None:
-        """``None`` while ``wait`` may wait on; else whom its end is blamed on."""
-        store_due, cap = self._due(wait, progress, now)
-        if store_due <= now:
-            return "store"
-        if cap > now:
-            return None
-        # The hard cap: the store is to blame only if it had the timeout of this node's
-        # running time since the call was made.
-        running = now - wait.start - self.stalls.stalled(wait.start, now)
-        return "store" if running >= wait.timeout else "stalled"
-
-    async def _watchdog(self) -> None:
-        """Cut the calls that waited long enough for the store (one task for all calls).
-
-        A call is due ``timeout`` after it was made or after the store last showed
-        progress (:meth:`_progress`: it answered, was written calls, or was heard
-        from), whichever is later, not counting the time this node itself was stalled
-        meanwhile (:class:`~tokenguard.store.stalls.StallMeter`: a GC pass, a starved CPU, a
-        loop held by its own tasks); and in any case at its hard cap. So a dead or hung
-        store costs each call ``timeout`` after its send, plus the node's own stalls;
-        a queue behind a store that keeps answering is no failure, nor a pipeline sent
-        late by a stalled node, nor a reply that came in while the node did not run.
-
-        The watchdog sleeps until the earliest due time and reports its own lateness
-        as a stall. Before cutting anything it lets the replies already in be read
-        (:meth:`_read_turns`): they answer their calls, and move the progress on.
-        """
-        while True:
-            live = [wait for scope, wait in self._waiting.items() if not scope.cancel_called]
-            now = trio.current_time()
-            progress = self._progress()
-            due = min((min(self._due(wait, progress, now)) for wait in live), default=math.inf)
-            if due > now:
-                self._watchdog_shortest = min((w.timeout for w in live), default=math.inf)
-                self._rejudge = trio.Event()
-                with trio.move_on_at(due) as timer:
-                    await self._rejudge.wait()
-                self._watchdog_shortest = -math.inf  # awake: it sees new calls itself
-                if timer.cancelled_caught:
-                    self.stalls.woke(due, trio.current_time())
-                continue
-            await self._read_turns()
-            now = trio.current_time()
-            progress = self._progress()
-            for scope, wait in list(self._waiting.items()):
-                if not scope.cancel_called:
-                    wait.verdict = self._verdict(wait, progress, now)
-                    if wait.verdict is not None:
-                        scope.cancel()
-
-    async def _read_turns(self) -> None:
-        """Let the replies already in be read: ``READ_TURNS`` scheduling rounds, then as
-        many again while the store was heard from since the last ones began (at most
-        ``MAX_READ_TURNS`` in all)."""
-        for _ in range(MAX_READ_TURNS // READ_TURNS):
-            began = trio.current_time()
-            for _ in range(READ_TURNS):
-                await trio.lowlevel.checkpoint()
-            if self._progress() < began:
-                return
-
-    # -- recovery: write the outage's local admissions back, then close
-
-    def _take_unsynced(self) -> dict[tuple[str, str, int], list[Any]]:
-        """The local admissions not yet written back; the local reservations made so far
-        are from now on settled locally only (their amounts travel as they are now)."""
-        batch, self._unsynced = self._unsynced, {}
-        if batch:
-            self._epoch += 1
-        return batch
-
-    async def _write_back(self, batch: dict[tuple[str, str, int], list[Any]]) -> bool:
-        by_partition: dict[str, list[tuple[Row, int, int]]] = {}
-        for (partition, _, bucket), (row, amount) in batch.items():
-            if amount > 0:
-                by_partition.setdefault(partition, []).append((row, bucket, amount))
-        failed: list[str] = []
-        limiter = trio.CapacityLimiter(WRITE_BACK_CONCURRENCY)
-
-        async def one(partition: str, entries: list[tuple[Row, int, int]]) -> None:
-            reservation = Reservation(
-                partition=partition,
-                rows=tuple(row for row, _, _ in entries),
-                buckets=tuple(bucket for _, bucket, _ in entries),
-            )
-            async with limiter:
-                try:
-                    with self._deadline(max(self.timeout, WRITE_BACK_TIMEOUT)):
-                        await self.primary.settle(reservation, [a for _, _, a in entries])
-                except StoreError as exc:
-                    self.stats.last_error = f"write-back failed: {exc}"
-                    failed.append(partition)
-
-        async with trio.open_nursery() as nursery:
-            for partition, entries in by_partition.items():
-                nursery.start_soon(one, partition, entries)
-        if failed:
-            # Put back what did not get through (as it was: at worst, counted twice).
-            lost = set(failed)
-            for key, entry in batch.items():
-                if key[0] in lost:
-                    mine = self._unsynced.setdefault(key, [entry[0], 0])
-                    mine[1] += entry[1]
-            return False
-        self.stats.written_back += sum(len(v) for v in by_partition.values())
-        return True
-
-    async def _recover(self) -> bool:
-        if self._recovering:
-            return False
-        self._recovering = True
-        try:
-            # Requests keep going to the local windows meanwhile: repeat until a round
-            # finds nothing new, then switch with no await in between.
-            for _ in range(10):
-                batch = self._take_unsynced()
-                if not batch:
-                    break
-                if not await self._write_back(batch):
-                    return False
-            opened_at = self.breaker.opened_at
-            self.breaker = self.breaker.close()
-            if self.policy == "local" and self.cluster_size > 1:
-                # Every other node writes its outage back within a probe interval.
-                self._hold_until = trio.current_time() + self.probe_interval + HOLD_MARGIN
-            outage = None if opened_at is None else time.monotonic() - opened_at
-            self.stats.last_outage_seconds = None if outage is None else round(outage, 3)
-            log.warning(
-                "store %s is back%s: breaker closed, %d counters written back",
-                self.url,
-                "" if outage is None else f" after {outage:.1f} s",
-                self.stats.written_back,
-            )
-            if self._unsynced:  # the last round's stragglers: write them back too
-                leftover = self._take_unsynced()
-                if not await self._write_back(leftover):
-                    log.warning(
-                        "store %s: could not write back %d counters", self.url, len(leftover)
-                    )
-            return True
-        finally:
-            self._recovering = False
-
     # -- the WindowStore interface
 
     async def admit(self, partition: str, rows: Sequence[Row]) -> Admission:
@@ -725,47 +382,6 @@ class GuardedStore(WindowStore):
                 return admission
         return await self._degraded_admit(partition, rows)
 
-    async def _precount(self, partition: str, rows: Sequence[Row]) -> Reservation | None:
-        """Add an admission's amounts to the local windows unchecked (the store decides,
-        not they); the reservation to undo it with."""
-        return await self._add_locally(partition, [r for r in rows if not r.is_lease])
-
-    async def _add_locally(self, partition: str, rows: Sequence[Row]) -> Reservation | None:
-        """Add each row's amount to the local windows in the current bucket, whatever
-        their limits (an admission that always fits); ``None`` if there was nothing."""
-        counted = [
-            attrs.evolve(row, limit=UNCHECKED_LIMIT, enforce=True, alert_at=0)
-            for row in rows
-            if row.amount
-        ]
-        if not counted:
-            return None
-        return (await self.fallback.admit(partition, counted)).reservation
-
-    async def _uncount(self, mirror: Reservation | None) -> None:
-        if mirror is not None:
-            await self.fallback.settle(mirror, [-row.amount for row in mirror.rows])
-
-    async def _admit_holding(self, partition: str, rows: Sequence[Row]) -> Admission:
-        """Right after an outage: the store AND this node's share must both admit.
-
-        Other nodes may not have written their outage back yet (each probes on its own
-        second), so the store may count less than was admitted; within its share, this
-        node cannot take what another node used. The local admission is the mirror.
-        """
-        local = await self._admit_local(partition, rows)
-        if local.reservation is None:
-            return local
-        try:
-            admission = await self._primary(self.primary.admit, partition, rows)
-        except StoreError:
-            return local  # as in the outage: the store is told when it is back
-        self.stats.local_admissions -= 1
-        self._unsynced_add(local.reservation, -1)
-        if admission.reservation is None:  # the store refused: undo the local part
-            await self.fallback.settle(local.reservation, [-r.amount for r in rows])
-        return admission
-
     async def _degraded_admit(self, partition: str, rows: Sequence[Row]) -> Admission:
         if self.policy == "closed":
             self.stats.refused_unavailable += 1
@@ -787,79 +403,6 @@ class GuardedStore(WindowStore):
             )
             return Admission(admitted=True, states=states, reservation=reservation)
         return await self._admit_local(partition, rows)
-
-    def _saw(self, partition: str, states: Sequence[RowState]) -> None:
-        now = trio.current_time()
-        seen = self._seen
-        for state in states:
-            row = state.row
-            if row.enforce and not row.is_lease:
-                seen[(partition, row.counter)] = (state.used, now)
-        if len(seen) > SEEN_LIMIT:  # forget the oldest half (dicts keep insertion order)
-            for key in list(seen)[: len(seen) // 2]:
-                del seen[key]
-
-    async def _seed_from_cluster(self, partition: str, rows: Sequence[Row]) -> None:
-        """Before the first local admission of a partition's counters: make the local
-        windows leave this node no more than its part of what the whole cluster had
-        left when it last saw the counter, if that is less than its share minus what it
-        admitted itself. (Nodes whose traffic was uneven: one that spent more than its
-        share before the outage used up the others' parts too.) The seed sits in the
-        current bucket and leaves with it, a window later.
-        """
-        now = trio.current_time()
-        for row in rows:
-            seen = self._seen.pop((partition, row.counter), None)
-            if seen is None or row.is_lease or not row.enforce:
-                continue
-            used, when = seen
-            if now - when >= row.window_ms / 1000:
-                continue  # everything it counted has left the window since
-            share = self.share(row.limit)
-            probe = attrs.evolve(row, limit=share, amount=0)
-            (own,) = await self.fallback.usage(partition, [probe])
-            left_by_share = share - own.used
-            left_in_cluster = self.share(max(0, row.limit - used))
-            seed = left_by_share - left_in_cluster
-            if seed > 0:
-                await self._add_locally(partition, [attrs.evolve(row, amount=seed)])
-
-    async def _admit_local(self, partition: str, rows: Sequence[Row]) -> Admission:
-        """Admit against this node's share of every limit, in the local windows."""
-        if self._seen:
-            await self._seed_from_cluster(partition, rows)
-        shared = [attrs.evolve(row, limit=self.share(row.limit)) for row in rows]
-        admission = await self.fallback.admit(partition, shared)
-        reservation = admission.reservation
-        if reservation is None:
-            self.stats.local_refusals += 1
-            states = tuple(
-                attrs.evolve(state, retry_after=RETRY_AFTER_SHARE)
-                if state.never_fits and state.row.amount <= row.limit
-                else state
-                for state, row in zip(admission.states, rows, strict=True)
-            )
-            return attrs.evolve(admission, states=states)
-        self.stats.local_admissions += 1
-        local = LocalReservation(
-            partition=reservation.partition,
-            rows=reservation.rows,
-            buckets=reservation.buckets,
-            lease=reservation.lease,  # (the same object: the local store renews it)
-            epoch=self._epoch,
-        )
-        self._unsynced_add(local, 1)
-        return attrs.evolve(admission, reservation=local)
-
-    def _unsynced_add(self, reservation: Reservation, sign: int) -> None:
-        for row, bucket in zip(reservation.rows, reservation.buckets, strict=True):
-            # (not a shadow row it did not consume; not a lease: those stay local)
-            if row.amount and bucket != NOT_RESERVED and not row.is_lease:
-                key = (reservation.partition, row.counter, bucket)
-                entry = self._unsynced.setdefault(key, [row, 0])
-                entry[1] = max(0, entry[1] + sign * row.amount)
-                if not entry[1]:
-                    del self._unsynced[key]
 
     async def settle(self, reservation: Reservation, deltas: Sequence[int]) -> None:
         if isinstance(reservation, UncheckedReservation):

@@ -13,7 +13,7 @@ A :class:`StallMeter` measures them two ways while :meth:`StallMeter.run` runs:
   of the process runs meanwhile).
 
 :meth:`StallMeter.stalled` answers how much of an interval the node was stalled, time
-covered by several reports counted once. The guarded store (tokenguard/resilience.py)
+covered by several reports counted once. The guarded store (tokenguard/store/guarded.py)
 takes it out of a store call's wait before judging the store.
 
 Guarantees and limits:

@@ -480,7 +480,7 @@ class WindowStore(abc.ABC):
         """
         raise StoreError(f"store {self.url} keeps no registry")
 
-    # -- what an in-process store holds (the local windows of tokenguard/resilience.py)
+    # -- what an in-process store holds (the local windows of tokenguard/store/local_windows.py)
 
     def held_buckets(self) -> Iterator[tuple[str, Row, int, int]]:
         """``(partition, row, bucket, amount)`` for every bucket with a positive amount
