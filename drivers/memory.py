@@ -202,6 +202,11 @@ class MemoryStore(WindowStore):
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
+    def now_ms(self) -> int:
+        """This store's clock in whole milliseconds: what its buckets are numbered by
+        (bucket ``now_ms() // row.bucket_ms``)."""
+        return self._now_ms()
+
     def _counter(self, partition: str, row: Row) -> _Counter | _Leases:
         counters = self._partitions.get(partition)
         if counters is None:

@@ -742,6 +742,27 @@ async def test_recovery_writes_the_local_admissions_back_before_closing(
         assert store.stats.written_back == 2
 
 
+async def test_admissions_whose_window_passed_during_a_long_outage_are_not_written_back(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """An outage of 200 s on a 60 s window: the 3 requests admitted locally at its start
+    count in no window when the store is back, and are not written back (the store
+    would count them in its current bucket, refusing requests the limit allows); the
+    one admitted just before the end is."""
+    async with guarded("local", cluster_size=1) as (store, primary):
+        primary.mode = "fail"
+        for _ in range(3):
+            await store.admit("k", rows(tokens=10))  # the 3 failures: admitted locally
+        assert store.breaker.is_open
+        await trio.sleep(200)
+        await store.admit("k", rows(tokens=10))
+        primary.mode = "ok"
+        with trio.fail_after(5):
+            await breaker_closed(store)
+        assert [s.used for s in await primary.usage("k", rows())] == [1, 10]
+        assert store.stats.written_back == 2  # its two rows
+
+
 async def test_after_an_outage_a_node_keeps_to_its_share_while_the_others_write_back(
     autojump_clock: trio.abc.Clock,
 ) -> None:

@@ -35,6 +35,10 @@ WRITE_BACK_CONCURRENCY = 64
 HOLD_MARGIN = 0.25
 # A local admission made while the breaker is closed is written back this soon.
 SYNC_DELAY = 0.01
+# A local bucket is written back while it is in its window or in this many windows
+# after it, by the node's clock: the store numbers buckets by its own clock, and a
+# bucket the store still counts must not be dropped for a node clock a little ahead.
+WRITE_BACK_SLACK_WINDOWS = 1
 
 
 class _WriteBack:
@@ -86,9 +90,19 @@ class _WriteBack:
         return batch
 
     async def _write_back(self, batch: dict[tuple[str, str, int], list[Any]]) -> bool:
+        """Add ``batch`` (local amounts by partition, counter and bucket) into the
+        store's very buckets; ``False`` if some partition failed (kept for the next
+        round).
+
+        A bucket that left its window (and ``WRITE_BACK_SLACK_WINDOWS`` more) during a
+        long outage counts in no window any more, and is not sent: the store adds a late
+        charge to its current bucket (a request that outlived its window is never free),
+        which would refuse a whole window of requests that the limit allows."""
+        now_ms = self.fallback.now_ms()
         by_partition: dict[str, list[tuple[Row, int, int]]] = {}
         for (partition, _, bucket), (row, amount) in batch.items():
-            if amount > 0:
+            oldest = now_ms // row.bucket_ms - row.span * (1 + WRITE_BACK_SLACK_WINDOWS)
+            if amount > 0 and bucket >= oldest:
                 by_partition.setdefault(partition, []).append((row, bucket, amount))
         failed: list[str] = []
         limiter = trio.CapacityLimiter(WRITE_BACK_CONCURRENCY)
