@@ -19,7 +19,14 @@ from anthropic.types import (
 )
 from anthropic.types.shared import ErrorResponse
 
-__all__ = ["ErrorResponse", "Message", "MessageTokensCount", "RawMessageStreamEvent", "strictly"]
+__all__ = [
+    "ErrorResponse",
+    "Message",
+    "MessageTokensCount",
+    "RawMessageStreamEvent",
+    "known_only",
+    "strictly",
+]
 
 
 def _unknown_fields(value: Any, where: str) -> list[str]:
@@ -35,10 +42,15 @@ def _unknown_fields(value: Any, where: str) -> list[str]:
     return []
 
 
+def known_only(parsed: Any) -> Any:
+    """``parsed`` (an object the SDK made), after checking that none of its models, at
+    any depth, kept a field its type does not have."""
+    unknown = _unknown_fields(parsed, "$")
+    assert not unknown, f"fields the SDK's {type(parsed).__name__} does not have: {unknown}"
+    return parsed
+
+
 def strictly(kind: Any, raw: Any) -> Any:
     """``raw`` parsed as the SDK type ``kind``; an AssertionError naming every field the
     type does not know."""
-    parsed = pydantic.TypeAdapter(kind).validate_python(raw)
-    unknown = _unknown_fields(parsed, "$")
-    assert not unknown, f"fields the SDK's {kind} does not have: {unknown}"
-    return parsed
+    return known_only(pydantic.TypeAdapter(kind).validate_python(raw))
