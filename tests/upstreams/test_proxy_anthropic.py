@@ -22,6 +22,7 @@ import anthropic
 import httpx
 import pytest
 import trio
+from trio_websocket import open_websocket_url
 
 from tests.observe.test_metrics import parse
 from tests.support.anthropic_types import known_only
@@ -206,7 +207,7 @@ async def test_a_stream_with_several_cumulative_usages_is_settled_once(workdir: 
 @pytest.mark.parametrize(
     ("route_extra", "cached_counts"), [("", False), ("cached_input_counts = true", True)]
 )
-async def test_cached_input_counts_only_where_the_route_says(
+async def test_cached_input_counts_only_where_the_route_says_and_the_feed_shows_it(
     workdir: Path, route_extra: str, cached_counts: bool
 ) -> None:
     bills = Bills()
@@ -214,14 +215,23 @@ async def test_cached_input_counts_only_where_the_route_says(
         scripted_upstream(anthropic_upstream(UPSTREAM_SECRET, bills)) as upstream,
         proxy_node(workdir, proxy_config(upstream, route_extra)) as url,
     ):
-        client = sdk(url)
-        message = await in_thread(
-            lambda: client.messages.create(
-                model=MODEL, max_tokens=5, system=SYSTEM, messages=MESSAGES
+        feed_url = url.replace("http://", "ws://") + "/v1/usage/stream"
+        auth = [(b"Authorization", f"Bearer {CLIENT_KEY}".encode())]
+        async with open_websocket_url(feed_url, extra_headers=auth) as feed:
+            assert json.loads(await feed.get_message())["type"] == "ready"
+            client = sdk(url)
+            message = await in_thread(
+                lambda: client.messages.create(
+                    model=MODEL, max_tokens=5, system=SYSTEM, messages=MESSAGES
+                )
             )
-        )
+            with trio.fail_after(30):
+                event = json.loads(await feed.get_message())
+                while event["type"] != "settled":
+                    event = json.loads(await feed.get_message())
         bill = bills.entries[0]
         assert bill.cache_read > 0 and message.usage.cache_read_input_tokens == bill.cache_read
+        assert event["cached_input_tokens"] == bill.cache_read
         expected = bill.input_tokens + (bill.cache_read if cached_counts else 0)
         assert (await used(url))["input_tokens"] == expected
 

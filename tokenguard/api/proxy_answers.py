@@ -196,7 +196,8 @@ class ProxyAnswers:
         else:
             output = counted_output
         corrected = self._upstream_input(route, model, input_tokens, usage)
-        await self.admissions.settle(decision, output, corrected)
+        cached = usage.cache_read_tokens if usage is not None else 0
+        await self.admissions.settle(decision, output, corrected, cached)
 
     def _upstream_input(
         self, route: UpstreamRoute, model: str, counted: int, usage: ReportedUsage | None
