@@ -28,7 +28,7 @@ from tests.observe.test_metrics import parse
 from tests.support.anthropic_types import known_only
 from tests.support.anthropic_upstream import Bills, anthropic_upstream, billed
 from tests.support.processes import free_ports, running_tokenguard, wait_healthy, write_config
-from tests.support.proxy_upstreams import ScriptedUpstream, scripted_upstream
+from tests.support.proxy_upstreams import ScriptedUpstream, dropping, scripted_upstream
 from tests.upstreams.test_proxy import settings_of
 from tokenguard.api.dialects.anthropic import AnthropicMeter
 from tokenguard.config.settings import ConfigError
@@ -361,3 +361,56 @@ def test_a_stream_cut_before_message_stop_reports_no_output_usage() -> None:
     )
     assert meter.usage == ReportedUsage(input_tokens=20, output_tokens=None)
     assert meter.output_tokens(MODEL) == 1
+
+
+async def test_an_upstream_that_drops_a_stream_ends_it_with_anthropics_error_event(
+    workdir: Path,
+) -> None:
+    start = {
+        "type": "message_start",
+        "message": {
+            "id": "msg_fake",
+            "type": "message",
+            "role": "assistant",
+            "model": MODEL,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 10, "output_tokens": 1},
+        },
+    }
+    block = {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "text", "text": ""},
+    }
+    delta = {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": "OK"},
+    }
+    events = [
+        f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in (start, block, delta)
+    ]
+    async with (
+        scripted_upstream(dropping(events)) as upstream,
+        proxy_node(workdir, proxy_config(upstream)) as url,
+    ):
+        client = sdk(url)
+        seen: list[str] = []
+
+        def stream() -> None:
+            for event in client.messages.create(
+                model=MODEL, max_tokens=30, messages=MESSAGES, stream=True
+            ):
+                seen.append(event.type)
+
+        with pytest.raises(anthropic.APIStatusError) as broken:
+            await in_thread(stream)
+        assert seen == ["message_start", "content_block_start", "content_block_delta"]
+        assert broken.value.body["type"] == "error"
+        assert broken.value.body["error"]["type"] == "api_error"
+        assert "in the middle of the stream" in broken.value.body["error"]["message"]
+        # The upstream may have generated (and billed) it all: the reservation is kept.
+        spent = await used(url)
+        assert spent["output_tokens"] == 30 and spent["input_tokens"] == 10
