@@ -40,7 +40,7 @@ from tokenguard.counting.claude import (
 )
 from tokenguard.errors import APIError
 from tokenguard.upstreams.mock import MockReply, mock_reply
-from tokenguard.upstreams.relay import StreamMeter
+from tokenguard.upstreams.relay import StreamMeter, event_object
 from tokenguard.upstreams.usage import ReportedUsage, token_count
 
 # The usage fields of Anthropic's answers, each cumulative in a stream.
@@ -159,11 +159,8 @@ class AnthropicMeter(StreamMeter):
         self._stopped = False
 
     def read(self, data: bytes) -> bool:
-        try:
-            event = json.loads(data)
-        except ValueError:
-            return True
-        if not isinstance(event, dict):
+        event = event_object(data)
+        if event is None:
             return True
         kind = event.get("type")
         usage = None
