@@ -7,6 +7,10 @@ way a node counts a request's input, in two workloads, each with the count cache
 ``conversation``  one chat growing turn by turn, every request resending the whole
                   history (a long system prompt, then user and assistant messages), as
                   chat clients do: the cache knows every message but the newest.
+``claude-conversation``  the same chat sent to Anthropic's Messages API (the system
+                  prompt apart), whose input is estimated
+                  (:func:`tokenguard.counting.claude.estimate_claude_prompt`): what a
+                  ``/v1/messages`` request costs to count.
 ``unique``        every prompt new (one user message never seen before): nothing to
                   remember, so only the cache's own cost shows.
 
@@ -25,9 +29,10 @@ from typing import Any
 import attrs
 
 from tokenguard import counting
+from tokenguard.counting.claude import estimate_claude_prompt
 
 MODEL = "gpt-4o"
-WORKLOADS = ("conversation", "unique")
+WORKLOADS = ("conversation", "claude-conversation", "unique")
 
 
 @attrs.frozen
@@ -80,7 +85,16 @@ def unique(options: TokensBenchOptions, seed: int) -> list[list[dict[str, Any]]]
     ]
 
 
-def _timed(prompts: Sequence[list[dict[str, Any]]], cache: bool) -> float:
+def count_prompt(workload: str, messages: list[dict[str, Any]]) -> int:
+    """A prompt's input tokens as a node counts them for ``workload``'s API: a chat
+    prompt's exactly, a Messages prompt's estimate (its system message apart)."""
+    if workload != "claude-conversation":
+        return counting.count_chat_prompt(MODEL, messages)
+    system, rest = messages[0]["content"], messages[1:]
+    return estimate_claude_prompt(system, rest, None)
+
+
+def _timed(workload: str, prompts: Sequence[list[dict[str, Any]]], cache: bool) -> float:
     """CPU seconds per prompt, counting ``prompts`` with the cache on or off (emptied
     first: what it knows comes from these prompts only)."""
     counting.COUNT_CACHE.clear()
@@ -88,7 +102,7 @@ def _timed(prompts: Sequence[list[dict[str, Any]]], cache: bool) -> float:
     try:
         started = time.process_time()
         for messages in prompts:
-            counting.count_chat_prompt(MODEL, messages)
+            count_prompt(workload, messages)
         return (time.process_time() - started) / len(prompts)
     finally:
         counting.COUNT_CACHE.enabled = True
@@ -100,14 +114,13 @@ def run(options: TokensBenchOptions) -> TokensBenchResult:
     sizes: dict[str, float] = {}
     for r in range(options.rounds):
         # New texts every round (nothing carries over), the same ones for on and off.
-        made = {"conversation": conversation(options, r), "unique": unique(options, r)}
+        chat = conversation(options, r)
+        made = {"conversation": chat, "claude-conversation": chat, "unique": unique(options, r)}
         for workload, prompts in made.items():
-            sizes[workload] = statistics.mean(
-                counting.count_chat_prompt(MODEL, messages) for messages in prompts
-            )
+            sizes[workload] = statistics.mean(count_prompt(workload, m) for m in prompts)
             order = ("on", "off") if r % 2 == 0 else ("off", "on")
             for cache in order:
-                seconds[workload][cache].append(_timed(prompts, cache == "on"))
+                seconds[workload][cache].append(_timed(workload, prompts, cache == "on"))
     return TokensBenchResult(options=options, seconds=seconds, tokens_per_prompt=sizes)
 
 
@@ -128,7 +141,8 @@ def format_report(result: TokensBenchResult) -> str:
         "",
         f"conversation: {o.turns} requests of one chat (a {o.system_words}-word system "
         f"prompt, {o.message_words}-word questions, answers twice that), each resending "
-        f"the history; unique: {o.prompts} one-message prompts of {4 * o.message_words} "
+        f"the history; claude-conversation: the same chat as Messages API prompts, "
+        f"estimated; unique: {o.prompts} one-message prompts of {4 * o.message_words} "
         f"words never seen before. {o.rounds} round(s), on and off taking turns, CPU time.",
     ]
     return "\n".join(lines)

@@ -39,6 +39,8 @@ CONFIG: dict[str, Any] = {
 # (rule, method) -> who may call it:
 #   "public": anyone (liveness, readiness, metrics, the dashboard's static files);
 #   "key":    an API key, as a Bearer token (401 otherwise);
+#   "anthropic-key": an API key in x-api-key (or as a Bearer token), with an
+#             anthropic-version header (401 in Anthropic's shape otherwise);
 #   "feed":   websocket; an API key (its own events) or the admin token (every key),
 #             in the Authorization header or a first message; refused with 1008.
 ROUTES = {
@@ -47,6 +49,8 @@ ROUTES = {
     ("/v1/models", "GET"): "key",
     ("/v1/completions", "POST"): "key",
     ("/v1/embeddings", "POST"): "key",
+    ("/v1/messages", "POST"): "anthropic-key",
+    ("/v1/messages/count_tokens", "POST"): "anthropic-key",
     ("/v1/usage/stream", "GET"): "feed",
     ("/healthz", "GET"): "public",
     ("/readyz", "GET"): "public",
@@ -97,6 +101,21 @@ async def test_key_routes_need_a_key(app: Any, route: str, method: str) -> None:
         assert answer.status_code == 401, (route, headers)
         assert (await answer.get_json())["error"]["code"] == "invalid_api_key"
     answer = await call(client, route, method, {"Authorization": "Bearer sk-route"})
+    assert answer.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("route", "method"), sorted(k for k, v in ROUTES.items() if v == "anthropic-key")
+)
+async def test_anthropic_routes_need_a_key(app: Any, route: str, method: str) -> None:
+    client = app.test_client()
+    body = {"model": "claude-x", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    version = {"anthropic-version": "2023-06-01"}
+    for headers in ({}, {"x-api-key": "sk-wrong"}, {"x-api-key": ADMIN}):
+        answer = await client.post(route, json=body, headers={**version, **headers})
+        assert answer.status_code == 401, (route, headers)
+        assert (await answer.get_json())["error"]["type"] == "authentication_error"
+    answer = await client.post(route, json=body, headers={**version, "x-api-key": "sk-route"})
     assert answer.status_code == 200
 
 

@@ -26,6 +26,11 @@ def test_a_tiny_run_reports_both_workloads_and_leaves_the_cache_on() -> None:
             assert all(s > 0 for s in result.seconds[workload][cache])
     # The chat's later prompts are mostly history the cache knows: far cheaper with it.
     assert result.ratio("conversation") < 0.8
+    assert result.ratio("claude-conversation") < 0.8  # the estimate uses the same cache
+    # The estimate scales the text by 1.30: larger than the chat's exact count.
+    assert (
+        result.tokens_per_prompt["claude-conversation"] > result.tokens_per_prompt["conversation"]
+    )
     assert result.tokens_per_prompt["conversation"] > result.tokens_per_prompt["unique"] > 0
     assert counting.COUNT_CACHE.enabled
     report = bench_tokens.format_report(result)

@@ -32,6 +32,7 @@ from tests.support.processes import (
 from tests.support.redis_servers import running_redis_server
 from tokenguard.cli.serve import CLOCK_OFFSET_ENV
 from tokenguard.counting import count_chat_prompt
+from tokenguard.counting.claude import estimate_claude_prompt
 
 MODEL = "gpt-4o"
 
@@ -119,6 +120,70 @@ async def test_input_tokens_are_exact_across_three_nodes(workdir: Path) -> None:
                         nursery.start_soon(one, prompt)
                 used = await usage(client, cluster.urls[2], "sk-tpm")
     assert len(admitted) + len(refused) == 200 and refused
+    assert sum(admitted) <= 1000
+    assert sum(admitted) + min(refused) > 1000
+    assert used["input_tokens"]["used"] == sum(admitted)
+
+
+async def test_one_budget_is_exact_across_chat_on_node_0_and_messages_on_node_2(
+    workdir: Path,
+) -> None:
+    """One key spends input_tpm = 1000 through /v1/chat/completions on node 0 and
+    Anthropic's /v1/messages on node 2 at once: one budget, exact across both surfaces
+    and both nodes (the admitted prompts never pass it; one was refused only when it did
+    not fit), and each surface refuses in its own shape."""
+    config = write_config(
+        workdir / "c.toml", '[[keys]]\nkey = "sk-mixed"\nname = "mixed"\ninput_tpm = 1000\n'
+    )
+    rng = random.Random(11)
+    prompts = [" ".join(["word"] * rng.randint(5, 60)) for _ in range(200)]
+    claude = "claude-sonnet-4-5"
+    chat_sizes = {p: count_chat_prompt(MODEL, messages_of(p)) for p in prompts}
+    messages_sizes = {p: estimate_claude_prompt(None, messages_of(p), None) for p in prompts}
+    admitted: list[int] = []
+    refused: list[int] = []
+    surfaces: Counter[str] = Counter()
+    with trio.fail_after(START_TIMEOUT + 60):
+        async with running_cluster(workdir / "state", nodes=3, config=config) as cluster:
+            async with many_connections() as client:
+
+                async def via_chat(prompt: str) -> None:
+                    response = await chat(client, cluster.urls[0], "sk-mixed", prompt)
+                    if response.status_code == 200:
+                        admitted.append(chat_sizes[prompt])
+                        surfaces["chat"] += 1
+                    else:
+                        assert response.status_code == 429, response.text
+                        assert "input tokens" in response.json()["error"]["message"]
+                        refused.append(chat_sizes[prompt])
+
+                async def via_messages(prompt: str) -> None:
+                    response = await client.post(
+                        f"{cluster.urls[2]}/v1/messages",
+                        headers={"x-api-key": "sk-mixed", "anthropic-version": "2023-06-01"},
+                        json={"model": claude, "messages": messages_of(prompt), "max_tokens": 16},
+                    )
+                    if response.status_code == 200:
+                        usage_block = response.json()["usage"]
+                        assert usage_block["input_tokens"] == messages_sizes[prompt]
+                        admitted.append(messages_sizes[prompt])
+                        surfaces["messages"] += 1
+                    else:
+                        assert response.status_code == 429, response.text
+                        error = response.json()["error"]
+                        assert error["type"] == "rate_limit_error"
+                        assert "input tokens" in error["message"]
+                        refused.append(messages_sizes[prompt])
+
+                # One of each first, so both surfaces spend; then all the rest at once.
+                await via_messages(prompts[0])
+                await via_chat(prompts[1])
+                async with trio.open_nursery() as nursery:
+                    for i, prompt in enumerate(prompts[2:]):
+                        nursery.start_soon(via_chat if i % 2 else via_messages, prompt)
+                used = await usage(client, cluster.urls[1], "sk-mixed")
+    assert len(admitted) + len(refused) == 200 and refused
+    assert surfaces["chat"] and surfaces["messages"], surfaces
     assert sum(admitted) <= 1000
     assert sum(admitted) + min(refused) > 1000
     assert used["input_tokens"]["used"] == sum(admitted)

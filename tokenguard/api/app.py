@@ -112,6 +112,9 @@ def _add_api_routes(app: QuartTrio, gateway: Gateway) -> None:
     for dialect in gateway.dialects:
         handler = gateway.pipeline.handler(dialect)
         app.add_url_rule(dialect.path, view_func=handler, methods=["POST"])
+        if dialect.count_path is not None:
+            counter = gateway.pipeline.count_handler(dialect)
+            app.add_url_rule(dialect.count_path, view_func=counter, methods=["POST"])
     app.add_url_rule("/v1/usage", view_func=gateway.info.usage, methods=["GET"])
     app.add_url_rule("/v1/models", view_func=gateway.info.models, methods=["GET"])
 

@@ -17,7 +17,11 @@ differs between the APIs is only the wire format, and that is a :class:`Dialect`
   :meth:`Dialect.reply_output`, and a :class:`~tokenguard.upstreams.relay.StreamMeter`
   for each relayed stream);
 * the API family's conventions: its error body, its rate-limit headers and where the
-  key is read from (:class:`OpenAIConventions` for OpenAI's APIs).
+  key is read from (:class:`OpenAIConventions` for OpenAI's APIs), and the headers an
+  upstream of that family is sent (:meth:`Dialect.upstream_headers`: the route's
+  credential, and what the client says that the upstream must hear);
+* optionally a token-counting route (:attr:`Dialect.count_path`) that answers the
+  count admission would use, admitted in the requests dimension only.
 
 A dialect holds no per-request state and is shared by every request of its route.
 Adding an API surface is one module with one :class:`Dialect` subclass, registered in
@@ -34,7 +38,7 @@ import attrs
 
 from tokenguard.api.auth import bearer_credential
 from tokenguard.api.ratelimit import openai_header_fields
-from tokenguard.config.settings import UpstreamRoute
+from tokenguard.config.settings import Settings, UpstreamRoute
 from tokenguard.errors import APIError
 from tokenguard.store.window_store import RowState
 from tokenguard.upstreams.forwarding import forwarded_body
@@ -136,6 +140,35 @@ class Dialect(abc.ABC):
     upstream_path: ClassVar[str]
     """Where proxy mode forwards it, after the route's ``base_url``."""
     conventions: ClassVar[Conventions] = OPENAI
+    family: ClassVar[str] = "openai"
+    """The API family (an upstream route's ``dialect``): only a route of this family
+    serves this surface's models."""
+    count_path: ClassVar[str | None] = None
+    """A route answering the request's input tokens (``None``: none); see
+    :meth:`parse_count`, :meth:`count_answer`."""
+    count_upstream_path: ClassVar[str | None] = None
+    """Where a route whose ``count_tokens = "upstream"`` forwards :attr:`count_path`."""
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Dialect:
+        """The node's instance of this dialect (one that reads settings overrides this)."""
+        return cls()
+
+    def upstream_headers(self, route: UpstreamRoute, request_headers: Any) -> dict[str, str]:
+        """The headers an upstream request carries besides its content type: the
+        route's credential as the family sends it (OpenAI's ``Authorization: Bearer``),
+        and anything of the client's (``request_headers``) the upstream must see."""
+        if route.api_key is None:
+            return {}
+        return {"authorization": f"Bearer {route.api_key}"}
+
+    def parse_count(self, body: Any) -> Exchange:
+        """Validate a body sent to :attr:`count_path` (a 400 naming the field)."""
+        raise NotImplementedError(f"{self.surface} has no token-counting route")
+
+    def count_answer(self, input_tokens: int) -> dict[str, Any]:
+        """The body :attr:`count_path` answers with."""
+        raise NotImplementedError(f"{self.surface} has no token-counting route")
 
     @abc.abstractmethod
     def parse(self, body: Any) -> Exchange:

@@ -15,6 +15,7 @@ import trio
 
 from tokenguard.api.admission import Admissions
 from tokenguard.api.dialect import Dialect
+from tokenguard.api.dialects.anthropic import MessagesDialect
 from tokenguard.api.dialects.chat import ChatDialect
 from tokenguard.api.dialects.completions import CompletionsDialect
 from tokenguard.api.dialects.embeddings import EmbeddingsDialect
@@ -33,7 +34,12 @@ from tokenguard.observe.metrics import Metrics
 from tokenguard.store.window_store import WindowStore
 from tokenguard.upstreams.proxy import Upstream
 
-DIALECTS: tuple[type[Dialect], ...] = (ChatDialect, CompletionsDialect, EmbeddingsDialect)
+DIALECTS: tuple[type[Dialect], ...] = (
+    ChatDialect,
+    CompletionsDialect,
+    EmbeddingsDialect,
+    MessagesDialect,
+)
 """Every API surface a node serves, one dialect each."""
 
 FIXED_PATHS = (
@@ -91,14 +97,18 @@ class Gateway:
             lease_seconds=settings.lease_seconds,
             near_limit_ratio=settings.near_limit_ratio,
         )
-        dialects = tuple(dialect() for dialect in DIALECTS)
+        dialects = tuple(dialect.for_settings(settings) for dialect in DIALECTS)
         feed = Feed(settings, store, limiter, closing=closing, keyring=keyring)
         metrics = Metrics(
             node_id=settings.node_id,
             store=store,
             feed=feed,
             limiter=limiter,
-            paths=(*(d.path for d in dialects), *FIXED_PATHS),
+            paths=(
+                *(d.path for d in dialects),
+                *(d.count_path for d in dialects if d.count_path),
+                *FIXED_PATHS,
+            ),
         )
         request_log = RequestLog(on_finish=metrics.request_finished)
         admissions = Admissions(store, limiter, feed=feed, metrics=metrics, request_log=request_log)

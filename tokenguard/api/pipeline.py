@@ -31,6 +31,7 @@ from tokenguard.api.dialect import Conventions, Dialect, Exchange
 from tokenguard.api.mock_answers import MockAnswers
 from tokenguard.api.proxy_answers import ProxyAnswers
 from tokenguard.api.request_body import parse_json
+from tokenguard.api.responses import json_response
 from tokenguard.config.settings import Settings, UpstreamRoute
 from tokenguard.errors import APIError
 from tokenguard.limiting.keyring import Keyring
@@ -88,7 +89,8 @@ class Pipeline:
         key = self.authenticate(dialect.conventions)
         data = await request.get_data(cache=False)
         exchange = dialect.parse(parse_json(data))
-        route = self.route(exchange.model)  # before admission: an unrouted model costs nothing
+        # Before admission: an unrouted model costs nothing.
+        route = self.route(exchange.model, dialect)
         decision: Decision | None = None
         input_tokens = 0
         if self.settings.limiting:
@@ -111,8 +113,46 @@ class Pipeline:
                 key_id=key.key_id,
                 input_tokens=input_tokens,
                 decision=decision,
+                client_headers=request.headers,
             )
         return await self.mock.answer(dialect, exchange, per_choice, input_tokens, decision)
+
+    def count_handler(self, dialect: Dialect) -> Callable[[], Awaitable[Response]]:
+        """The handler of ``dialect``'s token-counting route (a quart view function)."""
+
+        async def count() -> Response:
+            return await self.count(dialect)
+
+        count.__name__ = f"{dialect.surface}_count_handler"
+        return count
+
+    async def count(self, dialect: Dialect) -> Response:
+        """A token-counting request: authenticated, read and validated as a request of
+        ``dialect``, admitted as one request (no tokens: nothing is generated), answered
+        with the input count admission would use (or, on a route whose
+        ``count_tokens = "upstream"``, the upstream's own answer, passed through)."""
+        g.conventions = dialect.conventions
+        key = self.authenticate(dialect.conventions)
+        data = await request.get_data(cache=False)
+        exchange = dialect.parse_count(parse_json(data))
+        route = self.route(exchange.model, dialect)
+        decision: Decision | None = None
+        headers: dict[str, str] = {}
+        if self.settings.limiting:
+            cost = Cost(requests=1, input_tokens=0, output_tokens=0)
+            decision = await self.admissions.admit(key, cost, exchange.model, dialect.conventions)
+            headers = dialect.conventions.ratelimit_headers(decision.admission.states)
+        try:
+            if route is not None and route.count_tokens == "upstream":
+                assert self.proxy is not None
+                return await self.proxy.pass_through(
+                    dialect, route, exchange, key.key_id, request.headers, headers
+                )
+            tokens = await self.count_input(dialect, key, exchange, len(data))
+        finally:
+            if decision is not None:
+                await self.admissions.settle(decision, 0)
+        return json_response(dialect.count_answer(tokens), 200, headers)
 
     def authenticate(self, conventions: Conventions) -> ApiKey:
         """The key the request's credential names, or a 401/400 in ``conventions``' shape.
@@ -128,12 +168,21 @@ class Pipeline:
         self.request_log.current().key = key.name
         return key
 
-    def route(self, model: str) -> UpstreamRoute | None:
+    def route(self, model: str, dialect: Dialect) -> UpstreamRoute | None:
         """The upstream route of ``model`` in proxy mode (``None`` in mock mode); a 404
-        when no route matches it."""
+        when no route matches it, or only one of another API family than ``dialect``'s
+        (tokenguard does not translate between APIs)."""
         if self.proxy is None:
             return None
         route = self.proxy.upstream.route(model)
+        if route is not None and route.dialect != dialect.family:
+            raise APIError(
+                404,
+                f"The model `{model}` is served through the {route.dialect} API, not "
+                f"{dialect.path}.",
+                code="model_not_found",
+                param="model",
+            )
         if route is None:
             raise APIError(
                 404,

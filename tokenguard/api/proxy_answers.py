@@ -21,6 +21,7 @@ Settlement, per answer:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from quart import Response
 
@@ -68,6 +69,7 @@ class ProxyAnswers:
         key_id: str,
         input_tokens: int,
         decision: Decision | None,
+        client_headers: Any,
     ) -> Response:
         """Forward an admitted request and answer with the upstream's reply (any status,
         with ``decision``'s rate-limit headers); settle it when it is over. A stream is
@@ -77,12 +79,13 @@ class ProxyAnswers:
         reserved = decision.cost.output_tokens if decision is not None else 0
         per_choice = reserved // exchange.choices if decision and exchange.choices else None
         body = dialect.forward(exchange, per_choice, route)
+        upstream_headers = dialect.upstream_headers(route, client_headers)
         model = exchange.model
 
         async def finish(tally: StreamTally) -> None:
             if decision is not None:
                 output = stream_output(tally, model, reserved, route)
-                await self._settle_to(decision, model, tally.usage, output, input_tokens)
+                await self._settle_to(decision, route, model, tally.usage, output, input_tokens)
 
         try:
             if exchange.stream:
@@ -92,12 +95,13 @@ class ProxyAnswers:
                     dialect.asking_usage(body),
                     model,
                     key=key_id,
+                    headers=upstream_headers,
                     meter=dialect.meter(exchange),
                     finish=finish,
                 )
             else:
                 reply = await self.upstream.post(
-                    route, dialect.upstream_path, body, model, key=key_id
+                    route, dialect.upstream_path, body, model, key=key_id, headers=upstream_headers
                 )
         except UpstreamFailure as failure:
             if decision is not None:
@@ -112,7 +116,34 @@ class ProxyAnswers:
             limit_sends(route.client_idle_timeout)
             return event_stream(reply, headers)
         if decision is not None:
-            await self._settle_reply(dialect, decision, reply, model, input_tokens)
+            await self._settle_reply(dialect, decision, route, reply, model, input_tokens)
+        return self._reply_response(reply, headers)
+
+    async def pass_through(
+        self,
+        dialect: Dialect,
+        route: UpstreamRoute,
+        exchange: Exchange,
+        key_id: str,
+        client_headers: Any,
+        headers: dict[str, str],
+    ) -> Response:
+        """Forward a request that generates nothing (a token count) to the dialect's
+        ``count_upstream_path`` and answer with the upstream's reply as it is (any
+        status), with ``headers`` (the rate-limit headers). Raises as :meth:`answer`."""
+        assert dialect.count_upstream_path is not None
+        reply = await self.upstream.post(
+            route,
+            dialect.count_upstream_path,
+            dialect.forward(exchange, None, route),
+            exchange.model,
+            key=key_id,
+            headers=dialect.upstream_headers(route, client_headers),
+        )
+        return self._reply_response(reply, headers)
+
+    def _reply_response(self, reply: UpstreamReply, headers: dict[str, str]) -> Response:
+        """A whole upstream reply as the client's answer, with ``headers`` added."""
         reply_headers = dict(reply.headers)
         content_type = reply_headers.pop("content-type")
         return Response(
@@ -126,6 +157,7 @@ class ProxyAnswers:
         self,
         dialect: Dialect,
         decision: Decision,
+        route: UpstreamRoute,
         reply: UpstreamReply,
         model: str,
         input_tokens: int,
@@ -140,12 +172,13 @@ class ProxyAnswers:
             return
         usage = dialect.usage_of(body)
         await self._settle_to(
-            decision, model, usage, lambda: dialect.reply_output(model, body), input_tokens
+            decision, route, model, usage, lambda: dialect.reply_output(model, body), input_tokens
         )
 
     async def _settle_to(
         self,
         decision: Decision,
+        route: UpstreamRoute,
         model: str,
         usage: ReportedUsage | None,
         counted_output: int | Callable[[], int],
@@ -153,22 +186,29 @@ class ProxyAnswers:
     ) -> None:
         """Settle to the output the upstream reported, else to ``counted_output`` (a
         count, or what counts it: called only then); the prompt is corrected to the
-        upstream's count where that differs from ``input_tokens``."""
+        upstream's count of what counts against input limits (the route's
+        ``cached_input_counts`` says whether cache reads do) where that differs from
+        ``input_tokens``."""
         if usage is not None and usage.output_tokens is not None:
             output = usage.output_tokens
         elif callable(counted_output):
             output = counted_output()
         else:
             output = counted_output
-        corrected = self._upstream_input(model, input_tokens, usage)
-        await self.admissions.settle(decision, output, corrected)
+        corrected = self._upstream_input(route, model, input_tokens, usage)
+        cached = usage.cache_read_tokens if usage is not None else 0
+        await self.admissions.settle(decision, output, corrected, cached)
 
-    def _upstream_input(self, model: str, counted: int, usage: ReportedUsage | None) -> int | None:
-        """The upstream's input tokens when they differ from our count (the difference
-        is logged per model, and counted in the metrics), else ``None``: nothing to
-        correct."""
-        if usage is None or usage.input_tokens is None:
+    def _upstream_input(
+        self, route: UpstreamRoute, model: str, counted: int, usage: ReportedUsage | None
+    ) -> int | None:
+        """The input tokens the upstream says count against input limits, when they
+        differ from our count, else ``None``: nothing to correct. How our count compares
+        with the whole prompt the upstream read (cached or not) is logged per model and
+        counted in the metrics: the counting error."""
+        limited = None if usage is None else usage.limited_input(route.cached_input_counts)
+        if usage is None or limited is None or usage.prompt_tokens is None:
             return None
-        self.upstream.drift.record(model, counted, usage.input_tokens)
-        self.metrics.input_counted(model, counted, usage.input_tokens)
-        return None if usage.input_tokens == counted else usage.input_tokens
+        self.upstream.drift.record(model, counted, usage.prompt_tokens)
+        self.metrics.input_counted(model, counted, usage.prompt_tokens)
+        return None if limited == counted else limited

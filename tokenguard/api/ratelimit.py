@@ -1,4 +1,4 @@
-"""Rate-limit answers: OpenAI's ``x-ratelimit-*`` headers, ``retry-after``, and the 429.
+"""Rate-limit answers: the ``x-ratelimit-*`` headers (and Anthropic's), ``retry-after``, the 429.
 
 Every answer to an admitted request carries the rate-limit headers of the tightest row
 of each dimension (:func:`openai_header_fields`), formatted straight to ASGI bytes: on
@@ -11,6 +11,8 @@ wait, in the dialect's own headers.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tokenguard.errors import APIError
@@ -54,41 +56,38 @@ _HEADER_NAMES = {
     "input_tokens": "input-tokens",
     "output_tokens": "output-tokens",
 }
-
-
-# Per header family (a dimension, or "tokens"): its three names, formatted once.
-_HEADER_TRIPLES = {
-    name: (
-        f"x-ratelimit-limit-{name}",
-        f"x-ratelimit-remaining-{name}",
-        f"x-ratelimit-reset-{name}",
-    )
-    for name in (*_HEADER_NAMES.values(), "tokens")
-}
-
-
-# The same names as ASGI header names (bytes): the hot path's form.
-_RAW_TRIPLES = {
-    name: tuple(header.encode("ascii") for header in triple)
-    for name, triple in _HEADER_TRIPLES.items()
-}
-_RAW_TRIPLES_BY_DIMENSION = {
-    dimension: _RAW_TRIPLES[name] for dimension, name in _HEADER_NAMES.items()
-}
 # The dimensions whose tightest row the ``*-tokens`` headers report.
 _TOKEN_DIMENSIONS = frozenset(("input_tokens", "output_tokens", "total_tokens"))
 
+# One API family's header names, as ASGI names (bytes): per dimension (and "tokens", the
+# tightest token dimension), the (limit, remaining, reset) triple.
+Triples = dict[str, tuple[bytes, bytes, bytes]]
 
-def openai_header_fields(states: tuple[RowState, ...]) -> list[tuple[bytes, bytes]]:
-    """OpenAI's ``x-ratelimit-*`` headers for a request's rows, as ASGI header pairs
-    (lowercase ASCII names and values, as bytes): what every admitted request's
-    response carries, built without a str-to-bytes step per header.
+
+def _triples(name_of: Callable[[str, str], str]) -> Triples:
+    """Every family's triple, ``name_of(family, part)`` naming one header, formatted once."""
+    return {
+        family: tuple(  # type: ignore[misc]
+            name_of(family, part).encode("ascii") for part in ("limit", "remaining", "reset")
+        )
+        for family in (*_HEADER_NAMES.values(), "tokens")
+    }
+
+
+_OPENAI_TRIPLES = _triples(lambda family, part: f"x-ratelimit-{part}-{family}")
+_ANTHROPIC_TRIPLES = _triples(lambda family, part: f"anthropic-ratelimit-{family}-{part}")
+
+
+def _header_fields(
+    states: tuple[RowState, ...], triples: Triples, reset_of: Callable[[float], bytes]
+) -> list[tuple[bytes, bytes]]:
+    """A family's rate-limit headers for a request's rows, as ASGI header pairs.
 
     Each header reports the tightest enforced row of its dimension over every scope and
-    window (the smallest share of its limit remaining): ``*-requests`` of the request
-    rows, ``*-input-tokens`` and ``*-output-tokens`` of theirs, and ``*-tokens`` of the
-    input, output and total-tokens rows together. Shadow rows are never reported;
-    unlimited dimensions have no headers.
+    window (the smallest share of its limit remaining): ``requests`` of the request
+    rows, ``input-tokens`` and ``output-tokens`` of theirs, and ``tokens`` of the input,
+    output and total-tokens rows together. Shadow rows are never reported; unlimited
+    dimensions have no headers. ``reset_of`` formats a row's seconds until reset.
     """
     fields: list[tuple[bytes, bytes]] = []
     by_dimension, shares = tightest_with_shares(states)
@@ -96,19 +95,48 @@ def openai_header_fields(states: tuple[RowState, ...]) -> list[tuple[bytes, byte
     tokens_share = 0.0
     tokens_values: tuple[bytes, bytes, bytes] | None = None
     for dimension, state in by_dimension.items():
-        triple = _RAW_TRIPLES_BY_DIMENSION.get(dimension)
+        name = _HEADER_NAMES.get(dimension)
         values = None
-        if triple is not None:
-            values = _header_values(state)
-            fields += _paired(triple, values)
+        if name is not None:
+            values = _header_values(state, reset_of)
+            fields += _paired(triples[name], values)
         if dimension in _TOKEN_DIMENSIONS:
             share = shares[dimension]
             if tokens is None or share < tokens_share:
                 # The tokens family usually repeats a dimension's row: formatted once.
                 tokens, tokens_share, tokens_values = state, share, values
     if tokens is not None:
-        fields += _paired(_RAW_TRIPLES["tokens"], tokens_values or _header_values(tokens))
+        fields += _paired(triples["tokens"], tokens_values or _header_values(tokens, reset_of))
     return fields
+
+
+def _openai_reset(seconds: float) -> bytes:
+    return openai_duration(seconds).encode("ascii")
+
+
+def openai_header_fields(states: tuple[RowState, ...]) -> list[tuple[bytes, bytes]]:
+    """OpenAI's ``x-ratelimit-{limit,remaining,reset}-*`` headers for a request's rows
+    (:func:`_header_fields`; the reset as a duration, ``6m0s``): what every admitted
+    request's response carries, built without a str-to-bytes step per header."""
+    return _header_fields(states, _OPENAI_TRIPLES, _openai_reset)
+
+
+def rfc3339_after(seconds: float) -> str:
+    """The UTC time ``seconds`` from now in RFC 3339, to the second, rounded up (a client
+    that waits until then is never early): ``2026-12-07T06:30:01Z``."""
+    moment = math.ceil(time.time() + max(0.0, seconds))
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
+
+
+def _anthropic_reset(seconds: float) -> bytes:
+    return rfc3339_after(seconds).encode("ascii")
+
+
+def anthropic_header_fields(states: tuple[RowState, ...]) -> list[tuple[bytes, bytes]]:
+    """Anthropic's ``anthropic-ratelimit-*-{limit,remaining,reset}`` headers for a
+    request's rows (:func:`_header_fields`; the reset as an RFC 3339 time, as Anthropic
+    sends it)."""
+    return _header_fields(states, _ANTHROPIC_TRIPLES, _anthropic_reset)
 
 
 def _paired(
@@ -117,11 +145,12 @@ def _paired(
     return (names[0], values[0]), (names[1], values[1]), (names[2], values[2])
 
 
-def _header_values(state: RowState) -> tuple[bytes, bytes, bytes]:
+def _header_values(
+    state: RowState, reset_of: Callable[[float], bytes]
+) -> tuple[bytes, bytes, bytes]:
     limit = state.row.limit
     left = limit - state.used
-    reset = openai_duration(state.reset_after).encode("ascii")
-    return b"%d" % limit, b"%d" % left if left > 0 else b"0", reset
+    return b"%d" % limit, b"%d" % left if left > 0 else b"0", reset_of(state.reset_after)
 
 
 def retry_headers(seconds: float) -> dict[str, str]:

@@ -56,6 +56,12 @@ CLIENT_GONE_POLICIES = ("cancel", "drain")
 # connection after it was sent; the upstream may bill it): "keep" the whole output
 # reservation, or "refund" it (to what was relayed, for a stream).
 UPSTREAM_ERROR_POLICIES = ("keep", "refund")
+# The API an upstream route speaks: a request reaches it only through a surface of that
+# family (OpenAI's chat, completions and embeddings; Anthropic's messages).
+ROUTE_DIALECTS = ("openai", "anthropic")
+# Where POST /v1/messages/count_tokens gets its figure on an Anthropic route: tokenguard's
+# own estimate (what admission uses), or the upstream's count_tokens (exact).
+COUNT_TOKENS_SOURCES = ("estimate", "upstream")
 
 
 @attrs.frozen
@@ -86,6 +92,15 @@ class UpstreamRoute:
     client_idle_timeout: float = DEFAULT_CLIENT_IDLE_TIMEOUT
     on_client_gone: str = "cancel"
     on_upstream_error: str = "keep"
+    # ROUTE_DIALECTS; the credential is sent as the family sends it (Dialect.upstream_headers).
+    dialect: str = "openai"
+    # Whether prompt-cache reads count against input limits (Anthropic counts only
+    # uncached input and cache writes: false). See ReportedUsage.limited_input.
+    cached_input_counts: bool = False
+    # The estimate's factor for this route's Anthropic models (None: the built-in one,
+    # tokenguard/api/dialects/anthropic_count.py).
+    input_factor: float | None = None
+    count_tokens: str = "estimate"  # COUNT_TOKENS_SOURCES
 
 
 @attrs.frozen

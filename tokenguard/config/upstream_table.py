@@ -15,9 +15,11 @@ from urllib.parse import urlsplit
 from tokenguard.config.reader import TableReader
 from tokenguard.config.settings import (
     CLIENT_GONE_POLICIES,
+    COUNT_TOKENS_SOURCES,
     DEFAULT_KEY_SHARE,
     DEFAULT_UPSTREAM_CONNECTIONS,
     OUTPUT_LIMIT_FIELDS,
+    ROUTE_DIALECTS,
     UPSTREAM_ERROR_POLICIES,
     UpstreamRoute,
     UpstreamSettings,
@@ -30,6 +32,8 @@ ROUTE_CHOICES = {
     "output_limit_field": OUTPUT_LIMIT_FIELDS,
     "on_client_gone": CLIENT_GONE_POLICIES,
     "on_upstream_error": UPSTREAM_ERROR_POLICIES,
+    "dialect": ROUTE_DIALECTS,
+    "count_tokens": COUNT_TOKENS_SOURCES,
 }
 
 
@@ -69,6 +73,12 @@ def _upstream_route(
         if choices[key] not in allowed:
             reader.fail(f"must be one of {', '.join(allowed)}, got {choices[key]!r}", key)
     forward_fields = _forward_fields(reader, parent.forward_fields if parent else None)
+    cached_input_counts = reader.bool("cached_input_counts", inherited.cached_input_counts)
+    input_factor = inherited.input_factor
+    if "input_factor" in reader.table:
+        input_factor = reader.number("input_factor", 1.0)
+        if not 0 < input_factor <= 10:
+            reader.fail(f"must be more than 0 and at most 10, got {input_factor:g}", "input_factor")
     for key, value in seconds.items():
         if value <= 0:
             reader.fail(f"must be more than 0 seconds, got {value:g}", key)
@@ -93,6 +103,8 @@ def _upstream_route(
         **seconds,
         **choices,
         forward_fields=forward_fields,
+        cached_input_counts=cached_input_counts,
+        input_factor=input_factor,
     )
 
 

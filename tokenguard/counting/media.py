@@ -51,6 +51,8 @@ __all__ = [
     "UNSEEN_PART_TOKENS",
     "VisionCost",
     "audio_tokens",
+    "base64_image_size",
+    "base64_size",
     "file_tokens",
     "image_size",
     "image_tokens",
@@ -217,6 +219,24 @@ def image_size(url: str) -> tuple[int, int] | None:
     payload = _data_url_bytes(url)
     if payload is None:
         return None
+    return _image_size(payload)
+
+
+def base64_image_size(data: Any) -> tuple[int, int] | None:
+    """``(width, height)`` of a base64 image (no ``data:`` prefix), as :func:`image_size`
+    reads it; ``None`` when it is not text or its header does not say."""
+    if not isinstance(data, str) or not data:
+        return None
+    return _image_size(_Base64Bytes(data))
+
+
+def base64_size(data: Any) -> int | None:
+    """The bytes a base64 text decodes to (nothing is decoded); ``None`` if not text."""
+    payload = _b64_text(data)
+    return None if payload is None else payload.size
+
+
+def _image_size(payload: _Base64Bytes) -> tuple[int, int] | None:
     head = payload.read(0, _HEAD)
     size = _png(head) or _gif(head) or _webp(head)
     if size is None and head[:2] == b"\xff\xd8":

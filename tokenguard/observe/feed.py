@@ -243,19 +243,22 @@ class Feed:
                 | {"ratio": round(state.used / state.limit, 4), "alert_at": state.row.alert_at}
             )
 
-    def settled(self, decision: Decision, output_tokens: int) -> None:
+    def settled(self, decision: Decision, output_tokens: int, cached_input_tokens: int = 0) -> None:
+        """A settlement; ``cached_input_tokens`` (the upstream's prompt-cache reads) are
+        in the event only when there were some."""
         if not self.watched:
             return
         reserved = decision.cost.output_tokens
-        self.emit(
-            {
-                "type": "settled",
-                "key": decision.key.name,
-                "reserved_output_tokens": reserved,
-                "output_tokens": output_tokens,
-                "refund": reserved - output_tokens,
-            }
-        )
+        event: dict[str, Any] = {
+            "type": "settled",
+            "key": decision.key.name,
+            "reserved_output_tokens": reserved,
+            "output_tokens": output_tokens,
+            "refund": reserved - output_tokens,
+        }
+        if cached_input_tokens:
+            event["cached_input_tokens"] = cached_input_tokens
+        self.emit(event)
 
     # -- who sees what
 

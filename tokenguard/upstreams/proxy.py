@@ -3,8 +3,10 @@
 An :class:`Upstream` holds one node's ``httpx2.AsyncClient`` (a connection pool with
 HTTP/1.1 keep-alive, running on trio through anyio) for as long as :meth:`Upstream.run`
 runs, and sends each request to the route its model picks
-(:meth:`tokenguard.config.settings.UpstreamSettings.route`), with that route's credential as
-``Authorization: Bearer`` and its connect/read timeouts.
+(:meth:`tokenguard.config.settings.UpstreamSettings.route`), with the headers its dialect
+gives (the route's credential as its API family sends it:
+:meth:`tokenguard.api.dialect.Dialect.upstream_headers`) and the route's connect/read
+timeouts.
 
 Guarantees:
 
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
@@ -60,6 +62,7 @@ PASSTHROUGH_HEADERS = (
     "x-request-id",
     "openai-processing-ms",
     "openai-version",
+    "request-id",  # Anthropic's x-request-id
 )
 
 ResultObserver = Callable[[str, float, str], None]
@@ -218,15 +221,21 @@ class Upstream:
             raise failure from None
 
     async def _open(
-        self, route: UpstreamRoute, path: str, body: dict[str, Any], model: str, started: float
+        self,
+        route: UpstreamRoute,
+        path: str,
+        body: dict[str, Any],
+        model: str,
+        started: float,
+        extra_headers: Mapping[str, str],
     ) -> httpx2.Response:
-        """Send a request; the response's headers are read, its body is not."""
+        """Send a request with ``extra_headers`` (the credential among them); the
+        response's headers are read, its body is not."""
         client = self._client
         if client is None:
             raise RuntimeError("the upstream client is not running (Upstream.run)")
         headers = {"content-type": "application/json", "accept": "application/json"}
-        if route.api_key is not None:
-            headers["authorization"] = f"Bearer {route.api_key}"
+        headers.update(extra_headers)
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         timeout = httpx2.Timeout(
             route.read_timeout, connect=route.connect_timeout, pool=route.connect_timeout
@@ -242,16 +251,23 @@ class Upstream:
             raise failure from None
 
     async def post(
-        self, route: UpstreamRoute, path: str, body: dict[str, Any], model: str, *, key: str
+        self,
+        route: UpstreamRoute,
+        path: str,
+        body: dict[str, Any],
+        model: str,
+        *,
+        key: str,
+        headers: Mapping[str, str],
     ) -> UpstreamReply:
-        """Forward a request for ``key`` (a key id: whose share of the pool it takes) and
-        read the whole answer (any status); raise an :class:`UpstreamFailure` when the
-        upstream cannot be reached or times out, or the pool or the key's share stays
-        full."""
+        """Forward a request for ``key`` (a key id: whose share of the pool it takes),
+        with ``headers`` (the dialect's: the credential among them), and read the whole
+        answer (any status); raise an :class:`UpstreamFailure` when the upstream cannot
+        be reached or times out, or the pool or the key's share stays full."""
         started = trio.current_time()
         slot = await self._take_slot(route, key, model, started)
         try:
-            response = await self._open(route, path, body, model, started)
+            response = await self._open(route, path, body, model, started, headers)
             return await self._read_whole(route, response, model, started)
         finally:
             slot.release()
@@ -280,6 +296,7 @@ class Upstream:
         model: str,
         *,
         key: str,
+        headers: Mapping[str, str],
         meter: StreamMeter,
         finish: Callable[[StreamTally], Awaitable[None]],
     ) -> UpstreamReply | RelayedStream:
@@ -291,7 +308,7 @@ class Upstream:
         started = trio.current_time()
         slot = await self._take_slot(route, key, model, started)
         try:
-            response = await self._open(route, path, body, model, started)
+            response = await self._open(route, path, body, model, started, headers)
             kind = response.headers.get("content-type", "")
             if response.status_code == 200 and kind.startswith("text/event-stream"):
                 relayed = RelayedStream(

@@ -22,8 +22,10 @@ Guarantees:
 from __future__ import annotations
 
 import abc
+import json
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import attrs
 import httpx2
@@ -75,6 +77,16 @@ class StreamTally:
     @property
     def usage(self) -> ReportedUsage | None:
         return self.meter.usage
+
+
+def event_object(data: bytes) -> dict[str, Any] | None:
+    """The JSON object an event's data holds; ``None`` when it holds something else (a
+    meter reads upstream bytes defensively: odd events are relayed, not metered)."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def sse_data(event: bytes) -> bytes | None:

@@ -33,10 +33,29 @@ def token_count(value: Any) -> int | None:
 @attrs.frozen
 class ReportedUsage:
     """An upstream's own account of an answer: ``input_tokens`` as they count against
-    input limits, ``output_tokens``; ``None`` for a figure absent or invalid."""
+    input limits, ``output_tokens``; ``None`` for a figure absent or invalid.
+    ``cache_read_tokens``: prompt tokens read from the upstream's prompt cache that are
+    NOT in ``input_tokens`` (Anthropic's ``cache_read_input_tokens``; a route whose
+    ``cached_input_counts`` is true counts them as input too, see :meth:`limited_input`).
+    ``input_tokens + cache_read_tokens`` is the whole prompt, what tokenguard counted."""
 
     input_tokens: int | None
     output_tokens: int | None
+    cache_read_tokens: int = 0
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        """The whole prompt the upstream read (cached or not); ``None`` when unknown."""
+        if self.input_tokens is None:
+            return None
+        return self.input_tokens + self.cache_read_tokens
+
+    def limited_input(self, cached_input_counts: bool) -> int | None:
+        """The input tokens that count against input limits: ``input_tokens``, plus the
+        cache reads when ``cached_input_counts``."""
+        if self.input_tokens is None or not cached_input_counts:
+            return self.input_tokens
+        return self.input_tokens + self.cache_read_tokens
 
     @classmethod
     def of_openai(cls, usage: Any) -> ReportedUsage | None:
@@ -46,6 +65,23 @@ class ReportedUsage:
             return None
         return cls(
             token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
+        )
+
+    @classmethod
+    def of_anthropic(cls, usage: Any) -> ReportedUsage | None:
+        """An Anthropic ``usage`` block: ``input_tokens`` (uncached) plus
+        ``cache_creation_input_tokens`` count as input, as Anthropic's own input limits
+        count them; ``cache_read_input_tokens`` are kept apart. ``None`` when there is
+        none. (A missing or invalid cache figure counts as 0.)"""
+        if not isinstance(usage, dict):
+            return None
+        uncached = token_count(usage.get("input_tokens"))
+        created = token_count(usage.get("cache_creation_input_tokens")) or 0
+        read = token_count(usage.get("cache_read_input_tokens")) or 0
+        return cls(
+            None if uncached is None else uncached + created,
+            token_count(usage.get("output_tokens")),
+            read,
         )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from tokenguard.counting import count_text
 from tokenguard.errors import APIError
-from tokenguard.upstreams.relay import StreamMeter
+from tokenguard.upstreams.relay import StreamMeter, event_object
 from tokenguard.upstreams.usage import ReportedUsage
 
 DONE = b"data: [DONE]\n\n"
@@ -87,11 +87,8 @@ class ChoicesMeter(StreamMeter):
     def read(self, data: bytes) -> bool:
         if data == b"[DONE]":
             return True
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            return True
-        if not isinstance(chunk, dict):
+        chunk = event_object(data)
+        if chunk is None:
             return True
         choices = chunk.get("choices")
         for choice in choices if isinstance(choices, list) else []:
