@@ -105,6 +105,7 @@ from tokenguard.store.window_store import (
     RowState,
     StoreError,
     WindowStore,
+    check_record,
     evictable,
     redact_url,
 )
@@ -196,6 +197,12 @@ REGISTRY_RECORDS = f"{KEY_PREFIX}:{{registry}}:records"
 REGISTRY_VERSION = f"{KEY_PREFIX}:{{registry}}:version"
 REGISTRY_PUT = (Path(__file__).parent / "registry_put.lua").read_text("utf-8")
 REGISTRY_LOAD = (Path(__file__).parent / "registry_load.lua").read_text("utf-8")
+
+
+def record_key(name: str) -> str:
+    """The Redis key of a record (``record_put``): ``tg:record:{<name>}``. One key per
+    record, each its own hash tag: records spread over a cluster's slots."""
+    return f"{KEY_PREFIX}:record:{{{name}}}"
 
 
 def key_name(partition: str, row: Row) -> str:
@@ -1414,6 +1421,19 @@ class RedisStore(WindowStore):
             abandon=False,
         )
         return None if version < 0 else int(version)
+
+    # -- records (one key each, expiring; rare calls, on the registry's thread)
+
+    async def record_put(self, name: str, value: str, ttl_seconds: float) -> None:
+        check_record(name, value, ttl_seconds)
+        ttl_ms = max(1, int(ttl_seconds * 1000))
+        await self._registry_call(
+            lambda client: client.set(record_key(name), value, px=ttl_ms), abandon=False
+        )
+
+    async def record_get(self, name: str) -> str | None:
+        value = await self._registry_call(lambda client: client.get(record_key(name)))
+        return None if value is None else value.decode()
 
     # -- publish/subscribe (not on the pipelines: connections and threads of their own)
 
