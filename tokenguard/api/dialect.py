@@ -17,9 +17,15 @@ differs between the APIs is only the wire format, and that is a :class:`Dialect`
   :meth:`Dialect.reply_output`, and a :class:`~tokenguard.upstreams.relay.StreamMeter`
   for each relayed stream);
 * the API family's conventions: its error body, its rate-limit headers and where the
-  key is read from (:class:`OpenAIConventions` for OpenAI's APIs).
+  key is read from (:class:`OpenAIConventions` for OpenAI's APIs);
+* for an API whose requests refer to earlier answers by id (the Responses API's
+  ``previous_response_id``): the input such a reference brings in
+  (:meth:`Dialect.carried_input`), and what an answer with an id spent
+  (:class:`AnswerTotals`, kept by :meth:`Dialect.answered`). The default: none.
 
-A dialect holds no per-request state and is shared by every request of its route.
+A dialect holds no per-request state and is shared by every request of its route; one
+that keeps state across requests gets the node's store and settings when it is built
+(:meth:`Dialect.build`).
 Adding an API surface is one module with one :class:`Dialect` subclass, registered in
 the app factory; no pipeline code is copied.
 """
@@ -28,15 +34,15 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import attrs
 
 from tokenguard.api.auth import bearer_credential
 from tokenguard.api.ratelimit import openai_header_fields
-from tokenguard.config.settings import UpstreamRoute
+from tokenguard.config.settings import Settings, UpstreamRoute
 from tokenguard.errors import APIError
-from tokenguard.store.window_store import RowState
+from tokenguard.store.window_store import RowState, WindowStore
 from tokenguard.upstreams.forwarding import forwarded_body
 from tokenguard.upstreams.relay import StreamMeter
 from tokenguard.upstreams.usage import ReportedUsage
@@ -64,14 +70,31 @@ class Exchange:
 
 
 @attrs.frozen
+class AnswerTotals:
+    """What one answer with an id spent (``input_tokens``, ``output_tokens``), for a later
+    request that refers to it; ``response``: the answer object itself, when the node
+    keeps it (the mock's), and ``items``: the input it answered."""
+
+    id: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    response: dict[str, Any] | None = None
+    items: tuple[Any, ...] = ()
+
+
+@attrs.frozen
 class MockAnswer:
     """The mock's answer to one request: a whole ``body`` (``output_tokens`` long), or,
     for a stream, its ``events`` (SSE bytes, each with the output tokens it carries) in
-    order, every event the answer has (usage and end-of-stream events included)."""
+    order, every event the answer has (usage and end-of-stream events included).
+    ``totals``: what the answer spent under its id, for a dialect that keeps them (kept
+    before the body is sent, or before a stream's last event)."""
 
     output_tokens: int
     body: dict[str, Any] | None = None
     events: Iterable[tuple[bytes, int]] = ()
+    totals: AnswerTotals | None = None
 
 
 class Conventions(abc.ABC):
@@ -137,6 +160,12 @@ class Dialect(abc.ABC):
     """Where proxy mode forwards it, after the route's ``base_url``."""
     conventions: ClassVar[Conventions] = OPENAI
 
+    @classmethod
+    def build(cls, store: WindowStore, settings: Settings) -> Self:
+        """The dialect a node serves with. Most keep nothing across requests and need
+        neither; one that does (records in the ``store``) overrides this."""
+        return cls()
+
     @abc.abstractmethod
     def parse(self, body: Any) -> Exchange:
         """Validate a parsed JSON body; a 400 :class:`APIError` naming the field."""
@@ -149,6 +178,27 @@ class Dialect(abc.ABC):
     @abc.abstractmethod
     def mock_answer(self, exchange: Exchange, per_choice: int, input_tokens: int) -> MockAnswer:
         """The mock's answer: at most ``per_choice`` output tokens per choice."""
+
+    # -- answers a later request refers to by id (none by default)
+
+    async def carried_input(self, exchange: Exchange, key_id: str) -> int:
+        """Input tokens the request brings in by referring to earlier answers of the key
+        ``key_id`` (not in its body), as its API bills them. A 400 :class:`APIError`
+        naming the field when the mock does not know the reference."""
+        return 0
+
+    async def answered(self, key_id: str, exchange: Exchange, totals: AnswerTotals) -> None:
+        """Keep what an answer of the key ``key_id`` spent, under its id (by default,
+        nothing is kept: no request of the dialect refers to an earlier answer)."""
+        return None
+
+    def answer_totals(self, exchange: Exchange, body: Any) -> AnswerTotals | None:
+        """What a whole 2xx upstream answer spent under its id (``None``: no id)."""
+        return None
+
+    def stream_totals(self, exchange: Exchange, meter: StreamMeter) -> AnswerTotals | None:
+        """What a relayed stream's answer spent under its id, as ``meter`` read it."""
+        return None
 
     # -- proxy mode: what is sent, and what the answer says it spent
 

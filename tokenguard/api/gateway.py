@@ -18,10 +18,12 @@ from tokenguard.api.dialect import Dialect
 from tokenguard.api.dialects.chat import ChatDialect
 from tokenguard.api.dialects.completions import CompletionsDialect
 from tokenguard.api.dialects.embeddings import EmbeddingsDialect
+from tokenguard.api.dialects.responses import ResponsesDialect
 from tokenguard.api.info import Info
 from tokenguard.api.mock_answers import MockAnswers
 from tokenguard.api.pipeline import Pipeline
 from tokenguard.api.proxy_answers import ProxyAnswers
+from tokenguard.api.response_routes import ResponseRoutes
 from tokenguard.api.send_deadline import SendDeadlines
 from tokenguard.config.settings import Settings
 from tokenguard.limiting.keyring import Keyring
@@ -33,12 +35,21 @@ from tokenguard.observe.metrics import Metrics
 from tokenguard.store.window_store import WindowStore
 from tokenguard.upstreams.proxy import Upstream
 
-DIALECTS: tuple[type[Dialect], ...] = (ChatDialect, CompletionsDialect, EmbeddingsDialect)
+DIALECTS: tuple[type[Dialect], ...] = (
+    ChatDialect,
+    CompletionsDialect,
+    EmbeddingsDialect,
+    ResponsesDialect,
+)
 """Every API surface a node serves, one dialect each."""
 
 FIXED_PATHS = (
     "/v1/usage",
     "/v1/models",
+    "/v1/models/<model_id>",
+    "/v1/responses/input_tokens",
+    "/v1/responses/<response_id>",
+    "/v1/responses/<response_id>/input_items",
     "/v1/usage/stream",
     "/dashboard",
     "/dashboard/<name>",
@@ -66,6 +77,7 @@ class Gateway:
     pipeline: Pipeline
     info: Info
     dialects: tuple[Dialect, ...]
+    response_routes: ResponseRoutes
 
     @property
     def settler(self) -> Settler:
@@ -91,7 +103,7 @@ class Gateway:
             lease_seconds=settings.lease_seconds,
             near_limit_ratio=settings.near_limit_ratio,
         )
-        dialects = tuple(dialect() for dialect in DIALECTS)
+        dialects = tuple(dialect.build(store, settings) for dialect in DIALECTS)
         feed = Feed(settings, store, limiter, closing=closing, keyring=keyring)
         metrics = Metrics(
             node_id=settings.node_id,
@@ -131,4 +143,9 @@ class Gateway:
             pipeline=pipeline,
             info=Info(settings, pipeline),
             dialects=dialects,
+            response_routes=ResponseRoutes(
+                pipeline,
+                next(d for d in dialects if isinstance(d, ResponsesDialect)),
+                upstream,
+            ),
         )
