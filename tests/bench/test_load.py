@@ -74,6 +74,19 @@ output_tpm = 1500
 default_max_tokens = 64
 
 [[keys]]
+key = "sk-bench-mix-in"
+name = "mix-in"
+rpm = 1000
+input_tpm = 3000
+
+[[keys]]
+key = "sk-bench-mix-out"
+name = "mix-out"
+rpm = 1000
+output_tpm = 1500
+default_max_tokens = 64
+
+[[keys]]
 key = "sk-bench-cli"
 name = "cli"
 rpm = 10
@@ -243,8 +256,14 @@ async def test_rpm_key_three_nodes(cluster: list[str], config_path: Path, tmp_pa
     assert all(sum(counts.values()) > 10 for counts in result.summary.by_node.values())
 
 
-async def test_token_bound_keys(node: list[str], config_path: Path) -> None:
-    keys, window, bucket = keys_from_config(config_path, only=["in-bound", "out-bound"])
+@pytest.mark.parametrize(("surface", "prefix"), [("chat", ""), ("mix", "mix")])
+async def test_token_bound_keys(
+    node: list[str], config_path: Path, surface: str, prefix: str
+) -> None:
+    """``mix``: each request a chat completion or a response, one budget per key (keys
+    of their own: the node is the module's)."""
+    in_bound, out_bound = ("mix-in", "mix-out") if prefix else ("in-bound", "out-bound")
+    keys, window, bucket = keys_from_config(config_path, only=[in_bound, out_bound])
     options = LoadOptions(
         urls=tuple(node),
         keys=tuple(keys),
@@ -256,16 +275,20 @@ async def test_token_bound_keys(node: list[str], config_path: Path) -> None:
         window_seconds=window,
         bucket_seconds=bucket,
         timeout=20,
+        surface=surface,
     )
     with trio.fail_after(60):
         result = await run_load(options)
     assert {r.status for r in result.records} <= {200, 429}
+    assert all(r.error is None for r in result.records)  # every stream read to its end
+    surfaces = {"chat": {"chat"}, "mix": {"chat", "responses"}}[surface]
+    assert {r.surface for r in result.records} == surfaces
     report = result.audit
     assert report.ok and report.headers.problems == ()
     over = {(o.key, o.dimension): o for o in report.over}
-    assert 0 < over["in-bound", "input_tokens"].admitted_total <= 3000
-    assert 0 < over["out-bound", "output_tokens"].admitted_total <= 1500
-    for key, dimension in (("in-bound", "input_tokens"), ("out-bound", "output_tokens")):
+    assert 0 < over[in_bound, "input_tokens"].admitted_total <= 3000
+    assert 0 < over[out_bound, "output_tokens"].admitted_total <= 1500
+    for key, dimension in ((in_bound, "input_tokens"), (out_bound, "output_tokens")):
         refusals = [r for r in result.records if r.key == key and r.status == 429]
         assert refusals, f"{key} was never refused"
         assert {r.observation().refusal.dimension for r in refusals} == {dimension}
@@ -408,7 +431,7 @@ def test_option_parsing(config_path: Path) -> None:
     assert "sk-abc" not in repr(key)
 
     keys, window, bucket = keys_from_config(config_path)
-    names = ["rpm-bound", "in-bound", "out-bound", "cli", "liar", "interrupt"]
+    names = ["rpm-bound", "in-bound", "out-bound", "mix-in", "mix-out", "cli", "liar", "interrupt"]
     assert [k.name for k in keys] == names
     assert (window, bucket) == (60, 5)
     with pytest.raises(UsageError, match="hashed-only"):
@@ -418,9 +441,11 @@ def test_option_parsing(config_path: Path) -> None:
         url=["http://a/"], key=["sk-z,rpm=1"], config=str(config_path), only=["cli"],
         requests=None, duration=2.0, concurrency=3, prompt_tokens="10:20", max_tokens="none",
         stream_share=0.0, seed=7, model="gpt-4o", window=None, bucket=None, timeout=5.0,
+        surface="mix",
     )  # fmt: skip
     options = options_from_args(namespace)
     assert options.urls == ("http://a",)
     assert [k.name for k in options.keys] == ["cli", "key-" + digest_of("sk-z")[:8]]
     assert options.total is None and options.duration == 2.0
     assert options.max_tokens is None
+    assert options.surface == "mix"
