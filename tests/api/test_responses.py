@@ -17,6 +17,7 @@ import jsonschema
 import pytest
 
 from drivers.memory import MemoryStore
+from tests.api.test_app import FakeClock
 from tests.support.openai_spec import check, stream_event_schema
 from tokenguard.api.app import create_app
 from tokenguard.api.dialects.response_objects import ResponsesMeter, response_events
@@ -34,14 +35,6 @@ CONFIG: dict[str, Any] = {
     ],
 }
 SERVED = ["gpt-4o", "gpt-4o-mini"]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 2_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

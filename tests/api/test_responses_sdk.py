@@ -245,3 +245,21 @@ async def test_a_client_that_leaves_mid_stream_pays_what_it_was_sent(node) -> No
                 await trio.sleep(0.05)
     spent = (await usage(node, "sk-e2e-big"))["output_tokens"]
     assert deltas <= spent <= deltas + 3
+
+
+async def test_a_streamed_response_can_be_continued_as_soon_as_it_ended(node) -> None:  # type: ignore[no-untyped-def]
+    """Its totals are kept before its terminal event is sent: a client that saw the end
+    may refer to it at once."""
+    body = {"model": "gpt-4o", "input": "Stream, then go on", "stream": True}
+    with trio.fail_after(30):
+        events = await stream_events(node, {**body, "max_output_tokens": 8})
+        done = events[-1][1]["response"]
+        async with httpx.AsyncClient(timeout=10) as client:
+            follow = await client.post(
+                f"{node}/v1/responses",
+                json={"model": "gpt-4o", "input": "And?", "previous_response_id": done["id"]},
+                headers={"Authorization": "Bearer sk-e2e-big"},
+            )
+    assert follow.status_code == 200, follow.text
+    carried = done["usage"]["input_tokens"] + done["usage"]["output_tokens"]
+    assert follow.json()["usage"]["input_tokens"] > carried
