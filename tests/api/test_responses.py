@@ -22,6 +22,7 @@ from tests.support.openai_spec import check, stream_event_schema
 from tokenguard.api.app import create_app
 from tokenguard.api.dialects.response_objects import ResponsesMeter, response_events
 from tokenguard.config.loading import parse_settings
+from tokenguard.config.settings import ConfigError
 from tokenguard.counting import count_text, tool_json
 from tokenguard.errors import APIError
 from tokenguard.upstreams.mock import mock_reply
@@ -501,3 +502,9 @@ def test_the_meter_settles_to_whichever_terminal_event_arrives(terminal: str) ->
     name, event = parsed(meter.error_event(error))
     check("ResponseErrorEvent", event)
     assert (name, event["sequence_number"]) == ("error", 6)
+
+
+@pytest.mark.parametrize("models", [[], "gpt-4o", [""], [1], ["gpt-4o", "gpt-4o"]])
+def test_mock_models_must_be_distinct_names(models: Any) -> None:
+    with pytest.raises(ConfigError, match=r"<test>: mock.models: must be a list of distinct"):
+        parse_settings({**CONFIG, "mock": {"models": models}}, "<test>")
