@@ -1,4 +1,9 @@
-"""The load client: OpenAI-compatible chat traffic against tokenguard nodes, then a report.
+"""The load client: OpenAI-compatible traffic against tokenguard nodes, then a report.
+
+``--surface chat`` (the default) sends chat completions, ``--surface responses`` the
+Responses API (the same prompts as a string ``input``, ``max_output_tokens``), and
+``--surface mix`` each request as one or the other at random: one key's limits are one
+budget across both, and the audit checks them as one.
 
 What a run guarantees:
 
@@ -50,6 +55,8 @@ CLIENT_BOUND_SHARE = 0.85
 PROMPT_OVERHEAD = 7  # one user message: 3 per message + the role + 3 of reply priming
 KEPT_HEADERS = ("x-ratelimit-", "retry-after")
 DEFAULT_REQUESTS = 1000
+SURFACES = {"chat": ("chat",), "responses": ("responses",), "mix": ("chat", "responses")}
+SURFACE_PATHS = {"chat": "/v1/chat/completions", "responses": "/v1/responses"}
 
 
 class UsageError(ValueError):
@@ -166,6 +173,7 @@ class LoadOptions:
     timeout: float = 30.0
     connect_timeout: float = 5.0
     model: str = "gpt-4o"
+    surface: str = attrs.field(default="chat", validator=attrs.validators.in_(SURFACES))
 
     @property
     def total(self) -> int | None:
@@ -194,6 +202,7 @@ class LoadOptions:
             "timeout": self.timeout,
             "connect_timeout": self.connect_timeout,
             "model": self.model,
+            "surface": self.surface,
         }
 
 
@@ -211,6 +220,7 @@ class Plan:
     max_tokens: int | None
     stream: bool
     body: bytes
+    surface: str = "chat"
 
 
 @attrs.frozen
@@ -236,6 +246,7 @@ class RequestRecord:
     headers: dict[str, str] = attrs.field(factory=dict)
     message: str | None = None
     reserved_output: int | None = None
+    surface: str = "chat"
 
     @property
     def latency(self) -> float:
@@ -326,15 +337,25 @@ class _Planner:
         prompt_tokens = o.prompt_tokens.draw(rng)
         max_tokens = None if o.max_tokens is None else o.max_tokens.draw(rng)
         stream = rng.random() < o.stream_share
-        body: dict[str, Any] = {
-            "model": o.model,
-            "messages": [{"role": "user", "content": make_prompt(rng, prompt_tokens)}],
-        }
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
-        if stream:
-            body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
+        surfaces = SURFACES[o.surface]
+        # (drawn only for a mix: a run of one surface draws as it always did)
+        surface = rng.choice(surfaces) if len(surfaces) > 1 else surfaces[0]
+        prompt = make_prompt(rng, prompt_tokens)
+        body: dict[str, Any] = {"model": o.model}
+        if surface == "responses":
+            # a string input is counted as chat's one-message prompt
+            body["input"] = prompt
+            if max_tokens is not None:
+                body["max_output_tokens"] = max_tokens
+            if stream:
+                body["stream"] = True  # the usage comes in the terminal event
+        else:
+            body["messages"] = [{"role": "user", "content": prompt}]
+            if max_tokens is not None:
+                body["max_tokens"] = max_tokens
+            if stream:
+                body["stream"] = True
+                body["stream_options"] = {"include_usage": True}
         plan = Plan(
             id=self.issued,
             key=key,
@@ -343,16 +364,23 @@ class _Planner:
             max_tokens=max_tokens,
             stream=stream,
             body=json.dumps(body, separators=(",", ":")).encode(),
+            surface=surface,
         )
         self.issued += 1
         return plan
 
 
 def _read_usage(data: Any) -> tuple[int | None, int | None]:
+    """(input, output tokens) of a chat or Responses ``usage`` block."""
     usage = data.get("usage") if isinstance(data, dict) else None
     if not isinstance(usage, dict):
         return None, None
+    if "input_tokens" in usage:
+        return usage.get("input_tokens"), usage.get("output_tokens")
     return usage.get("prompt_tokens"), usage.get("completion_tokens")
+
+
+RESPONSES_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 
 
 def _error_message(body: bytes) -> str | None:
@@ -367,7 +395,8 @@ def _error_message(body: bytes) -> str | None:
 
 
 async def _read_stream(response: httpx.Response) -> tuple[int | None, int | None, int, bool]:
-    """Parse SSE until ``[DONE]``: (prompt, completion tokens, content chunks, done)."""
+    """Parse SSE until ``[DONE]`` (chat) or a terminal event (Responses): (prompt,
+    completion tokens, content chunks, done)."""
     prompt = completion = None
     chunks = 0
     async for line in response.aiter_lines():
@@ -379,6 +408,12 @@ async def _read_stream(response: httpx.Response) -> tuple[int | None, int | None
         event = json.loads(payload)
         if not isinstance(event, dict):
             continue
+        kind = event.get("type")
+        if kind == "response.output_text.delta":
+            chunks += 1
+        elif kind in RESPONSES_TERMINAL:  # a Responses stream ends here, no [DONE]
+            prompt, completion = _read_usage(event.get("response"))
+            return prompt, completion, chunks, True
         for choice in event.get("choices") or []:
             if (choice.get("delta") or {}).get("content"):
                 chunks += 1
@@ -405,7 +440,7 @@ async def send_one(client: httpx.AsyncClient, plan: Plan, deadline: float) -> Re
         with trio.move_on_after(deadline) as scope:
             async with client.stream(
                 "POST",
-                f"{plan.url}/v1/chat/completions",
+                f"{plan.url}{SURFACE_PATHS[plan.surface]}",
                 content=plan.body,
                 headers=request_headers,
             ) as response:
@@ -451,6 +486,7 @@ async def send_one(client: httpx.AsyncClient, plan: Plan, deadline: float) -> Re
         headers=headers,
         message=message,
         reserved_output=output_reservation(plan),
+        surface=plan.surface,
     )
 
 
@@ -760,6 +796,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-share", type=float, default=0.3, help="share streamed (0.3)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
     parser.add_argument("--model", default="gpt-4o")
+    parser.add_argument(
+        "--surface",
+        choices=sorted(SURFACES),
+        default="chat",
+        help="chat completions, the Responses API, or a mix of both (chat)",
+    )
     parser.add_argument("--window", type=float, help="window seconds without --config (60)")
     parser.add_argument("--bucket", type=float, help="bucket seconds without --config (5)")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request deadline (30)")
@@ -805,6 +847,7 @@ def options_from_args(args: argparse.Namespace) -> LoadOptions:
         bucket_seconds=float(bucket),
         timeout=args.timeout,
         model=args.model,
+        surface=args.surface,
     )
 
 

@@ -34,6 +34,7 @@ from tokenguard.store.window_store import (
     Row,
     RowState,
     WindowStore,
+    check_record,
     redact_url,
 )
 
@@ -41,6 +42,8 @@ from tokenguard.store.window_store import (
 
 # Messages a subscription holds before new ones are dropped for it.
 SUBSCRIPTION_BUFFER = 4096
+# Records (record_put) kept at most; past it the oldest put goes first.
+MAX_RECORDS = 100_000
 
 
 class _Counter:
@@ -191,6 +194,8 @@ class MemoryStore(WindowStore):
         self.dropped = 0  # pub/sub messages dropped for subscriptions that were full
         self._registry: Registry = {}
         self._registry_version = 0
+        # name -> (expiry in ms, value), in the order they were put (the oldest first)
+        self._records: dict[str, tuple[int, str]] = {}
 
     @classmethod
     def from_url(cls, url: str) -> Self:
@@ -435,6 +440,27 @@ class MemoryStore(WindowStore):
             self._registry[(kind, name)] = record
         self._registry_version += 1
         return self._registry_version
+
+    # -- records (in this process only; bounded by MAX_RECORDS and their ttl)
+
+    async def record_put(self, name: str, value: str, ttl_seconds: float) -> None:
+        check_record(name, value, ttl_seconds)
+        await trio.lowlevel.checkpoint()
+        self._records.pop(name, None)  # a record put again is the newest
+        while len(self._records) >= MAX_RECORDS:
+            del self._records[next(iter(self._records))]
+        self._records[name] = (self._now_ms() + int(ttl_seconds * 1000), value)
+
+    async def record_get(self, name: str) -> str | None:
+        await trio.lowlevel.checkpoint()
+        record = self._records.get(name)
+        if record is None:
+            return None
+        expiry, value = record
+        if expiry <= self._now_ms():
+            del self._records[name]
+            return None
+        return value
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Drop idle keys' counters every ``sweep_seconds``, so memory follows active keys;

@@ -54,6 +54,12 @@ REGISTRY_PUT = (Path(__file__).parent / "lua" / "registry_put.lua").read_text("u
 REGISTRY_LOAD = (Path(__file__).parent / "lua" / "registry_load.lua").read_text("utf-8")
 
 
+def record_key(name: str) -> str:
+    """The Redis key of a record (``record_put``): ``tg:record:{<name>}``. One key per
+    record, each its own hash tag: records spread over a cluster's slots."""
+    return f"{KEY_PREFIX}:record:{{{name}}}"
+
+
 def key_name(partition: str, row: Row) -> str:
     """The Redis key of a row's counter: ``tg:{<partition>}:<scope>:<dim>:<window>:<bucket>``
     (a hash, see ``drivers/counter.lua``), or of a lease row's set of leases:

@@ -34,6 +34,7 @@ from drivers.redis.scripts import (
     _unpack,
     key_name,
     key_prefix,
+    record_key,
 )
 from drivers.redis.urls import RedisTarget, parse_redis_url
 from drivers.redis.wire import _CONNECTION_LOST, _REDIS_ERRORS, Traffic, _store_error, _Wire
@@ -50,6 +51,7 @@ from tokenguard.store.window_store import (
     RowState,
     StoreError,
     WindowStore,
+    check_record,
     evictable,
     redact_url,
 )
@@ -455,3 +457,16 @@ class RedisStore(_Batching, _ClusterRouting, _PubSub, WindowStore):
             abandon=False,
         )
         return None if version < 0 else int(version)
+
+    # -- records (one key each, expiring; rare calls, on the registry's thread)
+
+    async def record_put(self, name: str, value: str, ttl_seconds: float) -> None:
+        check_record(name, value, ttl_seconds)
+        ttl_ms = max(1, int(ttl_seconds * 1000))
+        await self._registry_call(
+            lambda client: client.set(record_key(name), value, px=ttl_ms), abandon=False
+        )
+
+    async def record_get(self, name: str) -> str | None:
+        value = await self._registry_call(lambda client: client.get(record_key(name)))
+        return None if value is None else value.decode()

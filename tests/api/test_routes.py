@@ -51,6 +51,12 @@ ROUTES = {
     ("/v1/embeddings", "POST"): "key",
     ("/v1/messages", "POST"): "anthropic-key",
     ("/v1/messages/count_tokens", "POST"): "anthropic-key",
+    ("/v1/responses", "POST"): "key",
+    ("/v1/responses/input_tokens", "POST"): "key",
+    ("/v1/responses/<response_id>", "GET"): "key",
+    ("/v1/responses/<response_id>", "DELETE"): "key",
+    ("/v1/responses/<response_id>/input_items", "GET"): "key",
+    ("/v1/models/<path:model_id>", "GET"): "key",
     ("/v1/usage/stream", "GET"): "feed",
     ("/healthz", "GET"): "public",
     ("/readyz", "GET"): "public",
@@ -61,6 +67,9 @@ ROUTES = {
     ("/static/<path:filename>", "GET"): "public",
 }
 EXAMPLES = {
+    "/v1/responses/<response_id>": "/v1/responses/resp_unknown",
+    "/v1/responses/<response_id>/input_items": "/v1/responses/resp_unknown/input_items",
+    "/v1/models/<path:model_id>": "/v1/models/gpt-4o",
     "/dashboard/<name>": "/dashboard/dashboard.js",
     "/static/<path:filename>": "/static/dashboard.js",
 }
@@ -88,20 +97,26 @@ async def call(client: Any, path: str, method: str, headers: dict[str, str]) -> 
     body: dict[str, Any] = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
     if path in ("/v1/completions", "/v1/embeddings"):
         body = {"model": "gpt-4o", "prompt" if path == "/v1/completions" else "input": "hi"}
+    if path.startswith("/v1/responses"):
+        body = {"model": "gpt-4o", "input": "hi"}
     if method == "POST":
         return await client.post(path, json=body, headers=headers)
+    if method == "DELETE":
+        return await client.delete(path, headers=headers)
     return await client.get(path, headers=headers)
 
 
 @pytest.mark.parametrize(("route", "method"), sorted(k for k, v in ROUTES.items() if v == "key"))
 async def test_key_routes_need_a_key(app: Any, route: str, method: str) -> None:
     client = app.test_client()
+    path = EXAMPLES.get(route, route)
     for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": f"Bearer {ADMIN}"}):
-        answer = await call(client, route, method, headers)
+        answer = await call(client, path, method, headers)
         assert answer.status_code == 401, (route, headers)
         assert (await answer.get_json())["error"]["code"] == "invalid_api_key"
-    answer = await call(client, route, method, {"Authorization": "Bearer sk-route"})
-    assert answer.status_code == 200
+    answer = await call(client, path, method, {"Authorization": "Bearer sk-route"})
+    # (a response id nobody made is not found, once the key is known)
+    assert answer.status_code == (404 if "<response_id>" in route else 200)
 
 
 @pytest.mark.parametrize(

@@ -196,6 +196,16 @@ def test_chat_script_holds_every_key_and_survives_brackets() -> None:
     assert "function done(" in script and JSON_MARKER.strip() in script
 
 
+def test_a_responses_script_sends_the_same_prompts_to_the_responses_api() -> None:
+    script = chat_script(["sk-a"], stream_share=0.5, surface="responses")
+    assert "[[/v1/responses]]" in script and "/v1/chat/completions" not in script
+    assert script.count('"input":"') == 100 and '"messages"' not in script
+    assert script.count('"max_output_tokens":64') == 100
+    assert script.count('"stream":true') == 50 and "stream_options" not in script
+    with pytest.raises(ValueError, match="surface"):
+        chat_script(["sk-a"], surface="assistants")
+
+
 # --- suite helpers ----------------------------------------------------------------------
 
 

@@ -51,6 +51,23 @@ async def chat(
     )
 
 
+async def respond(
+    client: httpx.AsyncClient, url: str, key: str, content: str = "hi", **body: Any
+) -> httpx.Response:
+    """The Responses API's request of ``content`` (counted as chat's one-message prompt)."""
+    return await client.post(
+        f"{url}/v1/responses",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": MODEL, "input": content, "max_output_tokens": 16, **body},
+    )
+
+
+def prompt_tokens(response: httpx.Response) -> int:
+    """The input tokens an answer of either surface reports."""
+    usage = response.json()["usage"]
+    return usage["input_tokens"] if "input_tokens" in usage else usage["prompt_tokens"]
+
+
 async def usage(client: httpx.AsyncClient, url: str, key: str) -> dict[str, Any]:
     """The key's usage per dimension, as ``GET /v1/usage`` on ``url`` says."""
     response = await client.get(f"{url}/v1/usage", headers={"Authorization": f"Bearer {key}"})
@@ -68,7 +85,8 @@ def many_connections() -> httpx.AsyncClient:
 
 
 async def test_requests_are_exact_across_three_nodes(workdir: Path) -> None:
-    """200 concurrent requests spread at random over 3 nodes, rpm = 50: exactly 50 pass."""
+    """200 concurrent requests spread at random over 3 nodes and both surfaces (chat
+    completions, responses), rpm = 50: exactly 50 pass."""
     config = write_config(
         workdir / "c.toml",
         '[[keys]]\nkey = "sk-50"\nname = "fifty"\nrpm = 50\ninput_tpm = 1000000\n',
@@ -79,7 +97,8 @@ async def test_requests_are_exact_across_three_nodes(workdir: Path) -> None:
             async with many_connections() as client:
 
                 async def one() -> None:
-                    response = await chat(client, random.choice(cluster.urls), "sk-50")
+                    surface = random.choice((chat, respond))
+                    response = await surface(client, random.choice(cluster.urls), "sk-50")
                     statuses.append(response.status_code)
 
                 async with trio.open_nursery() as nursery:
@@ -91,8 +110,10 @@ async def test_requests_are_exact_across_three_nodes(workdir: Path) -> None:
 
 
 async def test_input_tokens_are_exact_across_three_nodes(workdir: Path) -> None:
-    """Prompts of known, varied sizes against input_tpm = 1000 over 3 nodes: the admitted
-    tokens never pass the limit, and a prompt was refused only when it did not fit."""
+    """Prompts of known, varied sizes against input_tpm = 1000 over 3 nodes, each sent as
+    a chat completion or a response at random (one budget for both surfaces): the
+    admitted tokens never pass the limit, and a prompt was refused only when it did not
+    fit."""
     config = write_config(
         workdir / "c.toml", '[[keys]]\nkey = "sk-tpm"\nname = "tpm"\ninput_tpm = 1000\n'
     )
@@ -106,9 +127,10 @@ async def test_input_tokens_are_exact_across_three_nodes(workdir: Path) -> None:
             async with many_connections() as client:
 
                 async def one(prompt: str) -> None:
-                    response = await chat(client, rng.choice(cluster.urls), "sk-tpm", prompt)
+                    surface = rng.choice((chat, respond))
+                    response = await surface(client, rng.choice(cluster.urls), "sk-tpm", prompt)
                     if response.status_code == 200:
-                        assert response.json()["usage"]["prompt_tokens"] == sizes[prompt]
+                        assert prompt_tokens(response) == sizes[prompt]
                         admitted.append(sizes[prompt])
                     else:
                         assert response.status_code == 429, response.text
@@ -187,6 +209,34 @@ async def test_one_budget_is_exact_across_chat_on_node_0_and_messages_on_node_2(
     assert sum(admitted) <= 1000
     assert sum(admitted) + min(refused) > 1000
     assert used["input_tokens"]["used"] == sum(admitted)
+
+
+async def test_a_response_made_on_node_0_is_charged_as_input_on_node_2(workdir: Path) -> None:
+    """The follow-up (``previous_response_id``) goes to a node that never saw the first
+    response: the store's record tells it the first one's totals, which it charges as
+    input, as OpenAI bills the conversation."""
+    config = write_config(
+        workdir / "c.toml", '[[keys]]\nkey = "sk-chain"\nname = "chain"\ninput_tpm = 100000\n'
+    )
+    with trio.fail_after(START_TIMEOUT + 60):
+        async with running_cluster(workdir / "state", nodes=3, config=config) as cluster:
+            async with many_connections() as client:
+                first = await respond(client, cluster.urls[0], "sk-chain", "Tell me a story.")
+                assert first.status_code == 200, first.text
+                made = first.json()
+                follow = await respond(
+                    client,
+                    cluster.urls[2],
+                    "sk-chain",
+                    "And then?",
+                    previous_response_id=made["id"],
+                )
+                assert follow.status_code == 200, follow.text
+                used = await usage(client, cluster.urls[1], "sk-chain")
+    carried = made["usage"]["input_tokens"] + made["usage"]["output_tokens"]
+    alone = count_chat_prompt(MODEL, messages_of("And then?"))
+    assert follow.json()["usage"]["input_tokens"] == alone + carried
+    assert used["input_tokens"]["used"] == made["usage"]["input_tokens"] + alone + carried
 
 
 # --- skewed clocks -----------------------------------------------------------------------

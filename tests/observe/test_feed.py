@@ -337,7 +337,7 @@ async def test_admitted_rejected_and_settled_events_carry_the_numbers(node: Node
             events = await collect(ws, lambda ev: len(of_type(ev, "rejected")) == 2)
         admitted, settled = of_type(events, "admitted", "settled")
         usage = first.json()["usage"]
-        assert admitted["model"] == "gpt-4o"
+        assert (admitted["model"], admitted["surface"]) == ("gpt-4o", "chat")
         assert admitted["reserved"] == {"input_tokens": usage["prompt_tokens"], "output_tokens": 60}
         assert admitted["usage"]["requests"] == {
             "used": 1,
@@ -352,6 +352,7 @@ async def test_admitted_rejected_and_settled_events_carry_the_numbers(node: Node
         assert settled["refund"] == 60 - usage["completion_tokens"] > 0
         rejected, never_fits = of_type(events, "rejected")
         assert (rejected["dimension"], rejected["limit"], rejected["used"]) == ("requests", 1, 1)
+        assert rejected["surface"] == "chat"
         assert rejected["requested"] == 1
         # The admission leaves with its bucket: 60-65 s after it, less its age.
         assert 60 - since <= rejected["retry_after"] <= 65
@@ -359,6 +360,21 @@ async def test_admitted_rejected_and_settled_events_carry_the_numbers(node: Node
         # Larger than the output limit itself: it can never fit, so no wait is given.
         assert never_fits["dimension"] == "output_tokens"
         assert (never_fits["requested"], never_fits["retry_after"]) == (101, None)
+
+
+async def test_events_name_the_api_surface_of_the_request(node: Node) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with subscriber(node.ws_url, "sk-beta") as ws, httpx.AsyncClient() as client:
+            await next_event(ws)
+            answer = await client.post(
+                f"{node.url}/v1/responses",
+                json={"model": "gpt-4o", "input": "hi", "max_output_tokens": 5},
+                headers={"Authorization": "Bearer sk-beta"},
+            )
+            assert answer.status_code == 200
+            await chat(client, node.url, "sk-beta")
+            events = await collect(ws, lambda ev: len(of_type(ev, "admitted")) == 2)
+    assert [e["surface"] for e in of_type(events, "admitted")] == ["responses", "chat"]
 
 
 async def test_snapshots_every_second_while_a_key_is_active(node: Node) -> None:

@@ -57,6 +57,8 @@ FIELDS = {
     "output_settled",
     "latency_ms",
     "decision",
+    "surface",
+    "request_id",
 }
 CHAT = "/v1/chat/completions"
 
@@ -126,6 +128,11 @@ async def test_a_json_line_per_request_with_its_fields_and_no_secret(tmp_path: P
         assert line["ts"].endswith("Z") and line["latency_ms"] > 0
     first, stream, _, refused, unknown = lines
     assert first["key"] == "logger" and first["model"] == "gpt-4o"
+    # Every answer has an x-request-id, the SDK's _request_id, in its line too.
+    assert first["request_id"] == completion._request_id
+    assert all(line["request_id"].startswith("req_") for line in lines)
+    assert len({line["request_id"] for line in lines}) == len(lines)
+    assert all(line["surface"] == "chat" for line in lines)
     assert first["input_tokens"] == completion.usage.prompt_tokens
     assert first["output_reserved"] == 7
     assert first["output_settled"] == completion.usage.completion_tokens

@@ -144,6 +144,19 @@ async def test_the_counters_move_with_traffic_exactly() -> None:
     assert value(after, requests, path="other", status="404", key="") == 1
     assert value(after, requests, path="/metrics", status="200", key="") == 1  # the first
     assert value(after, "tokenguard_request_duration_seconds_count", path=CHAT) == 5
+    surface = "tokenguard_surface_requests_total"
+    assert value(after, surface, surface="chat", status="200") == 3
+    assert value(after, surface, surface="chat", status="429") == 1
+    assert value(after, surface, surface="chat", status="401") == 1
+    responded = await client.post(
+        "/v1/responses", json={"model": "gpt-4o", "input": "hi"}, headers=auth("sk-bob")
+    )
+    assert responded.status_code == 200
+    last = await scrape(client)
+    assert value(last, surface, surface="responses", status="200") == 1
+    assert (
+        value(last, "tokenguard_requests_total", path="/v1/responses", status="200", key="bob") == 1
+    )
     assert value(after, "tokenguard_admitted_total", key="alice") == 3
     assert value(after, "tokenguard_rejected_total", key="alice", dimension="requests") == 1
     reserved = "tokenguard_tokens_reserved_total"

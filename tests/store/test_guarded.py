@@ -328,6 +328,23 @@ async def test_a_hung_store_costs_one_timeout_per_call_until_the_breaker_opens(
         assert status["local_admissions"] == 5
 
 
+async def test_records_reach_the_store_and_fail_at_once_while_the_breaker_is_open(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with guarded("local") as (store, primary):
+        await store.record_put("responses/k/resp_1", "totals", 60)
+        assert await primary.record_get("responses/k/resp_1") == "totals"
+        assert await store.record_get("responses/k/resp_1") == "totals"
+        primary.mode = "hang"
+        for _ in range(3):  # three timeouts open the breaker
+            await store.admit("k", rows())
+        assert store.breaker.is_open
+        with pytest.raises(StoreError):
+            await store.record_get("responses/k/resp_1")
+        with pytest.raises(StoreError):
+            await store.record_put("responses/k/resp_2", "totals", 60)
+
+
 async def test_many_concurrent_calls_on_a_hung_store_all_answer_within_the_deadline(
     autojump_clock: trio.abc.Clock,
 ) -> None:

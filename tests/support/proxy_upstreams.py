@@ -8,7 +8,8 @@ coroutine, which writes raw bytes to the connection. Two answers are provided:
 * :func:`fixed` -- a whole response (status, headers, body) with a Content-Length;
 * :func:`dropping` -- a 200 event stream in chunked encoding that sends some events and
   then closes the connection without the terminating chunk: a broken stream, as httpx
-  (the proxy's client) sees an upstream that died mid-reply.
+  (the proxy's client) sees an upstream that died mid-reply;
+* :func:`streaming` -- the same stream, ended properly.
 
 The connection is closed after each answer. The server runs in the test's own trio run,
 so it needs no process of its own; the proxy node under test is a real process.
@@ -138,9 +139,9 @@ def content_chunk(text: str, model: str = "gpt-4o") -> dict[str, Any]:
     }
 
 
-def dropping(events: Sequence[bytes], pause: float = 0.05) -> Answer:
+def dropping(events: Sequence[bytes], pause: float = 0.05, *, ends: bool = False) -> Answer:
     """A 200 event stream (chunked) that sends ``events`` ``pause`` s apart and then
-    closes the connection mid-body."""
+    closes the connection mid-body (or, when ``ends``, ends the body properly)."""
 
     async def answer(stream: trio.SocketStream, request: ReceivedRequest) -> None:
         head = {"content-type": "text/event-stream", "transfer-encoding": "chunked"}
@@ -148,6 +149,13 @@ def dropping(events: Sequence[bytes], pause: float = 0.05) -> Answer:
         for event in events:
             await stream.send_all(f"{len(event):x}\r\n".encode() + event + b"\r\n")
             await trio.sleep(pause)
-        # No "0\r\n\r\n": the body never ends properly.
+        if ends:
+            await stream.send_all(b"0\r\n\r\n")
+        # Otherwise no "0\r\n\r\n": the body never ends properly.
 
     return answer
+
+
+def streaming(events: Sequence[bytes], pause: float = 0.0) -> Answer:
+    """A 200 event stream (chunked) of ``events``, ended properly."""
+    return dropping(events, pause, ends=True)

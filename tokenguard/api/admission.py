@@ -76,9 +76,9 @@ class Admissions:
             self._shadow_refused(decision)
         if not decision.admitted:
             raise self._refused(decision, model, conventions)
-        self.feed.admitted(decision, model)
+        self.feed.admitted(decision, model, record.surface)
         if decision.near_limits:
-            self.feed.near_limit(decision, model)
+            self.feed.near_limit(decision, model, record.surface)
         self.metrics.admitted(decision)
         return decision
 
@@ -93,7 +93,8 @@ class Admissions:
 
     def _refused(self, decision: Decision, model: str, conventions: Conventions) -> APIError:
         """A refusal's feed event and metric; the 429 to raise."""
-        self.feed.rejected(decision, model)  # queued, never awaited
+        surface = self.request_log.current().surface
+        self.feed.rejected(decision, model, surface)  # queued, never awaited
         self.metrics.rejected(decision)
         return rate_limit_error(decision, conventions)
 

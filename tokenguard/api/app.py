@@ -117,6 +117,20 @@ def _add_api_routes(app: QuartTrio, gateway: Gateway) -> None:
             app.add_url_rule(dialect.count_path, view_func=counter, methods=["POST"])
     app.add_url_rule("/v1/usage", view_func=gateway.info.usage, methods=["GET"])
     app.add_url_rule("/v1/models", view_func=gateway.info.models, methods=["GET"])
+    app.add_url_rule("/v1/models/<path:model_id>", view_func=gateway.info.model, methods=["GET"])
+    responses = gateway.response_routes
+    app.add_url_rule("/v1/responses/<response_id>", view_func=responses.retrieve, methods=["GET"])
+    app.add_url_rule(
+        "/v1/responses/<response_id>",
+        endpoint="delete_response",
+        view_func=responses.delete,
+        methods=["DELETE"],
+    )
+    app.add_url_rule(
+        "/v1/responses/<response_id>/input_items",
+        view_func=responses.input_items,
+        methods=["GET"],
+    )
 
     @app.websocket("/v1/usage/stream")
     async def usage_stream() -> Response | None:

@@ -21,9 +21,15 @@ differs between the APIs is only the wire format, and that is a :class:`Dialect`
   upstream of that family is sent (:meth:`Dialect.upstream_headers`: the route's
   credential, and what the client says that the upstream must hear);
 * optionally a token-counting route (:attr:`Dialect.count_path`) that answers the
-  count admission would use, admitted in the requests dimension only.
+  count admission would use, admitted in the requests dimension only;
+* for an API whose requests refer to earlier answers by id (the Responses API's
+  ``previous_response_id``): the input such a reference brings in
+  (:meth:`Dialect.carried_input`), and what an answer with an id spent
+  (:class:`AnswerTotals`, kept by :meth:`Dialect.answered`). The default: none.
 
-A dialect holds no per-request state and is shared by every request of its route.
+A dialect holds no per-request state and is shared by every request of its route; one
+that keeps state across requests gets the node's store and settings when it is built
+(:meth:`Dialect.build`).
 Adding an API surface is one module with one :class:`Dialect` subclass, registered in
 the app factory; no pipeline code is copied.
 """
@@ -32,7 +38,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import attrs
 
@@ -40,7 +46,7 @@ from tokenguard.api.auth import bearer_credential
 from tokenguard.api.ratelimit import openai_header_fields
 from tokenguard.config.settings import Settings, UpstreamRoute
 from tokenguard.errors import APIError
-from tokenguard.store.window_store import RowState
+from tokenguard.store.window_store import RowState, WindowStore
 from tokenguard.upstreams.forwarding import forwarded_body
 from tokenguard.upstreams.relay import StreamMeter
 from tokenguard.upstreams.usage import ReportedUsage
@@ -68,14 +74,31 @@ class Exchange:
 
 
 @attrs.frozen
+class AnswerTotals:
+    """What one answer with an id spent (``input_tokens``, ``output_tokens``), for a later
+    request that refers to it; ``response``: the answer object itself, when the node
+    keeps it (the mock's), and ``items``: the input it answered."""
+
+    id: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    response: dict[str, Any] | None = None
+    items: tuple[Any, ...] = ()
+
+
+@attrs.frozen
 class MockAnswer:
     """The mock's answer to one request: a whole ``body`` (``output_tokens`` long), or,
     for a stream, its ``events`` (SSE bytes, each with the output tokens it carries) in
-    order, every event the answer has (usage and end-of-stream events included)."""
+    order, every event the answer has (usage and end-of-stream events included).
+    ``totals``: what the answer spent under its id, for a dialect that keeps them (kept
+    before the body is sent, or before a stream's last event)."""
 
     output_tokens: int
     body: dict[str, Any] | None = None
     events: Iterable[tuple[bytes, int]] = ()
+    totals: AnswerTotals | None = None
 
 
 class Conventions(abc.ABC):
@@ -149,11 +172,6 @@ class Dialect(abc.ABC):
     count_upstream_path: ClassVar[str | None] = None
     """Where a route whose ``count_tokens = "upstream"`` forwards :attr:`count_path`."""
 
-    @classmethod
-    def for_settings(cls, settings: Settings) -> Dialect:
-        """The node's instance of this dialect (one that reads settings overrides this)."""
-        return cls()
-
     def upstream_headers(self, route: UpstreamRoute, request_headers: Any) -> dict[str, str]:
         """The headers an upstream request carries besides its content type: the
         route's credential as the family sends it (OpenAI's ``Authorization: Bearer``),
@@ -163,12 +181,20 @@ class Dialect(abc.ABC):
         return {"authorization": f"Bearer {route.api_key}"}
 
     def parse_count(self, body: Any) -> Exchange:
-        """Validate a body sent to :attr:`count_path` (a 400 naming the field)."""
-        raise NotImplementedError(f"{self.surface} has no token-counting route")
+        """Validate a body sent to :attr:`count_path` (a 400 naming the field): by
+        default, as a body of :attr:`path`."""
+        return self.parse(body)
 
     def count_answer(self, input_tokens: int) -> dict[str, Any]:
         """The body :attr:`count_path` answers with."""
         raise NotImplementedError(f"{self.surface} has no token-counting route")
+
+    @classmethod
+    def build(cls, store: WindowStore, settings: Settings) -> Self:
+        """The dialect a node serves with. Most keep nothing across requests and need
+        neither; one that does (records in the ``store``) or reads its routes'
+        settings overrides this."""
+        return cls()
 
     @abc.abstractmethod
     def parse(self, body: Any) -> Exchange:
@@ -182,6 +208,27 @@ class Dialect(abc.ABC):
     @abc.abstractmethod
     def mock_answer(self, exchange: Exchange, per_choice: int, input_tokens: int) -> MockAnswer:
         """The mock's answer: at most ``per_choice`` output tokens per choice."""
+
+    # -- answers a later request refers to by id (none by default)
+
+    async def carried_input(self, exchange: Exchange, key_id: str) -> int:
+        """Input tokens the request brings in by referring to earlier answers of the key
+        ``key_id`` (not in its body), as its API bills them. A 400 :class:`APIError`
+        naming the field when the mock does not know the reference."""
+        return 0
+
+    async def answered(self, key_id: str, exchange: Exchange, totals: AnswerTotals) -> None:
+        """Keep what an answer of the key ``key_id`` spent, under its id (by default,
+        nothing is kept: no request of the dialect refers to an earlier answer)."""
+        return None
+
+    def answer_totals(self, exchange: Exchange, body: Any) -> AnswerTotals | None:
+        """What a whole 2xx upstream answer spent under its id (``None``: no id)."""
+        return None
+
+    def stream_totals(self, exchange: Exchange, meter: StreamMeter) -> AnswerTotals | None:
+        """What a relayed stream's answer spent under its id, as ``meter`` read it."""
+        return None
 
     # -- proxy mode: what is sent, and what the answer says it spent
 

@@ -19,10 +19,12 @@ from tokenguard.api.dialects.anthropic import MessagesDialect
 from tokenguard.api.dialects.chat import ChatDialect
 from tokenguard.api.dialects.completions import CompletionsDialect
 from tokenguard.api.dialects.embeddings import EmbeddingsDialect
+from tokenguard.api.dialects.responses import ResponsesDialect
 from tokenguard.api.info import Info
 from tokenguard.api.mock_answers import MockAnswers
 from tokenguard.api.pipeline import Pipeline
 from tokenguard.api.proxy_answers import ProxyAnswers
+from tokenguard.api.response_routes import ResponseRoutes
 from tokenguard.api.send_deadline import SendDeadlines
 from tokenguard.config.settings import Settings
 from tokenguard.limiting.keyring import Keyring
@@ -39,12 +41,16 @@ DIALECTS: tuple[type[Dialect], ...] = (
     CompletionsDialect,
     EmbeddingsDialect,
     MessagesDialect,
+    ResponsesDialect,
 )
 """Every API surface a node serves, one dialect each."""
 
 FIXED_PATHS = (
     "/v1/usage",
     "/v1/models",
+    "/v1/models/<model_id>",
+    "/v1/responses/<response_id>",
+    "/v1/responses/<response_id>/input_items",
     "/v1/usage/stream",
     "/dashboard",
     "/dashboard/<name>",
@@ -72,6 +78,7 @@ class Gateway:
     pipeline: Pipeline
     info: Info
     dialects: tuple[Dialect, ...]
+    response_routes: ResponseRoutes
 
     @property
     def settler(self) -> Settler:
@@ -97,7 +104,7 @@ class Gateway:
             lease_seconds=settings.lease_seconds,
             near_limit_ratio=settings.near_limit_ratio,
         )
-        dialects = tuple(dialect.for_settings(settings) for dialect in DIALECTS)
+        dialects = tuple(dialect.build(store, settings) for dialect in DIALECTS)
         feed = Feed(settings, store, limiter, closing=closing, keyring=keyring)
         metrics = Metrics(
             node_id=settings.node_id,
@@ -141,4 +148,9 @@ class Gateway:
             pipeline=pipeline,
             info=Info(settings, pipeline),
             dialects=dialects,
+            response_routes=ResponseRoutes(
+                pipeline,
+                next(d for d in dialects if isinstance(d, ResponsesDialect)),
+                upstream,
+            ),
         )

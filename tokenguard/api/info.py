@@ -1,4 +1,5 @@
-"""What a key may read about itself: ``GET /v1/usage`` and ``GET /v1/models``.
+"""What a key may read about itself: ``GET /v1/usage``, ``GET /v1/models`` and
+``GET /v1/models/{id}``.
 
 Both authenticate as OpenAI's APIs do and answer with the key's rate-limit headers;
 neither consumes anything. ``/v1/usage`` is tokenguard's own: per dimension the
@@ -12,7 +13,7 @@ from __future__ import annotations
 from quart import Response
 
 from tokenguard.api.dialect import OPENAI
-from tokenguard.api.pipeline import Pipeline
+from tokenguard.api.pipeline import Pipeline, model_not_found
 from tokenguard.api.responses import json_response
 from tokenguard.config.settings import Settings
 from tokenguard.limiting.usage import usage_by_dimension, usage_entry
@@ -49,18 +50,32 @@ class Info:
         }
         return json_response(body, headers=OPENAI.ratelimit_headers(states))
 
+    def served_models(self) -> tuple[tuple[str, ...], str]:
+        """The model names listed, and their ``owned_by``: ``[upstream.models]``'s in
+        proxy mode, else ``[mock] models`` (the mock's defaults when not set)."""
+        if self.settings.upstream.enabled:
+            return tuple(self.settings.upstream.model_ids()), "tokenguard-upstream"
+        return self.settings.mock.models or MOCK_MODELS, "tokenguard-mock"
+
     async def models(self) -> Response:
         key = self.pipeline.authenticate(OPENAI)
         states = await self.pipeline.limiter.usage(key)
-        if self.settings.upstream.enabled:
-            models, owner = self.settings.upstream.model_ids(), "tokenguard-upstream"
-        else:
-            models, owner = MOCK_MODELS, "tokenguard-mock"
-        body = {
-            "object": "list",
-            "data": [
-                {"id": model, "object": "model", "created": 0, "owned_by": owner}
-                for model in models
-            ],
-        }
+        models, owner = self.served_models()
+        body = {"object": "list", "data": [_model_object(m, owner) for m in models]}
         return json_response(body, headers=OPENAI.ratelimit_headers(states))
+
+    async def model(self, model_id: str) -> Response:
+        """``GET /v1/models/{id}`` (the SDKs' ``models.retrieve``): a listed model, else
+        a 404 ``model_not_found``."""
+        key = self.pipeline.authenticate(OPENAI)
+        models, owner = self.served_models()
+        if model_id not in models:
+            raise model_not_found(model_id)
+        states = await self.pipeline.limiter.usage(key)
+        return json_response(
+            _model_object(model_id, owner), headers=OPENAI.ratelimit_headers(states)
+        )
+
+
+def _model_object(model: str, owner: str) -> dict[str, object]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": owner}

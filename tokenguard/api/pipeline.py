@@ -7,7 +7,8 @@
 3. **validate** it (the dialect; a 400 naming the field): nothing is consumed before;
 4. **route** its model in proxy mode (404 ``model_not_found`` before admission);
 5. **count** its input tokens (the dialect; in a worker thread for a large body, once
-   the key is known to have room: :meth:`Admissions.refuse_if_out`);
+   the key is known to have room: :meth:`Admissions.refuse_if_out`), and the input an
+   earlier answer it refers to brings in (:meth:`Dialect.carried_input`);
 6. **reserve** its output: the longest reply it names times the choices generated, else
    the key's ``default_max_tokens`` clamped to what its limits allow per choice;
 7. **admit** every row at once, or refuse with the dialect's 429
@@ -51,6 +52,16 @@ COUNT_OFF_LOOP_BYTES = 64 * 1024
 COUNTING_THREADS = 2
 
 
+def model_not_found(model: str) -> APIError:
+    """OpenAI's 404 for a model that is not served."""
+    return APIError(
+        404,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        code="model_not_found",
+        param="model",
+    )
+
+
 class Pipeline:
     """The request path of one node's API surfaces (see the module docstring)."""
 
@@ -86,6 +97,7 @@ class Pipeline:
     async def handle(self, dialect: Dialect) -> Response:
         """One request of ``dialect``'s route, from its headers to its settlement."""
         g.conventions = dialect.conventions  # errors are answered in the dialect's shape
+        self.request_log.current().surface = dialect.surface
         key = self.authenticate(dialect.conventions)
         data = await request.get_data(cache=False)
         exchange = dialect.parse(parse_json(data))
@@ -95,6 +107,7 @@ class Pipeline:
         input_tokens = 0
         if self.settings.limiting:
             input_tokens = await self.count_input(dialect, key, exchange, len(data))
+            input_tokens += await dialect.carried_input(exchange, key.key_id)
             output = self.output_reservation(key, exchange, input_tokens)
             cost = Cost(requests=1, input_tokens=input_tokens, output_tokens=output)
             decision = await self.admissions.admit(key, cost, exchange.model, dialect.conventions)
@@ -115,7 +128,9 @@ class Pipeline:
                 decision=decision,
                 client_headers=request.headers,
             )
-        return await self.mock.answer(dialect, exchange, per_choice, input_tokens, decision)
+        return await self.mock.answer(
+            dialect, exchange, per_choice, input_tokens, decision, key_id=key.key_id
+        )
 
     def count_handler(self, dialect: Dialect) -> Callable[[], Awaitable[Response]]:
         """The handler of ``dialect``'s token-counting route (a quart view function)."""
@@ -129,13 +144,15 @@ class Pipeline:
     async def count(self, dialect: Dialect) -> Response:
         """A token-counting request: authenticated, read and validated as a request of
         ``dialect``, admitted as one request (no tokens: nothing is generated), answered
-        with the input count admission would use (or, on a route whose
-        ``count_tokens = "upstream"``, the upstream's own answer, passed through)."""
+        with the input count admission would use, earlier answers it refers to included
+        (or, on a route whose ``count_tokens = "upstream"``, the upstream's own answer,
+        passed through). A body or reference that is refused costs nothing."""
         g.conventions = dialect.conventions
         key = self.authenticate(dialect.conventions)
         data = await request.get_data(cache=False)
         exchange = dialect.parse_count(parse_json(data))
         route = self.route(exchange.model, dialect)
+        carried = await dialect.carried_input(exchange, key.key_id)
         decision: Decision | None = None
         headers: dict[str, str] = {}
         if self.settings.limiting:
@@ -148,7 +165,7 @@ class Pipeline:
                 return await self.proxy.pass_through(
                     dialect, route, exchange, key.key_id, request.headers, headers
                 )
-            tokens = await self.count_input(dialect, key, exchange, len(data))
+            tokens = await self.count_input(dialect, key, exchange, len(data)) + carried
         finally:
             if decision is not None:
                 await self.admissions.settle(decision, 0)
@@ -171,8 +188,12 @@ class Pipeline:
     def route(self, model: str, dialect: Dialect) -> UpstreamRoute | None:
         """The upstream route of ``model`` in proxy mode (``None`` in mock mode); a 404
         when no route matches it, or only one of another API family than ``dialect``'s
-        (tokenguard does not translate between APIs)."""
+        (tokenguard does not translate between APIs), or, in mock mode, when ``[mock]
+        models`` is set and does not list it."""
         if self.proxy is None:
+            served = self.settings.mock.models
+            if served is not None and model not in served:
+                raise model_not_found(model)
             return None
         route = self.proxy.upstream.route(model)
         if route is not None and route.dialect != dialect.family:
@@ -184,12 +205,7 @@ class Pipeline:
                 param="model",
             )
         if route is None:
-            raise APIError(
-                404,
-                f"The model `{model}` does not exist or you do not have access to it.",
-                code="model_not_found",
-                param="model",
-            )
+            raise model_not_found(model)
         return route
 
     async def count_input(

@@ -16,6 +16,10 @@ Settlement, per answer:
   did not end normally: the client left, was cut, or the upstream broke);
 * a 502/504 of tokenguard's own: the output refunded when the request never reached the
   upstream, else as the route's ``on_upstream_error`` says (``keep`` by default).
+
+An answer with an id and usage (a Responses API response) is handed to the dialect
+(:meth:`~tokenguard.api.dialect.Dialect.answered`) once it is over, so a later request
+that refers to it is charged its totals on any node.
 """
 
 from __future__ import annotations
@@ -86,6 +90,9 @@ class ProxyAnswers:
             if decision is not None:
                 output = stream_output(tally, model, reserved, route)
                 await self._settle_to(decision, route, model, tally.usage, output, input_tokens)
+            totals = dialect.stream_totals(exchange, tally.meter)
+            if totals is not None:
+                await dialect.answered(key_id, exchange, totals)
 
         try:
             if exchange.stream:
@@ -117,6 +124,10 @@ class ProxyAnswers:
             return event_stream(reply, headers)
         if decision is not None:
             await self._settle_reply(dialect, decision, route, reply, model, input_tokens)
+        if reply.ok:
+            totals = dialect.answer_totals(exchange, reply.json())
+            if totals is not None:
+                await dialect.answered(key_id, exchange, totals)
         return self._reply_response(reply, headers)
 
     async def pass_through(

@@ -123,10 +123,21 @@ def _server(reader: TableReader) -> dict[str, Any]:
 
 
 def _mock(reader: TableReader) -> MockSettings:
-    """``[mock]``: the built-in mock upstream's pace."""
-    mock = MockSettings(token_delay_ms=reader.number("token_delay_ms", 0.0))
+    """``[mock]``: the built-in mock upstream's pace, and the models it serves (a list
+    of distinct non-empty names; absent: every model)."""
+    token_delay_ms = reader.number("token_delay_ms", 0.0)
+    models = reader.table.pop("models", None)
+    if models is not None and (
+        not isinstance(models, list)
+        or not models
+        or not all(isinstance(m, str) and m for m in models)
+        or len(set(models)) != len(models)
+    ):
+        reader.fail(
+            f'must be a list of distinct model names, e.g. ["gpt-4o"], got {models!r}', "models"
+        )
     reader.done()
-    return mock
+    return MockSettings(token_delay_ms=token_delay_ms, models=tuple(models) if models else None)
 
 
 def _feed(reader: TableReader, source: str, environ: Mapping[str, str]) -> tuple[FeedSettings, str]:

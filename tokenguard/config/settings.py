@@ -35,9 +35,12 @@ class ConfigError(ValueError):
 
 @attrs.frozen
 class MockSettings:
-    """The built-in mock upstream. ``token_delay_ms`` paces streamed tokens."""
+    """The built-in mock upstream. ``token_delay_ms`` paces streamed tokens. ``models``:
+    the models it serves (``GET /v1/models`` lists them, any other is a 404
+    ``model_not_found``); ``None``, the default, answers every model."""
 
     token_delay_ms: float = 0.0
+    models: tuple[str, ...] | None = None
 
 
 DEFAULT_CONNECT_TIMEOUT = 5.0

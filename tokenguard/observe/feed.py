@@ -194,8 +194,10 @@ class Feed:
         self._outgoing.append(event)
         self._outgoing_ready.set()
 
-    def admitted(self, decision: Decision, model: str) -> None:
-        """``admitted``, then ``would_reject`` if only shadow mode let it through."""
+    def admitted(self, decision: Decision, model: str, surface: str | None = None) -> None:
+        """``admitted``, then ``would_reject`` if only shadow mode let it through.
+        ``surface``: the request's API surface (``chat``, ``responses`` ...), when it
+        has one; every event about a request carries it."""
         if not self.watched:
             return
         cost = decision.cost
@@ -204,6 +206,7 @@ class Feed:
                 "type": "admitted",
                 "key": decision.key.name,
                 "model": model,
+                "surface": surface,
                 "reserved": {
                     "input_tokens": cost.input_tokens,
                     "output_tokens": cost.output_tokens,
@@ -215,22 +218,23 @@ class Feed:
         if shadow is not None:
             self.emit(
                 {"type": "would_reject", "key": decision.key.name, "model": model}
+                | {"surface": surface}
                 | limit_of(shadow)
             )
 
-    def rejected(self, decision: Decision, model: str) -> None:
+    def rejected(self, decision: Decision, model: str, surface: str | None = None) -> None:
         if not self.watched:
             return
         state = decision.refusal
         if state is None:
             return
         self.emit(
-            {"type": "rejected", "key": decision.key.name, "model": model}
+            {"type": "rejected", "key": decision.key.name, "model": model, "surface": surface}
             | limit_of(state)
             | {"retry_after": decision.admission.retry_after}
         )
 
-    def near_limit(self, decision: Decision, model: str) -> None:
+    def near_limit(self, decision: Decision, model: str, surface: str | None = None) -> None:
         """``near_limit`` for each row whose near-limit mark this admission crossed
         first in its window (the store tells one admission per window and counter,
         whichever node made it: so one event per window, cluster-wide)."""
@@ -239,6 +243,7 @@ class Feed:
         for state in decision.near_limits:
             self.emit(
                 {"type": "near_limit", "key": decision.key.name, "model": model}
+                | {"surface": surface}
                 | limit_of(state)
                 | {"ratio": round(state.used / state.limit, 4), "alert_at": state.row.alert_at}
             )

@@ -30,6 +30,7 @@ import contextvars
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -70,6 +71,10 @@ class RequestRecord:
     output_settled: int | None = None
     decision: str | None = None
     latency_ms: float | None = None
+    # the API surface of a dialect's request (chat, responses...); None for other routes
+    surface: str | None = None
+    # the answer's x-request-id (the upstream's, when it sent one)
+    request_id: str | None = None
 
     def fields(self) -> dict[str, Any]:
         """The line's fields, in order (``node`` and ``ts`` are the formatter's)."""
@@ -84,6 +89,8 @@ class RequestRecord:
             "output_settled": self.output_settled,
             "latency_ms": self.latency_ms,
             "decision": self.decision,
+            "surface": self.surface,
+            "request_id": self.request_id,
         }
 
 
@@ -176,6 +183,7 @@ class RequestLog:
             async def send_recorded(message: Message) -> None:
                 if message["type"] == "http.response.start":
                     record.status = message["status"]
+                    message = with_request_id(message, record)
                 await send(message)
 
             token = self._current.set(record)
@@ -201,6 +209,19 @@ class RequestLog:
             )
             line.request = fields
             self.log.handle(line)
+
+
+def with_request_id(start: Message, record: RequestRecord) -> Message:
+    """A response's start message with an ``x-request-id`` (the SDKs show it with every
+    answer and error): the one it carries (an upstream's, passed through), else a new
+    random one; ``record`` takes it, for the log line."""
+    for name, value in start["headers"]:
+        if name.lower() == b"x-request-id":
+            record.request_id = value.decode("latin-1")
+            return start
+    record.request_id = f"req_{secrets.token_hex(16)}"
+    header = (b"x-request-id", record.request_id.encode("ascii"))
+    return {**start, "headers": [*start["headers"], header]}
 
 
 class _SecondStamp:

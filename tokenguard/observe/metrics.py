@@ -142,6 +142,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.surface_requests = Counter(
+            "tokenguard_surface_requests",
+            "Requests to an API surface's route (chat, completions, embeddings, responses), "
+            "by surface and status code.",
+            ["surface", "status"],
+            registry=r,
+        )
         self.rejected_total = Counter(
             "tokenguard_rejected",
             "Completions refused with 429, by key name and the refusing dimension.",
@@ -202,6 +209,8 @@ class Metrics:
         path = record.path if record.path in self._paths else OTHER
         status = "none" if record.status is None else str(record.status)
         self.requests.labels(path, status, record.key or "").inc()
+        if record.surface is not None:  # (a dialect's name: bounded)
+            self.surface_requests.labels(record.surface, status).inc()
         if record.latency_ms is not None:
             self.request_seconds.labels(path).observe(record.latency_ms / 1000)
 

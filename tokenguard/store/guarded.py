@@ -474,6 +474,16 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
         self._registry_open()
         return await self.primary.registry_put(kind, name, record, expect=expect)
 
+    # Records go to the store as the registry does (outside the breaker's count).
+
+    async def record_put(self, name: str, value: str, ttl_seconds: float) -> None:
+        self._registry_open()
+        await self.primary.record_put(name, value, ttl_seconds)
+
+    async def record_get(self, name: str) -> str | None:
+        self._registry_open()
+        return await self.primary.record_get(name)
+
 
 def guarded_store(settings: Settings) -> WindowStore:
     """The store a node uses: ``settings.store_url``'s, in a :class:`GuardedStore`

@@ -480,6 +480,26 @@ class WindowStore(abc.ABC):
         """
         raise StoreError(f"store {self.url} keeps no registry")
 
+    # -- records: small values under a name, kept for a while, that every node reads
+
+    async def record_put(self, name: str, value: str, ttl_seconds: float) -> None:
+        """Keep ``value`` under ``name`` for ``ttl_seconds`` (replacing what was there),
+        for every node that uses this store. For facts about earlier answers that a later
+        request refers to (a Responses API response's token totals, by its id).
+
+        Bounded: ``name`` at most :data:`MAX_RECORD_NAME` characters, ``value`` at most
+        :data:`MAX_RECORD_VALUE` (``ValueError`` otherwise, checked by
+        :func:`check_record`), every record expires, and an in-process driver keeps at
+        most a fixed number (the oldest go first). Raises :class:`StoreError` when the
+        store cannot take it, or keeps no records (the default).
+        """
+        raise StoreError(f"store {self.url} keeps no records")
+
+    async def record_get(self, name: str) -> str | None:
+        """The value :meth:`record_put` kept under ``name``, ``None`` when there is none
+        (never put, or expired). Raises :class:`StoreError` as :meth:`record_put`."""
+        raise StoreError(f"store {self.url} keeps no records")
+
     # -- what an in-process store holds (the local windows of tokenguard/store/local_windows.py)
 
     def held_buckets(self) -> Iterator[tuple[str, Row, int, int]]:
@@ -488,6 +508,22 @@ class WindowStore(abc.ABC):
         settle-style, into another store. Only a store in this process can say; the
         default holds nothing."""
         return iter(())
+
+
+MAX_RECORD_NAME = 256
+MAX_RECORD_VALUE = 4096
+
+
+def check_record(name: str, value: str, ttl_seconds: float) -> None:
+    """What every driver's :meth:`WindowStore.record_put` checks first: a non-empty
+    ``name`` of at most :data:`MAX_RECORD_NAME` characters, a ``value`` of at most
+    :data:`MAX_RECORD_VALUE`, a positive finite ``ttl_seconds``; ``ValueError`` otherwise."""
+    if not name or len(name) > MAX_RECORD_NAME:
+        raise ValueError(f"a record name is 1..{MAX_RECORD_NAME} characters, got {len(name)}")
+    if len(value) > MAX_RECORD_VALUE:
+        raise ValueError(f"a record value is at most {MAX_RECORD_VALUE} characters")
+    if not (0 < ttl_seconds < math.inf):
+        raise ValueError(f"a record's ttl must be positive and finite, got {ttl_seconds!r}")
 
 
 def store_from_url(url: str) -> WindowStore:

@@ -224,24 +224,28 @@ class Upstream:
         self,
         route: UpstreamRoute,
         path: str,
-        body: dict[str, Any],
+        body: dict[str, Any] | None,
         model: str,
         started: float,
         extra_headers: Mapping[str, str],
+        method: str = "POST",
     ) -> httpx2.Response:
-        """Send a request with ``extra_headers`` (the credential among them); the
+        """Send a request with ``extra_headers`` (the credential among them; ``body``
+        ``None``: one without a body, such as a GET); the
         response's headers are read, its body is not."""
         client = self._client
         if client is None:
             raise RuntimeError("the upstream client is not running (Upstream.run)")
         headers = {"content-type": "application/json", "accept": "application/json"}
         headers.update(extra_headers)
-        content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        content = None
+        if body is not None:
+            content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         timeout = httpx2.Timeout(
             route.read_timeout, connect=route.connect_timeout, pool=route.connect_timeout
         )
         request = client.build_request(
-            "POST", route.base_url + path, content=content, headers=headers, timeout=timeout
+            method, route.base_url + path, content=content, headers=headers, timeout=timeout
         )
         try:
             return await client.send(request, stream=True)
@@ -268,6 +272,27 @@ class Upstream:
         slot = await self._take_slot(route, key, model, started)
         try:
             response = await self._open(route, path, body, model, started, headers)
+            return await self._read_whole(route, response, model, started)
+        finally:
+            slot.release()
+
+    async def fetch(
+        self,
+        route: UpstreamRoute,
+        method: str,
+        path: str,
+        model: str,
+        *,
+        key: str,
+        headers: Mapping[str, str],
+    ) -> UpstreamReply:
+        """A request without a body (``GET``, ``DELETE``: an object the upstream made,
+        such as a stored response) for ``key``, with ``headers`` as :meth:`post`, read
+        whole; raises as :meth:`post`."""
+        started = trio.current_time()
+        slot = await self._take_slot(route, key, model, started)
+        try:
+            response = await self._open(route, path, None, model, started, headers, method)
             return await self._read_whole(route, response, model, started)
         finally:
             slot.release()

@@ -84,6 +84,14 @@ class ReportedUsage:
             read,
         )
 
+    @classmethod
+    def of_responses(cls, usage: Any) -> ReportedUsage | None:
+        """An OpenAI Responses ``usage`` block (``input_tokens``, ``output_tokens``, the
+        latter with its reasoning tokens); ``None`` when there is none."""
+        if not isinstance(usage, dict):
+            return None
+        return cls(token_count(usage.get("input_tokens")), token_count(usage.get("output_tokens")))
+
 
 @attrs.define
 class ModelDrift:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Self
 
 from tokenguard.api.dialect import Dialect, Exchange, MockAnswer
 from tokenguard.api.dialects.anthropic_conventions import ANTHROPIC, anthropic_upstream_headers
@@ -39,6 +39,7 @@ from tokenguard.counting.claude import (
     estimate_claude_text,
 )
 from tokenguard.errors import APIError
+from tokenguard.store.window_store import WindowStore
 from tokenguard.upstreams.mock import MockReply, mock_reply
 from tokenguard.upstreams.relay import StreamMeter, event_object
 from tokenguard.upstreams.usage import ReportedUsage, token_count
@@ -211,7 +212,7 @@ class MessagesDialect(Dialect):
         self.upstream = upstream
 
     @classmethod
-    def for_settings(cls, settings: Settings) -> Dialect:
+    def build(cls, store: WindowStore, settings: Settings) -> Self:
         return cls(settings.upstream if settings.upstream.enabled else None)
 
     def factor(self, model: str) -> float:
