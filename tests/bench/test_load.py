@@ -2,8 +2,9 @@
 
 Each server is a subprocess on a free port, killed in its fixture's ``finally``. Every
 run is small and bounded (a few hundred requests, a ``trio.fail_after``) and finishes in
-a few seconds, far within one 60 s window: so a key limited to N requests per minute
-must have exactly N admitted, and nothing may expire during a test.
+a few seconds, far within one window, which is 10 minutes long so that a busy machine
+stays inside it too: a key limited to N requests per window must have exactly N
+admitted, and nothing may expire during a test.
 
 To run the same checks against other nodes, pass their URLs to :func:`check_rpm_run`'s
 caller: the load client takes any list of base URLs (see ``test_rpm_key_three_nodes``).
@@ -50,8 +51,8 @@ RPM = 40
 
 CONFIG = f"""
 [window]
-seconds = 60
-bucket_seconds = 5
+seconds = 600
+bucket_seconds = 50
 
 [[keys]]
 key = "sk-bench-rpm"
@@ -69,6 +70,19 @@ input_tpm = 3000
 [[keys]]
 key = "sk-bench-out"
 name = "out-bound"
+rpm = 1000
+output_tpm = 1500
+default_max_tokens = 64
+
+[[keys]]
+key = "sk-bench-mix-in"
+name = "mix-in"
+rpm = 1000
+input_tpm = 3000
+
+[[keys]]
+key = "sk-bench-mix-out"
+name = "mix-out"
 rpm = 1000
 output_tpm = 1500
 default_max_tokens = 64
@@ -182,7 +196,7 @@ def check_rpm_run(result: LoadResult, json_path: Path) -> None:
     """The checks every run of the rpm-bound key must pass, on one node or several."""
     records = result.records
     assert len(records) == 150
-    assert result.summary.wall_seconds < 45  # the premise: all of it within one window
+    assert result.summary.wall_seconds < 500  # the premise: all of it within one window
     odd = [r for r in records if r.status not in (200, 429)]
     assert not odd, f"{result.summary.errors}; e.g. {odd[0].status} {odd[0].message}"
     admitted = [r for r in records if r.status == 200]
@@ -226,7 +240,7 @@ def check_rpm_run(result: LoadResult, json_path: Path) -> None:
 
 
 async def test_rpm_key_single_node(node: list[str], config_path: Path, tmp_path: Path) -> None:
-    with trio.fail_after(60):
+    with trio.fail_after(300):
         result = await run_load(rpm_options(node, config_path, seed=1))
     check_rpm_run(result, tmp_path / "result.json")
     assert result.summary.by_node == {node[0]: {"200": RPM, "429": 150 - RPM}}
@@ -236,15 +250,21 @@ async def test_rpm_key_single_node(node: list[str], config_path: Path, tmp_path:
 async def test_rpm_key_three_nodes(cluster: list[str], config_path: Path, tmp_path: Path) -> None:
     # Three node processes sharing their windows through the supervisor's Redis: the
     # key's 40 requests per minute hold across all of them together.
-    with trio.fail_after(90):
+    with trio.fail_after(300):
         result = await run_load(rpm_options(cluster, config_path, seed=2))
     check_rpm_run(result, tmp_path / "result.json")
     assert set(result.summary.by_node) == set(cluster)
     assert all(sum(counts.values()) > 10 for counts in result.summary.by_node.values())
 
 
-async def test_token_bound_keys(node: list[str], config_path: Path) -> None:
-    keys, window, bucket = keys_from_config(config_path, only=["in-bound", "out-bound"])
+@pytest.mark.parametrize(("surface", "prefix"), [("chat", ""), ("mix", "mix")])
+async def test_token_bound_keys(
+    node: list[str], config_path: Path, surface: str, prefix: str
+) -> None:
+    """``mix``: each request a chat completion or a response, one budget per key (keys
+    of their own: the node is the module's)."""
+    in_bound, out_bound = ("mix-in", "mix-out") if prefix else ("in-bound", "out-bound")
+    keys, window, bucket = keys_from_config(config_path, only=[in_bound, out_bound])
     options = LoadOptions(
         urls=tuple(node),
         keys=tuple(keys),
@@ -256,16 +276,20 @@ async def test_token_bound_keys(node: list[str], config_path: Path) -> None:
         window_seconds=window,
         bucket_seconds=bucket,
         timeout=20,
+        surface=surface,
     )
-    with trio.fail_after(60):
+    with trio.fail_after(300):
         result = await run_load(options)
     assert {r.status for r in result.records} <= {200, 429}
+    assert all(r.error is None for r in result.records)  # every stream read to its end
+    surfaces = {"chat": {"chat"}, "mix": {"chat", "responses"}}[surface]
+    assert {r.surface for r in result.records} == surfaces
     report = result.audit
     assert report.ok and report.headers.problems == ()
     over = {(o.key, o.dimension): o for o in report.over}
-    assert 0 < over["in-bound", "input_tokens"].admitted_total <= 3000
-    assert 0 < over["out-bound", "output_tokens"].admitted_total <= 1500
-    for key, dimension in (("in-bound", "input_tokens"), ("out-bound", "output_tokens")):
+    assert 0 < over[in_bound, "input_tokens"].admitted_total <= 3000
+    assert 0 < over[out_bound, "output_tokens"].admitted_total <= 1500
+    for key, dimension in ((in_bound, "input_tokens"), (out_bound, "output_tokens")):
         refusals = [r for r in result.records if r.key == key and r.status == 429]
         assert refusals, f"{key} was never refused"
         assert {r.observation().refusal.dimension for r in refusals} == {dimension}
@@ -284,7 +308,7 @@ async def test_each_worker_sends_a_request_even_after_the_duration(node: list[st
         urls=tuple(node), keys=(parse_key("sk-bench-nobody,name=nobody"),), duration=0.0,
         concurrency=3, stream_share=0.0, timeout=20,
     )  # fmt: skip
-    with trio.fail_after(120):
+    with trio.fail_after(300):
         result = await run_load(options)
     assert result.summary.requests == 3
     assert result.summary.statuses == {"401": 3}  # (a key the node does not know)
@@ -408,9 +432,9 @@ def test_option_parsing(config_path: Path) -> None:
     assert "sk-abc" not in repr(key)
 
     keys, window, bucket = keys_from_config(config_path)
-    names = ["rpm-bound", "in-bound", "out-bound", "cli", "liar", "interrupt"]
+    names = ["rpm-bound", "in-bound", "out-bound", "mix-in", "mix-out", "cli", "liar", "interrupt"]
     assert [k.name for k in keys] == names
-    assert (window, bucket) == (60, 5)
+    assert (window, bucket) == (600, 50)
     with pytest.raises(UsageError, match="hashed-only"):
         keys_from_config(config_path, only=["hashed-only"])
 
@@ -418,9 +442,11 @@ def test_option_parsing(config_path: Path) -> None:
         url=["http://a/"], key=["sk-z,rpm=1"], config=str(config_path), only=["cli"],
         requests=None, duration=2.0, concurrency=3, prompt_tokens="10:20", max_tokens="none",
         stream_share=0.0, seed=7, model="gpt-4o", window=None, bucket=None, timeout=5.0,
+        surface="mix",
     )  # fmt: skip
     options = options_from_args(namespace)
     assert options.urls == ("http://a",)
     assert [k.name for k in options.keys] == ["cli", "key-" + digest_of("sk-z")[:8]]
     assert options.total is None and options.duration == 2.0
     assert options.max_tokens is None
+    assert options.surface == "mix"
