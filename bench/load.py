@@ -21,7 +21,7 @@ What a run guarantees:
 * **Honest about itself.** The client's own CPU time is measured against wall time;
   when it used more than :data:`CLIENT_BOUND_SHARE` of a core, the report says the run
   was client-bound, i.e. its throughput measures this client, not the server.
-* **Audited.** The records go through :func:`bench.audit.audit`; the command exits 1 on
+* **Audited.** The records go through :func:`bench.audit.verdict.audit`; the command exits 1 on
   definite over-admission or inconsistent rate-limit headers (see that module for what
   exactly is computed), 3 when no request got any HTTP answer, 2 on bad arguments.
 """
@@ -45,7 +45,10 @@ import attrs
 import httpx
 import trio
 
-from bench.audit import AuditReport, Observation, audit, audit_dict, format_audit, parse_refusal
+from bench.audit.findings import AuditReport
+from bench.audit.observations import Observation, parse_refusal
+from bench.audit.report import audit_dict, format_audit
+from bench.audit.verdict import audit
 from tokenguard.config.loading import load_settings
 from tokenguard.config.settings import ConfigError
 from tokenguard.model import Limits, digest_of

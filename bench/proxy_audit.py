@@ -32,7 +32,7 @@ key and of a behaviour drawn from one ``random.Random(--seed)``:
 
 Each prompt names its key and request (``tokenguard-key: NAME tokenguard-request: ID``),
 so the upstream's ledger says what it billed for whom. Once every generation is done,
-:func:`bench.audit.audit_billing` compares, per key and dimension, what the upstream
+:func:`bench.audit.billing.audit_billing` compares, per key and dimension, what the upstream
 billed within any window with the limit: a request was admitted between its send and
 the upstream's receipt of it, so a set of them certainly within one window that was
 billed more than the limit is **definite over-spend**, spending the limiter let through
@@ -64,7 +64,9 @@ import attrs
 import httpx
 import trio
 
-from bench.audit import DIMENSION_LABELS, Billing, OverAdmission, audit_billing
+from bench.audit.billing import Billing, audit_billing
+from bench.audit.findings import OverAdmission
+from bench.audit.observations import DIMENSION_LABELS
 from bench.fake_upstream import FLAVOURS
 from bench.ports import SUITE_PORTS, free_ports
 from bench.stalled_client import read_to_end, stalled_request

@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 
-from bench.audit import AuditReport
+from bench.audit.findings import AuditReport
 from bench.charts import Panel
 from bench.load import KeySpec, LoadOptions, LoadResult, run_load
 from bench.suite.configs import (
@@ -111,7 +111,7 @@ def _intro(p: Profile, embedded: bool) -> str:
         f"buckets: the window is shortened from 60 s so that a {p.accuracy_seconds:g} s run "
         f"spans several windows and exercises the sliding), {p.accuracy_concurrency} "
         "concurrent requests spread at random over the nodes, 30% streamed. The audit "
-        "(`bench/audit.py`) knows each admission only to lie between its send and its "
+        "(`bench/audit/`) knows each admission only to lie between its send and its "
         "answer: *definite* over-admission is proof the limit was broken and must be 0; "
         "*possible* over-admission is not a proof (the timing uncertainty exceeds the "
         "server's one-bucket slack); under-admission counts refusals that exact "
@@ -178,7 +178,7 @@ def _audit_notes(report: AuditReport) -> list[str]:
             f"request {p.request_id}: {p.detail}" for p in report.headers.problems[:3]
         )
         notes.append(
-            f"**Header inconsistencies** ({kinds}), e.g. {examples}. See `bench/audit.py` "
+            f"**Header inconsistencies** ({kinds}), e.g. {examples}. See `bench/audit/` "
             "for what each check means."
         )
     if any(f.excess for f in report.foreign):

@@ -12,20 +12,11 @@ import attrs
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench.audit import (
-    Billing,
-    Observation,
-    Refusal,
-    Span,
-    audit,
-    audit_billing,
-    audit_dict,
-    definite_peak,
-    dominance_sums,
-    format_audit,
-    parse_refusal,
-    possible_peak,
-)
+from bench.audit.billing import Billing, audit_billing
+from bench.audit.observations import Observation, Refusal, parse_refusal
+from bench.audit.report import audit_dict, format_audit
+from bench.audit.sweep import Span, definite_peak, dominance_sums, possible_peak
+from bench.audit.verdict import audit
 from tokenguard.api.dialect import OPENAI
 from tokenguard.api.ratelimit import rate_limit_error
 from tokenguard.limiting.limiter import Cost, Decision
