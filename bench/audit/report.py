@@ -37,6 +37,11 @@ def _pct(amount: float, limit: int) -> str:
 
 def format_audit(report: AuditReport) -> str:
     """The audit as plain text for the load report (counts and percentages of limits)."""
+    lines = _over_lines(report) + _under_lines(report) + _header_lines(report)
+    return "\n".join(lines)
+
+
+def _over_lines(report: AuditReport) -> list[str]:
     lines = [
         f"Accuracy audit (window {report.window:g} s, bucket {report.bucket:g} s; each "
         "admission lies between its send and its answer)",
@@ -77,7 +82,11 @@ def format_audit(report: AuditReport) -> str:
             "5xx): left out of definite checks; possible counts are lower bounds"
         )
 
-    lines += [
+    return lines
+
+
+def _under_lines(report: AuditReport) -> list[str]:
+    lines = [
         "  under-admission: refusals that exact accounting would have admitted;",
         "    unused = limit - requested - admitted in the window ending at the refusal;",
         "    'would fit' counts refusals with unused > 0 for certain. Expected by design:",
@@ -111,6 +120,11 @@ def format_audit(report: AuditReport) -> str:
     if report.unattributed_refusals:
         lines.append(f"  {report.unattributed_refusals} 429(s) naming no dimension: not audited")
 
+    return lines
+
+
+def _header_lines(report: AuditReport) -> list[str]:
+    lines = []
     h = report.headers
     if h.problems:
         counts = ", ".join(f"{k}: {n}" for k, n in sorted(h.counts().items()))
@@ -121,4 +135,4 @@ def format_audit(report: AuditReport) -> str:
         lines.append(f"  header consistency: {h.checked} answers checked, no problems (ok)")
     if report.unaudited_keys:
         lines.append(f"  keys with unknown limits, not audited: {', '.join(report.unaudited_keys)}")
-    return "\n".join(lines)
+    return lines
