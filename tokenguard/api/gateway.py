@@ -95,7 +95,11 @@ class Gateway:
     ) -> Gateway:
         """Wire a node's objects over ``store``. ``closing`` (the node's shutdown) ends
         the usage feed's websockets; ``keyring``, when given, is the caller's (a node
-        shares it with its admin API), else one is made here."""
+        shares it with its admin API), else one is made here.
+
+        One function on purpose, however long: every object of a node is built here,
+        in the order of its collaborators, and nowhere else (nothing is patched on
+        afterwards)."""
         keyring = keyring if keyring is not None else Keyring(settings, store)
         limiter = Limiter(
             store,

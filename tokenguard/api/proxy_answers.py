@@ -124,11 +124,17 @@ class ProxyAnswers:
             return event_stream(reply, headers)
         if decision is not None:
             await self._settle_reply(dialect, decision, route, reply, model, input_tokens)
+        await self._keep_totals(dialect, exchange, key_id, reply)
+        return self._reply_response(reply, headers)
+
+    async def _keep_totals(
+        self, dialect: Dialect, exchange: Exchange, key_id: str, reply: UpstreamReply
+    ) -> None:
+        """Keep what a whole 2xx answer with an id spent, for requests that refer to it."""
         if reply.ok:
             totals = dialect.answer_totals(exchange, reply.json())
             if totals is not None:
                 await dialect.answered(key_id, exchange, totals)
-        return self._reply_response(reply, headers)
 
     async def pass_through(
         self,
