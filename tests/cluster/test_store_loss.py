@@ -34,6 +34,7 @@ import trio
 from drivers.redis import REGISTRY_RECORDS
 from tests.cluster.test_admin_cluster import ADMIN, admin
 from tests.cluster.test_cluster import usage
+from tests.observe.test_metrics import node_metric
 from tests.store.test_faults import Answer, chat, load_forever, wait_ready
 from tests.support.processes import (
     Cluster,
@@ -156,19 +157,39 @@ async def admit_round_robin(client: httpx.AsyncClient, urls: list[str], count: i
     return statuses
 
 
+async def local_refusals(client: httpx.AsyncClient, urls: list[str]) -> float:
+    """Refusals the nodes' own local windows made so far (``on_store_error = "local"``)."""
+    total = 0.0
+    for url in urls:
+        total += await node_metric(client, url, "tokenguard_store_local_refusals_total")
+    return total
+
+
+async def wait_used(client: httpx.AsyncClient, urls: list[str], amount: int) -> None:
+    """Every node reads ``amount`` requests used, once the write-backs have landed."""
+    await wait_ready(client, urls)
+    for url in urls:
+        while await used(client, url) < amount:  # noqa: ASYNC110 (write-backs landing)
+            await trio.sleep(0.05)
+    assert [await used(client, url) for url in urls] == [amount] * len(urls)
+
+
 async def assert_limits_shared(client: httpx.AsyncClient, urls: list[str], before: int) -> None:
     """Every node reads the same usage, ``before`` (each node wrote its own admissions
     back), and the nodes together admit what is left of the limit, no more. Usage is
-    read with every node on the store (``/readyz`` 200), not on its local windows."""
-    await wait_ready(client, urls)
-    for url in urls:
-        while await used(client, url) < before:  # noqa: ASYNC110 (write-backs landing)
-            await trio.sleep(0.05)
-    assert [await used(client, url) for url in urls] == [before] * len(urls)
+    read with every node on the store (``/readyz`` 200), not on its local windows.
+
+    Exactly what is left is admitted, unless a node's store calls missed their deadline
+    meanwhile (a machine too busy to run the node: the breaker's documented fallback):
+    then each request short is one its local windows refused, and never more."""
+    await wait_used(client, urls, before)
+    refused_locally = await local_refusals(client, urls)
     statuses = await admit_round_robin(client, urls, LIMIT)
-    assert statuses == {200: LIMIT - before, 429: before}, statuses
-    await wait_ready(client, urls)
-    assert [await used(client, url) for url in urls] == [LIMIT] * len(urls)
+    refused_locally = await local_refusals(client, urls) - refused_locally
+    admitted = statuses[200]
+    assert set(statuses) <= {200, 429} and admitted <= LIMIT - before, statuses
+    assert admitted >= LIMIT - before - refused_locally, (statuses, refused_locally)
+    await wait_used(client, urls, before + admitted)
 
 
 @asynccontextmanager
