@@ -54,6 +54,8 @@ class Limits:
     ``max_tokens`` nor ``max_completion_tokens``. ``mode`` is ``"enforce"`` or
     ``"shadow"`` (checked and counted, never refused). ``models``: per-model rules,
     each checked on top of these limits when its glob matches the request's model.
+    ``per_user``: limits that apply to each end user of the application separately
+    (the rule fields only).
     """
 
     rpm: int | None = None
@@ -72,6 +74,9 @@ class Limits:
     mode: str = "enforce"
     models: tuple[ModelRule, ...] = ()
     max_concurrent: int | None = None  # requests in flight at once (leases)
+    # Limits of each end user of the key, tier or team (tokenguard/limiting/rules.py,
+    # "Per-end-user rows"); ``None``: no per-user limit. Its ``models`` is always empty.
+    per_user: Limits | None = None
 
     def rules(self) -> list[tuple[str, str, int]]:
         """``(dimension, window, limit)`` for every limit set, in RULE_FIELDS order."""
@@ -132,6 +137,20 @@ def new_key() -> str:
 def digest_of(key: str) -> str:
     """The hex SHA-256 digest by which a key (or an admin or metrics token) is known."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+SHARED_END_USER = "-"
+"""The per-user bucket of requests that name no end user (``missing_user = "shared"``);
+never a digest (those are hex)."""
+END_USER_DIGEST_CHARS = 32
+
+
+def user_digest(end_user: str) -> str:
+    """What names an end user's rows in the store: a 128-bit prefix of the SHA-256 of its
+    id (the id itself is never stored). Collisions within one key are negligible."""
+    return hashlib.sha256(end_user.encode("utf-8", "surrogatepass")).hexdigest()[
+        :END_USER_DIGEST_CHARS
+    ]
 
 
 def partition_of(key: ApiKey) -> str:

@@ -60,15 +60,22 @@ class Admissions:
         self._shadow_log = LogThrottle()
 
     async def admit(
-        self, key: ApiKey, cost: Cost, model: str, conventions: Conventions
+        self,
+        key: ApiKey,
+        cost: Cost,
+        model: str,
+        conventions: Conventions,
+        *,
+        user: str | None = None,
     ) -> Decision:
-        """Admit ``cost`` for ``key`` and ``model``, or raise its 429 in ``conventions``'
-        shape; log, feed and count the outcome."""
+        """Admit ``cost`` for ``key`` and ``model`` (and end user ``user``, a digest: its
+        per-user rows), or raise its 429 in ``conventions``' shape; log, feed and count
+        the outcome."""
         if self.store.never_waits:  # no checkpoint: it cannot be cancelled halfway
-            decision = await self.limiter.admit(key, cost, model)
+            decision = await self.limiter.admit(key, cost, model, user)
         else:
             with trio.CancelScope(shield=True):
-                decision = await self.limiter.admit(key, cost, model)
+                decision = await self.limiter.admit(key, cost, model, user)
         record = self.request_log.current()
         record.model, record.decision = model, decision_label(decision)
         record.input_tokens, record.output_reserved = cost.input_tokens, cost.output_tokens
@@ -82,10 +89,12 @@ class Admissions:
         self.metrics.admitted(decision)
         return decision
 
-    async def refuse_if_out(self, key: ApiKey, model: str, conventions: Conventions) -> None:
-        """Raise the 429 an admission of ``key`` for ``model`` is certain to get, if it
-        is (``Limiter.precheck``), logged and fed like any refusal."""
-        decision = await self.limiter.precheck(key, model)
+    async def refuse_if_out(
+        self, key: ApiKey, model: str, conventions: Conventions, *, user: str | None = None
+    ) -> None:
+        """Raise the 429 an admission of ``key`` for ``model`` (and end user ``user``) is
+        certain to get, if it is (``Limiter.precheck``), logged and fed like any refusal."""
+        decision = await self.limiter.precheck(key, model, user)
         if decision is not None:
             record = self.request_log.current()
             record.model, record.decision = model, decision_label(decision)

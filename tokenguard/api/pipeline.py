@@ -5,6 +5,8 @@
 1. **Authenticate** the key as the dialect's API family sends it (a 401 in its shape);
 2. **read** the body (capped at ``max_body_bytes``: 413) and parse it as strict JSON;
 3. **validate** it (the dialect; a 400 naming the field): nothing is consumed before;
+   its end user, for per-user limits, from the body or ``[limits] user_header``
+   (:mod:`tokenguard.api.end_user`; a 400 for a bad id);
 4. **route** its model in proxy mode (404 ``model_not_found`` before admission);
 5. **count** its input tokens (the dialect; in a worker thread for a large body, once
    the key is known to have room: :meth:`Admissions.refuse_if_out`);
@@ -28,6 +30,7 @@ from quart import Response, g, request
 from tokenguard.api.admission import Admissions
 from tokenguard.api.auth import unknown_key
 from tokenguard.api.dialect import Conventions, Dialect, Exchange
+from tokenguard.api.end_user import checked_end_user, user_scope
 from tokenguard.api.mock_answers import MockAnswers
 from tokenguard.api.proxy_answers import ProxyAnswers
 from tokenguard.api.request_body import parse_json
@@ -92,10 +95,13 @@ class Pipeline:
         decision: Decision | None = None
         input_tokens = 0
         if self.settings.limiting:
-            input_tokens = await self.count_input(dialect, key, exchange, len(data))
+            user = self.end_user(key, exchange)
+            input_tokens = await self.count_input(dialect, key, exchange, len(data), user)
             output = self.output_reservation(key, exchange, input_tokens)
             cost = Cost(requests=1, input_tokens=input_tokens, output_tokens=output)
-            decision = await self.admissions.admit(key, cost, exchange.model, dialect.conventions)
+            decision = await self.admissions.admit(
+                key, cost, exchange.model, dialect.conventions, user=user
+            )
             per_choice = output // exchange.choices if exchange.choices else 0
         else:
             self.request_log.current().decision = "unlimited"
@@ -143,15 +149,32 @@ class Pipeline:
             )
         return route
 
+    def end_user(self, key: ApiKey, exchange: Exchange) -> str | None:
+        """The digest naming the request's end user in its per-user rows (``None`` when
+        the key has none for this model): the body's id, else ``[limits] user_header``'s;
+        a 400 for an id that is too long, or missing under ``missing_user = "reject"``."""
+        end_user = exchange.end_user
+        header = self.settings.user_header
+        if end_user is None and header is not None:
+            end_user = checked_end_user(request.headers.get(header, ""), header)
+        if not self.limiter.has_per_user(key, exchange.model):
+            return None
+        return user_scope(end_user, missing_user=self.settings.missing_user, header=header)
+
     async def count_input(
-        self, dialect: Dialect, key: ApiKey, exchange: Exchange, body_size: int
+        self,
+        dialect: Dialect,
+        key: ApiKey,
+        exchange: Exchange,
+        body_size: int,
+        user: str | None = None,
     ) -> int:
         """The request's input tokens: counted in place, or, when its body is
         ``COUNT_OFF_LOOP_BYTES`` or more (see there), in a worker thread once the key is
         known to have room for the request (a key already out gets its 429 uncounted)."""
         if body_size < COUNT_OFF_LOOP_BYTES:
             return dialect.count_input(exchange)
-        await self.admissions.refuse_if_out(key, exchange.model, dialect.conventions)
+        await self.admissions.refuse_if_out(key, exchange.model, dialect.conventions, user=user)
         return await trio.to_thread.run_sync(dialect.count_input, exchange, limiter=self._counting)
 
     def output_reservation(self, key: ApiKey, exchange: Exchange, input_tokens: int) -> int:

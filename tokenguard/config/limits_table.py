@@ -38,7 +38,12 @@ def read_limits(
     if default_max_tokens:
         reserve = reader.int("default_max_tokens", base.default_max_tokens)
     models = _model_rules(reader.sub("models"), base.models)
-    return Limits(**values, default_max_tokens=reserve, mode=own_mode, models=models)
+    per_user = base.per_user
+    if "per_user" in reader.table:
+        per_user = _per_user(reader.sub("per_user"), base.per_user)
+    return Limits(
+        **values, default_max_tokens=reserve, mode=own_mode, models=models, per_user=per_user
+    )
 
 
 def limits_from_table(
@@ -55,6 +60,19 @@ def limits_from_table(
     reader = TableReader(where, "", table)
     limits = read_limits(reader, base, mode=mode, default_max_tokens=default_max_tokens)
     reader.done()
+    return limits
+
+
+def _per_user(reader: TableReader, base: Limits | None) -> Limits | None:
+    """``per_user = {rpm = 20, tpd = 100000}``: the limits of each end user, over the
+    base's (a key's tier) field by field; only rule fields (no models, no mode: a
+    per-user row has the mode of the limits it belongs to)."""
+    parent = base or Limits()
+    values = {field: reader.int(field, getattr(parent, field)) for field in RULE_FIELDS}
+    reader.done()
+    limits = Limits(**values)
+    if not limits.rules():
+        reader.fail(f"sets no limit (give one of {', '.join(RULE_FIELDS)})")
     return limits
 
 

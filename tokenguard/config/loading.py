@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +29,7 @@ from tokenguard.config.settings import (
     METRICS_TOKEN_ENV,
     MIN_ADMIN_TOKEN_LENGTH,
     MIN_LEASE_SECONDS,
+    MISSING_USER_POLICIES,
     STORE_ERROR_POLICIES,
     ConfigError,
     FeedSettings,
@@ -37,6 +39,9 @@ from tokenguard.config.settings import (
 )
 from tokenguard.config.upstream_table import read_upstream
 from tokenguard.model import KEY_IDENTITY_FIELDS, TEAM_NAME, ApiKey, Limits, Team, digest_of
+
+# An HTTP header name (RFC 9110 token characters).
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def parse_settings(
@@ -158,7 +163,8 @@ def _metrics(reader: TableReader, source: str, environ: Mapping[str, str]) -> Me
 
 
 def _limits_section(reader: TableReader) -> dict[str, Any]:
-    """``[limits]``: the default mode, the lease time, the near-limit ratio."""
+    """``[limits]``: the default mode, the lease time, the near-limit ratio, where the
+    end user's id is read and what a request without one does."""
     mode = read_mode(reader, "enforce")  # the global default mode
     lease_seconds = reader.number("lease_seconds", DEFAULT_LEASE_SECONDS, minimum=MIN_LEASE_SECONDS)
     if not math.isfinite(lease_seconds):
@@ -168,8 +174,23 @@ def _limits_section(reader: TableReader) -> dict[str, Any]:
         reader.fail(
             f"must be a share of the limit, 0 to 1, got {near_limit_ratio}", "near_limit_ratio"
         )
+    user_header = reader.str("user_header", None)
+    if user_header is not None and not HEADER_NAME.fullmatch(user_header):
+        reader.fail(f"must be an HTTP header name, got {user_header!r}", "user_header")
+    missing_user = reader.str("missing_user", "shared")
+    if missing_user not in MISSING_USER_POLICIES:
+        reader.fail(
+            f"must be one of {', '.join(MISSING_USER_POLICIES)}, got {missing_user!r}",
+            "missing_user",
+        )
     reader.done()
-    return {"mode": mode, "lease_seconds": lease_seconds, "near_limit_ratio": near_limit_ratio}
+    return {
+        "mode": mode,
+        "lease_seconds": lease_seconds,
+        "near_limit_ratio": near_limit_ratio,
+        "user_header": None if user_header is None else user_header.lower(),
+        "missing_user": missing_user,
+    }
 
 
 def _tiers(reader: TableReader, mode: str) -> dict[str, Limits]:

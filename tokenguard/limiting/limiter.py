@@ -66,6 +66,7 @@ class Decision:
     cost: Cost
     admission: Admission
     model: str | None = None
+    user: str | None = None  # the end user's digest, for per-user rows (None: none)
 
     @property
     def admitted(self) -> bool:
@@ -162,9 +163,29 @@ class Limiter:
         self._templates[cache_key] = (key, found)
         return found
 
-    def rows(self, key: ApiKey, cost: Cost | None = None, model: str | None = None) -> list[Row]:
-        """One row per limit that applies (unlimited dimensions have none)."""
-        return [t.row(cost.amount(t.dimension) if cost else 0) for t in self.templates(key, model)]
+    def rows(
+        self,
+        key: ApiKey,
+        cost: Cost | None = None,
+        model: str | None = None,
+        user: str | None = None,
+    ) -> list[Row]:
+        """One row per limit that applies (unlimited dimensions have none); per-user
+        rows for end user ``user`` (a digest, see :mod:`tokenguard.api.end_user`), none
+        when ``user`` is ``None``."""
+        out = []
+        for t in self.templates(key, model):
+            amount = cost.amount(t.dimension) if cost else 0
+            if not t.per_user:
+                out.append(t.row(amount))
+            elif user is not None:
+                out.append(t.row(amount, user))
+        return out
+
+    def has_per_user(self, key: ApiKey, model: str | None = None) -> bool:
+        """Whether a request of ``key`` for ``model`` has per-user rows (it must then
+        name an end user, or be counted in the shared bucket)."""
+        return any(t.per_user for t in self.templates(key, model))
 
     def output_cap(
         self, key: ApiKey, model: str | None = None, input_tokens: int = 0
@@ -179,7 +200,9 @@ class Limiter:
         ]
         return min(caps, default=None)
 
-    async def precheck(self, key: ApiKey, model: str | None = None) -> Decision | None:
+    async def precheck(
+        self, key: ApiKey, model: str | None = None, user: str | None = None
+    ) -> Decision | None:
         """The refusal an admission of ``key`` for ``model`` is certain to get, whatever
         its tokens, or ``None`` when it may fit; nothing is consumed. One
         :meth:`~tokenguard.store.window_store.WindowStore.usage` read of the key's rows, asking 1
@@ -189,14 +212,18 @@ class Limiter:
         wait longer). Worth a store call only for a request whose tokens are costly to
         count."""
         cost = Cost(requests=1)
-        states = await self.store.usage(partition_of(key), self.rows(key, cost, model))
+        states = await self.store.usage(partition_of(key), self.rows(key, cost, model, user))
         admission = Admission(admitted=False, states=states)
         if not admission.refusing:
             return None
-        return Decision(key=key, cost=cost, admission=admission, model=model)
+        return Decision(key=key, cost=cost, admission=admission, model=model, user=user)
 
-    async def admit(self, key: ApiKey, cost: Cost, model: str | None = None) -> Decision:
-        admission = await self.store.admit(partition_of(key), self.rows(key, cost, model))
+    async def admit(
+        self, key: ApiKey, cost: Cost, model: str | None = None, user: str | None = None
+    ) -> Decision:
+        """Admit ``cost`` in every row of ``key`` for ``model`` (and end user ``user``,
+        a digest: its per-user rows), all or none, in ONE store call."""
+        admission = await self.store.admit(partition_of(key), self.rows(key, cost, model, user))
         if admission.would_refuse:
             self.shadow_refusals += 1
         if admission.admitted:
@@ -206,7 +233,7 @@ class Limiter:
                     self.near_limit_crossings[dimension] = (
                         self.near_limit_crossings.get(dimension, 0) + 1
                     )
-        return Decision(key=key, cost=cost, admission=admission, model=model)
+        return Decision(key=key, cost=cost, admission=admission, model=model, user=user)
 
     async def settle(
         self, decision: Decision, *, output_tokens: int, input_tokens: int | None = None
@@ -237,8 +264,12 @@ class Limiter:
         if any(deltas) or reservation.lease is not None:
             await self.store.settle(reservation, deltas)
 
-    async def usage(self, key: ApiKey, model: str | None = None) -> tuple[RowState, ...]:
-        return await self.store.usage(partition_of(key), self.rows(key, model=model))
+    async def usage(
+        self, key: ApiKey, model: str | None = None, user: str | None = None
+    ) -> tuple[RowState, ...]:
+        """The state of ``key``'s rows for ``model``, with end user ``user``'s (a
+        digest) per-user rows when given; nothing consumed."""
+        return await self.store.usage(partition_of(key), self.rows(key, model=model, user=user))
 
 
 def tightest_by_dimension(states: Iterable[RowState]) -> dict[str, RowState]:

@@ -121,7 +121,7 @@ class KeyRecord:
 def table_of(limits: Limits) -> dict[str, Any]:
     """A limits table (config field names) that :func:`limits_from_table` turns back
     into ``limits`` itself: every limit set, the reservation default, the mode, the
-    per-model rules."""
+    per-model rules, the per-user limits."""
     table: dict[str, Any] = {f: v for f in RULE_FIELDS if (v := getattr(limits, f)) is not None}
     table["default_max_tokens"] = limits.default_max_tokens
     table["mode"] = limits.mode
@@ -133,6 +133,10 @@ def table_of(limits: Limits) -> dict[str, Any]:
                 entry["mode"] = rule.mode
             models[rule.pattern] = entry
         table["models"] = models
+    if limits.per_user is not None:
+        table["per_user"] = {
+            f: v for f in RULE_FIELDS if (v := getattr(limits.per_user, f)) is not None
+        }
     return table
 
 

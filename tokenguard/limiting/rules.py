@@ -5,7 +5,9 @@ admission (:meth:`~tokenguard.store.window_store.WindowStore.admit`), whatever t
 
 * its **key**'s limits (the key's own, over its tier's): one row per limit set;
 * its key's **per-model rules** whose glob matches the request's model;
-* its key's **team**'s limits, and the team's per-model rules that match.
+* its key's **team**'s limits, and the team's per-model rules that match;
+* the **per-user** limits of the key and of its team (``per_user``), for the request's
+  end user (see below).
 
 A limit is a dimension (``requests``, ``input_tokens``, ``output_tokens``, or
 ``total_tokens`` = input + output) over a window:
@@ -34,6 +36,16 @@ Scopes (the ``scope`` of a row; part of its counter's name):
 A per-model rule's counter is shared by every model its glob matches (``gpt-4o*``
 counts ``gpt-4o`` and ``gpt-4o-mini`` together); a request matching several globs is
 checked against each.
+
+**Per-end-user rows**: ``per_user`` limits (on a key, its tier or its team) become rows
+whose scope names the end user by digest: ``key:<key id>:user:<digest>`` and
+``team:<team name>:user:<digest>`` (:func:`~tokenguard.model.user_digest`; a request
+naming no end user counts in ``...:user:-``, see :mod:`tokenguard.api.end_user`). They
+are rows like any other, of the same admission, in the same partition: a bucket exists
+from a user's first request until its window leaves it, so there is nothing to register
+and an idle user costs nothing once their windows have passed. Their template is
+cached per key and model like the others (``RowTemplate.per_user``); the user's digest
+is added when the row is built.
 
 The **partition** (the Redis hash tag) is the team's for a key in a team, otherwise the
 key's: all rows of one admission, key and team alike, live in one Redis Cluster slot,
@@ -84,10 +96,13 @@ class RowTemplate:
     limit: int
     enforce: bool
     alert_at: int = 0
+    per_user: bool = False  # scope is "<scope>:user": the row's is "<scope>:user:<digest>"
 
-    def row(self, amount: int) -> Row:
+    def row(self, amount: int, user: str | None = None) -> Row:
+        """This row asking ``amount``; for a per-user template, of end user ``user``
+        (a digest)."""
         return Row(
-            self.scope,
+            self.scope if user is None else f"{self.scope}:{user}",
             self.dimension,
             self.window_ms,
             self.bucket_ms,
@@ -168,8 +183,8 @@ def templates(
     """Every row a request of ``key`` for ``model`` is checked against, in order: the
     key's (minute, hour, day, then max_concurrent; per dimension), its matching model
     rules', then its team's and the team's matching model rules'. ``model=None``: no
-    model rules. Enforced windowed rows alert at ``near_limit_ratio`` of their limit
-    (see :func:`alert_at`)."""
+    model rules; each scope's per-user templates (``per_user=True``) last. Enforced
+    windowed rows alert at ``near_limit_ratio`` of their limit (see :func:`alert_at`)."""
     out: list[RowTemplate] = []
     scopes: list[tuple[str, Limits]] = [(f"key:{key.key_id}", key.limits)]
     if key.team is not None:
@@ -188,6 +203,20 @@ def templates(
                 lease_ms,
                 near_limit_ratio,
             )
+    for scope, limits in scopes:
+        if limits.per_user is not None:
+            out += [
+                attrs.evolve(template, per_user=True)
+                for template in _limit_templates(
+                    f"{scope}:user",
+                    limits.per_user,
+                    limits.mode,
+                    window_ms,
+                    bucket_ms,
+                    lease_ms,
+                    near_limit_ratio,
+                )
+            ]
     return tuple(out)
 
 
@@ -217,8 +246,12 @@ def describe_limit(row: Row) -> str:
 
 def describe_scope(row: Row, key_name: str) -> str:
     """Whose limit a row is: ``key 'k'``, ``team 'research'``, with ``, model 'gpt-4o*'``
-    for a per-model rule."""
+    for a per-model rule; ``end user of key 'k'`` (``of team 'research'``) for a
+    per-user row (the user's id is not known here, only its digest)."""
     scope, _, pattern = row.scope.partition(":model:")
+    scope, per_user, _ = scope.partition(":user:")
     kind, _, name = scope.partition(":")
     who = f"team '{name}'" if kind == "team" else f"key '{key_name}'"
+    if per_user:
+        who = f"end user of {who}"
     return f"{who}, model '{pattern}'" if pattern else who
