@@ -33,6 +33,10 @@ RULE_FIELDS = {
     )
     for suffix, window in ((f"{p}m", "minute"), (f"{p}h", "hour"), (f"{p}d", "day"))
 } | {"max_concurrent": ("concurrent", "lease")}
+# Spend limits, in micro-units of the operator's currency (tokenguard/limiting/prices.py):
+# field -> window. The config writes them in currency units (``spend_per_day = 5.0``).
+SPEND = "spend"
+SPEND_FIELDS = {"spend_per_hour": "hour", "spend_per_day": "day"}
 MODES = ("enforce", "shadow")
 # Team names end up in store key names, as the hash tag: no braces, no colons.
 TEAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -77,12 +81,19 @@ class Limits:
     # Limits of each end user of the key, tier or team (tokenguard/limiting/rules.py,
     # "Per-end-user rows"); ``None``: no per-user limit. Its ``models`` is always empty.
     per_user: Limits | None = None
+    spend_per_hour: int | None = None  # micro-units (see SPEND_FIELDS)
+    spend_per_day: int | None = None
 
     def rules(self) -> list[tuple[str, str, int]]:
-        """``(dimension, window, limit)`` for every limit set, in RULE_FIELDS order."""
+        """``(dimension, window, limit)`` for every limit set, in RULE_FIELDS order, then
+        the spend limits (dimension ``spend``)."""
         return [
             (dimension, window, value)
             for field, (dimension, window) in RULE_FIELDS.items()
+            if (value := getattr(self, field)) is not None
+        ] + [
+            (SPEND, window, value)
+            for field, window in SPEND_FIELDS.items()
             if (value := getattr(self, field)) is not None
         ]
 

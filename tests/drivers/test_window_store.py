@@ -1014,3 +1014,41 @@ async def test_per_user_rows_are_one_round_trip_with_the_others(harness: Harness
         for _ in range(5):
             assert (await store.admit("team:t", rows)).admitted
         assert (store.calls - calls, store.round_trips - trips) == (5, 5)
+
+
+# --- spend rows -------------------------------------------------------------------------
+
+# A budget of a million currency units, in micro-units: sums stay exact (integers far
+# below 2**53, where Lua's doubles are exact).
+BUDGET = 10**12
+
+
+async def test_spend_rows_sum_micro_units_exactly_and_settle_to_the_real_cost(
+    harness: Harness,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        third = BUDGET // 3  # 333_333_333_333
+
+        def spend(amount: int) -> Row:
+            return harness.row(
+                limit=BUDGET,
+                amount=amount,
+                dimension="spend",
+                window_ms=3_600_000,
+                bucket_ms=60_000,
+            )
+
+        reservations = []
+        for _ in range(3):
+            admission = (await harness.admit([spend(third)])).value
+            assert admission.admitted
+            reservations.append(admission.reservation)
+        assert not (await harness.admit([spend(2)])).value.admitted  # 1 micro-unit left
+        assert (await harness.admit([spend(1)])).value.admitted
+        assert used(await harness.usage([spend(0)])) == BUDGET
+        # Settled to a real cost 123_456 micro-units below the reservation: exactly that
+        # much fits again, not a micro-unit more.
+        await harness.store.settle(reservations[0], [-123_456])
+        assert not (await harness.admit([spend(123_457)])).value.admitted
+        assert (await harness.admit([spend(123_456)])).value.admitted
+        assert used(await harness.usage([spend(0)])) == BUDGET

@@ -125,30 +125,43 @@ class Admissions:
             )
 
     async def settle(
-        self, decision: Decision, output_tokens: int, input_tokens: int | None = None
+        self,
+        decision: Decision,
+        output_tokens: int,
+        input_tokens: int | None = None,
+        cached_input_tokens: int = 0,
     ) -> None:
         """Settle a reservation to what the request used. ``input_tokens``, when given,
-        corrects the counted prompt (the upstream's count). On a store that never waits
+        corrects the counted prompt (the upstream's count); ``cached_input_tokens`` of it
+        are priced as cached input in spend rows. On a store that never waits
         (memory) it is settled here and now. Otherwise a refund (nothing above what was
         admitted) goes to the background settler and is not waited for; anything else
         (or when the settler cannot take it) is settled here, shielded, so a cancelled
         request still settles."""
+        cached = cached_input_tokens
         if self.store.never_waits:  # in-process: as cheap here as queueing it
-            await self.settle_now(decision, output_tokens, input_tokens)
+            await self.settle_now(decision, output_tokens, input_tokens, cached)
             return
-        if self.settler.defer(decision, output_tokens, input_tokens):
+        if self.settler.defer(decision, output_tokens, input_tokens, cached):
             self.request_log.current().output_settled = output_tokens
             return
         with trio.CancelScope(shield=True):
-            await self.settle_now(decision, output_tokens, input_tokens)
+            await self.settle_now(decision, output_tokens, input_tokens, cached)
 
     async def settle_now(
-        self, decision: Decision, output_tokens: int, input_tokens: int | None = None
+        self,
+        decision: Decision,
+        output_tokens: int,
+        input_tokens: int | None = None,
+        cached_input_tokens: int = 0,
     ) -> None:
         """Settle in the store now (the settler's own call); a store failure is logged."""
         try:
             await self.limiter.settle(
-                decision, output_tokens=output_tokens, input_tokens=input_tokens
+                decision,
+                output_tokens=output_tokens,
+                input_tokens=input_tokens,
+                cached_input_tokens=cached_input_tokens,
             )
         except StoreError as exc:
             log.warning("settlement for key %s failed: %s", decision.key.name, exc)

@@ -11,7 +11,9 @@
 5. **count** its input tokens (the dialect; in a worker thread for a large body, once
    the key is known to have room: :meth:`Admissions.refuse_if_out`);
 6. **reserve** its output: the longest reply it names times the choices generated, else
-   the key's ``default_max_tokens`` clamped to what its limits allow per choice;
+   the key's ``default_max_tokens`` clamped to what its limits allow per choice; and,
+   under a spend limit, its worst-case price (a 400 for an unpriced model, unless
+   ``[limits] unpriced = "free"``);
 7. **admit** every row at once, or refuse with the dialect's 429
    (:class:`~tokenguard.api.admission.Admissions`);
 8. **answer** from the mock or relay from the upstream, and **settle** to what was
@@ -38,6 +40,7 @@ from tokenguard.config.settings import Settings, UpstreamRoute
 from tokenguard.errors import APIError
 from tokenguard.limiting.keyring import Keyring
 from tokenguard.limiting.limiter import Cost, Decision, Limiter
+from tokenguard.limiting.prices import Price
 from tokenguard.model import ApiKey, digest_of
 from tokenguard.observe.logs import RequestLog
 
@@ -98,7 +101,8 @@ class Pipeline:
             user = self.end_user(key, exchange)
             input_tokens = await self.count_input(dialect, key, exchange, len(data), user)
             output = self.output_reservation(key, exchange, input_tokens)
-            cost = Cost(requests=1, input_tokens=input_tokens, output_tokens=output)
+            price = self.price(key, exchange.model)
+            cost = Cost(requests=1, input_tokens=input_tokens, output_tokens=output, price=price)
             decision = await self.admissions.admit(
                 key, cost, exchange.model, dialect.conventions, user=user
             )
@@ -160,6 +164,23 @@ class Pipeline:
         if not self.limiter.has_per_user(key, exchange.model):
             return None
         return user_scope(end_user, missing_user=self.settings.missing_user, header=header)
+
+    def price(self, key: ApiKey, model: str) -> Price | None:
+        """The price of ``model`` when a spend limit applies to the request (``None``
+        when none does, or the model has no price under ``unpriced = "free"``); a 400
+        naming the model when it has none under ``unpriced = "reject"``."""
+        if not self.limiter.has_spend(key, model):
+            return None
+        price = self.settings.prices.price(model)
+        if price is None and self.settings.unpriced == "reject":
+            raise APIError(
+                400,
+                f"The model `{model}` has no price, and a spend limit applies to this "
+                f"request: the operator must price it in [prices].",
+                param="model",
+                code="model_not_priced",
+            )
+        return price
 
     async def count_input(
         self,

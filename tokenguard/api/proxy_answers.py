@@ -161,7 +161,8 @@ class ProxyAnswers:
         else:
             output = counted_output
         corrected = self._upstream_input(model, input_tokens, usage)
-        await self.admissions.settle(decision, output, corrected)
+        cached = usage.cached_input_tokens if usage is not None else 0
+        await self.admissions.settle(decision, output, corrected, cached)
 
     def _upstream_input(self, model: str, counted: int, usage: ReportedUsage | None) -> int | None:
         """The upstream's input tokens when they differ from our count (the difference

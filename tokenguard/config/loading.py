@@ -2,7 +2,7 @@
 
 :func:`parse_settings` reads one section at a time, in the file's documented order
 (``[store]``, ``[window]``, ``[server]``, ``[mock]``, ``[upstream]``, ``[feed]``,
-``[metrics]``, ``[limits]``, ``[tiers]``, ``[teams]``, ``[[keys]]``), each with a
+``[metrics]``, ``[limits]``, ``[prices]``, ``[tiers]``, ``[teams]``, ``[[keys]]``), each with a
 function of its own; the first problem found is raised as a
 :class:`~tokenguard.config.settings.ConfigError` naming the file and the dotted key.
 Tokens and API keys given in plaintext are kept only as their SHA-256 digests.
@@ -31,6 +31,7 @@ from tokenguard.config.settings import (
     MIN_LEASE_SECONDS,
     MISSING_USER_POLICIES,
     STORE_ERROR_POLICIES,
+    UNPRICED_POLICIES,
     ConfigError,
     FeedSettings,
     MetricsSettings,
@@ -38,6 +39,7 @@ from tokenguard.config.settings import (
     Settings,
 )
 from tokenguard.config.upstream_table import read_upstream
+from tokenguard.limiting.prices import PriceTable, default_prices, price_from_table
 from tokenguard.model import KEY_IDENTITY_FIELDS, TEAM_NAME, ApiKey, Limits, Team, digest_of
 
 # An HTTP header name (RFC 9110 token characters).
@@ -62,6 +64,7 @@ def parse_settings(
     feed, admin_where = _feed(top.sub("feed"), source, environ)
     metrics = _metrics(top.sub("metrics"), source, environ)
     limits = _limits_section(top.sub("limits"))
+    prices = _prices(top.sub("prices"))
     mode = limits["mode"]
     tiers = _tiers(top.sub("tiers"), mode)
     teams = _teams(top.sub("teams"), mode)
@@ -84,6 +87,7 @@ def parse_settings(
         feed=feed,
         upstream=upstream,
         metrics=metrics,
+        prices=prices,
     )
 
 
@@ -177,6 +181,9 @@ def _limits_section(reader: TableReader) -> dict[str, Any]:
     user_header = reader.str("user_header", None)
     if user_header is not None and not HEADER_NAME.fullmatch(user_header):
         reader.fail(f"must be an HTTP header name, got {user_header!r}", "user_header")
+    unpriced = reader.str("unpriced", "reject")
+    if unpriced not in UNPRICED_POLICIES:
+        reader.fail(f"must be one of {', '.join(UNPRICED_POLICIES)}, got {unpriced!r}", "unpriced")
     missing_user = reader.str("missing_user", "shared")
     if missing_user not in MISSING_USER_POLICIES:
         reader.fail(
@@ -190,7 +197,24 @@ def _limits_section(reader: TableReader) -> dict[str, Any]:
         "near_limit_ratio": near_limit_ratio,
         "user_header": None if user_header is None else user_header.lower(),
         "missing_user": missing_user,
+        "unpriced": unpriced,
     }
+
+
+def _prices(reader: TableReader) -> PriceTable:
+    """``[prices."MODEL-OR-GLOB"]``: ``input``, ``cached_input``, ``output`` per million
+    tokens, over the shipped table's entry of the same pattern field by field."""
+    defaults = default_prices()
+    inherited = dict(defaults.entries)
+    entries = []
+    for pattern in list(reader.table):
+        if not pattern.strip():
+            reader.fail("a model pattern must not be empty", repr(pattern))
+        table = reader.sub(pattern)
+        price = price_from_table(table.table, inherited.get(pattern), table.fail)
+        entries.append((pattern, price))
+    reader.done()
+    return PriceTable(tuple(entries)).over(defaults)
 
 
 def _tiers(reader: TableReader, mode: str) -> dict[str, Limits]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from tokenguard.limiting.prices import PriceTable, default_prices
 from tokenguard.model import ApiKey, Limits, Team
 
 # Re-exported for tokenguard/api/, which still imports them from here; their home is
@@ -30,6 +31,9 @@ STORE_ERROR_POLICIES = ("local", "closed", "open")
 # [limits] missing_user: a request naming no end user, under a per-user limit, counts in
 # one bucket shared by all such requests ("shared") or is a 400 ("reject").
 MISSING_USER_POLICIES = ("shared", "reject")
+# [limits] unpriced: a request for a model without a price, under a spend limit, is a 400
+# naming the model ("reject") or costs nothing ("free").
+UNPRICED_POLICIES = ("reject", "free")
 
 
 class ConfigError(ValueError):
@@ -199,6 +203,9 @@ class Settings:
     # none (None: only the body); [limits] missing_user: see MISSING_USER_POLICIES.
     user_header: str | None = None
     missing_user: str = "shared"
+    # [prices."MODEL-OR-GLOB"] over the shipped table; [limits] unpriced (see above).
+    prices: PriceTable = attrs.field(factory=default_prices)
+    unpriced: str = "reject"
     keys: tuple[ApiKey, ...] = ()
     # Each [[keys]] entry's own limit fields as written (by key name), so that the
     # keyring (tokenguard/limiting/keyring.py) can resolve them against a tier changed later.

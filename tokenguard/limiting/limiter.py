@@ -16,8 +16,9 @@ from collections.abc import Iterable
 import attrs
 
 from tokenguard.config.settings import DEFAULT_LEASE_SECONDS
+from tokenguard.limiting.prices import Price
 from tokenguard.limiting.rules import RowTemplate, templates
-from tokenguard.model import ApiKey, partition_of
+from tokenguard.model import SPEND, ApiKey, partition_of
 from tokenguard.store.window_store import (
     NOT_RESERVED,
     Admission,
@@ -33,15 +34,25 @@ TEMPLATE_CACHE = 4096
 
 @attrs.frozen
 class Cost:
-    """What one request asks for in each dimension."""
+    """What one request asks for in each dimension. ``price``: its model's price, for
+    spend rows (``None``: it costs no money, as an unpriced model under
+    ``unpriced = "free"``)."""
 
     requests: int = 1
     input_tokens: int = 0
     output_tokens: int = 0
+    price: Price | None = None
 
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+    @property
+    def spend(self) -> int:
+        """The money reserved, in micro-units: :meth:`Price.reservation`."""
+        if self.price is None:
+            return 0
+        return self.price.reservation(self.input_tokens, self.output_tokens)
 
     @property
     def concurrent(self) -> int:
@@ -182,6 +193,11 @@ class Limiter:
                 out.append(t.row(amount, user))
         return out
 
+    def has_spend(self, key: ApiKey, model: str | None = None) -> bool:
+        """Whether a request of ``key`` for ``model`` has spend rows (its model must
+        then have a price, unless ``[limits] unpriced = "free"``)."""
+        return any(t.dimension == SPEND for t in self.templates(key, model))
+
     def has_per_user(self, key: ApiKey, model: str | None = None) -> bool:
         """Whether a request of ``key`` for ``model`` has per-user rows (it must then
         name an end user, or be counted in the shared bucket)."""
@@ -236,15 +252,22 @@ class Limiter:
         return Decision(key=key, cost=cost, admission=admission, model=model, user=user)
 
     async def settle(
-        self, decision: Decision, *, output_tokens: int, input_tokens: int | None = None
+        self,
+        decision: Decision,
+        *,
+        output_tokens: int,
+        input_tokens: int | None = None,
+        cached_input_tokens: int = 0,
     ) -> None:
         """Correct the reservation to what the request really used, and release its
         lease (``max_concurrent``): call it once the request has ended, stream included.
 
         ``output_tokens`` replaces the reserved worst case (usually a refund) in every
         output and total-tokens row; ``input_tokens``, when given, replaces the counted
-        prompt size in every input and total-tokens row. Nothing happens for a refused
-        request, nor for rows that were not consumed (shadow rows that did not fit).
+        prompt size in every input and total-tokens row; every spend row is set to the
+        real cost (:meth:`Price.cost`, ``cached_input_tokens`` of the input at the
+        cached price). Nothing happens for a refused request, nor for rows that were
+        not consumed (shadow rows that did not fit).
         """
         reservation = decision.reservation
         if reservation is None:
@@ -257,6 +280,10 @@ class Limiter:
             "input_tokens": input_delta,
             "total_tokens": output_delta + input_delta,
         }
+        if cost.price is not None:
+            real_input = cost.input_tokens if input_tokens is None else input_tokens
+            spent = cost.price.cost(real_input, output_tokens, cached_input_tokens)
+            by_dimension[SPEND] = spent - cost.spend
         deltas = [
             by_dimension.get(row.dimension, 0) if bucket != NOT_RESERVED else 0
             for row, bucket in zip(reservation.rows, reservation.buckets, strict=True)

@@ -9,8 +9,10 @@ admission (:meth:`~tokenguard.store.window_store.WindowStore.admit`), whatever t
 * the **per-user** limits of the key and of its team (``per_user``), for the request's
   end user (see below).
 
-A limit is a dimension (``requests``, ``input_tokens``, ``output_tokens``, or
-``total_tokens`` = input + output) over a window:
+A limit is a dimension (``requests``, ``input_tokens``, ``output_tokens``,
+``total_tokens`` = input + output, or ``spend``: money in micro-units, see
+:mod:`tokenguard.limiting.prices`) over a window (``spend_per_hour`` and
+``spend_per_day`` slide in the hour's and the day's buckets, like ``tph`` and ``tpd``):
 
 ========  ==========================  =============  =====================================
 window    fields                      buckets        an amount counts for
@@ -73,7 +75,7 @@ from fnmatch import fnmatchcase
 
 import attrs
 
-from tokenguard.model import ApiKey, Limits, ModelRule
+from tokenguard.model import SPEND, ApiKey, Limits, ModelRule
 from tokenguard.store.window_store import CONCURRENT, Row
 
 # (window_ms, bucket_ms) of the fixed windows; "minute" is the configured [window],
@@ -82,7 +84,7 @@ HOUR = (3_600_000, 60_000)
 DAY = (86_400_000, 3_600_000)
 WINDOW_ORDER = ("minute", "hour", "day", "lease")
 # Every dimension a row may count, in the order rows are built.
-ALL_DIMENSIONS = ("requests", "input_tokens", "output_tokens", "total_tokens", CONCURRENT)
+ALL_DIMENSIONS = ("requests", "input_tokens", "output_tokens", "total_tokens", CONCURRENT, SPEND)
 
 
 @attrs.frozen
@@ -227,6 +229,7 @@ _WORDS = {
     "input_tokens": ("input tokens", "input T{}"),
     "output_tokens": ("output tokens", "output T{}"),
     "total_tokens": ("tokens", "T{}"),
+    SPEND: ("spend", ""),
 }
 _WINDOW_WORDS = {60_000: ("min", "PM"), 3_600_000: ("hour", "PH"), 86_400_000: ("day", "PD")}
 
@@ -239,6 +242,8 @@ def describe_limit(row: Row) -> str:
         return "requests in flight (max_concurrent)"
     noun, abbreviation = _WORDS.get(row.dimension, (row.dimension, ""))
     window = _WINDOW_WORDS.get(row.window_ms)
+    if row.dimension == SPEND and window is not None:
+        return f"spend per {window[0]}"
     if window is None or not abbreviation:
         return f"{noun} per {row.window_ms / 1000:g}s window"
     return f"{noun} per {window[0]} ({abbreviation.format(window[1])})"

@@ -33,10 +33,13 @@ def token_count(value: Any) -> int | None:
 @attrs.frozen
 class ReportedUsage:
     """An upstream's own account of an answer: ``input_tokens`` as they count against
-    input limits, ``output_tokens``; ``None`` for a figure absent or invalid."""
+    input limits, ``output_tokens``; ``None`` for a figure absent or invalid.
+    ``cached_input_tokens``: how many of the input tokens were prompt-cache hits
+    (priced at ``cached_input`` in spend rows; 0 when not reported)."""
 
     input_tokens: int | None
     output_tokens: int | None
+    cached_input_tokens: int = 0
 
     @classmethod
     def of_openai(cls, usage: Any) -> ReportedUsage | None:
@@ -44,8 +47,12 @@ class ReportedUsage:
         ``completion_tokens``); ``None`` when there is none."""
         if not isinstance(usage, dict):
             return None
+        details = usage.get("prompt_tokens_details")
+        cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else None
         return cls(
-            token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
+            token_count(usage.get("prompt_tokens")),
+            token_count(usage.get("completion_tokens")),
+            cached or 0,
         )
 
 
