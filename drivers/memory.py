@@ -192,6 +192,10 @@ class MemoryStore(WindowStore):
         self._registry: Registry = {}
         self._registry_version = 0
 
+    def wall_time(self) -> float:
+        """The store's own (injectable) clock."""
+        return self._clock()
+
     @classmethod
     def from_url(cls, url: str) -> Self:
         rest = url.removeprefix("memory://")

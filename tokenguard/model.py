@@ -33,10 +33,11 @@ RULE_FIELDS = {
     )
     for suffix, window in ((f"{p}m", "minute"), (f"{p}h", "hour"), (f"{p}d", "day"))
 } | {"max_concurrent": ("concurrent", "lease")}
-# Spend limits, in micro-units of the operator's currency (tokenguard/limiting/prices.py):
+# Spend limits, in micro-units of the operator's currency (tokenguard/config/prices.py):
 # field -> window. The config writes them in currency units (``spend_per_day = 5.0``).
 SPEND = "spend"
-SPEND_FIELDS = {"spend_per_hour": "hour", "spend_per_day": "day"}
+# "month" is a calendar month in [limits] timezone (tokenguard/limiting/calendar.py).
+SPEND_FIELDS = {"spend_per_hour": "hour", "spend_per_day": "day", "spend_per_month": "month"}
 MODES = ("enforce", "shadow")
 # Team names end up in store key names, as the hash tag: no braces, no colons.
 TEAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -83,6 +84,7 @@ class Limits:
     per_user: Limits | None = None
     spend_per_hour: int | None = None  # micro-units (see SPEND_FIELDS)
     spend_per_day: int | None = None
+    spend_per_month: int | None = None
 
     def rules(self) -> list[tuple[str, str, int]]:
         """``(dimension, window, limit)`` for every limit set, in RULE_FIELDS order, then

@@ -8,8 +8,8 @@ import trio
 from drivers.memory import MemoryStore
 from tokenguard.api.dialect import OPENAI
 from tokenguard.api.ratelimit import openai_duration, retry_headers
+from tokenguard.config.prices import Price
 from tokenguard.limiting.limiter import Cost, Limiter
-from tokenguard.limiting.prices import Price
 from tokenguard.model import ApiKey, Limits, digest_of
 
 

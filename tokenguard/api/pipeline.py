@@ -36,11 +36,11 @@ from tokenguard.api.end_user import checked_end_user, user_scope
 from tokenguard.api.mock_answers import MockAnswers
 from tokenguard.api.proxy_answers import ProxyAnswers
 from tokenguard.api.request_body import parse_json
+from tokenguard.config.prices import Price
 from tokenguard.config.settings import Settings, UpstreamRoute
 from tokenguard.errors import APIError
 from tokenguard.limiting.keyring import Keyring
 from tokenguard.limiting.limiter import Cost, Decision, Limiter
-from tokenguard.limiting.prices import Price
 from tokenguard.model import ApiKey, digest_of
 from tokenguard.observe.logs import RequestLog
 

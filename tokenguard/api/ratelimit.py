@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from tokenguard.config.prices import from_micro
 from tokenguard.errors import APIError
 from tokenguard.limiting.limiter import Decision, tightest_with_shares
-from tokenguard.limiting.prices import from_micro
 from tokenguard.limiting.rules import describe_limit, describe_scope
 from tokenguard.model import SPEND
 from tokenguard.store.window_store import LEASE_RETRY_SECONDS, Row, RowState

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenguard.config.prices import from_micro, to_micro
 from tokenguard.config.reader import TableReader
-from tokenguard.limiting.prices import from_micro, to_micro
 from tokenguard.model import MODES, RULE_FIELDS, SPEND_FIELDS, Limits, ModelRule
 
 

@@ -18,8 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from tokenguard.config.limits_table import read_limits, read_mode
+from tokenguard.config.prices import PriceTable, default_prices, price_from_table
 from tokenguard.config.reader import TableReader
 from tokenguard.config.settings import (
     ADMIN_TOKEN_ENV,
@@ -39,7 +41,6 @@ from tokenguard.config.settings import (
     Settings,
 )
 from tokenguard.config.upstream_table import read_upstream
-from tokenguard.limiting.prices import PriceTable, default_prices, price_from_table
 from tokenguard.model import KEY_IDENTITY_FIELDS, TEAM_NAME, ApiKey, Limits, Team, digest_of
 
 # An HTTP header name (RFC 9110 token characters).
@@ -181,6 +182,11 @@ def _limits_section(reader: TableReader) -> dict[str, Any]:
     user_header = reader.str("user_header", None)
     if user_header is not None and not HEADER_NAME.fullmatch(user_header):
         reader.fail(f"must be an HTTP header name, got {user_header!r}", "user_header")
+    timezone = reader.str("timezone", "UTC")
+    try:
+        ZoneInfo(timezone)
+    except (ValueError, ZoneInfoNotFoundError):
+        reader.fail(f"must be an IANA time zone such as Europe/Paris, got {timezone!r}", "timezone")
     unpriced = reader.str("unpriced", "reject")
     if unpriced not in UNPRICED_POLICIES:
         reader.fail(f"must be one of {', '.join(UNPRICED_POLICIES)}, got {unpriced!r}", "unpriced")
@@ -198,6 +204,7 @@ def _limits_section(reader: TableReader) -> dict[str, Any]:
         "user_header": None if user_header is None else user_header.lower(),
         "missing_user": missing_user,
         "unpriced": unpriced,
+        "timezone": timezone,
     }
 
 

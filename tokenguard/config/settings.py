@@ -17,7 +17,7 @@ from typing import Any
 
 import attrs
 
-from tokenguard.limiting.prices import PriceTable, default_prices
+from tokenguard.config.prices import PriceTable, default_prices
 from tokenguard.model import ApiKey, Limits, Team
 
 # Re-exported for tokenguard/api/, which still imports them from here; their home is
@@ -206,6 +206,8 @@ class Settings:
     # [prices."MODEL-OR-GLOB"] over the shipped table; [limits] unpriced (see above).
     prices: PriceTable = attrs.field(factory=default_prices)
     unpriced: str = "reject"
+    # [limits] timezone: where a calendar month (spend_per_month) begins, an IANA name.
+    timezone: str = "UTC"
     keys: tuple[ApiKey, ...] = ()
     # Each [[keys]] entry's own limit fields as written (by key name), so that the
     # keyring (tokenguard/limiting/keyring.py) can resolve them against a tier changed later.

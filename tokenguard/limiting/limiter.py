@@ -11,12 +11,14 @@ it talks to a :class:`~tokenguard.store.window_store.WindowStore`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from zoneinfo import ZoneInfo
 
 import attrs
 
+from tokenguard.config.prices import Price
 from tokenguard.config.settings import DEFAULT_LEASE_SECONDS
-from tokenguard.limiting.prices import Price
+from tokenguard.limiting.calendar import MONTH_COUNTER, MonthClock
 from tokenguard.limiting.rules import RowTemplate, templates
 from tokenguard.model import SPEND, ApiKey, partition_of
 from tokenguard.store.window_store import (
@@ -133,7 +135,10 @@ class Limiter:
     is the lease time of ``max_concurrent``; ``near_limit_ratio`` where enforced rows
     signal that they are nearly used up (0: never). ``shadow_refusals`` counts
     admissions that shadow mode let through; ``near_limit_crossings`` counts, per
-    dimension, the near-limit marks this node's admissions crossed first.
+    dimension, the near-limit marks this node's admissions crossed first. ``timezone``
+    (UTC by default) is where calendar months (``spend_per_month``) begin, by the
+    store's :meth:`~tokenguard.store.window_store.WindowStore.wall_time` (or
+    ``wall_clock``, POSIX seconds: tests move it across a month's end).
     """
 
     def __init__(
@@ -144,8 +149,11 @@ class Limiter:
         bucket_seconds: int,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         near_limit_ratio: float = 0.0,
+        timezone: ZoneInfo | None = None,
+        wall_clock: Callable[[], float] | None = None,
     ) -> None:
         self.store = store
+        self.months = MonthClock(timezone or ZoneInfo("UTC"), wall_clock or store.wall_time)
         self.window_seconds = window_seconds
         self.bucket_seconds = bucket_seconds
         self.lease_seconds = lease_seconds
@@ -180,18 +188,33 @@ class Limiter:
         cost: Cost | None = None,
         model: str | None = None,
         user: str | None = None,
+        month: str | None = None,
     ) -> list[Row]:
         """One row per limit that applies (unlimited dimensions have none); per-user
         rows for end user ``user`` (a digest, see :mod:`tokenguard.api.end_user`), none
-        when ``user`` is ``None``."""
+        when ``user`` is ``None``; calendar rows in ``month`` (a label; ``None``: the
+        current month)."""
         out = []
         for t in self.templates(key, model):
             amount = cost.amount(t.dimension) if cost else 0
-            if not t.per_user:
-                out.append(t.row(amount))
-            elif user is not None:
+            if t.per_user and user is None:
+                continue
+            if t.calendar:
+                month = month or self.months.current()[0].label
+                out.append(t.row(amount, user if t.per_user else None, month))
+            elif t.per_user:
                 out.append(t.row(amount, user))
+            else:
+                out.append(t.row(amount))
         return out
+
+    def _in_month(self, key: ApiKey, model: str | None) -> tuple[str | None, float]:
+        """The current month's label and the seconds left in it when ``key`` has
+        calendar rows for ``model``; ``(None, 0.0)`` otherwise."""
+        if not any(t.calendar for t in self.templates(key, model)):
+            return None, 0.0
+        month, left = self.months.current()
+        return month.label, left
 
     def has_spend(self, key: ApiKey, model: str | None = None) -> bool:
         """Whether a request of ``key`` for ``model`` has spend rows (its model must
@@ -228,7 +251,11 @@ class Limiter:
         wait longer). Worth a store call only for a request whose tokens are costly to
         count."""
         cost = Cost(requests=1)
-        states = await self.store.usage(partition_of(key), self.rows(key, cost, model, user))
+        month, left = self._in_month(key, model)
+        rows = self.rows(key, cost, model, user, month)
+        states = await self.store.usage(partition_of(key), rows)
+        if month is not None:
+            states = calendar_states(states, left)
         admission = Admission(admitted=False, states=states)
         if not admission.refusing:
             return None
@@ -239,7 +266,12 @@ class Limiter:
     ) -> Decision:
         """Admit ``cost`` in every row of ``key`` for ``model`` (and end user ``user``,
         a digest: its per-user rows), all or none, in ONE store call."""
-        admission = await self.store.admit(partition_of(key), self.rows(key, cost, model, user))
+        month, left = self._in_month(key, model)
+        admission = await self.store.admit(
+            partition_of(key), self.rows(key, cost, model, user, month)
+        )
+        if month is not None:
+            admission = attrs.evolve(admission, states=calendar_states(admission.states, left))
         if admission.would_refuse:
             self.shadow_refusals += 1
         if admission.admitted:
@@ -296,7 +328,23 @@ class Limiter:
     ) -> tuple[RowState, ...]:
         """The state of ``key``'s rows for ``model``, with end user ``user``'s (a
         digest) per-user rows when given; nothing consumed."""
-        return await self.store.usage(partition_of(key), self.rows(key, model=model, user=user))
+        month, left = self._in_month(key, model)
+        states = await self.store.usage(partition_of(key), self.rows(key, None, model, user, month))
+        return states if month is None else calendar_states(states, left)
+
+
+def calendar_states(states: tuple[RowState, ...], left: float) -> tuple[RowState, ...]:
+    """``states`` with every calendar month row's reset and wait made the ``left``
+    seconds to the month's end, when its counter starts afresh (the store knows only
+    its sliding counter, which outlives the month)."""
+    out = []
+    for s in states:
+        row = s.row
+        if (row.window_ms, row.bucket_ms) == MONTH_COUNTER:
+            retry = s.retry_after if s.retry_after is None else left
+            s = RowState(row, s.used, left if s.used else 0.0, s.fits, retry, s.near_limit)
+        out.append(s)
+    return tuple(out)
 
 
 def tightest_by_dimension(states: Iterable[RowState]) -> dict[str, RowState]:

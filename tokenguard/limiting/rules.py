@@ -11,8 +11,9 @@ admission (:meth:`~tokenguard.store.window_store.WindowStore.admit`), whatever t
 
 A limit is a dimension (``requests``, ``input_tokens``, ``output_tokens``,
 ``total_tokens`` = input + output, or ``spend``: money in micro-units, see
-:mod:`tokenguard.limiting.prices`) over a window (``spend_per_hour`` and
-``spend_per_day`` slide in the hour's and the day's buckets, like ``tph`` and ``tpd``):
+:mod:`tokenguard.config.prices`) over a window (``spend_per_hour`` and
+``spend_per_day`` slide in the hour's and the day's buckets, like ``tph`` and ``tpd``;
+``spend_per_month`` is a calendar month, see :mod:`tokenguard.limiting.calendar`):
 
 ========  ==========================  =============  =====================================
 window    fields                      buckets        an amount counts for
@@ -33,7 +34,9 @@ coarser. The Redis driver's cost per row does not grow with the number of bucket
 Scopes (the ``scope`` of a row; part of its counter's name):
 
 * ``key:<key id>`` and ``key:<key id>:model:<pattern>``;
-* ``team:<team name>`` and ``team:<team name>:model:<pattern>``.
+* ``team:<team name>`` and ``team:<team name>:model:<pattern>``;
+* a calendar month's row (``spend_per_month``) ends with ``:month:<YYYY-MM>``: each
+  month is a counter of its own (:mod:`tokenguard.limiting.calendar`).
 
 A per-model rule's counter is shared by every model its glob matches (``gpt-4o*``
 counts ``gpt-4o`` and ``gpt-4o-mini`` together); a request matching several globs is
@@ -75,6 +78,7 @@ from fnmatch import fnmatchcase
 
 import attrs
 
+from tokenguard.limiting.calendar import MONTH_COUNTER
 from tokenguard.model import SPEND, ApiKey, Limits, ModelRule
 from tokenguard.store.window_store import CONCURRENT, Row
 
@@ -82,7 +86,7 @@ from tokenguard.store.window_store import CONCURRENT, Row
 # "lease" the lease time of max_concurrent ([limits] lease_seconds).
 HOUR = (3_600_000, 60_000)
 DAY = (86_400_000, 3_600_000)
-WINDOW_ORDER = ("minute", "hour", "day", "lease")
+WINDOW_ORDER = ("minute", "hour", "day", "month", "lease")
 # Every dimension a row may count, in the order rows are built.
 ALL_DIMENSIONS = ("requests", "input_tokens", "output_tokens", "total_tokens", CONCURRENT, SPEND)
 
@@ -99,12 +103,14 @@ class RowTemplate:
     enforce: bool
     alert_at: int = 0
     per_user: bool = False  # scope is "<scope>:user": the row's is "<scope>:user:<digest>"
+    calendar: bool = False  # a calendar month's row: its scope ends ":month:<label>"
 
-    def row(self, amount: int, user: str | None = None) -> Row:
+    def row(self, amount: int, user: str | None = None, month: str | None = None) -> Row:
         """This row asking ``amount``; for a per-user template, of end user ``user``
-        (a digest)."""
+        (a digest); for a calendar template, in ``month`` (its label)."""
+        scope = self.scope if user is None else f"{self.scope}:{user}"
         return Row(
-            self.scope if user is None else f"{self.scope}:{user}",
+            scope if month is None else f"{scope}:month:{month}",
             self.dimension,
             self.window_ms,
             self.bucket_ms,
@@ -136,6 +142,7 @@ def _limit_templates(
         "minute": (window_ms, bucket_ms),
         "hour": HOUR,
         "day": DAY,
+        "month": MONTH_COUNTER,
         "lease": (lease_ms, lease_ms),
     }
     enforce = mode != "shadow"
@@ -162,6 +169,7 @@ def _limit_templates(
             limit,
             enforce,
             alert_at(limit, near_limit_ratio) if enforce and dimension != CONCURRENT else 0,
+            calendar=(window_ms, bucket_ms) == MONTH_COUNTER,
         )
         for (dimension, window_ms, bucket_ms), limit in merged.items()
     ]
@@ -231,7 +239,12 @@ _WORDS = {
     "total_tokens": ("tokens", "T{}"),
     SPEND: ("spend", ""),
 }
-_WINDOW_WORDS = {60_000: ("min", "PM"), 3_600_000: ("hour", "PH"), 86_400_000: ("day", "PD")}
+_WINDOW_WORDS = {
+    60_000: ("min", "PM"),
+    3_600_000: ("hour", "PH"),
+    86_400_000: ("day", "PD"),
+    MONTH_COUNTER[0]: ("calendar month", "PMo"),
+}
 
 
 def describe_limit(row: Row) -> str:
@@ -253,7 +266,8 @@ def describe_scope(row: Row, key_name: str) -> str:
     """Whose limit a row is: ``key 'k'``, ``team 'research'``, with ``, model 'gpt-4o*'``
     for a per-model rule; ``end user of key 'k'`` (``of team 'research'``) for a
     per-user row (the user's id is not known here, only its digest)."""
-    scope, _, pattern = row.scope.partition(":model:")
+    scope = row.scope.partition(":month:")[0]
+    scope, _, pattern = scope.partition(":model:")
     scope, per_user, _ = scope.partition(":user:")
     kind, _, name = scope.partition(":")
     who = f"team '{name}'" if kind == "team" else f"key '{key_name}'"

@@ -114,10 +114,10 @@ def price_from_table(table: dict[str, Any], base: Price | None, fail: Any) -> Pr
 
 def default_prices() -> PriceTable:
     """The table shipped with tokenguard (``prices.toml``); read once per call."""
-    text = (resources.files("tokenguard.limiting") / "prices.toml").read_text()
+    text = (resources.files("tokenguard.config") / "prices.toml").read_text()
 
     def fail(problem: str, field: str) -> None:
-        raise ValueError(f"tokenguard/limiting/prices.toml: {field}: {problem}")
+        raise ValueError(f"tokenguard/config/prices.toml: {field}: {problem}")
 
     return PriceTable(
         tuple(

@@ -8,8 +8,8 @@ from importlib import resources
 import pytest
 
 from tokenguard.config.loading import parse_settings
+from tokenguard.config.prices import Price, PriceTable, default_prices, to_micro
 from tokenguard.config.settings import ConfigError
-from tokenguard.limiting.prices import Price, PriceTable, default_prices, to_micro
 
 
 def test_a_reservation_prices_every_input_token_at_the_input_price_rounded_up() -> None:
@@ -63,7 +63,7 @@ def test_bad_prices_name_the_field(prices: dict[str, object], message: str) -> N
 
 
 def test_the_shipped_table_states_its_date_and_sources_and_is_sane() -> None:
-    text = (resources.files("tokenguard.limiting") / "prices.toml").read_text()
+    text = (resources.files("tokenguard.config") / "prices.toml").read_text()
     assert "Table date: " in text and "Sources" in text and "NOT CHECKED" in text
     entries = default_prices().entries
     assert {"gpt-4o", "gpt-4o-mini*", "claude-opus-4-5*"} <= {p for p, _ in entries}
