@@ -116,3 +116,19 @@ async def test_usage_shows_spend_and_remaining_per_window_in_micro_units() -> No
     assert all(0 < e["used"] == spend[0]["used"] for e in spend)
     tightest = body["dimensions"]["spend"]
     assert tightest["limit"] == 1_000 and tightest["remaining"] == 1_000 - spend[0]["used"]
+
+
+async def test_metrics_count_spend_by_key_and_model_never_by_user() -> None:
+    settings = parse_settings(
+        {"prices": PRICES, "keys": [{"key": "sk-a", "name": "app", "spend_per_day": 1.0}]}, "t"
+    )
+    app = create_app(settings, MemoryStore(clock=FakeClock()))
+    client = app.test_client()
+    total = 0
+    for user in ("alice", "bob"):
+        response = await chat(client, user=user)
+        usage = (await response.get_json())["usage"]
+        total += usage["prompt_tokens"] + usage["completion_tokens"]
+    text = app.extensions["tokenguard"].metrics.exposition().decode()
+    assert f'tokenguard_spend_micro_total{{key="app",model="cheap"}} {total:.1f}' in text
+    assert "alice" not in text and "bob" not in text

@@ -775,3 +775,21 @@ def test_allowed_origins_are_validated() -> None:
     ):
         with pytest.raises(ConfigError, match=r"<test>: feed\.allowed_origins: "):
             settings_for(allowed_origins=bad)
+
+
+async def test_settled_events_carry_the_money_reserved_and_spent() -> None:
+    config = {
+        "prices": {"gpt-4o": {"input": 1.0, "output": 1.0}},  # micro-units = tokens
+        "keys": [{"key": "sk-spender", "name": "spender", "spend_per_day": 1.0}],
+    }
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_node(settings_for(config)) as node:
+            async with subscriber(node.ws_url, "sk-spender") as ws, httpx.AsyncClient() as client:
+                await next_event(ws)
+                answer = await chat(client, node.url, "sk-spender", max_tokens=60)
+                assert answer.status_code == 200
+                events = await collect(ws, lambda ev: len(of_type(ev, "settled")) == 1)
+    (settled,) = of_type(events, "settled")
+    usage = answer.json()["usage"]
+    assert settled["reserved_spend"] == usage["prompt_tokens"] + 60
+    assert settled["spend"] == usage["prompt_tokens"] + usage["completion_tokens"]

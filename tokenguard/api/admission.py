@@ -166,6 +166,7 @@ class Admissions:
         except StoreError as exc:
             log.warning("settlement for key %s failed: %s", decision.key.name, exc)
         else:
-            self.feed.settled(decision, output_tokens)
-            self.metrics.settled(decision, output_tokens, input_tokens)
+            spent = decision.cost.spent(output_tokens, input_tokens, cached_input_tokens)
+            self.feed.settled(decision, output_tokens, spent)
+            self.metrics.settled(decision, output_tokens, input_tokens, spent)
             self.request_log.current().output_settled = output_tokens  # (in a request)

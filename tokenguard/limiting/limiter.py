@@ -56,6 +56,16 @@ class Cost:
             return 0
         return self.price.reservation(self.input_tokens, self.output_tokens)
 
+    def spent(
+        self, output_tokens: int, input_tokens: int | None = None, cached_input_tokens: int = 0
+    ) -> int:
+        """What the request really cost, in micro-units (:meth:`Price.cost`), when it
+        used ``output_tokens`` and ``input_tokens`` (``None``: as counted); 0 unpriced."""
+        if self.price is None:
+            return 0
+        real_input = self.input_tokens if input_tokens is None else input_tokens
+        return self.price.cost(real_input, output_tokens, cached_input_tokens)
+
     @property
     def concurrent(self) -> int:
         """A request takes one lease in each ``max_concurrent`` row."""
@@ -313,8 +323,7 @@ class Limiter:
             "total_tokens": output_delta + input_delta,
         }
         if cost.price is not None:
-            real_input = cost.input_tokens if input_tokens is None else input_tokens
-            spent = cost.price.cost(real_input, output_tokens, cached_input_tokens)
+            spent = cost.spent(output_tokens, input_tokens, cached_input_tokens)
             by_dimension[SPEND] = spent - cost.spend
         deltas = [
             by_dimension.get(row.dimension, 0) if bucket != NOT_RESERVED else 0

@@ -243,19 +243,23 @@ class Feed:
                 | {"ratio": round(state.used / state.limit, 4), "alert_at": state.row.alert_at}
             )
 
-    def settled(self, decision: Decision, output_tokens: int) -> None:
+    def settled(self, decision: Decision, output_tokens: int, spent: int = 0) -> None:
+        """A settlement: the output reserved and used; for a priced request (under a
+        spend limit) the money reserved and spent, in micro-units."""
         if not self.watched:
             return
         reserved = decision.cost.output_tokens
-        self.emit(
-            {
-                "type": "settled",
-                "key": decision.key.name,
-                "reserved_output_tokens": reserved,
-                "output_tokens": output_tokens,
-                "refund": reserved - output_tokens,
-            }
-        )
+        event = {
+            "type": "settled",
+            "key": decision.key.name,
+            "reserved_output_tokens": reserved,
+            "output_tokens": output_tokens,
+            "refund": reserved - output_tokens,
+        }
+        if decision.cost.price is not None:
+            event["reserved_spend"] = decision.cost.spend
+            event["spend"] = spent
+        self.emit(event)
 
     # -- who sees what
 
