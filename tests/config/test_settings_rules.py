@@ -221,3 +221,24 @@ def test_the_user_header_is_kept_lower_case_and_missing_user_defaults_to_shared(
     settings = parse({"limits": {"user_header": "X-End-User"}})
     assert (settings.user_header, settings.missing_user) == ("x-end-user", "shared")
     assert parse({}).user_header is None
+
+
+def test_the_saas_example_in_the_readme_and_design_doc_means_what_it_says() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    design = (Path(__file__).parents[2] / "docs" / "design.md").read_text()
+    start = readme.index("[limits]\ntimezone")
+    example = readme[start : readme.index("```", start)]
+    assert example in design
+    settings = parse(tomllib.loads(example))
+    (key,) = settings.keys
+    assert key.team is not None and key.team.limits.spend_per_month == 200_000_000
+    assert key.limits.per_user == Limits(
+        rpm=20, tpd=100_000, spend_per_day=1_000_000, max_concurrent=2
+    )
+    assert (settings.timezone, settings.user_header, settings.missing_user) == (
+        "Europe/Paris",
+        "x-end-user",
+        "reject",
+    )
+    price = settings.prices.price("acme-finetune-7")
+    assert price is not None and (price.input, price.output) == (3_000_000, 12_000_000)

@@ -170,15 +170,23 @@ class Limiter:
         self.near_limit_ratio = near_limit_ratio
         self.shadow_refusals = 0
         self.near_limit_crossings: dict[str, int] = {}
-        self._templates: dict[tuple[int, str | None], tuple[ApiKey, tuple[RowTemplate, ...]]] = {}
+        # (key, model) -> (key, its templates, whether any is a calendar month's)
+        self._templates: dict[
+            tuple[int, str | None], tuple[ApiKey, tuple[RowTemplate, ...], bool]
+        ] = {}
 
     def templates(self, key: ApiKey, model: str | None = None) -> tuple[RowTemplate, ...]:
         """The rows (without amounts) a request of ``key`` for ``model`` is checked
         against; cached per key object and model."""
+        return self._cached(key, model)[1]
+
+    def _cached(
+        self, key: ApiKey, model: str | None
+    ) -> tuple[ApiKey, tuple[RowTemplate, ...], bool]:
         cache_key = (id(key), model)
         cached = self._templates.get(cache_key)
         if cached is not None and cached[0] is key:
-            return cached[1]
+            return cached
         if len(self._templates) >= TEMPLATE_CACHE:
             self._templates.clear()
         found = templates(
@@ -189,8 +197,8 @@ class Limiter:
             lease_ms=max(1, round(self.lease_seconds * 1000)),
             near_limit_ratio=self.near_limit_ratio,
         )
-        self._templates[cache_key] = (key, found)
-        return found
+        entry = self._templates[cache_key] = (key, found, any(t.calendar for t in found))
+        return entry
 
     def rows(
         self,
@@ -221,7 +229,7 @@ class Limiter:
     def _in_month(self, key: ApiKey, model: str | None) -> tuple[str | None, float]:
         """The current month's label and the seconds left in it when ``key`` has
         calendar rows for ``model``; ``(None, 0.0)`` otherwise."""
-        if not any(t.calendar for t in self.templates(key, model)):
+        if not self._cached(key, model)[2]:
             return None, 0.0
         month, left = self.months.current()
         return month.label, left
