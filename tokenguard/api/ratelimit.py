@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from tokenguard.config.prices import from_micro
+from tokenguard.config.prices import money_text
 from tokenguard.errors import APIError
 from tokenguard.limiting.limiter import Decision, tightest_with_shares
 from tokenguard.limiting.rules import describe_limit, describe_scope
@@ -138,11 +138,7 @@ def _seconds_text(seconds: float) -> str:
 
 def _shown(row: Row, amount: int) -> str:
     """An amount of ``row`` as a client reads it: a count, or money in currency units."""
-    return (
-        f"{from_micro(amount):.6f}".rstrip("0").rstrip(".")
-        if row.dimension == SPEND
-        else str(amount)
-    )
+    return money_text(amount) if row.dimension == SPEND else str(amount)
 
 
 def rate_limit_error(decision: Decision, conventions: Conventions) -> APIError:

@@ -38,6 +38,13 @@ def from_micro(micro: int) -> float:
     return micro / MICRO
 
 
+def money_text(micro: int) -> str:
+    """Micro-units as an exact currency amount for people: ``1500`` is ``0.0015``,
+    ``2_000_000`` is ``2`` (no trailing zeros, no symbol: the currency is the
+    prices')."""
+    return f"{from_micro(micro):.6f}".rstrip("0").rstrip(".")
+
+
 @attrs.frozen
 class Price:
     """One model's prices, in micro-units per million tokens."""

@@ -349,6 +349,18 @@ class Limiter:
         states = await self.store.usage(partition_of(key), self.rows(key, None, model, user, month))
         return states if month is None else calendar_states(states, left)
 
+    async def month_spend(self, key: ApiKey) -> tuple[RowState, ...]:
+        """The state of ``key``'s calendar-month spend rows (its own, its tier's, its
+        team's; not per-user or per-model ones) this month: what ``tokenguard keys
+        list`` shows. Empty, without a store call, when no monthly budget applies."""
+        if not any(t.calendar and t.dimension == SPEND for t in self.templates(key)):
+            return ()
+        states = await self.usage(key)
+        month_rows = (SPEND, *MONTH_COUNTER)
+        return tuple(
+            s for s in states if (s.row.dimension, s.row.window_ms, s.row.bucket_ms) == month_rows
+        )
+
 
 def calendar_states(states: tuple[RowState, ...], left: float) -> tuple[RowState, ...]:
     """``states`` with every calendar month row's reset and wait made the ``left``
