@@ -41,7 +41,6 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from tokenguard.api.hardening import drain_request_body
-from tokenguard.api.info import scope_kind
 from tokenguard.bearer import bearer_token
 from tokenguard.config.settings import ConfigError, Settings
 from tokenguard.errors import APIError, http_error, invalid
@@ -53,6 +52,7 @@ from tokenguard.limiting.keyring import (
     table_of,
 )
 from tokenguard.limiting.limiter import Limiter
+from tokenguard.limiting.usage import scope_kind
 from tokenguard.loopback import is_loopback
 from tokenguard.model import KEY_IDENTITY_FIELDS, digest_of, new_key
 from tokenguard.store.window_store import StoreError, WindowStore

@@ -67,15 +67,16 @@ class Admissions:
         conventions: Conventions,
         *,
         user: str | None = None,
+        end_user: str | None = None,
     ) -> Decision:
         """Admit ``cost`` for ``key`` and ``model`` (and end user ``user``, a digest: its
         per-user rows), or raise its 429 in ``conventions``' shape; log, feed and count
-        the outcome."""
+        the outcome. ``end_user``: the id the request named, for its feed events."""
         if self.store.never_waits:  # no checkpoint: it cannot be cancelled halfway
-            decision = await self.limiter.admit(key, cost, model, user)
+            decision = await self.limiter.admit(key, cost, model, user, end_user)
         else:
             with trio.CancelScope(shield=True):
-                decision = await self.limiter.admit(key, cost, model, user)
+                decision = await self.limiter.admit(key, cost, model, user, end_user)
         record = self.request_log.current()
         record.model, record.decision = model, decision_label(decision)
         record.input_tokens, record.output_reserved = cost.input_tokens, cost.output_tokens
@@ -90,11 +91,17 @@ class Admissions:
         return decision
 
     async def refuse_if_out(
-        self, key: ApiKey, model: str, conventions: Conventions, *, user: str | None = None
+        self,
+        key: ApiKey,
+        model: str,
+        conventions: Conventions,
+        *,
+        user: str | None = None,
+        end_user: str | None = None,
     ) -> None:
         """Raise the 429 an admission of ``key`` for ``model`` (and end user ``user``) is
         certain to get, if it is (``Limiter.precheck``), logged and fed like any refusal."""
-        decision = await self.limiter.precheck(key, model, user)
+        decision = await self.limiter.precheck(key, model, user, end_user)
         if decision is not None:
             record = self.request_log.current()
             record.model, record.decision = model, decision_label(decision)

@@ -17,18 +17,10 @@ from tokenguard.api.end_user import checked_end_user
 from tokenguard.api.pipeline import Pipeline
 from tokenguard.api.responses import json_response
 from tokenguard.config.settings import Settings
-from tokenguard.limiting.usage import usage_by_dimension, usage_entry
+from tokenguard.limiting.usage import scope_kind, usage_by_dimension, usage_entry
 from tokenguard.model import user_digest
 
 MOCK_MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4", "gpt-3.5-turbo")
-
-
-def scope_kind(scope: str) -> str:
-    """``key``, ``team``, ``user`` (a key's per-user row) or ``team_user`` (a team's)."""
-    kind = "team" if scope.startswith("team:") else "key"
-    if ":user:" not in scope:
-        return kind
-    return "user" if kind == "key" else "team_user"
 
 
 class Info:

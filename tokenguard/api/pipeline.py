@@ -98,13 +98,13 @@ class Pipeline:
         decision: Decision | None = None
         input_tokens = 0
         if self.settings.limiting:
-            user = self.end_user(key, exchange)
-            input_tokens = await self.count_input(dialect, key, exchange, len(data), user)
+            end_user, user = self.end_user(key, exchange)
+            input_tokens = await self.count_input(dialect, key, exchange, len(data), user, end_user)
             output = self.output_reservation(key, exchange, input_tokens)
             price = self.price(key, exchange.model)
             cost = Cost(requests=1, input_tokens=input_tokens, output_tokens=output, price=price)
             decision = await self.admissions.admit(
-                key, cost, exchange.model, dialect.conventions, user=user
+                key, cost, exchange.model, dialect.conventions, user=user, end_user=end_user
             )
             per_choice = output // exchange.choices if exchange.choices else 0
         else:
@@ -153,17 +153,19 @@ class Pipeline:
             )
         return route
 
-    def end_user(self, key: ApiKey, exchange: Exchange) -> str | None:
-        """The digest naming the request's end user in its per-user rows (``None`` when
-        the key has none for this model): the body's id, else ``[limits] user_header``'s;
-        a 400 for an id that is too long, or missing under ``missing_user = "reject"``."""
+    def end_user(self, key: ApiKey, exchange: Exchange) -> tuple[str | None, str | None]:
+        """The request's end user: the id it names (the body's, else ``[limits]
+        user_header``'s; ``None``: nobody), and the digest naming its per-user rows
+        (``None`` when the key has none for this model); a 400 for an id that is too
+        long, or missing under ``missing_user = "reject"``."""
         end_user = exchange.end_user
         header = self.settings.user_header
         if end_user is None and header is not None:
             end_user = checked_end_user(request.headers.get(header, ""), header)
         if not self.limiter.has_per_user(key, exchange.model):
-            return None
-        return user_scope(end_user, missing_user=self.settings.missing_user, header=header)
+            return end_user, None
+        scope = user_scope(end_user, missing_user=self.settings.missing_user, header=header)
+        return end_user, scope
 
     def price(self, key: ApiKey, model: str) -> Price | None:
         """The price of ``model`` when a spend limit applies to the request (``None``
@@ -189,13 +191,16 @@ class Pipeline:
         exchange: Exchange,
         body_size: int,
         user: str | None = None,
+        end_user: str | None = None,
     ) -> int:
         """The request's input tokens: counted in place, or, when its body is
         ``COUNT_OFF_LOOP_BYTES`` or more (see there), in a worker thread once the key is
         known to have room for the request (a key already out gets its 429 uncounted)."""
         if body_size < COUNT_OFF_LOOP_BYTES:
             return dialect.count_input(exchange)
-        await self.admissions.refuse_if_out(key, exchange.model, dialect.conventions, user=user)
+        await self.admissions.refuse_if_out(
+            key, exchange.model, dialect.conventions, user=user, end_user=end_user
+        )
         return await trio.to_thread.run_sync(dialect.count_input, exchange, limiter=self._counting)
 
     def output_reservation(self, key: ApiKey, exchange: Exchange, input_tokens: int) -> int:

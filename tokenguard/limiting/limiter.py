@@ -90,6 +90,8 @@ class Decision:
     admission: Admission
     model: str | None = None
     user: str | None = None  # the end user's digest, for per-user rows (None: none)
+    # The end user's id as the request sent it, for feed events only (never stored).
+    end_user: str | None = None
 
     @property
     def admitted(self) -> bool:
@@ -258,7 +260,11 @@ class Limiter:
         return min(caps, default=None)
 
     async def precheck(
-        self, key: ApiKey, model: str | None = None, user: str | None = None
+        self,
+        key: ApiKey,
+        model: str | None = None,
+        user: str | None = None,
+        end_user: str | None = None,
     ) -> Decision | None:
         """The refusal an admission of ``key`` for ``model`` is certain to get, whatever
         its tokens, or ``None`` when it may fit; nothing is consumed. One
@@ -277,13 +283,19 @@ class Limiter:
         admission = Admission(admitted=False, states=states)
         if not admission.refusing:
             return None
-        return Decision(key=key, cost=cost, admission=admission, model=model, user=user)
+        return Decision(key, cost, admission, model, user, end_user)
 
     async def admit(
-        self, key: ApiKey, cost: Cost, model: str | None = None, user: str | None = None
+        self,
+        key: ApiKey,
+        cost: Cost,
+        model: str | None = None,
+        user: str | None = None,
+        end_user: str | None = None,
     ) -> Decision:
         """Admit ``cost`` in every row of ``key`` for ``model`` (and end user ``user``,
-        a digest: its per-user rows), all or none, in ONE store call."""
+        a digest: its per-user rows), all or none, in ONE store call. ``end_user``, the
+        id as sent, is only carried to the decision (for feed events)."""
         month, left = self._in_month(key, model)
         admission = await self.store.admit(
             partition_of(key), self.rows(key, cost, model, user, month)
@@ -299,7 +311,7 @@ class Limiter:
                     self.near_limit_crossings[dimension] = (
                         self.near_limit_crossings.get(dimension, 0) + 1
                     )
-        return Decision(key=key, cost=cost, admission=admission, model=model, user=user)
+        return Decision(key, cost, admission, model, user, end_user)
 
     async def settle(
         self,

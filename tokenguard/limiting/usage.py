@@ -26,6 +26,14 @@ def usage_entry(state: RowState) -> dict[str, Any]:
     }
 
 
+def scope_kind(scope: str) -> str:
+    """``key``, ``team``, ``user`` (a key's per-user row) or ``team_user`` (a team's)."""
+    kind = "team" if scope.startswith("team:") else "key"
+    if ":user:" not in scope:
+        return kind
+    return "user" if kind == "key" else "team_user"
+
+
 def usage_by_dimension(states: Iterable[RowState]) -> dict[str, Any]:
     """Per dimension, the tightest enforced row's entry (over every scope and window);
     ``None`` for an unlimited dimension. ``total_tokens`` and ``spend`` (micro-units

@@ -52,7 +52,7 @@ import trio
 from tokenguard.config.settings import Settings
 from tokenguard.limiting.keyring import Keyring
 from tokenguard.limiting.limiter import Decision, Limiter
-from tokenguard.limiting.usage import usage_by_dimension
+from tokenguard.limiting.usage import scope_kind, usage_by_dimension
 from tokenguard.log_throttle import LogThrottle
 from tokenguard.model import ApiKey, digest_of
 from tokenguard.observe.subscriber import Subscriber, Viewer
@@ -98,12 +98,18 @@ def limit_of(state: RowState) -> dict[str, Any]:
     row = state.row
     return {
         "dimension": row.dimension,
-        "scope": "team" if row.scope.startswith("team:") else "key",
+        "scope": scope_kind(row.scope),
         "window_seconds": row.window_ms / 1000,
         "limit": state.limit,
         "used": state.used,
         "requested": row.amount,
     }
+
+
+def end_user_of(decision: Decision) -> dict[str, str]:
+    """``{"user": id}`` for a request that named its end user (the id as sent: events
+    reach only the key's own subscribers and the admin); ``{}`` otherwise."""
+    return {} if decision.end_user is None else {"user": decision.end_user}
 
 
 class Feed:
@@ -209,12 +215,14 @@ class Feed:
                     "output_tokens": cost.output_tokens,
                 },
                 "usage": usage_by_dimension(decision.admission.states),
+                **end_user_of(decision),
             }
         )
         shadow = decision.shadow_refusal if decision.would_refuse else None
         if shadow is not None:
             self.emit(
                 {"type": "would_reject", "key": decision.key.name, "model": model}
+                | end_user_of(decision)
                 | limit_of(shadow)
             )
 
@@ -226,6 +234,7 @@ class Feed:
             return
         self.emit(
             {"type": "rejected", "key": decision.key.name, "model": model}
+            | end_user_of(decision)
             | limit_of(state)
             | {"retry_after": decision.admission.retry_after}
         )
@@ -239,6 +248,7 @@ class Feed:
         for state in decision.near_limits:
             self.emit(
                 {"type": "near_limit", "key": decision.key.name, "model": model}
+                | end_user_of(decision)
                 | limit_of(state)
                 | {"ratio": round(state.used / state.limit, 4), "alert_at": state.row.alert_at}
             )
@@ -255,6 +265,7 @@ class Feed:
             "reserved_output_tokens": reserved,
             "output_tokens": output_tokens,
             "refund": reserved - output_tokens,
+            **end_user_of(decision),
         }
         if decision.cost.price is not None:
             event["reserved_spend"] = decision.cost.spend
