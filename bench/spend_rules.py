@@ -42,6 +42,7 @@ import attrs
 import httpx
 import trio
 
+from bench.feed import _wait_healthy
 from bench.ports import SUITE_PORTS, free_ports
 from bench.suite.configs import HUGE as NEVER_REACHED
 from bench.suite.configs import THREE_RULES, TP_SECRETS
@@ -181,16 +182,7 @@ async def running_node(config: Path, store: str | None, log: Path) -> AsyncItera
     url = f"http://127.0.0.1:{port}"
     try:
         with trio.fail_after(START_TIMEOUT):
-            async with httpx.AsyncClient(timeout=1.0) as client:
-                while True:
-                    if process.returncode is not None:
-                        raise RuntimeError(f"the node exited: see {log}")
-                    try:
-                        if (await client.get(f"{url}/healthz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await trio.sleep(0.05)
+            await _wait_healthy(url, process)  # as bench.proxy does
         yield url
     finally:
         with trio.CancelScope(shield=True):
