@@ -128,6 +128,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--settle-every", type=int, default=1, help="settle every Nth admission (0: never)"
     )
+    parser.add_argument(
+        "--spend-and-users",
+        action="store_true",
+        help="through the limiter: 3 rules vs 3 + spend + per-user, side by side (#19)",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="with --spend-and-users")
+    parser.add_argument(
+        "--at-node",
+        action="store_true",
+        help="with --spend-and-users: two node processes under wrk, not the limiter alone",
+    )
 
 
 def format_result(result: DecisionsResult) -> str:
@@ -138,6 +149,11 @@ def format_result(result: DecisionsResult) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.spend_and_users:
+        # Imported here: it reads the suite's configs, and the suite imports this module.
+        from bench import spend_rules
+
+        return spend_rules.main(args)
     urls: Sequence[str] = args.store or ["memory://"]
     for url in urls:
         for rules in args.rules or [3]:

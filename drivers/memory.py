@@ -197,6 +197,10 @@ class MemoryStore(WindowStore):
         # name -> (expiry in ms, value), in the order they were put (the oldest first)
         self._records: dict[str, tuple[int, str]] = {}
 
+    def wall_time(self) -> float:
+        """The store's own (injectable) clock."""
+        return self._clock()
+
     @classmethod
     def from_url(cls, url: str) -> Self:
         rest = url.removeprefix("memory://")

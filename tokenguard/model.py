@@ -33,6 +33,11 @@ RULE_FIELDS = {
     )
     for suffix, window in ((f"{p}m", "minute"), (f"{p}h", "hour"), (f"{p}d", "day"))
 } | {"max_concurrent": ("concurrent", "lease")}
+# Spend limits, in micro-units of the operator's currency (tokenguard/config/prices.py):
+# field -> window. The config writes them in currency units (``spend_per_day = 5.0``).
+SPEND = "spend"
+# "month" is a calendar month in [limits] timezone (tokenguard/limiting/calendar.py).
+SPEND_FIELDS = {"spend_per_hour": "hour", "spend_per_day": "day", "spend_per_month": "month"}
 MODES = ("enforce", "shadow")
 # Team names end up in store key names, as the hash tag: no braces, no colons.
 TEAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -54,6 +59,8 @@ class Limits:
     ``max_tokens`` nor ``max_completion_tokens``. ``mode`` is ``"enforce"`` or
     ``"shadow"`` (checked and counted, never refused). ``models``: per-model rules,
     each checked on top of these limits when its glob matches the request's model.
+    ``per_user``: limits that apply to each end user of the application separately
+    (the rule fields only).
     """
 
     rpm: int | None = None
@@ -72,12 +79,23 @@ class Limits:
     mode: str = "enforce"
     models: tuple[ModelRule, ...] = ()
     max_concurrent: int | None = None  # requests in flight at once (leases)
+    # Limits of each end user of the key, tier or team (tokenguard/limiting/rules.py,
+    # "Per-end-user rows"); ``None``: no per-user limit. Its ``models`` is always empty.
+    per_user: Limits | None = None
+    spend_per_hour: int | None = None  # micro-units (see SPEND_FIELDS)
+    spend_per_day: int | None = None
+    spend_per_month: int | None = None
 
     def rules(self) -> list[tuple[str, str, int]]:
-        """``(dimension, window, limit)`` for every limit set, in RULE_FIELDS order."""
+        """``(dimension, window, limit)`` for every limit set, in RULE_FIELDS order, then
+        the spend limits (dimension ``spend``)."""
         return [
             (dimension, window, value)
             for field, (dimension, window) in RULE_FIELDS.items()
+            if (value := getattr(self, field)) is not None
+        ] + [
+            (SPEND, window, value)
+            for field, window in SPEND_FIELDS.items()
             if (value := getattr(self, field)) is not None
         ]
 
@@ -132,6 +150,20 @@ def new_key() -> str:
 def digest_of(key: str) -> str:
     """The hex SHA-256 digest by which a key (or an admin or metrics token) is known."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+SHARED_END_USER = "-"
+"""The per-user bucket of requests that name no end user (``missing_user = "shared"``);
+never a digest (those are hex)."""
+END_USER_DIGEST_CHARS = 32
+
+
+def user_digest(end_user: str) -> str:
+    """What names an end user's rows in the store: a 128-bit prefix of the SHA-256 of its
+    id (the id itself is never stored). Collisions within one key are negligible."""
+    return hashlib.sha256(end_user.encode("utf-8", "surrogatepass")).hexdigest()[
+        :END_USER_DIGEST_CHARS
+    ]
 
 
 def partition_of(key: ApiKey) -> str:

@@ -44,7 +44,11 @@ async def _no_watchdog(self: Any) -> None:
 
 
 def _forget_refunds(
-    self: Any, decision: Decision, output_tokens: int, input_tokens: int | None
+    self: Any,
+    decision: Decision,
+    output_tokens: int,
+    input_tokens: int | None,
+    cached_input_tokens: int = 0,
 ) -> bool:
     # Says it took a refund, and drops it.
     return bool(MODULES["settler"].is_refund(decision, output_tokens, input_tokens))

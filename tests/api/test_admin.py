@@ -22,6 +22,7 @@ from drivers.memory import MemoryStore
 from tokenguard.api.admin import check_admin_bind, create_admin_app, is_loopback
 from tokenguard.api.app import create_app
 from tokenguard.cli import main as cli
+from tokenguard.cli.keys import key_line
 from tokenguard.config.limits_table import limits_from_table
 from tokenguard.config.loading import parse_settings
 from tokenguard.config.settings import ConfigError, Settings
@@ -83,7 +84,8 @@ async def make_node(store: WindowStore, settings: Settings | None = None) -> Nod
     await keyring.seed()
     await keyring.refresh()
     api = create_app(settings, store, keyring=keyring)
-    return Node(settings, store, keyring, api, create_admin_app(settings, store, keyring))
+    limiter = api.extensions["tokenguard"].limiter
+    return Node(settings, store, keyring, api, create_admin_app(settings, store, keyring, limiter))
 
 
 @pytest.fixture
@@ -132,9 +134,54 @@ async def test_lists_the_config_keys_without_secrets(node: Node) -> None:
         },
         "source": "config",
         "updated_at": None,
+        "month_spend": [],  # no monthly budget applies
     }
     text = json.dumps(body)
     assert "sk-config" not in text and digest_of("sk-config") not in text
+
+
+SPEND_CONFIG: dict[str, Any] = {
+    "feed": {"admin_token": ADMIN},
+    "limits": {"timezone": "Europe/Paris"},
+    "prices": {"gpt-4o": {"input": 1.0, "output": 1.0}},  # micro-units = tokens
+    "teams": {"acme": {"spend_per_month": 200.0}},
+    "keys": [
+        {"key": "sk-web", "name": "web", "team": "acme", "spend_per_month": 2.5},
+        {"key": "sk-day", "name": "day", "spend_per_day": 1.0},
+    ],
+}
+
+
+async def test_keys_list_shows_each_keys_spend_this_calendar_month() -> None:
+    """The admin API's ``month_spend`` and ``tokenguard keys list``'s line for it: per
+    monthly budget (the key's, its team's), what the usage says was spent this month."""
+    with trio.fail_after(TEST_TIMEOUT):
+        node = await make_node(MemoryStore(), settings_of(SPEND_CONFIG))
+        for _ in range(3):
+            assert (await node.chat("sk-web")).status_code == 200
+        assert (await node.chat("sk-day")).status_code == 200
+        usage = await node.api.test_client().get(
+            "/v1/usage", headers={"Authorization": "Bearer sk-web"}
+        )
+        body = await answer(await node.call("GET", "/admin/keys"), 200)
+    spent = [e for e in (await usage.get_json())["limits"] if e["dimension"] == "spend"]
+    used = spent[0]["used"]
+    assert used > 0 and [e["used"] for e in spent] == [used, used]
+    month = node.api.extensions["tokenguard"].limiter.months.current()[0].label
+    web, day = body["data"][1], body["data"][0]
+    assert [(e["scope"], e["month"], e["used"], e["limit"]) for e in web["month_spend"]] == [
+        ("key", month, used, 2_500_000),
+        ("team", month, used, 200_000_000),
+    ]
+    assert all(0 < e["reset_seconds"] <= 31 * 86400 for e in web["month_spend"])
+    assert day["month_spend"] == []  # a daily budget only: no month is counted
+    line = key_line(web)
+    assert line.startswith("web  tier=-  team=acme  spend_per_month=2.5")
+    amount = f"{used / 1_000_000:.6f}".rstrip("0")
+    assert line.endswith(
+        f"  spent {month} (key): {amount} of 2.5  spent {month} (team): {amount} of 200"
+    )
+    assert key_line(day) == "day  tier=-  team=-  spend_per_day=1.0"
 
 
 async def test_a_created_key_is_shown_once_and_works_at_once(node: Node) -> None:

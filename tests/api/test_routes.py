@@ -214,7 +214,8 @@ ADMIN_EXAMPLES = {
 def admin_app_for(config: dict[str, Any]) -> Any:
     settings = parse_settings(config, "<test>", environ={})
     store = MemoryStore()
-    return create_admin_app(settings, store, Keyring(settings, store))
+    limiter = create_app(settings, store).extensions["tokenguard"].limiter
+    return create_admin_app(settings, store, Keyring(settings, store), limiter)
 
 
 @pytest.fixture

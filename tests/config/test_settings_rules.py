@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 
+from tokenguard.config.limits_table import limits_from_table
 from tokenguard.config.loading import load_settings, parse_settings
 from tokenguard.config.settings import ConfigError
+from tokenguard.limiting.registry import table_of
 from tokenguard.model import RULE_FIELDS, Limits, ModelRule
 
 EXAMPLE = """\
@@ -165,3 +167,78 @@ def test_existing_configs_are_unchanged() -> None:
     key = parse({"keys": [{"key": "k", "name": "a", "rpm": 3, "output_tpm": 9}]}).keys[0]
     assert key.limits == Limits(rpm=3, output_tpm=9)
     assert key.team is None and key.limits.models == ()
+
+
+def test_per_user_limits_are_read_over_the_tier_field_by_field() -> None:
+    settings = parse(
+        {
+            "tiers": {"app": {"rpm": 100, "per_user": {"rpm": 20, "tpd": 100_000}}},
+            "teams": {"t": {"per_user": {"rph": 5}}},
+            "keys": [
+                {"key": "k1", "name": "a", "tier": "app"},
+                {"key": "k2", "name": "b", "tier": "app", "per_user": {"rpm": 10}},
+                {"key": "k3", "name": "c", "team": "t"},
+            ],
+        }
+    )
+    a, b, c = settings.keys
+    assert a.limits.per_user == Limits(rpm=20, tpd=100_000)
+    assert b.limits.per_user == Limits(rpm=10, tpd=100_000)
+    assert c.limits.per_user is None
+    assert c.team is not None and c.team.limits.per_user == Limits(rph=5)
+
+
+def test_per_user_limits_survive_the_registry_round_trip() -> None:
+    limits = parse({"tiers": {"app": {"rpm": 3, "per_user": {"rpm": 2, "max_concurrent": 1}}}})
+    tier = limits.tiers["app"]
+    assert limits_from_table(table_of(tier), "<round trip>") == tier
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"tiers": {"x": {"per_user": {}}}}, "tiers.x.per_user: sets no limit"),
+        ({"tiers": {"x": {"per_user": 5}}}, "tiers.x.per_user: must be a table, got int"),
+        ({"tiers": {"x": {"per_user": {"rpm": 0}}}}, "tiers.x.per_user.rpm: must be at least 1"),
+        (
+            {"tiers": {"x": {"per_user": {"rpm": 1, "models": {}}}}},
+            "tiers.x.per_user.models: unknown key",
+        ),
+        (
+            {"tiers": {"x": {"per_user": {"rpm": 1, "mode": "shadow"}}}},
+            "tiers.x.per_user.mode: unknown key",
+        ),
+        ({"limits": {"missing_user": "drop"}}, "limits.missing_user: must be one of shared"),
+        ({"limits": {"user_header": "X End User"}}, "limits.user_header: must be an HTTP header"),
+        ({"limits": {"user_header": ""}}, "limits.user_header: must be a non-empty string"),
+    ],
+)
+def test_per_user_config_errors_name_the_key(doc: dict[str, Any], message: str) -> None:
+    assert message in error_of(doc)
+
+
+def test_the_user_header_is_kept_lower_case_and_missing_user_defaults_to_shared() -> None:
+    settings = parse({"limits": {"user_header": "X-End-User"}})
+    assert (settings.user_header, settings.missing_user) == ("x-end-user", "shared")
+    assert parse({}).user_header is None
+
+
+def test_the_saas_example_in_the_readme_and_design_doc_means_what_it_says() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    design = (Path(__file__).parents[2] / "docs" / "design.md").read_text()
+    start = readme.index("[limits]\ntimezone")
+    example = readme[start : readme.index("```", start)]
+    assert example in design
+    settings = parse(tomllib.loads(example))
+    (key,) = settings.keys
+    assert key.team is not None and key.team.limits.spend_per_month == 200_000_000
+    assert key.limits.per_user == Limits(
+        rpm=20, tpd=100_000, spend_per_day=1_000_000, max_concurrent=2
+    )
+    assert (settings.timezone, settings.user_header, settings.missing_user) == (
+        "Europe/Paris",
+        "x-end-user",
+        "reject",
+    )
+    price = settings.prices.price("acme-finetune-7")
+    assert price is not None and (price.input, price.output) == (3_000_000, 12_000_000)

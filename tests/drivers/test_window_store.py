@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import attrs
 import pytest
@@ -27,6 +29,9 @@ from drivers import memory as memory_driver
 from drivers.memory import MemoryStore
 from drivers.redis import RedisStore
 from tests.support.redis_servers import RedisClusterServers, RedisServer
+from tokenguard.config.prices import Price
+from tokenguard.limiting.limiter import Cost, Limiter
+from tokenguard.model import ApiKey, Limits, digest_of, user_digest
 from tokenguard.store.window_store import (
     MAX_RECORD_NAME,
     MAX_RECORD_VALUE,
@@ -978,3 +983,211 @@ async def test_the_memory_store_keeps_a_bounded_number_of_records(
     for i in range(5):
         await store.record_put(f"r{i}", str(i), 60)
     assert [await store.record_get(f"r{i}") for i in range(5)] == [None, None, "2", "3", "4"]
+
+
+# --- per-end-user rows ------------------------------------------------------------------
+
+
+def user_rows(harness: Harness, user: str, *, key_limit: int = 100) -> list[Row]:
+    """An admission of a key in a team with per-user limits, as the limiter builds it:
+    the key's and the team's rows, then the end user's under each (by digest)."""
+    digest = user_digest(user)
+    return [
+        harness.row(limit=key_limit, scope="key:a"),
+        harness.row(limit=100, scope="team:t"),
+        harness.row(limit=2, scope=f"key:a:user:{digest}"),
+        harness.row(limit=100, amount=7, dimension="total_tokens", scope=f"key:a:user:{digest}"),
+        harness.row(limit=3, scope=f"team:t:user:{digest}"),
+    ]
+
+
+async def test_each_end_user_has_their_own_rows_in_the_keys_partition(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        await harness.align()
+        alice, bob = user_rows(harness, "alice"), user_rows(harness, "bob")
+        outcomes = [(await harness.admit(alice, partition="team:t")).value for _ in range(3)]
+        assert [a.admitted for a in outcomes] == [True, True, False]
+        refused = outcomes[2]
+        assert [s.row.scope for s in refused.refusing] == [alice[2].scope]
+        # Alice's refusal consumed nothing; Bob has his own rows, the key and team are shared.
+        admitted = (await harness.admit(bob, partition="team:t")).value
+        assert admitted.admitted
+        assert [s.used for s in admitted.states] == [3, 3, 1, 7, 1]
+        assert [s.used for s in (await harness.usage(alice, partition="team:t")).value] == [
+            3,
+            3,
+            2,
+            14,
+            2,
+        ]
+
+
+async def test_a_user_is_refused_by_the_key_row_when_the_key_is_out(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        await harness.align()
+        assert (await harness.admit(user_rows(harness, "alice", key_limit=1))).value.admitted
+        refused = (await harness.admit(user_rows(harness, "bob", key_limit=1))).value
+        assert not refused.admitted
+        assert [s.row.scope for s in refused.refusing] == ["key:a"]
+        bob = await harness.usage(user_rows(harness, "bob", key_limit=1))
+        assert [s.used for s in bob.value][2:] == [0, 0, 0]
+
+
+async def test_concurrent_requests_of_one_user_admit_exactly_their_limit(
+    harness: Harness,
+) -> None:
+    """60 tasks at once, 30 for each of two users with a per-user limit of 2: exactly 2
+    each get in, whatever the interleaving."""
+    with trio.fail_after(TEST_TIMEOUT):
+        await harness.align()
+        outcomes: dict[str, list[bool]] = {"alice": [], "bob": []}
+
+        async def one(user: str) -> None:
+            admission = await harness.store.admit("team:t", user_rows(harness, user))
+            outcomes[user].append(admission.admitted)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(30):
+                for user in outcomes:
+                    nursery.start_soon(one, user)
+        assert {user: got.count(True) for user, got in outcomes.items()} == {
+            "alice": 2,
+            "bob": 2,
+        }
+
+
+async def test_idle_end_users_leave_nothing_behind(harness: Harness) -> None:
+    """Buckets are created by a user's first request and leave with their window."""
+    with trio.fail_after(TEST_TIMEOUT):
+        await harness.align()
+        last = 0
+        for i in range(20):
+            rows = [harness.row(limit=2, scope=f"key:a:user:{user_digest(str(i))}")]
+            admission = (await harness.admit(rows)).value
+            assert admission.admitted
+            last = max(last, *admission.reservation.buckets)
+        assert await harness.live_counters() == 20
+        await harness.sleep_until(leaves(last) + (0 if harness.exact else MARGIN_MS))
+        assert await harness.live_counters() == 0
+
+
+async def test_per_user_rows_are_one_round_trip_with_the_others(harness: Harness) -> None:
+    if harness.exact:
+        pytest.skip("the memory store makes no round trips")
+    store = harness.store
+    assert isinstance(store, RedisStore)
+    with trio.fail_after(TEST_TIMEOUT):
+        rows = user_rows(harness, "alice", key_limit=100)
+        rows[2] = attrs.evolve(rows[2], limit=100)
+        rows[4] = attrs.evolve(rows[4], limit=100)
+        assert (await harness.admit(rows, partition="team:t")).value.admitted  # warm
+        calls, trips = store.calls, store.round_trips
+        for _ in range(5):
+            assert (await store.admit("team:t", rows)).admitted
+        assert (store.calls - calls, store.round_trips - trips) == (5, 5)
+
+
+# --- spend rows -------------------------------------------------------------------------
+
+# A budget of a million currency units, in micro-units: sums stay exact (integers far
+# below 2**53, where Lua's doubles are exact).
+BUDGET = 10**12
+
+
+async def test_spend_rows_sum_micro_units_exactly_and_settle_to_the_real_cost(
+    harness: Harness,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        third = BUDGET // 3  # 333_333_333_333
+
+        def spend(amount: int) -> Row:
+            return harness.row(
+                limit=BUDGET,
+                amount=amount,
+                dimension="spend",
+                window_ms=3_600_000,
+                bucket_ms=60_000,
+            )
+
+        reservations = []
+        for _ in range(3):
+            admission = (await harness.admit([spend(third)])).value
+            assert admission.admitted
+            reservations.append(admission.reservation)
+        assert not (await harness.admit([spend(2)])).value.admitted  # 1 micro-unit left
+        assert (await harness.admit([spend(1)])).value.admitted
+        assert used(await harness.usage([spend(0)])) == BUDGET
+        # Settled to a real cost 123_456 micro-units below the reservation: exactly that
+        # much fits again, not a micro-unit more.
+        await harness.store.settle(reservations[0], [-123_456])
+        assert not (await harness.admit([spend(123_457)])).value.admitted
+        assert (await harness.admit([spend(123_456)])).value.admitted
+        assert used(await harness.usage([spend(0)])) == BUDGET
+
+
+# --- calendar months (spend_per_month), as the limiter names and reports them ------------
+
+PARIS = ZoneInfo("Europe/Paris")
+# 2026-11-30 23:59:00 in Paris (UTC+1): a minute before December begins there.
+NOV_END_PARIS = datetime(2026, 11, 30, 23, 59, tzinfo=PARIS).timestamp()
+
+
+class WallClock:
+    """POSIX seconds for the limiter's months, moved by the test."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def monthly(harness: Harness, wall: WallClock, timezone: ZoneInfo) -> tuple[Limiter, ApiKey]:
+    key = ApiKey("k", digest_of(f"sk-{harness.driver.name}"), Limits(spend_per_month=100))
+    limiter = Limiter(
+        harness.store, window_seconds=60, bucket_seconds=5, timezone=timezone, wall_clock=wall
+    )
+    return limiter, key
+
+
+async def test_a_monthly_budget_resets_when_the_calendar_month_ends_in_its_time_zone(
+    harness: Harness,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        wall = WallClock(NOV_END_PARIS)
+        limiter, key = monthly(harness, wall, PARIS)
+        price = Price(input=1_000_000, cached_input=1_000_000, output=1_000_000)
+        cost = Cost(input_tokens=60, output_tokens=0, price=price)  # 60 micro-units
+        assert (await limiter.admit(key, cost)).admitted
+        refused = await limiter.admit(key, cost)
+        assert not refused.admitted and refused.refusal is not None
+        assert refused.refusal.row.scope.endswith(":month:2026-11")
+        assert refused.admission.retry_after == pytest.approx(60.0)  # to Dec 1, 00:00 Paris
+        (november,) = await limiter.usage(key)
+        assert november.used == 60 and november.reset_after == pytest.approx(60.0)
+        wall.now += 60  # 2026-12-01 00:00 in Paris (still 23:00 on Nov 30 in UTC)
+        december = await limiter.admit(key, cost)
+        assert december.admitted and december.state("spend").used == 60
+        assert december.state("spend").row.scope.endswith(":month:2026-12")
+        # A node still in November (a lagging clock) counts in November's counter only.
+        wall.now -= 1
+        assert not (await limiter.admit(key, cost)).admitted
+
+
+async def test_the_same_instant_is_in_different_months_in_different_time_zones(
+    harness: Harness,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        instant = datetime(2026, 12, 31, 23, 30, tzinfo=UTC).timestamp()
+        labels = {}
+        for zone in ("UTC", "Pacific/Auckland", "America/Los_Angeles"):
+            limiter, key = monthly(harness, WallClock(instant), ZoneInfo(zone))
+            (state,) = await limiter.usage(key)
+            labels[zone] = state.row.scope.rpartition(":month:")[2]
+            left = state.reset_after if state.used else None
+            assert left is None  # nothing spent yet
+        assert labels == {
+            "UTC": "2026-12",
+            "Pacific/Auckland": "2027-01",
+            "America/Los_Angeles": "2026-12",
+        }

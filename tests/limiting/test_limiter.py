@@ -8,6 +8,7 @@ import trio
 from drivers.memory import MemoryStore
 from tokenguard.api.dialect import OPENAI
 from tokenguard.api.ratelimit import openai_duration, retry_headers
+from tokenguard.config.prices import Price
 from tokenguard.limiting.limiter import Cost, Limiter
 from tokenguard.model import ApiKey, Limits, digest_of
 
@@ -236,3 +237,37 @@ async def test_headers_report_tighter_token_dimension(limiter: Limiter) -> None:
     assert headers["x-ratelimit-limit-tokens"] == "100"
     assert headers["x-ratelimit-remaining-tokens"] == "50"
     assert headers["x-ratelimit-reset-requests"] == "1m5s"
+
+
+# --- spend rows ---------------------------------------------------------------------------
+
+PRICE = Price(input=2_000_000, cached_input=500_000, output=8_000_000)  # per 1M tokens
+
+
+async def test_spend_reserves_the_worst_case_and_settles_to_the_real_cost(
+    limiter: Limiter,
+) -> None:
+    key = make_key(spend_per_day=100)  # 100 micro-units
+    cost = Cost(input_tokens=10, output_tokens=10, price=PRICE)  # 20 + 80 = 100 reserved
+    first = await limiter.admit(key, cost)
+    assert first.admitted and first.state("spend").used == 100
+    assert not (await limiter.admit(key, cost)).admitted  # the reservation does not fit
+    # It used 2 output tokens, 6 of its 10 input tokens were cache hits: 8 + 3 + 16 = 27.
+    await limiter.settle(first, output_tokens=2, cached_input_tokens=6)
+    (spend,) = [s for s in await limiter.usage(key) if s.row.dimension == "spend"]
+    assert spend.used == 27
+    # What the real price left room for (73) is admitted again: 20 + 48.
+    assert (await limiter.admit(key, Cost(input_tokens=10, output_tokens=6, price=PRICE))).admitted
+
+
+async def test_a_request_whose_reservation_exceeds_the_budget_never_fits(limiter: Limiter) -> None:
+    key = make_key(spend_per_hour=50)
+    refused = await limiter.admit(key, Cost(input_tokens=10, output_tokens=10, price=PRICE))
+    assert not refused.admitted and refused.refusal is not None
+    assert refused.refusal.row.dimension == "spend" and refused.refusal.never_fits
+
+
+async def test_an_unpriced_request_costs_no_money(limiter: Limiter) -> None:
+    key = make_key(spend_per_day=1)
+    for _ in range(3):
+        assert (await limiter.admit(key, Cost(input_tokens=1000, output_tokens=1000))).admitted

@@ -34,7 +34,9 @@ async def test_refunds_are_settled_in_the_background_and_drained_at_shutdown() -
             settled: list[int] = []
             gate = trio.Event()
 
-            async def settle(decision: Decision, output: int, prompt: int | None) -> None:
+            async def settle(
+                decision: Decision, output: int, prompt: int | None, cached: int
+            ) -> None:
                 await gate.wait()  # held until the test lets the settlements through
                 await limiter.settle(decision, output_tokens=output, input_tokens=prompt)
                 settled.append(output)

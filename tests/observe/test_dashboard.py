@@ -315,3 +315,78 @@ async def test_the_dashboard_follows_traffic_in_a_real_browser(node: Node, tmp_p
             await devtools.wait_for(
                 "document.querySelector('#state').dataset.state === 'reconnecting'"
             )
+
+
+SPEND_CONFIG: dict[str, Any] = {
+    "feed": {"admin_token": ADMIN},
+    "prices": {"gpt-4o": {"input": 1.0, "output": 1.0}},  # micro-units = tokens
+    "keys": [
+        {"key": "sk-spender", "name": "spender", "rpm": 1000, "spend_per_day": 2.5},
+        {"key": "sk-plain", "name": "plain", "rpm": 1000},
+        {"key": "sk-broke", "name": "broke", "spend_per_day": 0.00005},
+    ],
+}
+
+
+def money(micro: int) -> str:
+    """Micro-units as the page writes them: 2 to 6 decimals."""
+    text = f"{micro / 1_000_000:.6f}".rstrip("0")
+    return text + "0" * max(0, 2 - len(text.split(".")[1]))
+
+
+async def test_a_key_under_a_spend_limit_gets_a_spend_gauge_in_money(tmp_path: Path) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            running_node(settings_for(SPEND_CONFIG)) as node,
+            headless_chromium(tmp_path / "profile") as devtools,
+        ):
+            await devtools.call("Page.navigate", url=f"{node.url}/dashboard")
+            await devtools.wait_for(
+                "document.readyState === 'complete' && !!document.querySelector('#auth')"
+            )
+            await devtools.evaluate(
+                f"document.querySelector('#token').value = {json.dumps(ADMIN)};"
+                "document.querySelector('#auth').requestSubmit(); true"
+            )
+            await devtools.wait_for("document.querySelector('#state').dataset.state === 'live'")
+            async with httpx.AsyncClient() as client:
+                for secret in ("sk-spender", "sk-spender", "sk-plain"):
+                    answer = await chat(client, node.url, secret, max_tokens=40)
+                    assert answer.status_code == 200
+                prompt_tokens = answer.json()["usage"]["prompt_tokens"]
+                usage = (
+                    await client.get(
+                        f"{node.url}/v1/usage", headers={"Authorization": "Bearer sk-spender"}
+                    )
+                ).json()["dimensions"]["spend"]
+            assert usage["limit"] == 2_500_000 and usage["used"] > 0
+            # The gauge ends at what the node says was spent (settled to the real cost).
+            await devtools.wait_for(
+                f"{GAUGE.format(key='spender', dimension='spend')}?.dataset.used === "
+                f"'{usage['used']}'"
+            )
+            assert await gauge(devtools, "spender", "spend") == (str(usage["used"]), "2500000")
+            text = await devtools.evaluate(
+                f"{GAUGE.format(key='spender', dimension='spend')}"
+                ".querySelector('.value').textContent"
+            )
+            assert text == f"{money(usage['used'])} / 2.50"
+            # A key without a spend limit has no spend gauge, only its three.
+            await devtools.wait_for(
+                f"{GAUGE.format(key='plain', dimension='requests')}?.dataset.used === '1'"
+            )
+            assert await gauge(devtools, "plain", "spend") is None
+            # A spend refusal is listed in money too.
+            async with httpx.AsyncClient() as client:
+                refused = await chat(client, node.url, "sk-broke", max_tokens=40)
+            assert refused.status_code == 429
+            await devtools.wait_for(
+                "document.querySelectorAll('#rejections tbody tr').length === 1"
+            )
+            cells = await devtools.evaluate(
+                "[...document.querySelectorAll('#rejections tbody tr td')]"
+                ".map(td => td.textContent)"
+            )
+            assert cells[1:5] == ["broke", "gpt-4o", "spend", "0.00 / 0.00005"]
+            assert cells[5] == money(prompt_tokens + 40)  # the reservation, at 1 per million
+            assert devtools.errors() == []

@@ -791,3 +791,62 @@ def test_allowed_origins_are_validated() -> None:
     ):
         with pytest.raises(ConfigError, match=r"<test>: feed\.allowed_origins: "):
             settings_for(allowed_origins=bad)
+
+
+async def test_settled_events_carry_the_money_reserved_and_spent() -> None:
+    config = {
+        "prices": {"gpt-4o": {"input": 1.0, "output": 1.0}},  # micro-units = tokens
+        "keys": [{"key": "sk-spender", "name": "spender", "spend_per_day": 1.0}],
+    }
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_node(settings_for(config)) as node:
+            async with subscriber(node.ws_url, "sk-spender") as ws, httpx.AsyncClient() as client:
+                await next_event(ws)
+                answer = await chat(client, node.url, "sk-spender", max_tokens=60)
+                assert answer.status_code == 200
+                events = await collect(ws, lambda ev: len(of_type(ev, "settled")) == 1)
+    (settled,) = of_type(events, "settled")
+    usage = answer.json()["usage"]
+    assert settled["reserved_spend"] == usage["prompt_tokens"] + 60
+    assert settled["spend"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+async def test_events_name_the_end_user_and_a_per_user_refusals_scope() -> None:
+    """The key's subscriber sees which of its end users each event is about (from the
+    body or the configured header), and a refusal by a per-user limit says so."""
+    config = {
+        "limits": {"user_header": "X-End-User"},
+        "keys": [{"key": "sk-app", "name": "app", "per_user": {"rpm": 1}}],
+    }
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_node(settings_for(config)) as node:
+            async with subscriber(node.ws_url, "sk-app") as ws, httpx.AsyncClient() as client:
+                await next_event(ws)
+                assert (await chat(client, node.url, "sk-app", user="alice")).status_code == 200
+                assert (await chat(client, node.url, "sk-app", user="alice")).status_code == 429
+                by_header = await client.post(
+                    f"{node.url}/v1/chat/completions",
+                    headers={"Authorization": "Bearer sk-app", "X-End-User": "bob"},
+                    json={"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 20},
+                )
+                assert by_header.status_code == 200
+                events = await collect(ws, lambda ev: len(of_type(ev, "settled")) == 2)
+    traffic = of_type(events, "admitted", "rejected", "settled")
+    assert [(e["type"], e.get("user")) for e in traffic] == [
+        ("admitted", "alice"),
+        ("settled", "alice"),
+        ("rejected", "alice"),
+        ("admitted", "bob"),
+        ("settled", "bob"),
+    ]
+    (rejected,) = of_type(events, "rejected")
+    assert (rejected["scope"], rejected["dimension"], rejected["limit"]) == ("user", "requests", 1)
+
+
+async def test_events_of_a_request_naming_nobody_carry_no_user(node: Node) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with subscriber(node.ws_url, "sk-alpha") as ws, httpx.AsyncClient() as client:
+            await next_event(ws)
+            assert (await chat(client, node.url, "sk-alpha")).status_code == 200
+            events = await collect(ws, lambda ev: len(of_type(ev, "settled")) == 1)
+    assert all("user" not in e for e in of_type(events, "admitted", "settled"))

@@ -3,7 +3,8 @@ its own (``tokenguard serve --admin-port P``; reference in docs/operations.md).
 
 Routes (every one needs the admin token as a Bearer token)::
 
-    GET    /admin/keys            every live key (never the key itself)
+    GET    /admin/keys            every live key (never the key itself), with its
+                                  calendar month's spend where a monthly budget applies
     POST   /admin/keys            create one: the plaintext key is in this answer only
     GET    /admin/keys/{name}
     PATCH  /admin/keys/{name}     change its tier, team or limits (null removes one)
@@ -50,6 +51,8 @@ from tokenguard.limiting.keyring import (
     TierRecord,
     table_of,
 )
+from tokenguard.limiting.limiter import Limiter
+from tokenguard.limiting.usage import scope_kind
 from tokenguard.loopback import is_loopback
 from tokenguard.model import KEY_IDENTITY_FIELDS, digest_of, new_key
 from tokenguard.store.window_store import StoreError, WindowStore
@@ -96,11 +99,13 @@ def _optional_name(body: Mapping[str, Any], field: str) -> str | None:
 
 
 class AdminAPI:
-    """The admin routes' handlers, over one node's keyring."""
+    """The admin routes' handlers, over one node's keyring and limiter (which reads the
+    month's spend of the keys under a monthly budget)."""
 
-    def __init__(self, settings: Settings, keyring: Keyring) -> None:
+    def __init__(self, settings: Settings, keyring: Keyring, limiter: Limiter) -> None:
         self.settings = settings
         self.keyring = keyring
+        self.limiter = limiter
         self._admin_digest = settings.feed.admin_digest
 
     async def authorize(self) -> None:
@@ -131,8 +136,12 @@ class AdminAPI:
 
     # -- views
 
-    def _key_view(self, record: KeyRecord) -> dict[str, Any]:
+    async def _key_view(self, record: KeyRecord) -> dict[str, Any]:
+        """A key as the admin API shows it. ``month_spend``: per monthly spend budget
+        that applies to it (its own, its tier's, its team's), this calendar month's
+        spend and budget in micro-units; empty without one (nothing is read then)."""
         key = self.keyring.by_name(record.name)
+        month_spend = [] if key is None else await self.limiter.month_spend(key)
         return {
             "object": "api_key",
             "name": record.name,
@@ -143,6 +152,16 @@ class AdminAPI:
             "effective_limits": None if key is None else table_of(key.limits),
             "source": record.source,
             "updated_at": record.updated_at,
+            "month_spend": [
+                {
+                    "scope": scope_kind(s.row.scope),
+                    "month": s.row.scope.rpartition(":month:")[2],
+                    "used": s.used,
+                    "limit": s.row.limit,
+                    "reset_seconds": s.reset_after,
+                }
+                for s in month_spend
+            ],
         }
 
     def _tier_view(self, name: str, record: TierRecord) -> dict[str, Any]:
@@ -167,12 +186,12 @@ class AdminAPI:
     async def list_keys(self) -> Response:
         await self.keyring.refresh()
         records = [self.keyring.key_record(name) for name in sorted(self.keyring.keys_by_name)]
-        data = [self._key_view(r) for r in records if r is not None]
+        data = [await self._key_view(r) for r in records if r is not None]
         return _json({"object": "list", "data": data})
 
     async def get_key(self, name: str) -> Response:
         await self.keyring.refresh()
-        return _json(self._key_view(self._key(name)))
+        return _json(await self._key_view(self._key(name)))
 
     async def create_key(self) -> Response:
         body = await self._body()
@@ -191,7 +210,7 @@ class AdminAPI:
             limits=_limit_fields(body),
         )
         log.info("admin: key %r created (tier %s)", name, record.tier)
-        return _json({**self._key_view(record), "key": plaintext}, 201)
+        return _json({**(await self._key_view(record)), "key": plaintext}, 201)
 
     async def update_key(self, name: str) -> Response:
         body = await self._body()
@@ -202,7 +221,7 @@ class AdminAPI:
             _optional_name(body, field)
         record = await self.keyring.update_key(name, body)
         log.info("admin: key %r changed: %s", name, ", ".join(sorted(body)) or "nothing")
-        return _json(self._key_view(record))
+        return _json(await self._key_view(record))
 
     async def revoke_key(self, name: str) -> Response:
         await self.keyring.revoke_key(name)
@@ -236,13 +255,15 @@ class AdminAPI:
         return _json(self._tier_view(name, record), 201 if created else 200)
 
 
-def create_admin_app(settings: Settings, store: WindowStore, keyring: Keyring) -> QuartTrio:
-    """The admin API of one node, over its ``keyring`` (run by the caller) and the
-    ``store`` that holds the registry."""
+def create_admin_app(
+    settings: Settings, store: WindowStore, keyring: Keyring, limiter: Limiter
+) -> QuartTrio:
+    """The admin API of one node, over its ``keyring`` (run by the caller), the
+    ``store`` that holds the registry, and the node's ``limiter``."""
     app = QuartTrio("tokenguard-admin", static_folder=None)  # no files to serve
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, BODY_TIMEOUT=30)
     app.url_map.merge_slashes = False
-    admin = AdminAPI(settings, keyring)
+    admin = AdminAPI(settings, keyring, limiter)
     app.extensions["tokenguard-admin"] = admin
     app.before_request(admin.authorize)
     app.after_request(drain_request_body)  # an early 401 keeps the connection usable

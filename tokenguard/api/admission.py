@@ -60,15 +60,23 @@ class Admissions:
         self._shadow_log = LogThrottle()
 
     async def admit(
-        self, key: ApiKey, cost: Cost, model: str, conventions: Conventions
+        self,
+        key: ApiKey,
+        cost: Cost,
+        model: str,
+        conventions: Conventions,
+        *,
+        user: str | None = None,
+        end_user: str | None = None,
     ) -> Decision:
-        """Admit ``cost`` for ``key`` and ``model``, or raise its 429 in ``conventions``'
-        shape; log, feed and count the outcome."""
+        """Admit ``cost`` for ``key`` and ``model`` (and end user ``user``, a digest: its
+        per-user rows), or raise its 429 in ``conventions``' shape; log, feed and count
+        the outcome. ``end_user``: the id the request named, for its feed events."""
         if self.store.never_waits:  # no checkpoint: it cannot be cancelled halfway
-            decision = await self.limiter.admit(key, cost, model)
+            decision = await self.limiter.admit(key, cost, model, user, end_user)
         else:
             with trio.CancelScope(shield=True):
-                decision = await self.limiter.admit(key, cost, model)
+                decision = await self.limiter.admit(key, cost, model, user, end_user)
         record = self.request_log.current()
         record.model, record.decision = model, decision_label(decision)
         record.input_tokens, record.output_reserved = cost.input_tokens, cost.output_tokens
@@ -82,10 +90,18 @@ class Admissions:
         self.metrics.admitted(decision)
         return decision
 
-    async def refuse_if_out(self, key: ApiKey, model: str, conventions: Conventions) -> None:
-        """Raise the 429 an admission of ``key`` for ``model`` is certain to get, if it
-        is (``Limiter.precheck``), logged and fed like any refusal."""
-        decision = await self.limiter.precheck(key, model)
+    async def refuse_if_out(
+        self,
+        key: ApiKey,
+        model: str,
+        conventions: Conventions,
+        *,
+        user: str | None = None,
+        end_user: str | None = None,
+    ) -> None:
+        """Raise the 429 an admission of ``key`` for ``model`` (and end user ``user``) is
+        certain to get, if it is (``Limiter.precheck``), logged and fed like any refusal."""
+        decision = await self.limiter.precheck(key, model, user, end_user)
         if decision is not None:
             record = self.request_log.current()
             record.model, record.decision = model, decision_label(decision)
@@ -122,23 +138,26 @@ class Admissions:
         output_tokens: int,
         input_tokens: int | None = None,
         cached_input_tokens: int = 0,
+        cache_reads: int = 0,
     ) -> None:
         """Settle a reservation to what the request used. ``input_tokens``, when given,
-        corrects the counted prompt (the upstream's count); ``cached_input_tokens``: the
-        prompt-cache reads the upstream reported, shown in the feed's ``settled`` event.
-        On a store that never waits (memory) it is settled here and now. Otherwise a
-        refund (nothing above what was admitted) goes to the background settler and is
-        not waited for; anything else (or when the settler cannot take it, or the
-        settlement has cache reads to show) is settled here, shielded, so a cancelled
+        corrects the counted prompt (the upstream's count), of which ``cached_input_tokens``
+        were prompt-cache hits; ``cache_reads``: prompt-cache reads outside it (Anthropic's).
+        Both are priced as cached input in spend rows, and shown together in the feed's
+        ``settled`` event. On a store that never waits (memory) it is settled here and
+        now. Otherwise a refund (nothing above what was admitted) goes to the background
+        settler and is not waited for; anything else (or when the settler cannot take it,
+        or the settlement has cache reads) is settled here, shielded, so a cancelled
         request still settles."""
+        cached = cached_input_tokens
         if self.store.never_waits:  # in-process: as cheap here as queueing it
-            await self.settle_now(decision, output_tokens, input_tokens, cached_input_tokens)
+            await self.settle_now(decision, output_tokens, input_tokens, cached, cache_reads)
             return
-        if not cached_input_tokens and self.settler.defer(decision, output_tokens, input_tokens):
+        if not cache_reads and self.settler.defer(decision, output_tokens, input_tokens, cached):
             self.request_log.current().output_settled = output_tokens
             return
         with trio.CancelScope(shield=True):
-            await self.settle_now(decision, output_tokens, input_tokens, cached_input_tokens)
+            await self.settle_now(decision, output_tokens, input_tokens, cached, cache_reads)
 
     async def settle_now(
         self,
@@ -146,15 +165,23 @@ class Admissions:
         output_tokens: int,
         input_tokens: int | None = None,
         cached_input_tokens: int = 0,
+        cache_reads: int = 0,
     ) -> None:
         """Settle in the store now (the settler's own call); a store failure is logged."""
         try:
             await self.limiter.settle(
-                decision, output_tokens=output_tokens, input_tokens=input_tokens
+                decision,
+                output_tokens=output_tokens,
+                input_tokens=input_tokens,
+                cached_input_tokens=cached_input_tokens,
+                cache_reads=cache_reads,
             )
         except StoreError as exc:
             log.warning("settlement for key %s failed: %s", decision.key.name, exc)
         else:
-            self.feed.settled(decision, output_tokens, cached_input_tokens)
-            self.metrics.settled(decision, output_tokens, input_tokens)
+            spent = decision.cost.spent(
+                output_tokens, input_tokens, cached_input_tokens, cache_reads
+            )
+            self.feed.settled(decision, output_tokens, cached_input_tokens + cache_reads, spent)
+            self.metrics.settled(decision, output_tokens, input_tokens, spent)
             self.request_log.current().output_settled = output_tokens  # (in a request)

@@ -62,7 +62,8 @@ class Exchange:
     length field an upstream reads); ``None`` when it names none (the key's
     ``default_max_tokens`` is reserved then). ``choices``: the replies the upstream
     generates, and bills, for it (0: an endpoint with no output, such as embeddings).
-    ``request``: the dialect's own validated form of the body.
+    ``request``: the dialect's own validated form of the body. ``end_user``: the end
+    user the body names (:func:`tokenguard.api.end_user.end_user_of`), ``None``: none.
     """
 
     body: dict[str, Any]
@@ -71,6 +72,7 @@ class Exchange:
     per_choice: int | None
     choices: int
     request: Any
+    end_user: str | None = None
 
 
 @attrs.frozen

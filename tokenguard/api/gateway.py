@@ -10,6 +10,8 @@ simulation (bench/simulate) drives one without HTTP.
 
 from __future__ import annotations
 
+from zoneinfo import ZoneInfo
+
 import attrs
 import trio
 
@@ -107,6 +109,7 @@ class Gateway:
             bucket_seconds=settings.bucket_seconds,
             lease_seconds=settings.lease_seconds,
             near_limit_ratio=settings.near_limit_ratio,
+            timezone=ZoneInfo(settings.timezone),
         )
         dialects = tuple(dialect.build(store, settings) for dialect in DIALECTS)
         feed = Feed(settings, store, limiter, closing=closing, keyring=keyring)

@@ -3,20 +3,23 @@
 
 Both authenticate as OpenAI's APIs do and answer with the key's rate-limit headers;
 neither consumes anything. ``/v1/usage`` is tokenguard's own: per dimension the
-tightest enforced row over every window and scope, and every row (shadow ones too).
+tightest enforced row over every window and scope, and every row (shadow ones too);
+``/v1/usage?user=ID`` adds end user ``ID``'s per-user rows under the calling key.
 ``/v1/models`` lists, in proxy mode, the exact model names of ``[upstream.models]``,
 else the mock's.
 """
 
 from __future__ import annotations
 
-from quart import Response
+from quart import Response, request
 
 from tokenguard.api.dialect import OPENAI
+from tokenguard.api.end_user import checked_end_user
 from tokenguard.api.pipeline import Pipeline, model_not_found
 from tokenguard.api.responses import json_response
 from tokenguard.config.settings import Settings
-from tokenguard.limiting.usage import usage_by_dimension, usage_entry
+from tokenguard.limiting.usage import scope_kind, usage_by_dimension, usage_entry
+from tokenguard.model import user_digest
 
 MOCK_MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4", "gpt-3.5-turbo")
 
@@ -30,16 +33,19 @@ class Info:
 
     async def usage(self) -> Response:
         key = self.pipeline.authenticate(OPENAI)
-        states = await self.pipeline.limiter.usage(key)
+        end_user = checked_end_user(request.args.get("user", ""), "user")
+        user = None if end_user is None else user_digest(end_user)
+        states = await self.pipeline.limiter.usage(key, user=user)
         body = {
             "object": "usage",
             "key": key.name,
+            **({} if end_user is None else {"user": end_user}),
             "window_seconds": self.settings.window_seconds,
             "bucket_seconds": self.settings.bucket_seconds,
             "dimensions": usage_by_dimension(states),
             "limits": [
                 {
-                    "scope": "team" if s.row.scope.startswith("team:") else "key",
+                    "scope": scope_kind(s.row.scope),
                     "dimension": s.row.dimension,
                     "window_seconds": s.row.window_ms / 1000,
                     "mode": "enforce" if s.row.enforce else "shadow",

@@ -5,12 +5,16 @@
 1. **Authenticate** the key as the dialect's API family sends it (a 401 in its shape);
 2. **read** the body (capped at ``max_body_bytes``: 413) and parse it as strict JSON;
 3. **validate** it (the dialect; a 400 naming the field): nothing is consumed before;
+   its end user, for per-user limits, from the body or ``[limits] user_header``
+   (:mod:`tokenguard.api.end_user`; a 400 for a bad id);
 4. **route** its model in proxy mode (404 ``model_not_found`` before admission);
 5. **count** its input tokens (the dialect; in a worker thread for a large body, once
    the key is known to have room: :meth:`Admissions.refuse_if_out`), and the input an
    earlier answer it refers to brings in (:meth:`Dialect.carried_input`);
 6. **reserve** its output: the longest reply it names times the choices generated, else
-   the key's ``default_max_tokens`` clamped to what its limits allow per choice;
+   the key's ``default_max_tokens`` clamped to what its limits allow per choice; and,
+   under a spend limit, its worst-case price (a 400 for an unpriced model, unless
+   ``[limits] unpriced = "free"``);
 7. **admit** every row at once, or refuse with the dialect's 429
    (:class:`~tokenguard.api.admission.Admissions`);
 8. **answer** from the mock or relay from the upstream, and **settle** to what was
@@ -29,10 +33,12 @@ from quart import Response, g, request
 from tokenguard.api.admission import Admissions
 from tokenguard.api.auth import unknown_key
 from tokenguard.api.dialect import Conventions, Dialect, Exchange
+from tokenguard.api.end_user import checked_end_user, user_scope
 from tokenguard.api.mock_answers import MockAnswers
 from tokenguard.api.proxy_answers import ProxyAnswers
 from tokenguard.api.request_body import parse_json
 from tokenguard.api.responses import json_response
+from tokenguard.config.prices import Price
 from tokenguard.config.settings import Settings, UpstreamRoute
 from tokenguard.errors import APIError
 from tokenguard.limiting.keyring import Keyring
@@ -106,11 +112,15 @@ class Pipeline:
         decision: Decision | None = None
         input_tokens = 0
         if self.settings.limiting:
-            input_tokens = await self.count_input(dialect, key, exchange, len(data))
+            end_user, user = self.end_user(key, exchange)
+            input_tokens = await self.count_input(dialect, key, exchange, len(data), user, end_user)
             input_tokens += await dialect.carried_input(exchange, key.key_id)
             output = self.output_reservation(key, exchange, input_tokens)
-            cost = Cost(requests=1, input_tokens=input_tokens, output_tokens=output)
-            decision = await self.admissions.admit(key, cost, exchange.model, dialect.conventions)
+            price = self.price(key, exchange.model)
+            cost = Cost(requests=1, input_tokens=input_tokens, output_tokens=output, price=price)
+            decision = await self.admissions.admit(
+                key, cost, exchange.model, dialect.conventions, user=user, end_user=end_user
+            )
             per_choice = output // exchange.choices if exchange.choices else 0
         else:
             self.request_log.current().decision = "unlimited"
@@ -208,15 +218,54 @@ class Pipeline:
             raise model_not_found(model)
         return route
 
+    def end_user(self, key: ApiKey, exchange: Exchange) -> tuple[str | None, str | None]:
+        """The request's end user: the id it names (the body's, else ``[limits]
+        user_header``'s; ``None``: nobody), and the digest naming its per-user rows
+        (``None`` when the key has none for this model); a 400 for an id that is too
+        long, or missing under ``missing_user = "reject"``."""
+        end_user = exchange.end_user
+        header = self.settings.user_header
+        if end_user is None and header is not None:
+            end_user = checked_end_user(request.headers.get(header, ""), header)
+        if not self.limiter.has_per_user(key, exchange.model):
+            return end_user, None
+        scope = user_scope(end_user, missing_user=self.settings.missing_user, header=header)
+        return end_user, scope
+
+    def price(self, key: ApiKey, model: str) -> Price | None:
+        """The price of ``model`` when a spend limit applies to the request (``None``
+        when none does, or the model has no price under ``unpriced = "free"``); a 400
+        naming the model when it has none under ``unpriced = "reject"``."""
+        if not self.limiter.has_spend(key, model):
+            return None
+        price = self.settings.prices.price(model)
+        if price is None and self.settings.unpriced == "reject":
+            raise APIError(
+                400,
+                f"The model `{model}` has no price, and a spend limit applies to this "
+                f"request: the operator must price it in [prices].",
+                param="model",
+                code="model_not_priced",
+            )
+        return price
+
     async def count_input(
-        self, dialect: Dialect, key: ApiKey, exchange: Exchange, body_size: int
+        self,
+        dialect: Dialect,
+        key: ApiKey,
+        exchange: Exchange,
+        body_size: int,
+        user: str | None = None,
+        end_user: str | None = None,
     ) -> int:
         """The request's input tokens: counted in place, or, when its body is
         ``COUNT_OFF_LOOP_BYTES`` or more (see there), in a worker thread once the key is
         known to have room for the request (a key already out gets its 429 uncounted)."""
         if body_size < COUNT_OFF_LOOP_BYTES:
             return dialect.count_input(exchange)
-        await self.admissions.refuse_if_out(key, exchange.model, dialect.conventions)
+        await self.admissions.refuse_if_out(
+            key, exchange.model, dialect.conventions, user=user, end_user=end_user
+        )
         return await trio.to_thread.run_sync(dialect.count_input, exchange, limiter=self._counting)
 
     def output_reservation(self, key: ApiKey, exchange: Exchange, input_tokens: int) -> int:

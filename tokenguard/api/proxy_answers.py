@@ -213,8 +213,11 @@ class ProxyAnswers:
         else:
             output = counted_output
         corrected = self._upstream_input(route, model, input_tokens, usage)
-        cached = usage.cache_read_tokens if usage is not None else 0
-        await self.admissions.settle(decision, output, corrected, cached)
+        hits = usage.cached_input_tokens if usage is not None else 0
+        reads = usage.cache_read_tokens if usage is not None else 0
+        if route.cached_input_counts:  # the reads are in the input counted: hits of it
+            hits, reads = hits + reads, 0
+        await self.admissions.settle(decision, output, corrected, hits, reads)
 
     def _upstream_input(
         self, route: UpstreamRoute, model: str, counted: int, usage: ReportedUsage | None

@@ -15,10 +15,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from tokenguard.config.prices import money_text
 from tokenguard.errors import APIError
 from tokenguard.limiting.limiter import Decision, tightest_with_shares
 from tokenguard.limiting.rules import describe_limit, describe_scope
-from tokenguard.store.window_store import LEASE_RETRY_SECONDS, RowState
+from tokenguard.model import SPEND
+from tokenguard.store.window_store import LEASE_RETRY_SECONDS, Row, RowState
 
 if TYPE_CHECKING:
     from tokenguard.api.dialect import Conventions
@@ -163,11 +165,17 @@ def _seconds_text(seconds: float) -> str:
     return f"{math.ceil(seconds * 1000) / 1000:g}s"
 
 
+def _shown(row: Row, amount: int) -> str:
+    """An amount of ``row`` as a client reads it: a count, or money in currency units."""
+    return money_text(amount) if row.dimension == SPEND else str(amount)
+
+
 def rate_limit_error(decision: Decision, conventions: Conventions) -> APIError:
     """The 429 of a refused admission, with ``conventions``' rate-limit headers: names
     whose limit (key or team, per-model rule), dimension and window, limit, used, asked
     and the wait (``retry-after``); a request that can never fit says so, with no wait;
-    a full ``max_concurrent`` is type ``concurrency`` (no header says it)."""
+    a full ``max_concurrent`` is type ``concurrency`` (no header says it); a spent
+    budget (a spend row) is OpenAI's ``insufficient_quota``, in currency units."""
     state = decision.refusal
     assert state is not None
     kind = "requests" if state.row.dimension == "requests" else "tokens"
@@ -186,15 +194,26 @@ def rate_limit_error(decision: Decision, conventions: Conventions) -> APIError:
         return APIError(429, message, "concurrency", None, "rate_limit_exceeded", headers)
     if state.never_fits:
         message = (
-            f"Request too large for {who} on {words}: Limit {state.limit}, "
-            f"Requested {asked}. This request can never fit within the limit; "
+            f"Request too large for {who} on {words}: Limit {_shown(state.row, state.limit)}, "
+            f"Requested {_shown(state.row, asked)}. This request can never fit within the limit; "
             f"reduce the prompt or max_tokens."
         )
         return APIError(429, message, kind, None, "rate_limit_exceeded", headers)
     wait = decision.admission.retry_after or 0.0
+    headers.update(retry_headers(wait))
+    if state.row.dimension == SPEND:
+        # OpenAI's own answer to a spent budget: the SDKs raise RateLimitError with
+        # code insufficient_quota. (Anthropic's conventions answer every 429 as their
+        # rate_limit_error, this message included: their API has no quota code.)
+        message = (
+            f"You exceeded the budget of {who} on {words}: Limit {_shown(state.row, state.limit)}, "
+            f"Spent {_shown(state.row, state.used)}, "
+            f"Requested {_shown(state.row, asked)} (at most). "
+            f"The budget frees up in {_seconds_text(wait)}."
+        )
+        return APIError(429, message, "insufficient_quota", None, "insufficient_quota", headers)
     message = (
         f"Rate limit reached for {who} on {words}: Limit {state.limit}, "
         f"Used {state.used}, Requested {asked}. Please try again in {_seconds_text(wait)}."
     )
-    headers.update(retry_headers(wait))
     return APIError(429, message, kind, None, "rate_limit_exceeded", headers)

@@ -9,7 +9,9 @@ standard input (one a line) and prints their digests, for a key made elsewhere.
 Live, through a node's admin API (``--admin URL``, or ``$TOKENGUARD_ADMIN_URL``; the
 admin token from ``--admin-token-file`` or ``$TOKENGUARD_ADMIN_TOKEN``)::
 
-    tokenguard keys list   --admin URL
+    tokenguard keys list   --admin URL     (with each key's spend this calendar month
+                                            under a monthly budget: ``spent 2026-12
+                                            (key): 0.42 of 5``)
     tokenguard keys new    --admin URL --name NAME [--tier T] [--team T] [FIELD=VALUE ...]
     tokenguard keys set    --admin URL NAME [--tier T|none] [--team T|none] [FIELD=VALUE ...]
     tokenguard keys revoke --admin URL NAME
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
+from tokenguard.config.prices import money_text
 from tokenguard.config.settings import ADMIN_TOKEN_ENV
 from tokenguard.limiting.registry import NAME_PATTERN
 from tokenguard.model import RULE_FIELDS, digest_of, new_key
@@ -202,11 +205,19 @@ def _limits_text(limits: dict[str, Any]) -> str:
     return " ".join(parts) or "-"
 
 
-def _key_line(key: dict[str, Any]) -> str:
-    return (
+def key_line(key: dict[str, Any]) -> str:
+    """One key of the admin API as ``tokenguard keys list`` prints it: name, tier, team,
+    its own limits, and its spend this calendar month under each monthly budget."""
+    line = (
         f"{key['name']}  tier={key.get('tier') or '-'}  team={key.get('team') or '-'}  "
         f"{_limits_text(key.get('limits') or {})}"
     )
+    for spend in key.get("month_spend") or ():
+        line += (
+            f"  spent {spend['month']} ({spend['scope']}): "
+            f"{money_text(spend['used'])} of {money_text(spend['limit'])}"
+        )
+    return line
 
 
 def _run_live(args: argparse.Namespace, out: TextIO) -> int:
@@ -217,7 +228,7 @@ def _run_live(args: argparse.Namespace, out: TextIO) -> int:
             print(json.dumps(data, indent=2), file=out)
         else:
             for key in data["data"]:
-                print(_key_line(key), file=out)
+                print(key_line(key), file=out)
         return 0
     quoted = _quote(args.name)
     if command == "revoke":
@@ -238,10 +249,10 @@ def _run_live(args: argparse.Namespace, out: TextIO) -> int:
             f"API key for {args.name!r} (shown once; tokenguard stores only its digest):", file=out
         )
         print(f"  {key['key']}", file=out)
-        print(_key_line(key), file=out)
+        print(key_line(key), file=out)
         return 0
     key = admin_call(args, "PATCH", f"/admin/keys/{quoted}", body)
-    print(_key_line(key), file=out)
+    print(key_line(key), file=out)
     return 0
 
 

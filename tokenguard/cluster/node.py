@@ -130,7 +130,9 @@ async def serve_node(
                 log.info("node %d listening on %s (store %s)", settings.node_id, url, store.url)
                 _warn_if_metrics_open(settings, host, url)
                 if admin_port is not None:
-                    admin_app = create_admin_app(settings, store, keyring)
+                    admin_app = create_admin_app(
+                        settings, store, keyring, app.extensions["tokenguard"].limiter
+                    )
                     admin_config = hypercorn_config(admin_host, admin_port, grace=grace)
                     await _serve_admin(servers, admin_app, admin_config, shutdown, settings)
                 task_status.started(url)

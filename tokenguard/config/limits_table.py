@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenguard.config.prices import from_micro, to_micro
 from tokenguard.config.reader import TableReader
-from tokenguard.model import MODES, RULE_FIELDS, Limits, ModelRule
+from tokenguard.model import MODES, RULE_FIELDS, SPEND_FIELDS, Limits, ModelRule
 
 
 def read_mode(reader: TableReader, default: str) -> str:
@@ -32,13 +33,18 @@ def read_limits(
     is no base. Per-model rules for a pattern the base also has override it field by
     field too. ``default_max_tokens=False`` (teams) refuses that field."""
     base = base or Limits(mode=mode)
-    values = {field: reader.int(field, getattr(base, field)) for field in RULE_FIELDS}
+    values = rule_values(reader, base)
     own_mode = read_mode(reader, base.mode)
     reserve = base.default_max_tokens
     if default_max_tokens:
         reserve = reader.int("default_max_tokens", base.default_max_tokens)
     models = _model_rules(reader.sub("models"), base.models)
-    return Limits(**values, default_max_tokens=reserve, mode=own_mode, models=models)
+    per_user = base.per_user
+    if "per_user" in reader.table:
+        per_user = _per_user(reader.sub("per_user"), base.per_user)
+    return Limits(
+        **values, default_max_tokens=reserve, mode=own_mode, models=models, per_user=per_user
+    )
 
 
 def limits_from_table(
@@ -58,6 +64,39 @@ def limits_from_table(
     return limits
 
 
+def rule_values(reader: TableReader, parent: Limits) -> dict[str, int | None]:
+    """Every limit field (:data:`RULE_FIELDS` integers, :data:`SPEND_FIELDS` currency
+    amounts, held in micro-units) the table sets, else ``parent``'s."""
+    values = {field: reader.int(field, getattr(parent, field)) for field in RULE_FIELDS}
+    for field in SPEND_FIELDS:
+        if field not in reader.table:
+            values[field] = getattr(parent, field)
+            continue
+        amount = reader.number(field, 0.0)
+        if not 0 < amount < 1e12:
+            reader.fail(f"must be an amount of money above 0, got {amount:g}", field)
+        else:
+            values[field] = max(1, to_micro(amount))
+    return values
+
+
+def spend_fields(limits: Limits) -> dict[str, float]:
+    """The spend limits ``limits`` sets, as the config writes them (currency units)."""
+    return {f: from_micro(v) for f in SPEND_FIELDS if (v := getattr(limits, f)) is not None}
+
+
+def _per_user(reader: TableReader, base: Limits | None) -> Limits | None:
+    """``per_user = {rpm = 20, tpd = 100000}``: the limits of each end user, over the
+    base's (a key's tier) field by field; only rule fields (no models, no mode: a
+    per-user row has the mode of the limits it belongs to)."""
+    values = rule_values(reader, base or Limits())
+    reader.done()
+    limits = Limits(**values)
+    if not limits.rules():
+        reader.fail(f"sets no limit (give one of {', '.join(RULE_FIELDS)})")
+    return limits
+
+
 def _model_rules(reader: TableReader, base: tuple[ModelRule, ...]) -> tuple[ModelRule, ...]:
     """``models = {"gpt-4o*" = {rpm = 5}}`` (or ``[....models."gpt-4o*"]`` tables)."""
     inherited = {rule.pattern: rule for rule in base}
@@ -68,7 +107,7 @@ def _model_rules(reader: TableReader, base: tuple[ModelRule, ...]) -> tuple[Mode
         table = reader.sub(pattern)
         parent = inherited.get(pattern)
         parent_limits = parent.limits if parent else Limits()
-        values = {field: table.int(field, getattr(parent_limits, field)) for field in RULE_FIELDS}
+        values = rule_values(table, parent_limits)
         mode = table.str("mode", parent.mode if parent else None)
         if mode is not None and mode not in MODES:
             table.fail(f"must be one of {', '.join(MODES)}, got {mode!r}", "mode")

@@ -2,7 +2,7 @@
 
 :func:`parse_settings` reads one section at a time, in the file's documented order
 (``[store]``, ``[window]``, ``[server]``, ``[mock]``, ``[upstream]``, ``[feed]``,
-``[metrics]``, ``[limits]``, ``[tiers]``, ``[teams]``, ``[[keys]]``), each with a
+``[metrics]``, ``[limits]``, ``[prices]``, ``[tiers]``, ``[teams]``, ``[[keys]]``), each with a
 function of its own; the first problem found is raised as a
 :class:`~tokenguard.config.settings.ConfigError` naming the file and the dotted key.
 Tokens and API keys given in plaintext are kept only as their SHA-256 digests.
@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from tokenguard.config.limits_table import read_limits, read_mode
+from tokenguard.config.prices import PriceTable, default_prices, price_from_table
 from tokenguard.config.reader import TableReader
 from tokenguard.config.settings import (
     ADMIN_TOKEN_ENV,
@@ -28,7 +31,9 @@ from tokenguard.config.settings import (
     METRICS_TOKEN_ENV,
     MIN_ADMIN_TOKEN_LENGTH,
     MIN_LEASE_SECONDS,
+    MISSING_USER_POLICIES,
     STORE_ERROR_POLICIES,
+    UNPRICED_POLICIES,
     ConfigError,
     FeedSettings,
     MetricsSettings,
@@ -37,6 +42,9 @@ from tokenguard.config.settings import (
 )
 from tokenguard.config.upstream_table import read_upstream
 from tokenguard.model import KEY_IDENTITY_FIELDS, TEAM_NAME, ApiKey, Limits, Team, digest_of
+
+# An HTTP header name (RFC 9110 token characters).
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def parse_settings(
@@ -57,6 +65,7 @@ def parse_settings(
     feed, admin_where = _feed(top.sub("feed"), source, environ)
     metrics = _metrics(top.sub("metrics"), source, environ)
     limits = _limits_section(top.sub("limits"))
+    prices = _prices(top.sub("prices"))
     mode = limits["mode"]
     tiers = _tiers(top.sub("tiers"), mode)
     teams = _teams(top.sub("teams"), mode)
@@ -79,6 +88,7 @@ def parse_settings(
         feed=feed,
         upstream=upstream,
         metrics=metrics,
+        prices=prices,
     )
 
 
@@ -169,7 +179,8 @@ def _metrics(reader: TableReader, source: str, environ: Mapping[str, str]) -> Me
 
 
 def _limits_section(reader: TableReader) -> dict[str, Any]:
-    """``[limits]``: the default mode, the lease time, the near-limit ratio."""
+    """``[limits]``: the default mode, the lease time, the near-limit ratio, where the
+    end user's id is read and what a request without one does."""
     mode = read_mode(reader, "enforce")  # the global default mode
     lease_seconds = reader.number("lease_seconds", DEFAULT_LEASE_SECONDS, minimum=MIN_LEASE_SECONDS)
     if not math.isfinite(lease_seconds):
@@ -179,8 +190,49 @@ def _limits_section(reader: TableReader) -> dict[str, Any]:
         reader.fail(
             f"must be a share of the limit, 0 to 1, got {near_limit_ratio}", "near_limit_ratio"
         )
+    user_header = reader.str("user_header", None)
+    if user_header is not None and not HEADER_NAME.fullmatch(user_header):
+        reader.fail(f"must be an HTTP header name, got {user_header!r}", "user_header")
+    timezone = reader.str("timezone", "UTC")
+    try:
+        ZoneInfo(timezone)
+    except (ValueError, ZoneInfoNotFoundError):
+        reader.fail(f"must be an IANA time zone such as Europe/Paris, got {timezone!r}", "timezone")
+    unpriced = reader.str("unpriced", "reject")
+    if unpriced not in UNPRICED_POLICIES:
+        reader.fail(f"must be one of {', '.join(UNPRICED_POLICIES)}, got {unpriced!r}", "unpriced")
+    missing_user = reader.str("missing_user", "shared")
+    if missing_user not in MISSING_USER_POLICIES:
+        reader.fail(
+            f"must be one of {', '.join(MISSING_USER_POLICIES)}, got {missing_user!r}",
+            "missing_user",
+        )
     reader.done()
-    return {"mode": mode, "lease_seconds": lease_seconds, "near_limit_ratio": near_limit_ratio}
+    return {
+        "mode": mode,
+        "lease_seconds": lease_seconds,
+        "near_limit_ratio": near_limit_ratio,
+        "user_header": None if user_header is None else user_header.lower(),
+        "missing_user": missing_user,
+        "unpriced": unpriced,
+        "timezone": timezone,
+    }
+
+
+def _prices(reader: TableReader) -> PriceTable:
+    """``[prices."MODEL-OR-GLOB"]``: ``input``, ``cached_input``, ``output`` per million
+    tokens, over the shipped table's entry of the same pattern field by field."""
+    defaults = default_prices()
+    inherited = dict(defaults.entries)
+    entries = []
+    for pattern in list(reader.table):
+        if not pattern.strip():
+            reader.fail("a model pattern must not be empty", repr(pattern))
+        table = reader.sub(pattern)
+        price = price_from_table(table.table, inherited.get(pattern), table.fail)
+        entries.append((pattern, price))
+    reader.done()
+    return PriceTable(tuple(entries)).over(defaults)
 
 
 def _tiers(reader: TableReader, mode: str) -> dict[str, Limits]:

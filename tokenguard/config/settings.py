@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from tokenguard.config.prices import PriceTable, default_prices
 from tokenguard.model import ApiKey, Limits, Team
 
 # Re-exported for tokenguard/api/, which still imports them from here; their home is
@@ -27,6 +28,12 @@ DEFAULT_LEASE_SECONDS = 30.0
 MIN_LEASE_SECONDS = 0.1
 DEFAULT_NEAR_LIMIT_RATIO = 0.8
 STORE_ERROR_POLICIES = ("local", "closed", "open")
+# [limits] missing_user: a request naming no end user, under a per-user limit, counts in
+# one bucket shared by all such requests ("shared") or is a 400 ("reject").
+MISSING_USER_POLICIES = ("shared", "reject")
+# [limits] unpriced: a request for a model without a price, under a spend limit, is a 400
+# naming the model ("reject") or costs nothing ("free").
+UNPRICED_POLICIES = ("reject", "free")
 
 
 class ConfigError(ValueError):
@@ -210,6 +217,15 @@ class Settings:
     # [limits] near_limit_ratio: a near_limit event when a row's usage reaches this
     # share of its limit, once per window (0: never).
     near_limit_ratio: float = DEFAULT_NEAR_LIMIT_RATIO
+    # [limits] user_header: the request header naming the end user when the body names
+    # none (None: only the body); [limits] missing_user: see MISSING_USER_POLICIES.
+    user_header: str | None = None
+    missing_user: str = "shared"
+    # [prices."MODEL-OR-GLOB"] over the shipped table; [limits] unpriced (see above).
+    prices: PriceTable = attrs.field(factory=default_prices)
+    unpriced: str = "reject"
+    # [limits] timezone: where a calendar month (spend_per_month) begins, an IANA name.
+    timezone: str = "UTC"
     keys: tuple[ApiKey, ...] = ()
     # Each [[keys]] entry's own limit fields as written (by key name), so that the
     # keyring (tokenguard/limiting/keyring.py) can resolve them against a tier changed later.

@@ -11,13 +11,16 @@ it talks to a :class:`~tokenguard.store.window_store.WindowStore`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from zoneinfo import ZoneInfo
 
 import attrs
 
+from tokenguard.config.prices import Price
 from tokenguard.config.settings import DEFAULT_LEASE_SECONDS
+from tokenguard.limiting.calendar import MONTH_COUNTER, MonthClock
 from tokenguard.limiting.rules import RowTemplate, templates
-from tokenguard.model import ApiKey, partition_of
+from tokenguard.model import SPEND, ApiKey, partition_of
 from tokenguard.store.window_store import (
     NOT_RESERVED,
     Admission,
@@ -33,15 +36,44 @@ TEMPLATE_CACHE = 4096
 
 @attrs.frozen
 class Cost:
-    """What one request asks for in each dimension."""
+    """What one request asks for in each dimension. ``price``: its model's price, for
+    spend rows (``None``: it costs no money, as an unpriced model under
+    ``unpriced = "free"``)."""
 
     requests: int = 1
     input_tokens: int = 0
     output_tokens: int = 0
+    price: Price | None = None
 
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
+
+    @property
+    def spend(self) -> int:
+        """The money reserved, in micro-units: :meth:`Price.reservation`."""
+        if self.price is None:
+            return 0
+        return self.price.reservation(self.input_tokens, self.output_tokens)
+
+    def spent(
+        self,
+        output_tokens: int,
+        input_tokens: int | None = None,
+        cached_input_tokens: int = 0,
+        cache_reads: int = 0,
+    ) -> int:
+        """What the request really cost, in micro-units (:meth:`Price.cost`), when it
+        used ``output_tokens`` and ``input_tokens`` (``None``: as counted), of which
+        ``cached_input_tokens`` were prompt-cache hits, plus ``cache_reads`` cache hits
+        outside ``input_tokens`` (Anthropic's ``cache_read_input_tokens``, priced as
+        cached input); 0 unpriced."""
+        if self.price is None:
+            return 0
+        real_input = self.input_tokens if input_tokens is None else input_tokens
+        return self.price.cost(
+            real_input + cache_reads, output_tokens, cached_input_tokens + cache_reads
+        )
 
     @property
     def concurrent(self) -> int:
@@ -66,6 +98,9 @@ class Decision:
     cost: Cost
     admission: Admission
     model: str | None = None
+    user: str | None = None  # the end user's digest, for per-user rows (None: none)
+    # The end user's id as the request sent it, for feed events only (never stored).
+    end_user: str | None = None
 
     @property
     def admitted(self) -> bool:
@@ -121,7 +156,10 @@ class Limiter:
     is the lease time of ``max_concurrent``; ``near_limit_ratio`` where enforced rows
     signal that they are nearly used up (0: never). ``shadow_refusals`` counts
     admissions that shadow mode let through; ``near_limit_crossings`` counts, per
-    dimension, the near-limit marks this node's admissions crossed first.
+    dimension, the near-limit marks this node's admissions crossed first. ``timezone``
+    (UTC by default) is where calendar months (``spend_per_month``) begin, by the
+    store's :meth:`~tokenguard.store.window_store.WindowStore.wall_time` (or
+    ``wall_clock``, POSIX seconds: tests move it across a month's end).
     """
 
     def __init__(
@@ -132,23 +170,34 @@ class Limiter:
         bucket_seconds: int,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         near_limit_ratio: float = 0.0,
+        timezone: ZoneInfo | None = None,
+        wall_clock: Callable[[], float] | None = None,
     ) -> None:
         self.store = store
+        self.months = MonthClock(timezone or ZoneInfo("UTC"), wall_clock or store.wall_time)
         self.window_seconds = window_seconds
         self.bucket_seconds = bucket_seconds
         self.lease_seconds = lease_seconds
         self.near_limit_ratio = near_limit_ratio
         self.shadow_refusals = 0
         self.near_limit_crossings: dict[str, int] = {}
-        self._templates: dict[tuple[int, str | None], tuple[ApiKey, tuple[RowTemplate, ...]]] = {}
+        # (key, model) -> (key, its templates, whether any is a calendar month's)
+        self._templates: dict[
+            tuple[int, str | None], tuple[ApiKey, tuple[RowTemplate, ...], bool]
+        ] = {}
 
     def templates(self, key: ApiKey, model: str | None = None) -> tuple[RowTemplate, ...]:
         """The rows (without amounts) a request of ``key`` for ``model`` is checked
         against; cached per key object and model."""
+        return self._cached(key, model)[1]
+
+    def _cached(
+        self, key: ApiKey, model: str | None
+    ) -> tuple[ApiKey, tuple[RowTemplate, ...], bool]:
         cache_key = (id(key), model)
         cached = self._templates.get(cache_key)
         if cached is not None and cached[0] is key:
-            return cached[1]
+            return cached
         if len(self._templates) >= TEMPLATE_CACHE:
             self._templates.clear()
         found = templates(
@@ -159,12 +208,52 @@ class Limiter:
             lease_ms=max(1, round(self.lease_seconds * 1000)),
             near_limit_ratio=self.near_limit_ratio,
         )
-        self._templates[cache_key] = (key, found)
-        return found
+        entry = self._templates[cache_key] = (key, found, any(t.calendar for t in found))
+        return entry
 
-    def rows(self, key: ApiKey, cost: Cost | None = None, model: str | None = None) -> list[Row]:
-        """One row per limit that applies (unlimited dimensions have none)."""
-        return [t.row(cost.amount(t.dimension) if cost else 0) for t in self.templates(key, model)]
+    def rows(
+        self,
+        key: ApiKey,
+        cost: Cost | None = None,
+        model: str | None = None,
+        user: str | None = None,
+        month: str | None = None,
+    ) -> list[Row]:
+        """One row per limit that applies (unlimited dimensions have none); per-user
+        rows for end user ``user`` (a digest, see :mod:`tokenguard.api.end_user`), none
+        when ``user`` is ``None``; calendar rows in ``month`` (a label; ``None``: the
+        current month)."""
+        out = []
+        for t in self.templates(key, model):
+            amount = cost.amount(t.dimension) if cost else 0
+            if t.per_user and user is None:
+                continue
+            if t.calendar:
+                month = month or self.months.current()[0].label
+                out.append(t.row(amount, user if t.per_user else None, month))
+            elif t.per_user:
+                out.append(t.row(amount, user))
+            else:
+                out.append(t.row(amount))
+        return out
+
+    def _in_month(self, key: ApiKey, model: str | None) -> tuple[str | None, float]:
+        """The current month's label and the seconds left in it when ``key`` has
+        calendar rows for ``model``; ``(None, 0.0)`` otherwise."""
+        if not self._cached(key, model)[2]:
+            return None, 0.0
+        month, left = self.months.current()
+        return month.label, left
+
+    def has_spend(self, key: ApiKey, model: str | None = None) -> bool:
+        """Whether a request of ``key`` for ``model`` has spend rows (its model must
+        then have a price, unless ``[limits] unpriced = "free"``)."""
+        return any(t.dimension == SPEND for t in self.templates(key, model))
+
+    def has_per_user(self, key: ApiKey, model: str | None = None) -> bool:
+        """Whether a request of ``key`` for ``model`` has per-user rows (it must then
+        name an end user, or be counted in the shared bucket)."""
+        return any(t.per_user for t in self.templates(key, model))
 
     def output_cap(
         self, key: ApiKey, model: str | None = None, input_tokens: int = 0
@@ -179,7 +268,13 @@ class Limiter:
         ]
         return min(caps, default=None)
 
-    async def precheck(self, key: ApiKey, model: str | None = None) -> Decision | None:
+    async def precheck(
+        self,
+        key: ApiKey,
+        model: str | None = None,
+        user: str | None = None,
+        end_user: str | None = None,
+    ) -> Decision | None:
         """The refusal an admission of ``key`` for ``model`` is certain to get, whatever
         its tokens, or ``None`` when it may fit; nothing is consumed. One
         :meth:`~tokenguard.store.window_store.WindowStore.usage` read of the key's rows, asking 1
@@ -189,14 +284,33 @@ class Limiter:
         wait longer). Worth a store call only for a request whose tokens are costly to
         count."""
         cost = Cost(requests=1)
-        states = await self.store.usage(partition_of(key), self.rows(key, cost, model))
+        month, left = self._in_month(key, model)
+        rows = self.rows(key, cost, model, user, month)
+        states = await self.store.usage(partition_of(key), rows)
+        if month is not None:
+            states = calendar_states(states, left)
         admission = Admission(admitted=False, states=states)
         if not admission.refusing:
             return None
-        return Decision(key=key, cost=cost, admission=admission, model=model)
+        return Decision(key, cost, admission, model, user, end_user)
 
-    async def admit(self, key: ApiKey, cost: Cost, model: str | None = None) -> Decision:
-        admission = await self.store.admit(partition_of(key), self.rows(key, cost, model))
+    async def admit(
+        self,
+        key: ApiKey,
+        cost: Cost,
+        model: str | None = None,
+        user: str | None = None,
+        end_user: str | None = None,
+    ) -> Decision:
+        """Admit ``cost`` in every row of ``key`` for ``model`` (and end user ``user``,
+        a digest: its per-user rows), all or none, in ONE store call. ``end_user``, the
+        id as sent, is only carried to the decision (for feed events)."""
+        month, left = self._in_month(key, model)
+        admission = await self.store.admit(
+            partition_of(key), self.rows(key, cost, model, user, month)
+        )
+        if month is not None:
+            admission = attrs.evolve(admission, states=calendar_states(admission.states, left))
         if admission.would_refuse:
             self.shadow_refusals += 1
         if admission.admitted:
@@ -206,18 +320,27 @@ class Limiter:
                     self.near_limit_crossings[dimension] = (
                         self.near_limit_crossings.get(dimension, 0) + 1
                     )
-        return Decision(key=key, cost=cost, admission=admission, model=model)
+        return Decision(key, cost, admission, model, user, end_user)
 
     async def settle(
-        self, decision: Decision, *, output_tokens: int, input_tokens: int | None = None
+        self,
+        decision: Decision,
+        *,
+        output_tokens: int,
+        input_tokens: int | None = None,
+        cached_input_tokens: int = 0,
+        cache_reads: int = 0,
     ) -> None:
         """Correct the reservation to what the request really used, and release its
         lease (``max_concurrent``): call it once the request has ended, stream included.
 
         ``output_tokens`` replaces the reserved worst case (usually a refund) in every
         output and total-tokens row; ``input_tokens``, when given, replaces the counted
-        prompt size in every input and total-tokens row. Nothing happens for a refused
-        request, nor for rows that were not consumed (shadow rows that did not fit).
+        prompt size in every input and total-tokens row; every spend row is set to the
+        real cost (:meth:`Price.cost`, ``cached_input_tokens`` of the input at the
+        cached price, and ``cache_reads`` outside the input: :meth:`Cost.spent`). Nothing
+        happens for a refused request, nor for rows that were
+        not consumed (shadow rows that did not fit).
         """
         reservation = decision.reservation
         if reservation is None:
@@ -230,6 +353,9 @@ class Limiter:
             "input_tokens": input_delta,
             "total_tokens": output_delta + input_delta,
         }
+        if cost.price is not None:
+            spent = cost.spent(output_tokens, input_tokens, cached_input_tokens, cache_reads)
+            by_dimension[SPEND] = spent - cost.spend
         deltas = [
             by_dimension.get(row.dimension, 0) if bucket != NOT_RESERVED else 0
             for row, bucket in zip(reservation.rows, reservation.buckets, strict=True)
@@ -237,8 +363,40 @@ class Limiter:
         if any(deltas) or reservation.lease is not None:
             await self.store.settle(reservation, deltas)
 
-    async def usage(self, key: ApiKey, model: str | None = None) -> tuple[RowState, ...]:
-        return await self.store.usage(partition_of(key), self.rows(key, model=model))
+    async def usage(
+        self, key: ApiKey, model: str | None = None, user: str | None = None
+    ) -> tuple[RowState, ...]:
+        """The state of ``key``'s rows for ``model``, with end user ``user``'s (a
+        digest) per-user rows when given; nothing consumed."""
+        month, left = self._in_month(key, model)
+        states = await self.store.usage(partition_of(key), self.rows(key, None, model, user, month))
+        return states if month is None else calendar_states(states, left)
+
+    async def month_spend(self, key: ApiKey) -> tuple[RowState, ...]:
+        """The state of ``key``'s calendar-month spend rows (its own, its tier's, its
+        team's; not per-user or per-model ones) this month: what ``tokenguard keys
+        list`` shows. Empty, without a store call, when no monthly budget applies."""
+        if not any(t.calendar and t.dimension == SPEND for t in self.templates(key)):
+            return ()
+        states = await self.usage(key)
+        month_rows = (SPEND, *MONTH_COUNTER)
+        return tuple(
+            s for s in states if (s.row.dimension, s.row.window_ms, s.row.bucket_ms) == month_rows
+        )
+
+
+def calendar_states(states: tuple[RowState, ...], left: float) -> tuple[RowState, ...]:
+    """``states`` with every calendar month row's reset and wait made the ``left``
+    seconds to the month's end, when its counter starts afresh (the store knows only
+    its sliding counter, which outlives the month)."""
+    out = []
+    for s in states:
+        row = s.row
+        if (row.window_ms, row.bucket_ms) == MONTH_COUNTER:
+            retry = s.retry_after if s.retry_after is None else left
+            s = RowState(row, s.used, left if s.used else 0.0, s.fits, retry, s.near_limit)
+        out.append(s)
+    return tuple(out)
 
 
 def tightest_by_dimension(states: Iterable[RowState]) -> dict[str, RowState]:

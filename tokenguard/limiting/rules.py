@@ -5,10 +5,15 @@ admission (:meth:`~tokenguard.store.window_store.WindowStore.admit`), whatever t
 
 * its **key**'s limits (the key's own, over its tier's): one row per limit set;
 * its key's **per-model rules** whose glob matches the request's model;
-* its key's **team**'s limits, and the team's per-model rules that match.
+* its key's **team**'s limits, and the team's per-model rules that match;
+* the **per-user** limits of the key and of its team (``per_user``), for the request's
+  end user (see below).
 
-A limit is a dimension (``requests``, ``input_tokens``, ``output_tokens``, or
-``total_tokens`` = input + output) over a window:
+A limit is a dimension (``requests``, ``input_tokens``, ``output_tokens``,
+``total_tokens`` = input + output, or ``spend``: money in micro-units, see
+:mod:`tokenguard.config.prices`) over a window (``spend_per_hour`` and
+``spend_per_day`` slide in the hour's and the day's buckets, like ``tph`` and ``tpd``;
+``spend_per_month`` is a calendar month, see :mod:`tokenguard.limiting.calendar`):
 
 ========  ==========================  =============  =====================================
 window    fields                      buckets        an amount counts for
@@ -29,11 +34,23 @@ coarser. The Redis driver's cost per row does not grow with the number of bucket
 Scopes (the ``scope`` of a row; part of its counter's name):
 
 * ``key:<key id>`` and ``key:<key id>:model:<pattern>``;
-* ``team:<team name>`` and ``team:<team name>:model:<pattern>``.
+* ``team:<team name>`` and ``team:<team name>:model:<pattern>``;
+* a calendar month's row (``spend_per_month``) ends with ``:month:<YYYY-MM>``: each
+  month is a counter of its own (:mod:`tokenguard.limiting.calendar`).
 
 A per-model rule's counter is shared by every model its glob matches (``gpt-4o*``
 counts ``gpt-4o`` and ``gpt-4o-mini`` together); a request matching several globs is
 checked against each.
+
+**Per-end-user rows**: ``per_user`` limits (on a key, its tier or its team) become rows
+whose scope names the end user by digest: ``key:<key id>:user:<digest>`` and
+``team:<team name>:user:<digest>`` (:func:`~tokenguard.model.user_digest`; a request
+naming no end user counts in ``...:user:-``, see :mod:`tokenguard.api.end_user`). They
+are rows like any other, of the same admission, in the same partition: a bucket exists
+from a user's first request until its window leaves it, so there is nothing to register
+and an idle user costs nothing once their windows have passed. Their template is
+cached per key and model like the others (``RowTemplate.per_user``); the user's digest
+is added when the row is built.
 
 The **partition** (the Redis hash tag) is the team's for a key in a team, otherwise the
 key's: all rows of one admission, key and team alike, live in one Redis Cluster slot,
@@ -61,16 +78,17 @@ from fnmatch import fnmatchcase
 
 import attrs
 
-from tokenguard.model import ApiKey, Limits, ModelRule
+from tokenguard.limiting.calendar import MONTH_COUNTER
+from tokenguard.model import SPEND, ApiKey, Limits, ModelRule
 from tokenguard.store.window_store import CONCURRENT, Row
 
 # (window_ms, bucket_ms) of the fixed windows; "minute" is the configured [window],
 # "lease" the lease time of max_concurrent ([limits] lease_seconds).
 HOUR = (3_600_000, 60_000)
 DAY = (86_400_000, 3_600_000)
-WINDOW_ORDER = ("minute", "hour", "day", "lease")
+WINDOW_ORDER = ("minute", "hour", "day", "month", "lease")
 # Every dimension a row may count, in the order rows are built.
-ALL_DIMENSIONS = ("requests", "input_tokens", "output_tokens", "total_tokens", CONCURRENT)
+ALL_DIMENSIONS = ("requests", "input_tokens", "output_tokens", "total_tokens", CONCURRENT, SPEND)
 
 
 @attrs.frozen
@@ -84,10 +102,15 @@ class RowTemplate:
     limit: int
     enforce: bool
     alert_at: int = 0
+    per_user: bool = False  # scope is "<scope>:user": the row's is "<scope>:user:<digest>"
+    calendar: bool = False  # a calendar month's row: its scope ends ":month:<label>"
 
-    def row(self, amount: int) -> Row:
+    def row(self, amount: int, user: str | None = None, month: str | None = None) -> Row:
+        """This row asking ``amount``; for a per-user template, of end user ``user``
+        (a digest); for a calendar template, in ``month`` (its label)."""
+        scope = self.scope if user is None else f"{self.scope}:{user}"
         return Row(
-            self.scope,
+            scope if month is None else f"{scope}:month:{month}",
             self.dimension,
             self.window_ms,
             self.bucket_ms,
@@ -119,6 +142,7 @@ def _limit_templates(
         "minute": (window_ms, bucket_ms),
         "hour": HOUR,
         "day": DAY,
+        "month": MONTH_COUNTER,
         "lease": (lease_ms, lease_ms),
     }
     enforce = mode != "shadow"
@@ -145,6 +169,7 @@ def _limit_templates(
             limit,
             enforce,
             alert_at(limit, near_limit_ratio) if enforce and dimension != CONCURRENT else 0,
+            calendar=(window_ms, bucket_ms) == MONTH_COUNTER,
         )
         for (dimension, window_ms, bucket_ms), limit in merged.items()
     ]
@@ -168,8 +193,8 @@ def templates(
     """Every row a request of ``key`` for ``model`` is checked against, in order: the
     key's (minute, hour, day, then max_concurrent; per dimension), its matching model
     rules', then its team's and the team's matching model rules'. ``model=None``: no
-    model rules. Enforced windowed rows alert at ``near_limit_ratio`` of their limit
-    (see :func:`alert_at`)."""
+    model rules; each scope's per-user templates (``per_user=True``) last. Enforced
+    windowed rows alert at ``near_limit_ratio`` of their limit (see :func:`alert_at`)."""
     out: list[RowTemplate] = []
     scopes: list[tuple[str, Limits]] = [(f"key:{key.key_id}", key.limits)]
     if key.team is not None:
@@ -188,6 +213,20 @@ def templates(
                 lease_ms,
                 near_limit_ratio,
             )
+    for scope, limits in scopes:
+        if limits.per_user is not None:
+            out += [
+                attrs.evolve(template, per_user=True)
+                for template in _limit_templates(
+                    f"{scope}:user",
+                    limits.per_user,
+                    limits.mode,
+                    window_ms,
+                    bucket_ms,
+                    lease_ms,
+                    near_limit_ratio,
+                )
+            ]
     return tuple(out)
 
 
@@ -198,8 +237,14 @@ _WORDS = {
     "input_tokens": ("input tokens", "input T{}"),
     "output_tokens": ("output tokens", "output T{}"),
     "total_tokens": ("tokens", "T{}"),
+    SPEND: ("spend", ""),
 }
-_WINDOW_WORDS = {60_000: ("min", "PM"), 3_600_000: ("hour", "PH"), 86_400_000: ("day", "PD")}
+_WINDOW_WORDS = {
+    60_000: ("min", "PM"),
+    3_600_000: ("hour", "PH"),
+    86_400_000: ("day", "PD"),
+    MONTH_COUNTER[0]: ("calendar month", "PMo"),
+}
 
 
 def describe_limit(row: Row) -> str:
@@ -210,6 +255,8 @@ def describe_limit(row: Row) -> str:
         return "requests in flight (max_concurrent)"
     noun, abbreviation = _WORDS.get(row.dimension, (row.dimension, ""))
     window = _WINDOW_WORDS.get(row.window_ms)
+    if row.dimension == SPEND and window is not None:
+        return f"spend per {window[0]}"
     if window is None or not abbreviation:
         return f"{noun} per {row.window_ms / 1000:g}s window"
     return f"{noun} per {window[0]} ({abbreviation.format(window[1])})"
@@ -217,8 +264,13 @@ def describe_limit(row: Row) -> str:
 
 def describe_scope(row: Row, key_name: str) -> str:
     """Whose limit a row is: ``key 'k'``, ``team 'research'``, with ``, model 'gpt-4o*'``
-    for a per-model rule."""
-    scope, _, pattern = row.scope.partition(":model:")
+    for a per-model rule; ``end user of key 'k'`` (``of team 'research'``) for a
+    per-user row (the user's id is not known here, only its digest)."""
+    scope = row.scope.partition(":month:")[0]
+    scope, _, pattern = scope.partition(":model:")
+    scope, per_user, _ = scope.partition(":user:")
     kind, _, name = scope.partition(":")
     who = f"team '{name}'" if kind == "team" else f"key '{key_name}'"
+    if per_user:
+        who = f"end user of {who}"
     return f"{who}, model '{pattern}'" if pattern else who

@@ -42,8 +42,9 @@ SETTLER_TASKS = 32
 # How long a shutdown waits for the queued settlements, at most.
 DRAIN_SECONDS = 10.0
 
-SettleCall = Callable[[Decision, int, "int | None"], Awaitable[None]]
-_Item = tuple[Decision, int, "int | None"]
+# (decision, output tokens, input tokens or None, cached input tokens): Limiter.settle's.
+SettleCall = Callable[[Decision, int, "int | None", int], Awaitable[None]]
+_Item = tuple[Decision, int, "int | None", int]
 
 
 def is_refund(decision: Decision, output_tokens: int, input_tokens: int | None) -> bool:
@@ -80,14 +81,21 @@ class Settler:
         self.deferred = 0  # settlements accepted so far
         self.lost = 0  # accepted but not attempted: the drain ran out of time
 
-    def defer(self, decision: Decision, output_tokens: int, input_tokens: int | None) -> bool:
+    def defer(
+        self,
+        decision: Decision,
+        output_tokens: int,
+        input_tokens: int | None,
+        cached_input_tokens: int = 0,
+    ) -> bool:
         """Queue a refund's settlement; ``False`` (nothing queued) when the caller must
-        settle it itself: a charge, a full queue, a settler not running."""
+        settle it itself: a charge, a full queue, a settler not running. (Cached input
+        only lowers a spend: it never makes a refund a charge.)"""
         send = self._send
         if send is None or not is_refund(decision, output_tokens, input_tokens):
             return False
         try:
-            send.send_nowait((decision, output_tokens, input_tokens))
+            send.send_nowait((decision, output_tokens, input_tokens, cached_input_tokens))
         except (trio.WouldBlock, trio.ClosedResourceError):
             return False
         self.deferred += 1
@@ -137,5 +145,5 @@ class Settler:
             )
 
     async def _work(self, receive: trio.MemoryReceiveChannel[_Item]) -> None:
-        async for decision, output_tokens, input_tokens in receive:
-            await self._settle(decision, output_tokens, input_tokens)
+        async for decision, output_tokens, input_tokens, cached_input_tokens in receive:
+            await self._settle(decision, output_tokens, input_tokens, cached_input_tokens)

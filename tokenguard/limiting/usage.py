@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from tokenguard.limiting.limiter import tightest_by_dimension
-from tokenguard.model import DIMENSIONS
+from tokenguard.model import DIMENSIONS, SPEND
 from tokenguard.store.window_store import RowState
 
 
@@ -26,12 +26,21 @@ def usage_entry(state: RowState) -> dict[str, Any]:
     }
 
 
+def scope_kind(scope: str) -> str:
+    """``key``, ``team``, ``user`` (a key's per-user row) or ``team_user`` (a team's)."""
+    kind = "team" if scope.startswith("team:") else "key"
+    if ":user:" not in scope:
+        return kind
+    return "user" if kind == "key" else "team_user"
+
+
 def usage_by_dimension(states: Iterable[RowState]) -> dict[str, Any]:
     """Per dimension, the tightest enforced row's entry (over every scope and window);
-    ``None`` for an unlimited dimension. ``total_tokens`` only when some rule limits
-    it."""
+    ``None`` for an unlimited dimension. ``total_tokens`` and ``spend`` (micro-units
+    of the operator's currency) only when some rule limits them."""
     by_dimension = tightest_by_dimension(states)
     usage = {d: usage_entry(by_dimension[d]) if d in by_dimension else None for d in DIMENSIONS}
-    if "total_tokens" in by_dimension:
-        usage["total_tokens"] = usage_entry(by_dimension["total_tokens"])
+    for optional in ("total_tokens", SPEND):
+        if optional in by_dimension:
+            usage[optional] = usage_entry(by_dimension[optional])
     return usage

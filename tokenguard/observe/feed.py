@@ -52,7 +52,7 @@ import trio
 from tokenguard.config.settings import Settings
 from tokenguard.limiting.keyring import Keyring
 from tokenguard.limiting.limiter import Decision, Limiter
-from tokenguard.limiting.usage import usage_by_dimension
+from tokenguard.limiting.usage import scope_kind, usage_by_dimension
 from tokenguard.log_throttle import LogThrottle
 from tokenguard.model import ApiKey, digest_of
 from tokenguard.observe.subscriber import Subscriber, Viewer
@@ -98,12 +98,18 @@ def limit_of(state: RowState) -> dict[str, Any]:
     row = state.row
     return {
         "dimension": row.dimension,
-        "scope": "team" if row.scope.startswith("team:") else "key",
+        "scope": scope_kind(row.scope),
         "window_seconds": row.window_ms / 1000,
         "limit": state.limit,
         "used": state.used,
         "requested": row.amount,
     }
+
+
+def end_user_of(decision: Decision) -> dict[str, str]:
+    """``{"user": id}`` for a request that named its end user (the id as sent: events
+    reach only the key's own subscribers and the admin); ``{}`` otherwise."""
+    return {} if decision.end_user is None else {"user": decision.end_user}
 
 
 class Feed:
@@ -212,6 +218,7 @@ class Feed:
                     "output_tokens": cost.output_tokens,
                 },
                 "usage": usage_by_dimension(decision.admission.states),
+                **end_user_of(decision),
             }
         )
         shadow = decision.shadow_refusal if decision.would_refuse else None
@@ -219,6 +226,7 @@ class Feed:
             self.emit(
                 {"type": "would_reject", "key": decision.key.name, "model": model}
                 | {"surface": surface}
+                | end_user_of(decision)
                 | limit_of(shadow)
             )
 
@@ -230,6 +238,7 @@ class Feed:
             return
         self.emit(
             {"type": "rejected", "key": decision.key.name, "model": model, "surface": surface}
+            | end_user_of(decision)
             | limit_of(state)
             | {"retry_after": decision.admission.retry_after}
         )
@@ -244,13 +253,17 @@ class Feed:
             self.emit(
                 {"type": "near_limit", "key": decision.key.name, "model": model}
                 | {"surface": surface}
+                | end_user_of(decision)
                 | limit_of(state)
                 | {"ratio": round(state.used / state.limit, 4), "alert_at": state.row.alert_at}
             )
 
-    def settled(self, decision: Decision, output_tokens: int, cached_input_tokens: int = 0) -> None:
-        """A settlement; ``cached_input_tokens`` (the upstream's prompt-cache reads) are
-        in the event only when there were some."""
+    def settled(
+        self, decision: Decision, output_tokens: int, cached_input_tokens: int = 0, spent: int = 0
+    ) -> None:
+        """A settlement: the output reserved and used; ``cached_input_tokens`` (the
+        upstream's prompt-cache hits) only when there were some; for a priced request
+        (under a spend limit) the money reserved and spent, in micro-units."""
         if not self.watched:
             return
         reserved = decision.cost.output_tokens
@@ -260,9 +273,13 @@ class Feed:
             "reserved_output_tokens": reserved,
             "output_tokens": output_tokens,
             "refund": reserved - output_tokens,
+            **end_user_of(decision),
         }
         if cached_input_tokens:
             event["cached_input_tokens"] = cached_input_tokens
+        if decision.cost.price is not None:
+            event["reserved_spend"] = decision.cost.spend
+            event["spend"] = spent
         self.emit(event)
 
     # -- who sees what

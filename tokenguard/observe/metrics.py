@@ -184,12 +184,18 @@ class Metrics:
         self._keys: dict[str, _KeySeries] = {}
         self._models = BoundedLabel()
         self._input_counts: dict[str, _InputCount] = {}
+        self._spend: dict[tuple[str, str], int] = {}  # (key name, model) -> micro-units
         self.registry.register(NodeCollector(self, store=store, feed=feed, limiter=limiter))
 
     @property
     def keys_seen(self) -> Mapping[str, _KeySeries]:
         """The counters of every key name admitted so far (read at scrape time)."""
         return self._keys
+
+    @property
+    def spend(self) -> Mapping[tuple[str, str], int]:
+        """Money spent, micro-units, by (key name, model) (read at scrape time)."""
+        return self._spend
 
     @property
     def input_counts(self) -> Mapping[str, _InputCount]:
@@ -233,13 +239,21 @@ class Metrics:
         self.rejected_total.labels(decision.key.name, dimension).inc()
 
     def settled(
-        self, decision: Decision, output_tokens: int, input_tokens: int | None = None
+        self,
+        decision: Decision,
+        output_tokens: int,
+        input_tokens: int | None = None,
+        spent: int = 0,
     ) -> None:
-        """A settlement the store took: the tokens really used."""
+        """A settlement the store took: the tokens really used, and the money spent
+        (micro-units) by key name and model (bounded; never by end user)."""
         series = self._key(decision.key.name)
         series.output_settled += output_tokens
         if input_tokens is not None:
             series.input_settled += input_tokens
+        if spent:
+            label = (decision.key.name, self._models(decision.model or ""))
+            self._spend[label] = self._spend.get(label, 0) + spent
 
     def input_counted(self, model: str, counted: int, reported: int) -> None:
         """An upstream reported ``reported`` prompt tokens for a prompt tokenguard

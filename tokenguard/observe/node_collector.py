@@ -248,7 +248,15 @@ class NodeCollector(Collector):
             if series.input_settled:  # (only an upstream's other prompt size)
                 settled.add_metric([name, "input"], series.input_settled)
             settled.add_metric([name, "output"], series.output_settled)
-        yield from (admitted, reserved, settled)
+        spend = CounterMetricFamily(
+            "tokenguard_spend_micro",
+            "Money spent by settled requests under a spend limit, in micro-units of the "
+            "operator's currency, by key name and model (bounded). Never by end user.",
+            labels=["key", "model"],
+        )
+        for (name, model), micro in list(self.metrics.spend.items()):
+            spend.add_metric([name, model], micro)
+        yield from (admitted, reserved, settled, spend)
 
     def _feed(self, feed: Feed) -> Iterator[Metric]:
         yield _gauge(

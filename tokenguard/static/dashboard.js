@@ -1,6 +1,6 @@
 // tokenguard's live dashboard: subscribes to /v1/usage/stream on the node that served
-// this page and shows, per key, three gauges, the last 60 s as a chart, and the most
-// recent rejections. Plain JavaScript, no build step, nothing loaded from elsewhere.
+// this page and shows, per key, three gauges (a fourth, spend, for a key under a spend
+// limit), the last 60 s as a chart, and the most recent rejections. Plain JavaScript, no build step, nothing loaded from elsewhere.
 //
 // The token lives in the `token` variable only (never localStorage, cookies or the
 // URL): a reload forgets it. It is sent in the first websocket message, since a
@@ -12,7 +12,15 @@
 "use strict";
 
 const DIMENSIONS = ["requests", "input_tokens", "output_tokens"];
-const LABELS = { requests: "requests", input_tokens: "input tokens", output_tokens: "output tokens" };
+// Gauges a key gets only once its usage shows the dimension limited (a spend limit).
+const OPTIONAL = ["spend"];
+const LABELS = {
+  requests: "requests",
+  input_tokens: "input tokens",
+  output_tokens: "output tokens",
+  spend: "spend",
+};
+const MICRO = 1_000_000; // spend is counted in micro-units of the operator's currency
 const HISTORY_MS = 60_000;
 const MAX_REJECTIONS = 20;
 const RECONNECT_MS = [500, 1000, 2000, 5000];
@@ -115,13 +123,19 @@ function handle(event) {
       updateUsage(event.key, event.usage, event.ts);
       break;
     case "settled": {
+      // The snapshot that follows corrects any drift; this just shows it at once.
       const entry = keyEntry(event.key);
+      const settled = {};
       const output = entry.usage.output_tokens;
       if (output && event.refund) {
-        // The snapshot that follows corrects any drift; this just shows it at once.
-        const used = Math.max(0, output.used - event.refund);
-        updateUsage(event.key, { output_tokens: { ...output, used: used } }, event.ts);
+        settled.output_tokens = { ...output, used: Math.max(0, output.used - event.refund) };
       }
+      const spend = entry.usage.spend;
+      if (spend && typeof event.spend === "number" && typeof event.reserved_spend === "number") {
+        const freed = event.reserved_spend - event.spend;
+        settled.spend = { ...spend, used: Math.max(0, spend.used - freed) };
+      }
+      if (Object.keys(settled).length) updateUsage(event.key, settled, event.ts);
       break;
     }
     case "rejected":
@@ -202,6 +216,17 @@ function updateUsage(name, usage, ts) {
     entry.usage[dimension] = value;
     drawGauge(entry.gauges[dimension], value);
   }
+  for (const dimension of OPTIONAL) {
+    const value = usage[dimension];
+    if (!value && !entry.gauges[dimension]) continue; // not limited: no gauge
+    if (!entry.gauges[dimension]) {
+      entry.gauges[dimension] = makeGauge(name, dimension);
+      entry.card.querySelector(".gauges").appendChild(entry.gauges[dimension]);
+    }
+    if (!(dimension in usage)) continue;
+    entry.usage[dimension] = value;
+    drawGauge(entry.gauges[dimension], value);
+  }
   const point = { t: Date.now() };
   for (const dimension of DIMENSIONS) {
     const value = entry.usage[dimension];
@@ -228,7 +253,18 @@ function drawGauge(el, value) {
   el.dataset.limit = String(value.limit);
   el.dataset.level = share >= 0.9 ? "bad" : share >= 0.7 ? "warn" : "ok";
   fill.setAttribute("stroke-dashoffset", String(ARC * (1 - share)));
-  text.textContent = `${value.used.toLocaleString()} / ${value.limit.toLocaleString()}`;
+  text.textContent = el.dataset.dimension === "spend"
+    ? `${money(value.used)} / ${money(value.limit)}`
+    : `${value.used.toLocaleString()} / ${value.limit.toLocaleString()}`;
+}
+
+// Micro-units as an amount of the operator's currency, to the micro-unit (no symbol:
+// the currency is whatever the prices were written in).
+function money(micro) {
+  return (micro / MICRO).toLocaleString(undefined, {
+    minimumFractionDigits: 2,
+    maximumFractionDigits: 6,
+  });
 }
 
 function trimHistory(entry) {
@@ -296,8 +332,10 @@ function addRejection(event) {
     event.key,
     event.model,
     LABELS[event.dimension] || event.dimension,
-    `${event.used} / ${event.limit}`,
-    String(event.requested),
+    event.dimension === "spend"
+      ? `${money(event.used)} / ${money(event.limit)}`
+      : `${event.used} / ${event.limit}`,
+    event.dimension === "spend" ? money(event.requested) : String(event.requested),
     retry,
     String(event.node),
   ];

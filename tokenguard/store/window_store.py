@@ -30,6 +30,7 @@ import abc
 import enum
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib.metadata import entry_points
@@ -363,6 +364,13 @@ class WindowStore(abc.ABC):
     one), the moment it was read, before any caller was woken with it; ``-inf`` for a
     store with no server. A caller judging the server sees from here that the server
     is answering even while the replies still wait for their callers' tasks to run."""
+
+    def wall_time(self) -> float:
+        """POSIX seconds by the clock this store's windows run on, as near as this
+        process can tell: what calendar windows (months) are named by. The default,
+        for a store on a server, is this machine's clock (see
+        :mod:`tokenguard.limiting.calendar` for what a skew between them means)."""
+        return time.time()
 
     @classmethod
     @abc.abstractmethod

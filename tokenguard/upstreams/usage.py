@@ -37,11 +37,15 @@ class ReportedUsage:
     ``cache_read_tokens``: prompt tokens read from the upstream's prompt cache that are
     NOT in ``input_tokens`` (Anthropic's ``cache_read_input_tokens``; a route whose
     ``cached_input_counts`` is true counts them as input too, see :meth:`limited_input`).
-    ``input_tokens + cache_read_tokens`` is the whole prompt, what tokenguard counted."""
+    ``input_tokens + cache_read_tokens`` is the whole prompt, what tokenguard counted.
+    ``cached_input_tokens``: how many OF the input tokens were prompt-cache hits
+    (OpenAI's ``cached_tokens``). Both kinds of hits are priced at ``cached_input`` in
+    spend rows; 0 when not reported."""
 
     input_tokens: int | None
     output_tokens: int | None
     cache_read_tokens: int = 0
+    cached_input_tokens: int = 0
 
     @property
     def prompt_tokens(self) -> int | None:
@@ -63,8 +67,12 @@ class ReportedUsage:
         ``completion_tokens``); ``None`` when there is none."""
         if not isinstance(usage, dict):
             return None
+        details = usage.get("prompt_tokens_details")
+        cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else None
         return cls(
-            token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
+            token_count(usage.get("prompt_tokens")),
+            token_count(usage.get("completion_tokens")),
+            cached or 0,
         )
 
     @classmethod

@@ -31,6 +31,7 @@ from typing import Any, Self
 from tokenguard.api.dialect import Dialect, Exchange, MockAnswer
 from tokenguard.api.dialects.anthropic_conventions import ANTHROPIC, anthropic_upstream_headers
 from tokenguard.api.dialects.anthropic_request import MessagesRequest, validate_messages
+from tokenguard.api.end_user import end_user_of
 from tokenguard.config.settings import Settings, UpstreamRoute, UpstreamSettings
 from tokenguard.counting.claude import (
     DEFAULT_INPUT_FACTOR,
@@ -237,6 +238,7 @@ class MessagesDialect(Dialect):
             per_choice=request.max_tokens,
             choices=1,
             request=request,
+            end_user=end_user_of(request.body),
         )
 
     def count_input(self, exchange: Exchange) -> int:

@@ -23,6 +23,7 @@ from tokenguard.api.dialects.openai import (
     sse_event,
     usage_block,
 )
+from tokenguard.api.end_user import end_user_of
 from tokenguard.api.request_body import (
     check_text,
     generated_choices,
@@ -180,6 +181,7 @@ class ChatDialect(Dialect):
             per_choice=chat.max_tokens,
             choices=chat.choices,
             request=chat,
+            end_user=end_user_of(chat.body),
         )
 
     def count_input(self, exchange: Exchange) -> int:

@@ -17,6 +17,7 @@ import attrs
 from tokenguard.api.dialect import Dialect, Exchange, MockAnswer
 from tokenguard.api.dialects.openai import DONE, ChoicesMeter, reply_output, sse_event, usage_block
 from tokenguard.api.dialects.prompt import Prompt, parse_prompt, prompt_tokens
+from tokenguard.api.end_user import end_user_of
 from tokenguard.api.request_body import (
     check_text,
     generated_choices,
@@ -100,6 +101,7 @@ class CompletionsDialect(Dialect):
             per_choice=req.max_tokens,
             choices=req.choices,
             request=req,
+            end_user=end_user_of(req.body),
         )
 
     def count_input(self, exchange: Exchange) -> int:

@@ -17,6 +17,7 @@ import attrs
 from tokenguard.api.dialect import Dialect, Exchange, MockAnswer
 from tokenguard.api.dialects.openai import ChoicesMeter
 from tokenguard.api.dialects.prompt import Prompt, parse_prompt, prompt_tokens
+from tokenguard.api.end_user import end_user_of
 from tokenguard.api.request_body import positive_int, request_model
 from tokenguard.errors import invalid
 from tokenguard.upstreams.mock import embedding_vector
@@ -73,7 +74,13 @@ class EmbeddingsDialect(Dialect):
     def parse(self, body: Any) -> Exchange:
         req = validate_embedding(body)
         return Exchange(
-            body=req.body, model=req.model, stream=False, per_choice=0, choices=0, request=req
+            body=req.body,
+            model=req.model,
+            stream=False,
+            per_choice=0,
+            choices=0,
+            request=req,
+            end_user=end_user_of(req.body),
         )
 
     def count_input(self, exchange: Exchange) -> int:

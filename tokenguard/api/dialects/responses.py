@@ -34,6 +34,7 @@ from tokenguard.api.dialects.response_objects import (
     response_events,
     response_object,
 )
+from tokenguard.api.end_user import end_user_of
 from tokenguard.api.request_body import check_text, output_length, request_model
 from tokenguard.api.response_store import (
     MAX_RESPONSE_ID_CHARS,
@@ -325,6 +326,7 @@ class ResponsesDialect(Dialect):
             per_choice=request.max_output_tokens,
             choices=1,
             request=request,
+            end_user=end_user_of(request.body),
         )
 
     def count_input(self, exchange: Exchange) -> int:
