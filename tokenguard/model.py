@@ -34,6 +34,11 @@ RULE_FIELDS = {
     for suffix, window in ((f"{p}m", "minute"), (f"{p}h", "hour"), (f"{p}d", "day"))
 } | {"max_concurrent": ("concurrent", "lease")}
 MODES = ("enforce", "shadow")
+# A request's priority in the admission queue, highest first (tokenguard/limiting/wait_lines.py).
+PRIORITIES = ("interactive", "batch")
+# The admission-queue fields a tier, key, team or per-model rule may set (None: not set;
+# see Limits). They shape how a refused request may wait, not what it may spend.
+QUEUE_FIELDS = ("max_wait_seconds", "max_waiting", "priority")
 # Team names end up in store key names, as the hash tag: no braces, no colons.
 TEAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 DEFAULT_MAX_TOKENS = 1024
@@ -72,6 +77,12 @@ class Limits:
     mode: str = "enforce"
     models: tuple[ModelRule, ...] = ()
     max_concurrent: int | None = None  # requests in flight at once (leases)
+    # The admission queue (docs/design.md, "The admission queue"); None: not set here.
+    # max_wait_seconds: how long a refused request may wait for room (0: refused at once);
+    # max_waiting: requests of one key waiting at once on a node; priority: PRIORITIES.
+    max_wait_seconds: float | None = None
+    max_waiting: int | None = None
+    priority: str | None = None
 
     def rules(self) -> list[tuple[str, str, int]]:
         """``(dimension, window, limit)`` for every limit set, in RULE_FIELDS order."""

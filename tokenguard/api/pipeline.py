@@ -11,7 +11,9 @@
 6. **reserve** its output: the longest reply it names times the choices generated, else
    the key's ``default_max_tokens`` clamped to what its limits allow per choice;
 7. **admit** every row at once, or refuse with the dialect's 429
-   (:class:`~tokenguard.api.admission.Admissions`);
+   (:class:`~tokenguard.api.admission.Admissions`; a request whose rules allow a wait
+   may wait for room first, bounded by ``x-tokenguard-max-wait``:
+   :mod:`tokenguard.api.wait_headers`);
 8. **answer** from the mock or relay from the upstream, and **settle** to what was
    spent (:mod:`tokenguard.api.mock_answers`, :mod:`tokenguard.api.proxy_answers`).
 
@@ -31,6 +33,8 @@ from tokenguard.api.dialect import Conventions, Dialect, Exchange
 from tokenguard.api.mock_answers import MockAnswers
 from tokenguard.api.proxy_answers import ProxyAnswers
 from tokenguard.api.request_body import parse_json
+from tokenguard.api.responses import stash_queued_ms
+from tokenguard.api.wait_headers import asked_priority, asked_wait
 from tokenguard.config.settings import Settings, UpstreamRoute
 from tokenguard.errors import APIError
 from tokenguard.limiting.keyring import Keyring
@@ -95,7 +99,17 @@ class Pipeline:
             input_tokens = await self.count_input(dialect, key, exchange, len(data))
             output = self.output_reservation(key, exchange, input_tokens)
             cost = Cost(requests=1, input_tokens=input_tokens, output_tokens=output)
-            decision = await self.admissions.admit(key, cost, exchange.model, dialect.conventions)
+            decision = await self.admissions.admit(
+                key,
+                cost,
+                exchange.model,
+                dialect.conventions,
+                asked_wait=asked_wait(request.headers),
+                asked_priority=asked_priority(request.headers),
+            )
+            queued_ms = self.request_log.current().queued_ms
+            if queued_ms is not None:
+                stash_queued_ms(queued_ms)
             per_choice = output // exchange.choices if exchange.choices else 0
         else:
             self.request_log.current().decision = "unlimited"

@@ -22,6 +22,7 @@ from tokenguard.config.limits_table import read_limits, read_mode
 from tokenguard.config.reader import TableReader
 from tokenguard.config.settings import (
     ADMIN_TOKEN_ENV,
+    DEFAULT_BATCH_SHARE,
     DEFAULT_FEED_BACKLOG,
     DEFAULT_LEASE_SECONDS,
     DEFAULT_NEAR_LIMIT_RATIO,
@@ -158,7 +159,8 @@ def _metrics(reader: TableReader, source: str, environ: Mapping[str, str]) -> Me
 
 
 def _limits_section(reader: TableReader) -> dict[str, Any]:
-    """``[limits]``: the default mode, the lease time, the near-limit ratio."""
+    """``[limits]``: the default mode, the lease time, the near-limit ratio, the batch
+    share of the admission queue."""
     mode = read_mode(reader, "enforce")  # the global default mode
     lease_seconds = reader.number("lease_seconds", DEFAULT_LEASE_SECONDS, minimum=MIN_LEASE_SECONDS)
     if not math.isfinite(lease_seconds):
@@ -168,8 +170,16 @@ def _limits_section(reader: TableReader) -> dict[str, Any]:
         reader.fail(
             f"must be a share of the limit, 0 to 1, got {near_limit_ratio}", "near_limit_ratio"
         )
+    batch_share = reader.number("batch_share", DEFAULT_BATCH_SHARE)
+    if not 0 <= batch_share <= 1:
+        reader.fail(f"must be a share of the turns, 0 to 1, got {batch_share}", "batch_share")
     reader.done()
-    return {"mode": mode, "lease_seconds": lease_seconds, "near_limit_ratio": near_limit_ratio}
+    return {
+        "mode": mode,
+        "lease_seconds": lease_seconds,
+        "near_limit_ratio": near_limit_ratio,
+        "batch_share": batch_share,
+    }
 
 
 def _tiers(reader: TableReader, mode: str) -> dict[str, Limits]:

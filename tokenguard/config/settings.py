@@ -29,6 +29,10 @@ DEFAULT_NEAR_LIMIT_RATIO = 0.8
 STORE_ERROR_POLICIES = ("local", "closed", "open")
 
 
+# [limits] batch_share's default: one turn in ten for batch on a shared line.
+DEFAULT_BATCH_SHARE = 0.1
+
+
 class ConfigError(ValueError):
     """A config file (or an override) is invalid; the message says where and why."""
 
@@ -192,6 +196,9 @@ class Settings:
     # [limits] near_limit_ratio: a near_limit event when a row's usage reaches this
     # share of its limit, once per window (0: never).
     near_limit_ratio: float = DEFAULT_NEAR_LIMIT_RATIO
+    # [limits] batch_share: on a line where interactive and batch requests both wait
+    # for room, the share of its turns batch gets (tokenguard/limiting/wait_lines.py).
+    batch_share: float = DEFAULT_BATCH_SHARE
     keys: tuple[ApiKey, ...] = ()
     # Each [[keys]] entry's own limit fields as written (by key name), so that the
     # keyring (tokenguard/limiting/keyring.py) can resolve them against a tier changed later.

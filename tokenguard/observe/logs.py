@@ -70,10 +70,12 @@ class RequestRecord:
     output_settled: int | None = None
     decision: str | None = None
     latency_ms: float | None = None
+    queued_ms: int | None = None  # a request that may wait: how long it waited
 
     def fields(self) -> dict[str, Any]:
-        """The line's fields, in order (``node`` and ``ts`` are the formatter's)."""
-        return {
+        """The line's fields, in order (``node`` and ``ts`` are the formatter's);
+        ``queued_ms`` only for a request that may wait."""
+        fields = {
             "method": self.method,
             "path": _cut(self.path),
             "status": self.status,
@@ -85,6 +87,9 @@ class RequestRecord:
             "latency_ms": self.latency_ms,
             "decision": self.decision,
         }
+        if self.queued_ms is not None:
+            fields["queued_ms"] = self.queued_ms
+        return fields
 
 
 def decision_label(decision: Decision) -> str:
