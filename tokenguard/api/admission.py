@@ -38,7 +38,7 @@ from tokenguard.limiting.rules import describe_limit, describe_scope
 from tokenguard.limiting.settler import Settler
 from tokenguard.limiting.wait_lines import WaitPolicy, wait_policy
 from tokenguard.log_throttle import LogThrottle
-from tokenguard.model import ApiKey
+from tokenguard.model import ApiKey, partition_of
 from tokenguard.observe.feed import Feed
 from tokenguard.observe.logs import RequestLog, decision_label
 from tokenguard.observe.metrics import Metrics
@@ -144,7 +144,9 @@ class Admissions:
                 self.metrics.dequeued(key.name, outcome, waited)
 
         try:
-            queued = await self.queue.admit(key.key_id, policy, counters, attempt, on_queued)
+            queued = await self.queue.admit(
+                partition_of(key), key.key_id, policy, counters, attempt, on_queued
+            )
         except trio.Cancelled:
             left("gone")
             raise

@@ -108,7 +108,7 @@ class Gateway:
             feed=feed,
             metrics=metrics,
             request_log=request_log,
-            queue=AdmissionQueue(batch_share=settings.batch_share, closing=closing),
+            queue=AdmissionQueue(batch_share=settings.batch_share, closing=closing, store=store),
         )
         upstream = None
         proxy = None

@@ -29,9 +29,16 @@ Guarantees:
   it had consumed nothing. :meth:`AdmissionQueue.close` (the node shutting down)
   answers every waiter :class:`QueueClosed`.
 
-Fairness holds within a node (arrival order per line, by priority); across nodes,
-whichever node's head reaches the store first when room frees is admitted: see
-docs/design.md, "The admission queue".
+* **Arrival order across nodes** (a store with ticket lines,
+  :meth:`~tokenguard.store.window_store.WindowStore.tickets`): every waiter takes a
+  ticket in its line's store line (per priority), and a node's head tries the store
+  only when its ticket is the lowest held; else it waits until a node announces that a
+  waiter left that line (``PUBLISH`` on :data:`CHANNEL`), or :data:`RECHECK_SECONDS`
+  (an announcement lost). A ticket nobody checked for its bound plus
+  :data:`TICKET_GRACE_SECONDS` expires (a node that died with waiters). A store that
+  cannot answer leaves the order per node.
+
+See docs/design.md, "The admission queue".
 """
 
 from __future__ import annotations
@@ -44,6 +51,14 @@ import trio
 
 from tokenguard.limiting.limiter import Decision
 from tokenguard.limiting.wait_lines import Waiter, WaitLines, WaitPolicy
+from tokenguard.store.window_store import StoreError, TicketOp, WindowStore
+
+CHANNEL = "tokenguard.queue"
+"""Where nodes announce that a waiter left a line (the message: the store line's name)."""
+RECHECK_SECONDS = 1.0
+"""A head behind another node's waiter checks its turn again at least this often."""
+TICKET_GRACE_SECONDS = 5.0
+"""A ticket lives its waiter's bound plus this since it was last checked."""
 
 
 class QueueClosed(Exception):
@@ -73,21 +88,46 @@ MIN_RETRY_SECONDS = 0.001
 class AdmissionQueue:
     """One node's waiting requests (see the module docstring)."""
 
-    def __init__(self, *, batch_share: float, closing: trio.Event | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        batch_share: float,
+        closing: trio.Event | None = None,
+        store: WindowStore | None = None,
+    ) -> None:
         self.lines = WaitLines(batch_share=batch_share)
+        self.store = store
         self._closing = closing
         self._closed = False
         self._changed: dict[str, trio.Event] = {}
+        self.store_calls = 0  # ticket steps and announcements made (the benchmark's)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Close the queue once the node's ``closing`` event is set (run in the app's
-        nursery)."""
-        task_status.started()
-        if self._closing is None:
-            await trio.sleep_forever()
-        else:
+        """Hear other nodes' announcements (with a store), and close the queue once the
+        node's ``closing`` event is set (run in the app's nursery)."""
+        async with trio.open_nursery() as nursery:
+            if self.store is not None:
+                nursery.start_soon(self._hear_announcements)
+            task_status.started()
+            if self._closing is None:
+                await trio.sleep_forever()
             await self._closing.wait()
             self.close()
+            nursery.cancel_scope.cancel()
+
+    async def _hear_announcements(self) -> None:
+        """Wake the local line of every store line a node announces a waiter left; a
+        lost subscription is taken again (meanwhile heads recheck every
+        :data:`RECHECK_SECONDS`)."""
+        assert self.store is not None
+        while True:
+            try:
+                async with self.store.subscribe(CHANNEL) as messages:
+                    async for message in messages:
+                        line = message.decode(errors="replace").rpartition("#")[0]
+                        self.freed((line,))
+            except StoreError:
+                await trio.sleep(RECHECK_SECONDS)
 
     def close(self) -> None:
         """Answer every waiter :class:`QueueClosed`, and hold no new request."""
@@ -114,16 +154,18 @@ class AdmissionQueue:
 
     async def admit(
         self,
+        partition: str,
         key_id: str,
         policy: WaitPolicy,
         counters: tuple[str, ...],
         attempt: Attempt,
         on_queued: Callable[[Decision | None], None] | None = None,
     ) -> Queued:
-        """Admit a request of ``key_id`` whose rows count in ``counters`` with ``attempt``
-        (the store's admission), waiting per ``policy`` when refused (see the module
-        docstring). Returns the admission, or the refusal to answer with its 429;
-        raises :class:`QueueClosed` when the node shuts down while it waits.
+        """Admit a request of ``key_id`` (in ``partition``) whose rows count in
+        ``counters`` with ``attempt`` (the store's admission), waiting per ``policy``
+        when refused (see the module docstring). Returns the admission, or the refusal
+        to answer with its 429; raises :class:`QueueClosed` when the node shuts down
+        while it waits.
         ``on_queued`` is called when it starts to wait, with the refusal that made it
         (``None``: it joined behind a waiter without trying the store)."""
         start = trio.current_time()
@@ -143,14 +185,18 @@ class AdmissionQueue:
             return Queued(await attempt(), 0.0)
         if on_queued is not None:
             on_queued(decision)
+        ticket = _Ticket(self, partition, waiter)
         try:
-            decision = await self._wait(waiter, attempt)
+            await ticket.take()
+            decision = await self._wait(waiter, attempt, ticket)
         finally:
             self.lines.leave(waiter)  # (a no-op once admitted)
             self._wake(waiter.line)
+            with trio.CancelScope(shield=True):
+                await ticket.drop()
         return Queued(decision, trio.current_time() - start)
 
-    async def _wait(self, waiter: Waiter, attempt: Attempt) -> Decision:
+    async def _wait(self, waiter: Waiter, attempt: Attempt, ticket: _Ticket) -> Decision:
         """Hold ``waiter`` until it is admitted or must be refused (a refusal whose wait
         is beyond its bound); raise :class:`QueueClosed` when the queue closes."""
         line = waiter.line
@@ -160,6 +206,9 @@ class AdmissionQueue:
                 raise QueueClosed(max(1.0, self.lines.due(line) - now))
             is_head = self.lines.head(line) is waiter
             if is_head and now >= self.lines.due(line):
+                if not await ticket.first():  # another node's waiter came first
+                    self.lines.retry_at(line, trio.current_time() + RECHECK_SECONDS)
+                    continue
                 decision = await attempt()
                 now = trio.current_time()
                 if decision.admitted:
@@ -173,3 +222,52 @@ class AdmissionQueue:
             event = self._changed.setdefault(line, trio.Event())
             with trio.move_on_at(self.lines.due(line) if is_head else math.inf):
                 await event.wait()
+
+
+class _Ticket:
+    """A waiter's place in its line's store line (see the module docstring); every
+    step is a no-op without a store, and a store failure leaves the order per node."""
+
+    def __init__(self, queue: AdmissionQueue, partition: str, waiter: Waiter) -> None:
+        self.queue = queue
+        self.partition = partition
+        self.line = f"{waiter.line}#{waiter.priority}"
+        self.ttl_ms = round((waiter.bound + TICKET_GRACE_SECONDS) * 1000)
+        self.number = 0  # 0: none held
+
+    async def _step(self, op: TicketOp, number: int = 0) -> tuple[int, int] | None:
+        store = self.queue.store
+        if store is None:
+            return None
+        self.queue.store_calls += 1
+        try:
+            return await store.tickets(self.partition, self.line, op, number, self.ttl_ms)
+        except StoreError:
+            return None
+
+    async def take(self) -> None:
+        taken = await self._step("take")
+        self.number = taken[0] if taken is not None else 0
+
+    async def first(self) -> bool:
+        """Whether no other node's waiter of this line holds an earlier ticket (holding
+        this one ``ttl`` more)."""
+        if not self.number:
+            return True
+        checked = await self._step("check", self.number)
+        return checked is None or checked[1] in (0, self.number)
+
+    async def drop(self) -> None:
+        """Leave the store line, and tell every node (their heads may go now)."""
+        if not self.number:
+            return
+        number, self.number = self.number, 0
+        if await self._step("drop", number) is None:
+            return
+        store = self.queue.store
+        assert store is not None
+        self.queue.store_calls += 1
+        try:
+            await store.publish(CHANNEL, [self.line.encode()])
+        except StoreError:
+            pass  # the other heads recheck within RECHECK_SECONDS

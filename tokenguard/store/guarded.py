@@ -101,6 +101,7 @@ from tokenguard.store.window_store import (
     Row,
     RowState,
     StoreError,
+    TicketOp,
     WindowStore,
     evictable,
     store_from_url,
@@ -447,6 +448,15 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
 
     def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         return self.primary.subscribe(channel)
+
+    async def tickets(
+        self, partition: str, line: str, op: TicketOp, ticket: int = 0, ttl_ms: int = 0
+    ) -> tuple[int, int]:
+        # The queue's order across nodes: the store's or none (no local stand-in: a
+        # queue that cannot reach it orders its waiters per node).
+        if self.breaker.is_open:
+            raise StoreError(f"store {self.url} unavailable: no ticket line")
+        return await self._primary(self.primary.tickets, partition, line, op, ticket, ttl_ms)
 
     # The registry (keys, tiers) goes to the store unchanged, outside the breaker's
     # count: its callers bound their own waits and keep their last view on a failure.
