@@ -416,6 +416,8 @@ class MemoryStore(WindowStore):
                     subscription.send_nowait(message)
                 except trio.WouldBlock:
                     self.dropped += 1  # that subscriber is behind: never wait for it
+                except trio.BrokenResourceError:
+                    break  # that subscriber is leaving: nothing more for it
         await trio.lowlevel.checkpoint()
 
     @asynccontextmanager
