@@ -290,12 +290,8 @@ async def test_a_node_shutting_down_answers_its_waiters_503(workdir: Path) -> No
                         answer.append(await post(client, url, "sk-wait"))
 
                     nursery.start_soon(wait_in_line)
-                    while (
-                        b'tokenguard_queue_waiting{key="wait"} 1.0'
-                        not in (  # noqa: ASYNC110
-                            await client.get(f"{url}/metrics")
-                        ).content
-                    ):
+                    waiting = b'tokenguard_queue_waiting{key="wait"} 1.0'
+                    while waiting not in (await client.get(f"{url}/metrics")).content:  # noqa: ASYNC110
                         await trio.sleep(0.05)
                     node.send_signal(signal.SIGTERM)
             (closed,) = answer
