@@ -47,7 +47,9 @@ from tokenguard.store.window_store import StoreError, WindowStore
 log = logging.getLogger("tokenguard.api.admission")
 
 QUEUED_MS_HEADER = "x-tokenguard-queued-ms"
-"""On every answer of a request that may wait: how long it waited, in milliseconds."""
+"""On every answer of a request that may wait: how long it waited, in milliseconds,
+before the store call that decided it (its admission came at least that long after it
+arrived)."""
 # (key object id, model) -> (key, its wait policy before the headers); cleared past this.
 POLICY_CACHE = 4096
 

@@ -32,9 +32,10 @@ Guarantees:
 * **Arrival order across nodes** (a store with ticket lines,
   :meth:`~tokenguard.store.window_store.WindowStore.tickets`): every waiter takes a
   ticket in its line's store line (per priority), and a node's head tries the store
-  only when its ticket is the lowest held; else it waits until a node announces that a
-  waiter left that line (``PUBLISH`` on :data:`CHANNEL`), or :data:`RECHECK_SECONDS`
-  (an announcement lost). A ticket nobody checked for its bound plus
+  only when its ticket is the lowest held; else it waits until the node that drops a
+  ticket announces the line's new first ticket (``PUBLISH`` on :data:`CHANNEL`: only
+  the node holding that ticket wakes its line), or :data:`RECHECK_SECONDS` (an
+  announcement lost, a ticket expired). A ticket nobody checked for its bound plus
   :data:`TICKET_GRACE_SECONDS` expires (a node that died with waiters). A store that
   cannot answer leaves the order per node.
 
@@ -54,9 +55,10 @@ from tokenguard.limiting.wait_lines import Waiter, WaitLines, WaitPolicy
 from tokenguard.store.window_store import StoreError, TicketOp, WindowStore
 
 CHANNEL = "tokenguard.queue"
-"""Where nodes announce that a waiter left a line (the message: the store line's name)."""
-RECHECK_SECONDS = 1.0
-"""A head behind another node's waiter checks its turn again at least this often."""
+"""Where nodes announce that a waiter left a line: ``<store line> <first ticket>``."""
+RECHECK_SECONDS = 5.0
+"""A head behind another node's waiter checks its turn again at least this often (an
+announcement lost, or the waiter ahead died: its ticket expired unannounced)."""
 TICKET_GRACE_SECONDS = 5.0
 """A ticket lives its waiter's bound plus this since it was last checked."""
 
@@ -73,7 +75,9 @@ class QueueClosed(Exception):
 @attrs.frozen
 class Queued:
     """The outcome of :meth:`AdmissionQueue.admit`: the last decision (admitted or the
-    refusal to answer) and the seconds it waited in the queue (0.0: not at all)."""
+    refusal to answer) and the seconds it waited in the queue (0.0: not at all): from
+    its arrival to the start of the store call that decided it, so its admission came
+    at least that long after it arrived."""
 
     decision: Decision
     waited: float
@@ -100,7 +104,8 @@ class AdmissionQueue:
         self._closing = closing
         self._closed = False
         self._changed: dict[str, trio.Event] = {}
-        self.store_calls = 0  # ticket steps and announcements made (the benchmark's)
+        # Store line -> (local line, ticket numbers this node's waiters hold in it).
+        self.held: dict[str, tuple[str, set[int]]] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hear other nodes' announcements (with a store), and close the queue once the
@@ -116,7 +121,7 @@ class AdmissionQueue:
             nursery.cancel_scope.cancel()
 
     async def _hear_announcements(self) -> None:
-        """Wake the local line of every store line a node announces a waiter left; a
+        """Wake the local line whose waiter holds the first ticket a node announces; a
         lost subscription is taken again (meanwhile heads recheck every
         :data:`RECHECK_SECONDS`)."""
         assert self.store is not None
@@ -124,10 +129,15 @@ class AdmissionQueue:
             try:
                 async with self.store.subscribe(CHANNEL) as messages:
                     async for message in messages:
-                        line = message.decode(errors="replace").rpartition("#")[0]
-                        self.freed((line,))
+                        self._announced(message)
             except StoreError:
                 await trio.sleep(RECHECK_SECONDS)
+
+    def _announced(self, message: bytes) -> None:
+        store_line, _, first = message.decode(errors="replace").rpartition(" ")
+        held = self.held.get(store_line)
+        if held is not None and first.isdigit() and int(first) in held[1]:
+            self.freed((held[0],))
 
     def close(self) -> None:
         """Answer every waiter :class:`QueueClosed`, and hold no new request."""
@@ -186,15 +196,22 @@ class AdmissionQueue:
         if on_queued is not None:
             on_queued(decision)
         ticket = _Ticket(self, partition, waiter)
+        tried = start
+
+        async def timed() -> Decision:
+            nonlocal tried
+            tried = trio.current_time()
+            return await attempt()
+
         try:
             await ticket.take()
-            decision = await self._wait(waiter, attempt, ticket)
+            decision = await self._wait(waiter, timed, ticket)
         finally:
             self.lines.leave(waiter)  # (a no-op once admitted)
             self._wake(waiter.line)
             with trio.CancelScope(shield=True):
                 await ticket.drop()
-        return Queued(decision, trio.current_time() - start)
+        return Queued(decision, tried - start)
 
     async def _wait(self, waiter: Waiter, attempt: Attempt, ticket: _Ticket) -> Decision:
         """Hold ``waiter`` until it is admitted or must be refused (a refusal whose wait
@@ -231,6 +248,7 @@ class _Ticket:
     def __init__(self, queue: AdmissionQueue, partition: str, waiter: Waiter) -> None:
         self.queue = queue
         self.partition = partition
+        self.local_line = waiter.line
         self.line = f"{waiter.line}#{waiter.priority}"
         self.ttl_ms = round((waiter.bound + TICKET_GRACE_SECONDS) * 1000)
         self.number = 0  # 0: none held
@@ -239,7 +257,6 @@ class _Ticket:
         store = self.queue.store
         if store is None:
             return None
-        self.queue.store_calls += 1
         try:
             return await store.tickets(self.partition, self.line, op, number, self.ttl_ms)
         except StoreError:
@@ -247,27 +264,40 @@ class _Ticket:
 
     async def take(self) -> None:
         taken = await self._step("take")
-        self.number = taken[0] if taken is not None else 0
+        if taken is not None:
+            self.number = taken[0]
+            entry = self.queue.held.setdefault(self.line, (self.local_line, set()))
+            entry[1].add(self.number)
 
     async def first(self) -> bool:
         """Whether no other node's waiter of this line holds an earlier ticket (holding
-        this one ``ttl`` more)."""
+        this one ``ttl`` more). The first ticket held by a waiter of this node is this
+        node's turn: its own line orders its waiters (their tickets were taken in
+        parallel, so their numbers need not follow their arrival)."""
         if not self.number:
             return True
         checked = await self._step("check", self.number)
-        return checked is None or checked[1] in (0, self.number)
+        if checked is None or not checked[1]:
+            return True
+        entry = self.queue.held.get(self.line)
+        return entry is not None and checked[1] in entry[1]
 
     async def drop(self) -> None:
-        """Leave the store line, and tell every node (their heads may go now)."""
+        """Leave the store line, and tell every node which ticket is first now."""
         if not self.number:
             return
         number, self.number = self.number, 0
-        if await self._step("drop", number) is None:
+        entry = self.queue.held.get(self.line)
+        if entry is not None:
+            entry[1].discard(number)
+            if not entry[1]:
+                del self.queue.held[self.line]
+        dropped = await self._step("drop", number)
+        if dropped is None or not dropped[1]:
             return
         store = self.queue.store
         assert store is not None
-        self.queue.store_calls += 1
         try:
-            await store.publish(CHANNEL, [self.line.encode()])
+            await store.publish(CHANNEL, [f"{self.line} {dropped[1]}".encode()])
         except StoreError:
-            pass  # the other heads recheck within RECHECK_SECONDS
+            pass  # its head rechecks within RECHECK_SECONDS
