@@ -23,14 +23,12 @@ import pytest
 import trio
 from trio_websocket import WebSocketConnection
 
-from bench.ports import free_ports
 from tests.observe.test_feed import next_events, subscriber
 from tests.support.processes import (
     START_TIMEOUT,
     TokenguardProcess,
     running_cluster,
-    running_tokenguard,
-    wait_healthy,
+    running_node_process,
     write_config,
 )
 
@@ -119,13 +117,21 @@ class FeedLog:
 async def one_node(workdir: Path) -> AsyncIterator[tuple[str, TokenguardProcess]]:
     """``tokenguard serve`` of :data:`KEYS` (one node, its memory store): its URL."""
     config = write_config(workdir / "c.toml", KEYS, window=WINDOW, bucket=1)
-    port = free_ports(1)
-    args = ["serve", "--config", str(config), "--port", str(port)]
-    async with running_tokenguard(args, output_path=workdir / "node.out") as proc:
-        url = f"http://127.0.0.1:{port}"
-        with trio.fail_after(START_TIMEOUT):
-            await wait_healthy(url)
-        yield url, proc
+    async with running_node_process(config, workdir / "node.out") as running:
+        yield running
+
+
+@asynccontextmanager
+async def feed_log(url: str, token: str) -> AsyncIterator[FeedLog]:
+    """The events of the usage feed of the node at ``url``, as ``token`` sees them,
+    kept from once every node knows someone watches."""
+    ws_url = url.replace("http://", "ws://") + "/v1/usage/stream"
+    async with subscriber(ws_url, token) as ws, trio.open_nursery() as nursery:
+        await watching(ws)
+        feed = FeedLog(ws)
+        nursery.start_soon(feed.run)
+        yield feed
+        nursery.cancel_scope.cancel()
 
 
 async def watching(ws: WebSocketConnection) -> None:
@@ -140,16 +146,11 @@ async def test_six_concurrent_requests_over_three_nodes_are_all_admitted_in_arri
     config = write_config(workdir / "c.toml", KEYS, window=WINDOW, bucket=1)
     with trio.fail_after(START_TIMEOUT + 120):
         async with running_cluster(workdir / "state", nodes=3, config=config) as cluster:
-            ws_url = cluster.urls[0].replace("http://", "ws://") + "/v1/usage/stream"
             answers: dict[int, httpx.Response] = {}
             async with (
-                subscriber(ws_url, "sk-wait") as ws,
+                feed_log(cluster.urls[0], "sk-wait") as feed,
                 httpx.AsyncClient(timeout=60) as client,
-                trio.open_nursery() as nursery,
             ):
-                await watching(ws)
-                feed = FeedLog(ws)
-                nursery.start_soon(feed.run)
 
                 async def send(i: int) -> None:
                     url = cluster.urls[(i + 1) % 3]  # request i arrives at node i+1 mod 3
@@ -164,7 +165,6 @@ async def test_six_concurrent_requests_over_three_nodes_are_all_admitted_in_arri
                         await feed.wait_for(kind, f"gpt-4o-q{i}")
                 for i in range(6):
                     await feed.wait_for("admitted", f"gpt-4o-q{i}")
-                nursery.cancel_scope.cancel()
 
             assert [answers[i].status_code for i in range(6)] == [200] * 6
             queued_ms = [int(answers[i].headers["x-tokenguard-queued-ms"]) for i in range(6)]
@@ -216,15 +216,10 @@ async def test_a_request_whose_wait_would_exceed_its_bound_is_refused_without_wa
 async def test_a_client_that_leaves_while_waiting_consumes_nothing(workdir: Path) -> None:
     with trio.fail_after(START_TIMEOUT + 60):
         async with one_node(workdir) as (url, _):
-            ws_url = url.replace("http://", "ws://") + "/v1/usage/stream"
             async with (
-                subscriber(ws_url, "sk-wait") as ws,
+                feed_log(url, "sk-wait") as feed,
                 httpx.AsyncClient(timeout=60) as client,
-                trio.open_nursery() as nursery,
             ):
-                await watching(ws)
-                feed = FeedLog(ws)
-                nursery.start_soon(feed.run)
                 await fill(client, url, "sk-wait")
                 before = (await client.get(f"{url}/v1/usage", headers=auth("sk-wait"))).json()
                 async with trio.open_nursery() as leaving:
@@ -234,7 +229,6 @@ async def test_a_client_that_leaves_while_waiting_consumes_nothing(workdir: Path
                 gone = await feed.wait_for("dequeued", "gpt-4o-gone")
                 assert gone["outcome"] == "gone"
                 after = (await client.get(f"{url}/v1/usage", headers=auth("sk-wait"))).json()
-                nursery.cancel_scope.cancel()
             used = [
                 {d: e and e["used"] for d, e in u["dimensions"].items()} for u in (before, after)
             ]
@@ -249,16 +243,11 @@ async def test_interactive_requests_go_before_batch_ones_on_a_shared_team_limit(
 ) -> None:
     with trio.fail_after(START_TIMEOUT + 90):
         async with one_node(workdir) as (url, _):
-            ws_url = url.replace("http://", "ws://") + "/v1/usage/stream"
             answers: dict[str, httpx.Response] = {}
             async with (
-                subscriber(ws_url, ADMIN_TOKEN) as ws,
+                feed_log(url, ADMIN_TOKEN) as feed,
                 httpx.AsyncClient(timeout=60) as client,
-                trio.open_nursery() as nursery,
             ):
-                await watching(ws)
-                feed = FeedLog(ws)
-                nursery.start_soon(feed.run)
                 await fill(client, url, "sk-inter", 1)  # the team's one request
 
                 async def send(key: str, model: str) -> None:
@@ -269,7 +258,6 @@ async def test_interactive_requests_go_before_batch_ones_on_a_shared_team_limit(
                     await feed.wait_for("queued", "gpt-4o-batch")
                     requests.start_soon(send, "sk-inter", "gpt-4o-inter")  # arrives later
                     await feed.wait_for("queued", "gpt-4o-inter")
-                nursery.cancel_scope.cancel()
             assert [answers[m].status_code for m in ("gpt-4o-inter", "gpt-4o-batch")] == [200] * 2
             admitted = sorted(feed.of("admitted"), key=lambda e: e["ts"])
             assert [e["model"] for e in admitted[1:]] == ["gpt-4o-inter", "gpt-4o-batch"]

@@ -159,3 +159,28 @@ async def test_a_settlement_that_frees_a_slot_wakes_the_line_before_its_retry(
         lease_rows = [r.counter for r in first.reservation.rows if r.is_lease]  # type: ignore[union-attr]
         setup.queue.freed(lease_rows)
     assert admitted_at == pytest.approx(start + 0.55, abs=0.002)
+
+
+async def test_past_max_waiting_a_request_is_answered_as_without_a_queue(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    setup = one_rpm(autojump_clock)
+    await setup.admit(15)
+    outcomes: list[tuple[bool, float]] = []
+
+    async def one() -> None:
+        queued = await setup.queue.admit(
+            partition_of(setup.key),
+            setup.key.key_id,
+            WaitPolicy(15, max_waiting=1),
+            setup.counters,
+            setup.attempt,
+        )
+        outcomes.append((queued.decision.admitted, queued.waited))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one)
+        await trio.sleep(1)
+        nursery.start_soon(one)
+    assert outcomes[0] == (False, 0.0)  # the second waiter: its one try, refused
+    assert outcomes[1][0] and outcomes[1][1] > 0  # the first: admitted once room freed

@@ -17,8 +17,10 @@ Guarantees:
   ends (nobody can foresee when: every ``LEASE_RETRY_SECONDS``, earlier on a local
   settlement). Waiters behind the head make no store call.
 * **Refused at once** when the refusal can never fit, when its ``retry_after`` is beyond
-  the bound, when the key's ``max_waiting`` is reached, or while the node shuts down:
-  the usual 429, with no wait.
+  the bound, or while the node shuts down: the usual 429, with no wait. A request that
+  would wait while its key already has ``max_waiting`` waiters on the node is answered
+  as without a queue: its one admission (the 429 it got, or, when it had joined
+  behind a waiter without trying, one try now).
 * **Bounded per wait**: ``max_wait_seconds`` bounds each wait for room. A request is
   held while every refusal it gets (on arrival, and each time its turn comes) names
   room within its bound; the first that does not is its answer (429). Waiting behind

@@ -22,7 +22,7 @@ tested with no clock and no store.
   ``interactive_run`` interactive admissions in a row (``batch_share`` 0.1: one in
   ten), so batch is never starved below its share; ``batch_share`` 0 is strict priority.
 * **Bounded**: at most ``max_waiting`` waiters per key on this node; past it,
-  :meth:`WaitLines.join` refuses and the request gets its 429 at once.
+  :meth:`WaitLines.join` refuses and the request is answered as without a queue.
 * **No overtaking**: a new request for which some waiter of the same or a higher
   priority already waits in the line of one of its counters joins behind it instead
   of trying the store (:meth:`WaitLines.line_ahead`).
