@@ -110,6 +110,9 @@ from tokenguard.store.write_back import _WriteBack
 
 log = logging.getLogger("tokenguard.store.guarded")
 
+# A ticket step of the admission queue (WindowStore.tickets) is given up after this.
+TICKET_SECONDS = 1.0
+
 POLICIES = STORE_ERROR_POLICIES
 Policy = Literal["local", "closed", "open"]
 DEFAULT_POLICY: Policy = "local"
@@ -453,10 +456,13 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
         self, partition: str, line: str, op: TicketOp, ticket: int = 0, ttl_ms: int = 0
     ) -> tuple[int, int]:
         # The queue's order across nodes: the store's or none (no local stand-in: a
-        # queue that cannot reach it orders its waiters per node).
+        # queue that cannot reach it orders its waiters per node). Outside the
+        # breaker's count, like the registry: a slow ticket step costs the order across
+        # nodes, and must never send the node's admissions to `on_store_error`.
         if self.breaker.is_open:
             raise StoreError(f"store {self.url} unavailable: no ticket line")
-        return await self._primary(self.primary.tickets, partition, line, op, ticket, ttl_ms)
+        with self._deadline(TICKET_SECONDS):
+            return await self.primary.tickets(partition, line, op, ticket, ttl_ms)
 
     # The registry (keys, tiers) goes to the store unchanged, outside the breaker's
     # count: its callers bound their own waits and keep their last view on a failure.
