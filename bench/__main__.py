@@ -13,7 +13,18 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import decisions, fake_upstream, feed, load, proxy, proxy_audit, stress, suite, tokens
+from bench import (
+    decisions,
+    fake_upstream,
+    feed,
+    load,
+    proxy,
+    proxy_audit,
+    queue,
+    stress,
+    suite,
+    tokens,
+)
 from bench.simulate import cli as simulate
 
 
@@ -40,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     decisions.add_arguments(decisions_parser)
     decisions_parser.set_defaults(run=decisions.main)
+    queue_parser = commands.add_parser(
+        "queue",
+        help="the admission queue under bursts of 3x the limit: waiting vs 429",
+        description="Bursts of 3 x the limit every window against N nodes, for a key "
+        "without and a key with max_wait_seconds: 429s, goodput, waits, CPU, store calls.",
+    )
+    queue.add_arguments(queue_parser)
+    queue_parser.set_defaults(run=queue.main)
     suite_parser = commands.add_parser(
         "suite",
         help="the benchmark suite: start nodes and Redis, run every scenario, write the report",

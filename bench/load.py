@@ -56,7 +56,7 @@ from tokenguard.upstreams.mock import WORDS
 
 CLIENT_BOUND_SHARE = 0.85
 PROMPT_OVERHEAD = 7  # one user message: 3 per message + the role + 3 of reply priming
-KEPT_HEADERS = ("x-ratelimit-", "retry-after")
+KEPT_HEADERS = ("x-ratelimit-", "retry-after", "x-tokenguard-queued-ms")
 DEFAULT_REQUESTS = 1000
 SURFACES = {"chat": ("chat",), "responses": ("responses",), "mix": ("chat", "responses")}
 SURFACE_PATHS = {"chat": "/v1/chat/completions", "responses": "/v1/responses"}
@@ -256,11 +256,14 @@ class RequestRecord:
         return self.end - self.start
 
     def observation(self) -> Observation:
-        """What the audit needs: admission happened between send and headers."""
+        """What the audit needs: admission happened between send and headers (and, for
+        a request that waited in the admission queue, not before ``x-tokenguard-queued-ms``
+        after its send: the node's wait before the store call that admitted it)."""
+        queued = int(self.headers.get("x-tokenguard-queued-ms", "0") or 0) / 1000
         return Observation(
             id=self.id,
             key=self.key,
-            start=self.start,
+            start=min(self.start + queued, self.answered),
             end=self.answered,
             status=self.status,
             input_tokens=self.input_tokens,

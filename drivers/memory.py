@@ -26,6 +26,7 @@ from tokenguard.store.window_store import (
     ANYTHING,
     LEASE_RETRY_SECONDS,
     NOT_RESERVED,
+    TICKET_SEQUENCE_MS,
     Admission,
     Lease,
     Registry,
@@ -33,6 +34,7 @@ from tokenguard.store.window_store import (
     Reservation,
     Row,
     RowState,
+    TicketOp,
     WindowStore,
     check_record,
     redact_url,
@@ -171,6 +173,29 @@ _NO_LOW = 2**62
 _NO_HIGH = -(2**62)
 
 
+@attrs.define
+class _TicketLine:
+    """One line of waiting tickets: the last ticket given, and each held one's expiry
+    (ms, the store's clock)."""
+
+    last: int = 0
+    held: dict[int, int] = attrs.field(factory=dict)
+    touched_ms: int = 0
+
+    def step(self, op: TicketOp, ticket: int, ttl_ms: int, now_ms: int) -> tuple[int, int]:
+        for old in [t for t, expiry in self.held.items() if expiry <= now_ms]:
+            del self.held[old]
+        if op == "take":
+            self.last += 1
+            ticket = self.last
+        if op == "drop":
+            self.held.pop(ticket, None)
+        else:
+            self.held[ticket] = now_ms + ttl_ms
+        self.touched_ms = now_ms
+        return ticket, min(self.held, default=0)
+
+
 class MemoryStore(WindowStore):
     """Counters in a dict, keyed by partition and row counter.
 
@@ -196,6 +221,7 @@ class MemoryStore(WindowStore):
         self._registry_version = 0
         # name -> (expiry in ms, value), in the order they were put (the oldest first)
         self._records: dict[str, tuple[int, str]] = {}
+        self._ticket_lines: dict[tuple[str, str], _TicketLine] = {}
 
     def wall_time(self) -> float:
         """The store's own (injectable) clock."""
@@ -399,6 +425,8 @@ class MemoryStore(WindowStore):
                     subscription.send_nowait(message)
                 except trio.WouldBlock:
                     self.dropped += 1  # that subscriber is behind: never wait for it
+                except trio.BrokenResourceError:
+                    break  # that subscriber is leaving: nothing more for it
         await trio.lowlevel.checkpoint()
 
     @asynccontextmanager
@@ -414,6 +442,13 @@ class MemoryStore(WindowStore):
             if not subscriptions:
                 self._channels.pop(channel, None)
             send.close()
+
+    async def tickets(
+        self, partition: str, line: str, op: TicketOp, ticket: int = 0, ttl_ms: int = 0
+    ) -> tuple[int, int]:
+        await trio.lowlevel.checkpoint()
+        entry = self._ticket_lines.setdefault((partition, line), _TicketLine())
+        return entry.step(op, ticket, ttl_ms, self._now_ms())
 
     # -- the registry (in this process only, like the counters)
 
@@ -504,4 +539,7 @@ class MemoryStore(WindowStore):
             if not counters:
                 del self._partitions[partition]
             remaining += len(counters)
+        for where, entry in list(self._ticket_lines.items()):
+            if not entry.held and entry.touched_ms + TICKET_SEQUENCE_MS <= now_ms:
+                del self._ticket_lines[where]
         return remaining

@@ -39,6 +39,11 @@ SPEND = "spend"
 # "month" is a calendar month in [limits] timezone (tokenguard/limiting/calendar.py).
 SPEND_FIELDS = {"spend_per_hour": "hour", "spend_per_day": "day", "spend_per_month": "month"}
 MODES = ("enforce", "shadow")
+# A request's priority in the admission queue, highest first (tokenguard/limiting/wait_lines.py).
+PRIORITIES = ("interactive", "batch")
+# The admission-queue fields a tier, key, team or per-model rule may set (None: not set;
+# see Limits). They shape how a refused request may wait, not what it may spend.
+QUEUE_FIELDS = ("max_wait_seconds", "max_waiting", "priority")
 # Team names end up in store key names, as the hash tag: no braces, no colons.
 TEAM_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 DEFAULT_MAX_TOKENS = 1024
@@ -85,6 +90,12 @@ class Limits:
     spend_per_hour: int | None = None  # micro-units (see SPEND_FIELDS)
     spend_per_day: int | None = None
     spend_per_month: int | None = None
+    # The admission queue (docs/design.md, "The admission queue"); None: not set here.
+    # max_wait_seconds: how long a refused request may wait for room (0: refused at once);
+    # max_waiting: requests of one key waiting at once on a node; priority: PRIORITIES.
+    max_wait_seconds: float | None = None
+    max_waiting: int | None = None
+    priority: str | None = None
 
     def rules(self) -> list[tuple[str, str, int]]:
         """``(dimension, window, limit)`` for every limit set, in RULE_FIELDS order, then

@@ -52,6 +52,16 @@ REGISTRY_RECORDS = f"{KEY_PREFIX}:{{registry}}:records"
 REGISTRY_VERSION = f"{KEY_PREFIX}:{{registry}}:version"
 REGISTRY_PUT = (Path(__file__).parent / "lua" / "registry_put.lua").read_text("utf-8")
 REGISTRY_LOAD = (Path(__file__).parent / "lua" / "registry_load.lua").read_text("utf-8")
+# The admission queue's ticket lines: rare calls (a request that waits), sent like the
+# registry's; a line's three keys are under its partition's hash tag.
+TICKETS = (Path(__file__).parent / "lua" / "tickets.lua").read_text("utf-8")
+
+
+def ticket_keys(partition: str, line: str) -> tuple[str, str, str]:
+    """A ticket line's keys: ``tg:{<partition>}:line:<line>:`` then ``held``,
+    ``expiry`` and ``seq`` (see ``lua/tickets.lua``)."""
+    prefix = f"{key_prefix(partition)}line:{line}:"
+    return f"{prefix}held", f"{prefix}expiry", f"{prefix}seq"
 
 
 def record_key(name: str) -> str:

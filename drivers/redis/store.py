@@ -29,12 +29,14 @@ from drivers.redis.scripts import (
     RENEW,
     SCRIPTS,
     SETTLE,
+    TICKETS,
     USAGE,
     _pack,
     _unpack,
     key_name,
     key_prefix,
     record_key,
+    ticket_keys,
 )
 from drivers.redis.urls import RedisTarget, parse_redis_url
 from drivers.redis.wire import _CONNECTION_LOST, _REDIS_ERRORS, Traffic, _store_error, _Wire
@@ -42,6 +44,7 @@ from tokenguard.store.leases import HeldLeases
 from tokenguard.store.window_store import (
     ANYTHING,
     NOT_RESERVED,
+    TICKET_SEQUENCE_MS,
     Admission,
     Lease,
     Registry,
@@ -50,6 +53,7 @@ from tokenguard.store.window_store import (
     Row,
     RowState,
     StoreError,
+    TicketOp,
     WindowStore,
     check_record,
     evictable,
@@ -401,6 +405,16 @@ class RedisStore(_Batching, _ClusterRouting, _PubSub, WindowStore):
             )
             for i, row in enumerate(rows)
         )
+
+    async def tickets(
+        self, partition: str, line: str, op: TicketOp, ticket: int = 0, ttl_ms: int = 0
+    ) -> tuple[int, int]:
+        keys = ticket_keys(partition, line)
+        argv = (op, ticket, ttl_ms, TICKET_SEQUENCE_MS)
+        taken, first = await self._registry_call(
+            lambda client: client.eval(TICKETS, 3, *keys, *argv), abandon=op != "take"
+        )
+        return int(taken), int(first)
 
     # -- the registry (not on the pipelines: rare calls, a thread of their own)
 

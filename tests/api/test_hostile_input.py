@@ -417,6 +417,41 @@ CASES = [
         )
     ],
     Case("GET on the POST route", (request(None, method="GET"),), 405),
+    # -- the admission queue's headers: only ever less, and nothing consumed when bad
+    *[
+        Case(
+            f"{name}: {value!r}",
+            (request(VALID, headers=[f"{name}: {value}"]),),
+            400,
+            param=name,
+        )
+        for name, values in (
+            (
+                "x-tokenguard-max-wait",
+                ("abc", "-1", "nan", "inf", "1e3", "1.5.2", "", "0x10", "1" * 20, "+2"),
+            ),
+            ("x-tokenguard-priority", ("urgent", "INTERACTIVE", "", "batch,interactive")),
+        )
+        for value in values
+    ],
+    *[
+        Case(
+            f"{name} twice",
+            (request(VALID, headers=[f"{name}: {value}", f"{name}: {value}"]),),
+            400,
+            param=name,
+        )
+        for name, value in (("x-tokenguard-max-wait", "1"), ("x-tokenguard-priority", "batch"))
+    ],
+    *[
+        Case(
+            f"{header} (a key with no wait: as before)",
+            (request(VALID, headers=[header]),),
+            200,
+            consumes=1,
+        )
+        for header in ("x-tokenguard-max-wait: 99999999", "x-tokenguard-priority: interactive")
+    ],
 ]
 
 

@@ -11,7 +11,12 @@ import openai
 import pytest
 import trio
 
-from tests.support.processes import START_TIMEOUT, free_ports, running_tokenguard, wait_healthy
+from tests.support.processes import (
+    START_TIMEOUT,
+    free_ports,
+    running_node_process,
+    running_tokenguard,
+)
 from tokenguard.counting import count_text
 
 CONFIG = """
@@ -38,12 +43,7 @@ output_tpm = 2000
 async def node(tmp_path: Path):  # type: ignore[no-untyped-def]
     config = tmp_path / "tokenguard.toml"
     config.write_text(CONFIG)
-    port = free_ports()
-    args = ["serve", "--config", str(config), "--port", str(port)]
-    async with running_tokenguard(args, output_path=tmp_path / "node.out") as proc:
-        url = f"http://127.0.0.1:{port}"
-        with trio.fail_after(START_TIMEOUT):
-            await wait_healthy(url)
+    async with running_node_process(config, tmp_path / "node.out") as (url, proc):
         yield url, proc
 
 

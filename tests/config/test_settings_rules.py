@@ -242,3 +242,40 @@ def test_the_saas_example_in_the_readme_and_design_doc_means_what_it_says() -> N
     )
     price = settings.prices.price("acme-finetune-7")
     assert price is not None and (price.input, price.output) == (3_000_000, 12_000_000)
+
+
+QUEUE_ERRORS = [
+    ({"max_wait_seconds": -1}, "max_wait_seconds: must be at least 0, got -1"),
+    ({"max_wait_seconds": "5"}, "max_wait_seconds: must be a number, got '5'"),
+    ({"max_wait_seconds": 3601}, "max_wait_seconds: must be at most 3600 seconds, got 3601.0"),
+    ({"max_wait_seconds": float("inf")}, "max_wait_seconds: must be at most 3600 seconds"),
+    ({"max_waiting": 0}, "max_waiting: must be at least 1, got 0"),
+    ({"priority": "urgent"}, "priority: must be one of interactive, batch, got 'urgent'"),
+]
+
+
+@pytest.mark.parametrize(("fields", "problem"), QUEUE_ERRORS, ids=[p for _, p in QUEUE_ERRORS])
+def test_queue_fields_are_validated_where_they_are_written(
+    fields: dict[str, Any], problem: str
+) -> None:
+    assert problem in error_of({"keys": [{"key": "k", "name": "a", **fields}]})
+    assert problem in error_of({"teams": {"t": fields}})
+    assert problem in error_of({"tiers": {"x": {"models": {"gpt*": {"rpm": 1, **fields}}}}})
+
+
+def test_queue_fields_inherit_from_the_tier_and_survive_the_registry() -> None:
+    settings = parse(
+        {
+            "limits": {"batch_share": 0.25},
+            "tiers": {"t": {"rpm": 1, "max_wait_seconds": 15, "priority": "batch"}},
+            "keys": [{"key": "k", "name": "a", "tier": "t", "max_waiting": 7}],
+        }
+    )
+    (key,) = settings.keys
+    assert (key.limits.max_wait_seconds, key.limits.max_waiting) == (15.0, 7)
+    assert key.limits.priority == "batch"
+    assert settings.batch_share == 0.25
+    assert parse({}).batch_share == 0.1 and parse({}).keys == ()
+    assert "batch_share: must be a share" in error_of({"limits": {"batch_share": 2}})
+    # The keyring reads every key back from the registry's record of its limits.
+    assert limits_from_table(table_of(key.limits), "record") == key.limits

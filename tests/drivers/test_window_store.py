@@ -1191,3 +1191,40 @@ async def test_the_same_instant_is_in_different_months_in_different_time_zones(
             "Pacific/Auckland": "2027-01",
             "America/Los_Angeles": "2026-12",
         }
+
+
+# --- ticket lines (the admission queue's order across nodes) ------------------------------
+
+
+async def test_a_ticket_line_gives_rising_tickets_and_names_the_first_held(
+    harness: Harness,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        store = harness.store
+        taken = [
+            await store.tickets("p", "key:a:requests", "take", ttl_ms=60_000) for _ in range(3)
+        ]
+        assert taken == [(1, 1), (2, 1), (3, 1)]
+        assert await store.tickets("p", "key:a:requests", "drop", 1) == (1, 2)
+        assert await store.tickets("p", "key:a:requests", "check", 3, 60_000) == (3, 2)
+        assert await store.tickets("p", "key:a:requests", "drop", 2) == (2, 3)
+        # Another line, another partition: their own sequences.
+        assert await store.tickets("p", "key:b:requests", "take", ttl_ms=60_000) == (1, 1)
+        assert await store.tickets("q", "key:a:requests", "take", ttl_ms=60_000) == (1, 1)
+        assert await store.tickets("p", "key:a:requests", "drop", 3) == (3, 0)
+        # The sequence outlives the line's tickets: a later waiter is never first by number.
+        assert await store.tickets("p", "key:a:requests", "take", ttl_ms=60_000) == (4, 4)
+
+
+async def test_a_ticket_nobody_checks_expires_and_a_checked_one_keeps_its_place(
+    harness: Harness,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        store = harness.store
+        start = await harness.now_ms()
+        assert await store.tickets("p", "line", "take", ttl_ms=200) == (1, 1)  # a dead node's
+        assert await store.tickets("p", "line", "take", ttl_ms=10_000) == (2, 1)
+        await harness.sleep_until(start + 300)
+        assert await store.tickets("p", "line", "check", 2, 10_000) == (2, 2)
+        # A waiter whose ticket expired while it waited is put back under its number.
+        assert await store.tickets("p", "line", "check", 1, 10_000) == (1, 1)

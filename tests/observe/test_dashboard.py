@@ -390,3 +390,34 @@ async def test_a_key_under_a_spend_limit_gets_a_spend_gauge_in_money(tmp_path: P
             assert cells[1:5] == ["broke", "gpt-4o", "spend", "0.00 / 0.00005"]
             assert cells[5] == money(prompt_tokens + 40)  # the reservation, at 1 per million
             assert devtools.errors() == []
+
+
+async def test_the_dashboard_shows_requests_waiting_for_room(tmp_path: Path) -> None:
+    config = {
+        "feed": {"admin_token": ADMIN},
+        "keys": [{"key": "sk-patient", "name": "patient", "rpm": 1, "max_wait_seconds": 120}],
+    }
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            running_node(settings_for(config)) as node,
+            headless_chromium(tmp_path / "profile") as devtools,
+        ):
+            await devtools.call("Page.navigate", url=f"{node.url}/dashboard")
+            await devtools.wait_for(
+                "document.readyState === 'complete' && !!document.querySelector('#auth')"
+            )
+            await devtools.evaluate(
+                f"document.querySelector('#token').value = {json.dumps(ADMIN)};"
+                "document.querySelector('#auth').requestSubmit(); true"
+            )
+            await devtools.wait_for("document.querySelector('#state').dataset.state === 'live'")
+            waiting = "document.querySelector('.key[data-key=\"patient\"] .waiting')"
+            async with httpx.AsyncClient(timeout=TEST_TIMEOUT) as client:
+                assert (await chat(client, node.url, "sk-patient")).status_code == 200
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(chat, client, node.url, "sk-patient")  # waits a window
+                    await devtools.wait_for(f"{waiting}?.dataset.waiting === '1'")
+                    nursery.cancel_scope.cancel()  # its client leaves
+            await devtools.wait_for(f"{waiting}?.dataset.waiting === '0'")
+            assert "gone after" in await devtools.evaluate(f"{waiting}.textContent")
+            assert devtools.errors() == []

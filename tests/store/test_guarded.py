@@ -31,6 +31,7 @@ from tokenguard.cli import serve
 from tokenguard.config.loading import parse_settings
 from tokenguard.config.settings import ConfigError, Settings
 from tokenguard.store.guarded import (
+    TICKET_SECONDS,
     Breaker,
     GuardedStore,
     LocalReservation,
@@ -46,6 +47,7 @@ from tokenguard.store.window_store import (
     Row,
     RowState,
     StoreError,
+    TicketOp,
     open_store,
 )
 
@@ -98,6 +100,12 @@ class FlakyStore(MemoryStore):
     async def usage(self, partition: str, rows: Sequence[Row]) -> tuple[RowState, ...]:
         await self._gate()
         return await super().usage(partition, rows)
+
+    async def tickets(
+        self, partition: str, line: str, op: TicketOp, ticket: int = 0, ttl_ms: int = 0
+    ) -> tuple[int, int]:
+        await self._gate()
+        return await super().tickets(partition, line, op, ticket, ttl_ms)
 
 
 @attrs.define(eq=False)
@@ -303,6 +311,23 @@ def test_log_throttle_counts_what_it_holds_back(monkeypatch: pytest.MonkeyPatch)
 
 
 # --- deadlines and the breaker ------------------------------------------------------------
+
+
+async def test_a_hung_ticket_step_fails_alone_and_never_moves_admissions(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with guarded("local") as (store, primary):
+        primary.mode = "hang"
+        for _ in range(5):  # more than the breaker's threshold
+            start = trio.current_time()
+            with pytest.raises(StoreError):
+                await store.tickets("k", "line", "take", ttl_ms=1000)
+            assert trio.current_time() - start == pytest.approx(TICKET_SECONDS)
+        assert not store.breaker.is_open and store.stats.failures == 0
+        primary.mode = "ok"
+        admission = await store.admit("k", rows())
+        assert admission.admitted
+        assert not isinstance(admission.reservation, LocalReservation)
 
 
 async def test_a_hung_store_costs_one_timeout_per_call_until_the_breaker_opens(

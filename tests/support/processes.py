@@ -223,6 +223,21 @@ async def running_process(
             await proc.stop(stop_grace)
 
 
+@contextlib.asynccontextmanager
+async def running_node_process(
+    config: Path, output_path: Path
+) -> AsyncIterator[tuple[str, TokenguardProcess]]:
+    """``tokenguard serve --config CONFIG`` (one node, its memory store) on a free port
+    until the ``async with`` ends; yields its URL, once healthy, and the process."""
+    port = free_ports()
+    args = ["serve", "--config", str(config), "--port", str(port)]
+    async with running_tokenguard(args, output_path=output_path) as proc:
+        url = f"http://127.0.0.1:{port}"
+        with trio.fail_after(START_TIMEOUT):
+            await wait_healthy(url)
+        yield url, proc
+
+
 async def wait_healthy(url: str, node_id: int | None = None) -> dict[str, Any]:
     """Poll ``url/healthz`` until it answers 200 (with ``node_id``, if given); return
     its JSON."""

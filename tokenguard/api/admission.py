@@ -14,28 +14,44 @@ Guarantees:
   worst case until its bucket leaves the window (fewer admissions, never more).
 * :meth:`Admissions.refuse_if_out` refuses, before any tokenizing, a key certain to be
   refused (one store read: its requests and concurrency rows).
+* A request whose rules set ``max_wait_seconds`` goes through the node's
+  :class:`~tokenguard.limiting.admission_queue.AdmissionQueue`: refused with room freeing
+  within its bound, it waits (consuming nothing) and is admitted then; its answer, 200
+  or 429, carries ``x-tokenguard-queued-ms``; a node shutting down answers it 503. A
+  request with no wait bound takes exactly the path it took before the queue existed.
 """
 
 from __future__ import annotations
 
 import logging
 
+import attrs
 import trio
 
 from tokenguard.api.dialect import Conventions
-from tokenguard.api.ratelimit import rate_limit_error
+from tokenguard.api.ratelimit import rate_limit_error, retry_headers
+from tokenguard.config.settings import DEFAULT_BATCH_SHARE
 from tokenguard.errors import APIError
+from tokenguard.limiting.admission_queue import AdmissionQueue, QueueClosed
 from tokenguard.limiting.limiter import Cost, Decision, Limiter
 from tokenguard.limiting.rules import describe_limit, describe_scope
 from tokenguard.limiting.settler import Settler
+from tokenguard.limiting.wait_lines import WaitPolicy, wait_policy
 from tokenguard.log_throttle import LogThrottle
-from tokenguard.model import ApiKey
+from tokenguard.model import SPEND, ApiKey, partition_of
 from tokenguard.observe.feed import Feed
 from tokenguard.observe.logs import RequestLog, decision_label
 from tokenguard.observe.metrics import Metrics
 from tokenguard.store.window_store import StoreError, WindowStore
 
 log = logging.getLogger("tokenguard.api.admission")
+
+QUEUED_MS_HEADER = "x-tokenguard-queued-ms"
+"""On every answer of a request that may wait: how long it waited, in milliseconds,
+before the store call that decided it (its admission came at least that long after it
+arrived)."""
+# (key object id, model) -> (key, its wait policy before the headers); cleared past this.
+POLICY_CACHE = 4096
 
 
 class Admissions:
@@ -50,6 +66,7 @@ class Admissions:
         feed: Feed,
         metrics: Metrics,
         request_log: RequestLog,
+        queue: AdmissionQueue | None = None,
     ) -> None:
         self.store = store
         self.limiter = limiter
@@ -57,7 +74,9 @@ class Admissions:
         self.metrics = metrics
         self.request_log = request_log
         self.settler = Settler(self.settle_now)
+        self.queue = queue or AdmissionQueue(batch_share=DEFAULT_BATCH_SHARE)
         self._shadow_log = LogThrottle()
+        self._policies: dict[tuple[int, str], tuple[ApiKey, WaitPolicy]] = {}
 
     async def admit(
         self,
@@ -68,18 +87,109 @@ class Admissions:
         *,
         user: str | None = None,
         end_user: str | None = None,
+        asked_wait: float | None = None,
+        asked_priority: str | None = None,
     ) -> Decision:
         """Admit ``cost`` for ``key`` and ``model`` (and end user ``user``, a digest: its
         per-user rows), or raise its 429 in ``conventions``' shape; log, feed and count
-        the outcome. ``end_user``: the id the request named, for its feed events."""
+        the outcome. ``end_user``: the id the request named, for its feed events.
+        ``asked_wait`` and ``asked_priority`` (the request's ``x-tokenguard-max-wait``
+        and ``x-tokenguard-priority``) may lower its wait bound and priority; with a
+        bound, a refusal may wait (see the module docstring) or, when the node shuts down
+        meanwhile, raise a 503."""
+        policy = self._policy(key, model)
+        if asked_wait is not None or asked_priority is not None:
+            policy = wait_policy(key, model, asked_wait=asked_wait, asked_priority=asked_priority)
+        record = self.request_log.current()
+        record.input_tokens, record.output_reserved = cost.input_tokens, cost.output_tokens
+        if policy.bound <= 0:
+            decision = await self._attempt(key, cost, model, user, end_user)
+            return self._outcome(decision, model, conventions)
+        return await self._admit_queued(key, cost, model, conventions, policy, user, end_user)
+
+    def _policy(self, key: ApiKey, model: str) -> WaitPolicy:
+        """The wait policy of ``key``'s requests for ``model`` (before any header), cached
+        per key object and model."""
+        cached = self._policies.get((id(key), model))
+        if cached is not None and cached[0] is key:
+            return cached[1]
+        if len(self._policies) >= POLICY_CACHE:
+            self._policies.clear()
+        policy = wait_policy(key, model)
+        self._policies[(id(key), model)] = (key, policy)
+        return policy
+
+    async def _attempt(
+        self, key: ApiKey, cost: Cost, model: str, user: str | None, end_user: str | None
+    ) -> Decision:
+        """One admission in the store, shielded once the store may have admitted."""
         if self.store.never_waits:  # no checkpoint: it cannot be cancelled halfway
-            decision = await self.limiter.admit(key, cost, model, user, end_user)
-        else:
-            with trio.CancelScope(shield=True):
-                decision = await self.limiter.admit(key, cost, model, user, end_user)
+            return await self.limiter.admit(key, cost, model, user, end_user)
+        with trio.CancelScope(shield=True):
+            return await self.limiter.admit(key, cost, model, user, end_user)
+
+    async def _admit_queued(
+        self,
+        key: ApiKey,
+        cost: Cost,
+        model: str,
+        conventions: Conventions,
+        policy: WaitPolicy,
+        user: str | None,
+        end_user: str | None,
+    ) -> Decision:
+        """:meth:`admit` through the queue: wait for room when refused within the bound."""
+        counters = tuple(row.counter for row in self.limiter.rows(key, cost, model, user))
+
+        async def attempt() -> Decision:
+            return await self._attempt(key, cost, model, user, end_user)
+
+        start = trio.current_time()
+        held = False
+
+        def on_queued(refusal: Decision | None) -> None:
+            nonlocal held
+            held = True
+            self.feed.waiting(refusal, key, model, policy.priority_name, policy.bound)
+            self.metrics.queued(key.name)
+
+        def left(outcome: str) -> None:
+            if held:
+                waited = trio.current_time() - start
+                self.feed.waited(key, model, outcome, round(waited * 1000))
+                self.metrics.dequeued(key.name, outcome, waited)
+
+        try:
+            queued = await self.queue.admit(
+                partition_of(key), key.key_id, policy, counters, attempt, on_queued
+            )
+        except trio.Cancelled:
+            left("gone")
+            raise
+        except QueueClosed as closed:
+            left("closed")
+            self.request_log.current().decision = "closed"
+            raise APIError(
+                503,
+                "The node is shutting down; please retry shortly.",
+                "server_error",
+                code="shutting_down",
+                headers=retry_headers(closed.retry_after),
+            ) from None
+        left("admitted" if queued.decision.admitted else "rejected")
+        queued_ms = round(queued.waited * 1000)
+        self.request_log.current().queued_ms = queued_ms
+        try:
+            return self._outcome(queued.decision, model, conventions)
+        except APIError as refused:
+            raise attrs.evolve(
+                refused, headers={**refused.headers, QUEUED_MS_HEADER: str(queued_ms)}
+            ) from None
+
+    def _outcome(self, decision: Decision, model: str, conventions: Conventions) -> Decision:
+        """Log, feed and count a final decision; raise its 429 when it is a refusal."""
         record = self.request_log.current()
         record.model, record.decision = model, decision_label(decision)
-        record.input_tokens, record.output_reserved = cost.input_tokens, cost.output_tokens
         if decision.would_refuse:
             self._shadow_refused(decision)
         if not decision.admitted:
@@ -179,9 +289,34 @@ class Admissions:
         except StoreError as exc:
             log.warning("settlement for key %s failed: %s", decision.key.name, exc)
         else:
+            if self.queue.lines.any_waiting():
+                self.queue.freed(_freed_counters(decision, output_tokens, input_tokens))
             spent = decision.cost.spent(
                 output_tokens, input_tokens, cached_input_tokens, cache_reads
             )
             self.feed.settled(decision, output_tokens, cached_input_tokens + cache_reads, spent)
             self.metrics.settled(decision, output_tokens, input_tokens, spent)
             self.request_log.current().output_settled = output_tokens  # (in a request)
+
+
+def _freed_counters(
+    decision: Decision, output_tokens: int, input_tokens: int | None
+) -> tuple[str, ...]:
+    """The counters a settlement of ``decision`` gave room back in: its lease rows (the
+    lease is released), its output and total-tokens rows when it refunded output, its
+    input and total-tokens rows when the prompt was counted high."""
+    reservation = decision.reservation
+    if reservation is None:
+        return ()
+    freed: set[str] = set()
+    if output_tokens < decision.cost.output_tokens:
+        freed |= {"output_tokens", "total_tokens"}
+    if input_tokens is not None and input_tokens < decision.cost.input_tokens:
+        freed |= {"input_tokens", "total_tokens"}
+    if freed:  # a token refund refunds the money those tokens were reserved at
+        freed.add(SPEND)
+    return tuple(
+        row.counter
+        for row in reservation.rows
+        if row.dimension in freed or (row.is_lease and reservation.lease is not None)
+    )

@@ -186,7 +186,8 @@ def _add_node_routes(app: QuartTrio, gateway: Gateway) -> None:
 def _run_while_serving(app: QuartTrio, gateway: Gateway, *, own_keyring: bool) -> None:
     """The node's background tasks, in quart-trio's lifespan nursery: the upstream pool
     and the send deadlines (proxy mode), the keyring (when it is the app's own), the
-    usage feed, and the settler (drained, shielded, when serving ends, so no refund
+    usage feed, the admission queue (which answers its waiters 503 once the node's
+    ``shutdown`` is set), and the settler (drained, shielded, when serving ends, so no refund
     that was accepted is lost; a store that never waits settles in the request)."""
 
     @app.before_serving
@@ -197,6 +198,7 @@ def _run_while_serving(app: QuartTrio, gateway: Gateway, *, own_keyring: bool) -
         if own_keyring:
             await app.nursery.start(gateway.keyring.run)
         await app.nursery.start(gateway.feed.run)
+        await app.nursery.start(gateway.admissions.queue.run)
         if not gateway.store.never_waits:
             await app.nursery.start(gateway.settler.run)
 

@@ -29,6 +29,7 @@ from tokenguard.api.proxy_answers import ProxyAnswers
 from tokenguard.api.response_routes import ResponseRoutes
 from tokenguard.api.send_deadline import SendDeadlines
 from tokenguard.config.settings import Settings
+from tokenguard.limiting.admission_queue import AdmissionQueue
 from tokenguard.limiting.keyring import Keyring
 from tokenguard.limiting.limiter import Limiter
 from tokenguard.limiting.settler import Settler
@@ -125,7 +126,14 @@ class Gateway:
             ),
         )
         request_log = RequestLog(on_finish=metrics.request_finished)
-        admissions = Admissions(store, limiter, feed=feed, metrics=metrics, request_log=request_log)
+        admissions = Admissions(
+            store,
+            limiter,
+            feed=feed,
+            metrics=metrics,
+            request_log=request_log,
+            queue=AdmissionQueue(batch_share=settings.batch_share, closing=closing, store=store),
+        )
         upstream = None
         proxy = None
         if settings.upstream.enabled:

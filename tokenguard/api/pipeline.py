@@ -16,7 +16,9 @@
    under a spend limit, its worst-case price (a 400 for an unpriced model, unless
    ``[limits] unpriced = "free"``);
 7. **admit** every row at once, or refuse with the dialect's 429
-   (:class:`~tokenguard.api.admission.Admissions`);
+   (:class:`~tokenguard.api.admission.Admissions`; a request whose rules allow a wait
+   may wait for room first, bounded by ``x-tokenguard-max-wait``:
+   :mod:`tokenguard.api.wait_headers`);
 8. **answer** from the mock or relay from the upstream, and **settle** to what was
    spent (:mod:`tokenguard.api.mock_answers`, :mod:`tokenguard.api.proxy_answers`).
 
@@ -37,7 +39,8 @@ from tokenguard.api.end_user import checked_end_user, user_scope
 from tokenguard.api.mock_answers import MockAnswers
 from tokenguard.api.proxy_answers import ProxyAnswers
 from tokenguard.api.request_body import parse_json
-from tokenguard.api.responses import json_response
+from tokenguard.api.responses import json_response, stash_queued_ms
+from tokenguard.api.wait_headers import asked_priority, asked_wait
 from tokenguard.config.prices import Price
 from tokenguard.config.settings import Settings, UpstreamRoute
 from tokenguard.errors import APIError
@@ -119,8 +122,18 @@ class Pipeline:
             price = self.price(key, exchange.model)
             cost = Cost(requests=1, input_tokens=input_tokens, output_tokens=output, price=price)
             decision = await self.admissions.admit(
-                key, cost, exchange.model, dialect.conventions, user=user, end_user=end_user
+                key,
+                cost,
+                exchange.model,
+                dialect.conventions,
+                user=user,
+                end_user=end_user,
+                asked_wait=asked_wait(request.headers),
+                asked_priority=asked_priority(request.headers),
             )
+            queued_ms = self.request_log.current().queued_ms
+            if queued_ms is not None:
+                stash_queued_ms(queued_ms)
             per_choice = output // exchange.choices if exchange.choices else 0
         else:
             self.request_log.current().decision = "unlimited"

@@ -23,6 +23,8 @@ from quart import Response, has_request_context, request
 from tokenguard.observe.logs import ASGIApp, Message, Receive, Scope, Send
 
 STASHED_HEADERS = "tokenguard.ratelimit_headers"
+QUEUED_MS = "tokenguard.queued_ms"
+QUEUED_MS_HEADER = b"x-tokenguard-queued-ms"
 RELAYED_STREAM = "tokenguard.relayed_stream"
 
 
@@ -53,6 +55,12 @@ def stash_headers(fields: list[tuple[bytes, bytes]]) -> None:
     request.scope[STASHED_HEADERS] = fields
 
 
+def stash_queued_ms(ms: int) -> None:
+    """Send ``x-tokenguard-queued-ms: ms`` with this request's response, whatever builds
+    it (an error answer after the admission too: the request did wait)."""
+    request.scope[QUEUED_MS] = ms
+
+
 def drop_stashed_headers() -> None:
     if has_request_context():  # (a websocket's handshake has no rate-limit headers)
         request.scope.pop(STASHED_HEADERS, None)
@@ -69,6 +77,9 @@ def send_stashed_headers(app: ASGIApp) -> ASGIApp:
         async def send_with_stashed(message: Message) -> None:
             if message["type"] == "http.response.start":
                 stashed = scope.pop(STASHED_HEADERS, None)
+                queued = scope.pop(QUEUED_MS, None)
+                if queued is not None:
+                    stashed = [*(stashed or ()), (QUEUED_MS_HEADER, b"%d" % queued)]
                 if stashed:
                     message = {**message, "headers": [*message["headers"], *stashed]}
             await send(message)

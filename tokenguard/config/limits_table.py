@@ -7,11 +7,16 @@ that a limit field means one thing, and is checked one way, wherever it is writt
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from tokenguard.config.prices import from_micro, to_micro
 from tokenguard.config.reader import TableReader
-from tokenguard.model import MODES, RULE_FIELDS, SPEND_FIELDS, Limits, ModelRule
+from tokenguard.model import MODES, PRIORITIES, RULE_FIELDS, SPEND_FIELDS, Limits, ModelRule
+
+# The longest a request may be held for room: a window of a day rule is the longest wait
+# a refusal can name, but an HTTP request held that long is a stuck one.
+MAX_WAIT_SECONDS = 3600.0
 
 
 def read_mode(reader: TableReader, default: str) -> str:
@@ -19,6 +24,24 @@ def read_mode(reader: TableReader, default: str) -> str:
     if mode not in MODES:
         reader.fail(f"must be one of {', '.join(MODES)}, got {mode!r}", "mode")
     return mode
+
+
+def read_queue_fields(reader: TableReader, base: Limits) -> dict[str, Any]:
+    """The admission-queue fields (:data:`~tokenguard.model.QUEUE_FIELDS`) of a table,
+    each ``base``'s unless the table sets it: ``max_wait_seconds`` a finite number of
+    seconds (0 or more), ``max_waiting`` a positive integer, ``priority`` one of
+    :data:`~tokenguard.model.PRIORITIES`."""
+    wait = base.max_wait_seconds
+    if "max_wait_seconds" in reader.table:
+        wait = reader.number("max_wait_seconds", 0.0)
+        if not math.isfinite(wait) or wait > MAX_WAIT_SECONDS:
+            problem = f"must be at most {MAX_WAIT_SECONDS:g} seconds, got {wait}"
+            reader.fail(problem, "max_wait_seconds")
+    waiting = reader.int("max_waiting", base.max_waiting)
+    priority = reader.str("priority", base.priority)
+    if priority is not None and priority not in PRIORITIES:
+        reader.fail(f"must be one of {', '.join(PRIORITIES)}, got {priority!r}", "priority")
+    return {"max_wait_seconds": wait, "max_waiting": waiting, "priority": priority}
 
 
 def read_limits(
@@ -38,12 +61,18 @@ def read_limits(
     reserve = base.default_max_tokens
     if default_max_tokens:
         reserve = reader.int("default_max_tokens", base.default_max_tokens)
+    queue = read_queue_fields(reader, base)
     models = _model_rules(reader.sub("models"), base.models)
     per_user = base.per_user
     if "per_user" in reader.table:
         per_user = _per_user(reader.sub("per_user"), base.per_user)
     return Limits(
-        **values, default_max_tokens=reserve, mode=own_mode, models=models, per_user=per_user
+        **values,
+        **queue,
+        default_max_tokens=reserve,
+        mode=own_mode,
+        models=models,
+        per_user=per_user,
     )
 
 
@@ -108,11 +137,12 @@ def _model_rules(reader: TableReader, base: tuple[ModelRule, ...]) -> tuple[Mode
         parent = inherited.get(pattern)
         parent_limits = parent.limits if parent else Limits()
         values = rule_values(table, parent_limits)
+        queue = read_queue_fields(table, parent_limits)
         mode = table.str("mode", parent.mode if parent else None)
         if mode is not None and mode not in MODES:
             table.fail(f"must be one of {', '.join(MODES)}, got {mode!r}", "mode")
         table.done()
-        limits = Limits(**values)
+        limits = Limits(**values, **queue)
         if not limits.rules():
             table.fail(f"sets no limit (give one of {', '.join(RULE_FIELDS)})")
         rules[pattern] = ModelRule(pattern=pattern, limits=limits, mode=mode)

@@ -25,6 +25,7 @@ from tokenguard.config.prices import PriceTable, default_prices, price_from_tabl
 from tokenguard.config.reader import TableReader
 from tokenguard.config.settings import (
     ADMIN_TOKEN_ENV,
+    DEFAULT_BATCH_SHARE,
     DEFAULT_FEED_BACKLOG,
     DEFAULT_LEASE_SECONDS,
     DEFAULT_NEAR_LIMIT_RATIO,
@@ -180,7 +181,8 @@ def _metrics(reader: TableReader, source: str, environ: Mapping[str, str]) -> Me
 
 def _limits_section(reader: TableReader) -> dict[str, Any]:
     """``[limits]``: the default mode, the lease time, the near-limit ratio, where the
-    end user's id is read and what a request without one does."""
+    end user's id is read and what a request without one does, the batch share of the
+    admission queue."""
     mode = read_mode(reader, "enforce")  # the global default mode
     lease_seconds = reader.number("lease_seconds", DEFAULT_LEASE_SECONDS, minimum=MIN_LEASE_SECONDS)
     if not math.isfinite(lease_seconds):
@@ -207,6 +209,9 @@ def _limits_section(reader: TableReader) -> dict[str, Any]:
             f"must be one of {', '.join(MISSING_USER_POLICIES)}, got {missing_user!r}",
             "missing_user",
         )
+    batch_share = reader.number("batch_share", DEFAULT_BATCH_SHARE)
+    if not 0 <= batch_share <= 1:
+        reader.fail(f"must be a share of the turns, 0 to 1, got {batch_share}", "batch_share")
     reader.done()
     return {
         "mode": mode,
@@ -216,6 +221,7 @@ def _limits_section(reader: TableReader) -> dict[str, Any]:
         "missing_user": missing_user,
         "unpriced": unpriced,
         "timezone": timezone,
+        "batch_share": batch_share,
     }
 
 

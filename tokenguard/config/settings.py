@@ -36,6 +36,10 @@ MISSING_USER_POLICIES = ("shared", "reject")
 UNPRICED_POLICIES = ("reject", "free")
 
 
+# [limits] batch_share's default: one turn in ten for batch on a shared line.
+DEFAULT_BATCH_SHARE = 0.1
+
+
 class ConfigError(ValueError):
     """A config file (or an override) is invalid; the message says where and why."""
 
@@ -226,6 +230,9 @@ class Settings:
     unpriced: str = "reject"
     # [limits] timezone: where a calendar month (spend_per_month) begins, an IANA name.
     timezone: str = "UTC"
+    # [limits] batch_share: on a line where interactive and batch requests both wait
+    # for room, the share of its turns batch gets (tokenguard/limiting/wait_lines.py).
+    batch_share: float = DEFAULT_BATCH_SHARE
     keys: tuple[ApiKey, ...] = ()
     # Each [[keys]] entry's own limit fields as written (by key name), so that the
     # keyring (tokenguard/limiting/keyring.py) can resolve them against a tier changed later.

@@ -38,7 +38,7 @@ import attrs
 
 from tokenguard.config.limits_table import limits_from_table, spend_fields
 from tokenguard.config.settings import ConfigError, Settings
-from tokenguard.model import RULE_FIELDS, ApiKey, Limits
+from tokenguard.model import QUEUE_FIELDS, RULE_FIELDS, ApiKey, Limits
 from tokenguard.store.window_store import Registry
 
 log = logging.getLogger("tokenguard.limiting.registry")
@@ -122,14 +122,15 @@ def table_of(limits: Limits) -> dict[str, Any]:
     """A limits table (config field names) that :func:`limits_from_table` turns back
     into ``limits`` itself: every limit set, the reservation default, the mode, the
     per-model rules, the per-user limits."""
-    table: dict[str, Any] = {f: v for f in RULE_FIELDS if (v := getattr(limits, f)) is not None}
+    fields = (*RULE_FIELDS, *QUEUE_FIELDS)
+    table: dict[str, Any] = {f: v for f in fields if (v := getattr(limits, f)) is not None}
     table |= spend_fields(limits)
     table["default_max_tokens"] = limits.default_max_tokens
     table["mode"] = limits.mode
     if limits.models:
         models: dict[str, Any] = {}
         for rule in limits.models:
-            entry = {f: v for f in RULE_FIELDS if (v := getattr(rule.limits, f)) is not None}
+            entry = {f: v for f in fields if (v := getattr(rule.limits, f)) is not None}
             entry |= spend_fields(rule.limits)
             if rule.mode is not None:
                 entry["mode"] = rule.mode

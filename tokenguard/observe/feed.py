@@ -243,6 +243,42 @@ class Feed:
             | {"retry_after": decision.admission.retry_after}
         )
 
+    def waiting(
+        self, decision: Decision | None, key: ApiKey, model: str, priority: str, bound: float
+    ) -> None:
+        """``queued``: a request of ``key`` waits for room (at most ``bound`` seconds)
+        instead of its 429: the limit that refused it, when it tried (``decision``),
+        else none (it joined behind a request already waiting)."""
+        if not self.watched:
+            return
+        event = {
+            "type": "queued",
+            "key": key.name,
+            "model": model,
+            "priority": priority,
+            "max_wait_seconds": bound,
+        }
+        state = decision.refusal if decision is not None else None
+        if state is not None:
+            event |= limit_of(state) | {"retry_after": decision.admission.retry_after}
+        self.emit(event)
+
+    def waited(self, key: ApiKey, model: str, outcome: str, waited_ms: int) -> None:
+        """``dequeued``: a waiting request of ``key`` left the queue after ``waited_ms``:
+        ``outcome`` ``admitted``, ``rejected`` (no room within its bound), ``gone`` (its
+        client left) or ``closed`` (its node shut down)."""
+        if not self.watched:
+            return
+        self.emit(
+            {
+                "type": "dequeued",
+                "key": key.name,
+                "model": model,
+                "outcome": outcome,
+                "waited_ms": waited_ms,
+            }
+        )
+
     def near_limit(self, decision: Decision, model: str, surface: str | None = None) -> None:
         """``near_limit`` for each row whose near-limit mark this admission crossed
         first in its window (the store tells one admission per window and counter,

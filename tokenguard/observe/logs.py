@@ -75,10 +75,12 @@ class RequestRecord:
     surface: str | None = None
     # the answer's x-request-id (the upstream's, when it sent one)
     request_id: str | None = None
+    queued_ms: int | None = None  # a request that may wait: how long it waited
 
     def fields(self) -> dict[str, Any]:
-        """The line's fields, in order (``node`` and ``ts`` are the formatter's)."""
-        return {
+        """The line's fields, in order (``node`` and ``ts`` are the formatter's);
+        ``queued_ms`` only for a request that may wait."""
+        fields = {
             "method": self.method,
             "path": _cut(self.path),
             "status": self.status,
@@ -92,6 +94,9 @@ class RequestRecord:
             "surface": self.surface,
             "request_id": self.request_id,
         }
+        if self.queued_ms is not None:
+            fields["queued_ms"] = self.queued_ms
+        return fields
 
 
 def decision_label(decision: Decision) -> str:

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 from tokenguard.bearer import bearer_matches
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 # Request and upstream latencies: from a fast mock answer to a long generation.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 MAX_MODEL_LABELS = 50
+# Time a request waited in the admission queue: from a moment to its longest bound.
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 60, 120, 300, 600, 3600)
 # Upstream outcomes that are not the upstream's failure (a key past its share of the
 # pool waited for its own requests).
 NOT_ERRORS = frozenset({"ok", "client_closed", "key_share"})
@@ -181,6 +183,20 @@ class Metrics:
             "client_idle_timeout.",
             registry=r,
         )
+        self.queue_waiting = Gauge(
+            "tokenguard_queue_waiting",
+            "Requests waiting in this node's admission queue now, by key name.",
+            ["key"],
+            registry=r,
+        )
+        self.queue_wait_seconds = Histogram(
+            "tokenguard_queue_wait_seconds",
+            "Time requests waited in the admission queue, by key name and outcome "
+            "(admitted, rejected, gone, closed).",
+            ["key", "outcome"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
         self._keys: dict[str, _KeySeries] = {}
         self._models = BoundedLabel()
         self._input_counts: dict[str, _InputCount] = {}
@@ -231,6 +247,15 @@ class Metrics:
             state = decision.shadow_refusal
             dimension = state.row.dimension if state is not None else "unknown"
             self.shadow_refusals.labels(decision.key.name, dimension).inc()
+
+    def queued(self, key_name: str) -> None:
+        """A request of ``key_name`` started to wait in the admission queue."""
+        self.queue_waiting.labels(key_name).inc()
+
+    def dequeued(self, key_name: str, outcome: str, seconds: float) -> None:
+        """A request of ``key_name`` left the queue after ``seconds``, with ``outcome``."""
+        self.queue_waiting.labels(key_name).dec()
+        self.queue_wait_seconds.labels(key_name, outcome).observe(seconds)
 
     def rejected(self, decision: Decision) -> None:
         """A 429, by the refusing row's dimension."""

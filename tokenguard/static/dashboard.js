@@ -144,6 +144,10 @@ function handle(event) {
         [event.dimension]: { used: event.used, limit: event.limit },
       }, event.ts);
       break;
+    case "queued":
+    case "dequeued":
+      updateWaiting(event);
+      break;
     case "would_reject":
       // Admitted by shadow mode: shown with the rejections it would have been.
       addRejection(event);
@@ -175,6 +179,21 @@ function keyEntry(name) {
   $("#keys").insertBefore(card, next ? keys.get(next).card : null);
   $("#no-keys").hidden = true;
   return entry;
+}
+
+// Requests waiting in the admission queue, per key: +1 on queued, -1 on dequeued. A
+// lagged stream may have lost some of either: the count never goes below zero.
+function updateWaiting(event) {
+  if (typeof event.key !== "string") return;
+  const entry = keyEntry(event.key);
+  const el = entry.card.querySelector(".waiting");
+  const now = Number(el.dataset.waiting) + (event.type === "queued" ? 1 : -1);
+  el.dataset.waiting = String(Math.max(0, now));
+  el.querySelector(".waiting-count").textContent = el.dataset.waiting;
+  if (event.type === "dequeued") {
+    el.querySelector(".waiting-last").textContent =
+      `(last: ${event.outcome} after ${(event.waited_ms / 1000).toFixed(1)} s)`;
+  }
 }
 
 function makeGauge(name, dimension) {

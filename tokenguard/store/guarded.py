@@ -101,6 +101,7 @@ from tokenguard.store.window_store import (
     Row,
     RowState,
     StoreError,
+    TicketOp,
     WindowStore,
     evictable,
     store_from_url,
@@ -108,6 +109,9 @@ from tokenguard.store.window_store import (
 from tokenguard.store.write_back import _WriteBack
 
 log = logging.getLogger("tokenguard.store.guarded")
+
+# A ticket step of the admission queue (WindowStore.tickets) is given up after this.
+TICKET_SECONDS = 1.0
 
 POLICIES = STORE_ERROR_POLICIES
 Policy = Literal["local", "closed", "open"]
@@ -447,6 +451,18 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
 
     def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         return self.primary.subscribe(channel)
+
+    async def tickets(
+        self, partition: str, line: str, op: TicketOp, ticket: int = 0, ttl_ms: int = 0
+    ) -> tuple[int, int]:
+        # The queue's order across nodes: the store's or none (no local stand-in: a
+        # queue that cannot reach it orders its waiters per node). Outside the
+        # breaker's count, like the registry: a slow ticket step costs the order across
+        # nodes, and must never send the node's admissions to `on_store_error`.
+        if self.breaker.is_open:
+            raise StoreError(f"store {self.url} unavailable: no ticket line")
+        with self._deadline(TICKET_SECONDS):
+            return await self.primary.tickets(partition, line, op, ticket, ttl_ms)
 
     # The registry (keys, tiers) goes to the store unchanged, outside the breaker's
     # count: its callers bound their own waits and keep their last view on a failure.

@@ -265,6 +265,11 @@ class Admission:
         return max(waits, default=0.0)
 
 
+TicketOp = Literal["take", "check", "drop"]
+"""A step of :meth:`WindowStore.tickets`."""
+TICKET_SEQUENCE_MS = 86_400_000
+"""How long a line's ticket sequence outlives its last ticket (see ``tickets``)."""
+
 NOT_RESERVED = -1
 """The bucket of a reservation's row that was not consumed (see :class:`Reservation`)."""
 
@@ -451,6 +456,28 @@ class WindowStore(abc.ABC):
         A driver re-establishes a lost subscription by itself. Raises
         :class:`StoreError` on entering when the store cannot be reached.
         """
+
+    # -- lines of waiting tickets: the admission queue's order across nodes
+
+    async def tickets(
+        self, partition: str, line: str, op: TicketOp, ticket: int = 0, ttl_ms: int = 0
+    ) -> tuple[int, int]:
+        """One step on the line ``line`` of ``partition`` (stored with the partition's
+        rows: one Redis Cluster slot), atomically; returns ``(ticket, first)``, where
+        ``first`` is the lowest ticket still in the line after the step (0: none).
+
+        * ``"take"``: a new ticket, one more than any the line gave before (the line's
+          sequence outlives its tickets by a day), held ``ttl_ms``.
+        * ``"check"``: hold ``ticket`` ``ttl_ms`` more from now (put back under its own
+          number if it had expired: a waiter keeps its place);
+        * ``"drop"``: take ``ticket`` out (a no-op for one not held).
+
+        Tickets that were not checked within their ``ttl_ms`` are dropped first (a node
+        that died with waiters holds up a line for at most that long). Times are the
+        store's clock. Raises :class:`StoreError`; the default, for a driver that keeps
+        no lines, always does (the queue then orders waiters per node only).
+        """
+        raise StoreError(f"store {self.url} keeps no ticket lines")
 
     # -- the registry: small versioned records (API keys, tiers) every node reads
 

@@ -1,0 +1,186 @@
+"""The admission queue on trio (tokenguard/limiting/admission_queue.py), over the memory
+store driven by trio's MockClock: waits are virtual, so no test sleeps, and the store
+calls a wait makes are counted exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import trio
+import trio.testing
+
+from drivers.memory import MemoryStore
+from tokenguard.limiting.admission_queue import AdmissionQueue, QueueClosed
+from tokenguard.limiting.limiter import Cost, Decision, Limiter
+from tokenguard.limiting.wait_lines import WaitPolicy
+from tokenguard.model import ApiKey, Limits, partition_of
+
+WINDOW, BUCKET = 10, 1
+
+
+class Setup:
+    """A memory store on trio's clock, a limiter over it, one key of ``rpm`` requests
+    per 10 s window, and a queue; ``calls`` counts the admissions made."""
+
+    def __init__(self, limits: Limits, *, tickets: bool = False) -> None:
+        self.store = MemoryStore(clock=trio.current_time)
+        self.limiter = Limiter(self.store, window_seconds=WINDOW, bucket_seconds=BUCKET)
+        self.key = ApiKey(name="k", digest="a" * 64, limits=limits)
+        self.queue = AdmissionQueue(batch_share=0.1, store=self.store if tickets else None)
+        self.calls = 0
+        self.counters = tuple(r.counter for r in self.limiter.rows(self.key, Cost()))
+
+    async def attempt(self) -> Decision:
+        self.calls += 1
+        return await self.limiter.admit(self.key, Cost())
+
+    async def admit(self, bound: float) -> tuple[Decision, float]:
+        queued = await self.queue.admit(
+            partition_of(self.key), self.key.key_id, WaitPolicy(bound), self.counters, self.attempt
+        )
+        return queued.decision, queued.waited
+
+
+def to_quarter_past_a_second(clock: trio.testing.MockClock) -> float:
+    """Jump ``clock`` to a quarter past a whole second (inside a bucket, as a real clock
+    would be); that second."""
+    now = trio.current_time()
+    second = math.floor(now) + 1
+    clock.jump(second + 0.25 - now)
+    return second
+
+
+def one_rpm(clock: trio.testing.MockClock) -> Setup:
+    """A key of 1 request a window, from a quarter past a second."""
+    to_quarter_past_a_second(clock)
+    return Setup(Limits(rpm=1))
+
+
+async def test_a_waiter_calls_the_store_twice_and_is_admitted_when_room_frees(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    setup = one_rpm(autojump_clock)
+    assert (await setup.admit(15))[0].admitted
+    refused = await setup.limiter.usage(setup.key)
+    assert refused[0].used == 1
+    decision, waited = await setup.admit(15)
+    assert decision.admitted
+    # The refusal's retry-after, exactly: the first request's bucket leaves the window.
+    assert waited == pytest.approx(WINDOW + BUCKET - 0.25, abs=0.002)
+    assert setup.calls == 3  # the first admission, then the refusal and the admission
+
+
+async def test_a_refusal_beyond_the_bound_is_answered_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    setup = one_rpm(autojump_clock)
+    await setup.admit(15)
+    decision, waited = await setup.admit(5)
+    assert not decision.admitted
+    assert decision.admission.retry_after == pytest.approx(WINDOW + BUCKET - 0.25, abs=0.002)
+    assert waited == 0.0
+    assert setup.calls == 2
+
+
+async def test_a_waiter_consumes_nothing_and_leaves_when_cancelled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    setup = one_rpm(autojump_clock)
+    await setup.admit(15)
+    with trio.move_on_after(3):
+        await setup.admit(15)
+    assert setup.queue.lines.waiting() == {}
+    assert (await setup.limiter.usage(setup.key))[0].used == 1
+
+
+async def test_closing_the_queue_answers_its_waiters(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    setup = one_rpm(autojump_clock)
+    await setup.admit(15)
+    closed: list[float] = []
+
+    async def wait() -> None:
+        try:
+            await setup.admit(15)
+        except QueueClosed as exc:
+            closed.append(exc.retry_after)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.sleep(2)
+        setup.queue.close()
+    assert len(closed) == 1 and closed[0] >= 1.0
+    assert setup.queue.lines.waiting() == {}
+
+
+@pytest.mark.parametrize("tickets", [False, True], ids=["per node", "store tickets"])
+async def test_waiters_are_admitted_in_arrival_order(
+    autojump_clock: trio.testing.MockClock, tickets: bool
+) -> None:
+    to_quarter_past_a_second(autojump_clock)
+    setup = Setup(Limits(rpm=2), tickets=tickets)
+    order: list[int] = []
+
+    async def one(i: int) -> None:
+        decision, _ = await setup.admit(15)
+        assert decision.admitted
+        order.append(i)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(6):
+            nursery.start_soon(one, i)
+            await trio.sleep(0.01)
+    assert order == list(range(6))
+    # Two a window: the refusal, then one try at each moment room freed, per waiter
+    # (and the ones that found the room taken by the waiter ahead once more).
+    assert setup.calls <= 6 + 4 + 2
+
+
+async def test_a_settlement_that_frees_a_slot_wakes_the_line_before_its_retry(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    start = to_quarter_past_a_second(autojump_clock)
+    setup = Setup(Limits(max_concurrent=1))
+    first, _ = await setup.admit(15)
+    admitted_at = math.nan
+
+    async def second() -> None:
+        nonlocal admitted_at
+        decision, _ = await setup.admit(15)
+        assert decision.admitted
+        admitted_at = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(second)
+        await trio.sleep(0.3)  # a lease refusal's retry is a second
+        await setup.limiter.settle(first, output_tokens=0)
+        lease_rows = [r.counter for r in first.reservation.rows if r.is_lease]  # type: ignore[union-attr]
+        setup.queue.freed(lease_rows)
+    assert admitted_at == pytest.approx(start + 0.55, abs=0.002)
+
+
+async def test_past_max_waiting_a_request_is_answered_as_without_a_queue(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    setup = one_rpm(autojump_clock)
+    await setup.admit(15)
+    outcomes: list[tuple[bool, float]] = []
+
+    async def one() -> None:
+        queued = await setup.queue.admit(
+            partition_of(setup.key),
+            setup.key.key_id,
+            WaitPolicy(15, max_waiting=1),
+            setup.counters,
+            setup.attempt,
+        )
+        outcomes.append((queued.decision.admitted, queued.waited))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one)
+        await trio.sleep(1)
+        nursery.start_soon(one)
+    assert outcomes[0] == (False, 0.0)  # the second waiter: its one try, refused
+    assert outcomes[1][0] and outcomes[1][1] > 0  # the first: admitted once room freed
