@@ -77,6 +77,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from tokenguard.cluster.open_files import LISTEN_BACKLOG, raise_open_files_limit
 from tokenguard.counting import count_text
 from tokenguard.counting.chat_prompt import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE
 from tokenguard.observe.logs import Receive, Scope, Send
@@ -612,6 +613,7 @@ async def serve_fake(
     config = Config()
     config.bind = [f"{host}:{port}"]
     config.graceful_timeout = 1.0
+    config.backlog = LISTEN_BACKLOG  # thousands of streams may connect at once
     config.accesslog = None
     stopping = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -632,6 +634,7 @@ async def _signalled() -> None:
 
 
 async def _main(args: argparse.Namespace) -> None:
+    raise_open_files_limit()
     upstream = FakeUpstream(
         args.flavour,
         Pacing(ttft=args.ttft, tokens_per_second=args.tokens_per_second),
