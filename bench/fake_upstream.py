@@ -86,7 +86,7 @@ from tokenguard.upstreams.mock import FIRST_WORD, WORDS
 FLAVOURS = ("llama", "vllm")
 DEFAULT_CONTEXT_TOKENS = 131072
 MAX_BODY_BYTES = 64 * 1024 * 1024
-TICK = 0.01  # a paced generation adds the tokens due every tick
+TICK = 0.01  # a paced generation adds the tokens due at most every tick
 PROMPT_FIELDS = ("tools", "functions", "tool_choice", "response_format")
 KEY_MARK = re.compile(rb"tokenguard-key: ([A-Za-z0-9_.:-]+)")
 REQUEST_MARK = re.compile(rb"tokenguard-request: ([A-Za-z0-9_.:-]+)")
@@ -336,7 +336,10 @@ class Generation:
             if due > self.produced:
                 self.advance(min(total, due))
             if not self.done:
-                await trio.sleep(TICK)
+                # Wake when the next token is due (a tick at the soonest, so a fast pace
+                # adds its tokens a tick's worth at a time), not every tick.
+                due_at = started + self.produced / pacing.tokens_per_second
+                await trio.sleep_until(max(due_at, trio.current_time() + TICK))
 
 
 # --- answering -------------------------------------------------------------------------
