@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -364,7 +364,13 @@ def levels_to_run(options: StreamsOptions, done: Sequence[Level]) -> int | None:
     return following if following <= options.max_streams else None
 
 
-async def measure_levels(options: StreamsOptions, bench: Bench, log: Any) -> list[Level]:
+async def measure_levels(
+    options: StreamsOptions,
+    bench: Bench,
+    log: Any,
+    audit: AuditResult | None = None,
+    progress: Callable[[StreamsResult], None] | None = None,
+) -> list[Level]:
     keys = [key_secret(i) for i in range(KEYS)]
     # The first request of each server loads its tokenizer: not part of any level.
     warm = attrs.evolve(options, clients=1, ramp=0.0)
@@ -382,6 +388,9 @@ async def measure_levels(options: StreamsOptions, bench: Bench, log: Any) -> lis
                 file=log,
             )
         done.append(Level(streams, runs["direct"], runs["proxy"]))
+        if progress is not None:
+            broke = next((level.streams for level in done if level.new_errors), None)
+            progress(StreamsResult(options, tuple(done), broke, audit))
     return done
 
 
@@ -408,12 +417,21 @@ async def audited_run(options: StreamsOptions, directory: Path) -> AuditResult:
     )
 
 
-async def run_streams(options: StreamsOptions, *, log: Any = None) -> StreamsResult:
+async def run_streams(
+    options: StreamsOptions,
+    *,
+    log: Any = None,
+    progress: Callable[[StreamsResult], None] | None = None,
+) -> StreamsResult:
+    """The audit (if asked: it is short), then every level; ``progress`` is called with
+    the result so far after each, so a long run that is stopped keeps its figures."""
     with tempfile.TemporaryDirectory(prefix="tg-streams-") as tmp:
         directory = Path(tmp)
-        async with running_bench(options, directory / "levels") as bench:
-            levels = await measure_levels(options, bench, log)
         audit = await audited_run(options, directory / "audit") if options.audit else None
+        if progress is not None:
+            progress(StreamsResult(options, (), None, audit))
+        async with running_bench(options, directory / "levels") as bench:
+            levels = await measure_levels(options, bench, log, audit, progress)
     broke = next((level.streams for level in levels if level.new_errors), None)
     return StreamsResult(options, tuple(levels), broke, audit)
 
@@ -559,13 +577,17 @@ def main(args: argparse.Namespace) -> int:
         audit=args.audit,
         audit_streams=args.audit_streams,
     )
+
+    def progress(result: StreamsResult) -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(result_json(result), indent=2))
+
     try:
-        result = trio.run(lambda: run_streams(options, log=sys.stderr))
+        result = trio.run(lambda: run_streams(options, log=sys.stderr, progress=progress))
     except Exception as exc:  # a failed run is reported, not a traceback
         print(f"bench streams failed: {exc!r}", file=sys.stderr)
         return 1
     print(format_report(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result_json(result), indent=2))
+    progress(result)
     over = result.audit is not None and result.audit.definite_excess > 0
     return 1 if over else 0
