@@ -49,6 +49,7 @@ import attrs
 import trio
 
 from bench.audit import audit_billing
+from bench.charts import Panel, available, render
 from bench.ports import SUITE_PORTS, free_ports
 from bench.procfs import children, cmdline, cpu_seconds, rss_kib
 from bench.proxy_audit import Sent, billings, ledger_when_done, running_command
@@ -521,6 +522,42 @@ def result_json(result: StreamsResult) -> dict[str, Any]:
     }
 
 
+def chart(data: dict[str, Any], path: Path, stamp: str) -> Path:
+    """Added TTFT and the node's memory against concurrency, from :func:`result_json`'s
+    figures (so a saved run can be drawn again)."""
+    levels = data["levels"]
+    x = [level["streams"] for level in levels]
+
+    def added(field: str, q: str) -> list[float | None]:
+        values: list[float | None] = []
+        for level in levels:
+            ours, theirs = level["proxy"][field][q], level["direct"][field][q]
+            values.append(None if ours is None or theirs is None else ours - theirs)
+        return values
+
+    panels = [
+        Panel(
+            kind="line",
+            title="added time to first token (proxy - direct)",
+            x=x,
+            series={"p50": added("ttft_ms", "p50"), "p99": added("ttft_ms", "p99")},
+            xlabel="concurrent streams",
+            ylabel="ms",
+            hlines=[(5.0, "goal p50: 5 ms"), (50.0, "goal p99: 50 ms")],
+        ),
+        Panel(
+            kind="line",
+            title="node resident memory, peak",
+            x=x,
+            series={"RSS": [level["proxy"]["node_peak_rss_mib"] for level in levels]},
+            xlabel="concurrent streams",
+            ylabel="MiB",
+            hlines=[(300.0, "goal: 300 MB at 2,000 streams")],
+        ),
+    ]
+    return render(path, "LLM-shaped streams through one proxy node", panels, stamp)
+
+
 def _counts(text: str) -> tuple[int, ...]:
     try:
         counts = tuple(int(part) for part in text.split(","))
@@ -562,6 +599,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--audit-streams", type=int, default=defaults.audit_streams)
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--chart", help="also draw added TTFT and memory into this PNG")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -589,5 +627,8 @@ def main(args: argparse.Namespace) -> int:
         return 1
     print(format_report(result))
     progress(result)
+    if args.chart and available():
+        stamp = f"python -m bench streams · {os.cpu_count()} cores · {time.strftime('%F %H:%M')}"
+        chart(result_json(result), Path(args.chart), stamp)
     over = result.audit is not None and result.audit.definite_excess > 0
     return 1 if over else 0

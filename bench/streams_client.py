@@ -12,8 +12,11 @@ What it measures, per stream: the time from the start of its connect to its firs
 event (TTFT), and every gap between two token events' arrivals (tokens that arrive in
 one read count as gaps of 0 after the first). An error is named by its kind:
 ``connect:<errno>``, ``reset`` (the peer reset the connection), ``http_<status>``,
-``error_event`` (the server ended the stream with an error event), ``truncated`` (the
-connection closed before ``data: [DONE]``), ``timeout``.
+``error_event`` (the server ended the stream with an error event),
+``closed_before_answer`` (the server closed the connection before its answer's head: an
+overloaded hypercorn does so once a connection waited ``keep_alive_timeout`` for its
+request to be read), ``truncated`` (the connection closed after the head, before
+``data: [DONE]``), ``timeout``.
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ async def _read_stream(
     while b"\r\n\r\n" not in head:
         chunk = await stream.receive_some(65536)
         if not chunk:
-            return "truncated"
+            return "closed_before_answer"
         head += chunk
     head, rest = head.split(b"\r\n\r\n", 1)
     status = int(head.split(b" ", 2)[1])

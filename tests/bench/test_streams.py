@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import trio
 
-from bench.streams import StreamsOptions, format_report, result_json, run_streams
+from bench.charts import available
+from bench.streams import StreamsOptions, chart, format_report, result_json, run_streams
 
 SMALL = StreamsOptions(
     streams=(4, 6),
@@ -18,7 +21,9 @@ SMALL = StreamsOptions(
 )
 
 
-async def test_a_small_streams_run_reports_every_stream_and_audits_the_limited_key() -> None:
+async def test_a_small_streams_run_reports_every_stream_and_audits_the_limited_key(
+    tmp_path: Path,
+) -> None:
     with trio.fail_after(300):
         result = await run_streams(SMALL)
     assert [level.streams for level in result.levels] == [4, 6]
@@ -37,4 +42,7 @@ async def test_a_small_streams_run_reports_every_stream_and_audits_the_limited_k
     assert audit.billed_requests == 4 and audit.definite_excess == 0
     report = format_report(result)
     assert "| 4 |" in report and "| 6 |" in report and "definite over-admission 0" in report
-    assert set(result_json(result)) == {"options", "levels", "broke_at", "audit"}
+    data = result_json(result)
+    assert set(data) == {"options", "levels", "broke_at", "audit"}
+    if available():
+        assert chart(data, tmp_path / "streams.png", "test").stat().st_size > 0
