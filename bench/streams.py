@@ -522,7 +522,15 @@ def result_json(result: StreamsResult) -> dict[str, Any]:
     }
 
 
+CHART_TITLE = "LLM-shaped streams through one proxy node"
+
+
 def chart(data: dict[str, Any], path: Path, stamp: str) -> Path:
+    """:func:`chart_panels` drawn into the PNG ``path``."""
+    return render(path, CHART_TITLE, chart_panels(data), stamp)
+
+
+def chart_panels(data: dict[str, Any]) -> list[Panel]:
     """Added TTFT and the node's memory against concurrency, from :func:`result_json`'s
     figures (so a saved run can be drawn again)."""
     levels = data["levels"]
@@ -555,7 +563,7 @@ def chart(data: dict[str, Any], path: Path, stamp: str) -> Path:
             hlines=[(300.0, "goal: 300 MB at 2,000 streams")],
         ),
     ]
-    return render(path, "LLM-shaped streams through one proxy node", panels, stamp)
+    return panels
 
 
 def _counts(text: str) -> tuple[int, ...]:
