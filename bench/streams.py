@@ -49,18 +49,18 @@ import attrs
 import trio
 
 from bench.audit import audit_billing
-from bench.charts import Panel, available, render
+from bench.charts import available
 from bench.ports import SUITE_PORTS, free_ports
 from bench.procfs import children, cmdline, cpu_seconds, rss_kib
 from bench.proxy_audit import Sent, billings, ledger_when_done, running_command
 from bench.streams_client import GAP_RESOLUTION, ClientSpec
+from bench.streams_report import chart, format_report, result_json
 from tokenguard.model import Limits
 
 KEYS = 50
 MODEL = "gpt-4o-mini"
 AUDIT_WINDOW, AUDIT_BUCKET = 10, 1
 SAMPLE_SECONDS = 0.25
-SATURATED = 0.9  # of one core: the process is the bottleneck
 
 
 @attrs.frozen
@@ -75,27 +75,28 @@ class StreamsOptions:
     ramp: float = 2.0
     audit: bool = False
     audit_streams: int = 200
+    keys: int = KEYS  # keys the load is spread over, limits never reached
 
 
 def key_secret(index: int) -> str:
     return f"sk-bench-streams-k{index:03d}"
 
 
-def proxy_config(upstream_url: str, *, audit_limit: int | None = None) -> str:
+def proxy_config(upstream_url: str, keys: int, *, audit_limit: int | None = None) -> str:
     """The node's config: the upstream, a pool that never runs out, and the keys: limits
     far above the load, or one key of ``audit_limit`` output tokens per window."""
     if audit_limit is None:
         limits = "rpm = 100000000\ninput_tpm = 100000000000\noutput_tpm = 100000000000\n"
-        keys = "".join(
-            f'[[keys]]\nkey = "{key_secret(i)}"\nname = "k{i:03d}"\n{limits}\n' for i in range(KEYS)
+        tables = "".join(
+            f'[[keys]]\nkey = "{key_secret(i)}"\nname = "k{i:03d}"\n{limits}\n' for i in range(keys)
         )
         window = ""
     else:
-        keys = f'[[keys]]\nkey = "{key_secret(0)}"\nname = "k000"\noutput_tpm = {audit_limit}\n'
+        tables = f'[[keys]]\nkey = "{key_secret(0)}"\nname = "k000"\noutput_tpm = {audit_limit}\n'
         window = f"[window]\nseconds = {AUDIT_WINDOW}\nbucket_seconds = {AUDIT_BUCKET}\n\n"
     return (
         f'{window}[upstream]\nbase_url = "{upstream_url}/v1"\nread_timeout = 120\n'
-        f"max_connections = 20000\nkey_share = 1\n\n{keys}"
+        f"max_connections = 20000\nkey_share = 1\n\n{tables}"
     )
 
 
@@ -141,7 +142,7 @@ async def running_bench(
     async with running_command(fake, directory / "upstream.log", ready) as found:
         upstream_url = found.group(1)
         config = directory / "node.toml"
-        config.write_text(proxy_config(upstream_url, audit_limit=audit_limit))
+        config.write_text(proxy_config(upstream_url, options.keys, audit_limit=audit_limit))
         node = [sys.executable, "-m", "tokenguard", "serve", "--config", str(config)]
         node += ["--port", str(node_port)]
         ready = re.compile(r"serving on (http://\S+)")
@@ -339,6 +340,7 @@ class Level:
 @attrs.frozen
 class AuditResult:
     streams: int
+    window: float
     limit: int
     admitted: int
     refused: int
@@ -372,7 +374,7 @@ async def measure_levels(
     audit: AuditResult | None = None,
     progress: Callable[[StreamsResult], None] | None = None,
 ) -> list[Level]:
-    keys = [key_secret(i) for i in range(KEYS)]
+    keys = [key_secret(i) for i in range(options.keys)]
     # The first request of each server loads its tokenizer: not part of any level.
     warm = attrs.evolve(options, clients=1, ramp=0.0)
     for url in (bench.upstream_url, bench.node_url):
@@ -409,6 +411,7 @@ async def audited_run(options: StreamsOptions, directory: Path) -> AuditResult:
     over = audit_billing(bills, {"k000": Limits(output_tpm=limit)}, AUDIT_WINDOW)
     return AuditResult(
         streams=options.audit_streams,
+        window=AUDIT_WINDOW,
         limit=limit,
         admitted=run.completed + sum(v for k, v in run.errors.items() if k != "http_429"),
         refused=run.errors.get("http_429", 0),
@@ -435,135 +438,6 @@ async def run_streams(
             levels = await measure_levels(options, bench, log, audit, progress)
     broke = next((level.streams for level in levels if level.new_errors), None)
     return StreamsResult(options, tuple(levels), broke, audit)
-
-
-def _f(value: float | None, fmt: str = "{:.1f}") -> str:
-    return "-" if value is None else fmt.format(value)
-
-
-def _errors(errors: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "0"
-
-
-def _busiest(run: RunResult) -> str:
-    name, cores = max(run.cpu_cores.items(), key=lambda item: item[1])
-    flag = " (saturated: the bottleneck)" if cores >= SATURATED else ""
-    return f"{name} {cores:.2f}{flag}"
-
-
-def format_report(result: StreamsResult) -> str:
-    o = result.options
-    lines = [
-        f"Streams: TTFT {o.ttft:g} s, then {o.tokens_per_second:g} tokens/s for "
-        f"{o.max_tokens} tokens; {o.clients} client processes, starts spread over "
-        f"{o.ramp:g} s; one proxy node (memory store, {KEYS} keys), one fake upstream",
-        "",
-        "| streams | added TTFT p50 / p99 ms | added inter-token p99 ms | errors direct | "
-        "errors proxy | node CPU µs/token | node RSS idle / peak MiB | KiB/stream | "
-        "peak fds | busiest process (cores), proxy run |",
-        "| ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for level in result.levels:
-        p = level.proxy
-        lines.append(
-            f"| {level.streams} | {_f(level.added('ttft_ms', 'p50'))} / "
-            f"{_f(level.added('ttft_ms', 'p99'))} | {_f(level.added('gap_ms', 'p99'))} | "
-            f"{_errors(level.direct.errors)} | {_errors(p.errors)} | "
-            f"{_f(p.node_cpu_us_per_token, '{:.0f}')} | {_f(p.node_idle_rss_mib, '{:.0f}')} / "
-            f"{_f(p.node_peak_rss_mib, '{:.0f}')} | {_f(p.node_rss_kib_per_stream, '{:.0f}')} | "
-            f"{p.node_peak_fds} | {_busiest(p)} |"
-        )
-    lines.append("")
-    lines.append(
-        "Raw (proxy, direct): TTFT p50 ms "
-        + "; ".join(
-            f"{lv.streams}: {_f(lv.proxy.ttft_ms['p50'])}, {_f(lv.direct.ttft_ms['p50'])}"
-            for lv in result.levels
-        )
-    )
-    lines.append(
-        "Raw (proxy, direct): inter-token p99 ms "
-        + "; ".join(
-            f"{lv.streams}: {_f(lv.proxy.gap_ms['p99'])}, {_f(lv.direct.gap_ms['p99'])}"
-            for lv in result.levels
-        )
-    )
-    if result.broke_at is None:
-        lines.append("No level broke: every proxy run had no error its direct run had not.")
-    else:
-        level = next(lv for lv in result.levels if lv.streams == result.broke_at)
-        lines.append(
-            f"Broke at {result.broke_at} streams: {_errors(level.new_errors)} "
-            f"(busiest: {_busiest(level.proxy)})"
-        )
-    if result.audit is not None:
-        a = result.audit
-        lines.append(
-            f"Audit: {a.streams} streams of one key, output limit {a.limit} tokens per "
-            f"{AUDIT_WINDOW} s: {a.admitted} admitted, {a.refused} refused (429), "
-            f"{a.billed_requests} billed upstream; definite over-admission {a.definite_excess} "
-            f"tokens, possible {a.possible_excess}"
-        )
-    return "\n".join(lines)
-
-
-def result_json(result: StreamsResult) -> dict[str, Any]:
-    def run(r: RunResult) -> dict[str, Any]:
-        return attrs.asdict(r, filter=lambda a, _: a.name != "starts")
-
-    return {
-        "options": attrs.asdict(result.options),
-        "levels": [
-            {"streams": lv.streams, "direct": run(lv.direct), "proxy": run(lv.proxy)}
-            for lv in result.levels
-        ],
-        "broke_at": result.broke_at,
-        "audit": None if result.audit is None else attrs.asdict(result.audit),
-    }
-
-
-CHART_TITLE = "LLM-shaped streams through one proxy node"
-
-
-def chart(data: dict[str, Any], path: Path, stamp: str) -> Path:
-    """:func:`chart_panels` drawn into the PNG ``path``."""
-    return render(path, CHART_TITLE, chart_panels(data), stamp)
-
-
-def chart_panels(data: dict[str, Any]) -> list[Panel]:
-    """Added TTFT and the node's memory against concurrency, from :func:`result_json`'s
-    figures (so a saved run can be drawn again)."""
-    levels = data["levels"]
-    x = [level["streams"] for level in levels]
-
-    def added(field: str, q: str) -> list[float | None]:
-        values: list[float | None] = []
-        for level in levels:
-            ours, theirs = level["proxy"][field][q], level["direct"][field][q]
-            values.append(None if ours is None or theirs is None else ours - theirs)
-        return values
-
-    panels = [
-        Panel(
-            kind="line",
-            title="added time to first token (proxy - direct)",
-            x=x,
-            series={"p50": added("ttft_ms", "p50"), "p99": added("ttft_ms", "p99")},
-            xlabel="concurrent streams",
-            ylabel="ms",
-            hlines=[(5.0, "goal p50: 5 ms"), (50.0, "goal p99: 50 ms")],
-        ),
-        Panel(
-            kind="line",
-            title="node resident memory, peak",
-            x=x,
-            series={"RSS": [level["proxy"]["node_peak_rss_mib"] for level in levels]},
-            xlabel="concurrent streams",
-            ylabel="MiB",
-            hlines=[(300.0, "goal: 300 MB at 2,000 streams")],
-        ),
-    ]
-    return panels
 
 
 def _counts(text: str) -> tuple[int, ...]:

@@ -6,7 +6,7 @@ limit, audited.
 
 from __future__ import annotations
 
-from bench import streams
+from bench import streams, streams_report
 from bench.suite.context import Suite
 from bench.suite.goals import Goal, goal_at_most
 from bench.suite.section import Section
@@ -31,11 +31,11 @@ async def scenario_streams(suite: Suite) -> Section:
     section.commands = [
         f"python -m bench streams --streams {levels} --audit --audit-streams {o.audit_streams}"
     ]
-    section.body = streams.format_report(result).splitlines()[2:]
-    data = streams.result_json(result)
+    section.body = streams_report.format_report(result).splitlines()[2:]
+    data = streams_report.result_json(result)
     section.data = data
     section.goals = _goals(result)
-    suite.chart("streams", streams.CHART_TITLE, streams.chart_panels(data), section)
+    suite.chart("streams", streams_report.CHART_TITLE, streams_report.chart_panels(data), section)
     return section
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import trio
 
 from bench.charts import available
-from bench.streams import StreamsOptions, chart, format_report, result_json, run_streams
+from bench.streams import StreamsOptions, run_streams
+from bench.streams_report import chart, format_report, result_json
 
 SMALL = StreamsOptions(
     streams=(4, 6),
