@@ -86,6 +86,7 @@ from tokenguard.upstreams.mock import FIRST_WORD, WORDS
 FLAVOURS = ("llama", "vllm")
 DEFAULT_CONTEXT_TOKENS = 131072
 MAX_BODY_BYTES = 64 * 1024 * 1024
+KEEP_ALIVE_SECONDS = 120.0
 TICK = 0.01  # a paced generation adds the tokens due at most every tick
 PROMPT_FIELDS = ("tools", "functions", "tool_choice", "response_format")
 KEY_MARK = re.compile(rb"tokenguard-key: ([A-Za-z0-9_.:-]+)")
@@ -617,6 +618,9 @@ async def serve_fake(
     config.bind = [f"{host}:{port}"]
     config.graceful_timeout = 1.0
     config.backlog = LISTEN_BACKLOG  # thousands of streams may connect at once
+    # hypercorn closes a connection whose request it has not read within this; a fake
+    # starved of CPU under thousands of streams must not fail requests for that.
+    config.keep_alive_timeout = KEEP_ALIVE_SECONDS
     config.accesslog = None
     stopping = trio.Event()
     async with trio.open_nursery() as nursery:
