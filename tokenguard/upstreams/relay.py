@@ -12,6 +12,9 @@ Guarantees:
   not: the client pays for what the upstream generated.
 * A timeout or a broken connection mid-stream ends the stream with an error event in
   the dialect's shape (:meth:`StreamMeter.error_event`), and is recorded in the tally.
+* Under ``drain`` a read of the upstream is never cut by a cancellation (the client
+  leaving while the node waits for the upstream's next bytes): it ends, then the
+  cancellation takes effect, so the drain reads on from where the relay stopped.
 * :meth:`RelayedStream.aclose` (idempotent; quart calls it however the response ends)
   is shielded: if the upstream had not finished (the client left, or was cut for
   stalling) it drains it first when ``drain_seconds`` is set (reading on, relaying
@@ -122,7 +125,15 @@ class RelayedStream:
 
     async def _read(self) -> None:
         try:
-            chunk = await self._chunks.__anext__()
+            if self._drain_seconds is None:
+                chunk = await self._chunks.__anext__()
+            else:
+                # A read cancelled mid-way closes the upstream response (httpcore does),
+                # and the drain could then read nothing on: the key would pay what was
+                # relayed, not what the upstream billed. So the read ends first (the next
+                # bytes, or the read timeout, the drain's own bound), then the cancel.
+                with trio.CancelScope(shield=True):
+                    chunk = await self._chunks.__anext__()
         except StopAsyncIteration:
             self.tally.ended = True
             if self._buffer.strip():
