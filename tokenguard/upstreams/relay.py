@@ -2,9 +2,10 @@
 
 A :class:`RelayedStream` is the client's side of an upstream's server-sent events: an
 async iterator of SSE events (bytes, each ending in a blank line), yielded as they
-arrive, never buffered. What the events mean is the dialect's business: a
-:class:`StreamMeter` reads each one (the text it generated, the usage it reports,
-whether the client gets it), so one relay serves every API.
+arrive, never buffered (the events one read brought are yielded together). What the
+events mean is the dialect's business: a :class:`StreamMeter` reads each one (the text
+it generated, the usage it reports, whether the client gets it), so one relay serves
+every API.
 
 Guarantees:
 
@@ -116,12 +117,19 @@ class RelayedStream:
         return self
 
     async def __anext__(self) -> bytes:
+        """Every whole event read and not yet relayed, in one piece: events that arrived
+        together leave in one write, so a node that falls behind catches up in fewer,
+        larger sends (one system call per event was a third of its relaying cost)."""
         while not self._ready:
             if self.tally.ended or self._closed:
                 await self.aclose()
                 raise StopAsyncIteration
             await self._read()
-        return self._ready.popleft()
+        if len(self._ready) == 1:
+            return self._ready.popleft()
+        events = b"".join(self._ready)
+        self._ready.clear()
+        return events
 
     async def _read(self) -> None:
         try:
