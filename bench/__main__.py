@@ -21,6 +21,7 @@ from bench import (
     proxy,
     proxy_audit,
     queue,
+    streams,
     stress,
     suite,
     tokens,
@@ -102,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fake_upstream.add_arguments(fake_parser)
     fake_parser.set_defaults(run=fake_upstream.main)
+    streams_parser = commands.add_parser(
+        "streams",
+        help="LLM-shaped load: thousands of paced streams through one proxy node vs direct",
+        description="Hold N concurrent paced streams through one proxy node and straight "
+        "to a fake upstream, side by side; report added TTFT and inter-token delay, errors, "
+        "node CPU per token, memory per stream, descriptors, where it breaks.",
+    )
+    streams.add_arguments(streams_parser)
+    streams_parser.set_defaults(run=streams.main)
     stress_parser = commands.add_parser(
         "stress-tests",
         help="the whole test suite, round after round, beside CPU-burning processes",

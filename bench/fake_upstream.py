@@ -77,6 +77,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from tokenguard.cluster.open_files import LISTEN_BACKLOG, raise_open_files_limit
 from tokenguard.counting import count_text
 from tokenguard.counting.chat_prompt import REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE
 from tokenguard.observe.logs import Receive, Scope, Send
@@ -85,7 +86,8 @@ from tokenguard.upstreams.mock import FIRST_WORD, WORDS
 FLAVOURS = ("llama", "vllm")
 DEFAULT_CONTEXT_TOKENS = 131072
 MAX_BODY_BYTES = 64 * 1024 * 1024
-TICK = 0.01  # a paced generation adds the tokens due every tick
+KEEP_ALIVE_SECONDS = 120.0
+TICK = 0.01  # a paced generation adds the tokens due at most every tick
 PROMPT_FIELDS = ("tools", "functions", "tool_choice", "response_format")
 KEY_MARK = re.compile(rb"tokenguard-key: ([A-Za-z0-9_.:-]+)")
 REQUEST_MARK = re.compile(rb"tokenguard-request: ([A-Za-z0-9_.:-]+)")
@@ -335,7 +337,10 @@ class Generation:
             if due > self.produced:
                 self.advance(min(total, due))
             if not self.done:
-                await trio.sleep(TICK)
+                # Wake when the next token is due (a tick at the soonest, so a fast pace
+                # adds its tokens a tick's worth at a time), not every tick.
+                due_at = started + self.produced / pacing.tokens_per_second
+                await trio.sleep_until(max(due_at, trio.current_time() + TICK))
 
 
 # --- answering -------------------------------------------------------------------------
@@ -612,6 +617,10 @@ async def serve_fake(
     config = Config()
     config.bind = [f"{host}:{port}"]
     config.graceful_timeout = 1.0
+    config.backlog = LISTEN_BACKLOG  # thousands of streams may connect at once
+    # hypercorn closes a connection whose request it has not read within this; a fake
+    # starved of CPU under thousands of streams must not fail requests for that.
+    config.keep_alive_timeout = KEEP_ALIVE_SECONDS
     config.accesslog = None
     stopping = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -632,6 +641,7 @@ async def _signalled() -> None:
 
 
 async def _main(args: argparse.Namespace) -> None:
+    raise_open_files_limit()
     upstream = FakeUpstream(
         args.flavour,
         Pacing(ttft=args.ttft, tokens_per_second=args.tokens_per_second),

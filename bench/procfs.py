@@ -75,3 +75,22 @@ def cpu_seconds(pid: int | None) -> float:
     if fields is None:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def smaps_rollup_kib(pid: int) -> dict[str, int] | None:
+    """The fields of ``/proc/PID/smaps_rollup`` in KiB (``Rss``, ``Pss``,
+    ``Private_Clean``, ``Private_Dirty``, ...), plus ``Uss``: the private pages, which
+    the process alone holds (what killing it would free). ``None`` if it is gone or the
+    kernel has no smaps_rollup (before 4.14)."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    fields: dict[str, int] = {}
+    for line in text.splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        value = rest.split()
+        if value and value[0].isdigit():
+            fields[name] = int(value[0])
+    fields["Uss"] = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+    return fields

@@ -22,7 +22,7 @@ import trio
 from bench import charts
 from bench.charts import Panel
 from bench.ports import SUITE_PORTS, free_ports
-from bench.procfs import cpu_seconds, rss_kib
+from bench.procfs import cpu_seconds, rss_kib, smaps_rollup_kib
 from bench.suite.clients import LoadClient, WrkClient
 from bench.suite.configs import EIGHT_RULES, throughput_config
 from bench.suite.figures import fmt_ms
@@ -55,6 +55,10 @@ class RssSample:
     process: str
     phase: str
     kib: int
+    # From /proc/PID/smaps_rollup: the proportional share of shared pages, and the
+    # private pages (unique set size); None where the kernel has no smaps_rollup.
+    pss_kib: int | None = None
+    uss_kib: int | None = None
 
 
 @attrs.define(eq=False)
@@ -101,8 +105,11 @@ class Suite:
     def sample_rss(self, process: str, phase: str, pids: Sequence[int | None]) -> None:
         for pid in pids:
             kib = rss_kib(pid) if pid is not None else None
-            if kib is not None:
-                self.rss.append(RssSample(process, phase, kib))
+            if pid is not None and kib is not None:
+                rollup = smaps_rollup_kib(pid) or {}
+                self.rss.append(
+                    RssSample(process, phase, kib, rollup.get("Pss"), rollup.get("Uss"))
+                )
 
     def sample_singles(self, phase: str) -> None:
         """Sample the resident memory of the single nodes (:meth:`singles`)."""

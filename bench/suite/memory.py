@@ -20,18 +20,23 @@ PROCESS_ORDER = ("single node", "cluster node", "supervisor", "redis-server")
 async def scenario_memory(suite: Suite) -> Section:
     section = suite.section("memory", "Resident memory per process")
     section.intro = (
-        "VmRSS from `/proc/PID/status` of each process, sampled by the other scenarios: "
+        "VmRSS from `/proc/PID/status` of each process, and PSS (its share of pages it "
+        "shares with other processes) and USS (its private pages: what stopping it "
+        "frees) from `/proc/PID/smaps_rollup`, sampled by the other scenarios: "
         "*idle* about a second after the node became healthy, *after load* right after "
         "that scenario's load ended. Cluster nodes are found as the supervisor's children "
         "with `--node-id` on their command line. MB = 10^6 bytes."
     )
-    section.commands = ["grep VmRSS /proc/$(pgrep -f 'tokenguard serve.*--node-id 0')/status"]
+    section.commands = [
+        "grep VmRSS /proc/$(pgrep -f 'tokenguard serve.*--node-id 0')/status",
+        "grep -E '^(Pss|Private)' /proc/$(pgrep -f 'tokenguard serve.*--node-id 0')/smaps_rollup",
+    ]
     if not suite.rss:
         section.body = ["No samples: run the scenarios that start nodes."]
         return section
-    by: dict[tuple[str, str], list[int]] = {}
+    by: dict[tuple[str, str], list[RssSample]] = {}
     for sample in suite.rss:
-        by.setdefault((sample.process, sample.phase), []).append(sample.kib)
+        by.setdefault((sample.process, sample.phase), []).append(sample)
     processes = sorted(
         dict.fromkeys(s.process for s in suite.rss),
         key=lambda name: next((i for i, o in enumerate(PROCESS_ORDER) if name.startswith(o)), 9),
@@ -43,20 +48,32 @@ async def scenario_memory(suite: Suite) -> Section:
     return section
 
 
-def _table(by: dict[tuple[str, str], list[int]], processes: list[str]) -> list[str]:
+def _table(by: dict[tuple[str, str], list[RssSample]], processes: list[str]) -> list[str]:
     rows = [
-        "| process | idle, median (max) MB | after load, median (max) MB | samples |",
-        "| --- | ---: | ---: | ---: |",
+        "| process | idle RSS, median (max) MB | idle PSS / USS, max MB "
+        "| after load RSS, median (max) MB | after load PSS / USS, max MB | samples |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for process in processes:
         cells = []
         count = 0
         for phase in PHASES:
-            values = by.get((process, phase), [])
-            count += len(values)
+            samples = by.get((process, phase), [])
+            count += len(samples)
+            values = [s.kib for s in samples]
             cells.append(f"{fmt_mb(median(values))} ({fmt_mb(max(values))})" if values else "-")
-        rows.append(f"| {process} | {cells[0]} | {cells[1]} | {count} |")
+            cells.append(_shared(samples))
+        rows.append(f"| {process} | {' | '.join(cells)} | {count} |")
     return rows
+
+
+def _shared(samples: list[RssSample]) -> str:
+    """The largest PSS and USS of ``samples``, "-" where none was read."""
+    pss = [s.pss_kib for s in samples if s.pss_kib is not None]
+    uss = [s.uss_kib for s in samples if s.uss_kib is not None]
+    if not pss or not uss:
+        return "-"
+    return f"{fmt_mb(max(pss))} / {fmt_mb(max(uss))}"
 
 
 def _goals(samples: list[RssSample]) -> list[Goal]:
@@ -77,7 +94,10 @@ def _goals(samples: list[RssSample]) -> list[Goal]:
 
 
 def _chart(
-    suite: Suite, section: Section, by: dict[tuple[str, str], list[int]], processes: list[str]
+    suite: Suite,
+    section: Section,
+    by: dict[tuple[str, str], list[RssSample]],
+    processes: list[str],
 ) -> None:
     suite.chart(
         "memory",
@@ -89,7 +109,7 @@ def _chart(
                 x=[p.replace(", ", "\n").replace(" (", "\n(") for p in processes],
                 series={
                     phase: [
-                        max(by[p, phase]) * 1024 / MB if (p, phase) in by else None
+                        max(s.kib for s in by[p, phase]) * 1024 / MB if (p, phase) in by else None
                         for p in processes
                     ]
                     for phase in PHASES

@@ -42,6 +42,8 @@ class Profile:
     feed_rounds: int = 3
     feed_seconds: float = 4.0
     feed_latency_seconds: float = 5.0
+    streams_levels: tuple[int, ...] = (500, 1000, 2000)  # concurrent paced streams
+    streams_audit: int = 200  # streams of the audited run (one key's limit hit)
 
 
 FULL = Profile(name="full")
@@ -70,4 +72,6 @@ QUICK = Profile(
     feed_rounds=1,
     feed_seconds=2.0,
     feed_latency_seconds=2.0,
+    streams_levels=(100, 200),
+    streams_audit=40,
 )

@@ -39,6 +39,7 @@ from bench.suite.section import Section
 from bench.suite.startup import scenario_startup
 from bench.suite.stores import scenario_stores
 from bench.suite.streaming import scenario_streaming
+from bench.suite.streams import scenario_streams
 from bench.suite.targets import SuiteError
 from bench.suite.tokens import scenario_tokens
 from bench.wrk import WrkError, find_wrk
@@ -56,6 +57,7 @@ SCENARIO_FUNCTIONS: dict[str, Callable[[Suite], Awaitable[Section]]] = {
     "accuracy": scenario_accuracy,
     "proxy": scenario_proxy,
     "feed": scenario_feed,
+    "streams": scenario_streams,
     "memory": scenario_memory,
 }
 SCENARIOS = tuple(SCENARIO_FUNCTIONS)

@@ -467,3 +467,23 @@ async def test_suite_tiny_sweeps_nodes_and_accuracy_with_the_python_client(
         "Accuracy: rate-limit header inconsistencies",
     ]
     no_children_left(before)
+
+
+@pytest.mark.slow
+async def test_suite_tiny_streams_section_reports_levels_goals_and_the_audit(
+    tmp_path: Path,
+) -> None:
+    before = set(children(os.getpid()))
+    output = tmp_path / "performance.md"
+    profile = attrs.evolve(TINY, streams_levels=(3,), streams_audit=4)
+    with trio.fail_after(4 * START_TIMEOUT):
+        result = await run_tiny(["streams"], output, client="load", profile=profile)
+    assert result.ok
+    check_report(result.markdown, output, ["streams"])
+    assert "python -m bench streams --streams 3 --audit --audit-streams 4" in result.markdown
+    (section,) = result.sections
+    (level,) = section.data["levels"]
+    assert level["direct"]["completed"] == level["proxy"]["completed"] == 3
+    assert section.data["audit"]["definite_excess"] == 0
+    assert [g.met for g in section.goals] == [True]  # the audit's; no 1,000 or 2,000 level
+    no_children_left(before)

@@ -25,6 +25,7 @@ from tokenguard.api.hardening import (
     install_protocol_errors,
     install_shielded_recycle,
 )
+from tokenguard.cluster.open_files import LISTEN_BACKLOG, raise_open_files_limit
 from tokenguard.config.settings import Settings
 from tokenguard.counting import preload
 from tokenguard.limiting.keyring import Keyring
@@ -63,6 +64,7 @@ def hypercorn_config(
     if unix_socket is not None:
         config.bind.append(f"unix:{unix_socket}")
     config.graceful_timeout = grace
+    config.backlog = LISTEN_BACKLOG  # a burst of clients connecting at once is queued, not reset
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT  # also bounds a trickled request head
     config.h11_max_incomplete_size = MAX_HEADER_BYTES
     # The only websocket (the usage feed) reads one small message: none is held whole
@@ -104,6 +106,8 @@ async def serve_node(
         check_admin_bind(admin_host, settings)
     if shutdown is None:
         shutdown = trio.Event()
+    # Two sockets per relayed stream: the soft limit most processes start with is too few.
+    raise_open_files_limit()
     # Load the default encoding before taking traffic, so no request pays ~0.4 s for it.
     await trio.to_thread.run_sync(preload, ("o200k_base",))
     # Behind deadlines, a breaker and the failure policy (tokenguard/store/guarded.py): a

@@ -2,9 +2,10 @@
 
 A :class:`RelayedStream` is the client's side of an upstream's server-sent events: an
 async iterator of SSE events (bytes, each ending in a blank line), yielded as they
-arrive, never buffered. What the events mean is the dialect's business: a
-:class:`StreamMeter` reads each one (the text it generated, the usage it reports,
-whether the client gets it), so one relay serves every API.
+arrive, never buffered (the events one read brought are yielded together). What the
+events mean is the dialect's business: a :class:`StreamMeter` reads each one (the text
+it generated, the usage it reports, whether the client gets it), so one relay serves
+every API.
 
 Guarantees:
 
@@ -12,6 +13,9 @@ Guarantees:
   not: the client pays for what the upstream generated.
 * A timeout or a broken connection mid-stream ends the stream with an error event in
   the dialect's shape (:meth:`StreamMeter.error_event`), and is recorded in the tally.
+* Under ``drain`` a read of the upstream is never cut by a cancellation (the client
+  leaving while the node waits for the upstream's next bytes): it ends, then the
+  cancellation takes effect, so the drain reads on from where the relay stopped.
 * :meth:`RelayedStream.aclose` (idempotent; quart calls it however the response ends)
   is shielded: if the upstream had not finished (the client left, or was cut for
   stalling) it drains it first when ``drain_seconds`` is set (reading on, relaying
@@ -125,16 +129,31 @@ class RelayedStream:
         return self
 
     async def __anext__(self) -> bytes:
+        """Every whole event read and not yet relayed, in one piece: events that arrived
+        together leave in one write, so a node that falls behind catches up in fewer,
+        larger sends (one system call per event was a third of its relaying cost)."""
         while not self._ready:
             if self.tally.ended or self._closed:
                 await self.aclose()
                 raise StopAsyncIteration
             await self._read()
-        return self._ready.popleft()
+        if len(self._ready) == 1:
+            return self._ready.popleft()
+        events = b"".join(self._ready)
+        self._ready.clear()
+        return events
 
     async def _read(self) -> None:
         try:
-            chunk = await self._chunks.__anext__()
+            if self._drain_seconds is None:
+                chunk = await self._chunks.__anext__()
+            else:
+                # A read cancelled mid-way closes the upstream response (httpcore does),
+                # and the drain could then read nothing on: the key would pay what was
+                # relayed, not what the upstream billed. So the read ends first (the next
+                # bytes, or the read timeout, the drain's own bound), then the cancel.
+                with trio.CancelScope(shield=True):
+                    chunk = await self._chunks.__anext__()
         except StopAsyncIteration:
             self.tally.ended = True
             if self._buffer.strip():
