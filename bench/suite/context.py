@@ -233,7 +233,7 @@ class Suite:
         """``tokenguard serve --nodes N --state-dir D --config C [--store URL]``."""
         state_dir = Path(tempfile.mkdtemp(prefix="st-", dir=self.workdir))
         args = ["--nodes", str(nodes), "--state-dir", str(state_dir), "--config", str(config)]
-        args += ["--grace", NODE_GRACE]
+        args += ["--grace", NODE_GRACE, "--start-timeout", str(START_TIMEOUT)]
         if store is not None:
             args += ["--store", store]
         proc, urls, t0, ready = await self._start(name, args, nodes)

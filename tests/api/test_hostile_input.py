@@ -38,7 +38,7 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from werkzeug.datastructures import Headers
 
 from drivers.memory import MemoryStore
-from tests.support.processes import free_ports, tokenguard_command
+from tests.support.processes import START_TIMEOUT, free_ports, tokenguard_command
 from tokenguard.api.app import create_app
 from tokenguard.config.loading import parse_settings
 from tokenguard.counting import count_chat_prompt, count_text
@@ -97,7 +97,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         try:
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + START_TIMEOUT  # a hang guard on a busy machine
             while time.monotonic() < deadline and process.poll() is None:
                 try:
                     if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:

@@ -290,6 +290,8 @@ async def running_cluster(
     for attempt in range(attempts):
         port = free_ports(1 if reuse_port else nodes)
         argv = ["serve", "--nodes", str(nodes), "--port", str(port), "--state-dir", str(state_dir)]
+        # The supervisor's own start deadline, as generous as the test's: a busy machine.
+        argv += ["--start-timeout", str(START_TIMEOUT)]
         if config is not None:
             argv += ["--config", str(config)]
         async with running_tokenguard([*argv, *args], output_path=output_path, env=env) as proc:

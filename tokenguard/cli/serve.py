@@ -30,6 +30,7 @@ import attrs
 import trio
 
 from tokenguard.api.admin import check_admin_bind
+from tokenguard.cluster.children import HealthPolicy
 from tokenguard.cluster.errors import StateDirBusy, StateDirUnsafe, SupervisorError
 from tokenguard.cluster.metrics_server import serve_metrics, supervisor_registry
 from tokenguard.cluster.redis_server import RedisBinaryNotFound
@@ -122,6 +123,14 @@ def _cluster_arguments(serve: argparse.ArgumentParser) -> None:
         "--log-to-stdout",
         action="store_true",
         help="with --nodes > 1: children log to this terminal instead of files in the state dir",
+    )
+    serve.add_argument(
+        "--start-timeout",
+        type=float,
+        default=HealthPolicy().start_timeout,
+        help="with --nodes > 1: seconds a node (and the embedded Redis) may take to first "
+        "answer its health probe before the cluster gives up (default 30; raise it on a "
+        "machine busy with other work)",
     )
 
 
@@ -348,6 +357,7 @@ def _cluster(args: argparse.Namespace) -> Supervisor:
         admin_port=args.admin_port,
         admin_host=args.admin_host,
         registry_snapshot=args.registry_snapshot,
+        policy=HealthPolicy(start_timeout=args.start_timeout),
         node_args=(
             *(("--no-limits",) if args.no_limits else ()),
             *(("--on-store-error", args.on_store_error) if args.on_store_error else ()),

@@ -1,0 +1,24 @@
+"""``tokenguard serve``'s cluster options, as the supervisor receives them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenguard.cli import main as cli
+from tokenguard.cli.serve import _cluster
+from tokenguard.cluster.children import HealthPolicy
+
+
+def cluster_of(tmp_path: Path, *extra: str):  # noqa: ANN201 (a Supervisor)
+    args = cli.build_parser().parse_args(
+        ["serve", "--nodes", "2", "--state-dir", str(tmp_path), *extra]
+    )
+    return _cluster(args)
+
+
+def test_a_cluster_waits_30_s_for_a_node_to_start_unless_told_otherwise(tmp_path: Path) -> None:
+    assert cluster_of(tmp_path).policy.start_timeout == 30.0
+    slow = cluster_of(tmp_path, "--start-timeout", "120")
+    assert slow.policy.start_timeout == 120.0
+    # Only the start deadline changes: the probes of a running node are the same.
+    assert slow.policy.max_failed_probes == HealthPolicy().max_failed_probes
