@@ -44,7 +44,11 @@ CONFIG = {
         {"key": "sk-two", "name": "two", "rpm": 2, "input_tpm": 100000, "output_tpm": 100000},
         {"key": "sk-one", "name": "one", "rpm": 100, "max_concurrent": 1},
         {"key": "sk-tpm", "name": "tpm", "rpm": 100, "input_tpm": 60, "output_tpm": 100000},
+        # A budget of 2,000 micro-units at 1 micro-unit a token (the prices below).
+        {"key": "sk-budget", "name": "budget", "rpm": 100, "spend_per_day": 0.002},
+        {"key": "sk-users", "name": "users", "rpm": 100, "per_user": {"rpm": 1}},
     ],
+    "prices": {MODEL: {"input": 1.0, "cached_input": 0.1, "output": 1.0}},
 }
 
 
@@ -160,6 +164,33 @@ async def test_a_refusal_is_anthropics_429_with_retry_after(client) -> None:  # 
     assert int(response.headers["retry-after"]) >= 1
     assert response.headers["anthropic-ratelimit-requests-remaining"] == "0"
     assert (await used(client, "sk-two"))["requests"] == 2
+
+
+async def test_a_spent_budget_is_anthropics_429_naming_the_budget(client) -> None:  # type: ignore[no-untyped-def]
+    admitted = 0
+    while (response := await messages(client, "sk-budget", max_tokens=100)).status_code == 200:
+        admitted += 1
+        assert admitted < 200, "the budget never ran out"
+    assert admitted >= 1 and response.status_code == 429
+    error = strictly(ErrorResponse, await response.get_json())
+    assert error.error.type == "rate_limit_error"
+    assert "budget of key 'budget'" in error.error.message and "spend" in error.error.message
+    assert int(response.headers["retry-after"]) >= 1
+    spent = (await used(client, "sk-budget"))["spend"]
+    assert spent <= 2000
+    assert (await messages(client, "sk-budget", max_tokens=100)).status_code == 429
+    assert (await used(client, "sk-budget"))["spend"] == spent  # refusals cost nothing
+
+
+async def test_metadata_user_id_names_the_end_user_of_per_user_limits(client) -> None:  # type: ignore[no-untyped-def]
+    def as_user(user: str) -> dict[str, Any]:
+        return {"metadata": {"user_id": user}, "max_tokens": 5}
+
+    assert (await messages(client, "sk-users", **as_user("alice"))).status_code == 200
+    refused = await messages(client, "sk-users", **as_user("alice"))
+    assert refused.status_code == 429
+    assert strictly(ErrorResponse, await refused.get_json()).error.type == "rate_limit_error"
+    assert (await messages(client, "sk-users", **as_user("bob"))).status_code == 200
 
 
 async def test_a_token_refusal_names_the_input_dimension(client) -> None:  # type: ignore[no-untyped-def]
