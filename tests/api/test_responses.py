@@ -33,6 +33,7 @@ CONFIG: dict[str, Any] = {
         {"key": "sk-small", "name": "small", "tier": "small"},
         {"key": "sk-big", "name": "big", "rpm": 1000, "input_tpm": 100000, "output_tpm": 100000},
         {"key": "sk-other", "name": "other", "rpm": 1000, "input_tpm": 100000},
+        {"key": "sk-users", "name": "users", "rpm": 1000, "per_user": {"rpm": 1}},
     ],
 }
 SERVED = ["gpt-4o", "gpt-4o-mini"]
@@ -273,6 +274,15 @@ async def test_past_the_rpm_it_is_openais_429_with_retry_after(client) -> None: 
     assert int(refused.headers["retry-after"]) >= 1
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     assert (await used(client, "sk-small"))["requests"] == 3
+
+
+@pytest.mark.parametrize("field", ["user", "safety_identifier"])
+async def test_the_body_names_the_end_user_of_per_user_limits(client: Any, field: str) -> None:
+    assert (await create(client, "sk-users", **{field: "alice"})).status_code == 200
+    refused = await create(client, "sk-users", **{field: "alice"})
+    assert refused.status_code == 429
+    check("ErrorResponse", await refused.get_json())
+    assert (await create(client, "sk-users", **{field: "bob"})).status_code == 200
 
 
 async def test_chat_and_responses_share_one_budget(client) -> None:  # type: ignore[no-untyped-def]
