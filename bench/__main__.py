@@ -17,7 +17,6 @@ from bench import (
     decisions,
     fake_upstream,
     feed,
-    load,
     proxy,
     proxy_audit,
     queue,
@@ -26,6 +25,7 @@ from bench import (
     suite,
     tokens,
 )
+from bench.load import cli as load
 from bench.simulate import cli as simulate
 
 

@@ -54,7 +54,9 @@ import httpx
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from bench.load import KeySpec, LoadOptions, TokenRange, percentiles, run_load
+from bench.load.options import KeySpec, LoadOptions, TokenRange
+from bench.load.run import run_load
+from bench.load.summary import percentiles
 from bench.ports import SUITE_PORTS, free_ports
 from bench.procfs import cpu_seconds
 from tokenguard.cluster.redis_server import RedisServerSpec, run_redis_server, stop_process

@@ -467,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     secrets = list(args.key)
     if args.config:
-        from bench.load import keys_from_config
+        from bench.load.options import keys_from_config
 
         secrets += [k.secret for k in keys_from_config(args.config)[0]]
     if not secrets:

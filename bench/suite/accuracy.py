@@ -12,7 +12,9 @@ import attrs
 
 from bench.audit.findings import AuditReport
 from bench.charts import Panel
-from bench.load import KeySpec, LoadOptions, LoadResult, run_load
+from bench.load.options import KeySpec, LoadOptions
+from bench.load.run import run_load
+from bench.load.summary import LoadResult
 from bench.suite.configs import (
     ACCURACY_BUCKET,
     ACCURACY_LIMITS,

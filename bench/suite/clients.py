@@ -11,7 +11,8 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.load import KeySpec, LoadOptions, TokenRange, run_load
+from bench.load.options import KeySpec, LoadOptions, TokenRange
+from bench.load.run import run_load
 from bench.suite.configs import TP_SECRETS
 from bench.wrk import WrkResult, chat_script, run_wrk, run_wrk_many, wrk_argv
 

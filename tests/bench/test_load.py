@@ -30,19 +30,18 @@ import httpx
 import pytest
 import trio
 
-from bench.load import (
+from bench.load.cli import options_from_args
+from bench.load.options import (
     LoadOptions,
-    LoadResult,
     TokenRange,
     UsageError,
-    format_report,
     keys_from_config,
-    options_from_args,
     parse_key,
     parse_range,
-    run_load,
-    write_json,
 )
+from bench.load.report import format_report, write_json
+from bench.load.run import run_load
+from bench.load.summary import LoadResult
 from bench.ports import free_ports
 from tokenguard.model import Limits, digest_of
 
