@@ -72,7 +72,7 @@ class ReportedUsage:
         return cls(
             token_count(usage.get("prompt_tokens")),
             token_count(usage.get("completion_tokens")),
-            cached or 0,
+            cached_input_tokens=cached or 0,
         )
 
     @classmethod
@@ -89,16 +89,23 @@ class ReportedUsage:
         return cls(
             None if uncached is None else uncached + created,
             token_count(usage.get("output_tokens")),
-            read,
+            cache_read_tokens=read,
         )
 
     @classmethod
     def of_responses(cls, usage: Any) -> ReportedUsage | None:
-        """An OpenAI Responses ``usage`` block (``input_tokens``, ``output_tokens``, the
-        latter with its reasoning tokens); ``None`` when there is none."""
+        """An OpenAI Responses ``usage`` block (``input_tokens``, of them
+        ``input_tokens_details.cached_tokens`` cache hits, and ``output_tokens`` with its
+        reasoning tokens); ``None`` when there is none."""
         if not isinstance(usage, dict):
             return None
-        return cls(token_count(usage.get("input_tokens")), token_count(usage.get("output_tokens")))
+        details = usage.get("input_tokens_details")
+        cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else None
+        return cls(
+            token_count(usage.get("input_tokens")),
+            token_count(usage.get("output_tokens")),
+            cached_input_tokens=cached or 0,
+        )
 
 
 @attrs.define

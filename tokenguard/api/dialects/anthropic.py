@@ -188,7 +188,9 @@ class AnthropicMeter(StreamMeter):
     def _report(self) -> None:
         reported = ReportedUsage.of_anthropic(self._fields)
         if reported is not None and not self._stopped:
-            reported = ReportedUsage(reported.input_tokens, None, reported.cache_read_tokens)
+            reported = ReportedUsage(
+                reported.input_tokens, None, cache_read_tokens=reported.cache_read_tokens
+            )
         self.usage = reported
 
     def output_tokens(self, model: str) -> int:
