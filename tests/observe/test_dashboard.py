@@ -204,6 +204,29 @@ async def headless_chromium(profile: Path) -> AsyncIterator[DevTools]:
 GAUGE = 'document.querySelector(\'.gauge[data-key="{key}"][data-dimension="{dimension}"]\')'
 
 
+async def open_dashboard(devtools: DevTools, url: str) -> None:
+    """Load the node's dashboard page and wait for its sign-in form."""
+    await devtools.call("Page.navigate", url=f"{url}/dashboard")
+    await devtools.wait_for(
+        "document.readyState === 'complete' && !!document.querySelector('#auth')"
+    )
+
+
+async def submit_token(devtools: DevTools, token: str) -> None:
+    """Type ``token`` into the sign-in form and submit it, as a user would."""
+    await devtools.evaluate(
+        f"document.querySelector('#token').value = {json.dumps(token)};"
+        "document.querySelector('#auth').requestSubmit(); true"
+    )
+
+
+async def signed_in_as_admin(devtools: DevTools, url: str) -> None:
+    """The dashboard open and live on the admin token."""
+    await open_dashboard(devtools, url)
+    await submit_token(devtools, ADMIN)
+    await devtools.wait_for("document.querySelector('#state').dataset.state === 'live'")
+
+
 async def gauge(devtools: DevTools, key: str, dimension: str) -> tuple[str, str] | None:
     value = await devtools.evaluate(
         f"(() => {{ const g = {GAUGE.format(key=key, dimension=dimension)};"
@@ -230,27 +253,18 @@ async def test_the_dashboard_follows_traffic_in_a_real_browser(node: Node, tmp_p
     node.feed.publish_seconds = 0.5
     with trio.fail_after(TEST_TIMEOUT):
         async with headless_chromium(tmp_path / "profile") as devtools:
-            await devtools.call("Page.navigate", url=f"{node.url}/dashboard")
-            await devtools.wait_for(
-                "document.readyState === 'complete' && !!document.querySelector('#auth')"
-            )
+            await open_dashboard(devtools, node.url)
             assert await devtools.evaluate("document.querySelector('#state').dataset.state") == (
                 "disconnected"
             )
             # A wrong token: refused, and shown as such.
-            await devtools.evaluate(
-                "document.querySelector('#token').value = 'sk-wrong';"
-                "document.querySelector('#auth').requestSubmit(); true"
-            )
+            await submit_token(devtools, "sk-wrong")
             await devtools.wait_for("document.querySelector('#state').dataset.state === 'refused'")
             assert "invalid token" in await devtools.evaluate(
                 "document.querySelector('#state-text').textContent"
             )
             # The admin token, typed in and submitted.
-            await devtools.evaluate(
-                f"document.querySelector('#token').value = {json.dumps(ADMIN)};"
-                "document.querySelector('#auth').requestSubmit(); true"
-            )
+            await submit_token(devtools, ADMIN)
             await devtools.wait_for("document.querySelector('#state').dataset.state === 'live'")
             assert await devtools.evaluate("document.querySelector('#token').value") == ""
 
@@ -340,15 +354,7 @@ async def test_a_key_under_a_spend_limit_gets_a_spend_gauge_in_money(tmp_path: P
             running_node(settings_for(SPEND_CONFIG)) as node,
             headless_chromium(tmp_path / "profile") as devtools,
         ):
-            await devtools.call("Page.navigate", url=f"{node.url}/dashboard")
-            await devtools.wait_for(
-                "document.readyState === 'complete' && !!document.querySelector('#auth')"
-            )
-            await devtools.evaluate(
-                f"document.querySelector('#token').value = {json.dumps(ADMIN)};"
-                "document.querySelector('#auth').requestSubmit(); true"
-            )
-            await devtools.wait_for("document.querySelector('#state').dataset.state === 'live'")
+            await signed_in_as_admin(devtools, node.url)
             async with httpx.AsyncClient() as client:
                 for secret in ("sk-spender", "sk-spender", "sk-plain"):
                     answer = await chat(client, node.url, secret, max_tokens=40)
@@ -402,15 +408,7 @@ async def test_the_dashboard_shows_requests_waiting_for_room(tmp_path: Path) -> 
             running_node(settings_for(config)) as node,
             headless_chromium(tmp_path / "profile") as devtools,
         ):
-            await devtools.call("Page.navigate", url=f"{node.url}/dashboard")
-            await devtools.wait_for(
-                "document.readyState === 'complete' && !!document.querySelector('#auth')"
-            )
-            await devtools.evaluate(
-                f"document.querySelector('#token').value = {json.dumps(ADMIN)};"
-                "document.querySelector('#auth').requestSubmit(); true"
-            )
-            await devtools.wait_for("document.querySelector('#state').dataset.state === 'live'")
+            await signed_in_as_admin(devtools, node.url)
             waiting = "document.querySelector('.key[data-key=\"patient\"] .waiting')"
             async with httpx.AsyncClient(timeout=TEST_TIMEOUT) as client:
                 assert (await chat(client, node.url, "sk-patient")).status_code == 200
