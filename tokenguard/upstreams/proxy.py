@@ -268,13 +268,7 @@ class Upstream:
         with ``headers`` (the dialect's: the credential among them), and read the whole
         answer (any status); raise an :class:`UpstreamFailure` when the upstream cannot
         be reached or times out, or the pool or the key's share stays full."""
-        started = trio.current_time()
-        slot = await self._take_slot(route, key, model, started)
-        try:
-            response = await self._open(route, path, body, model, started, headers)
-            return await self._read_whole(route, response, model, started)
-        finally:
-            slot.release()
+        return await self._whole(route, "POST", path, body, model, key, headers)
 
     async def fetch(
         self,
@@ -289,10 +283,23 @@ class Upstream:
         """A request without a body (``GET``, ``DELETE``: an object the upstream made,
         such as a stored response) for ``key``, with ``headers`` as :meth:`post`, read
         whole; raises as :meth:`post`."""
+        return await self._whole(route, method, path, None, model, key, headers)
+
+    async def _whole(
+        self,
+        route: UpstreamRoute,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        model: str,
+        key: str,
+        headers: Mapping[str, str],
+    ) -> UpstreamReply:
+        """One request in a slot of ``key``'s share, its answer read whole."""
         started = trio.current_time()
         slot = await self._take_slot(route, key, model, started)
         try:
-            response = await self._open(route, path, None, model, started, headers, method)
+            response = await self._open(route, path, body, model, started, headers, method)
             return await self._read_whole(route, response, model, started)
         finally:
             slot.release()
