@@ -15,13 +15,7 @@ import pytest
 import trio
 
 from tests.support.openai_spec import check, stream_event_schema
-from tests.support.processes import (
-    START_TIMEOUT,
-    free_ports,
-    running_tokenguard,
-    wait_healthy,
-    write_config,
-)
+from tests.support.processes import running_node_process, write_config
 
 KEYS = """
 [mock]
@@ -56,12 +50,7 @@ async def serving(
 ) -> AsyncIterator[str]:
     """A node serving the keys of ``body``; yields its URL."""
     config = write_config(tmp_path / "tokenguard.toml", body, window, bucket)
-    port = free_ports()
-    args = ["serve", "--config", str(config), "--port", str(port)]
-    async with running_tokenguard(args, output_path=tmp_path / "node.out"):
-        url = f"http://127.0.0.1:{port}"
-        with trio.fail_after(START_TIMEOUT):
-            await wait_healthy(url)
+    async with running_node_process(config, tmp_path / "node.out") as (url, _):
         yield url
 
 
