@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from quart import Response, request
 
-from tokenguard.api.dialect import OPENAI
+from tokenguard.api.dialect import OPENAI, AnswerTotals
 from tokenguard.api.dialects.responses import ResponsesDialect
 from tokenguard.api.pipeline import Pipeline
 from tokenguard.api.responses import json_response
@@ -47,10 +47,7 @@ class ResponseRoutes:
         key = self.pipeline.authenticate(OPENAI)
         if self.upstream is not None:
             return await self._forwarded(key, "GET", response_id, "")
-        kept = self.dialect.kept.get(key.key_id, response_id)
-        if kept is None:
-            raise response_not_found(response_id)
-        return await self._answer(key, kept.response)
+        return await self._answer(key, self._kept(key, response_id).response)
 
     async def delete(self, response_id: str) -> Response:
         key = self.pipeline.authenticate(OPENAI)
@@ -66,9 +63,7 @@ class ResponseRoutes:
         key = self.pipeline.authenticate(OPENAI)
         if self.upstream is not None:
             return await self._forwarded(key, "GET", response_id, "/input_items")
-        kept = self.dialect.kept.get(key.key_id, response_id)
-        if kept is None:
-            raise response_not_found(response_id)
+        kept = self._kept(key, response_id)
         items = [_input_item(item, f"{response_id}_{i}") for i, item in enumerate(kept.items)]
         items.reverse()  # OpenAI lists them newest first by default
         body = {
@@ -79,6 +74,13 @@ class ResponseRoutes:
             "has_more": False,
         }
         return await self._answer(key, body)
+
+    def _kept(self, key: ApiKey, response_id: str) -> AnswerTotals:
+        """The mock's kept response ``response_id`` of ``key``; a 404 when there is none."""
+        kept = self.dialect.kept.get(key.key_id, response_id)
+        if kept is None:
+            raise response_not_found(response_id)
+        return kept
 
     async def _answer(self, key: ApiKey, body: Any) -> Response:
         states = await self.pipeline.limiter.usage(key)
