@@ -51,6 +51,13 @@ def _port(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text}")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -126,7 +133,7 @@ def _cluster_arguments(serve: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--start-timeout",
-        type=float,
+        type=_seconds,
         default=HealthPolicy().start_timeout,
         help="with --nodes > 1: seconds a node (and the embedded Redis) may take to first "
         "answer its health probe before the cluster gives up (default 30; raise it on a "
