@@ -260,6 +260,37 @@ async def test_spend_reserves_the_worst_case_and_settles_to_the_real_cost(
     assert (await limiter.admit(key, Cost(input_tokens=10, output_tokens=6, price=PRICE))).admitted
 
 
+# --- the prompt-cache tally ----------------------------------------------------------------
+
+
+async def test_cache_hits_settled_are_tallied_over_the_window_and_never_refuse(
+    limiter: Limiter, clock: FakeClock
+) -> None:
+    key = make_key(rpm=10, input_tpm=100)
+    first = await limiter.admit(key, Cost(input_tokens=50, output_tokens=5))
+    await limiter.settle(first, output_tokens=5, cached_input_tokens=30, cache_reads=400)
+    second = await limiter.admit(key, Cost(input_tokens=50, output_tokens=5))
+    await limiter.settle(second, output_tokens=5)  # no hits: the tally is not written
+    states, cached = await limiter.usage_and_cached_input(key)
+    assert cached == 430
+    assert {s.row.dimension for s in states} == {"requests", "input_tokens"}  # not a limit
+    assert [s.used for s in states if s.row.dimension == "input_tokens"] == [100]
+    # A tally far past any limit refuses nothing.
+    third = await limiter.admit(key, Cost(input_tokens=0, output_tokens=1))
+    await limiter.settle(third, output_tokens=1, cache_reads=10**9)
+    assert (await limiter.admit(key, Cost(input_tokens=0, output_tokens=1))).admitted
+    clock.advance(65)  # a window and a bucket: every bucket of it is forgotten
+    assert (await limiter.usage_and_cached_input(key))[1] == 0
+
+
+async def test_a_refused_request_tallies_no_cache_hits(limiter: Limiter) -> None:
+    key = make_key(rpm=1)
+    assert (await limiter.admit(key, Cost())).admitted
+    refused = await limiter.admit(key, Cost())
+    await limiter.settle(refused, output_tokens=0, cached_input_tokens=7)
+    assert (await limiter.usage_and_cached_input(key))[1] == 0
+
+
 async def test_a_request_whose_reservation_exceeds_the_budget_never_fits(limiter: Limiter) -> None:
     key = make_key(spend_per_hour=50)
     refused = await limiter.admit(key, Cost(input_tokens=10, output_tokens=10, price=PRICE))

@@ -96,12 +96,18 @@ async def in_thread(call: Callable[[], Any]) -> Any:
         return await trio.to_thread.run_sync(call)
 
 
-async def used(url: str) -> dict[str, int]:
+async def usage_body(url: str) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=10) as client:
         response = await client.get(
             f"{url}/v1/usage", headers={"Authorization": f"Bearer {CLIENT_KEY}"}
         )
-    return {name: d["used"] for name, d in response.json()["dimensions"].items() if d}
+    assert response.status_code == 200
+    return response.json()
+
+
+async def used(url: str) -> dict[str, int]:
+    body = await usage_body(url)
+    return {name: d["used"] for name, d in body["dimensions"].items() if d}
 
 
 async def test_the_sdk_reaches_the_anthropic_upstream_with_the_routes_key(workdir: Path) -> None:
@@ -234,6 +240,7 @@ async def test_cached_input_counts_only_where_the_route_says_and_the_feed_shows_
         assert event["cached_input_tokens"] == bill.cache_read
         expected = bill.input_tokens + (bill.cache_read if cached_counts else 0)
         assert (await used(url))["input_tokens"] == expected
+        assert (await usage_body(url))["cached_input_tokens"] == bill.cache_read
 
 
 async def test_an_overloaded_upstream_529_passes_through_and_refunds_the_output(

@@ -4,7 +4,9 @@
 Both authenticate as OpenAI's APIs do and answer with the key's rate-limit headers;
 neither consumes anything. ``/v1/usage`` is tokenguard's own: per dimension the
 tightest enforced row over every window and scope, and every row (shadow ones too);
-``/v1/usage?user=ID`` adds end user ``ID``'s per-user rows under the calling key.
+``/v1/usage?user=ID`` adds end user ``ID``'s per-user rows under the calling key;
+``cached_input_tokens`` is the key's prompt-cache hits the upstream reported over the
+``[window]`` (counted or not as input, per route: ``cached_input_counts``).
 ``/v1/models`` lists, in proxy mode, the exact model names of ``[upstream.models]``,
 else the mock's.
 """
@@ -35,7 +37,7 @@ class Info:
         key = self.pipeline.authenticate(OPENAI)
         end_user = checked_end_user(request.args.get("user", ""), "user")
         user = None if end_user is None else user_digest(end_user)
-        states = await self.pipeline.limiter.usage(key, user=user)
+        states, cached_input = await self.pipeline.limiter.usage_and_cached_input(key, user)
         body = {
             "object": "usage",
             "key": key.name,
@@ -43,6 +45,7 @@ class Info:
             "window_seconds": self.settings.window_seconds,
             "bucket_seconds": self.settings.bucket_seconds,
             "dimensions": usage_by_dimension(states),
+            "cached_input_tokens": cached_input,
             "limits": [
                 {
                     "scope": scope_kind(s.row.scope),

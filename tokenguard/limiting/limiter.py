@@ -32,6 +32,10 @@ from tokenguard.store.window_store import (
 
 # (key, model) -> row templates; cleared when it grows past this (models are client input).
 TEMPLATE_CACHE = 4096
+CACHED_INPUT = "cached_input_tokens"
+"""The tally (not a limit) of a key's prompt-cache hits: see :meth:`Limiter.cached_input_row`."""
+TALLY_LIMIT = 10**15
+"""A tally row's limit: never reached (below 2**53, exact in Lua's numbers)."""
 
 
 @attrs.frozen
@@ -362,6 +366,26 @@ class Limiter:
         ]
         if any(deltas) or reservation.lease is not None:
             await self.store.settle(reservation, deltas)
+        cached = cached_input_tokens + cache_reads
+        if cached > 0:
+            key = decision.key
+            await self.store.admit(partition_of(key), [self.cached_input_row(key, cached)])
+
+    def cached_input_row(self, key: ApiKey, amount: int = 0) -> Row:
+        """``key``'s tally of prompt-cache hits (OpenAI's ``cached_tokens`` and
+        Anthropic's ``cache_read_input_tokens``) over the ``[window]``: a shadow row with a
+        limit never reached, so adding to it always succeeds and never refuses anything.
+        It is written only by a settlement that reports cache hits (one store call more
+        for those, none for any other request) and read by ``/v1/usage``."""
+        return Row(
+            f"key:{key.key_id}",
+            CACHED_INPUT,
+            self.window_seconds * 1000,
+            self.bucket_seconds * 1000,
+            TALLY_LIMIT,
+            amount,
+            enforce=False,
+        )
 
     async def usage(
         self, key: ApiKey, model: str | None = None, user: str | None = None
@@ -371,6 +395,17 @@ class Limiter:
         month, left = self._in_month(key, model)
         states = await self.store.usage(partition_of(key), self.rows(key, None, model, user, month))
         return states if month is None else calendar_states(states, left)
+
+    async def usage_and_cached_input(
+        self, key: ApiKey, user: str | None = None
+    ) -> tuple[tuple[RowState, ...], int]:
+        """:meth:`usage` of ``key`` (and end user ``user``) and its prompt-cache hits over
+        the ``[window]`` (:meth:`cached_input_row`), in one store read."""
+        month, left = self._in_month(key, None)
+        rows = [*self.rows(key, None, None, user, month), self.cached_input_row(key)]
+        *states, tally = await self.store.usage(partition_of(key), rows)
+        limits = tuple(states) if month is None else calendar_states(tuple(states), left)
+        return limits, tally.used
 
     async def month_spend(self, key: ApiKey) -> tuple[RowState, ...]:
         """The state of ``key``'s calendar-month spend rows (its own, its tier's, its
