@@ -39,7 +39,7 @@ from tokenguard.limiting.settler import Settler
 from tokenguard.limiting.wait_lines import WaitPolicy, wait_policy
 from tokenguard.log_throttle import LogThrottle
 from tokenguard.model import SPEND, ApiKey, partition_of
-from tokenguard.observe.feed import Feed
+from tokenguard.observe.feed import Feed, now_ms
 from tokenguard.observe.logs import RequestLog, decision_label
 from tokenguard.observe.metrics import Metrics
 from tokenguard.store.window_store import StoreError, WindowStore
@@ -141,8 +141,17 @@ class Admissions:
         """:meth:`admit` through the queue: wait for room when refused within the bound."""
         counters = tuple(row.counter for row in self.limiter.rows(key, cost, model, user))
 
+        # When the store admitted it: its feed event's time. The queue gives the line's
+        # turn to the next waiter (maybe on another node) before this request's answer
+        # is made, so a time taken later could order two admissions wrongly.
+        admitted_ms: int | None = None
+
         async def attempt() -> Decision:
-            return await self._attempt(key, cost, model, user, end_user)
+            nonlocal admitted_ms
+            decision = await self._attempt(key, cost, model, user, end_user)
+            if decision.admitted:
+                admitted_ms = now_ms()
+            return decision
 
         start = trio.current_time()
         held = False
@@ -180,21 +189,28 @@ class Admissions:
         queued_ms = round(queued.waited * 1000)
         self.request_log.current().queued_ms = queued_ms
         try:
-            return self._outcome(queued.decision, model, conventions)
+            return self._outcome(queued.decision, model, conventions, admitted_ms)
         except APIError as refused:
             raise attrs.evolve(
                 refused, headers={**refused.headers, QUEUED_MS_HEADER: str(queued_ms)}
             ) from None
 
-    def _outcome(self, decision: Decision, model: str, conventions: Conventions) -> Decision:
-        """Log, feed and count a final decision; raise its 429 when it is a refusal."""
+    def _outcome(
+        self,
+        decision: Decision,
+        model: str,
+        conventions: Conventions,
+        admitted_ms: int | None = None,
+    ) -> Decision:
+        """Log, feed and count a final decision; raise its 429 when it is a refusal.
+        ``admitted_ms``: when the store admitted it, if not just now."""
         record = self.request_log.current()
         record.model, record.decision = model, decision_label(decision)
         if decision.would_refuse:
             self._shadow_refused(decision)
         if not decision.admitted:
             raise self._refused(decision, model, conventions)
-        self.feed.admitted(decision, model, record.surface)
+        self.feed.admitted(decision, model, record.surface, admitted_ms)
         if decision.near_limits:
             self.feed.near_limit(decision, model, record.surface)
         self.metrics.admitted(decision)

@@ -188,22 +188,26 @@ class Feed:
         message made for local subscribers only (a snapshot, a session's control)."""
         return {**event, "node": self.node_id, "ts": now_ms()}
 
-    def emit(self, event: dict[str, Any]) -> None:
-        """Queue ``event`` for every node's subscribers; adds ``node``, ``seq``, ``ts``."""
+    def emit(self, event: dict[str, Any], ts: int | None = None) -> None:
+        """Queue ``event`` for every node's subscribers; adds ``node``, ``seq`` and
+        ``ts`` (``ts`` given: when what it reports happened; else now)."""
         self._seq += 1
         event["node"] = self.node_id
         event["seq"] = self._seq
-        event["ts"] = now_ms()
+        event["ts"] = now_ms() if ts is None else ts
         if len(self._outgoing) >= self.outgoing_limit:
             self._outgoing.popleft()
             self.dropped_outgoing += 1
         self._outgoing.append(event)
         self._outgoing_ready.set()
 
-    def admitted(self, decision: Decision, model: str, surface: str | None = None) -> None:
+    def admitted(
+        self, decision: Decision, model: str, surface: str | None = None, at_ms: int | None = None
+    ) -> None:
         """``admitted``, then ``would_reject`` if only shadow mode let it through.
         ``surface``: the request's API surface (``chat``, ``responses`` ...), when it
-        has one; every event about a request carries it."""
+        has one; every event about a request carries it. ``at_ms``: when the store
+        admitted it, if that was before now (a waiter: see ``Admissions``), as ``ts``."""
         if not self.watched:
             return
         cost = decision.cost
@@ -219,7 +223,8 @@ class Feed:
                 },
                 "usage": usage_by_dimension(decision.admission.states),
                 **end_user_of(decision),
-            }
+            },
+            at_ms,
         )
         shadow = decision.shadow_refusal if decision.would_refuse else None
         if shadow is not None:
