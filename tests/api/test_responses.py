@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 
 from drivers.memory import MemoryStore
-from tests.api.test_app import FakeClock
+from tests.support.chat_app import FakeClock
 from tests.support.openai_spec import check, stream_event_schema
 from tokenguard.api.app import create_app
 from tokenguard.api.dialects.response_objects import ResponsesMeter, response_events
