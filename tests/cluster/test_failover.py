@@ -45,7 +45,6 @@ import trio
 
 from drivers.redis import key_name
 from tests.cluster.test_cluster import usage
-from tests.observe.test_metrics import node_metric
 from tests.store.test_faults import (
     MODEL,
     ROWS_LIMIT,
@@ -59,6 +58,7 @@ from tests.store.test_faults import (
     readyz,
     wait_ready,
 )
+from tests.support.metrics_samples import node_metric
 from tests.support.processes import START_TIMEOUT, running_cluster, write_config
 from tests.support.redis_servers import (
     RedisSentinelGroup,

@@ -24,7 +24,7 @@ import pytest
 import trio
 
 from drivers.memory import MemoryStore
-from tests.observe.test_metrics import node_metric
+from tests.support.metrics_samples import node_metric
 from tests.support.processes import free_ports, running_tokenguard, wait_healthy, write_config
 from tests.support.proxy_upstreams import (
     content_chunk,

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import trio
 
-from tests.observe.test_metrics import parse, value
+from tests.support.metrics_samples import parse, value
 from tests.support.proxy_upstreams import (
     Answer,
     ReceivedRequest,
