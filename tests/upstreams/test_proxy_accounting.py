@@ -35,7 +35,7 @@ from tests.support.honest_upstreams import (
     take_events,
 )
 from tests.support.metrics_samples import node_metric
-from tests.upstreams.test_proxy import node
+from tests.support.proxy_nodes import node
 
 FLAVOURS = ("llama", "vllm")
 MODEL = "gpt-4o"
