@@ -45,20 +45,16 @@ import trio
 
 from drivers.redis import key_name
 from tests.cluster.test_cluster import usage
-from tests.store.test_faults import (
+from tests.support.guarded_redis import ROWS_LIMIT, Load, a_row, admissions, guarded_redis
+from tests.support.metrics_samples import node_metric
+from tests.support.node_load import (
     MODEL,
-    ROWS_LIMIT,
     Answer,
-    Load,
-    a_row,
-    admissions,
     assert_openai_429,
-    guarded_redis,
     load_forever,
     readyz,
     wait_ready,
 )
-from tests.support.metrics_samples import node_metric
 from tests.support.processes import START_TIMEOUT, running_cluster, write_config
 from tests.support.redis_servers import (
     RedisSentinelGroup,

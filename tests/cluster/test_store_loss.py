@@ -34,8 +34,8 @@ import trio
 from drivers.redis import REGISTRY_RECORDS
 from tests.cluster.test_admin_cluster import ADMIN, admin
 from tests.cluster.test_cluster import usage
-from tests.store.test_faults import Answer, chat, load_forever, wait_ready
 from tests.support.metrics_samples import node_metric
+from tests.support.node_load import Answer, chat, load_forever, wait_ready
 from tests.support.processes import (
     Cluster,
     free_ports,
