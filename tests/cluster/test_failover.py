@@ -56,13 +56,9 @@ from tests.support.node_load import (
     wait_ready,
 )
 from tests.support.processes import START_TIMEOUT, running_cluster, write_config
-from tests.support.redis_servers import (
-    RedisSentinelGroup,
-    RedisServer,
-    running_redis_cluster_with_replicas,
-    running_redis_sentinel_group,
-    wait_replicated,
-)
+from tests.support.redis_clusters import running_redis_cluster_with_replicas
+from tests.support.redis_sentinels import RedisSentinelGroup, running_redis_sentinel_group
+from tests.support.redis_servers import RedisServer, wait_replicated
 from tokenguard.store.guarded import GuardedStore
 from tokenguard.store.window_store import open_store
 

@@ -44,12 +44,8 @@ from tests.support.processes import (
     wait_healthy,
     write_config,
 )
-from tests.support.redis_servers import (
-    RedisServer,
-    running_redis_sentinel_group,
-    running_redis_server,
-    wait_replicated,
-)
+from tests.support.redis_sentinels import running_redis_sentinel_group
+from tests.support.redis_servers import RedisServer, running_redis_server, wait_replicated
 from tokenguard.config.settings import ADMIN_TOKEN_ENV
 from tokenguard.limiting.registry import KEY, KeyRecord
 from tokenguard.limiting.snapshot import read_snapshot

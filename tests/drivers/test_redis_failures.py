@@ -20,11 +20,8 @@ from drivers.redis import (
     RedisStore,
 )
 from tests.support.redis_rows import TEST_TIMEOUT, a_row
-from tests.support.redis_servers import (
-    RedisServer,
-    running_redis_server,
-    start_redis_sentinel,
-)
+from tests.support.redis_sentinels import start_redis_sentinel
+from tests.support.redis_servers import RedisServer, running_redis_server
 from tokenguard.store.window_store import StoreError, open_store
 
 # --- failures ------------------------------------------------------------------------------
