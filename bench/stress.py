@@ -20,7 +20,7 @@ SIGTERM) pytest and every process its tests started (pytest runs in a process gr
 of its own) get SIGTERM, then SIGKILL if any is left after ``STOP_GRACE`` seconds.
 
     python -m bench stress-tests --rounds 3
-    python -m bench stress-tests --rounds 1 --burners 2 -- -x tests/store/test_faults.py
+    python -m bench stress-tests --rounds 1 --burners 2 -- -x tests/store/test_faults_redis_down.py
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "pytest_args",
         nargs="*",
         metavar="PYTEST ARGS",
-        help="after --: more arguments for pytest (e.g. -- -x tests/store/test_faults.py)",
+        help=(
+            "after --: more arguments for pytest (e.g. -- -x tests/store/test_faults_redis_down.py)"
+        ),
     )
 
 

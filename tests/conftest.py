@@ -1,4 +1,5 @@
-"""Shared fixtures: real Redis servers for the tests (see tests/redis_servers.py).
+"""Shared fixtures: real Redis servers for the tests (see tests/support/redis_servers.py
+and tests/support/redis_clusters.py).
 
 * ``redis_url`` (session): one standalone redis-server, ``redis://127.0.0.1:PORT/0``.
 * ``redis_cluster_url`` (session): a 3-master Redis Cluster,
@@ -20,12 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.processes import short_tmp_dir
-from tests.support.redis_servers import (
-    RedisClusterServers,
-    RedisServer,
-    running_redis_cluster,
-    running_redis_server,
-)
+from tests.support.redis_clusters import running_redis_cluster
+from tests.support.redis_servers import RedisClusterServers, RedisServer, running_redis_server
 
 
 @pytest.fixture(scope="session")

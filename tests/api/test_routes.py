@@ -60,7 +60,8 @@ ROUTES = {
     ("/v1/usage/stream", "GET"): "feed",
     ("/healthz", "GET"): "public",
     ("/readyz", "GET"): "public",
-    # Open unless [metrics] token is set (then a bearer token: tests/test_metrics.py).
+    # Open unless [metrics] token is set (then a bearer token:
+    # tests/observe/test_metrics_counters.py).
     ("/metrics", "GET"): "public",
     ("/dashboard", "GET"): "public",
     ("/dashboard/<name>", "GET"): "public",

@@ -388,7 +388,7 @@ async def test_killed_embedded_redis_is_restarted_and_windows_survive(workdir: P
     """kill -9 of the embedded redis-server: it is restarted on the same append-only
     file, so a key spent before the kill is still refused after it. (Policy
     ``closed``, so that the outage shows as 503s; the other policies are in
-    tests/test_faults.py.)"""
+    tests/store/test_faults_redis_down.py.)"""
     config = write_config(
         workdir / "c.toml",
         '[[keys]]\nkey = "sk-3"\nname = "three"\nrpm = 3\n\n'

@@ -45,28 +45,20 @@ import trio
 
 from drivers.redis import key_name
 from tests.cluster.test_cluster import usage
-from tests.observe.test_metrics import node_metric
-from tests.store.test_faults import (
+from tests.support.guarded_redis import ROWS_LIMIT, Load, a_row, admissions, guarded_redis
+from tests.support.metrics_samples import node_metric
+from tests.support.node_load import (
     MODEL,
-    ROWS_LIMIT,
     Answer,
-    Load,
-    a_row,
-    admissions,
     assert_openai_429,
-    guarded_redis,
     load_forever,
     readyz,
     wait_ready,
 )
 from tests.support.processes import START_TIMEOUT, running_cluster, write_config
-from tests.support.redis_servers import (
-    RedisSentinelGroup,
-    RedisServer,
-    running_redis_cluster_with_replicas,
-    running_redis_sentinel_group,
-    wait_replicated,
-)
+from tests.support.redis_clusters import running_redis_cluster_with_replicas
+from tests.support.redis_sentinels import RedisSentinelGroup, running_redis_sentinel_group
+from tests.support.redis_servers import RedisServer, wait_replicated
 from tokenguard.store.guarded import GuardedStore
 from tokenguard.store.window_store import open_store
 

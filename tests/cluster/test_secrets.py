@@ -20,7 +20,7 @@ import httpx
 import pytest
 import trio
 
-from tests.store.test_faults import chat, wait_ready
+from tests.support.node_load import chat, wait_ready
 from tests.support.processes import cmdline, running_cluster, write_config
 from tests.support.redis_servers import running_redis_server
 from tokenguard.store.window_store import redact_url

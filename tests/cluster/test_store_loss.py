@@ -34,8 +34,8 @@ import trio
 from drivers.redis import REGISTRY_RECORDS
 from tests.cluster.test_admin_cluster import ADMIN, admin
 from tests.cluster.test_cluster import usage
-from tests.observe.test_metrics import node_metric
-from tests.store.test_faults import Answer, chat, load_forever, wait_ready
+from tests.support.metrics_samples import node_metric
+from tests.support.node_load import Answer, chat, load_forever, wait_ready
 from tests.support.processes import (
     Cluster,
     free_ports,
@@ -44,12 +44,8 @@ from tests.support.processes import (
     wait_healthy,
     write_config,
 )
-from tests.support.redis_servers import (
-    RedisServer,
-    running_redis_sentinel_group,
-    running_redis_server,
-    wait_replicated,
-)
+from tests.support.redis_sentinels import running_redis_sentinel_group
+from tests.support.redis_servers import RedisServer, running_redis_server, wait_replicated
 from tokenguard.config.settings import ADMIN_TOKEN_ENV
 from tokenguard.limiting.registry import KEY, KeyRecord
 from tokenguard.limiting.snapshot import read_snapshot

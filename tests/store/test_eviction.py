@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from drivers.redis import RedisStore
-from tests.observe.test_metrics import parse, value
+from tests.support.metrics_samples import parse, value
 from tests.support.processes import free_ports, running_tokenguard, wait_healthy, write_config
 from tests.support.redis_servers import RedisServer, running_redis_server
 from tokenguard.store.window_store import Row, StoreError, evictable, open_store

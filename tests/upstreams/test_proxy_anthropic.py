@@ -24,12 +24,12 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from tests.observe.test_metrics import parse
 from tests.support.anthropic_types import known_only
 from tests.support.anthropic_upstream import Bills, anthropic_upstream, billed
+from tests.support.metrics_samples import parse
 from tests.support.processes import free_ports, running_tokenguard, wait_healthy, write_config
+from tests.support.proxy_nodes import settings_of
 from tests.support.proxy_upstreams import ScriptedUpstream, dropping, scripted_upstream
-from tests.upstreams.test_proxy import settings_of
 from tokenguard.api.dialects.anthropic import AnthropicMeter
 from tokenguard.config.settings import ConfigError
 from tokenguard.counting.claude import estimate_claude_prompt

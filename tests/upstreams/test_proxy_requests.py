@@ -19,7 +19,8 @@ import httpx
 import pytest
 import trio
 
-from tests.observe.test_metrics import parse, value
+from tests.support.metrics_samples import parse, value
+from tests.support.proxy_nodes import MESSAGES, PROXY_KEY, proxy_node, settings_of, used
 from tests.support.proxy_upstreams import (
     Answer,
     ReceivedRequest,
@@ -27,13 +28,12 @@ from tests.support.proxy_upstreams import (
     fixed,
     scripted_upstream,
 )
-from tests.upstreams.test_proxy import MESSAGES, PROXY_KEY, proxy_node, settings_of, used
 from tokenguard.config.settings import ConfigError
 from tokenguard.counting import count_chat_prompt
 from tokenguard.upstreams.forwarding import OUTPUT_LENGTH_FIELDS
 
 HEADERS = {"Authorization": f"Bearer {PROXY_KEY}"}
-OUTPUT_LIMIT = 100_000  # the proxy key's output_tpm (tests/test_proxy.py)
+OUTPUT_LIMIT = 100_000  # the proxy key's output_tpm (tests/support/proxy_nodes.py)
 UNBOUNDED = 4096  # what the upstream generates when no length field is sent
 
 

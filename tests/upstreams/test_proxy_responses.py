@@ -17,8 +17,7 @@ import pytest
 import trio
 
 from tests.support.openai_spec import check, stream_event_schema
-from tests.support.proxy_upstreams import dropping, fixed, scripted_upstream, streaming
-from tests.upstreams.test_proxy import (
+from tests.support.proxy_nodes import (
     DEFAULT_MAX_TOKENS,
     PROXY_KEY,
     UPSTREAM_SECRET,
@@ -29,6 +28,7 @@ from tests.upstreams.test_proxy import (
     upstream_config,
     used,
 )
+from tests.support.proxy_upstreams import dropping, fixed, scripted_upstream, streaming
 from tokenguard.api.dialects.response_objects import sse_named, usage_block
 
 INPUT = "Tell me about rate limits, through a proxy"

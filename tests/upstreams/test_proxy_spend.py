@@ -10,8 +10,7 @@ import httpx
 import pytest
 import trio
 
-from tests.support.proxy_upstreams import fixed, scripted_upstream
-from tests.upstreams.test_proxy import (
+from tests.support.proxy_nodes import (
     MESSAGES,
     PROXY_KEY,
     SECRET_ENV,
@@ -19,6 +18,7 @@ from tests.upstreams.test_proxy import (
     node,
     proxy_config,
 )
+from tests.support.proxy_upstreams import fixed, scripted_upstream
 
 # Per million tokens: a token in is 1 micro-unit, a cached one 0.25, a token out 2.
 PRICES = '[prices."gpt-4o"]\ninput = 1.0\ncached_input = 0.25\noutput = 2.0\n'

@@ -1,18 +1,15 @@
-"""Redis-only behaviour of drivers/redis.py, against real redis-server processes.
+"""Redis-only behaviour of drivers/redis/ on the wire, against real redis-server processes.
 
-The window semantics are in test_window_store.py (shared with every driver); here:
-store URLs, key names, NOSCRIPT recovery, auto-pipelining, errors and recovery when the
-server goes away, timeouts, unix sockets, passwords, Sentinel, several nodes sharing one
-Redis, and the memory a counter takes.
+The window semantics are in test_window_store.py (shared with every driver); here: key
+names (the partition as hash tag, one slot, never the API key), the stored layout and
+the previous one, NOSCRIPT recovery, auto-pipelining (refunds riding with other calls,
+round trips shared), several nodes sharing one Redis, and the memory a counter takes.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import signal
 import struct
-from pathlib import Path
 
 import attrs
 import pytest
@@ -20,171 +17,19 @@ import redis.crc
 import trio
 import trio.testing
 
-from bench.ports import free_ports
 from drivers.redis import (
-    DEFAULT_TIMEOUT,
     RedisStore,
-    RedisTarget,
     key_name,
-    parse_redis_url,
 )
 from drivers.redis.batching import SPLIT_ABOVE
+from tests.support.redis_rows import TEST_TIMEOUT, a_row
 from tests.support.redis_servers import (
     RedisClusterServers,
     RedisServer,
-    running_redis_server,
-    start_redis_sentinel,
 )
 from tokenguard.limiting.limiter import Cost, Limiter
 from tokenguard.model import ApiKey, Limits, digest_of
-from tokenguard.store.window_store import CONCURRENT, Row, StoreError, open_store, store_from_url
-
-TEST_TIMEOUT = 15.0
-
-
-def a_row(limit: int = 100, amount: int = 1, dimension: str = "requests") -> Row:
-    return Row("key:a", dimension, window_ms=60_000, bucket_ms=1_000, limit=limit, amount=amount)
-
-
-# --- URLs -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        ("redis://localhost", RedisTarget(kind="standalone", hosts=(("localhost", 6379),))),
-        (
-            "redis://127.0.0.1:6380/2?timeout=0.5",
-            RedisTarget(kind="standalone", hosts=(("127.0.0.1", 6380),), db=2, timeout=0.5),
-        ),
-        (
-            "redis://:s%40cret@h:1/0",
-            RedisTarget(kind="standalone", hosts=(("h", 1),), password="s@cret"),
-        ),
-        (
-            "redis://alice:pw@h:1",
-            RedisTarget(kind="standalone", hosts=(("h", 1),), username="alice", password="pw"),
-        ),
-        ("redis://[::1]:7000/3", RedisTarget(kind="standalone", hosts=(("::1", 7000),), db=3)),
-        (
-            "rediss://:pw@h:6390/1?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem",
-            RedisTarget(
-                kind="standalone",
-                hosts=(("h", 6390),),
-                db=1,
-                password="pw",
-                ssl=True,
-                ssl_cert_reqs="none",
-                ssl_ca_certs="/ca.pem",
-            ),
-        ),
-        (
-            "unix:///run/redis.sock?db=4&timeout=2",
-            RedisTarget(kind="standalone", unix_socket="/run/redis.sock", db=4, timeout=2.0),
-        ),
-        (
-            "unix://:pw@/run/redis.sock",
-            RedisTarget(kind="standalone", unix_socket="/run/redis.sock", password="pw"),
-        ),
-        (
-            "redis+sentinel://:pw@s1:26380,s2/mymaster/5?sentinel_password=sp",
-            RedisTarget(
-                kind="sentinel",
-                hosts=(("s1", 26380), ("s2", 26379)),
-                service_name="mymaster",
-                db=5,
-                password="pw",
-                sentinel_password="sp",
-            ),
-        ),
-        (
-            "redis+sentinel://s1/mymaster",
-            RedisTarget(kind="sentinel", hosts=(("s1", 26379),), service_name="mymaster"),
-        ),
-        (
-            "redis+cluster://:pw@n1:7000,n2:7001,n3?pipelines=4",
-            RedisTarget(
-                kind="cluster",
-                hosts=(("n1", 7000), ("n2", 7001), ("n3", 6379)),
-                password="pw",
-                pipelines=4,
-            ),
-        ),
-    ],
-)
-def test_store_urls_parse(url: str, expected: RedisTarget) -> None:
-    target = parse_redis_url(url)
-    assert target == expected
-    if "timeout" not in url:
-        assert target.timeout == DEFAULT_TIMEOUT
-
-
-@pytest.mark.parametrize(
-    ("url", "complaint"),
-    [
-        ("redis://", "no host"),
-        ("redis://h:0", "port"),
-        ("redis://h:99999", "port"),
-        ("redis://h:port", "port"),
-        ("redis://h/db", "database"),
-        ("redis://h/-1", "database"),
-        ("redis://h1,h2", "one host"),
-        ("redis://h?timeout=0", "timeout"),
-        ("redis://h?timeout=fast", "timeout"),
-        ("redis://h?pipelines=0", "pipelines"),
-        ("redis://h?colour=blue", "unknown option"),
-        ("redis://h?ssl_cert_reqs=none", "unknown option"),  # TLS options: rediss:// only
-        ("rediss://h?ssl_cert_reqs=maybe", "ssl_cert_reqs"),
-        ("redis://h#frag", "fragment"),
-        ("unix://", "socket path"),
-        ("unix://host/path.sock", "no host"),
-        ("unix:///s.sock?db=x", "database"),
-        ("redis+sentinel://s1", "service name"),
-        ("redis+sentinel://s1/svc/1/2", "service_name/db"),
-        ("redis+sentinel:///svc", "no sentinel host"),
-        ("redis+cluster://", "no host"),
-        ("redis+cluster://n1/1", "database 0"),
-        ("redis+cluster://n1,,n2", "empty host"),
-        ("redis+cluster://[::1:7000", "IPv6"),
-        ("http://h", "scheme"),
-        ("localhost:6379", "scheme"),
-    ],
-)
-def test_malformed_urls_are_value_errors(url: str, complaint: str) -> None:
-    with pytest.raises(ValueError, match=complaint):
-        parse_redis_url(url)
-
-
-def test_errors_and_store_url_never_show_the_password() -> None:
-    with pytest.raises(ValueError) as raised:
-        parse_redis_url("redis://:hunter2@h:0")
-    assert "hunter2" not in str(raised.value)
-    store = RedisStore.from_url("redis://user:hunter2@h:1/0")
-    assert store.url == "redis://user:***@h:1/0"
-    assert "hunter2" not in repr(store.target)
-    sentinel = RedisStore.from_url("redis+sentinel://:hunter2@s/m?sentinel_password=hunter3")
-    assert sentinel.url == "redis+sentinel://:***@s/m?sentinel_password=***"
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "redis://h:1/0",
-        "rediss://h:1/0",
-        "unix:///tmp/redis.sock",
-        "redis+sentinel://h:26379/mymaster/0",
-        "redis+cluster://h:1,h:2",
-    ],
-)
-def test_store_from_url_picks_the_redis_driver_without_connecting(url: str) -> None:
-    store = store_from_url(url)
-    assert isinstance(store, RedisStore)
-
-
-def test_store_from_url_passes_on_malformed_urls() -> None:
-    with pytest.raises(ValueError, match="port"):
-        store_from_url("redis://h:nope")
-
+from tokenguard.store.window_store import CONCURRENT, Row, StoreError, open_store
 
 # --- key names ---------------------------------------------------------------------------
 
@@ -439,115 +284,6 @@ async def test_server_time_is_the_clock_of_the_scripts(redis_url: str) -> None:
             admission = await store.admit("p", [a_row()])
             after = await store.server_time_ms()
             assert before // 1000 <= admission.reservation.buckets[0] <= after // 1000
-
-
-# --- failures ------------------------------------------------------------------------------
-
-
-async def test_an_unreachable_server_fails_run_with_store_error() -> None:
-    with trio.fail_after(TEST_TIMEOUT):
-        store = RedisStore.from_url(f"redis://127.0.0.1:{free_ports()}/0?timeout=0.5")
-        async with trio.open_nursery() as nursery:
-            with pytest.raises(StoreError, match="cannot use Redis"):
-                await nursery.start(store.run)
-
-
-async def test_a_lost_server_gives_store_errors_then_recovers(
-    extra_redis_server: RedisServer,
-) -> None:
-    with trio.fail_after(TEST_TIMEOUT):
-        async with open_store(extra_redis_server.url + "?timeout=0.5") as store:
-            admission = await store.admit("p", [a_row(amount=2)])
-            assert admission.admitted
-
-            extra_redis_server.stop()
-            with trio.fail_after(3):
-                with pytest.raises(StoreError):
-                    await store.admit("p", [a_row()])
-                with pytest.raises(StoreError):
-                    await store.usage("p", [a_row()])
-                with pytest.raises(StoreError):
-                    await store.settle(admission.reservation, [-1])
-
-            extra_redis_server.start()  # same port, empty (no persistence), no scripts
-            after = await store.admit("p", [a_row(amount=5)])
-            assert after.admitted
-            assert after.states[0].used == 5
-
-
-async def test_a_hung_server_times_out_as_store_error(extra_redis_server: RedisServer) -> None:
-    with trio.fail_after(TEST_TIMEOUT):
-        async with open_store(extra_redis_server.url + "?timeout=0.2") as store:
-            assert (await store.admit("p", [a_row()])).admitted
-            assert extra_redis_server.process is not None
-            pid = extra_redis_server.process.pid
-            os.kill(pid, signal.SIGSTOP)  # alive, connected, silent
-            try:
-                with pytest.raises(StoreError, match="[Tt]imeout"):
-                    await store.admit("p", [a_row()])
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            assert (await store.admit("p", [a_row()])).admitted
-
-
-async def test_a_wrong_password_fails_run_and_a_right_one_works(tmp_path: Path) -> None:
-    with trio.fail_after(TEST_TIMEOUT):
-        with running_redis_server(
-            tmp_path / "auth", extra_args=("--requirepass", "s3cret")
-        ) as server:
-            url = f"redis://:s3cret@{server.host}:{server.port}/1"
-            async with open_store(url) as store:
-                assert store.url == f"redis://:***@{server.host}:{server.port}/1"
-                assert (await store.admit("p", [a_row()])).admitted
-            wrong = RedisStore.from_url(f"redis://:nope@{server.host}:{server.port}/1")
-            async with trio.open_nursery() as nursery:
-                with pytest.raises(StoreError, match="cannot use Redis"):
-                    await nursery.start(wrong.run)
-            with server.client(password="s3cret", db=1) as client:
-                assert client.dbsize() == 1
-
-
-async def test_a_unix_socket_server_works(tmp_path: Path) -> None:
-    with trio.fail_after(TEST_TIMEOUT):
-        with running_redis_server(tmp_path / "sock", unix_socket=True) as server:
-            assert server.url.startswith("unix://")
-            async with open_store(server.url) as store:
-                assert (await store.admit("p", [a_row(amount=2)])).admitted
-                assert (await store.usage("p", [a_row()]))[0].used == 2
-
-
-async def test_sentinel_finds_the_master(extra_redis_server: RedisServer, tmp_path: Path) -> None:
-    with trio.fail_after(TEST_TIMEOUT):
-        sentinel = start_redis_sentinel(tmp_path / "sentinel", extra_redis_server, "tg")
-        try:
-            url = f"redis+sentinel://{sentinel.host}:{sentinel.port}/tg/0"
-            async with open_store(url) as store:
-                assert (await store.admit("p", [a_row(amount=3)])).admitted
-            with extra_redis_server.client() as client:
-                assert client.dbsize() == 1  # the counter landed on the master
-        finally:
-            sentinel.stop()
-
-
-async def test_a_master_without_its_replicas_refusing_writes_consumes_nothing(
-    extra_redis_server: RedisServer,
-) -> None:
-    """``min-replicas-to-write`` (docs/redis.md: it bounds what a failover can lose): a
-    master with fewer live replicas refuses every write with NOREPLICAS. The admission is
-    a StoreError (the node's failure policy answers it) and nothing is consumed; reads
-    still work; once the master accepts writes again, so does the store."""
-    with trio.fail_after(TEST_TIMEOUT):
-        async with open_store(extra_redis_server.url) as store:
-            assert (await store.admit("p", [a_row(amount=2)])).admitted
-            with extra_redis_server.client() as client:
-                client.config_set("min-replicas-to-write", 1)  # and there is none
-            with pytest.raises(StoreError, match="NOREPLICAS"):
-                await store.admit("p", [a_row(amount=5)])
-            assert (await store.usage("p", [a_row()]))[0].used == 2
-            with extra_redis_server.client() as client:
-                client.config_set("min-replicas-to-write", 0)
-            assert (await store.admit("p", [a_row(amount=5)])).admitted
-            assert (await store.usage("p", [a_row()]))[0].used == 7
 
 
 # --- memory --------------------------------------------------------------------------------
