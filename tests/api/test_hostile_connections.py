@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator
 
 import httpx
-import pytest
 import trio
 
-from tests.support.hostile_node import MAX_BODY, Node, requests_used, running_hostile_node
+from tests.support.hostile_node import MAX_BODY, Node, hostile_node_fixture, requests_used
 from tests.support.raw_http import (
     VALID,
     assert_openai_error,
@@ -25,12 +23,7 @@ from tests.support.raw_http import (
     read_answer,
 )
 
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    """This module's node process (tests/support/hostile_node.py), stopped at the end."""
-    with running_hostile_node(tmp_path_factory.mktemp("hostile")) as started:
-        yield started
+node = hostile_node_fixture()  # its log is checked when the module is done
 
 
 async def test_early_errors_keep_a_pooled_connection_usable(node: Node) -> None:

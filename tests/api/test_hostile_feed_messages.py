@@ -7,21 +7,14 @@ traceback, and the node stays healthy.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from tests.support.hostile_node import Node, running_hostile_node
+from tests.support.hostile_node import Node, hostile_node_fixture
 
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    """This module's node process (tests/support/hostile_node.py), stopped at the end."""
-    with running_hostile_node(tmp_path_factory.mktemp("hostile")) as started:
-        yield started
+node = hostile_node_fixture()  # its log is checked when the module is done
 
 
 # --- the usage feed before authentication -------------------------------------------------

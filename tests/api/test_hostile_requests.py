@@ -18,13 +18,18 @@ tests/api/test_hostile_connections.py.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import attrs
 import httpx
 import pytest
 
-from tests.support.hostile_node import SECRETS, Node, requests_used, running_hostile_node
+from tests.support.hostile_node import (
+    SECRETS,
+    Node,
+    assert_clean_log,
+    hostile_node_fixture,
+    requests_used,
+)
 from tests.support.raw_http import (
     VALID,
     assert_openai_error,
@@ -34,12 +39,7 @@ from tests.support.raw_http import (
 )
 from tokenguard.counting import count_chat_prompt, count_text
 
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    """This module's node process (tests/support/hostile_node.py), stopped at the end."""
-    with running_hostile_node(tmp_path_factory.mktemp("hostile")) as started:
-        yield started
+node = hostile_node_fixture()  # its log is checked when the module is done
 
 
 MESSAGE = '"messages":[{"role":"user","content":"hi"}]'
@@ -348,8 +348,4 @@ async def test_text_is_counted_by_the_tokenizer_never_by_len(node: Node, name: s
 
 
 def test_the_node_logged_no_traceback_and_no_secret(node: Node) -> None:
-    log = node.log()
-    assert "Traceback" not in log
-    assert " ERROR " not in log
-    for secret in SECRETS:
-        assert secret not in log.replace("sk-h-but-longer", "")
+    assert_clean_log(node)

@@ -5,7 +5,7 @@ the config and command line that choose them.
 The store behind the guard is a memory store that can be made to fail, hang or refuse
 to start (:class:`FlakyStore`); trio's clock jumps over every wait
 (``autojump_clock``), so the timings asserted here are the code's, not the machine's.
-Real Redis, slow networks and real processes are in tests/test_faults.py.
+Real Redis, slow networks and real processes are in tests/store/test_faults_*.py.
 """
 
 from __future__ import annotations

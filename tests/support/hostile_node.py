@@ -12,12 +12,13 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import attrs
 import httpx
+import pytest
 
 from tests.support.processes import START_TIMEOUT, free_ports, tokenguard_command
 
@@ -98,6 +99,30 @@ def running_hostile_node(directory: Path) -> Iterator[Node]:
                     process.kill()
                     process.wait()
     raise RuntimeError("no free port")
+
+
+def assert_clean_log(node: Node) -> None:
+    """What a node that took hostile input must never log: a traceback, an ERROR line
+    or a key's secret (``sk-h-but-longer`` is a wrong key sent on purpose)."""
+    log = node.log()
+    assert "Traceback" not in log
+    assert " ERROR " not in log
+    for secret in SECRETS:
+        assert secret not in log.replace("sk-h-but-longer", "")
+
+
+def hostile_node_fixture() -> Callable[..., Iterator[Node]]:
+    """A module-scoped ``node`` fixture: one hostile node per test module, whose log is
+    checked with :func:`assert_clean_log` when the module's tests are done (so every
+    request any of them sent is covered). Use: ``node = hostile_node_fixture()``."""
+
+    @pytest.fixture(scope="module")
+    def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+        with running_hostile_node(tmp_path_factory.mktemp("hostile")) as started:
+            yield started
+        assert_clean_log(started)
+
+    return node
 
 
 async def requests_used(client: httpx.AsyncClient, url: str, key: str = "sk-h") -> dict[str, int]:
