@@ -36,6 +36,7 @@ from tokenguard.store.window_store import (
     RowState,
     TicketOp,
     WindowStore,
+    behind_waiters,
     check_record,
     redact_url,
 )
@@ -182,9 +183,12 @@ class _TicketLine:
     held: dict[int, int] = attrs.field(factory=dict)
     touched_ms: int = 0
 
-    def step(self, op: TicketOp, ticket: int, ttl_ms: int, now_ms: int) -> tuple[int, int]:
+    def drop_expired(self, now_ms: int) -> None:
         for old in [t for t, expiry in self.held.items() if expiry <= now_ms]:
             del self.held[old]
+
+    def step(self, op: TicketOp, ticket: int, ttl_ms: int, now_ms: int) -> tuple[int, int]:
+        self.drop_expired(now_ms)
         if op == "take":
             self.last += 1
             ticket = self.last
@@ -443,8 +447,26 @@ class MemoryStore(WindowStore):
                 self._channels.pop(channel, None)
             send.close()
 
+    async def admit_in_turn(
+        self, partition: str, rows: Sequence[Row], ahead: Sequence[tuple[int, str]]
+    ) -> Admission:
+        # No await before admit's own work: checked and admitted in one step.
+        now_ms = self._now_ms()
+        for index, line in ahead:
+            entry = self._ticket_lines.get((partition, line))
+            if entry is not None:
+                entry.drop_expired(now_ms)
+                if entry.held:
+                    return behind_waiters(self._refused(partition, rows, now_ms), index)
+        return await self.admit(partition, rows)
+
     async def tickets(
-        self, partition: str, line: str, op: TicketOp, ticket: int = 0, ttl_ms: int = 0
+        self,
+        partition: str,
+        line: str,
+        op: TicketOp,
+        ticket: int = 0,
+        ttl_ms: int = 0,
     ) -> tuple[int, int]:
         await trio.lowlevel.checkpoint()
         entry = self._ticket_lines.setdefault((partition, line), _TicketLine())

@@ -36,6 +36,7 @@ from tokenguard.store.window_store import (
     MAX_RECORD_NAME,
     MAX_RECORD_VALUE,
     NOT_RESERVED,
+    WAITERS_RETRY_SECONDS,
     Admission,
     Reservation,
     Row,
@@ -1228,3 +1229,50 @@ async def test_a_ticket_nobody_checks_expires_and_a_checked_one_keeps_its_place(
         assert await store.tickets("p", "line", "check", 2, 10_000) == (2, 2)
         # A waiter whose ticket expired while it waited is put back under its number.
         assert await store.tickets("p", "line", "check", 1, 10_000) == (1, 1)
+
+
+async def test_an_admission_in_turn_is_refused_while_a_line_of_its_rows_holds_a_ticket(
+    harness: Harness,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        store = harness.store
+        rows = [harness.row(10), harness.row(10, scope="team:t")]
+        ahead = [(0, "key:a#0"), (1, "team:t#0")]
+        await store.tickets("p", "team:t#0", "take", ttl_ms=60_000)
+        refused = await store.admit_in_turn("p", rows, ahead)
+        assert not refused.admitted and refused.reservation is None
+        assert [s.fits for s in refused.states] == [True, False]
+        assert refused.retry_after == WAITERS_RETRY_SECONDS
+        assert refused.states[1].used == 0  # nothing consumed
+        # A line of another partition, or of a priority it does not defer to: no matter.
+        await store.tickets("q", "key:a#0", "take", ttl_ms=60_000)
+        await store.tickets("p", "key:a#1", "take", ttl_ms=60_000)
+        assert (await store.admit_in_turn("p", rows, ahead[:1])).admitted
+        # Once the line is empty, the same admission goes through, all rows.
+        await store.tickets("p", "team:t#0", "drop", 1)
+        admitted = await store.admit_in_turn("p", rows, ahead)
+        assert admitted.admitted and [s.used for s in admitted.states] == [2, 2]
+
+
+async def test_an_admission_in_turn_that_does_not_fit_keeps_its_own_refusal(
+    harness: Harness,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        store = harness.store
+        assert (await store.admit("p", [harness.row(1)])).admitted
+        await store.tickets("p", "key:a#0", "take", ttl_ms=60_000)
+        refused = await store.admit_in_turn("p", [harness.row(1)], [(0, "key:a#0")])
+        assert not refused.admitted
+        assert refused.states[0].used == 1
+        # Its own wait (room frees within a window), not the waiters' one.
+        assert refused.retry_after is not None
+        assert refused.retry_after <= (WINDOW_MS + BUCKET_MS) / 1000 < WAITERS_RETRY_SECONDS
+
+
+async def test_an_admission_in_turn_ignores_an_expired_ticket(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        store = harness.store
+        start = await harness.now_ms()
+        await store.tickets("p", "key:a#0", "take", ttl_ms=200)  # a dead node's
+        await harness.sleep_until(start + 300)
+        assert (await store.admit_in_turn("p", [harness.row(1)], [(0, "key:a#0")])).admitted

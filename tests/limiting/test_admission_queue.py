@@ -31,9 +31,9 @@ class Setup:
         self.calls = 0
         self.counters = tuple(r.counter for r in self.limiter.rows(self.key, Cost()))
 
-    async def attempt(self) -> Decision:
+    async def attempt(self, behind: int | None) -> Decision:
         self.calls += 1
-        return await self.limiter.admit(self.key, Cost())
+        return await self.limiter.admit(self.key, Cost(), behind=behind)
 
     async def admit(self, bound: float) -> tuple[Decision, float]:
         queued = await self.queue.admit(
@@ -184,3 +184,33 @@ async def test_past_max_waiting_a_request_is_answered_as_without_a_queue(
         nursery.start_soon(one)
     assert outcomes[0] == (False, 0.0)  # the second waiter: its one try, refused
     assert outcomes[1][0] and outcomes[1][1] > 0  # the first: admitted once room freed
+
+
+async def test_a_fresh_request_at_another_node_does_not_take_the_room_a_waiter_waits_for(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    to_quarter_past_a_second(autojump_clock)
+    setup = Setup(Limits(max_concurrent=1), tickets=True)
+    node_b = AdmissionQueue(batch_share=0.1, store=setup.store)
+    first, _ = await setup.admit(15)  # holds the one slot
+    admitted: list[str] = []
+
+    async def request(queue: AdmissionQueue, name: str) -> None:
+        queued = await queue.admit(
+            partition_of(setup.key), setup.key.key_id, WaitPolicy(15), setup.counters, setup.attempt
+        )
+        assert queued.decision.admitted
+        admitted.append(name)
+        await trio.sleep(0.5)
+        await setup.limiter.settle(queued.decision, output_tokens=0)
+
+    async with trio.open_nursery() as nodes:
+        await nodes.start(setup.queue.run)
+        await nodes.start(node_b.run)
+        async with trio.open_nursery() as requests:
+            requests.start_soon(request, setup.queue, "waiter at node A")
+            await trio.sleep(0.3)  # it waits: a lease refusal's retry is a second
+            await setup.limiter.settle(first, output_tokens=0)  # node A is not told
+            requests.start_soon(request, node_b, "later request at node B")
+        nodes.cancel_scope.cancel()
+    assert admitted == ["waiter at node A", "later request at node B"]

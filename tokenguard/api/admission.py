@@ -120,13 +120,20 @@ class Admissions:
         return policy
 
     async def _attempt(
-        self, key: ApiKey, cost: Cost, model: str, user: str | None, end_user: str | None
+        self,
+        key: ApiKey,
+        cost: Cost,
+        model: str,
+        user: str | None,
+        end_user: str | None,
+        behind: int | None = None,
     ) -> Decision:
-        """One admission in the store, shielded once the store may have admitted."""
+        """One admission in the store (in turn ``behind`` waiters of that priority rank,
+        see :meth:`Limiter.admit`), shielded once the store may have admitted."""
         if self.store.never_waits:  # no checkpoint: it cannot be cancelled halfway
-            return await self.limiter.admit(key, cost, model, user, end_user)
+            return await self.limiter.admit(key, cost, model, user, end_user, behind)
         with trio.CancelScope(shield=True):
-            return await self.limiter.admit(key, cost, model, user, end_user)
+            return await self.limiter.admit(key, cost, model, user, end_user, behind)
 
     async def _admit_queued(
         self,
@@ -141,8 +148,8 @@ class Admissions:
         """:meth:`admit` through the queue: wait for room when refused within the bound."""
         counters = tuple(row.counter for row in self.limiter.rows(key, cost, model, user))
 
-        async def attempt() -> Decision:
-            return await self._attempt(key, cost, model, user, end_user)
+        async def attempt(behind: int | None) -> Decision:
+            return await self._attempt(key, cost, model, user, end_user, behind)
 
         start = trio.current_time()
         held = False

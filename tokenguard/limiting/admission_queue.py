@@ -38,8 +38,15 @@ Guarantees:
   ticket announces the line's new first ticket (``PUBLISH`` on :data:`CHANNEL`: only
   the node holding that ticket wakes its line), or :data:`RECHECK_SECONDS` (an
   announcement lost, a ticket expired). A ticket nobody checked for its bound plus
-  :data:`TICKET_GRACE_SECONDS` expires (a node that died with waiters). A store that
-  cannot answer leaves the order per node.
+  :data:`TICKET_GRACE_SECONDS` expires (a node that died with waiters). A request
+  that holds no ticket is admitted in turn
+  (:meth:`~tokenguard.store.window_store.WindowStore.admit_in_turn`, ``behind`` its
+  priority): refused, consuming nothing, while a line of its rows of its priority or a
+  higher one holds a ticket, it takes one and waits; so a request that arrived at
+  another node first is not overtaken by it. A request with no wait bound never comes
+  here. A store that cannot answer leaves the order per node.
+  Not ordered across nodes yet: priorities (a batch head on one node does not defer to
+  an interactive waiter on another).
 
 See docs/design.md, "The admission queue".
 """
@@ -53,7 +60,7 @@ import attrs
 import trio
 
 from tokenguard.limiting.limiter import Decision
-from tokenguard.limiting.wait_lines import Waiter, WaitLines, WaitPolicy
+from tokenguard.limiting.wait_lines import Waiter, WaitLines, WaitPolicy, ticket_line
 from tokenguard.store.window_store import StoreError, TicketOp, WindowStore
 
 CHANNEL = "tokenguard.queue"
@@ -85,7 +92,9 @@ class Queued:
     waited: float
 
 
-Attempt = Callable[[], Awaitable[Decision]]
+Attempt = Callable[[int | None], Awaitable[Decision]]
+# The store's admission; its argument (``behind``): ``None``, or a priority rank to
+# admit in turn behind (see :meth:`tokenguard.limiting.limiter.Limiter.admit`).
 # A refusal's wait is at least this (a store's retry_after is whole milliseconds, and
 # a line is never due again at once after a refusal).
 MIN_RETRY_SECONDS = 0.001
@@ -184,8 +193,10 @@ class AdmissionQueue:
         line = self.lines.line_ahead(counters, policy.priority)
         due = -math.inf
         decision: Decision | None = None
-        if line is None:  # nobody to overtake: try now
-            decision = await attempt()
+        # Holding no ticket, it goes behind every other node's waiter of its lines.
+        behind = policy.priority if self.store is not None else None
+        if line is None:  # nobody to overtake on this node: try now
+            decision = await attempt(behind)
             if decision.admitted or not self._may_wait(decision, policy.bound):
                 return Queued(decision, 0.0)
             refusal = decision.refusal
@@ -194,19 +205,19 @@ class AdmissionQueue:
             due = trio.current_time() + (decision.admission.retry_after or 0.0)
         waiter = None if self._closed else self.lines.join(line, key_id, policy, start, due)
         if waiter is None:  # full (or closing): refused at once, as without a queue
-            return Queued(await attempt(), 0.0)
-        if on_queued is not None:
-            on_queued(decision)
+            return Queued(await attempt(behind), 0.0)
         ticket = _Ticket(self, partition, waiter)
         tried = start
 
-        async def timed() -> Decision:
+        async def timed(_: int | None) -> Decision:
             nonlocal tried
             tried = trio.current_time()
-            return await attempt()
+            return await attempt(None)  # its turn: its ticket was first
 
         try:
             await ticket.take()
+            if on_queued is not None:
+                on_queued(decision)
             decision = await self._wait(waiter, timed, ticket)
         finally:
             self.lines.leave(waiter)  # (a no-op once admitted)
@@ -228,7 +239,7 @@ class AdmissionQueue:
                 if not await ticket.first():  # another node's waiter came first
                     self.lines.retry_at(line, trio.current_time() + RECHECK_SECONDS)
                     continue
-                decision = await attempt()
+                decision = await attempt(None)
                 now = trio.current_time()
                 if decision.admitted:
                     self.lines.leave(waiter, admitted=True)
@@ -251,7 +262,7 @@ class _Ticket:
         self.queue = queue
         self.partition = partition
         self.local_line = waiter.line
-        self.line = f"{waiter.line}#{waiter.priority}"
+        self.line = ticket_line(waiter.line, waiter.priority)
         self.ttl_ms = round((waiter.bound + TICKET_GRACE_SECONDS) * 1000)
         self.number = 0  # 0: none held
 
@@ -265,6 +276,7 @@ class _Ticket:
             return None
 
     async def take(self) -> None:
+        """Take a ticket (none when the store cannot answer: the order per node)."""
         taken = await self._step("take")
         if taken is not None:
             self.number = taken[0]

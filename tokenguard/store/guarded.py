@@ -365,7 +365,11 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
 
     # -- the WindowStore interface
 
-    async def admit(self, partition: str, rows: Sequence[Row]) -> Admission:
+    async def admit(
+        self, partition: str, rows: Sequence[Row], ahead: Sequence[tuple[int, str]] = ()
+    ) -> Admission:
+        """:meth:`WindowStore.admit`; with ``ahead``, :meth:`admit_in_turn` in the
+        store (degraded: :meth:`admit` in the fallback, as the lines are the store's)."""
         if not self.breaker.is_open:
             if self.policy == "local" and trio.current_time() < self._hold_until:
                 return await self._admit_holding(partition, rows)
@@ -374,7 +378,12 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
             # is in flight, the breaker having opened meanwhile, counts it too).
             mirror = await self._precount(partition, rows) if self.policy == "local" else None
             try:
-                admission = await self._primary(self.primary.admit, partition, rows)
+                if ahead:
+                    admission = await self._primary(
+                        self.primary.admit_in_turn, partition, rows, ahead
+                    )
+                else:
+                    admission = await self._primary(self.primary.admit, partition, rows)
             except StoreError:
                 if mirror is not None:
                     await self._uncount(mirror)
@@ -452,8 +461,18 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
     def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         return self.primary.subscribe(channel)
 
+    async def admit_in_turn(
+        self, partition: str, rows: Sequence[Row], ahead: Sequence[tuple[int, str]]
+    ) -> Admission:
+        return await self.admit(partition, rows, ahead)
+
     async def tickets(
-        self, partition: str, line: str, op: TicketOp, ticket: int = 0, ttl_ms: int = 0
+        self,
+        partition: str,
+        line: str,
+        op: TicketOp,
+        ticket: int = 0,
+        ttl_ms: int = 0,
     ) -> tuple[int, int]:
         # The queue's order across nodes: the store's or none (no local stand-in: a
         # queue that cannot reach it orders its waiters per node). Outside the

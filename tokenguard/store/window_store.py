@@ -267,6 +267,9 @@ class Admission:
 
 TicketOp = Literal["take", "check", "drop"]
 """A step of :meth:`WindowStore.tickets`."""
+WAITERS_RETRY_SECONDS = 1.0
+"""``retry_after`` of a row that :meth:`WindowStore.admit_in_turn` found behind waiters:
+room is theirs first, and nobody can foresee when they are done, so soon."""
 TICKET_SEQUENCE_MS = 86_400_000
 """How long a line's ticket sequence outlives its last ticket (see ``tickets``)."""
 
@@ -305,6 +308,20 @@ def evictable(policy: str | None) -> tuple[str, ...] | None:
     if policy is None or policy == "noeviction":
         return EVICTS_NOTHING
     return EVICTABLE.get(policy.partition("-")[0])
+
+
+def behind_waiters(admission: Admission, index: int) -> Admission:
+    """A refusal of :meth:`WindowStore.admit_in_turn` whose row ``index`` has waiters
+    ahead: that row is reported full (retry after :data:`WAITERS_RETRY_SECONDS`) unless
+    it does not fit anyway; every other state as checked. Raises ``IndexError`` for a
+    row the admission does not have."""
+    states = list(admission.states)
+    state = states[index]
+    if state.fits:
+        states[index] = RowState(
+            state.row, state.used, state.reset_after, False, WAITERS_RETRY_SECONDS
+        )
+    return Admission(admitted=False, states=tuple(states))
 
 
 def bucket_count(window_ms: int, bucket_ms: int) -> int:
@@ -433,6 +450,20 @@ class WindowStore(abc.ABC):
         that a request is already out before doing the work its full cost needs (a row
         of amount 0 fits unless its usage is above its limit).
         """
+
+    async def admit_in_turn(
+        self, partition: str, rows: Sequence[Row], ahead: Sequence[tuple[int, str]]
+    ) -> Admission:
+        """:meth:`admit`, for a request that may wait and holds no ticket: refused,
+        consuming nothing, when a ticket line of ``ahead`` (pairs of a row's index and a
+        line of ``partition``, see :meth:`tickets`) holds a live ticket; checked and
+        admitted in the same atomic step, so no request that holds no ticket takes room
+        from a waiter that arrived before it. Such a refusal reports the row of the
+        first line found holding one as full (:func:`behind_waiters`), so the request
+        waits in that row's line like any other; a row that does not fit anyway keeps
+        its own state. The default, for a driver that keeps no lines, is :meth:`admit`
+        (there are no tickets to defer to)."""
+        return await self.admit(partition, rows)
 
     # -- publish/subscribe: messages between the nodes that share this store
 
