@@ -226,6 +226,8 @@ class MemoryStore(WindowStore):
         # name -> (expiry in ms, value), in the order they were put (the oldest first)
         self._records: dict[str, tuple[int, str]] = {}
         self._ticket_lines: dict[tuple[str, str], _TicketLine] = {}
+        # (partition, holder) -> (line, ticket) -> expiry (ms): a key's live tickets
+        self._holders: dict[tuple[str, str], dict[tuple[str, int], int]] = {}
 
     def wall_time(self) -> float:
         """The store's own (injectable) clock."""
@@ -467,10 +469,28 @@ class MemoryStore(WindowStore):
         op: TicketOp,
         ticket: int = 0,
         ttl_ms: int = 0,
+        holder: str = "",
+        most: int = 0,
     ) -> tuple[int, int]:
         await trio.lowlevel.checkpoint()
+        now_ms = self._now_ms()
         entry = self._ticket_lines.setdefault((partition, line), _TicketLine())
-        return entry.step(op, ticket, ttl_ms, self._now_ms())
+        if not holder:
+            return entry.step(op, ticket, ttl_ms, now_ms)
+        held = self._holders.setdefault((partition, holder), {})
+        for old in [t for t, expiry in held.items() if expiry <= now_ms]:
+            del held[old]
+        if op == "take" and 0 < most <= len(held):
+            entry.drop_expired(now_ms)
+            return 0, min(entry.held, default=0)
+        ticket, first = entry.step(op, ticket, ttl_ms, now_ms)
+        if op == "drop":
+            held.pop((line, ticket), None)
+        else:
+            held[(line, ticket)] = now_ms + ttl_ms
+        if not held:
+            del self._holders[(partition, holder)]
+        return ticket, first
 
     # -- the registry (in this process only, like the counters)
 
@@ -564,4 +584,7 @@ class MemoryStore(WindowStore):
         for where, entry in list(self._ticket_lines.items()):
             if not entry.held and entry.touched_ms + TICKET_SEQUENCE_MS <= now_ms:
                 del self._ticket_lines[where]
+        for where, held in list(self._holders.items()):
+            if all(expiry <= now_ms for expiry in held.values()):
+                del self._holders[where]
         return remaining

@@ -64,6 +64,12 @@ def ticket_keys(partition: str, line: str) -> tuple[str, str, str]:
     return f"{prefix}held", f"{prefix}expiry", f"{prefix}seq"
 
 
+def holder_key(partition: str, holder: str) -> str:
+    """The tickets one holder (a key id) has in the lines of ``partition``:
+    ``tg:{<partition>}:holder:<holder>`` (see ``lua/tickets.lua``)."""
+    return f"{key_prefix(partition)}holder:{holder}"
+
+
 def record_key(name: str) -> str:
     """The Redis key of a record (``record_put``): ``tg:record:{<name>}``. One key per
     record, each its own hash tag: records spread over a cluster's slots."""

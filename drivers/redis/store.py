@@ -33,6 +33,7 @@ from drivers.redis.scripts import (
     USAGE,
     _pack,
     _unpack,
+    holder_key,
     key_name,
     key_prefix,
     record_key,
@@ -430,11 +431,15 @@ class RedisStore(_Batching, _ClusterRouting, _PubSub, WindowStore):
         op: TicketOp,
         ticket: int = 0,
         ttl_ms: int = 0,
+        holder: str = "",
+        most: int = 0,
     ) -> tuple[int, int]:
         keys = ticket_keys(partition, line)
-        argv = (op, ticket, ttl_ms, TICKET_SEQUENCE_MS)
+        if holder:
+            keys += (holder_key(partition, holder),)
+        argv = (op, ticket, ttl_ms, TICKET_SEQUENCE_MS, most, line)
         taken, first = await self._registry_call(
-            lambda client: client.eval(TICKETS, 3, *keys, *argv), abandon=op != "take"
+            lambda client: client.eval(TICKETS, len(keys), *keys, *argv), abandon=op != "take"
         )
         return int(taken), int(first)
 

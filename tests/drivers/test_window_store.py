@@ -1276,3 +1276,30 @@ async def test_an_admission_in_turn_ignores_an_expired_ticket(harness: Harness) 
         await store.tickets("p", "key:a#0", "take", ttl_ms=200)  # a dead node's
         await harness.sleep_until(start + 300)
         assert (await store.admit_in_turn("p", [harness.row(1)], [(0, "key:a#0")])).admitted
+
+
+async def test_a_holder_gets_no_ticket_past_its_bound_in_any_line_of_its_partition(
+    harness: Harness,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        store = harness.store
+        assert await store.tickets("p", "key:a#0", "take", 0, 60_000, "a", 2) == (1, 1)
+        assert await store.tickets("p", "team:t#1", "take", 0, 60_000, "a", 2) == (1, 1)
+        assert await store.tickets("p", "key:a#0", "take", 0, 60_000, "a", 2) == (0, 1)
+        # Another holder, or the same one in another partition, has a bound of its own.
+        assert await store.tickets("p", "key:a#0", "take", 0, 60_000, "b", 2) == (2, 1)
+        assert await store.tickets("q", "key:a#0", "take", 0, 60_000, "a", 2) == (1, 1)
+        # A ticket dropped (or checked, then dropped) makes room for one more.
+        assert await store.tickets("p", "key:a#0", "check", 1, 60_000, "a", 2) == (1, 1)
+        assert await store.tickets("p", "key:a#0", "drop", 1, 60_000, "a", 2) == (1, 2)
+        assert await store.tickets("p", "key:a#0", "take", 0, 60_000, "a", 2) == (3, 2)
+
+
+async def test_a_holders_expired_tickets_leave_its_bound(harness: Harness) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        store = harness.store
+        start = await harness.now_ms()
+        assert await store.tickets("p", "line", "take", 0, 200, "a", 1) == (1, 1)
+        assert await store.tickets("p", "line", "take", 0, 60_000, "a", 1) == (0, 1)
+        await harness.sleep_until(start + 300)
+        assert await store.tickets("p", "line", "take", 0, 60_000, "a", 1) == (2, 2)

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from drivers.memory import MemoryStore
-from tokenguard.limiting.admission_queue import AdmissionQueue, QueueClosed
+from tokenguard.limiting.admission_queue import AdmissionQueue, QueueClosed, Queued
 from tokenguard.limiting.limiter import Cost, Decision, Limiter
 from tokenguard.limiting.wait_lines import WaitPolicy
 from tokenguard.model import ApiKey, Limits, partition_of
@@ -214,3 +214,34 @@ async def test_a_fresh_request_at_another_node_does_not_take_the_room_a_waiter_w
             requests.start_soon(request, node_b, "later request at node B")
         nodes.cancel_scope.cancel()
     assert admitted == ["waiter at node A", "later request at node B"]
+
+
+async def test_past_max_waiting_on_other_nodes_a_request_is_refused_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    setup = one_rpm(autojump_clock)
+    setup.queue = AdmissionQueue(batch_share=0.1, store=setup.store)
+    node_b = AdmissionQueue(batch_share=0.1, store=setup.store)
+    policy = WaitPolicy(15, max_waiting=2)
+    await setup.admit(15)
+
+    async def admit(queue: AdmissionQueue) -> Queued:
+        return await queue.admit(
+            partition_of(setup.key), setup.key.key_id, policy, setup.counters, setup.attempt
+        )
+
+    async def waiter() -> None:
+        await admit(setup.queue)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        nursery.start_soon(waiter)
+        await trio.sleep(1)
+        assert setup.queue.lines.waiting() == {setup.key.key_id: 2}
+        asked = trio.current_time()
+        third = await admit(node_b)
+        assert trio.current_time() == asked  # at once
+        assert not third.decision.admitted and third.waited == 0.0
+        assert third.decision.admission.retry_after is not None
+        assert node_b.lines.waiting() == {}
+        nursery.cancel_scope.cancel()

@@ -102,10 +102,17 @@ class FlakyStore(MemoryStore):
         return await super().usage(partition, rows)
 
     async def tickets(
-        self, partition: str, line: str, op: TicketOp, ticket: int = 0, ttl_ms: int = 0
+        self,
+        partition: str,
+        line: str,
+        op: TicketOp,
+        ticket: int = 0,
+        ttl_ms: int = 0,
+        holder: str = "",
+        most: int = 0,
     ) -> tuple[int, int]:
         await self._gate()
-        return await super().tickets(partition, line, op, ticket, ttl_ms)
+        return await super().tickets(partition, line, op, ticket, ttl_ms, holder, most)
 
 
 @attrs.define(eq=False)

@@ -18,9 +18,10 @@ Guarantees:
   settlement). Waiters behind the head make no store call.
 * **Refused at once** when the refusal can never fit, when its ``retry_after`` is beyond
   the bound, or while the node shuts down: the usual 429, with no wait. A request that
-  would wait while its key already has ``max_waiting`` waiters on the node is answered
-  as without a queue: its one admission (the 429 it got, or, when it had joined
-  behind a waiter without trying, one try now).
+  would wait while its key already has ``max_waiting`` waiters, on the node or (with
+  ticket lines) holding live tickets in the store, across every node, is answered as
+  without a queue: its one admission (the 429 it got, or, when it had joined behind a
+  waiter without trying, one try now).
 * **Bounded per wait**: ``max_wait_seconds`` bounds each wait for room. A request is
   held while every refusal it gets (on arrival, and each time its turn comes) names
   room within its bound; the first that does not is its answer (429). Waiting behind
@@ -44,7 +45,7 @@ Guarantees:
   priority): refused, consuming nothing, while a line of its rows of its priority or a
   higher one holds a ticket, it takes one and waits; so a request that arrived at
   another node first is not overtaken by it. A request with no wait bound never comes
-  here. A store that cannot answer leaves the order per node.
+  here. A store that cannot answer leaves the order (and ``max_waiting``) per node.
   Not ordered across nodes yet: priorities (a batch head on one node does not defer to
   an interactive waiter on another).
 
@@ -215,7 +216,8 @@ class AdmissionQueue:
             return await attempt(None)  # its turn: its ticket was first
 
         try:
-            await ticket.take()
+            if not await ticket.take(policy.max_waiting):  # its key's waiters: full
+                return Queued(decision if decision is not None else await attempt(behind), 0.0)
             if on_queued is not None:
                 on_queued(decision)
             decision = await self._wait(waiter, timed, ticket)
@@ -263,25 +265,33 @@ class _Ticket:
         self.partition = partition
         self.local_line = waiter.line
         self.line = ticket_line(waiter.line, waiter.priority)
+        self.holder = waiter.key_id
         self.ttl_ms = round((waiter.bound + TICKET_GRACE_SECONDS) * 1000)
         self.number = 0  # 0: none held
 
-    async def _step(self, op: TicketOp, number: int = 0) -> tuple[int, int] | None:
+    async def _step(self, op: TicketOp, number: int = 0, most: int = 0) -> tuple[int, int] | None:
         store = self.queue.store
         if store is None:
             return None
         try:
-            return await store.tickets(self.partition, self.line, op, number, self.ttl_ms)
+            return await store.tickets(
+                self.partition, self.line, op, number, self.ttl_ms, self.holder, most
+            )
         except StoreError:
             return None
 
-    async def take(self) -> None:
-        """Take a ticket (none when the store cannot answer: the order per node)."""
-        taken = await self._step("take")
+    async def take(self, most: int) -> bool:
+        """Take a ticket; False when its key already holds ``most`` live tickets in the
+        store (its waiters on every node). A store that cannot answer: True, no ticket
+        (the order, and the bound, per node)."""
+        taken = await self._step("take", most=most)
+        if taken is not None and not taken[0]:
+            return False
         if taken is not None:
             self.number = taken[0]
             entry = self.queue.held.setdefault(self.line, (self.local_line, set()))
             entry[1].add(self.number)
+        return True
 
     async def first(self) -> bool:
         """Whether no other node's waiter of this line holds an earlier ticket (holding

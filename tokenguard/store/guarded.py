@@ -473,6 +473,8 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
         op: TicketOp,
         ticket: int = 0,
         ttl_ms: int = 0,
+        holder: str = "",
+        most: int = 0,
     ) -> tuple[int, int]:
         # The queue's order across nodes: the store's or none (no local stand-in: a
         # queue that cannot reach it orders its waiters per node). Outside the
@@ -481,7 +483,7 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
         if self.breaker.is_open:
             raise StoreError(f"store {self.url} unavailable: no ticket line")
         with self._deadline(TICKET_SECONDS):
-            return await self.primary.tickets(partition, line, op, ticket, ttl_ms)
+            return await self.primary.tickets(partition, line, op, ticket, ttl_ms, holder, most)
 
     # The registry (keys, tiers) goes to the store unchanged, outside the breaker's
     # count: its callers bound their own waits and keep their last view on a failure.

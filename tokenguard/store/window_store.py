@@ -491,20 +491,32 @@ class WindowStore(abc.ABC):
     # -- lines of waiting tickets: the admission queue's order across nodes
 
     async def tickets(
-        self, partition: str, line: str, op: TicketOp, ticket: int = 0, ttl_ms: int = 0
+        self,
+        partition: str,
+        line: str,
+        op: TicketOp,
+        ticket: int = 0,
+        ttl_ms: int = 0,
+        holder: str = "",
+        most: int = 0,
     ) -> tuple[int, int]:
         """One step on the line ``line`` of ``partition`` (stored with the partition's
         rows: one Redis Cluster slot), atomically; returns ``(ticket, first)``, where
         ``first`` is the lowest ticket still in the line after the step (0: none).
 
         * ``"take"``: a new ticket, one more than any the line gave before (the line's
-          sequence outlives its tickets by a day), held ``ttl_ms``.
+          sequence outlives its tickets by a day), held ``ttl_ms``; none (ticket 0,
+          nothing changed) when ``holder`` already holds ``most`` live tickets (``most``
+          0: no bound) in the lines of ``partition``: a key's waiters, counted across
+          every node.
         * ``"check"``: hold ``ticket`` ``ttl_ms`` more from now (put back under its own
           number if it had expired: a waiter keeps its place);
         * ``"drop"``: take ``ticket`` out (a no-op for one not held).
 
-        Tickets that were not checked within their ``ttl_ms`` are dropped first (a node
-        that died with waiters holds up a line for at most that long). Times are the
+        ``holder`` (a key id; ``""``: none) is whose ticket it is: pass the same one at
+        every step of a ticket. Tickets that were not checked within their ``ttl_ms``
+        are dropped first (a node that died with waiters holds up a line, and counts
+        against ``most``, for at most that long). Times are the
         store's clock. Raises :class:`StoreError`; the default, for a driver that keeps
         no lines, always does (the queue then orders waiters per node only).
         """
