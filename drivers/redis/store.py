@@ -44,9 +44,11 @@ from drivers.redis.wire import _CONNECTION_LOST, _REDIS_ERRORS, Traffic, _store_
 from tokenguard.store.leases import HeldLeases
 from tokenguard.store.window_store import (
     ANYTHING,
+    NOBODY,
     NOT_RESERVED,
     TICKET_SEQUENCE_MS,
     Admission,
+    Ahead,
     Lease,
     Registry,
     RegistryExpect,
@@ -54,6 +56,7 @@ from tokenguard.store.window_store import (
     Row,
     RowState,
     StoreError,
+    TicketHolder,
     TicketOp,
     WindowStore,
     behind_waiters,
@@ -276,7 +279,7 @@ class RedisStore(_Batching, _ClusterRouting, _PubSub, WindowStore):
         return seconds * 1000 + micros // 1000
 
     async def admit(
-        self, partition: str, rows: Sequence[Row], ahead: Sequence[tuple[int, str]] = ()
+        self, partition: str, rows: Sequence[Row], ahead: Ahead = (), rank: int = 0
     ) -> Admission:
         """:meth:`WindowStore.admit`; with ``ahead``, :meth:`admit_in_turn` (one script:
         the ticket lines' keys and row indexes follow the rows', see ``lua/admit.lua``)."""
@@ -297,9 +300,10 @@ class RedisStore(_Batching, _ClusterRouting, _PubSub, WindowStore):
                 ints += (r.bucket_ms, r.span, r.limit, r.amount, r.alert_at * 2 + r.enforce)
         lease_id = self._lease_base + next(self._lease_ids) % (1 << 30) if leased else 0
         ints.append(lease_id)
-        for index, line in ahead:
-            keys.append(ticket_keys(partition, line)[1])
-            ints.append(index + 1)
+        for index, line in ahead:  # admit_in_turn: each line's expiry sets of ranks 0..rank
+            expiries = ticket_keys(partition, line)[1 : 2 + rank]
+            keys += expiries
+            ints += [index + 1] * len(expiries)
         values = _unpack(await self._call(ADMIT, keys, _pack(ints)))
         outcome, now = values[0], values[1]
         count = len(rows)
@@ -420,24 +424,17 @@ class RedisStore(_Batching, _ClusterRouting, _PubSub, WindowStore):
         )
 
     async def admit_in_turn(
-        self, partition: str, rows: Sequence[Row], ahead: Sequence[tuple[int, str]]
+        self, partition: str, rows: Sequence[Row], ahead: Ahead, rank: int = 0
     ) -> Admission:
-        return await self.admit(partition, rows, ahead)
+        return await self.admit(partition, rows, ahead, rank)
 
     async def tickets(
-        self,
-        partition: str,
-        line: str,
-        op: TicketOp,
-        ticket: int = 0,
-        ttl_ms: int = 0,
-        holder: str = "",
-        most: int = 0,
+        self, partition: str, line: str, op: TicketOp, ticket: int = 0, by: TicketHolder = NOBODY
     ) -> tuple[int, int]:
         keys = ticket_keys(partition, line)
-        if holder:
-            keys += (holder_key(partition, holder),)
-        argv = (op, ticket, ttl_ms, TICKET_SEQUENCE_MS, most, line)
+        if by.name:
+            keys += (holder_key(partition, by.name),)
+        argv = (op, ticket, by.ttl_ms, TICKET_SEQUENCE_MS, by.most, line, by.rank, by.share)
         taken, first = await self._registry_call(
             lambda client: client.eval(TICKETS, len(keys), *keys, *argv), abandon=op != "take"
         )

@@ -13,8 +13,8 @@ import trio.testing
 from drivers.memory import MemoryStore
 from tokenguard.limiting.admission_queue import AdmissionQueue, QueueClosed, Queued
 from tokenguard.limiting.limiter import Cost, Decision, Limiter
-from tokenguard.limiting.wait_lines import WaitPolicy
-from tokenguard.model import ApiKey, Limits, partition_of
+from tokenguard.limiting.wait_lines import BATCH, INTERACTIVE, WaitPolicy
+from tokenguard.model import ApiKey, Limits, Team, partition_of
 
 WINDOW, BUCKET = 10, 1
 
@@ -245,3 +245,66 @@ async def test_past_max_waiting_on_other_nodes_a_request_is_refused_at_once(
         assert third.decision.admission.retry_after is not None
         assert node_b.lines.waiting() == {}
         nursery.cancel_scope.cancel()
+
+
+class TwoNodesOfATeam:
+    """Two nodes (queues) on one memory store, over a team of one request in flight
+    (``max_concurrent = 1``) with an interactive key and a batch key; ``admitted``
+    lists the keys' names in the order their requests were admitted."""
+
+    def __init__(self, batch_share: float) -> None:
+        team = Team("t", Limits(max_concurrent=1))
+        self.interactive = ApiKey(name="i", digest="a" * 64, limits=Limits(), team=team)
+        self.batch = ApiKey(name="b", digest="b" * 64, limits=Limits(), team=team)
+        self.store = MemoryStore(clock=trio.current_time)
+        self.limiter = Limiter(self.store, window_seconds=WINDOW, bucket_seconds=BUCKET)
+        self.nodes = [AdmissionQueue(batch_share=batch_share, store=self.store) for _ in "ab"]
+        self.admitted: list[str] = []
+
+    async def request(self, node: int, key: ApiKey) -> None:
+        """One request of ``key`` at ``node``, that may wait 15 s; it holds its slot
+        half a second once admitted."""
+
+        async def attempt(behind: int | None) -> Decision:
+            return await self.limiter.admit(key, Cost(), behind=behind)
+
+        policy = WaitPolicy(15, BATCH if key is self.batch else INTERACTIVE)
+        counters = tuple(r.counter for r in self.limiter.rows(key, Cost()))
+        queue = self.nodes[node]
+        queued = await queue.admit(partition_of(key), key.key_id, policy, counters, attempt)
+        assert queued.decision.admitted
+        self.admitted.append(key.name)
+        await trio.sleep(0.5)
+        await self.limiter.settle(queued.decision, output_tokens=0)
+
+    async def run(self, *requests: tuple[int, ApiKey]) -> None:
+        """The slot taken, then ``requests`` (node, key) arriving 0.1 s apart and
+        waiting; then the slot freed, no node told; until every request is admitted."""
+        first = await self.limiter.admit(self.interactive, Cost())
+        async with trio.open_nursery() as nodes:
+            for queue in self.nodes:
+                await nodes.start(queue.run)
+            async with trio.open_nursery() as waiting:
+                for node, key in requests:
+                    waiting.start_soon(self.request, node, key)
+                    await trio.sleep(0.1)  # (a lease refusal's retry is a second)
+                await self.limiter.settle(first, output_tokens=0)
+            nodes.cancel_scope.cancel()
+
+
+async def test_an_interactive_waiter_goes_before_an_earlier_batch_one_at_another_node(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    to_quarter_past_a_second(autojump_clock)
+    team = TwoNodesOfATeam(batch_share=0.1)
+    await team.run((0, team.batch), (1, team.interactive))
+    assert team.admitted == ["i", "b"]
+
+
+async def test_a_batch_waiter_gets_its_share_before_later_interactive_ones_at_another_node(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    to_quarter_past_a_second(autojump_clock)
+    team = TwoNodesOfATeam(batch_share=0.5)  # one interactive admission, then batch
+    await team.run((0, team.batch), *[(1, team.interactive)] * 3)
+    assert team.admitted == ["i", "b", "i", "i"]

@@ -34,20 +34,24 @@ Guarantees:
 
 * **Arrival order across nodes** (a store with ticket lines,
   :meth:`~tokenguard.store.window_store.WindowStore.tickets`): every waiter takes a
-  ticket in its line's store line (per priority), and a node's head tries the store
-  only when its ticket is the lowest held; else it waits until the node that drops a
-  ticket announces the line's new first ticket (``PUBLISH`` on :data:`CHANNEL`: only
+  ticket (of its priority) in its line's store line, and a node's head tries the
+  store only when the line's turn is its node's; else it waits until the node that
+  drops a ticket announces the line's new turn (``PUBLISH`` on :data:`CHANNEL`: only
   the node holding that ticket wakes its line), or :data:`RECHECK_SECONDS` (an
   announcement lost, a ticket expired). A ticket nobody checked for its bound plus
   :data:`TICKET_GRACE_SECONDS` expires (a node that died with waiters). A request
   that holds no ticket is admitted in turn
   (:meth:`~tokenguard.store.window_store.WindowStore.admit_in_turn`, ``behind`` its
-  priority): refused, consuming nothing, while a line of its rows of its priority or a
-  higher one holds a ticket, it takes one and waits; so a request that arrived at
+  priority): refused, consuming nothing, while a line of its rows holds a ticket of
+  its priority or a higher one, it takes one and waits; so a request that arrived at
   another node first is not overtaken by it. A request with no wait bound never comes
   here. A store that cannot answer leaves the order (and ``max_waiting``) per node.
-  Not ordered across nodes yet: priorities (a batch head on one node does not defer to
-  an interactive waiter on another).
+* **Priorities across nodes**: the store's line gives the turn to its first
+  interactive ticket, or to its first batch one when it holds no interactive one or
+  after ``interactive_run`` admissions of interactive waiters in a row (counted in the
+  store as tickets leave admitted: ``share``). A node lets its head try whenever the
+  store's turn is one of its waiters' tickets, whichever of its waiters is its head,
+  so the node's order and the store's never wait on each other.
 
 See docs/design.md, "The admission queue".
 """
@@ -61,11 +65,11 @@ import attrs
 import trio
 
 from tokenguard.limiting.limiter import Decision
-from tokenguard.limiting.wait_lines import Waiter, WaitLines, WaitPolicy, ticket_line
-from tokenguard.store.window_store import StoreError, TicketOp, WindowStore
+from tokenguard.limiting.wait_lines import Waiter, WaitLines, WaitPolicy
+from tokenguard.store.window_store import StoreError, TicketHolder, TicketOp, WindowStore
 
 CHANNEL = "tokenguard.queue"
-"""Where nodes announce that a waiter left a line: ``<store line> <first ticket>``."""
+"""Where nodes announce that a waiter left a line: ``<line> <ticket whose turn it is>``."""
 RECHECK_SECONDS = 5.0
 """A head behind another node's waiter checks its turn again at least this often (an
 announcement lost, or the waiter ahead died: its ticket expired unannounced)."""
@@ -116,8 +120,10 @@ class AdmissionQueue:
         self._closing = closing
         self._closed = False
         self._changed: dict[str, trio.Event] = {}
-        # Store line -> (local line, ticket numbers this node's waiters hold in it).
-        self.held: dict[str, tuple[str, set[int]]] = {}
+        # Line -> the ticket numbers this node's waiters hold in its store line.
+        self.held: dict[str, set[int]] = {}
+        run = self.lines.interactive_run
+        self.share = run if run < math.inf else -1  # (the store's `share`)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hear other nodes' announcements (with a store), and close the queue once the
@@ -146,10 +152,10 @@ class AdmissionQueue:
                 await trio.sleep(RECHECK_SECONDS)
 
     def _announced(self, message: bytes) -> None:
-        store_line, _, first = message.decode(errors="replace").rpartition(" ")
-        held = self.held.get(store_line)
-        if held is not None and first.isdigit() and int(first) in held[1]:
-            self.freed((held[0],))
+        line, _, first = message.decode(errors="replace").rpartition(" ")
+        held = self.held.get(line)
+        if held is not None and first.isdigit() and int(first) in held:
+            self.freed((line,))
 
     def close(self) -> None:
         """Answer every waiter :class:`QueueClosed`, and hold no new request."""
@@ -207,7 +213,7 @@ class AdmissionQueue:
         waiter = None if self._closed else self.lines.join(line, key_id, policy, start, due)
         if waiter is None:  # full (or closing): refused at once, as without a queue
             return Queued(await attempt(behind), 0.0)
-        ticket = _Ticket(self, partition, waiter)
+        ticket = _Ticket(self, partition, waiter, policy.max_waiting)
         tried = start
 
         async def timed(_: int | None) -> Decision:
@@ -216,7 +222,7 @@ class AdmissionQueue:
             return await attempt(None)  # its turn: its ticket was first
 
         try:
-            if not await ticket.take(policy.max_waiting):  # its key's waiters: full
+            if not await ticket.take():  # its key's waiters: full
                 return Queued(decision if decision is not None else await attempt(behind), 0.0)
             if on_queued is not None:
                 on_queued(decision)
@@ -225,7 +231,7 @@ class AdmissionQueue:
             self.lines.leave(waiter)  # (a no-op once admitted)
             self._wake(waiter.line)
             with trio.CancelScope(shield=True):
-                await ticket.drop()
+                await ticket.drop(admitted=decision is not None and decision.admitted)
         return Queued(decision, tried - start)
 
     async def _wait(self, waiter: Waiter, attempt: Attempt, ticket: _Ticket) -> Decision:
@@ -260,63 +266,62 @@ class _Ticket:
     """A waiter's place in its line's store line (see the module docstring); every
     step is a no-op without a store, and a store failure leaves the order per node."""
 
-    def __init__(self, queue: AdmissionQueue, partition: str, waiter: Waiter) -> None:
+    def __init__(self, queue: AdmissionQueue, partition: str, waiter: Waiter, most: int) -> None:
         self.queue = queue
         self.partition = partition
-        self.local_line = waiter.line
-        self.line = ticket_line(waiter.line, waiter.priority)
-        self.holder = waiter.key_id
-        self.ttl_ms = round((waiter.bound + TICKET_GRACE_SECONDS) * 1000)
+        self.line = waiter.line
+        ttl_ms = round((waiter.bound + TICKET_GRACE_SECONDS) * 1000)
+        # Named for its key, at most `most` of the key's tickets when taken.
+        self.holder = TicketHolder(ttl_ms, waiter.key_id, most, waiter.priority, queue.share)
         self.number = 0  # 0: none held
 
-    async def _step(self, op: TicketOp, number: int = 0, most: int = 0) -> tuple[int, int] | None:
+    async def _step(self, op: TicketOp, number: int = 0) -> tuple[int, int] | None:
         store = self.queue.store
         if store is None:
             return None
         try:
-            return await store.tickets(
-                self.partition, self.line, op, number, self.ttl_ms, self.holder, most
-            )
+            return await store.tickets(self.partition, self.line, op, number, self.holder)
         except StoreError:
             return None
 
-    async def take(self, most: int) -> bool:
+    async def take(self) -> bool:
         """Take a ticket; False when its key already holds ``most`` live tickets in the
         store (its waiters on every node). A store that cannot answer: True, no ticket
         (the order, and the bound, per node)."""
-        taken = await self._step("take", most=most)
+        taken = await self._step("take")
         if taken is not None and not taken[0]:
             return False
         if taken is not None:
             self.number = taken[0]
-            entry = self.queue.held.setdefault(self.line, (self.local_line, set()))
-            entry[1].add(self.number)
+            self.queue.held.setdefault(self.line, set()).add(self.number)
         return True
 
     async def first(self) -> bool:
-        """Whether no other node's waiter of this line holds an earlier ticket (holding
-        this one ``ttl`` more). The first ticket held by a waiter of this node is this
-        node's turn: its own line orders its waiters (their tickets were taken in
-        parallel, so their numbers need not follow their arrival)."""
+        """Whether the store line's turn (see
+        :meth:`~tokenguard.store.window_store.WindowStore.tickets`: interactive first,
+        batch's share, then by ticket) is a ticket of this node (holding this one
+        ``ttl`` more). That is this node's turn: its own line orders its waiters (their
+        tickets were taken in parallel, so their numbers need not follow their
+        arrival)."""
         if not self.number:
             return True
         checked = await self._step("check", self.number)
         if checked is None or not checked[1]:
             return True
-        entry = self.queue.held.get(self.line)
-        return entry is not None and checked[1] in entry[1]
+        return checked[1] in self.queue.held.get(self.line, ())
 
-    async def drop(self) -> None:
-        """Leave the store line, and tell every node which ticket is first now."""
+    async def drop(self, *, admitted: bool) -> None:
+        """Leave the store line (``admitted``: counted towards the batch share), and
+        tell every node whose turn it is now."""
         if not self.number:
             return
         number, self.number = self.number, 0
-        entry = self.queue.held.get(self.line)
-        if entry is not None:
-            entry[1].discard(number)
-            if not entry[1]:
+        held = self.queue.held.get(self.line)
+        if held is not None:
+            held.discard(number)
+            if not held:
                 del self.queue.held[self.line]
-        dropped = await self._step("drop", number)
+        dropped = await self._step("admitted" if admitted else "drop", number)
         if dropped is None or not dropped[1]:
             return
         store = self.queue.store

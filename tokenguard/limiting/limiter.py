@@ -20,7 +20,6 @@ from tokenguard.config.prices import Price
 from tokenguard.config.settings import DEFAULT_LEASE_SECONDS
 from tokenguard.limiting.calendar import MONTH_COUNTER, MonthClock
 from tokenguard.limiting.rules import RowTemplate, templates
-from tokenguard.limiting.wait_lines import ticket_line
 from tokenguard.model import SPEND, ApiKey, partition_of
 from tokenguard.store.window_store import (
     NOT_RESERVED,
@@ -309,19 +308,15 @@ class Limiter:
         id as sent, is only carried to the decision (for feed events). ``behind`` (a
         priority rank; ``None``: no queue) makes it
         :meth:`~tokenguard.store.window_store.WindowStore.admit_in_turn`: refused while
-        a waiter of that priority or a higher one holds a ticket in the line of one of
-        its rows (:func:`~tokenguard.limiting.wait_lines.ticket_line`)."""
+        a waiter of that priority or a higher one holds a ticket in the store line of
+        one of its rows (the line of the row's counter)."""
         month, left = self._in_month(key, model)
         rows = self.rows(key, cost, model, user, month)
         if behind is None:
             admission = await self.store.admit(partition_of(key), rows)
         else:
-            ahead = [
-                (i, ticket_line(row.counter, rank))
-                for i, row in enumerate(rows)
-                for rank in range(behind + 1)
-            ]
-            admission = await self.store.admit_in_turn(partition_of(key), rows, ahead)
+            ahead = [(i, row.counter) for i, row in enumerate(rows)]
+            admission = await self.store.admit_in_turn(partition_of(key), rows, ahead, behind)
         if month is not None:
             admission = attrs.evolve(admission, states=calendar_states(admission.states, left))
         if admission.would_refuse:

@@ -98,13 +98,6 @@ def wait_policy(
     return WaitPolicy(bound, priority, min(counts, default=DEFAULT_MAX_WAITING))
 
 
-def ticket_line(counter: str, priority: int) -> str:
-    """The store's ticket line (:meth:`~tokenguard.store.window_store.WindowStore.tickets`)
-    of the waiters of ``priority`` on the line of ``counter``: one per priority, so
-    arrival order across nodes holds within a priority."""
-    return f"{counter}#{priority}"
-
-
 def interactive_run(batch_share: float) -> int:
     """Interactive admissions in a row on a line after which a waiting batch request
     goes next: a share ``s`` of the turns is ``ceil((1 - s) / s)`` interactive turns per

@@ -94,13 +94,16 @@ from tokenguard.store.local_windows import LocalReservation, _LocalWindows, node
 from tokenguard.store.stalls import StallMeter
 from tokenguard.store.window_store import (
     ANYTHING,
+    NOBODY,
     Admission,
+    Ahead,
     Registry,
     RegistryExpect,
     Reservation,
     Row,
     RowState,
     StoreError,
+    TicketHolder,
     TicketOp,
     WindowStore,
     evictable,
@@ -366,7 +369,7 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
     # -- the WindowStore interface
 
     async def admit(
-        self, partition: str, rows: Sequence[Row], ahead: Sequence[tuple[int, str]] = ()
+        self, partition: str, rows: Sequence[Row], ahead: Ahead = (), rank: int = 0
     ) -> Admission:
         """:meth:`WindowStore.admit`; with ``ahead``, :meth:`admit_in_turn` in the
         store (degraded: :meth:`admit` in the fallback, as the lines are the store's)."""
@@ -380,7 +383,7 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
             try:
                 if ahead:
                     admission = await self._primary(
-                        self.primary.admit_in_turn, partition, rows, ahead
+                        self.primary.admit_in_turn, partition, rows, ahead, rank
                     )
                 else:
                     admission = await self._primary(self.primary.admit, partition, rows)
@@ -462,19 +465,12 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
         return self.primary.subscribe(channel)
 
     async def admit_in_turn(
-        self, partition: str, rows: Sequence[Row], ahead: Sequence[tuple[int, str]]
+        self, partition: str, rows: Sequence[Row], ahead: Ahead, rank: int = 0
     ) -> Admission:
-        return await self.admit(partition, rows, ahead)
+        return await self.admit(partition, rows, ahead, rank)
 
     async def tickets(
-        self,
-        partition: str,
-        line: str,
-        op: TicketOp,
-        ticket: int = 0,
-        ttl_ms: int = 0,
-        holder: str = "",
-        most: int = 0,
+        self, partition: str, line: str, op: TicketOp, ticket: int = 0, by: TicketHolder = NOBODY
     ) -> tuple[int, int]:
         # The queue's order across nodes: the store's or none (no local stand-in: a
         # queue that cannot reach it orders its waiters per node). Outside the
@@ -483,7 +479,7 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
         if self.breaker.is_open:
             raise StoreError(f"store {self.url} unavailable: no ticket line")
         with self._deadline(TICKET_SECONDS):
-            return await self.primary.tickets(partition, line, op, ticket, ttl_ms, holder, most)
+            return await self.primary.tickets(partition, line, op, ticket, by)
 
     # The registry (keys, tiers) goes to the store unchanged, outside the breaker's
     # count: its callers bound their own waits and keep their last view on a failure.
