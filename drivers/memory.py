@@ -25,17 +25,21 @@ from tokenguard.store.leases import HeldLeases
 from tokenguard.store.window_store import (
     ANYTHING,
     LEASE_RETRY_SECONDS,
+    NOBODY,
     NOT_RESERVED,
     TICKET_SEQUENCE_MS,
     Admission,
+    Ahead,
     Lease,
     Registry,
     RegistryExpect,
     Reservation,
     Row,
     RowState,
+    TicketHolder,
     TicketOp,
     WindowStore,
+    behind_waiters,
     check_record,
     redact_url,
 )
@@ -175,25 +179,42 @@ _NO_HIGH = -(2**62)
 
 @attrs.define
 class _TicketLine:
-    """One line of waiting tickets: the last ticket given, and each held one's expiry
-    (ms, the store's clock)."""
+    """One line of waiting tickets: the last ticket given, each held one's rank and
+    expiry (ms, the store's clock), and the admissions of rank 0 in a row (``run``)."""
 
     last: int = 0
-    held: dict[int, int] = attrs.field(factory=dict)
+    held: dict[int, tuple[int, int]] = attrs.field(factory=dict)
+    run: int = 0
     touched_ms: int = 0
 
-    def step(self, op: TicketOp, ticket: int, ttl_ms: int, now_ms: int) -> tuple[int, int]:
-        for old in [t for t, expiry in self.held.items() if expiry <= now_ms]:
+    def drop_expired(self, now_ms: int) -> None:
+        for old in [t for t, (_, expiry) in self.held.items() if expiry <= now_ms]:
             del self.held[old]
+
+    def holds(self, rank: int) -> bool:
+        """Whether a ticket of ``rank`` or a lower one is held (expired ones dropped)."""
+        return any(r <= rank for r, _ in self.held.values())
+
+    def turn(self, share: int) -> int:
+        """The ticket whose turn it is (see :meth:`WindowStore.tickets`); 0: none."""
+        first = [min((t for t, (r, _) in self.held.items() if r == k), default=0) for k in (0, 1)]
+        if first[1] and (not first[0] or 0 <= share <= self.run):
+            return first[1]
+        return first[0]
+
+    def step(self, op: TicketOp, ticket: int, now_ms: int, by: TicketHolder) -> tuple[int, int]:
+        self.drop_expired(now_ms)
         if op == "take":
             self.last += 1
             ticket = self.last
-        if op == "drop":
+        if op in ("drop", "admitted"):
             self.held.pop(ticket, None)
+            if op == "admitted":
+                self.run = self.run + 1 if by.rank == 0 else 0
         else:
-            self.held[ticket] = now_ms + ttl_ms
+            self.held[ticket] = (by.rank, now_ms + by.ttl_ms)
         self.touched_ms = now_ms
-        return ticket, min(self.held, default=0)
+        return ticket, self.turn(by.share)
 
 
 class MemoryStore(WindowStore):
@@ -222,6 +243,8 @@ class MemoryStore(WindowStore):
         # name -> (expiry in ms, value), in the order they were put (the oldest first)
         self._records: dict[str, tuple[int, str]] = {}
         self._ticket_lines: dict[tuple[str, str], _TicketLine] = {}
+        # (partition, holder) -> (line, ticket) -> expiry (ms): a key's live tickets
+        self._holders: dict[tuple[str, str], dict[tuple[str, int], int]] = {}
 
     def wall_time(self) -> float:
         """The store's own (injectable) clock."""
@@ -443,12 +466,41 @@ class MemoryStore(WindowStore):
                 self._channels.pop(channel, None)
             send.close()
 
+    async def admit_in_turn(
+        self, partition: str, rows: Sequence[Row], ahead: Ahead, rank: int = 0
+    ) -> Admission:
+        # No await before admit's own work: checked and admitted in one step.
+        now_ms = self._now_ms()
+        for index, line in ahead:
+            entry = self._ticket_lines.get((partition, line))
+            if entry is not None:
+                entry.drop_expired(now_ms)
+                if entry.holds(rank):
+                    return behind_waiters(self._refused(partition, rows, now_ms), index)
+        return await self.admit(partition, rows)
+
     async def tickets(
-        self, partition: str, line: str, op: TicketOp, ticket: int = 0, ttl_ms: int = 0
+        self, partition: str, line: str, op: TicketOp, ticket: int = 0, by: TicketHolder = NOBODY
     ) -> tuple[int, int]:
         await trio.lowlevel.checkpoint()
+        now_ms = self._now_ms()
         entry = self._ticket_lines.setdefault((partition, line), _TicketLine())
-        return entry.step(op, ticket, ttl_ms, self._now_ms())
+        if not by.name:
+            return entry.step(op, ticket, now_ms, by)
+        held = self._holders.setdefault((partition, by.name), {})
+        for old in [t for t, expiry in held.items() if expiry <= now_ms]:
+            del held[old]
+        if op == "take" and 0 < by.most <= len(held):
+            entry.drop_expired(now_ms)
+            return 0, entry.turn(by.share)
+        ticket, first = entry.step(op, ticket, now_ms, by)
+        if op in ("drop", "admitted"):
+            held.pop((line, ticket), None)
+        else:
+            held[(line, ticket)] = now_ms + by.ttl_ms
+        if not held:
+            del self._holders[(partition, by.name)]
+        return ticket, first
 
     # -- the registry (in this process only, like the counters)
 
@@ -542,4 +594,7 @@ class MemoryStore(WindowStore):
         for where, entry in list(self._ticket_lines.items()):
             if not entry.held and entry.touched_ms + TICKET_SEQUENCE_MS <= now_ms:
                 del self._ticket_lines[where]
+        for where, held in list(self._holders.items()):
+            if all(expiry <= now_ms for expiry in held.values()):
+                del self._holders[where]
         return remaining

@@ -92,7 +92,7 @@ class Limits:
     spend_per_month: int | None = None
     # The admission queue (docs/design.md, "The admission queue"); None: not set here.
     # max_wait_seconds: how long a refused request may wait for room (0: refused at once);
-    # max_waiting: requests of one key waiting at once on a node; priority: PRIORITIES.
+    # max_waiting: requests of one key waiting at once, over all nodes; priority: PRIORITIES.
     max_wait_seconds: float | None = None
     max_waiting: int | None = None
     priority: str | None = None

@@ -57,11 +57,24 @@ REGISTRY_LOAD = (Path(__file__).parent / "lua" / "registry_load.lua").read_text(
 TICKETS = (Path(__file__).parent / "lua" / "tickets.lua").read_text("utf-8")
 
 
-def ticket_keys(partition: str, line: str) -> tuple[str, str, str]:
+def ticket_keys(partition: str, line: str) -> tuple[str, str, str, str, str]:
     """A ticket line's keys: ``tg:{<partition>}:line:<line>:`` then ``held``,
-    ``expiry`` and ``seq`` (see ``lua/tickets.lua``)."""
+    ``expiry:0`` and ``expiry:1`` (its tickets' expiries by rank), ``seq`` and ``run``
+    (see ``lua/tickets.lua``)."""
     prefix = f"{key_prefix(partition)}line:{line}:"
-    return f"{prefix}held", f"{prefix}expiry", f"{prefix}seq"
+    return (
+        f"{prefix}held",
+        f"{prefix}expiry:0",
+        f"{prefix}expiry:1",
+        f"{prefix}seq",
+        f"{prefix}run",
+    )
+
+
+def holder_key(partition: str, holder: str) -> str:
+    """The tickets one holder (a key id) has in the lines of ``partition``:
+    ``tg:{<partition>}:holder:<holder>`` (see ``lua/tickets.lua``)."""
+    return f"{key_prefix(partition)}holder:{holder}"
 
 
 def record_key(name: str) -> str:

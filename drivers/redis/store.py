@@ -33,6 +33,7 @@ from drivers.redis.scripts import (
     USAGE,
     _pack,
     _unpack,
+    holder_key,
     key_name,
     key_prefix,
     record_key,
@@ -43,9 +44,11 @@ from drivers.redis.wire import _CONNECTION_LOST, _REDIS_ERRORS, Traffic, _store_
 from tokenguard.store.leases import HeldLeases
 from tokenguard.store.window_store import (
     ANYTHING,
+    NOBODY,
     NOT_RESERVED,
     TICKET_SEQUENCE_MS,
     Admission,
+    Ahead,
     Lease,
     Registry,
     RegistryExpect,
@@ -53,8 +56,10 @@ from tokenguard.store.window_store import (
     Row,
     RowState,
     StoreError,
+    TicketHolder,
     TicketOp,
     WindowStore,
+    behind_waiters,
     check_record,
     evictable,
     redact_url,
@@ -273,7 +278,11 @@ class RedisStore(_Batching, _ClusterRouting, _PubSub, WindowStore):
             raise _store_error(exc) from exc
         return seconds * 1000 + micros // 1000
 
-    async def admit(self, partition: str, rows: Sequence[Row]) -> Admission:
+    async def admit(
+        self, partition: str, rows: Sequence[Row], ahead: Ahead = (), rank: int = 0
+    ) -> Admission:
+        """:meth:`WindowStore.admit`; with ``ahead``, :meth:`admit_in_turn` (one script:
+        the ticket lines' keys and row indexes follow the rows', see ``lua/admit.lua``)."""
         if not rows:
             return Admission(admitted=True, states=(), reservation=Reservation(partition, (), ()))
         # Every row costs every decision: one pass over them builds the keys and the
@@ -291,6 +300,10 @@ class RedisStore(_Batching, _ClusterRouting, _PubSub, WindowStore):
                 ints += (r.bucket_ms, r.span, r.limit, r.amount, r.alert_at * 2 + r.enforce)
         lease_id = self._lease_base + next(self._lease_ids) % (1 << 30) if leased else 0
         ints.append(lease_id)
+        for index, line in ahead:  # admit_in_turn: each line's expiry sets of ranks 0..rank
+            expiries = ticket_keys(partition, line)[1 : 2 + rank]
+            keys += expiries
+            ints += [index + 1] * len(expiries)
         values = _unpack(await self._call(ADMIT, keys, _pack(ints)))
         outcome, now = values[0], values[1]
         count = len(rows)
@@ -309,7 +322,8 @@ class RedisStore(_Batching, _ClusterRouting, _PubSub, WindowStore):
             states = tuple(states_list)
             buckets = tuple(bucket_list)
         else:
-            near = values[2 + 5 * count :]
+            # After the states: outcome 3's row behind waiters, else the near-limit rows.
+            near = values[2 + 5 * count :] if outcome != 3 else ()
             states = tuple(
                 RowState(
                     row,
@@ -323,6 +337,9 @@ class RedisStore(_Batching, _ClusterRouting, _PubSub, WindowStore):
             )
             if outcome == 0:
                 return Admission(admitted=False, states=states)
+            if outcome == 3:  # a ticket line of `ahead` holds a live ticket
+                refused = Admission(admitted=False, states=states)
+                return behind_waiters(refused, values[2 + 5 * count] - 1)
             buckets = tuple(values[6 : 5 * count + 2 : 5])
         lease = None
         if leased and any(
@@ -406,13 +423,20 @@ class RedisStore(_Batching, _ClusterRouting, _PubSub, WindowStore):
             for i, row in enumerate(rows)
         )
 
+    async def admit_in_turn(
+        self, partition: str, rows: Sequence[Row], ahead: Ahead, rank: int = 0
+    ) -> Admission:
+        return await self.admit(partition, rows, ahead, rank)
+
     async def tickets(
-        self, partition: str, line: str, op: TicketOp, ticket: int = 0, ttl_ms: int = 0
+        self, partition: str, line: str, op: TicketOp, ticket: int = 0, by: TicketHolder = NOBODY
     ) -> tuple[int, int]:
         keys = ticket_keys(partition, line)
-        argv = (op, ticket, ttl_ms, TICKET_SEQUENCE_MS)
+        if by.name:
+            keys += (holder_key(partition, by.name),)
+        argv = (op, ticket, by.ttl_ms, TICKET_SEQUENCE_MS, by.most, line, by.rank, by.share)
         taken, first = await self._registry_call(
-            lambda client: client.eval(TICKETS, 3, *keys, *argv), abandon=op != "take"
+            lambda client: client.eval(TICKETS, len(keys), *keys, *argv), abandon=op != "take"
         )
         return int(taken), int(first)
 

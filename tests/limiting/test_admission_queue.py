@@ -11,10 +11,10 @@ import trio
 import trio.testing
 
 from drivers.memory import MemoryStore
-from tokenguard.limiting.admission_queue import AdmissionQueue, QueueClosed
+from tokenguard.limiting.admission_queue import AdmissionQueue, QueueClosed, Queued
 from tokenguard.limiting.limiter import Cost, Decision, Limiter
-from tokenguard.limiting.wait_lines import WaitPolicy
-from tokenguard.model import ApiKey, Limits, partition_of
+from tokenguard.limiting.wait_lines import BATCH, INTERACTIVE, WaitPolicy
+from tokenguard.model import ApiKey, Limits, Team, partition_of
 
 WINDOW, BUCKET = 10, 1
 
@@ -31,9 +31,9 @@ class Setup:
         self.calls = 0
         self.counters = tuple(r.counter for r in self.limiter.rows(self.key, Cost()))
 
-    async def attempt(self) -> Decision:
+    async def attempt(self, behind: int | None) -> Decision:
         self.calls += 1
-        return await self.limiter.admit(self.key, Cost())
+        return await self.limiter.admit(self.key, Cost(), behind=behind)
 
     async def admit(self, bound: float) -> tuple[Decision, float]:
         queued = await self.queue.admit(
@@ -184,3 +184,127 @@ async def test_past_max_waiting_a_request_is_answered_as_without_a_queue(
         nursery.start_soon(one)
     assert outcomes[0] == (False, 0.0)  # the second waiter: its one try, refused
     assert outcomes[1][0] and outcomes[1][1] > 0  # the first: admitted once room freed
+
+
+async def test_a_fresh_request_at_another_node_does_not_take_the_room_a_waiter_waits_for(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    to_quarter_past_a_second(autojump_clock)
+    setup = Setup(Limits(max_concurrent=1), tickets=True)
+    node_b = AdmissionQueue(batch_share=0.1, store=setup.store)
+    first, _ = await setup.admit(15)  # holds the one slot
+    admitted: list[str] = []
+
+    async def request(queue: AdmissionQueue, name: str) -> None:
+        queued = await queue.admit(
+            partition_of(setup.key), setup.key.key_id, WaitPolicy(15), setup.counters, setup.attempt
+        )
+        assert queued.decision.admitted
+        admitted.append(name)
+        await trio.sleep(0.5)
+        await setup.limiter.settle(queued.decision, output_tokens=0)
+
+    async with trio.open_nursery() as nodes:
+        await nodes.start(setup.queue.run)
+        await nodes.start(node_b.run)
+        async with trio.open_nursery() as requests:
+            requests.start_soon(request, setup.queue, "waiter at node A")
+            await trio.sleep(0.3)  # it waits: a lease refusal's retry is a second
+            await setup.limiter.settle(first, output_tokens=0)  # node A is not told
+            requests.start_soon(request, node_b, "later request at node B")
+        nodes.cancel_scope.cancel()
+    assert admitted == ["waiter at node A", "later request at node B"]
+
+
+async def test_past_max_waiting_on_other_nodes_a_request_is_refused_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    setup = one_rpm(autojump_clock)
+    setup.queue = AdmissionQueue(batch_share=0.1, store=setup.store)
+    node_b = AdmissionQueue(batch_share=0.1, store=setup.store)
+    policy = WaitPolicy(15, max_waiting=2)
+    await setup.admit(15)
+
+    async def admit(queue: AdmissionQueue) -> Queued:
+        return await queue.admit(
+            partition_of(setup.key), setup.key.key_id, policy, setup.counters, setup.attempt
+        )
+
+    async def waiter() -> None:
+        await admit(setup.queue)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        nursery.start_soon(waiter)
+        await trio.sleep(1)
+        assert setup.queue.lines.waiting() == {setup.key.key_id: 2}
+        asked = trio.current_time()
+        third = await admit(node_b)
+        assert trio.current_time() == asked  # at once
+        assert not third.decision.admitted and third.waited == 0.0
+        assert third.decision.admission.retry_after is not None
+        assert node_b.lines.waiting() == {}
+        nursery.cancel_scope.cancel()
+
+
+class TwoNodesOfATeam:
+    """Two nodes (queues) on one memory store, over a team of one request in flight
+    (``max_concurrent = 1``) with an interactive key and a batch key; ``admitted``
+    lists the keys' names in the order their requests were admitted."""
+
+    def __init__(self, batch_share: float) -> None:
+        team = Team("t", Limits(max_concurrent=1))
+        self.interactive = ApiKey(name="i", digest="a" * 64, limits=Limits(), team=team)
+        self.batch = ApiKey(name="b", digest="b" * 64, limits=Limits(), team=team)
+        self.store = MemoryStore(clock=trio.current_time)
+        self.limiter = Limiter(self.store, window_seconds=WINDOW, bucket_seconds=BUCKET)
+        self.nodes = [AdmissionQueue(batch_share=batch_share, store=self.store) for _ in "ab"]
+        self.admitted: list[str] = []
+
+    async def request(self, node: int, key: ApiKey) -> None:
+        """One request of ``key`` at ``node``, that may wait 15 s; it holds its slot
+        half a second once admitted."""
+
+        async def attempt(behind: int | None) -> Decision:
+            return await self.limiter.admit(key, Cost(), behind=behind)
+
+        policy = WaitPolicy(15, BATCH if key is self.batch else INTERACTIVE)
+        counters = tuple(r.counter for r in self.limiter.rows(key, Cost()))
+        queue = self.nodes[node]
+        queued = await queue.admit(partition_of(key), key.key_id, policy, counters, attempt)
+        assert queued.decision.admitted
+        self.admitted.append(key.name)
+        await trio.sleep(0.5)
+        await self.limiter.settle(queued.decision, output_tokens=0)
+
+    async def run(self, *requests: tuple[int, ApiKey]) -> None:
+        """The slot taken, then ``requests`` (node, key) arriving 0.1 s apart and
+        waiting; then the slot freed, no node told; until every request is admitted."""
+        first = await self.limiter.admit(self.interactive, Cost())
+        async with trio.open_nursery() as nodes:
+            for queue in self.nodes:
+                await nodes.start(queue.run)
+            async with trio.open_nursery() as waiting:
+                for node, key in requests:
+                    waiting.start_soon(self.request, node, key)
+                    await trio.sleep(0.1)  # (a lease refusal's retry is a second)
+                await self.limiter.settle(first, output_tokens=0)
+            nodes.cancel_scope.cancel()
+
+
+async def test_an_interactive_waiter_goes_before_an_earlier_batch_one_at_another_node(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    to_quarter_past_a_second(autojump_clock)
+    team = TwoNodesOfATeam(batch_share=0.1)
+    await team.run((0, team.batch), (1, team.interactive))
+    assert team.admitted == ["i", "b"]
+
+
+async def test_a_batch_waiter_gets_its_share_before_later_interactive_ones_at_another_node(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    to_quarter_past_a_second(autojump_clock)
+    team = TwoNodesOfATeam(batch_share=0.5)  # one interactive admission, then batch
+    await team.run((0, team.batch), *[(1, team.interactive)] * 3)
+    assert team.admitted == ["i", "b", "i", "i"]

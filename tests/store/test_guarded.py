@@ -42,11 +42,13 @@ from tokenguard.store.guarded import (
 )
 from tokenguard.store.stalls import PROBE_PERIOD, StallMeter
 from tokenguard.store.window_store import (
+    NOBODY,
     Admission,
     Reservation,
     Row,
     RowState,
     StoreError,
+    TicketHolder,
     TicketOp,
     open_store,
 )
@@ -102,10 +104,10 @@ class FlakyStore(MemoryStore):
         return await super().usage(partition, rows)
 
     async def tickets(
-        self, partition: str, line: str, op: TicketOp, ticket: int = 0, ttl_ms: int = 0
+        self, partition: str, line: str, op: TicketOp, ticket: int = 0, by: TicketHolder = NOBODY
     ) -> tuple[int, int]:
         await self._gate()
-        return await super().tickets(partition, line, op, ticket, ttl_ms)
+        return await super().tickets(partition, line, op, ticket, by)
 
 
 @attrs.define(eq=False)
@@ -321,7 +323,7 @@ async def test_a_hung_ticket_step_fails_alone_and_never_moves_admissions(
         for _ in range(5):  # more than the breaker's threshold
             start = trio.current_time()
             with pytest.raises(StoreError):
-                await store.tickets("k", "line", "take", ttl_ms=1000)
+                await store.tickets("k", "line", "take", by=TicketHolder(1000))
             assert trio.current_time() - start == pytest.approx(TICKET_SECONDS)
         assert not store.breaker.is_open and store.stats.failures == 0
         primary.mode = "ok"

@@ -120,13 +120,20 @@ class Admissions:
         return policy
 
     async def _attempt(
-        self, key: ApiKey, cost: Cost, model: str, user: str | None, end_user: str | None
+        self,
+        key: ApiKey,
+        cost: Cost,
+        model: str,
+        user: str | None,
+        end_user: str | None,
+        behind: int | None = None,
     ) -> Decision:
-        """One admission in the store, shielded once the store may have admitted."""
+        """One admission in the store (in turn ``behind`` waiters of that priority rank,
+        see :meth:`Limiter.admit`), shielded once the store may have admitted."""
         if self.store.never_waits:  # no checkpoint: it cannot be cancelled halfway
-            return await self.limiter.admit(key, cost, model, user, end_user)
+            return await self.limiter.admit(key, cost, model, user, end_user, behind)
         with trio.CancelScope(shield=True):
-            return await self.limiter.admit(key, cost, model, user, end_user)
+            return await self.limiter.admit(key, cost, model, user, end_user, behind)
 
     async def _admit_queued(
         self,
@@ -146,9 +153,9 @@ class Admissions:
         # is made, so a time taken later could order two admissions wrongly.
         admitted_ms: int | None = None
 
-        async def attempt() -> Decision:
+        async def attempt(behind: int | None) -> Decision:
             nonlocal admitted_ms
-            decision = await self._attempt(key, cost, model, user, end_user)
+            decision = await self._attempt(key, cost, model, user, end_user, behind)
             if decision.admitted:
                 admitted_ms = now_ms()
             return decision

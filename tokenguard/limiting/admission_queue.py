@@ -18,9 +18,10 @@ Guarantees:
   settlement). Waiters behind the head make no store call.
 * **Refused at once** when the refusal can never fit, when its ``retry_after`` is beyond
   the bound, or while the node shuts down: the usual 429, with no wait. A request that
-  would wait while its key already has ``max_waiting`` waiters on the node is answered
-  as without a queue: its one admission (the 429 it got, or, when it had joined
-  behind a waiter without trying, one try now).
+  would wait while its key already has ``max_waiting`` waiters, on the node or (with
+  ticket lines) holding live tickets in the store, across every node, is answered as
+  without a queue: its one admission (the 429 it got, or, when it had joined behind a
+  waiter without trying, one try now).
 * **Bounded per wait**: ``max_wait_seconds`` bounds each wait for room. A request is
   held while every refusal it gets (on arrival, and each time its turn comes) names
   room within its bound; the first that does not is its answer (429). Waiting behind
@@ -33,13 +34,24 @@ Guarantees:
 
 * **Arrival order across nodes** (a store with ticket lines,
   :meth:`~tokenguard.store.window_store.WindowStore.tickets`): every waiter takes a
-  ticket in its line's store line (per priority), and a node's head tries the store
-  only when its ticket is the lowest held; else it waits until the node that drops a
-  ticket announces the line's new first ticket (``PUBLISH`` on :data:`CHANNEL`: only
+  ticket (of its priority) in its line's store line, and a node's head tries the
+  store only when the line's turn is its node's; else it waits until the node that
+  drops a ticket announces the line's new turn (``PUBLISH`` on :data:`CHANNEL`: only
   the node holding that ticket wakes its line), or :data:`RECHECK_SECONDS` (an
   announcement lost, a ticket expired). A ticket nobody checked for its bound plus
-  :data:`TICKET_GRACE_SECONDS` expires (a node that died with waiters). A store that
-  cannot answer leaves the order per node.
+  :data:`TICKET_GRACE_SECONDS` expires (a node that died with waiters). A request
+  that holds no ticket is admitted in turn
+  (:meth:`~tokenguard.store.window_store.WindowStore.admit_in_turn`, ``behind`` its
+  priority): refused, consuming nothing, while a line of its rows holds a ticket of
+  its priority or a higher one, it takes one and waits; so a request that arrived at
+  another node first is not overtaken by it. A request with no wait bound never comes
+  here. A store that cannot answer leaves the order (and ``max_waiting``) per node.
+* **Priorities across nodes**: the store's line gives the turn to its first
+  interactive ticket, or to its first batch one when it holds no interactive one or
+  after ``interactive_run`` admissions of interactive waiters in a row (counted in the
+  store as tickets leave admitted: ``share``). A node lets its head try whenever the
+  store's turn is one of its waiters' tickets, whichever of its waiters is its head,
+  so the node's order and the store's never wait on each other.
 
 See docs/design.md, "The admission queue".
 """
@@ -54,10 +66,10 @@ import trio
 
 from tokenguard.limiting.limiter import Decision
 from tokenguard.limiting.wait_lines import Waiter, WaitLines, WaitPolicy
-from tokenguard.store.window_store import StoreError, TicketOp, WindowStore
+from tokenguard.store.window_store import StoreError, TicketHolder, TicketOp, WindowStore
 
 CHANNEL = "tokenguard.queue"
-"""Where nodes announce that a waiter left a line: ``<store line> <first ticket>``."""
+"""Where nodes announce that a waiter left a line: ``<line> <ticket whose turn it is>``."""
 RECHECK_SECONDS = 5.0
 """A head behind another node's waiter checks its turn again at least this often (an
 announcement lost, or the waiter ahead died: its ticket expired unannounced)."""
@@ -85,7 +97,9 @@ class Queued:
     waited: float
 
 
-Attempt = Callable[[], Awaitable[Decision]]
+Attempt = Callable[[int | None], Awaitable[Decision]]
+# The store's admission; its argument (``behind``): ``None``, or a priority rank to
+# admit in turn behind (see :meth:`tokenguard.limiting.limiter.Limiter.admit`).
 # A refusal's wait is at least this (a store's retry_after is whole milliseconds, and
 # a line is never due again at once after a refusal).
 MIN_RETRY_SECONDS = 0.001
@@ -106,8 +120,10 @@ class AdmissionQueue:
         self._closing = closing
         self._closed = False
         self._changed: dict[str, trio.Event] = {}
-        # Store line -> (local line, ticket numbers this node's waiters hold in it).
-        self.held: dict[str, tuple[str, set[int]]] = {}
+        # Line -> the ticket numbers this node's waiters hold in its store line.
+        self.held: dict[str, set[int]] = {}
+        run = self.lines.interactive_run
+        self.share = run if run < math.inf else -1  # (the store's `share`)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hear other nodes' announcements (with a store), and close the queue once the
@@ -136,10 +152,10 @@ class AdmissionQueue:
                 await trio.sleep(RECHECK_SECONDS)
 
     def _announced(self, message: bytes) -> None:
-        store_line, _, first = message.decode(errors="replace").rpartition(" ")
-        held = self.held.get(store_line)
-        if held is not None and first.isdigit() and int(first) in held[1]:
-            self.freed((held[0],))
+        line, _, first = message.decode(errors="replace").rpartition(" ")
+        held = self.held.get(line)
+        if held is not None and first.isdigit() and int(first) in held:
+            self.freed((line,))
 
     def close(self) -> None:
         """Answer every waiter :class:`QueueClosed`, and hold no new request."""
@@ -184,8 +200,10 @@ class AdmissionQueue:
         line = self.lines.line_ahead(counters, policy.priority)
         due = -math.inf
         decision: Decision | None = None
-        if line is None:  # nobody to overtake: try now
-            decision = await attempt()
+        # Holding no ticket, it goes behind every other node's waiter of its lines.
+        behind = policy.priority if self.store is not None else None
+        if line is None:  # nobody to overtake on this node: try now
+            decision = await attempt(behind)
             if decision.admitted or not self._may_wait(decision, policy.bound):
                 return Queued(decision, 0.0)
             refusal = decision.refusal
@@ -194,25 +212,26 @@ class AdmissionQueue:
             due = trio.current_time() + (decision.admission.retry_after or 0.0)
         waiter = None if self._closed else self.lines.join(line, key_id, policy, start, due)
         if waiter is None:  # full (or closing): refused at once, as without a queue
-            return Queued(await attempt(), 0.0)
-        if on_queued is not None:
-            on_queued(decision)
-        ticket = _Ticket(self, partition, waiter)
+            return Queued(await attempt(behind), 0.0)
+        ticket = _Ticket(self, partition, waiter, policy.max_waiting)
         tried = start
 
-        async def timed() -> Decision:
+        async def timed(_: int | None) -> Decision:
             nonlocal tried
             tried = trio.current_time()
-            return await attempt()
+            return await attempt(None)  # its turn: its ticket was first
 
         try:
-            await ticket.take()
+            if not await ticket.take():  # its key's waiters: full
+                return Queued(decision if decision is not None else await attempt(behind), 0.0)
+            if on_queued is not None:
+                on_queued(decision)
             decision = await self._wait(waiter, timed, ticket)
         finally:
             self.lines.leave(waiter)  # (a no-op once admitted)
             self._wake(waiter.line)
             with trio.CancelScope(shield=True):
-                await ticket.drop()
+                await ticket.drop(admitted=decision is not None and decision.admitted)
         return Queued(decision, tried - start)
 
     async def _wait(self, waiter: Waiter, attempt: Attempt, ticket: _Ticket) -> Decision:
@@ -228,7 +247,7 @@ class AdmissionQueue:
                 if not await ticket.first():  # another node's waiter came first
                     self.lines.retry_at(line, trio.current_time() + RECHECK_SECONDS)
                     continue
-                decision = await attempt()
+                decision = await attempt(None)
                 now = trio.current_time()
                 if decision.admitted:
                     self.lines.leave(waiter, admitted=True)
@@ -247,12 +266,13 @@ class _Ticket:
     """A waiter's place in its line's store line (see the module docstring); every
     step is a no-op without a store, and a store failure leaves the order per node."""
 
-    def __init__(self, queue: AdmissionQueue, partition: str, waiter: Waiter) -> None:
+    def __init__(self, queue: AdmissionQueue, partition: str, waiter: Waiter, most: int) -> None:
         self.queue = queue
         self.partition = partition
-        self.local_line = waiter.line
-        self.line = f"{waiter.line}#{waiter.priority}"
-        self.ttl_ms = round((waiter.bound + TICKET_GRACE_SECONDS) * 1000)
+        self.line = waiter.line
+        ttl_ms = round((waiter.bound + TICKET_GRACE_SECONDS) * 1000)
+        # Named for its key, at most `most` of the key's tickets when taken.
+        self.holder = TicketHolder(ttl_ms, waiter.key_id, most, waiter.priority, queue.share)
         self.number = 0  # 0: none held
 
     async def _step(self, op: TicketOp, number: int = 0) -> tuple[int, int] | None:
@@ -260,41 +280,48 @@ class _Ticket:
         if store is None:
             return None
         try:
-            return await store.tickets(self.partition, self.line, op, number, self.ttl_ms)
+            return await store.tickets(self.partition, self.line, op, number, self.holder)
         except StoreError:
             return None
 
-    async def take(self) -> None:
+    async def take(self) -> bool:
+        """Take a ticket; False when its key already holds ``most`` live tickets in the
+        store (its waiters on every node). A store that cannot answer: True, no ticket
+        (the order, and the bound, per node)."""
         taken = await self._step("take")
+        if taken is not None and not taken[0]:
+            return False
         if taken is not None:
             self.number = taken[0]
-            entry = self.queue.held.setdefault(self.line, (self.local_line, set()))
-            entry[1].add(self.number)
+            self.queue.held.setdefault(self.line, set()).add(self.number)
+        return True
 
     async def first(self) -> bool:
-        """Whether no other node's waiter of this line holds an earlier ticket (holding
-        this one ``ttl`` more). The first ticket held by a waiter of this node is this
-        node's turn: its own line orders its waiters (their tickets were taken in
-        parallel, so their numbers need not follow their arrival)."""
+        """Whether the store line's turn (see
+        :meth:`~tokenguard.store.window_store.WindowStore.tickets`: interactive first,
+        batch's share, then by ticket) is a ticket of this node (holding this one
+        ``ttl`` more). That is this node's turn: its own line orders its waiters (their
+        tickets were taken in parallel, so their numbers need not follow their
+        arrival)."""
         if not self.number:
             return True
         checked = await self._step("check", self.number)
         if checked is None or not checked[1]:
             return True
-        entry = self.queue.held.get(self.line)
-        return entry is not None and checked[1] in entry[1]
+        return checked[1] in self.queue.held.get(self.line, ())
 
-    async def drop(self) -> None:
-        """Leave the store line, and tell every node which ticket is first now."""
+    async def drop(self, *, admitted: bool) -> None:
+        """Leave the store line (``admitted``: counted towards the batch share), and
+        tell every node whose turn it is now."""
         if not self.number:
             return
         number, self.number = self.number, 0
-        entry = self.queue.held.get(self.line)
-        if entry is not None:
-            entry[1].discard(number)
-            if not entry[1]:
+        held = self.queue.held.get(self.line)
+        if held is not None:
+            held.discard(number)
+            if not held:
                 del self.queue.held[self.line]
-        dropped = await self._step("drop", number)
+        dropped = await self._step("admitted" if admitted else "drop", number)
         if dropped is None or not dropped[1]:
             return
         store = self.queue.store

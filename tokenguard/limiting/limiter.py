@@ -305,14 +305,22 @@ class Limiter:
         model: str | None = None,
         user: str | None = None,
         end_user: str | None = None,
+        behind: int | None = None,
     ) -> Decision:
         """Admit ``cost`` in every row of ``key`` for ``model`` (and end user ``user``,
         a digest: its per-user rows), all or none, in ONE store call. ``end_user``, the
-        id as sent, is only carried to the decision (for feed events)."""
+        id as sent, is only carried to the decision (for feed events). ``behind`` (a
+        priority rank; ``None``: no queue) makes it
+        :meth:`~tokenguard.store.window_store.WindowStore.admit_in_turn`: refused while
+        a waiter of that priority or a higher one holds a ticket in the store line of
+        one of its rows (the line of the row's counter)."""
         month, left = self._in_month(key, model)
-        admission = await self.store.admit(
-            partition_of(key), self.rows(key, cost, model, user, month)
-        )
+        rows = self.rows(key, cost, model, user, month)
+        if behind is None:
+            admission = await self.store.admit(partition_of(key), rows)
+        else:
+            ahead = [(i, row.counter) for i, row in enumerate(rows)]
+            admission = await self.store.admit_in_turn(partition_of(key), rows, ahead, behind)
         if month is not None:
             admission = attrs.evolve(admission, states=calendar_states(admission.states, left))
         if admission.would_refuse:

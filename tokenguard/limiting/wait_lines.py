@@ -22,7 +22,9 @@ tested with no clock and no store.
   ``interactive_run`` interactive admissions in a row (``batch_share`` 0.1: one in
   ten), so batch is never starved below its share; ``batch_share`` 0 is strict priority.
 * **Bounded**: at most ``max_waiting`` waiters per key on this node; past it,
-  :meth:`WaitLines.join` refuses and the request is answered as without a queue.
+  :meth:`WaitLines.join` refuses and the request is answered as without a queue (the
+  same bound across nodes is the store's: its tickets, see
+  :mod:`tokenguard.limiting.admission_queue`).
 * **No overtaking**: a new request for which some waiter of the same or a higher
   priority already waits in the line of one of its counters joins behind it instead
   of trying the store (:meth:`WaitLines.line_ahead`).
@@ -39,7 +41,7 @@ import attrs
 from tokenguard.model import PRIORITIES, ApiKey, Limits
 
 DEFAULT_MAX_WAITING = 100
-"""Waiters per key on one node when no ``max_waiting`` is set."""
+"""Waiters per key (over all nodes, and on each) when no ``max_waiting`` is set."""
 
 INTERACTIVE, BATCH = 0, 1
 """Priorities as ranks (lower goes first), the indexes of :data:`PRIORITIES`."""
@@ -50,7 +52,7 @@ class WaitPolicy:
     """How one request may wait: ``bound`` seconds at most (0: never), at ``priority``
     (a rank: :data:`INTERACTIVE` or :data:`BATCH`) for each refusal's room (see
     :mod:`tokenguard.limiting.admission_queue`), with at most ``max_waiting``
-    waiters of its key on this node."""
+    waiters of its key (on this node, and holding tickets in the store)."""
 
     bound: float = 0.0
     priority: int = INTERACTIVE

@@ -94,13 +94,16 @@ from tokenguard.store.local_windows import LocalReservation, _LocalWindows, node
 from tokenguard.store.stalls import StallMeter
 from tokenguard.store.window_store import (
     ANYTHING,
+    NOBODY,
     Admission,
+    Ahead,
     Registry,
     RegistryExpect,
     Reservation,
     Row,
     RowState,
     StoreError,
+    TicketHolder,
     TicketOp,
     WindowStore,
     evictable,
@@ -365,7 +368,11 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
 
     # -- the WindowStore interface
 
-    async def admit(self, partition: str, rows: Sequence[Row]) -> Admission:
+    async def admit(
+        self, partition: str, rows: Sequence[Row], ahead: Ahead = (), rank: int = 0
+    ) -> Admission:
+        """:meth:`WindowStore.admit`; with ``ahead``, :meth:`admit_in_turn` in the
+        store (degraded: :meth:`admit` in the fallback, as the lines are the store's)."""
         if not self.breaker.is_open:
             if self.policy == "local" and trio.current_time() < self._hold_until:
                 return await self._admit_holding(partition, rows)
@@ -374,7 +381,12 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
             # is in flight, the breaker having opened meanwhile, counts it too).
             mirror = await self._precount(partition, rows) if self.policy == "local" else None
             try:
-                admission = await self._primary(self.primary.admit, partition, rows)
+                if ahead:
+                    admission = await self._primary(
+                        self.primary.admit_in_turn, partition, rows, ahead, rank
+                    )
+                else:
+                    admission = await self._primary(self.primary.admit, partition, rows)
             except StoreError:
                 if mirror is not None:
                     await self._uncount(mirror)
@@ -452,8 +464,13 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
     def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         return self.primary.subscribe(channel)
 
+    async def admit_in_turn(
+        self, partition: str, rows: Sequence[Row], ahead: Ahead, rank: int = 0
+    ) -> Admission:
+        return await self.admit(partition, rows, ahead, rank)
+
     async def tickets(
-        self, partition: str, line: str, op: TicketOp, ticket: int = 0, ttl_ms: int = 0
+        self, partition: str, line: str, op: TicketOp, ticket: int = 0, by: TicketHolder = NOBODY
     ) -> tuple[int, int]:
         # The queue's order across nodes: the store's or none (no local stand-in: a
         # queue that cannot reach it orders its waiters per node). Outside the
@@ -462,7 +479,7 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
         if self.breaker.is_open:
             raise StoreError(f"store {self.url} unavailable: no ticket line")
         with self._deadline(TICKET_SECONDS):
-            return await self.primary.tickets(partition, line, op, ticket, ttl_ms)
+            return await self.primary.tickets(partition, line, op, ticket, by)
 
     # The registry (keys, tiers) goes to the store unchanged, outside the breaker's
     # count: its callers bound their own waits and keep their last view on a failure.

@@ -265,8 +265,34 @@ class Admission:
         return max(waits, default=0.0)
 
 
-TicketOp = Literal["take", "check", "drop"]
+Ahead = Sequence[tuple[int, str]]
+"""What :meth:`WindowStore.admit_in_turn` defers to: pairs of a row's index and the
+ticket line of ``partition`` (see :meth:`WindowStore.tickets`) it waits behind."""
+TicketOp = Literal["take", "check", "drop", "admitted"]
 """A step of :meth:`WindowStore.tickets`."""
+
+
+@attrs.frozen
+class TicketHolder:
+    """Whose ticket a step of :meth:`WindowStore.tickets` is about, the same at every
+    step of the ticket: held ``ttl_ms`` from each take or check; ``name`` (a key id;
+    ``""``: none) and, when taking, ``most`` live tickets of that name in the lines of
+    the partition at the most (0: no bound); its ``rank`` (0 interactive, 1 batch) and
+    its line's ``share`` (rank 0 admissions in a row after which rank 1 has the turn;
+    -1: never)."""
+
+    ttl_ms: int = 0
+    name: str = ""
+    most: int = 0
+    rank: int = 0
+    share: int = -1
+
+
+NOBODY = TicketHolder()
+"""A ticket of no name, rank 0, held for no time: for steps that take or hold none."""
+WAITERS_RETRY_SECONDS = 1.0
+"""``retry_after`` of a row that :meth:`WindowStore.admit_in_turn` found behind waiters:
+room is theirs first, and nobody can foresee when they are done, so soon."""
 TICKET_SEQUENCE_MS = 86_400_000
 """How long a line's ticket sequence outlives its last ticket (see ``tickets``)."""
 
@@ -305,6 +331,20 @@ def evictable(policy: str | None) -> tuple[str, ...] | None:
     if policy is None or policy == "noeviction":
         return EVICTS_NOTHING
     return EVICTABLE.get(policy.partition("-")[0])
+
+
+def behind_waiters(admission: Admission, index: int) -> Admission:
+    """A refusal of :meth:`WindowStore.admit_in_turn` whose row ``index`` has waiters
+    ahead: that row is reported full (retry after :data:`WAITERS_RETRY_SECONDS`) unless
+    it does not fit anyway; every other state as checked. Raises ``IndexError`` for a
+    row the admission does not have."""
+    states = list(admission.states)
+    state = states[index]
+    if state.fits:
+        states[index] = RowState(
+            state.row, state.used, state.reset_after, False, WAITERS_RETRY_SECONDS
+        )
+    return Admission(admitted=False, states=tuple(states))
 
 
 def bucket_count(window_ms: int, bucket_ms: int) -> int:
@@ -434,6 +474,21 @@ class WindowStore(abc.ABC):
         of amount 0 fits unless its usage is above its limit).
         """
 
+    async def admit_in_turn(
+        self, partition: str, rows: Sequence[Row], ahead: Ahead, rank: int = 0
+    ) -> Admission:
+        """:meth:`admit`, for a request that may wait and holds no ticket: refused,
+        consuming nothing, when a ticket line of ``ahead`` (pairs of a row's index and a
+        line of ``partition``, see :meth:`tickets`) holds a live ticket of ``rank`` or a
+        lower one (one that goes first); checked and admitted in the same atomic step,
+        so no request that holds no ticket takes room from a waiter that arrived before
+        it. Such a refusal reports the row of the first line found holding one as full
+        (:func:`behind_waiters`), so the request waits in that row's line like any
+        other; a row that does not fit anyway keeps its own state. The default, for a
+        driver that keeps no lines, is :meth:`admit` (there are no tickets to defer
+        to)."""
+        return await self.admit(partition, rows)
+
     # -- publish/subscribe: messages between the nodes that share this store
 
     @abc.abstractmethod
@@ -460,20 +515,31 @@ class WindowStore(abc.ABC):
     # -- lines of waiting tickets: the admission queue's order across nodes
 
     async def tickets(
-        self, partition: str, line: str, op: TicketOp, ticket: int = 0, ttl_ms: int = 0
+        self, partition: str, line: str, op: TicketOp, ticket: int = 0, by: TicketHolder = NOBODY
     ) -> tuple[int, int]:
         """One step on the line ``line`` of ``partition`` (stored with the partition's
         rows: one Redis Cluster slot), atomically; returns ``(ticket, first)``, where
-        ``first`` is the lowest ticket still in the line after the step (0: none).
+        ``first`` is the ticket whose turn it is after the step (0: none held): the
+        lowest ticket of rank 0 (interactive), unless the line holds tickets of rank 1
+        (batch) and either none of rank 0 or ``by.share`` (0 or more) admissions of rank
+        0 in a row since the last of rank 1: then the lowest of rank 1 (``share`` -1:
+        rank 0 always first). So priorities, and batch's share of the turns, hold across nodes.
 
-        * ``"take"``: a new ticket, one more than any the line gave before (the line's
-          sequence outlives its tickets by a day), held ``ttl_ms``.
-        * ``"check"``: hold ``ticket`` ``ttl_ms`` more from now (put back under its own
+        * ``"take"``: a new ticket of ``by.rank``, one more than any the line gave
+          before (the line's sequence outlives its tickets by a day), held
+          ``by.ttl_ms``; none (ticket 0, nothing changed) when ``by.name`` already
+          holds ``by.most`` live tickets (0: no bound) in the lines of ``partition``:
+          a key's waiters, counted across every node.
+        * ``"check"``: hold ``ticket`` ``by.ttl_ms`` more from now (put back under its own
           number if it had expired: a waiter keeps its place);
-        * ``"drop"``: take ``ticket`` out (a no-op for one not held).
+        * ``"drop"``: take ``ticket`` out (a no-op for one not held);
+        * ``"admitted"``: drop it, as its waiter was admitted: one more admission of rank
+          0 in a row, or (rank 1) none.
 
-        Tickets that were not checked within their ``ttl_ms`` are dropped first (a node
-        that died with waiters holds up a line for at most that long). Times are the
+        ``by`` is whose ticket it is (:class:`TicketHolder`): the same at every step of
+        a ticket. Tickets that were not checked within their ``ttl_ms`` are dropped
+        first (a node that died with waiters holds up a line, and counts against
+        ``most``, for at most that long). Times are the
         store's clock. Raises :class:`StoreError`; the default, for a driver that keeps
         no lines, always does (the queue then orders waiters per node only).
         """

@@ -20,6 +20,8 @@
 --   reset_ms, fits (1/0), retry_ms (-1 = never fits), bucket (the current bucket
 --   index; 0 for a lease row; -1 for a row that was not consumed). The states of
 --   consumed rows are those after adding (fits = 1, retry_ms = -1).
+-- * outcome 3 (refused: a ticket line of admit_in_turn holds a live ticket): as 0,
+--   then the 1-based index of the row whose line it is.
 --
 -- Near-limit: a consumed row with alert_at > 0 whose usage reaches alert_at is
 -- reported unless its counter already reported a crossing in a bucket still in the
@@ -27,6 +29,23 @@
 
 local rows = #KEYS
 local lease_id = a[5 * rows + 1]
+
+-- admit_in_turn: after the lease id, one row index (1-based) per ticket line, whose
+-- expiry set (tickets.lua's KEYS[2]) follows the rows' keys in KEYS; so
+-- 5 * #KEYS + 1 - #ints = 4 * lines (0 for admit). A live ticket in one of them
+-- refuses (outcome 3), consuming nothing.
+local ahead = 0 -- the row index of the first line found holding a live ticket
+local lines = (5 * rows + 1 - #ARGV[1] / 8) / 4
+if lines > 0 then
+  rows = rows - lines
+  lease_id = a[5 * rows + 1]
+  for j = 1, lines do
+    if redis.call('ZCOUNT', KEYS[rows + j], '(' .. int(now), '+inf') > 0 then
+      ahead = a[5 * rows + 1 + j]
+      break
+    end
+  end
+end
 
 -- Per distinct key, a record of its counter, shared by every row naming it (a key
 -- named twice is one counter, as in the memory driver): r[S] start, r[U] used, r[N]
@@ -105,8 +124,12 @@ local function checked(outcome)
   end
   return out
 end
-if refused then
-  return encode(checked(0))
+if refused or ahead > 0 then
+  local out = checked(ahead > 0 and 3 or 0)
+  if ahead > 0 then
+    out[#out + 1] = ahead
+  end
+  return encode(out)
 end
 
 -- Every enforcing row fits: consume every row (a shadow row only if every row fits)
