@@ -21,10 +21,11 @@ from typing import Self
 import attrs
 import trio
 
+from drivers.memory_counters import BucketCounter, LeaseCounter, new_counter
+from drivers.memory_tickets import TicketLine
 from tokenguard.store.leases import HeldLeases
 from tokenguard.store.window_store import (
     ANYTHING,
-    LEASE_RETRY_SECONDS,
     NOBODY,
     NOT_RESERVED,
     TICKET_SEQUENCE_MS,
@@ -52,171 +53,6 @@ SUBSCRIPTION_BUFFER = 4096
 MAX_RECORDS = 100_000
 
 
-class _Counter:
-    """The buckets of one row: absolute bucket index -> amount (zeros are not kept).
-
-    ``total`` is their sum and ``low``/``high`` the oldest and newest bucket kept
-    (:data:`_NO_LOW`/:data:`_NO_HIGH` when there is none), maintained on every change
-    so that a decision costs O(1) per row, not O(buckets). ``alerted``: the bucket in which the
-    row last crossed its ``alert_at`` (see :attr:`tokenguard.store.window_store.Row.alert_at`).
-    ``row``: the row it was made for (its counter, window and buckets are every such
-    row's; its limit and amount mean nothing here).
-    """
-
-    __slots__ = ("row", "buckets", "bucket_ms", "span", "total", "low", "high", "alerted")
-
-    def __init__(self, row: Row) -> None:
-        self.row = row
-        self.buckets: dict[int, int] = {}
-        self.bucket_ms = row.bucket_ms
-        self.span = row.span
-        self.total = 0
-        self.low, self.high = _NO_LOW, _NO_HIGH
-        self.alerted = _NO_HIGH
-
-    def current(self, now_ms: int) -> tuple[int, int]:
-        """Drop buckets that left the window; return (current bucket, amount in window)."""
-        current = now_ms // self.bucket_ms
-        if self.low < current - self.span:
-            oldest = current - self.span
-            buckets = self.buckets
-            for b in [b for b in buckets if b < oldest]:
-                self.total -= buckets.pop(b)
-            self.bounds()
-        return current, self.total
-
-    def bounds(self) -> None:
-        """Set ``low`` and ``high`` from the buckets kept."""
-        buckets = self.buckets
-        self.low = min(buckets) if buckets else _NO_LOW
-        self.high = max(buckets) if buckets else _NO_HIGH
-
-    def add(self, bucket: int, delta: int) -> None:
-        """Add ``delta`` to ``bucket`` (never below 0; a bucket at 0 is dropped)."""
-        buckets = self.buckets
-        before = buckets.get(bucket, 0)
-        after = before + delta
-        if after > 0:
-            buckets[bucket] = after
-            self.total += after - before
-            if bucket < self.low:
-                self.low = bucket
-            if bucket > self.high:
-                self.high = bucket
-        elif before:
-            del buckets[bucket]
-            self.total -= before
-            if bucket in (self.low, self.high):
-                self.bounds()
-
-    def alert(self, bucket: int) -> bool:
-        """True once per window: when no crossing was reported in the window yet."""
-        if self.alerted >= bucket - self.span:
-            return False
-        self.alerted = bucket
-        return True
-
-    def leaves_at(self, bucket: int) -> int:
-        """The time (ms) at which ``bucket`` leaves the window."""
-        return (bucket + self.span + 1) * self.bucket_ms
-
-    def consumed(self, row: Row, now_ms: int, near: bool) -> RowState:
-        """The row's state right after an admission consumed it."""
-        reset_ms = self.leaves_at(self.high) - now_ms if self.buckets else 0
-        return RowState(row, self.total, reset_ms / 1000, True, None, near)
-
-    def state(self, row: Row, now_ms: int, used: int, amount: int) -> RowState:
-        """The row's state given its ``used`` amount, if ``amount`` were asked."""
-        fits = used + amount <= row.limit
-        retry_ms: int | None = None
-        if not fits and amount <= row.limit:
-            # The oldest buckets leave first: wait until enough of them have gone.
-            freed = 0
-            for b in sorted(self.buckets):
-                freed += self.buckets[b]
-                if used - freed + amount <= row.limit:
-                    retry_ms = self.leaves_at(b) - now_ms
-                    break
-        reset_ms = self.leaves_at(self.high) - now_ms if self.buckets else 0
-        return RowState(
-            row,
-            used,
-            reset_ms / 1000,
-            fits,
-            None if retry_ms is None else retry_ms / 1000,
-        )
-
-
-class _Leases:
-    """The leases of one lease row: lease id -> expiry (ms); expired ones are dropped
-    on every touch."""
-
-    __slots__ = ("expiries",)
-
-    def __init__(self) -> None:
-        self.expiries: dict[str, int] = {}
-
-    def current(self, now_ms: int) -> tuple[int, int]:
-        """Drop expired leases; return (0, leases held): the lease row's "bucket" and
-        usage, shaped as :meth:`_Counter.current`."""
-        expiries = self.expiries
-        if expiries and min(expiries.values()) <= now_ms:
-            for lease in [k for k, t in expiries.items() if t <= now_ms]:
-                del expiries[lease]
-        return 0, len(expiries)
-
-    def state(self, row: Row, now_ms: int, used: int, amount: int) -> RowState:
-        fits = used + amount <= row.limit
-        reset_ms = max(self.expiries.values()) - now_ms if self.expiries else 0
-        retry = LEASE_RETRY_SECONDS if not fits and amount <= row.limit else None
-        return RowState(row, used, reset_ms / 1000, fits, retry)
-
-
-# The bounds of a counter without buckets: above and below every bucket index.
-_NO_LOW = 2**62
-_NO_HIGH = -(2**62)
-
-
-@attrs.define
-class _TicketLine:
-    """One line of waiting tickets: the last ticket given, each held one's rank and
-    expiry (ms, the store's clock), and the admissions of rank 0 in a row (``run``)."""
-
-    last: int = 0
-    held: dict[int, tuple[int, int]] = attrs.field(factory=dict)
-    run: int = 0
-    touched_ms: int = 0
-
-    def drop_expired(self, now_ms: int) -> None:
-        for old in [t for t, (_, expiry) in self.held.items() if expiry <= now_ms]:
-            del self.held[old]
-
-    def holds(self, rank: int) -> bool:
-        """Whether a ticket of ``rank`` or a lower one is held (expired ones dropped)."""
-        return any(r <= rank for r, _ in self.held.values())
-
-    def turn(self, share: int) -> int:
-        """The ticket whose turn it is (see :meth:`WindowStore.tickets`); 0: none."""
-        first = [min((t for t, (r, _) in self.held.items() if r == k), default=0) for k in (0, 1)]
-        if first[1] and (not first[0] or 0 <= share <= self.run):
-            return first[1]
-        return first[0]
-
-    def step(self, op: TicketOp, ticket: int, now_ms: int, by: TicketHolder) -> tuple[int, int]:
-        self.drop_expired(now_ms)
-        if op == "take":
-            self.last += 1
-            ticket = self.last
-        if op in ("drop", "admitted"):
-            self.held.pop(ticket, None)
-            if op == "admitted":
-                self.run = self.run + 1 if by.rank == 0 else 0
-        else:
-            self.held[ticket] = (by.rank, now_ms + by.ttl_ms)
-        self.touched_ms = now_ms
-        return ticket, self.turn(by.share)
-
-
 class MemoryStore(WindowStore):
     """Counters in a dict, keyed by partition and row counter.
 
@@ -232,7 +68,7 @@ class MemoryStore(WindowStore):
         self._clock = clock
         # partition -> counter name -> counter: the partition is looked up once per
         # call, then each row by its counter name (a str, whose hash Python caches).
-        self._partitions: dict[str, dict[str, _Counter | _Leases]] = {}
+        self._partitions: dict[str, dict[str, BucketCounter | LeaseCounter]] = {}
         self.leases = HeldLeases()  # this store's leases, renewed in run()
         self._lease_ids = itertools.count(1)
         self.sweep_seconds = 10.0
@@ -242,7 +78,7 @@ class MemoryStore(WindowStore):
         self._registry_version = 0
         # name -> (expiry in ms, value), in the order they were put (the oldest first)
         self._records: dict[str, tuple[int, str]] = {}
-        self._ticket_lines: dict[tuple[str, str], _TicketLine] = {}
+        self._ticket_lines: dict[tuple[str, str], TicketLine] = {}
         # (partition, holder) -> (line, ticket) -> expiry (ms): a key's live tickets
         self._holders: dict[tuple[str, str], dict[tuple[str, int], int]] = {}
 
@@ -265,13 +101,13 @@ class MemoryStore(WindowStore):
         (bucket ``now_ms() // row.bucket_ms``)."""
         return self._now_ms()
 
-    def _counter(self, partition: str, row: Row) -> _Counter | _Leases:
+    def _counter(self, partition: str, row: Row) -> BucketCounter | LeaseCounter:
         counters = self._partitions.get(partition)
         if counters is None:
             counters = self._partitions[partition] = {}
         counter = counters.get(row.counter)
         if counter is None:
-            counter = counters[row.counter] = _Leases() if row.is_lease else _Counter(row)
+            counter = counters[row.counter] = new_counter(row)
         return counter
 
     async def admit(self, partition: str, rows: Sequence[Row]) -> Admission:
@@ -284,16 +120,16 @@ class MemoryStore(WindowStore):
         counters = self._partitions.get(partition)
         if counters is None:
             counters = self._partitions[partition] = {}
-        consumed: list[_Counter] = []
+        consumed: list[BucketCounter] = []
         buckets: list[int] = []
         states: list[RowState] = []
         alerting: list[int] = []  # the rows with a near-limit mark
         for row in rows:
             counter = counters.get(row.counter)
-            if type(counter) is not _Counter:
+            if type(counter) is not BucketCounter:
                 if counter is not None or row.is_lease:
                     break
-                counter = counters[row.counter] = _Counter(row)
+                counter = counters[row.counter] = BucketCounter(row)
             amount = row.amount
             bucket_ms = counter.bucket_ms
             bucket = now_ms // bucket_ms
@@ -302,7 +138,7 @@ class MemoryStore(WindowStore):
             used = counter.total + amount
             if used > row.limit or amount < 0:
                 break
-            if amount:  # (_Counter.add for a positive amount, inlined)
+            if amount:  # (BucketCounter.add for a positive amount, inlined)
                 held = counter.buckets
                 held[bucket] = held.get(bucket, 0) + amount
                 counter.total = used
@@ -333,7 +169,7 @@ class MemoryStore(WindowStore):
         self,
         partition: str,
         rows: Sequence[Row],
-        counters: dict[str, _Counter | _Leases],
+        counters: dict[str, BucketCounter | LeaseCounter],
         now_ms: int,
     ) -> Admission:
         """:meth:`admit` in two passes, for every case: check every row, then (only if
@@ -344,7 +180,7 @@ class MemoryStore(WindowStore):
         for row in rows:
             counter = counters.get(row.counter)
             if counter is None:
-                counter = counters[row.counter] = _Leases() if row.is_lease else _Counter(row)
+                counter = counters[row.counter] = new_counter(row)
             bucket, used = counter.current(now_ms)
             if used + row.amount > row.limit:
                 everything = False
@@ -361,7 +197,7 @@ class MemoryStore(WindowStore):
                 buckets.append(NOT_RESERVED)
                 continue
             amount = row.amount
-            if type(counter) is _Counter:
+            if type(counter) is BucketCounter:
                 counter.add(bucket, amount)
                 near = row.alert_at > 0 and counter.total >= row.alert_at and counter.alert(bucket)
                 after.append(counter.consumed(row, now_ms, near))
@@ -395,7 +231,7 @@ class MemoryStore(WindowStore):
         if lease is not None:
             for row in rows:
                 held = counters.get(row.counter) if row.is_lease else None
-                if type(held) is _Leases:
+                if type(held) is LeaseCounter:
                     held.expiries.pop(lease.id, None)
             self.leases.discard(lease)
         # Most rows of a settlement have no delta (only output rows are corrected):
@@ -422,7 +258,7 @@ class MemoryStore(WindowStore):
         for lease in leases:
             for row in lease.rows:
                 held = self._partitions.get(lease.partition, {}).get(row.counter)
-                if type(held) is not _Leases:
+                if type(held) is not LeaseCounter:
                     continue
                 expiry = held.expiries.get(lease.id)
                 if expiry is not None and expiry > now_ms:
@@ -436,7 +272,7 @@ class MemoryStore(WindowStore):
         for row in rows:
             counter = counters.get(row.counter)
             if counter is None:
-                counter = _Leases() if row.is_lease else _Counter(row)
+                counter = new_counter(row)
             _, used = counter.current(now_ms)
             states.append(counter.state(row, now_ms, used, row.amount))
         return tuple(states)
@@ -484,7 +320,7 @@ class MemoryStore(WindowStore):
     ) -> tuple[int, int]:
         await trio.lowlevel.checkpoint()
         now_ms = self._now_ms()
-        entry = self._ticket_lines.setdefault((partition, line), _TicketLine())
+        entry = self._ticket_lines.setdefault((partition, line), TicketLine())
         if not by.name:
             return entry.step(op, ticket, now_ms, by)
         held = self._holders.setdefault((partition, by.name), {})
@@ -570,7 +406,7 @@ class MemoryStore(WindowStore):
         now_ms = self._now_ms()
         for partition, counters in list(self._partitions.items()):
             for counter in list(counters.values()):
-                if type(counter) is not _Counter:
+                if type(counter) is not BucketCounter:
                     continue
                 counter.current(now_ms)  # (drops the buckets that left the window)
                 for bucket, amount in list(counter.buckets.items()):
@@ -583,7 +419,7 @@ class MemoryStore(WindowStore):
         for partition, counters in list(self._partitions.items()):
             for name, counter in list(counters.items()):
                 current, _ = counter.current(now_ms)
-                if type(counter) is _Leases:
+                if type(counter) is LeaseCounter:
                     if not counter.expiries:
                         del counters[name]
                 elif not counter.buckets and counter.alerted < current - counter.span:
