@@ -19,7 +19,7 @@ from drivers.redis import RedisStore
 from tests.drivers import test_window_store as suite
 from tests.drivers.test_window_store import MARGIN_MS, TEST_TIMEOUT, Driver, Harness, leaves
 from tests.store.test_guarded import guarded
-from tokenguard.store.guarded import LocalReservation
+from tokenguard.store.local_windows import LocalReservation
 from tokenguard.store.window_store import (
     CONCURRENT,
     LEASE_RETRY_SECONDS,

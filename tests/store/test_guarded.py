@@ -30,16 +30,15 @@ from tokenguard.cli import main as cli
 from tokenguard.cli import serve
 from tokenguard.config.loading import parse_settings
 from tokenguard.config.settings import ConfigError, Settings
+from tokenguard.log_throttle import LogThrottle
+from tokenguard.store.breaker import Breaker
 from tokenguard.store.guarded import (
     TICKET_SECONDS,
-    Breaker,
     GuardedStore,
-    LocalReservation,
-    LogThrottle,
     UncheckedReservation,
     guarded_store,
-    node_share,
 )
+from tokenguard.store.local_windows import LocalReservation, node_share
 from tokenguard.store.stalls import PROBE_PERIOD, StallMeter
 from tokenguard.store.window_store import (
     NOBODY,

@@ -14,7 +14,7 @@ Two kinds of metrics, by cost:
   those decisions. Admissions and tokens, counted on every admitted request, are plain
   integers per key (:class:`_KeySeries`) that :class:`NodeCollector` reads.
 * **Read at scrape time** (nothing on the request path): the store's breaker and
-  failure counters (:class:`~tokenguard.store.guarded.GuardStats`, including admissions
+  failure counters (:class:`~tokenguard.store.guard_stats.GuardStats`, including admissions
   made under ``on_store_error = "open"``), the usage feed's subscribers and dropped
   events, the limiter's near-limit crossings. :class:`NodeCollector` reads them from
   the objects that already keep them (:mod:`tokenguard.observe.node_collector`).

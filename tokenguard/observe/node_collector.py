@@ -2,7 +2,7 @@
 
 :class:`NodeCollector` reads the per-key admission and token counters that
 :class:`~tokenguard.observe.metrics.Metrics` keeps as plain integers, the process's
-token-count cache, and what the store (:class:`~tokenguard.store.guarded.GuardStats`,
+token-count cache, and what the store (:class:`~tokenguard.store.guard_stats.GuardStats`,
 the breaker, the eviction policy), the usage feed (subscribers, dropped events) and
 the limiter (near-limit crossings) already keep. Every metric is documented in
 ``docs/metrics.md``.
@@ -171,7 +171,7 @@ class NodeCollector(Collector):
 
     def _store_counters(self, store: GuardedStore) -> Iterator[Metric]:
         """The guarded store's failure counters
-        (:class:`~tokenguard.store.guarded.GuardStats`) and its node's stall time."""
+        (:class:`~tokenguard.store.guard_stats.GuardStats`) and its node's stall time."""
         stats = store.stats
         for name, doc, value in (
             ("store_failures", "Store calls that failed or missed their deadline.", stats.failures),

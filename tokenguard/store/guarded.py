@@ -88,8 +88,8 @@ import trio
 from tokenguard.config.settings import STORE_ERROR_POLICIES, Settings
 from tokenguard.log_throttle import LogThrottle
 from tokenguard.store.breaker import BREAKER_THRESHOLD, Breaker
-from tokenguard.store.call_durations import CallDurations
 from tokenguard.store.deadlines import NodeStalled, _Deadlines, _Wait
+from tokenguard.store.guard_stats import GuardStats
 from tokenguard.store.local_windows import LocalReservation, _LocalWindows, node_share
 from tokenguard.store.stalls import StallMeter
 from tokenguard.store.window_store import (
@@ -129,26 +129,6 @@ PROBE_ROW = Row(scope="probe", dimension="requests", window_ms=1000, bucket_ms=1
 @attrs.frozen
 class UncheckedReservation(Reservation):
     """A reservation of the ``open`` policy: nothing was counted, nothing to settle."""
-
-
-@attrs.define
-class GuardStats:
-    """Counters for ``/readyz`` and ``/metrics`` (read when scraped)."""
-
-    failures: int = 0  # store calls that failed or missed their deadline
-    timeouts: int = 0  # ... of which missed the deadline
-    stalled_out: int = 0  # calls cut at the hard cap while the node was stalled (not failures)
-    breaker_opened: int = 0
-    local_admissions: int = 0  # admitted by the local windows (policy local)
-    local_refusals: int = 0
-    fail_open_admissions: int = 0  # admitted unchecked (policy open)
-    refused_unavailable: int = 0  # calls answered with StoreError (policy closed)
-    written_back: int = 0  # counter buckets written back to the store after an outage
-    settlements_dropped: int = 0  # settlements of store reservations while it was down
-    last_error: str | None = None
-    last_outage_seconds: float | None = None
-    # How long the store took to answer the calls it answered, per operation.
-    call_seconds: CallDurations = attrs.field(factory=CallDurations)
 
 
 class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
@@ -536,17 +516,3 @@ def guarded_store(settings: Settings) -> WindowStore:
         node_id=settings.node_id,
         spread=spread,
     )
-
-
-__all__ = [
-    "DEFAULT_POLICY",
-    "DEFAULT_TIMEOUT_MS",
-    "POLICIES",
-    "Breaker",
-    "GuardedStore",
-    "LocalReservation",
-    "NodeStalled",
-    "UncheckedReservation",
-    "guarded_store",
-    "node_share",
-]
