@@ -2,9 +2,10 @@
 its websocket subscribers.
 
 Out: the request path calls :meth:`Feed.admitted`, :meth:`Feed.rejected` and
-:meth:`Feed.settled`, which only append to a bounded queue (they never await, never
-raise for a full queue: past ``outgoing_limit`` the oldest queued events are dropped and
-counted in ``dropped_outgoing``). One publisher task drains the queue in batches, one
+:meth:`Feed.settled`, which build their events (:mod:`tokenguard.observe.feed_events`)
+and only append them to a bounded queue (they never await, never raise for a full
+queue: past ``outgoing_limit`` the oldest queued events are dropped and counted in
+``dropped_outgoing``). One publisher task drains the queue in batches, one
 store message per batch (newline-separated JSON events), at most one batch per
 ``PUBLISH_SECONDS`` unless a full one waits, through
 :meth:`~tokenguard.store.window_store.WindowStore.publish`, so every node sharing the store gets
@@ -41,7 +42,6 @@ import json
 import logging
 import math
 import secrets
-import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -52,9 +52,18 @@ import trio
 from tokenguard.config.settings import Settings
 from tokenguard.limiting.keyring import Keyring
 from tokenguard.limiting.limiter import Decision, Limiter
-from tokenguard.limiting.usage import scope_kind, usage_by_dimension
+from tokenguard.limiting.usage import usage_by_dimension
 from tokenguard.log_throttle import LogThrottle
 from tokenguard.model import ApiKey, digest_of
+from tokenguard.observe.feed_events import (
+    admitted_events,
+    dequeued_event,
+    near_limit_events,
+    now_ms,
+    queued_event,
+    rejected_event,
+    settled_event,
+)
 from tokenguard.observe.subscriber import Subscriber, Viewer
 from tokenguard.store.window_store import RowState, StoreError, WindowStore
 
@@ -86,30 +95,6 @@ PRESENCE_PREFIX = b'{"type":"watching"'
 # How long a new session waits for its node's announcement to come back through the
 # store (by then every node sharing the store has it) before it sends `ready` anyway.
 PRESENCE_ECHO_SECONDS = 1.0
-
-
-def now_ms() -> int:
-    """The server timestamp of events: milliseconds since the Unix epoch."""
-    return time.time_ns() // 1_000_000
-
-
-def limit_of(state: RowState) -> dict[str, Any]:
-    """Which limit a row is: dimension, scope (``key`` or ``team``), window, numbers."""
-    row = state.row
-    return {
-        "dimension": row.dimension,
-        "scope": scope_kind(row.scope),
-        "window_seconds": row.window_ms / 1000,
-        "limit": state.limit,
-        "used": state.used,
-        "requested": row.amount,
-    }
-
-
-def end_user_of(decision: Decision) -> dict[str, str]:
-    """``{"user": id}`` for a request that named its end user (the id as sent: events
-    reach only the key's own subscribers and the admin); ``{}`` otherwise."""
-    return {} if decision.end_user is None else {"user": decision.end_user}
 
 
 class Feed:
@@ -210,43 +195,18 @@ class Feed:
         admitted it, if that was before now (a waiter: see ``Admissions``), as ``ts``."""
         if not self.watched:
             return
-        cost = decision.cost
-        self.emit(
-            {
-                "type": "admitted",
-                "key": decision.key.name,
-                "model": model,
-                "surface": surface,
-                "reserved": {
-                    "input_tokens": cost.input_tokens,
-                    "output_tokens": cost.output_tokens,
-                },
-                "usage": usage_by_dimension(decision.admission.states),
-                **end_user_of(decision),
-            },
-            at_ms,
-        )
-        shadow = decision.shadow_refusal if decision.would_refuse else None
-        if shadow is not None:
-            self.emit(
-                {"type": "would_reject", "key": decision.key.name, "model": model}
-                | {"surface": surface}
-                | end_user_of(decision)
-                | limit_of(shadow)
-            )
+        admitted, *shadow = admitted_events(decision, model, surface)
+        self.emit(admitted, at_ms)  # a waiter's: when the store admitted it
+        for event in shadow:
+            self.emit(event)
 
     def rejected(self, decision: Decision, model: str, surface: str | None = None) -> None:
+        """``rejected``, naming the limit that refused ``decision`` (none: no event)."""
         if not self.watched:
             return
-        state = decision.refusal
-        if state is None:
-            return
-        self.emit(
-            {"type": "rejected", "key": decision.key.name, "model": model, "surface": surface}
-            | end_user_of(decision)
-            | limit_of(state)
-            | {"retry_after": decision.admission.retry_after}
-        )
+        event = rejected_event(decision, model, surface)
+        if event is not None:
+            self.emit(event)
 
     def waiting(
         self, decision: Decision | None, key: ApiKey, model: str, priority: str, bound: float
@@ -256,17 +216,7 @@ class Feed:
         else none (it joined behind a request already waiting)."""
         if not self.watched:
             return
-        event = {
-            "type": "queued",
-            "key": key.name,
-            "model": model,
-            "priority": priority,
-            "max_wait_seconds": bound,
-        }
-        state = decision.refusal if decision is not None else None
-        if state is not None:
-            event |= limit_of(state) | {"retry_after": decision.admission.retry_after}
-        self.emit(event)
+        self.emit(queued_event(decision, key, model, priority, bound))
 
     def waited(self, key: ApiKey, model: str, outcome: str, waited_ms: int) -> None:
         """``dequeued``: a waiting request of ``key`` left the queue after ``waited_ms``:
@@ -274,15 +224,7 @@ class Feed:
         client left) or ``closed`` (its node shut down)."""
         if not self.watched:
             return
-        self.emit(
-            {
-                "type": "dequeued",
-                "key": key.name,
-                "model": model,
-                "outcome": outcome,
-                "waited_ms": waited_ms,
-            }
-        )
+        self.emit(dequeued_event(key, model, outcome, waited_ms))
 
     def near_limit(self, decision: Decision, model: str, surface: str | None = None) -> None:
         """``near_limit`` for each row whose near-limit mark this admission crossed
@@ -290,14 +232,8 @@ class Feed:
         whichever node made it: so one event per window, cluster-wide)."""
         if not self.watched:
             return
-        for state in decision.near_limits:
-            self.emit(
-                {"type": "near_limit", "key": decision.key.name, "model": model}
-                | {"surface": surface}
-                | end_user_of(decision)
-                | limit_of(state)
-                | {"ratio": round(state.used / state.limit, 4), "alert_at": state.row.alert_at}
-            )
+        for event in near_limit_events(decision, model, surface):
+            self.emit(event)
 
     def settled(
         self, decision: Decision, output_tokens: int, cached_input_tokens: int = 0, spent: int = 0
@@ -307,21 +243,7 @@ class Feed:
         (under a spend limit) the money reserved and spent, in micro-units."""
         if not self.watched:
             return
-        reserved = decision.cost.output_tokens
-        event: dict[str, Any] = {
-            "type": "settled",
-            "key": decision.key.name,
-            "reserved_output_tokens": reserved,
-            "output_tokens": output_tokens,
-            "refund": reserved - output_tokens,
-            **end_user_of(decision),
-        }
-        if cached_input_tokens:
-            event["cached_input_tokens"] = cached_input_tokens
-        if decision.cost.price is not None:
-            event["reserved_spend"] = decision.cost.spend
-            event["spend"] = spent
-        self.emit(event)
+        self.emit(settled_event(decision, output_tokens, cached_input_tokens, spent))
 
     # -- who sees what
 
@@ -563,7 +485,3 @@ class Feed:
         for subscriber in self._subscribers:
             if subscriber.viewer.sees(key.name):
                 subscriber.offer(body)
-
-
-# Re-exported for tokenguard/api/app.py, which still imports it from here; its home is
-# tokenguard.observe.feed_session (which needs nothing from this module at run time).
