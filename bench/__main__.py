@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 from bench import (
     decisions,
-    fake_upstream,
     feed,
     proxy,
     proxy_audit,
@@ -25,6 +24,7 @@ from bench import (
     suite,
     tokens,
 )
+from bench.fake_upstream import cli as fake_upstream
 from bench.load import cli as load
 from bench.simulate import cli as simulate
 

@@ -4,7 +4,7 @@ upstream, and what that upstream billed per key and per sliding window, against 
 ``python -m bench load --proxy-audit llama|vllm [--duration 60] [--concurrency 16]
 [--seed 0] [--behaviours plain,length_fields,tools,abandon,stall] [--json FILE]`` starts
 
-* an honest fake upstream (``bench/fake_upstream.py``, its own process, the flavour
+* an honest fake upstream (``bench/fake_upstream/``, its own process, the flavour
   named; it generates and bills every token it is asked for, whatever the client does),
   paced at :data:`TTFT` then :data:`TOKENS_PER_SECOND`;
 * ``tokenguard serve --nodes 3 --reuse-port`` (an embedded Redis; the nodes share one
@@ -67,7 +67,7 @@ import trio
 from bench.audit.billing import Billing, audit_billing
 from bench.audit.findings import OverAdmission
 from bench.audit.observations import DIMENSION_LABELS
-from bench.fake_upstream import FLAVOURS
+from bench.fake_upstream.asks import FLAVOURS
 from bench.ports import SUITE_PORTS, free_ports
 from bench.stalled_client import read_to_end, stalled_request
 from tokenguard.cluster.redis_server import stop_process

@@ -64,7 +64,7 @@ class ClientResult:
 
 def chat_request(spec: ClientSpec, request_id: int) -> bytes:
     """The HTTP request of stream ``request_id``: its key and id named in the prompt,
-    so an honest upstream's ledger says whom it billed (bench/fake_upstream.py)."""
+    so an honest upstream's ledger says whom it billed (bench/fake_upstream/)."""
     key = spec.keys[request_id % len(spec.keys)]
     model = spec.models[request_id % len(spec.models)]
     name = key.rsplit("-", 1)[-1]

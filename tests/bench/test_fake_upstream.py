@@ -1,4 +1,4 @@
-"""The honest fake upstreams (bench/fake_upstream.py): they read lengths as llama.cpp and
+"""The honest fake upstreams (bench/fake_upstream/): they read lengths as llama.cpp and
 vLLM do, bill a generous measure of the prompt, and bill every token they generate,
 whatever the client does (the last tests run one as a process)."""
 
@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from bench.fake_upstream import (
+from bench.fake_upstream.asks import (
     CHAT_PATH,
     COMPLETIONS_PATH,
     Refused,

@@ -1,4 +1,4 @@
-"""Test support: the honest fake upstreams of ``bench/fake_upstream.py``, as processes.
+"""Test support: the honest fake upstreams of ``bench/fake_upstream/``, as processes.
 
 :func:`running_fake_upstream` starts ``python -m bench fake-upstream`` (llama.cpp-like
 or vLLM-like) on a free loopback port, in a process of its own, and always stops it

@@ -8,7 +8,7 @@ Guarantees:
   reaped; then every descendant it ever had (as far as the snapshots taken by
   :meth:`TokenguardProcess.descendants` saw) is SIGKILLed if still alive. A test that
   fails never leaves a node or a redis-server behind. :func:`running_process` does the
-  same for any command (the fake upstreams of ``bench/fake_upstream.py``).
+  same for any command (the fake upstreams of ``bench/fake_upstream/``).
 * :func:`running_cluster` is ``tokenguard serve --nodes N`` that returns only once the
   startup table is printed and every node answers ``/healthz``; it retries on fresh
   ports if one was taken in between.

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 
-from bench.fake_upstream import FLAVOURS
+from bench.fake_upstream.asks import FLAVOURS
 from tests.support.honest_upstreams import take_events
 from tests.upstreams.test_proxy_accounting import auth, charged_once_settled, chat, proxied
 

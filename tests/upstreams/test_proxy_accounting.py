@@ -1,7 +1,7 @@
 """Proxy accounting: a key is charged what the upstream really spends, whatever its client does.
 
 Each scenario runs a real proxy node process in front of an honest fake upstream
-(``bench/fake_upstream.py``, in its own process, llama.cpp-like and vLLM-like: it
+(``bench/fake_upstream/``, in its own process, llama.cpp-like and vLLM-like: it
 generates and bills every token it is asked for, whatever the client does), plays a
 hostile client, and then compares, per key, what the upstream's ledger billed with what
 tokenguard charged (``/v1/usage``). Issue #15's holes:
