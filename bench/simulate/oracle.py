@@ -5,23 +5,9 @@ It is told what the clients saw (each request's authentication, answer and end, 
 :class:`~bench.simulate.node.Witness`) and what the store applied (registry writes, the
 loss of its data, registry reads by each node). It checks, as they happen:
 
-* **window** (``over-admission``): for every enforced counter (partition, scope,
-  dimension, window), at every admission, the amounts admitted in the last window (a
-  refund counts once its request has ended, which is never before the store knows it)
-  are at most what the documented bounds allow for what happened in that window. Let
-  ``L`` be the largest limit any of them was admitted under (a limit changed
-  meanwhile): ``L`` if any went through the store (which counts every admission made
-  through it, and every local one written back: so exactly ``L`` with no fault); plus
-  ``node_share(L)`` for each node incarnation that admitted locally in it (policy
-  ``local``: each node alone at its share, docs/reliability.md; so a window wholly in
-  an outage gets exactly ``L``); plus twice what was admitted in it before the store
-  lost its data (forgotten, and refunds of it landing in the empty store).
-* **local-share**: a node's local admissions in any window never exceed its share (per
-  incarnation: a restarted node's local windows start empty; ``shares_per_node``
-  counts across restarts).
-* **max-concurrent**: requests in flight with a lease taken through the store (for
-  less than a lease time, so their lease cannot have expired unrenewed) are at most
-  the limit; those with a local lease at most the node's share.
+* the counters' invariants (:mod:`bench.simulate.counter_invariants`): **window**
+  (``over-admission``: never more admitted in a window than the documented bounds
+  allow), **local-share** and **max-concurrent**;
 * **deadline**: every admission is answered within ``MAX_WAIT_FACTOR`` times the store
   timeout (plus any stall of the whole event loop meanwhile): the guarded store's
   deadline (tokenguard/store/deadlines.py).
@@ -34,10 +20,8 @@ loss of its data, registry reads by each node). It checks, as they happen:
 * **settled-once**: every admitted request that ended is settled exactly once, with the
   deltas its end implies (what it produced, less what it reserved, in output and
   total-tokens rows; its lease released), within ``SETTLE_GRACE`` unless its node died.
-* **feed**: the usage-feed events a watcher gets (through the store's publish/subscribe,
-  at most once) come from each node in the order it made them, never twice (a node's
-  count starts again when it restarts), and never outnumber the admissions, refusals
-  and settlements that node made for that key.
+* **feed** (:mod:`bench.simulate.feed_invariant`): a watcher's events come from each
+  node in order, never twice, never more than the decisions they report;
 * at the end (:meth:`Oracle.final`), **bounded**: nothing left to write back, no call
   waiting, no lease held, an empty settler queue, the limiter's cache within its
   bound, the breaker closed; and, a window and a lease time later, no counter left in
@@ -48,16 +32,16 @@ The first violation ends the run (``abort``) and is kept with the trace's last l
 
 from __future__ import annotations
 
-import json
 import math
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
+from bench.simulate.counter_invariants import SLACK, CounterInvariants, Entry, Incarnation
 from bench.simulate.faults import IMPAIRING, Fault
+from bench.simulate.feed_invariant import FeedInvariant
 from bench.simulate.product import (
     KEY,
     MAX_WAIT_FACTOR,
@@ -71,7 +55,6 @@ from bench.simulate.product import (
     LocalReservation,
     Reservation,
     Row,
-    node_share,
 )
 from bench.simulate.trace import Trace
 from bench.simulate.traffic import SimConfig
@@ -88,10 +71,6 @@ REVOCATION_SECONDS = 1.0
 RECOVERY_SECONDS = 3.0
 # A refund handed to the settler reaches the store's witness within this long.
 SETTLE_GRACE = 5.0
-# Times are compared to the millisecond the stores count in.
-SLACK = 0.001
-
-Incarnation = tuple[int, int]
 
 
 @attrs.frozen
@@ -106,34 +85,11 @@ class Violation:
 
 
 @attrs.define(slots=True)
-class _Entry:
-    """One admitted amount in one counter (``amount`` drops to what was produced)."""
-
-    t: float
-    amount: int
-    limit: int
-    dimension: str
-    local: Incarnation | None
-    forgotten: bool = False
-
-
-@attrs.define(slots=True)
-class _Flight:
-    """A request holding a lease in one lease counter."""
-
-    started: float
-    limit: int
-    lease_seconds: float
-    local: Incarnation | None
-    forgotten: bool = False
-
-
-@attrs.define(slots=True)
 class _Admitted:
     node: SimNode
     request: Request
     decision: Decision
-    entries: list[_Entry]
+    entries: list[Entry]
     leases: list[tuple[str, str]]
 
 
@@ -173,29 +129,22 @@ class Oracle:
         self._created: dict[str, float] = {}  # digest -> when the store applied it
         self._revoked: dict[str, float] = {}  # digest -> when the store applied it
         self._loaded: dict[Incarnation, float] = {}  # latest registry read applied
-        self._counters: dict[tuple[str, str], deque[_Entry]] = {}
-        self._flights: dict[tuple[str, str], dict[int, _Flight]] = {}
+        self.counters = CounterInvariants(self.cluster_size, self.fail)
+        self.feed = FeedInvariant(trace, self.fail)
         self._admitted: dict[int, _Admitted] = {}  # id(reservation) ->
         self._pending: dict[int, _Pending] = {}  # id(reservation) ->
-        self._long_counters: set[tuple[str, str]] = set()
-        # Every counter an admission asked for: how many buckets it keeps at most.
-        self._attempted: dict[tuple[str, str], int] = {}
         self._loop_stalls = [f for f in faults if f.kind == "loop-stall"]
         self._impaired = [
             (f.start, f.end + RECOVERY_SECONDS, f.node) for f in faults if f.kind in IMPAIRING
         ]
         self.long_window = 0.0  # windows longer than this are "long" (set by the runner)
-        # The feed: decisions made per (node, key, kind), events received of each, the
-        # last event's seq per node and when it came, and each node's last restart.
-        self._decided: dict[tuple[int, str, str], int] = {}
-        self._received: dict[tuple[int, str, str], int] = {}
-        self._feed_seq: dict[int, tuple[int, float]] = {}
-        self._restarted: dict[int, float] = {}
         self.counts: dict[str, int] = {}
 
     # -- reporting
 
     def fail(self, invariant: str, message: str, key: str | None = None) -> None:
+        """Keep the first violation (with the trace's last lines) and end the run
+        (``abort``); later ones are ignored: the first is the one to explain."""
         if self.violation is not None:
             return
         self.trace.add(None, "VIOLATION", f"{invariant}: {message}")
@@ -206,9 +155,6 @@ class Oracle:
 
     def _count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
-
-    def _share(self, limit: int, index: int) -> int:
-        return node_share(limit, self.cluster_size, index, spread=True)
 
     # -- the store
 
@@ -231,13 +177,7 @@ class Oracle:
 
     def store_lost(self) -> None:
         """The store lost every counter and the registry: what it counted is forgotten."""
-        for log in self._counters.values():
-            for entry in log:
-                entry.forgotten = True
-        for flights in self._flights.values():
-            for flight in flights.values():
-                if flight.local is None:
-                    flight.forgotten = True
+        self.counters.store_lost()
         self.trace.add(None, "store-lost")
 
     def registry_loaded(self, node: SimNode, applied_at: float) -> None:
@@ -248,7 +188,7 @@ class Oracle:
 
     def node_serving(self, node: SimNode) -> None:
         self.trace.add(node.index, "serving", f"incarnation {node.incarnation}")
-        self._restarted[node.index] = trio.current_time()
+        self.feed.restarted(node.index)
 
     def node_crashed(self, node: SimNode) -> None:
         """Its requests are gone (their leases stay in the store until they expire)."""
@@ -263,13 +203,7 @@ class Oracle:
     def attempting(self, rows: Iterable[Row], partition: str) -> None:
         """An admission is about to be asked for these rows (long windows are noted:
         their counters may stay in the store after the run)."""
-        for row in rows:
-            if row.is_lease:
-                continue
-            counter = (partition, row.counter)
-            self._attempted[counter] = row.span + 1
-            if row.window_ms / 1000 > self.long_window:
-                self._long_counters.add(counter)
+        self.counters.attempting(rows, partition, self.long_window)
 
     # -- requests
 
@@ -346,8 +280,7 @@ class Oracle:
                 key.name,
             )
         kind = "200" if decision is not None and decision.reservation is not None else str(status)
-        decided = (node.index, key.name, kind)
-        self._decided[decided] = self._decided.get(decided, 0) + 1
+        self.feed.decided(node.index, key.name, kind)
         if decision is None or decision.reservation is None:
             self._count(str(status))
             self.trace.add(node.index, str(status), f"#{request.number} {key.name}")
@@ -371,100 +304,27 @@ class Oracle:
         for row, bucket in zip(asked, reservation.buckets, strict=True):
             if not row.enforce or bucket == NOT_RESERVED:
                 continue
+            counter = (partition, row.counter)
             if row.is_lease:
-                self._lease(node, admitted, (partition, row.counter), row, started, incarnation)
+                admitted.leases.append(counter)
+                self.counters.lease(
+                    node.name,
+                    node.index,
+                    request.number,
+                    key.name,
+                    counter,
+                    row,
+                    started,
+                    incarnation,
+                )
             elif row.amount > 0:
-                entry = _Entry(now, row.amount, row.limit, row.dimension, incarnation)
+                entry = Entry(now, row.amount, row.limit, row.dimension, incarnation)
                 admitted.entries.append(entry)
-                self._window(node, (partition, row.counter), row, entry, key.name)
-
-    def _window(
-        self, node: SimNode, counter: tuple[str, str], row: Row, entry: _Entry, key: str
-    ) -> None:
-        log = self._counters.get(counter)
-        if log is None:
-            log = self._counters[counter] = deque()
-        log.append(entry)
-        horizon = entry.t - row.window_ms / 1000 + SLACK
-        while log[0].t <= horizon:
-            log.popleft()
-        total = forgotten = limit = 0
-        through_store = False
-        local: dict[Incarnation, int] = {}
-        for e in log:
-            total += e.amount
-            limit = max(limit, e.limit)
-            if e.forgotten:
-                forgotten += e.amount
-            if e.local is not None:
-                local[e.local] = local.get(e.local, 0) + e.amount
-            else:
-                through_store = True
-        shares = sum(self._share(limit, incarnation[0]) for incarnation in local)
-        # The store admits at most the limit; each incarnation alone at most its share.
-        stored = limit if through_store else 0
-        allowed = stored + shares + 2 * forgotten
-        if entry.local is not None and local[entry.local] > self._share(limit, entry.local[0]):
-            self.fail(
-                "local-share",
-                f"node {node.name} admitted {local[entry.local]} locally on {counter[1]} "
-                f"(partition {counter[0]}) within {row.window_ms / 1000:g} s: its share of "
-                f"{limit} is {self._share(limit, entry.local[0])}",
-                key,
-            )
-        elif total > allowed:
-            self.fail(
-                "over-admission",
-                f"{total} admitted on {counter[1]} (partition {counter[0]}) within "
-                f"{row.window_ms / 1000:g} s: at most {allowed} (limit {limit}: through the "
-                f"store {stored}, local shares {shares} of {sorted(local)}, twice the "
-                f"{forgotten} the store forgot)",
-                key,
-            )
-
-    def _lease(
-        self,
-        node: SimNode,
-        admitted: _Admitted,
-        counter: tuple[str, str],
-        row: Row,
-        started: float,
-        incarnation: Incarnation | None,
-    ) -> None:
-        flights = self._flights.setdefault(counter, {})
-        lease_seconds = row.window_ms / 1000
-        flights[admitted.request.number] = _Flight(started, row.limit, lease_seconds, incarnation)
-        admitted.leases.append(counter)
-        now = trio.current_time()
-        limit = max(f.limit for f in flights.values())
-        held = [
-            f
-            for f in flights.values()
-            if f.local is None and not f.forgotten and now - f.started < f.lease_seconds
-        ]
-        mine = sum(
-            1 for f in flights.values() if incarnation is not None and f.local == incarnation
-        )
-        if incarnation is not None and mine > self._share(limit, node.index):
-            self.fail(
-                "max-concurrent",
-                f"node {node.name} holds {mine} local leases on {counter[1]} (partition "
-                f"{counter[0]}): its share of {limit} is {self._share(limit, node.index)}",
-                admitted.request.key.name,
-            )
-        elif len(held) > limit:
-            self.fail(
-                "max-concurrent",
-                f"{len(held)} requests in flight on {counter[1]} (partition {counter[0]}) "
-                f"with leases taken through the store: limit {limit}",
-                admitted.request.key.name,
-            )
+                self.counters.window(node.name, counter, row, entry, key.name)
 
     def _land(self, admitted: _Admitted) -> None:
         """The request is over: it no longer holds its leases."""
-        number = admitted.request.number
-        for counter in admitted.leases:
-            self._flights[counter].pop(number, None)
+        self.counters.land(admitted.request.number, admitted.leases)
 
     def finished(self, node: SimNode, decision: Decision, produced: int) -> None:
         """The request ended, having produced ``produced`` output tokens."""
@@ -476,8 +336,7 @@ class Oracle:
         self._land(admitted)
         # The gateway settles every request that ended (its feed says so even when the
         # store has nothing to correct).
-        decided = (node.index, admitted.request.key.name, "settled")
-        self._decided[decided] = self._decided.get(decided, 0) + 1
+        self.feed.decided(node.index, admitted.request.key.name, "settled")
         delta = produced - decision.cost.output_tokens
         for entry in admitted.entries:
             if entry.dimension in ("output_tokens", "total_tokens"):
@@ -520,34 +379,7 @@ class Oracle:
 
     def feed_event(self, node: SimNode, body: str) -> None:
         """A feed watcher on ``node`` took this event."""
-        event = json.loads(body)
-        kind = event["type"]
-        if kind == "snapshot":  # made by the watcher's own node, not published
-            return
-        source, seq, key = event["node"], event["seq"], event["key"]
-        now = trio.current_time()
-        self.trace.add(node.index, "feed", f"{kind} from {source} seq {seq} {key}")
-        last = self._feed_seq.get(source)
-        if last is not None and seq <= last[0] and self._restarted.get(source, -1) < last[1]:
-            self.fail(
-                "feed",
-                f"node {source}'s event seq {seq} came after its seq {last[0]} (out of "
-                "order, or twice)",
-                key,
-            )
-        self._feed_seq[source] = (seq, now)
-        counted = {"admitted": "200", "rejected": "429", "settled": "settled"}.get(kind)
-        if counted is None:
-            return
-        received = (source, key, counted)
-        self._received[received] = self._received.get(received, 0) + 1
-        if self._received[received] > self._decided.get(received, 0):
-            self.fail(
-                "feed",
-                f"{self._received[received]} {kind} events of node {source} for {key}, "
-                f"which made {self._decided.get(received, 0)} such decisions",
-                key,
-            )
+        self.feed.event(node.index, body)
 
     async def watch(self) -> None:
         """Check overdue settlements once a second until cancelled."""
@@ -579,8 +411,8 @@ class Oracle:
                     pending.key,
                 )
                 return
-        counters = len(self._attempted)
-        buckets = sum(self._attempted.values())
+        counters = self.counters.attempted_counters
+        buckets = self.counters.attempted_buckets
         for node in nodes:
             sizes = node.sizes()
             limits = {
@@ -609,7 +441,7 @@ class Oracle:
     def final_counters(self, remaining: dict[str, int]) -> None:
         """After a window and a lease time with no traffic: counters left in each store
         (``where -> count``), at most the long-window ones."""
-        most = len(self._long_counters)
+        most = self.counters.long_counters
         for where, count in remaining.items():
             if count > most:
                 self.fail(
