@@ -43,7 +43,8 @@ import trio
 from bench.feed import _wait_healthy
 from bench.ports import SUITE_PORTS, free_ports
 from bench.procfs import cpu_seconds
-from bench.wrk import chat_body, chat_script, find_wrk, run_wrk
+from bench.wrk import find_wrk, run_wrk
+from bench.wrk_script import chat_body, chat_script
 
 UPSTREAM_KEY = "sk-bench-upstream-0123456789"
 PROXY_KEY = "sk-bench-proxy-0123456789"

@@ -46,7 +46,8 @@ from bench.feed import _wait_healthy
 from bench.ports import SUITE_PORTS, free_ports
 from bench.suite.configs import HUGE as NEVER_REACHED
 from bench.suite.configs import THREE_RULES, TP_SECRETS
-from bench.wrk import chat_script, run_wrk
+from bench.wrk import run_wrk
+from bench.wrk_script import chat_script
 from tokenguard.cluster.redis_server import stop_process
 from tokenguard.config.prices import Price
 from tokenguard.limiting.limiter import Cost, Limiter

@@ -4,13 +4,13 @@ Why wrk: the Python load client (:mod:`bench.load`) spends 1-2 ms of CPU per req
 above a few hundred requests per second it measures itself. wrk costs the client almost
 nothing, so a node's throughput and latency are the node's.
 
-* :func:`chat_script` writes the Lua script wrk runs: a fixed pool of chat-completion
-  requests (keys rotated, a given share streamed, spread evenly), formatted once per
-  thread and sent in turn, and a ``done()`` hook that prints one ``WRK_JSON {...}`` line
-  with exact figures (request count, duration, errors by kind, latency percentiles in
-  microseconds), so nothing depends on wrk's rounded human-readable output.
-  ``python -m bench.wrk --config tokenguard.toml > chat.lua`` (or ``--key SECRET ...``)
-  writes the same script by hand.
+* :func:`bench.wrk_script.chat_script` writes the Lua script wrk runs: a fixed pool of
+  chat-completion requests (keys rotated, a given share streamed, spread evenly),
+  formatted once per thread and sent in turn, and a ``done()`` hook that prints one
+  ``WRK_JSON {...}`` line with exact figures (request count, duration, errors by kind,
+  latency percentiles in microseconds), so nothing depends on wrk's rounded
+  human-readable output. ``python -m bench.wrk --config tokenguard.toml > chat.lua``
+  (or ``--key SECRET ...``) writes the same script by hand.
 * :func:`run_wrk` runs one wrk process (bounded: it is killed if it overruns its
   duration by :data:`OVERRUN_SECONDS`) and parses its output; :func:`run_wrk_many` runs
   one per node at the same time and adds them up.
@@ -38,18 +38,9 @@ from typing import Any
 import attrs
 import trio
 
-CHAT_PATH = "/v1/chat/completions"
-RESPONSES_PATH = "/v1/responses"
-# The API surfaces a script can send, and the route of each.
-SURFACE_PATHS = {"chat": CHAT_PATH, "responses": RESPONSES_PATH}
+from bench.wrk_script import CHAT_PATH, JSON_MARKER, SURFACE_PATHS, chat_script
+
 OVERRUN_SECONDS = 30.0
-POOL_SIZE = 100
-JSON_MARKER = "WRK_JSON "
-# A prompt of the mock's own one-token words: ~100 tokens, a typical short chat turn.
-PROMPT_WORDS = (
-    "the rate limit token window request minute key model reply is and of to a in for "
-    "with every node time fair share within under count each safe fast exact per one"
-).split()
 
 
 class WrkError(RuntimeError):
@@ -59,157 +50,6 @@ class WrkError(RuntimeError):
 def find_wrk() -> str | None:
     """The path of the ``wrk`` binary, or ``None`` when it is not installed."""
     return shutil.which("wrk")
-
-
-# --- the script -------------------------------------------------------------------------
-
-
-# Where a chat body's prompt starts (see chat_body: one user message), and a Responses
-# body's (its string input).
-CONTENT_START = '"content":"'
-INPUT_START = '"input":"'
-
-
-def chat_body(
-    *, prompt_tokens: int = 100, max_tokens: int = 64, stream: bool = False, model: str = "gpt-4o"
-) -> str:
-    """One chat-completion body as compact JSON: a user prompt of about ``prompt_tokens``
-    tokens (one-token words), ``max_tokens``, and streaming with a usage chunk if asked."""
-    words = [PROMPT_WORDS[i % len(PROMPT_WORDS)] for i in range(max(1, prompt_tokens - 7))]
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": [{"role": "user", "content": " ".join(words)}],
-        "max_tokens": max_tokens,
-    }
-    if stream:
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
-    return json.dumps(body, separators=(",", ":"))
-
-
-def responses_body(
-    *, prompt_tokens: int = 100, max_tokens: int = 64, stream: bool = False, model: str = "gpt-4o"
-) -> str:
-    """One Responses API body as compact JSON, the same prompt as :func:`chat_body`'s
-    (a string input counts as that one-message chat prompt), ``max_output_tokens``."""
-    words = [PROMPT_WORDS[i % len(PROMPT_WORDS)] for i in range(max(1, prompt_tokens - 7))]
-    body: dict[str, Any] = {
-        "model": model,
-        "input": " ".join(words),
-        "max_output_tokens": max_tokens,
-    }
-    if stream:
-        body["stream"] = True
-    return json.dumps(body, separators=(",", ":"))
-
-
-def streamed_slots(share: float, size: int = POOL_SIZE) -> list[bool]:
-    """Which of ``size`` pool slots stream: ``round(share * size)`` of them, spread evenly
-    (slot ``i`` streams when ``floor((i + 1) * k / size) > floor(i * k / size)``)."""
-    if not 0 <= share <= 1:
-        raise ValueError(f"stream share must be within 0..1, got {share}")
-    k = round(share * size)
-    return [(i + 1) * k // size > i * k // size for i in range(size)]
-
-
-def _lua_string(text: str) -> str:
-    """``text`` as a Lua long-bracket literal that cannot be closed early by the text."""
-    level = 0
-    while f"]{'=' * level}]" in text:
-        level += 1
-    eq = "=" * level
-    return f"[{eq}[{text}]{eq}]"
-
-
-def chat_script(
-    secrets: Sequence[str],
-    *,
-    stream_share: float = 0.0,
-    prompt_tokens: int = 100,
-    max_tokens: int = 64,
-    path: str | None = None,
-    surface: str = "chat",
-    end_users: int = 0,
-) -> str:
-    """The Lua script for ``wrk -s``: a pool of :data:`POOL_SIZE` requests, slot ``i``
-    using key ``secrets[i % len(secrets)]`` and streaming per :func:`streamed_slots`;
-    each wrk thread sends them in turn, starting at its own offset. With ``end_users``,
-    slot ``i`` names end user ``user-<i % end_users>`` in an ``X-End-User`` header
-    (a node whose config sets ``[limits] user_header = "X-End-User"`` reads it).
-
-    Every request's prompt is different (it starts with ``u<thread>-<n> ``): a node
-    remembers the token counts of prompts it has seen (tokenguard.counting.CountCache),
-    and a benchmark that sent one prompt over and over would measure that memory, not
-    the counting a new prompt costs. ``surface``: ``chat`` (chat completions) or
-    ``responses`` (the Responses API, the same prompts), sent to ``path`` (by default
-    the surface's route)."""
-    if not secrets:
-        raise ValueError("give at least one API key")
-    if surface not in SURFACE_PATHS:
-        raise ValueError(f"surface must be one of {', '.join(SURFACE_PATHS)}, got {surface!r}")
-    path = SURFACE_PATHS[surface] if path is None else path
-    make, start = (chat_body, CONTENT_START) if surface == "chat" else (responses_body, INPUT_START)
-    slots = streamed_slots(stream_share)
-    entries = []
-    for i, stream in enumerate(slots):
-        body = make(prompt_tokens=prompt_tokens, max_tokens=max_tokens, stream=stream)
-        # The body around the start of the prompt, where each request puts its own tag.
-        head, tail = body.split(start, 1)
-        secret = _lua_string(secrets[i % len(secrets)])
-        user = _lua_string(f"user-{i % end_users}" if end_users else "")
-        entries.append(f"  {{{secret}, {_lua_string(head + start)}, {_lua_string(tail)}, {user}}},")
-    pool = "\n".join(entries)
-    return f"""-- Generated by bench/wrk.py: {len(slots)} {surface} requests, {sum(slots)} streamed,
--- {len(secrets)} key(s). Run: wrk -t1 -c32 -d5s --latency -s THIS_FILE http://HOST:PORT{path}
-local specs = {{
-{pool}
-}}
-local headers = {{}}
-local n = #specs
-local i = 0
-local sent = 0
-local threads = 0
-
-function setup(thread)
-  thread:set("offset", threads * 37)
-  thread:set("id", threads)
-  threads = threads + 1
-end
-
-function init(args)
-  for k, spec in ipairs(specs) do
-    headers[k] = {{
-      ["Content-Type"] = "application/json",
-      ["Authorization"] = "Bearer " .. spec[1],
-    }}
-    if spec[4] ~= "" then headers[k]["X-End-User"] = spec[4] end
-  end
-  i = (offset or 0) % n
-end
-
-function request()
-  i = i + 1
-  if i > n then i = 1 end
-  sent = sent + 1
-  local spec = specs[i]
-  local tag = "u" .. (id or 0) .. "-" .. sent .. " "
-  return wrk.format("POST", {_lua_string(path)}, headers[i], spec[2] .. tag .. spec[3])
-end
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '{JSON_MARKER.strip()} {{"requests":%d,"duration_us":%d,"bytes":%d,' ..
-    '"errors":{{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}},' ..
-    '"latency_us":{{"min":%d,"max":%d,"mean":%.3f,"stdev":%.3f,' ..
-    '"p50":%d,"p75":%d,"p90":%d,"p99":%d,"p999":%d}}}}\\n',
-    summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency.min, latency.max, latency.mean, latency.stdev,
-    latency:percentile(50), latency:percentile(75), latency:percentile(90),
-    latency:percentile(99), latency:percentile(99.9)))
-end
-"""
 
 
 # --- results ----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from pathlib import Path
 from bench.load.options import KeySpec, LoadOptions, TokenRange
 from bench.load.run import run_load
 from bench.suite.configs import TP_SECRETS
-from bench.wrk import WrkResult, chat_script, run_wrk, run_wrk_many, wrk_argv
+from bench.wrk import WrkResult, run_wrk, run_wrk_many, wrk_argv
+from bench.wrk_script import chat_script
 
 
 class WrkClient:

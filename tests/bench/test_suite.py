@@ -1,4 +1,5 @@
-"""Tests for the benchmark suite (bench/suite/, bench/wrk.py, bench/charts.py).
+"""Tests for the benchmark suite (bench/suite/, bench/wrk.py, bench/wrk_script.py,
+bench/charts.py).
 
 The parsers and the wrk script are checked on fixed inputs. The suite's machinery runs
 for real in a tiny profile (1 s measurements) against real node processes, a real
@@ -29,17 +30,8 @@ from bench.suite.redis_benchmark import parse_redis_benchmark_csv
 from bench.suite.run import SuiteResult, run_suite
 from bench.suite.runs import Run, paired_ratios, variant_table
 from bench.suite.targets import RedisInfo, Target, trouble_before, trouble_notes
-from bench.wrk import (
-    JSON_MARKER,
-    WrkResult,
-    chat_script,
-    combine,
-    find_wrk,
-    parse_output,
-    parse_text,
-    run_wrk,
-    streamed_slots,
-)
+from bench.wrk import WrkResult, combine, find_wrk, parse_output, parse_text, run_wrk
+from bench.wrk_script import JSON_MARKER, chat_script, streamed_slots
 from tests.support.processes import START_TIMEOUT
 
 TINY = Profile(
