@@ -29,11 +29,16 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from bench.simulate.product import Row, node_share
+
+if TYPE_CHECKING:
+    from bench.simulate.node import SimNode
+    from bench.simulate.traffic import Request
 
 # Times are compared to the millisecond the stores count in.
 SLACK = 0.001
@@ -121,7 +126,7 @@ class CounterInvariants:
                 if flight.local is None:
                     flight.forgotten = True
 
-    def window(self, node_name: str, counter: Counter, row: Row, entry: Entry, key: str) -> None:
+    def window(self, node: SimNode, counter: Counter, row: Row, entry: Entry, key: str) -> None:
         """``entry`` was admitted in ``counter``: check the window and local-share
         invariants over the window that ends with it."""
         log = self._counters.get(counter)
@@ -150,7 +155,7 @@ class CounterInvariants:
         if entry.local is not None and local[entry.local] > self.share(limit, entry.local[0]):
             self.fail(
                 "local-share",
-                f"node {node_name} admitted {local[entry.local]} locally on {counter[1]} "
+                f"node {node.name} admitted {local[entry.local]} locally on {counter[1]} "
                 f"(partition {counter[0]}) within {row.window_ms / 1000:g} s: its share of "
                 f"{limit} is {self.share(limit, entry.local[0])}",
                 key,
@@ -167,20 +172,17 @@ class CounterInvariants:
 
     def lease(
         self,
-        node_name: str,
-        node_index: int,
-        number: int,
-        key: str,
+        node: SimNode,
+        request: Request,
         counter: Counter,
         row: Row,
         started: float,
         incarnation: Incarnation | None,
     ) -> None:
-        """Request ``number`` of ``key`` took a lease in ``counter``: check the
-        max-concurrent invariant."""
+        """``request`` took a lease in ``counter``: check the max-concurrent invariant."""
         flights = self._flights.setdefault(counter, {})
         lease_seconds = row.window_ms / 1000
-        flights[number] = Flight(started, row.limit, lease_seconds, incarnation)
+        flights[request.number] = Flight(started, row.limit, lease_seconds, incarnation)
         now = trio.current_time()
         limit = max(f.limit for f in flights.values())
         held = [
@@ -191,19 +193,19 @@ class CounterInvariants:
         mine = sum(
             1 for f in flights.values() if incarnation is not None and f.local == incarnation
         )
-        if incarnation is not None and mine > self.share(limit, node_index):
+        if incarnation is not None and mine > self.share(limit, node.index):
             self.fail(
                 "max-concurrent",
-                f"node {node_name} holds {mine} local leases on {counter[1]} (partition "
-                f"{counter[0]}): its share of {limit} is {self.share(limit, node_index)}",
-                key,
+                f"node {node.name} holds {mine} local leases on {counter[1]} (partition "
+                f"{counter[0]}): its share of {limit} is {self.share(limit, node.index)}",
+                request.key.name,
             )
         elif len(held) > limit:
             self.fail(
                 "max-concurrent",
                 f"{len(held)} requests in flight on {counter[1]} (partition {counter[0]}) "
                 f"with leases taken through the store: limit {limit}",
-                key,
+                request.key.name,
             )
 
     def land(self, number: int, leases: Iterable[Counter]) -> None:

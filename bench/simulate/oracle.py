@@ -307,20 +307,11 @@ class Oracle:
             counter = (partition, row.counter)
             if row.is_lease:
                 admitted.leases.append(counter)
-                self.counters.lease(
-                    node.name,
-                    node.index,
-                    request.number,
-                    key.name,
-                    counter,
-                    row,
-                    started,
-                    incarnation,
-                )
+                self.counters.lease(node, request, counter, row, started, incarnation)
             elif row.amount > 0:
                 entry = Entry(now, row.amount, row.limit, row.dimension, incarnation)
                 admitted.entries.append(entry)
-                self.counters.window(node.name, counter, row, entry, key.name)
+                self.counters.window(node, counter, row, entry, key.name)
 
     def _land(self, admitted: _Admitted) -> None:
         """The request is over: it no longer holds its leases."""
