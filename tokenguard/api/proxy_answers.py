@@ -24,7 +24,7 @@ that refers to it is charged its totals on any node.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from quart import Response
@@ -85,15 +85,6 @@ class ProxyAnswers:
         body = dialect.forward(exchange, per_choice, route)
         upstream_headers = dialect.upstream_headers(route, client_headers)
         model = exchange.model
-
-        async def finish(tally: StreamTally) -> None:
-            if decision is not None:
-                output = stream_output(tally, model, reserved, route)
-                await self._settle_to(decision, route, model, tally.usage, output, input_tokens)
-            totals = dialect.stream_totals(exchange, tally.meter)
-            if totals is not None:
-                await dialect.answered(key_id, exchange, totals)
-
         try:
             if exchange.stream:
                 reply = await self.upstream.stream(
@@ -104,7 +95,9 @@ class ProxyAnswers:
                     key=key_id,
                     headers=upstream_headers,
                     meter=dialect.meter(exchange),
-                    finish=finish,
+                    finish=self._stream_finish(
+                        dialect, route, exchange, key_id, input_tokens, decision, reserved
+                    ),
                 )
             else:
                 reply = await self.upstream.post(
@@ -126,6 +119,30 @@ class ProxyAnswers:
             await self._settle_reply(dialect, decision, route, reply, model, input_tokens)
         await self._keep_totals(dialect, exchange, key_id, reply)
         return self._reply_response(reply, headers)
+
+    def _stream_finish(
+        self,
+        dialect: Dialect,
+        route: UpstreamRoute,
+        exchange: Exchange,
+        key_id: str,
+        input_tokens: int,
+        decision: Decision | None,
+        reserved: int,
+    ) -> Callable[[StreamTally], Awaitable[None]]:
+        """What runs once a relayed stream is over (whatever ended it): settle
+        ``decision`` to what the stream spent, and hand its totals to the dialect."""
+        model = exchange.model
+
+        async def finish(tally: StreamTally) -> None:
+            if decision is not None:
+                output = stream_output(tally, model, reserved, route)
+                await self._settle_to(decision, route, model, tally.usage, output, input_tokens)
+            totals = dialect.stream_totals(exchange, tally.meter)
+            if totals is not None:
+                await dialect.answered(key_id, exchange, totals)
+
+        return finish
 
     async def _keep_totals(
         self, dialect: Dialect, exchange: Exchange, key_id: str, reply: UpstreamReply
