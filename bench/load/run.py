@@ -71,17 +71,44 @@ async def run_load(
         raise UsageError("give at least one --url and one key (--key or --config)")
     if options.concurrency < 1:
         raise UsageError("--concurrency must be at least 1")
+    meter = _Progress(progress, options.total, options.duration) if progress is not None else None
+    started_wall = time.time()
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    stop_at = wall0 + options.duration if options.duration is not None else math.inf
+    records = await _send_all(options, meter, stop, stop_at)
+    wall, cpu = time.monotonic() - wall0, time.process_time() - cpu0
+    if meter is not None:
+        meter.finish()
+    records.sort(key=lambda r: r.id)
+    limits = {k.name: k.limits for k in options.keys if k.limits is not None}
+    report = audit(
+        (r.observation() for r in records),
+        limits,
+        options.window_seconds,
+        options.bucket_seconds,
+    )
+    return LoadResult(
+        options=options,
+        started_wall=started_wall,
+        records=tuple(records),
+        summary=summarize(records, wall, cpu),
+        audit=report,
+    )
+
+
+async def _send_all(
+    options: LoadOptions, meter: _Progress | None, stop: trio.Event | None, stop_at: float
+) -> list[RequestRecord]:
+    """Send the planned requests from ``options.concurrency`` workers until the total is
+    issued, ``stop_at`` (``time.monotonic()``) has passed or ``stop`` is set; every
+    request's record, in the order they ended."""
     planner = Planner(options)
     total = options.total
     records: list[RequestRecord] = []
-    meter = _Progress(progress, total, options.duration) if progress is not None else None
     # One pool for every node; a connection per worker per node, so picking nodes at
     # random never closes a keep-alive connection to make room for another node's.
     pool = options.concurrency * len(options.urls)
     timeouts = httpx.Timeout(options.timeout, connect=options.connect_timeout)
-    started_wall = time.time()
-    cpu0, wall0 = time.process_time(), time.monotonic()
-    stop_at = wall0 + options.duration if options.duration is not None else math.inf
 
     async def worker(client: httpx.AsyncClient) -> None:
         # Every worker sends at least one request, even if it only starts after the
@@ -109,21 +136,4 @@ async def run_load(
                 for _ in range(options.concurrency):
                     workers.start_soon(worker, client)
             outer.cancel_scope.cancel()
-    wall, cpu = time.monotonic() - wall0, time.process_time() - cpu0
-    if meter is not None:
-        meter.finish()
-    records.sort(key=lambda r: r.id)
-    limits = {k.name: k.limits for k in options.keys if k.limits is not None}
-    report = audit(
-        (r.observation() for r in records),
-        limits,
-        options.window_seconds,
-        options.bucket_seconds,
-    )
-    return LoadResult(
-        options=options,
-        started_wall=started_wall,
-        records=tuple(records),
-        summary=summarize(records, wall, cpu),
-        audit=report,
-    )
+    return records
