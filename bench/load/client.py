@@ -8,6 +8,7 @@ import random
 import time
 from typing import Any
 
+import attrs
 import httpx
 import trio
 
@@ -136,52 +137,70 @@ async def _read_stream(response: httpx.Response) -> tuple[int | None, int | None
     return prompt, completion, chunks, False
 
 
-async def send_one(client: httpx.AsyncClient, plan: Plan, deadline: float) -> RequestRecord:
-    """Send one planned request and record what happened; never raises for I/O."""
-    start_wall, start = time.time(), time.monotonic()
+@attrs.define
+class _Outcome:
+    """What one request got so far: kept as it arrives, so a request cut by its deadline
+    still records when it was answered, its status and its headers."""
+
     answered: float | None = None
     status: int | None = None
     error: str | None = None
-    prompt = completion = None
-    headers: dict[str, str] = {}
-    message = None
-    chunks = 0
+    prompt: int | None = None
+    completion: int | None = None
+    headers: dict[str, str] = attrs.field(factory=dict)
+    message: str | None = None
+    chunks: int = 0
+
+
+async def _exchange(client: httpx.AsyncClient, plan: Plan, outcome: _Outcome) -> None:
+    """Send ``plan``'s request and read its answer into ``outcome``: its usage (a
+    stream's from its chunks), or the error message of a refusal. Raises what httpx
+    raises, and ``json.JSONDecodeError``/``UnicodeDecodeError`` for a body that is not
+    JSON."""
     request_headers = {
         "authorization": f"Bearer {plan.key.secret}",
         "content-type": "application/json",
     }
+    async with client.stream(
+        "POST",
+        f"{plan.url}{SURFACE_PATHS[plan.surface]}",
+        content=plan.body,
+        headers=request_headers,
+    ) as response:
+        outcome.answered = time.monotonic()
+        status = outcome.status = response.status_code
+        outcome.headers = {k: v for k, v in response.headers.items() if k.startswith(KEPT_HEADERS)}
+        if plan.stream and status == 200:
+            outcome.prompt, outcome.completion, outcome.chunks, done = await _read_stream(response)
+            if not done or outcome.completion is None:
+                outcome.error = "incomplete stream"
+        elif status == 200:
+            outcome.prompt, outcome.completion = _read_usage(json.loads(await response.aread()))
+            if outcome.completion is None:
+                outcome.error = "bad response: no usage"
+        else:
+            outcome.message = _error_message(await response.aread())
+
+
+async def send_one(client: httpx.AsyncClient, plan: Plan, deadline: float) -> RequestRecord:
+    """Send one planned request and record what happened; never raises for I/O."""
+    start_wall, start = time.time(), time.monotonic()
+    outcome = _Outcome()
     try:
         with trio.move_on_after(deadline) as scope:
-            async with client.stream(
-                "POST",
-                f"{plan.url}{SURFACE_PATHS[plan.surface]}",
-                content=plan.body,
-                headers=request_headers,
-            ) as response:
-                answered = time.monotonic()
-                status = response.status_code
-                headers = {k: v for k, v in response.headers.items() if k.startswith(KEPT_HEADERS)}
-                if plan.stream and status == 200:
-                    prompt, completion, chunks, done = await _read_stream(response)
-                    if not done or completion is None:
-                        error = "incomplete stream"
-                elif status == 200:
-                    prompt, completion = _read_usage(json.loads(await response.aread()))
-                    if completion is None:
-                        error = "bad response: no usage"
-                else:
-                    message = _error_message(await response.aread())
+            await _exchange(client, plan, outcome)
         if scope.cancelled_caught:
-            error = "timeout"
+            outcome.error = "timeout"
     except httpx.HTTPError as exc:
-        error = error_kind(exc)
+        outcome.error = error_kind(exc)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        error = "bad response: not JSON"
+        outcome.error = "bad response: not JSON"
     end = time.monotonic()
+    status, error, completion = outcome.status, outcome.error, outcome.completion
     if error is None and status is not None and status not in (200, 429):
         error = f"{status // 100}xx: {status}"
     if completion is None and status == 200 and plan.stream:
-        completion = chunks or None  # what arrived: a lower bound of what was charged
+        completion = outcome.chunks or None  # what arrived: a lower bound of what was charged
     return RequestRecord(
         id=plan.id,
         key=plan.key.name,
@@ -191,14 +210,14 @@ async def send_one(client: httpx.AsyncClient, plan: Plan, deadline: float) -> Re
         max_tokens=plan.max_tokens,
         start_wall=start_wall,
         start=start,
-        answered=end if answered is None else answered,
+        answered=end if outcome.answered is None else outcome.answered,
         end=end,
         status=status,
         error=error,
-        input_tokens=prompt,
+        input_tokens=outcome.prompt,
         output_tokens=completion,
-        headers=headers,
-        message=message,
+        headers=outcome.headers,
+        message=outcome.message,
         reserved_output=output_reservation(plan),
         surface=plan.surface,
     )
