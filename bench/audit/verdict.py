@@ -93,6 +93,77 @@ def over_admission(
     )
 
 
+def _spans(
+    admitted: Sequence[Observation], unknown: Sequence[Observation], dimension: str
+) -> tuple[list[Span], list[Span]]:
+    """The amounts of ``dimension`` certainly admitted (``admitted``), and possibly
+    admitted: those, plus the requests whose outcome is unknown (only their request
+    counts: their tokens are not known). Zero amounts are left out of both."""
+    spans = [Span(o.start, o.end, o.amount(dimension), o.id) for o in admitted]
+    spans = [s for s in spans if s.amount > 0]
+    maybe = spans + [
+        Span(o.start, o.end, o.amount(dimension) if dimension == "requests" else 0, o.id)
+        for o in unknown
+    ]
+    return spans, [s for s in maybe if s.amount > 0]
+
+
+def under_admission(
+    key: str,
+    dimension: str,
+    limit: int,
+    key_obs: Sequence[Observation],
+    spans: Sequence[Span],
+    maybe: Sequence[Span],
+    window: float,
+    bucket: float,
+) -> UnderAdmission:
+    """The refusals of ``key`` naming ``dimension`` set against what was certainly
+    (``spans``) and possibly (``maybe``) admitted and held around each: the bounds of
+    the package docstring's under-admission, per refusal that could ever fit."""
+    admitted = [o for o in key_obs if o.admitted]
+    unknown = [o for o in key_obs if o.outcome_unknown]
+    refusals = [
+        o
+        for o in key_obs
+        if o.status == 429 and o.refusal is not None and o.refusal.dimension == dimension
+    ]
+    fitting = [o for o in refusals if o.refusal is not None and not o.refusal.never_fits]
+    # Possibly in the window ending at the refusal: meets [start_r - window, end_r].
+    possible = dominance_sums(
+        [(s.start, s.end, s.amount) for s in maybe],
+        [(o.end, o.start - window) for o in fitting],
+    )
+    # Definitely in it: within [end_r - window, start_r].
+    definite = dominance_sums(
+        [(s.end, s.start, s.amount) for s in spans],
+        [(o.start, o.end - window) for o in fitting],
+    )
+    # Possibly still held by the server: meets [start_r - window - bucket, end_r].
+    held = dominance_sums(
+        [(o.start, o.end, o.held(dimension)) for o in admitted]
+        + [(o.start, o.end, 1) for o in unknown if dimension == "requests"],
+        [(o.end, o.start - window - bucket) for o in fitting],
+    )
+    at_least, at_most, unexplained = [], [], []
+    for o, most, least, kept in zip(fitting, possible, definite, held, strict=True):
+        assert o.refusal is not None
+        at_least.append(max(0, limit - o.refusal.requested - most))
+        at_most.append(max(0, limit - o.refusal.requested - least))
+        unexplained.append(max(0, limit - o.refusal.requested - kept))
+    return UnderAdmission(
+        key=key,
+        dimension=dimension,
+        limit=limit,
+        bucket_share=limit * bucket / window,
+        refusal_ids=tuple(o.id for o in fitting),
+        unused_at_least=tuple(at_least),
+        unused_at_most=tuple(at_most),
+        unexplained=tuple(unexplained),
+        never_fits=len(refusals) - len(fitting),
+    )
+
+
 def _audit_key(
     key: str, key_obs: Sequence[Observation], limits: Limits, window: float, bucket: float
 ) -> tuple[list[OverAdmission], list[UnderAdmission]]:
@@ -104,56 +175,9 @@ def _audit_key(
         limit = limits.limit(dimension)
         if limit is None:
             continue
-        spans = [Span(o.start, o.end, o.amount(dimension), o.id) for o in admitted]
-        spans = [s for s in spans if s.amount > 0]
-        maybe = spans + [
-            Span(o.start, o.end, o.amount(dimension) if dimension == "requests" else 0, o.id)
-            for o in unknown
-        ]
-        maybe = [s for s in maybe if s.amount > 0]
+        spans, maybe = _spans(admitted, unknown, dimension)
         over.append(over_admission(key, dimension, limit, spans, maybe, window))
-
-        refusals = [
-            o
-            for o in key_obs
-            if o.status == 429 and o.refusal is not None and o.refusal.dimension == dimension
-        ]
-        fitting = [o for o in refusals if o.refusal is not None and not o.refusal.never_fits]
-        # Possibly in the window ending at the refusal: meets [start_r - window, end_r].
-        possible = dominance_sums(
-            [(s.start, s.end, s.amount) for s in maybe],
-            [(o.end, o.start - window) for o in fitting],
-        )
-        # Definitely in it: within [end_r - window, start_r].
-        definite = dominance_sums(
-            [(s.end, s.start, s.amount) for s in spans],
-            [(o.start, o.end - window) for o in fitting],
-        )
-        # Possibly still held by the server: meets [start_r - window - bucket, end_r].
-        held = dominance_sums(
-            [(o.start, o.end, o.held(dimension)) for o in admitted]
-            + [(o.start, o.end, 1) for o in unknown if dimension == "requests"],
-            [(o.end, o.start - window - bucket) for o in fitting],
-        )
-        at_least, at_most, unexplained = [], [], []
-        for o, most, least, kept in zip(fitting, possible, definite, held, strict=True):
-            assert o.refusal is not None
-            at_least.append(max(0, limit - o.refusal.requested - most))
-            at_most.append(max(0, limit - o.refusal.requested - least))
-            unexplained.append(max(0, limit - o.refusal.requested - kept))
-        under.append(
-            UnderAdmission(
-                key=key,
-                dimension=dimension,
-                limit=limit,
-                bucket_share=limit * bucket / window,
-                refusal_ids=tuple(o.id for o in fitting),
-                unused_at_least=tuple(at_least),
-                unused_at_most=tuple(at_most),
-                unexplained=tuple(unexplained),
-                never_fits=len(refusals) - len(fitting),
-            )
-        )
+        under.append(under_admission(key, dimension, limit, key_obs, spans, maybe, window, bucket))
     return over, under
 
 
