@@ -101,6 +101,10 @@ async def serve_node(
     ``admin_host`` without a long enough admin token. ``registry_snapshot``, if given,
     is the file the node keeps its view of the key registry in (tokenguard/limiting/snapshot.py)
     and starts from when the store cannot be reached.
+
+    One straight sequence, over 60 lines on purpose: its nested blocks are the node's
+    lifetimes (the store outlives the keyring, which outlives both servers), read in
+    the order they start and end.
     """
     if admin_port is not None:
         check_admin_bind(admin_host, settings)
