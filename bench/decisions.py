@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from tokenguard.store.window_store import Row, WindowStore, open_store, store_from_url
+from tokenguard.store.rows import Row
+from tokenguard.store.window_store import WindowStore, open_store, store_from_url
 
 DIMENSIONS = ("requests", "input_tokens", "output_tokens")
 

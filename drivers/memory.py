@@ -24,19 +24,14 @@ import trio
 from drivers.memory_counters import BucketCounter, LeaseCounter, new_counter
 from drivers.memory_tickets import TicketLine
 from tokenguard.store.leases import HeldLeases
+from tokenguard.store.rows import NOT_RESERVED, Admission, Lease, Reservation, Row, RowState
 from tokenguard.store.window_store import (
     ANYTHING,
     NOBODY,
-    NOT_RESERVED,
     TICKET_SEQUENCE_MS,
-    Admission,
     Ahead,
-    Lease,
     Registry,
     RegistryExpect,
-    Reservation,
-    Row,
-    RowState,
     TicketHolder,
     TicketOp,
     WindowStore,

@@ -9,7 +9,7 @@ step, which is what makes its admissions atomic.
 
 from __future__ import annotations
 
-from tokenguard.store.window_store import LEASE_RETRY_SECONDS, Row, RowState
+from tokenguard.store.rows import LEASE_RETRY_SECONDS, Row, RowState
 
 
 class BucketCounter:
@@ -18,7 +18,7 @@ class BucketCounter:
     ``total`` is their sum and ``low``/``high`` the oldest and newest bucket kept
     (:data:`NO_LOW`/:data:`NO_HIGH` when there is none), maintained on every change
     so that a decision costs O(1) per row, not O(buckets). ``alerted``: the bucket in which the
-    row last crossed its ``alert_at`` (see :attr:`tokenguard.store.window_store.Row.alert_at`).
+    row last crossed its ``alert_at`` (see :attr:`tokenguard.store.rows.Row.alert_at`).
     ``row``: the row it was made for (its counter, window and buckets are every such
     row's; its limit and amount mean nothing here).
     """

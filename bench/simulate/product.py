@@ -32,17 +32,19 @@ from tokenguard.store.deadlines import MAX_WAIT_FACTOR
 from tokenguard.store.guarded import GuardedStore, UncheckedReservation
 from tokenguard.store.leases import HeldLeases
 from tokenguard.store.local_windows import SEEN_LIMIT, LocalReservation, node_share
-from tokenguard.store.window_store import (
-    ANYTHING,
+from tokenguard.store.rows import (
     CONCURRENT,
     NOT_RESERVED,
     Admission,
     Lease,
-    Registry,
-    RegistryExpect,
     Reservation,
     Row,
     RowState,
+)
+from tokenguard.store.window_store import (
+    ANYTHING,
+    Registry,
+    RegistryExpect,
     StoreError,
     WindowStore,
 )

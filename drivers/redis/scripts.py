@@ -11,7 +11,7 @@ from pathlib import Path
 
 import attrs
 
-from tokenguard.store.window_store import Row
+from tokenguard.store.rows import Row
 
 KEY_PREFIX = "tg"
 

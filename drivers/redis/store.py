@@ -42,19 +42,14 @@ from drivers.redis.scripts import (
 from drivers.redis.urls import RedisTarget, parse_redis_url
 from drivers.redis.wire import _CONNECTION_LOST, _REDIS_ERRORS, Traffic, _store_error, _Wire
 from tokenguard.store.leases import HeldLeases
+from tokenguard.store.rows import NOT_RESERVED, Admission, Lease, Reservation, Row, RowState
 from tokenguard.store.window_store import (
     ANYTHING,
     NOBODY,
-    NOT_RESERVED,
     TICKET_SEQUENCE_MS,
-    Admission,
     Ahead,
-    Lease,
     Registry,
     RegistryExpect,
-    Reservation,
-    Row,
-    RowState,
     StoreError,
     TicketHolder,
     TicketOp,

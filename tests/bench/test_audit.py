@@ -21,7 +21,7 @@ from tokenguard.api.dialect import OPENAI
 from tokenguard.api.ratelimit import rate_limit_error
 from tokenguard.limiting.limiter import Cost, Decision
 from tokenguard.model import ApiKey, Limits
-from tokenguard.store.window_store import Admission, Row, RowState
+from tokenguard.store.rows import Admission, Row, RowState
 
 WINDOW, BUCKET = 60.0, 5.0
 LATENCY = 0.001

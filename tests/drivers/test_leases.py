@@ -20,13 +20,8 @@ from tests.drivers import test_window_store as suite
 from tests.drivers.test_window_store import MARGIN_MS, TEST_TIMEOUT, Driver, Harness, leaves
 from tests.store.test_guarded import guarded
 from tokenguard.store.local_windows import LocalReservation
-from tokenguard.store.window_store import (
-    CONCURRENT,
-    LEASE_RETRY_SECONDS,
-    Admission,
-    Row,
-    open_store,
-)
+from tokenguard.store.rows import CONCURRENT, LEASE_RETRY_SECONDS, Admission, Row
+from tokenguard.store.window_store import open_store
 
 # The same stores as the window-store suite: its fixtures, by name.
 driver = suite.driver

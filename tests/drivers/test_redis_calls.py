@@ -29,7 +29,8 @@ from tests.support.redis_servers import (
 )
 from tokenguard.limiting.limiter import Cost, Limiter
 from tokenguard.model import ApiKey, Limits, digest_of
-from tokenguard.store.window_store import CONCURRENT, Row, StoreError, open_store
+from tokenguard.store.rows import CONCURRENT, Row
+from tokenguard.store.window_store import StoreError, open_store
 
 # --- key names ---------------------------------------------------------------------------
 

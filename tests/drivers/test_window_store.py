@@ -32,15 +32,11 @@ from tests.support.redis_servers import RedisClusterServers, RedisServer
 from tokenguard.config.prices import Price
 from tokenguard.limiting.limiter import Cost, Limiter
 from tokenguard.model import ApiKey, Limits, digest_of, user_digest
+from tokenguard.store.rows import NOT_RESERVED, Admission, Reservation, Row, RowState
 from tokenguard.store.window_store import (
     MAX_RECORD_NAME,
     MAX_RECORD_VALUE,
-    NOT_RESERVED,
     WAITERS_RETRY_SECONDS,
-    Admission,
-    Reservation,
-    Row,
-    RowState,
     StoreError,
     TicketHolder,
     TicketOp,

@@ -14,7 +14,8 @@ from tokenguard.config.loading import parse_settings
 from tokenguard.config.settings import ConfigError
 from tokenguard.limiting.limiter import Cost, Limiter
 from tokenguard.limiting.rules import alert_at, describe_limit, templates
-from tokenguard.store.window_store import CONCURRENT, open_store
+from tokenguard.store.rows import CONCURRENT
+from tokenguard.store.window_store import open_store
 
 TEST_TIMEOUT = 10.0
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}

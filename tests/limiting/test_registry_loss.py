@@ -32,7 +32,8 @@ from tokenguard.limiting.registry import KEY, MARKER, TIER, KeyRecord, newer
 from tokenguard.limiting.snapshot import Snapshot, SnapshotError, read_snapshot, write_snapshot
 from tokenguard.model import digest_of
 from tokenguard.store.guarded import GuardedStore
-from tokenguard.store.window_store import Registry, Row, open_store
+from tokenguard.store.rows import Row
+from tokenguard.store.window_store import Registry, open_store
 
 TEST_TIMEOUT = 20.0
 CONFIG: dict[str, Any] = {

@@ -15,7 +15,7 @@ from tokenguard.config.settings import Settings
 from tokenguard.limiting.limiter import Cost, Limiter
 from tokenguard.limiting.rules import DAY, HOUR
 from tokenguard.model import ApiKey, partition_of
-from tokenguard.store.window_store import NOT_RESERVED
+from tokenguard.store.rows import NOT_RESERVED
 
 # 1_000_800 s is a whole number of hours (278 h) plus 0: every bucket boundary at once.
 START = 3600.0 * 278

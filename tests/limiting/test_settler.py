@@ -15,7 +15,8 @@ from drivers.redis import RedisStore
 from tests.observe.test_feed import chat, running_node, settings_for
 from tokenguard.limiting.limiter import Cost, Decision, Limiter
 from tokenguard.limiting.settler import Settler, is_refund
-from tokenguard.store.window_store import Admission, Lease, Reservation, open_store
+from tokenguard.store.rows import Admission, Lease, Reservation
+from tokenguard.store.window_store import open_store
 
 TEST_TIMEOUT = 20.0
 

@@ -4,7 +4,7 @@ of `GET /v1/usage`'s dimensions and of the usage feed's `usage` field."""
 from __future__ import annotations
 
 from tokenguard.limiting.usage import usage_by_dimension, usage_entry
-from tokenguard.store.window_store import Row, RowState
+from tokenguard.store.rows import Row, RowState
 
 
 def state(scope: str, dimension: str, limit: int, used: int, *, enforce: bool = True) -> RowState:

@@ -20,7 +20,8 @@ from drivers.redis import RedisStore
 from tests.support.metrics_samples import parse, value
 from tests.support.processes import free_ports, running_tokenguard, wait_healthy, write_config
 from tests.support.redis_servers import RedisServer, running_redis_server
-from tokenguard.store.window_store import Row, StoreError, evictable, open_store
+from tokenguard.store.rows import Row
+from tokenguard.store.window_store import StoreError, evictable, open_store
 
 TEST_TIMEOUT = 30.0
 

@@ -39,18 +39,9 @@ from tokenguard.store.guarded import (
     guarded_store,
 )
 from tokenguard.store.local_windows import LocalReservation, node_share
+from tokenguard.store.rows import Admission, Reservation, Row, RowState
 from tokenguard.store.stalls import PROBE_PERIOD, StallMeter
-from tokenguard.store.window_store import (
-    NOBODY,
-    Admission,
-    Reservation,
-    Row,
-    RowState,
-    StoreError,
-    TicketHolder,
-    TicketOp,
-    open_store,
-)
+from tokenguard.store.window_store import NOBODY, StoreError, TicketHolder, TicketOp, open_store
 
 BASE = 1_000_000.0  # the fake wall clock starts here (seconds)
 

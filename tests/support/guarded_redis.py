@@ -19,7 +19,8 @@ import trio
 
 from drivers.redis import RedisStore
 from tokenguard.store.guarded import GuardedStore
-from tokenguard.store.window_store import Row, open_store
+from tokenguard.store.rows import Row
+from tokenguard.store.window_store import open_store
 
 # --- in one process: a slow, flaky or paused Redis ---------------------------------------
 

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from tokenguard.store.window_store import Row
+from tokenguard.store.rows import Row
 
 TEST_TIMEOUT = 15.0
 

@@ -46,7 +46,8 @@ from tokenguard.api.auth import bearer_credential
 from tokenguard.api.ratelimit import openai_header_fields
 from tokenguard.config.settings import Settings, UpstreamRoute
 from tokenguard.errors import APIError
-from tokenguard.store.window_store import RowState, WindowStore
+from tokenguard.store.rows import RowState
+from tokenguard.store.window_store import WindowStore
 from tokenguard.upstreams.forwarding import forwarded_body
 from tokenguard.upstreams.relay import StreamMeter
 from tokenguard.upstreams.usage import ReportedUsage

@@ -20,7 +20,7 @@ from tokenguard.errors import APIError
 from tokenguard.limiting.limiter import Decision, tightest_with_shares
 from tokenguard.limiting.rules import describe_limit, describe_scope
 from tokenguard.model import SPEND
-from tokenguard.store.window_store import LEASE_RETRY_SECONDS, Row, RowState
+from tokenguard.store.rows import LEASE_RETRY_SECONDS, Row, RowState
 
 if TYPE_CHECKING:
     from tokenguard.api.dialect import Conventions

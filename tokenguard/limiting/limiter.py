@@ -21,14 +21,8 @@ from tokenguard.config.settings import DEFAULT_LEASE_SECONDS
 from tokenguard.limiting.calendar import MONTH_COUNTER, MonthClock
 from tokenguard.limiting.rules import RowTemplate, templates
 from tokenguard.model import SPEND, ApiKey, partition_of
-from tokenguard.store.window_store import (
-    NOT_RESERVED,
-    Admission,
-    Reservation,
-    Row,
-    RowState,
-    WindowStore,
-)
+from tokenguard.store.rows import NOT_RESERVED, Admission, Reservation, Row, RowState
+from tokenguard.store.window_store import WindowStore
 
 # (key, model) -> row templates; cleared when it grows past this (models are client input).
 TEMPLATE_CACHE = 4096

@@ -58,7 +58,7 @@ so one Lua call sees them all.
 
 **Mode**: a row of a scope in ``shadow`` mode is built with ``enforce=False``: checked
 and counted exactly as an enforced row, never refusing (see
-:class:`~tokenguard.store.window_store.Row`).
+:class:`~tokenguard.store.rows.Row`).
 
 **Concurrency**: ``max_concurrent`` is a lease row (dimension ``concurrent``, window =
 the lease time, ``[limits] lease_seconds``) of the same atomic admission: the request
@@ -68,7 +68,7 @@ when it is settled (see :mod:`tokenguard.store.leases`). Its scope's counter is
 
 **Near-limit**: every enforced windowed row carries ``alert_at = ceil(limit x
 [limits] near_limit_ratio)``; the store reports the first admission of a window that
-brings the row's usage there (:attr:`~tokenguard.store.window_store.RowState.near_limit`).
+brings the row's usage there (:attr:`~tokenguard.store.rows.RowState.near_limit`).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ import attrs
 
 from tokenguard.limiting.calendar import MONTH_COUNTER
 from tokenguard.model import SPEND, ApiKey, Limits, ModelRule
-from tokenguard.store.window_store import CONCURRENT, Row
+from tokenguard.store.rows import CONCURRENT, Row
 
 # (window_ms, bucket_ms) of the fixed windows; "minute" is the configured [window],
 # "lease" the lease time of max_concurrent ([limits] lease_seconds).

@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenguard.limiting.limiter import tightest_by_dimension
 from tokenguard.model import DIMENSIONS, SPEND
-from tokenguard.store.window_store import RowState
+from tokenguard.store.rows import RowState
 
 
 def usage_entry(state: RowState) -> dict[str, Any]:

@@ -12,7 +12,7 @@ tested with no clock and no store.
   ``interactive``; ``x-tokenguard-priority`` may only lower it. ``max_waiting`` is the
   smallest set, else :data:`DEFAULT_MAX_WAITING`.
 * **Lines**: a waiter waits on the line of the counter whose row refused it (a
-  :attr:`~tokenguard.store.window_store.Row.counter`: a scope, dimension and window).
+  :attr:`~tokenguard.store.rows.Row.counter`: a scope, dimension and window).
   A line's waiters are ordered by priority (interactive first), then by arrival; only
   its head may try the store, and only once the line is due (the refusal's exact
   ``retry_after`` has passed, or a settlement freed room in its counter). A key's

@@ -65,7 +65,8 @@ from tokenguard.observe.feed_events import (
     settled_event,
 )
 from tokenguard.observe.subscriber import Subscriber, Viewer
-from tokenguard.store.window_store import RowState, StoreError, WindowStore
+from tokenguard.store.rows import RowState
+from tokenguard.store.window_store import StoreError, WindowStore
 
 log = logging.getLogger("tokenguard.observe.feed")
 

@@ -16,7 +16,7 @@ from typing import Any
 from tokenguard.limiting.limiter import Decision
 from tokenguard.limiting.usage import scope_kind, usage_by_dimension
 from tokenguard.model import ApiKey
-from tokenguard.store.window_store import RowState
+from tokenguard.store.rows import RowState
 
 
 def now_ms() -> int:

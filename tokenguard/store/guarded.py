@@ -91,17 +91,14 @@ from tokenguard.store.breaker import BREAKER_THRESHOLD, Breaker
 from tokenguard.store.deadlines import NodeStalled, _Deadlines, _Wait
 from tokenguard.store.guard_stats import GuardStats
 from tokenguard.store.local_windows import LocalReservation, _LocalWindows, node_share
+from tokenguard.store.rows import Admission, Reservation, Row, RowState
 from tokenguard.store.stalls import StallMeter
 from tokenguard.store.window_store import (
     ANYTHING,
     NOBODY,
-    Admission,
     Ahead,
     Registry,
     RegistryExpect,
-    Reservation,
-    Row,
-    RowState,
     StoreError,
     TicketHolder,
     TicketOp,

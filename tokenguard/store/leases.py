@@ -1,7 +1,7 @@
 """The leases a node holds, renewed while the requests holding them are alive.
 
 A ``max_concurrent`` limit counts requests in flight as leases in the store (see
-:class:`~tokenguard.store.window_store.Lease`): taken by the admission, released by the
+:class:`~tokenguard.store.rows.Lease`): taken by the admission, released by the
 settlement, and expiring ``lease_seconds`` after they were taken or last renewed. A
 driver that takes leases keeps them in a :class:`HeldLeases` and runs
 :meth:`HeldLeases.renew_forever` inside its own ``run``, so every lease a live request
@@ -22,7 +22,8 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
-from tokenguard.store.window_store import Lease, StoreError
+from tokenguard.store.rows import Lease
+from tokenguard.store.window_store import StoreError
 
 log = logging.getLogger("tokenguard.store.leases")
 

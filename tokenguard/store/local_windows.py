@@ -16,14 +16,8 @@ from collections.abc import Sequence
 import attrs
 import trio
 
-from tokenguard.store.window_store import (
-    NOT_RESERVED,
-    Admission,
-    Reservation,
-    Row,
-    RowState,
-    StoreError,
-)
+from tokenguard.store.rows import NOT_RESERVED, Admission, Reservation, Row, RowState
+from tokenguard.store.window_store import StoreError
 
 # When a request fits the real limit but not this node's share of it, the local
 # windows cannot tell when it will: retry after this long (the store may be back).

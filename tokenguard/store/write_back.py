@@ -16,11 +16,8 @@ from typing import Any
 
 import trio
 
-from tokenguard.store.window_store import (
-    Reservation,
-    Row,
-    StoreError,
-)
+from tokenguard.store.rows import Reservation, Row
+from tokenguard.store.window_store import StoreError
 
 # One logger for the whole guard: its lines keep the name they are known by.
 log = logging.getLogger("tokenguard.store.guarded")

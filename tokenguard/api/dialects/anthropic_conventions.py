@@ -26,7 +26,7 @@ from tokenguard.api.dialect import Conventions, Headers
 from tokenguard.api.ratelimit import anthropic_header_fields
 from tokenguard.config.settings import UpstreamRoute
 from tokenguard.errors import APIError, invalid
-from tokenguard.store.window_store import RowState
+from tokenguard.store.rows import RowState
 
 # Anthropic's error type of each status it answers with; others by class (below).
 ERROR_TYPES = {
