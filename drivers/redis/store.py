@@ -280,8 +280,17 @@ class RedisStore(_Batching, _ClusterRouting, _PubSub, WindowStore):
         the ticket lines' keys and row indexes follow the rows', see ``lua/admit.lua``)."""
         if not rows:
             return Admission(admitted=True, states=(), reservation=Reservation(partition, (), ()))
+        keys, ints, lease_id = self._admit_arguments(partition, rows, ahead, rank)
+        values = _unpack(await self._call(ADMIT, keys, _pack(ints)))
+        return self._admission(partition, rows, values, lease_id)
+
+    def _admit_arguments(
+        self, partition: str, rows: Sequence[Row], ahead: Ahead, rank: int
+    ) -> tuple[list[str], list[int], int | None]:
+        """``admit.lua``'s keys and integer arguments for ``rows`` (and the ticket lines
+        of ``ahead`` up to ``rank``), and the lease id they take (``None``: no lease row)."""
         # Every row costs every decision: one pass over them builds the keys and the
-        # arguments, and one pass reads the states back.
+        # arguments, and one pass (_admission) reads the states back.
         prefix = key_prefix(partition)
         keys: list[str] = []
         ints: list[int] = []
@@ -293,13 +302,19 @@ class RedisStore(_Batching, _ClusterRouting, _PubSub, WindowStore):
                 leased = True
             else:
                 ints += (r.bucket_ms, r.span, r.limit, r.amount, r.alert_at * 2 + r.enforce)
-        lease_id = self._lease_base + next(self._lease_ids) % (1 << 30) if leased else 0
-        ints.append(lease_id)
+        lease_id = self._lease_base + next(self._lease_ids) % (1 << 30) if leased else None
+        ints.append(lease_id or 0)
         for index, line in ahead:  # admit_in_turn: each line's expiry sets of ranks 0..rank
             expiries = ticket_keys(partition, line)[1 : 2 + rank]
             keys += expiries
             ints += [index + 1] * len(expiries)
-        values = _unpack(await self._call(ADMIT, keys, _pack(ints)))
+        return keys, ints, lease_id
+
+    def _admission(
+        self, partition: str, rows: Sequence[Row], values: tuple[int, ...], lease_id: int | None
+    ) -> Admission:
+        """The :class:`Admission` that ``admit.lua``'s reply ``values`` says, holding the
+        lease ``lease_id`` (``None``: no lease row) when a lease row was consumed."""
         outcome, now = values[0], values[1]
         count = len(rows)
         if outcome == 2:  # every row fitted and was consumed (see admit.lua)
@@ -337,7 +352,7 @@ class RedisStore(_Batching, _ClusterRouting, _PubSub, WindowStore):
                 return behind_waiters(refused, values[2 + 5 * count] - 1)
             buckets = tuple(values[6 : 5 * count + 2 : 5])
         lease = None
-        if leased and any(
+        if lease_id is not None and any(
             row.is_lease and row.amount and bucket != NOT_RESERVED
             for row, bucket in zip(rows, buckets, strict=True)
         ):
