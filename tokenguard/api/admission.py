@@ -185,13 +185,7 @@ class Admissions:
         except QueueClosed as closed:
             left("closed")
             self.request_log.current().decision = "closed"
-            raise APIError(
-                503,
-                "The node is shutting down; please retry shortly.",
-                "server_error",
-                code="shutting_down",
-                headers=retry_headers(closed.retry_after),
-            ) from None
+            raise shutting_down(closed) from None
         left("admitted" if queued.decision.admitted else "rejected")
         queued_ms = round(queued.waited * 1000)
         self.request_log.current().queued_ms = queued_ms
@@ -342,4 +336,16 @@ def _freed_counters(
         row.counter
         for row in reservation.rows
         if row.dimension in freed or (row.is_lease and reservation.lease is not None)
+    )
+
+
+def shutting_down(closed: QueueClosed) -> APIError:
+    """The 503 a waiter gets when its node shuts down: retry when its room would have
+    freed (at least a second), on another node."""
+    return APIError(
+        503,
+        "The node is shutting down; please retry shortly.",
+        "server_error",
+        code="shutting_down",
+        headers=retry_headers(closed.retry_after),
     )
