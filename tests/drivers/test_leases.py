@@ -17,7 +17,7 @@ import trio
 
 from drivers.memory import MemoryStore
 from drivers.redis import RedisStore
-from tests.store.test_guarded import guarded
+from tests.support.guarded_memory import guarded
 from tests.support.window_harness import MARGIN_MS, TEST_TIMEOUT, Driver, Harness, leaves
 from tokenguard.store.local_windows import LocalReservation
 from tokenguard.store.rows import CONCURRENT, LEASE_RETRY_SECONDS, Admission, Row
