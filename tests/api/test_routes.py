@@ -7,8 +7,8 @@ credentials, with a wrong key, with a right one.
 
 Admin: the node's app has no admin HTTP route. Its admin-only part is the usage feed's
 all-keys view, which exists only when an admin token is configured (checked in
-tests/test_feed.py, ``test_no_admin_view_without_an_admin_token``) and whose token is
-compared with ``hmac.compare_digest`` (checked here). The admin API is a separate app
+tests/observe/test_feed_access.py, ``test_no_admin_view_without_an_admin_token``) and
+whose token is compared with ``hmac.compare_digest`` (checked here). The admin API is a separate app
 on its own listener (tokenguard/admin.py): ``ADMIN_ROUTES`` is its whole surface, every
 route needing the admin token (compared with ``hmac.compare_digest``), and every route
 refused (403) when no admin token is configured.

@@ -17,8 +17,8 @@ import httpx
 import pytest
 import trio
 
-from tests.observe.test_feed import ADMIN, Node, chat, running_node, settings_for
 from tests.support.processes import free_ports, running_tokenguard, wait_healthy
+from tests.support.usage_feed import ADMIN, Node, chat, running_node, settings_for
 from tokenguard.cli.watch import Board, follow, stream_url
 
 TEST_TIMEOUT = 30.0

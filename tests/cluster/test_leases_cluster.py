@@ -22,8 +22,8 @@ import httpx
 import pytest
 import trio
 
-from tests.observe.test_feed import collect, next_event, of_type, subscriber
 from tests.support.processes import START_TIMEOUT, running_cluster
+from tests.support.usage_feed import collect, next_event, of_type, subscriber
 
 pytestmark = pytest.mark.slow
 

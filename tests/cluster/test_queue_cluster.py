@@ -23,7 +23,6 @@ import pytest
 import trio
 from trio_websocket import WebSocketConnection
 
-from tests.observe.test_feed import next_events, subscriber
 from tests.support.processes import (
     START_TIMEOUT,
     TokenguardProcess,
@@ -31,6 +30,7 @@ from tests.support.processes import (
     running_node_process,
     write_config,
 )
+from tests.support.usage_feed import next_events, subscriber
 
 pytestmark = pytest.mark.slow
 

@@ -1,9 +1,10 @@
 """Leases (``max_concurrent``) and near-limit signals: the behaviour every window-store
-driver must have, on the same three stores as tests/drivers/test_window_store.py
-(``memory`` on a fake clock, one real ``redis``, a real 3-master ``redis-cluster``).
+driver must have, on the same three stores as the rest of the suite (``harness``, from
+tests/drivers/conftest.py: ``memory`` on a fake clock, one real ``redis``, a real
+3-master ``redis-cluster``).
 
-Redis runs in real time on the server's clock: as there, every timing assertion is made
-only when the call's bracket of server-clock readings is conclusive.
+Redis runs in real time on the server's clock: as in the whole suite, every timing
+assertion is made only when the call's bracket of server-clock readings is conclusive.
 """
 
 from __future__ import annotations
@@ -16,16 +17,11 @@ import trio
 
 from drivers.memory import MemoryStore
 from drivers.redis import RedisStore
-from tests.drivers import test_window_store as suite
-from tests.drivers.test_window_store import MARGIN_MS, TEST_TIMEOUT, Driver, Harness, leaves
-from tests.store.test_guarded import guarded
+from tests.support.guarded_memory import guarded
+from tests.support.window_harness import MARGIN_MS, TEST_TIMEOUT, Driver, Harness, leaves
 from tokenguard.store.local_windows import LocalReservation
 from tokenguard.store.rows import CONCURRENT, LEASE_RETRY_SECONDS, Admission, Row
 from tokenguard.store.window_store import open_store
-
-# The same stores as the window-store suite: its fixtures, by name.
-driver = suite.driver
-harness = suite.harness
 
 LEASE_MS = 300
 

@@ -1,9 +1,10 @@
 """Redis-only behaviour of drivers/redis/ on the wire, against real redis-server processes.
 
-The window semantics are in test_window_store.py (shared with every driver); here: key
-names (the partition as hash tag, one slot, never the API key), the stored layout and
-the previous one, NOSCRIPT recovery, auto-pipelining (refunds riding with other calls,
-round trips shared), several nodes sharing one Redis, and the memory a counter takes.
+The window semantics are in the suite every driver runs (the tests of tests/drivers/ on
+``harness``); here: key names (the partition as hash tag, one slot, never the API key),
+the stored layout and the previous one, NOSCRIPT recovery, auto-pipelining (refunds
+riding with other calls, round trips shared), several nodes sharing one Redis, and the
+memory a counter takes.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import trio
 
 from drivers.memory import MemoryStore
 from drivers.redis import RedisStore
-from tests.observe.test_feed import chat, running_node, settings_for
+from tests.support.usage_feed import chat, running_node, settings_for
 from tokenguard.limiting.limiter import Cost, Decision, Limiter
 from tokenguard.limiting.settler import Settler, is_refund
 from tokenguard.store.rows import Admission, Lease, Reservation

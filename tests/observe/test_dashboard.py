@@ -26,7 +26,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from tests.observe.test_feed import ADMIN, Node, chat, running_node, settings_for
+from tests.support.usage_feed import ADMIN, Node, chat, running_node, settings_for
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

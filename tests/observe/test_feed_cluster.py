@@ -22,7 +22,6 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from tests.observe.test_feed import collect, next_events, of_type, refused_code, subscriber
 from tests.support.processes import (
     START_TIMEOUT,
     TokenguardProcess,
@@ -30,6 +29,7 @@ from tests.support.processes import (
     running_tokenguard,
     wait_healthy,
 )
+from tests.support.usage_feed import collect, next_events, of_type, refused_code, subscriber
 from tokenguard.config.settings import ADMIN_TOKEN_ENV
 
 pytestmark = pytest.mark.slow

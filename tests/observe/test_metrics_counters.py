@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 from drivers.memory import MemoryStore
-from tests.store.test_guarded import guarded, pipelined, stall
+from tests.support.guarded_memory import guarded, pipelined, stall
 from tests.support.metrics_samples import (
     CHAT,
     CONFIG,

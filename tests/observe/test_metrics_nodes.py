@@ -20,7 +20,6 @@ import trio
 import trio.testing
 
 from drivers.memory import MemoryStore
-from tests.observe.test_feed import running_node, subscriber
 from tests.support.metrics_samples import (
     CHAT,
     CONFIG,
@@ -32,6 +31,7 @@ from tests.support.metrics_samples import (
     value,
 )
 from tests.support.processes import START_TIMEOUT, free_ports, running_cluster, write_config
+from tests.support.usage_feed import running_node, subscriber
 from tokenguard.cli import main as cli
 from tokenguard.cluster.metrics_server import scrape_response, supervisor_registry
 from tokenguard.config.loading import parse_settings
