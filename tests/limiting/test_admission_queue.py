@@ -161,6 +161,38 @@ async def test_a_settlement_that_frees_a_slot_wakes_the_line_before_its_retry(
     assert admitted_at == pytest.approx(start + 0.55, abs=0.002)
 
 
+@pytest.mark.parametrize("announced", [True, False], ids=["announced", "not announced"])
+async def test_a_settlement_at_another_node_wakes_the_line_when_it_is_announced(
+    autojump_clock: trio.testing.MockClock, announced: bool
+) -> None:
+    start = to_quarter_past_a_second(autojump_clock)
+    setup = Setup(Limits(max_concurrent=1), tickets=True)
+    node_b = AdmissionQueue(batch_share=0.1, store=setup.store)
+    first, _ = await setup.admit(15)  # node B's request, say: it holds the one slot
+    admitted_at = math.nan
+
+    async def waiter_at_node_a() -> None:
+        nonlocal admitted_at
+        decision, _ = await setup.admit(15)
+        assert decision.admitted
+        admitted_at = trio.current_time()
+
+    async with trio.open_nursery() as nodes:
+        await nodes.start(setup.queue.run)
+        await nodes.start(node_b.run)
+        async with trio.open_nursery() as requests:
+            requests.start_soon(waiter_at_node_a)
+            await trio.sleep(0.3)  # it waits: a lease refusal's retry is a second
+            await setup.limiter.settle(first, output_tokens=0)
+            if announced:
+                lease_rows = [r.counter for r in first.reservation.rows if r.is_lease]  # type: ignore[union-attr]
+                node_b.announce_freed(lease_rows)
+        nodes.cancel_scope.cancel()
+    # Announced, it goes at once; else at its refusal's retry (a second after it).
+    expected = start + 0.55 if announced else start + 1.25
+    assert admitted_at == pytest.approx(expected, abs=0.002)
+
+
 async def test_past_max_waiting_a_request_is_answered_as_without_a_queue(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

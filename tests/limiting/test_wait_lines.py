@@ -143,7 +143,32 @@ def test_a_requests_wait_policy_comes_from_its_rules_and_headers_only_lower_it(
     max_waiting: int,
 ) -> None:
     policy = wait_policy(api_key, model, asked_wait=asked, asked_priority=asked_priority)
-    assert policy == WaitPolicy(bound, priority, max_waiting), what
+    assert (policy.bound, policy.priority, policy.max_waiting) == (bound, priority, max_waiting)
+
+
+@pytest.mark.parametrize(
+    ("what", "api_key", "waited_on"),
+    [
+        ("no scope lets requests wait", key(), False),
+        ("its own bound", key(Limits(max_wait_seconds=5)), True),
+        (
+            "its team's, though its own is 0",
+            key(Limits(max_wait_seconds=0), Limits(max_wait_seconds=9)),
+            True,
+        ),
+        (
+            "a bound of 0 everywhere",
+            key(Limits(max_wait_seconds=0), Limits(max_wait_seconds=0)),
+            False,
+        ),
+    ],
+)
+def test_a_request_is_waited_on_when_any_of_its_scopes_lets_requests_wait(
+    what: str, api_key: ApiKey, waited_on: bool
+) -> None:
+    """Its settlements are then announced to other nodes: a team's waiters wait on the
+    team's lines whatever this key's own bound."""
+    assert wait_policy(api_key, "m").waited_on is waited_on, what
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,23 @@ class Admissions:
             return self._outcome(decision, model, conventions)
         return await self._admit_queued(key, cost, model, conventions, policy, user, end_user)
 
-    def _policy(self, key: ApiKey, model: str) -> WaitPolicy:
+    def _room_given_back(
+        self, decision: Decision, output_tokens: int, input_tokens: int | None
+    ) -> None:
+        """Wake the waiters on the counters a settlement gave room back in: this node's
+        now, other nodes' through an announcement when some scope of the request lets
+        requests wait (others may wait on those counters' lines)."""
+        waiting_here = self.queue.lines.any_waiting()
+        waited_on = self._policy(decision.key, decision.model).waited_on
+        if not (waiting_here or waited_on):
+            return
+        counters = _freed_counters(decision, output_tokens, input_tokens)
+        if waiting_here:
+            self.queue.freed(counters)
+        if waited_on:
+            self.queue.announce_freed(counters)
+
+    def _policy(self, key: ApiKey, model: str | None) -> WaitPolicy:
         """The wait policy of ``key``'s requests for ``model`` (before any header), cached
         per key object and model."""
         cached = self._policies.get((id(key), model))
@@ -306,8 +322,7 @@ class Admissions:
         except StoreError as exc:
             log.warning("settlement for key %s failed: %s", decision.key.name, exc)
         else:
-            if self.queue.lines.any_waiting():
-                self.queue.freed(_freed_counters(decision, output_tokens, input_tokens))
+            self._room_given_back(decision, output_tokens, input_tokens)
             spent = decision.cost.spent(
                 output_tokens, input_tokens, cached_input_tokens, cache_reads
             )

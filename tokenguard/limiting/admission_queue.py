@@ -3,7 +3,8 @@
 :class:`AdmissionQueue` drives the rules of :mod:`tokenguard.limiting.wait_lines` with
 trio's clock: a request refused with a ``retry_after`` within its wait bound waits on
 its line, and its line's head tries the store again exactly when the refusal said room
-frees (or when a settlement of this node freed room in the line's counter).
+frees (or when a settlement freed room in the line's counter: one of this node's, or
+another node's that it announced, :meth:`AdmissionQueue.announce_freed`).
 
 Guarantees:
 
@@ -59,6 +60,7 @@ See docs/design.md, "The admission queue".
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Awaitable, Callable, Iterable
 
 import attrs
@@ -69,7 +71,11 @@ from tokenguard.limiting.wait_lines import Waiter, WaitLines, WaitPolicy
 from tokenguard.store.window_store import StoreError, TicketHolder, TicketOp, WindowStore
 
 CHANNEL = "tokenguard.queue"
-"""Where nodes announce that a waiter left a line: ``<line> <ticket whose turn it is>``."""
+"""Where nodes announce that a waiter left a line, ``<line> <ticket whose turn it is>``,
+and that a settlement gave room back in a line's counter, ``<line> freed:<node>``."""
+ANNOUNCE_LIMIT = 10_000
+"""Counters a node holds to announce as freed at most (more while a publish is slow are
+dropped: their waiters still try at their refusal's ``retry_after``)."""
 RECHECK_SECONDS = 5.0
 """A head behind another node's waiter checks its turn again at least this often (an
 announcement lost, or the waiter ahead died: its ticket expired unannounced)."""
@@ -124,6 +130,9 @@ class AdmissionQueue:
         self.held: dict[str, set[int]] = {}
         run = self.lines.interactive_run
         self.share = run if run < math.inf else -1  # (the store's `share`)
+        self._identity = secrets.token_hex(6)  # tells this node's announcements apart
+        self._to_announce: set[str] = set()
+        self._announce_ready = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hear other nodes' announcements (with a store), and close the queue once the
@@ -131,6 +140,7 @@ class AdmissionQueue:
         async with trio.open_nursery() as nursery:
             if self.store is not None:
                 nursery.start_soon(self._hear_announcements)
+                nursery.start_soon(self._announce_freed_forever)
             task_status.started()
             if self._closing is None:
                 await trio.sleep_forever()
@@ -153,9 +163,36 @@ class AdmissionQueue:
 
     def _announced(self, message: bytes) -> None:
         line, _, first = message.decode(errors="replace").rpartition(" ")
+        if first.startswith("freed:"):  # another node's settlement gave room back
+            if first[6:] != self._identity:
+                self.freed((line,))
+            return
         held = self.held.get(line)
         if held is not None and first.isdigit() and int(first) in held:
             self.freed((line,))
+
+    def announce_freed(self, counters: Iterable[str]) -> None:
+        """Tell the other nodes that a settlement here gave room back in ``counters``,
+        so their waiters on those lines try now rather than at their refusal's
+        ``retry_after`` (:meth:`freed` is this node's own). Never waits: the counters
+        are published together by one task, a ``PUBLISH`` per counter in one batch."""
+        if self.store is None or len(self._to_announce) >= ANNOUNCE_LIMIT:
+            return
+        self._to_announce.update(counters)
+        if self._to_announce:
+            self._announce_ready.set()
+
+    async def _announce_freed_forever(self) -> None:
+        assert self.store is not None
+        while True:
+            await self._announce_ready.wait()
+            self._announce_ready = trio.Event()
+            counters, self._to_announce = self._to_announce, set()
+            tag = f" freed:{self._identity}"
+            try:
+                await self.store.publish(CHANNEL, [(c + tag).encode() for c in sorted(counters)])
+            except StoreError:
+                pass  # their waiters try at their refusals' retry_after, as without it
 
     def close(self) -> None:
         """Answer every waiter :class:`QueueClosed`, and hold no new request."""
@@ -164,8 +201,8 @@ class AdmissionQueue:
             self._wake(line)
 
     def freed(self, counters: Iterable[str]) -> None:
-        """Room was given back in ``counters`` (a settlement on this node): the lines
-        waiting on them try again now."""
+        """Room was given back in ``counters`` (a settlement on this node, or announced
+        by another): the lines waiting on them try again now."""
         counters = tuple(counters)
         if self.lines.freed(counters):
             for counter in counters:

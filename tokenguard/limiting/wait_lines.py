@@ -52,11 +52,15 @@ class WaitPolicy:
     """How one request may wait: ``bound`` seconds at most (0: never), at ``priority``
     (a rank: :data:`INTERACTIVE` or :data:`BATCH`) for each refusal's room (see
     :mod:`tokenguard.limiting.admission_queue`), with at most ``max_waiting``
-    waiters of its key (on this node, and holding tickets in the store)."""
+    waiters of its key (on this node, and holding tickets in the store).
+    ``waited_on``: some scope of the request lets requests wait (its own bound may
+    still be 0), so others may wait on the lines of its counters: a node announces
+    the room its settlements give back in them (:meth:`AdmissionQueue.announce_freed`)."""
 
     bound: float = 0.0
     priority: int = INTERACTIVE
     max_waiting: int = DEFAULT_MAX_WAITING
+    waited_on: bool = False
 
     @property
     def priority_name(self) -> str:
@@ -95,7 +99,8 @@ def wait_policy(
         named.add(asked_priority)
     priority = max((PRIORITIES.index(p) for p in named), default=INTERACTIVE)
     counts = [n for limits in every if (n := limits.max_waiting) is not None]
-    return WaitPolicy(bound, priority, min(counts, default=DEFAULT_MAX_WAITING))
+    waited_on = any(w > 0 for w in waits)
+    return WaitPolicy(bound, priority, min(counts, default=DEFAULT_MAX_WAITING), waited_on)
 
 
 def interactive_run(batch_share: float) -> int:
