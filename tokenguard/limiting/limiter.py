@@ -282,11 +282,7 @@ class Limiter:
         wait longer). Worth a store call only for a request whose tokens are costly to
         count."""
         cost = Cost(requests=1)
-        month, left = self._in_month(key, model)
-        rows = self.rows(key, cost, model, user, month)
-        states = await self.store.usage(partition_of(key), rows)
-        if month is not None:
-            states = calendar_states(states, left)
+        states, _ = await self._read(key, cost, model, user)
         admission = Admission(admitted=False, states=states)
         if not admission.refusing:
             return None
@@ -344,9 +340,10 @@ class Limiter:
         output and total-tokens row; ``input_tokens``, when given, replaces the counted
         prompt size in every input and total-tokens row; every spend row is set to the
         real cost (:meth:`Price.cost`, ``cached_input_tokens`` of the input at the
-        cached price, and ``cache_reads`` outside the input: :meth:`Cost.spent`). Nothing
-        happens for a refused request, nor for rows that were
-        not consumed (shadow rows that did not fit).
+        cached price, and ``cache_reads`` outside the input: :meth:`Cost.spent`); both
+        kinds of cache hits are added to the key's tally (:meth:`cached_input_row`, a
+        second store call, made only when there are hits). Nothing happens for a refused
+        request, nor for rows that were not consumed (shadow rows that did not fit).
         """
         reservation = decision.reservation
         if reservation is None:
@@ -394,20 +391,32 @@ class Limiter:
     ) -> tuple[RowState, ...]:
         """The state of ``key``'s rows for ``model``, with end user ``user``'s (a
         digest) per-user rows when given; nothing consumed."""
-        month, left = self._in_month(key, model)
-        states = await self.store.usage(partition_of(key), self.rows(key, None, model, user, month))
-        return states if month is None else calendar_states(states, left)
+        return (await self._read(key, None, model, user))[0]
 
     async def usage_and_cached_input(
         self, key: ApiKey, user: str | None = None
     ) -> tuple[tuple[RowState, ...], int]:
         """:meth:`usage` of ``key`` (and end user ``user``) and its prompt-cache hits over
         the ``[window]`` (:meth:`cached_input_row`), in one store read."""
-        month, left = self._in_month(key, None)
-        rows = [*self.rows(key, None, None, user, month), self.cached_input_row(key)]
-        *states, tally = await self.store.usage(partition_of(key), rows)
-        limits = tuple(states) if month is None else calendar_states(tuple(states), left)
-        return limits, tally.used
+        states, (tally,) = await self._read(key, None, None, user, (self.cached_input_row(key),))
+        return states, tally.used
+
+    async def _read(
+        self,
+        key: ApiKey,
+        cost: Cost | None,
+        model: str | None,
+        user: str | None,
+        extra: tuple[Row, ...] = (),
+    ) -> tuple[tuple[RowState, ...], tuple[RowState, ...]]:
+        """The states of ``key``'s rows for ``model`` and ``user`` asking ``cost`` (calendar
+        rows' resets made the month's end), then those of ``extra`` rows, in ONE store
+        read; nothing is consumed."""
+        month, left = self._in_month(key, model)
+        rows = self.rows(key, cost, model, user, month)
+        states = await self.store.usage(partition_of(key), [*rows, *extra])
+        mine, theirs = states[: len(rows)], states[len(rows) :]
+        return (mine if month is None else calendar_states(mine, left)), theirs
 
     async def month_spend(self, key: ApiKey) -> tuple[RowState, ...]:
         """The state of ``key``'s calendar-month spend rows (its own, its tier's, its
