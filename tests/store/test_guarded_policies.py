@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import attrs
 import pytest
 import trio
 
@@ -18,7 +19,7 @@ from drivers.memory import MemoryStore
 from tests.support.guarded_memory import FlakyStore, breaker_closed, guarded, rows, trio_clock
 from tokenguard.store.guarded import GuardedStore, UncheckedReservation
 from tokenguard.store.local_windows import LocalReservation, node_share
-from tokenguard.store.rows import Reservation
+from tokenguard.store.rows import Reservation, Row
 from tokenguard.store.window_store import StoreError
 
 # --- values -------------------------------------------------------------------------------
@@ -73,6 +74,27 @@ async def test_policy_open_admits_counts_and_logs_at_most_a_line_a_second(
     lines = [r.getMessage() for r in caplog.records if "such admissions" in r.getMessage()]
     assert len(lines) == 1  # no time passed: one line, however many admissions
     assert "key id k unchecked" in lines[0]
+
+
+@pytest.mark.parametrize("policy", ["closed", "open", "local"])
+async def test_a_tally_reaches_the_store_and_is_dropped_while_it_is_down(
+    autojump_clock: trio.abc.Clock, policy: str
+) -> None:
+    """A tally (a key's cache hits) is no admission: while the store is down it is
+    dropped, never raised, answered or counted by the failure policy."""
+    tally = Row("key:k", "cached_input_tokens", 60_000, 1000, 10**15, 7, enforce=False)
+    async with guarded(policy) as (store, primary):
+        await store.tally("k", tally)
+        primary.mode = "fail"
+        for _ in range(4):  # the first ones fail in the store and open the breaker
+            await store.tally("k", tally)
+        assert store.breaker.is_open
+        stats = store.stats
+        assert (stats.fail_open_admissions, stats.local_admissions) == (0, 0)
+        assert stats.refused_unavailable == 0
+        primary.mode = "ok"
+        read = attrs.evolve(tally, amount=0)
+        assert [s.used for s in await primary.usage("k", [read])] == [7]
 
 
 async def test_policy_local_splits_every_limit_over_the_nodes(

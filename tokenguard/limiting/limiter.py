@@ -342,7 +342,8 @@ class Limiter:
         real cost (:meth:`Price.cost`, ``cached_input_tokens`` of the input at the
         cached price, and ``cache_reads`` outside the input: :meth:`Cost.spent`); both
         kinds of cache hits are added to the key's tally (:meth:`cached_input_row`, a
-        second store call, made only when there are hits). Nothing happens for a refused
+        second store call, made only when there are hits; best effort:
+        :meth:`~tokenguard.store.window_store.WindowStore.tally`). Nothing happens for a refused
         request, nor for rows that were not consumed (shadow rows that did not fit).
         """
         reservation = decision.reservation
@@ -368,7 +369,7 @@ class Limiter:
         cached = cached_input_tokens + cache_reads
         if cached > 0:
             key = decision.key
-            await self.store.admit(partition_of(key), [self.cached_input_row(key, cached)])
+            await self.store.tally(partition_of(key), self.cached_input_row(key, cached))
 
     def cached_input_row(self, key: ApiKey, amount: int = 0) -> Row:
         """``key``'s tally of prompt-cache hits (OpenAI's ``cached_tokens`` and

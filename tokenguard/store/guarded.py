@@ -419,6 +419,16 @@ class GuardedStore(_Deadlines, _LocalWindows, _WriteBack, WindowStore):
             return
         await self._primary(self.primary.settle, reservation, deltas)
 
+    async def tally(self, partition: str, row: Row) -> None:
+        """Into the store, or dropped: a tally is no admission, so no failure policy
+        answers it (nor counts it) while the store is down."""
+        if self.breaker.is_open:
+            return
+        try:
+            await self._primary(self.primary.tally, partition, row)
+        except StoreError:
+            pass
+
     async def usage(self, partition: str, rows: Sequence[Row]) -> tuple[RowState, ...]:
         if not self.breaker.is_open:
             try:

@@ -246,6 +246,17 @@ class WindowStore(abc.ABC):
         of amount 0 fits unless its usage is above its limit).
         """
 
+    async def tally(self, partition: str, row: Row) -> None:
+        """Add ``row.amount`` to a counter that limits nothing: ``row`` is a shadow row
+        whose limit is never reached (such as a key's prompt-cache hits). Not an
+        admission, and best effort: a store that cannot take it now may drop it (the
+        guarded store does while its store is down, rather than count it under its
+        failure policy). By default, the :meth:`admit` of that one row.
+
+        Raises :class:`StoreError` when the store fails (a store that drops instead
+        does not)."""
+        await self.admit(partition, [row])
+
     async def admit_in_turn(
         self, partition: str, rows: Sequence[Row], ahead: Ahead, rank: int = 0
     ) -> Admission:
